@@ -1,0 +1,38 @@
+"""The ``vesalius`` command: thin wiring of the sub-commands."""
+
+from __future__ import annotations
+
+import os
+
+import typer
+
+from cli.demo import demo
+from cli.federation import federation_app
+from cli.node import node_app
+from cli.synth import synth
+
+app = typer.Typer(
+    name="vesalius",
+    help="Federated, privacy-preserving training for medical images.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+app.command("synth")(synth)
+app.command("demo")(demo)
+app.add_typer(node_app, name="node")
+app.add_typer(federation_app, name="federation")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    for var, value in (
+        ("FLWR_TELEMETRY_ENABLED", "0"),
+        ("FLWR_DISABLE_UPDATE_CHECK", "1"),
+        ("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1"),
+    ):
+        os.environ.setdefault(var, value)
+    app()
+
+
+if __name__ == "__main__":
+    main()

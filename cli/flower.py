@@ -1,0 +1,59 @@
+"""Helpers to drive Flower's own executables (SuperNode, ``flwr run``) from the CLI."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+APP_DIR = Path(__file__).resolve().parent.parent  # the folder holding pyproject.toml
+CONNECTION = "vesalius"
+
+
+def flower_env(flwr_home: Path | None = None) -> dict[str, str]:
+    """Environment for Flower processes: no telemetry, no update check, no runtime installs."""
+    env = dict(os.environ)
+    env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    env.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    env.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+    if flwr_home is not None:
+        env["FLWR_HOME"] = str(flwr_home)
+    return env
+
+
+def executable(name: str) -> str:
+    """Path of a Flower console script installed beside this Python."""
+    beside = Path(sys.executable).parent / name
+    if beside.exists():
+        return str(beside)
+    found = shutil.which(name)
+    if found is None:
+        raise FileNotFoundError(f"{name} not found: is flwr installed in this environment?")
+    return found
+
+
+def write_connection(flwr_home: Path, address: str, *, insecure: bool, root_cert: Path | None) -> None:
+    """Write ``$FLWR_HOME/config.toml`` with one SuperLink connection named ``vesalius``."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    lines = [
+        "[superlink]",
+        f'default = "{CONNECTION}"',
+        "",
+        f"[superlink.{CONNECTION}]",
+        f'address = "{address}"',
+    ]
+    if insecure:
+        lines.append("insecure = true")
+    if root_cert is not None:
+        lines.append(f'root-certificates = "{root_cert}"')
+    (flwr_home / "config.toml").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def toml_value(value: object) -> str:
+    """Render a run-config value as TOML for ``--run-config``/``--node-config``."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return "'" + str(value).replace("'", "") + "'"

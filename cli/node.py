@@ -1,0 +1,90 @@
+"""``vesalius node``: what a hospital's IT runs (check the data, start the SuperNode)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import typer
+
+from cli.console import console, err_console, progress_bar, table
+from cli.flower import executable, flower_env, toml_value
+
+node_app = typer.Typer(help="Run and inspect a hospital node.", no_args_is_help=True)
+
+
+@node_app.command("check")
+def check(
+    data: Path = typer.Option(..., "--data", help="The node's data folder (DICOM + labels.csv)."),
+    output_format: str = typer.Option("table", "--format", help="table or json."),
+    allow_identified: bool = typer.Option(
+        False, "--allow-identified", help="Accept files that carry direct identifiers (PHI)."
+    ),
+) -> None:
+    """Scan DICOM headers and report files used, files skipped (with reasons), labels."""
+    from client.dicom import scan_data_dir
+
+    if not data.is_dir():
+        err_console.print(f"[red]error:[/red] {data} is not a folder")
+        raise typer.Exit(2)
+    with progress_bar("scanning headers", enabled=output_format != "json") as progress:
+        _, report = scan_data_dir(data, require_deidentified=not allow_identified, progress=progress)
+    doc = report.to_dict()
+    if output_format == "json":
+        console.print_json(json.dumps(doc))
+        return
+    summary = table(f"Ingestion report for {data}", ["item", "value"])
+    for key, value in doc.items():
+        if not isinstance(value, (list, dict)):
+            summary.add_row(key.replace("_", " "), str(value))
+    for key, value in doc.items():
+        if isinstance(value, dict):
+            summary.add_row(key.replace("_", " "), ", ".join(f"{a}: {b}" for a, b in value.items()) or "-")
+    console.print(summary)
+    skipped = doc.get("skipped", [])
+    if skipped:
+        t = table("Skipped files", ["file", "reason code", "why"])
+        for row in skipped:
+            t.add_row(str(row.get("path")), str(row.get("code")), str(row.get("reason")))
+        console.print(t)
+
+
+@node_app.command("start")
+def start(
+    data: Path = typer.Option(..., "--data", help="The node's data folder (DICOM + labels.csv)."),
+    superlink: str = typer.Option("127.0.0.1:9092", "--superlink", help="SuperLink Fleet address."),
+    epsilon_cap: float = typer.Option(8.0, "--epsilon-cap", help="Largest epsilon a run may spend here."),
+    site_name: str = typer.Option("site", "--site-name", help="Name reported to the coordinator."),
+    port: int = typer.Option(9094, "--port", help="Local port for the SuperNode's ClientApp API."),
+    insecure: bool = typer.Option(False, "--insecure", help="Plain-text gRPC (loopback tests only)."),
+    root_certificates: Path | None = typer.Option(None, "--root-certificates", help="CA cert (TLS)."),
+    allow_non_private: bool = typer.Option(False, "--allow-non-private", help="Accept non-DP baselines."),
+    allow_identified: bool = typer.Option(False, "--allow-identified", help="Accept PHI-bearing files."),
+    flwr_home: Path | None = typer.Option(None, "--flwr-home", help="FLWR_HOME for this node."),
+) -> None:
+    """Start this hospital's Flower SuperNode with its own node config (runs until stopped)."""
+    if not data.is_dir():
+        err_console.print(f"[red]error:[/red] data folder {data} does not exist")
+        raise typer.Exit(2)
+    if not insecure and root_certificates is None:
+        err_console.print("[red]error:[/red] give --root-certificates for TLS, or --insecure on loopback")
+        raise typer.Exit(2)
+    node_config = {
+        "data-dir": str(data.resolve()),
+        "epsilon-cap": float(epsilon_cap),
+        "site-name": site_name,
+        "allow-non-private": allow_non_private,
+        "require-deidentified": not allow_identified,
+    }
+    cmd = [
+        executable("flower-supernode"),
+        "--superlink", superlink,
+        "--port", str(port),
+        "--node-config", " ".join(f"{key}={toml_value(v)}" for key, v in node_config.items()),
+    ]
+    cmd += ["--insecure"] if insecure else ["--root-certificates", str(root_certificates)]
+    err_console.print(f"starting SuperNode '{site_name}' -> {superlink} (cap epsilon={epsilon_cap:g})")
+    console.file.flush()
+    # Replace this process with the SuperNode: signals (Ctrl-C, SIGTERM) reach it directly.
+    os.execve(cmd[0], cmd, flower_env(flwr_home))

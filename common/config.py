@@ -1,0 +1,250 @@
+"""Typed configuration, parsed once at the edge from Flower's flat key/value configs.
+
+* :class:`RunConfig` is the coordinator's run configuration (``[tool.flwr.app.config]`` in
+  ``pyproject.toml``, overridable with ``flwr run --run-config``).
+* :class:`TrainPlan` is the part of it a node receives in every train message; the node
+  computes the privacy spend of the plan itself.
+* :class:`NodeConfig` is the hospital's own configuration (``flower-supernode --node-config``).
+  Its data directory and epsilon cap come only from the hospital; the coordinator cannot raise
+  them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from common import messages as k
+from common.errors import ConfigError
+
+Scalar = bool | int | float | str
+
+
+def _get(values: Mapping[str, Any], key: str, default: Any, kind: type) -> Any:
+    raw = values.get(key, default)
+    if kind is bool:
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and raw.lower() in {"true", "false", "1", "0", "yes", "no"}:
+            return raw.lower() in {"true", "1", "yes"}
+        if isinstance(raw, int):
+            return bool(raw)
+        raise ConfigError(f"config key {key!r} must be a boolean, got {raw!r}")
+    try:
+        if kind is int and isinstance(raw, float) and not raw.is_integer():
+            raise ValueError
+        return kind(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(f"config key {key!r} must be {kind.__name__}, got {raw!r}") from None
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    """What a node is asked to do for one run: sent in every train message.
+
+    Parameters
+    ----------
+    num_rounds : int
+        Planned federated rounds in the run (the node accounts the whole plan).
+    local_epochs : int
+        Local epochs per round.
+    batch_size : int
+        Expected Poisson batch size (sample rate = 1 / ceil(n / batch_size)).
+    learning_rate : float
+        SGD learning rate.
+    private : bool
+        Train with DP-SGD (Opacus). ``False`` only for baselines and benchmarks.
+    target_epsilon : float
+        Patient-level epsilon the whole plan may spend at this node; the noise multiplier is
+        derived from it when ``noise_multiplier`` is 0.
+    noise_multiplier : float
+        Gaussian noise std / clipping norm; 0 means "derive from ``target_epsilon``".
+    max_grad_norm : float
+        Per-patient gradient clipping norm (L2).
+    target_delta : float
+        Delta of the guarantee; 0 means the node's default (well below 1 / patients).
+    model : str
+        Registered model name.
+    image_size : int
+        Side length, in pixels, images are resized to.
+    seed : int
+        Seed for sampling and initialisation.
+    """
+
+    num_rounds: int = 5
+    local_epochs: int = 1
+    batch_size: int = 32
+    learning_rate: float = 0.05
+    private: bool = True
+    target_epsilon: float = 8.0
+    noise_multiplier: float = 0.0
+    max_grad_norm: float = 1.0
+    target_delta: float = 0.0
+    model: str = "cnn"
+    image_size: int = 32
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        if self.num_rounds < 1 or self.local_epochs < 1 or self.batch_size < 1:
+            raise ConfigError(
+                "num-server-rounds, local-epochs and batch-size must be positive integers"
+            )
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            raise ConfigError("learning-rate must be a positive number")
+        if self.private:
+            if self.noise_multiplier < 0:
+                raise ConfigError("noise-multiplier must be >= 0 (0 = derive from target-epsilon)")
+            if self.noise_multiplier == 0 and not self.target_epsilon > 0:
+                raise ConfigError(
+                    "a private run needs target-epsilon > 0 or an explicit noise-multiplier > 0"
+                )
+            if not self.max_grad_norm > 0:
+                raise ConfigError("max-grad-norm must be > 0 for a private run")
+            if not 0 <= self.target_delta < 1:
+                raise ConfigError("target-delta must be in [0, 1) (0 = node default)")
+        if self.image_size < 8:
+            raise ConfigError("image-size must be at least 8 pixels")
+
+    _KEYS = {
+        "num_rounds": k.NUM_ROUNDS,
+        "local_epochs": k.LOCAL_EPOCHS,
+        "batch_size": k.BATCH_SIZE,
+        "learning_rate": k.LEARNING_RATE,
+        "private": k.PRIVATE,
+        "target_epsilon": k.TARGET_EPSILON,
+        "noise_multiplier": k.NOISE_MULTIPLIER,
+        "max_grad_norm": k.MAX_GRAD_NORM,
+        "target_delta": k.TARGET_DELTA,
+        "model": k.MODEL,
+        "image_size": k.IMAGE_SIZE,
+        "seed": k.SEED,
+    }
+
+    @classmethod
+    def from_record(cls, values: Mapping[str, Any]) -> TrainPlan:
+        """Parse from a flat mapping (a ConfigRecord or Flower run_config)."""
+        kwargs: dict[str, Any] = {}
+        for f in fields(cls):
+            key = cls._KEYS[f.name]
+            default = getattr(cls, f.name)
+            kwargs[f.name] = _get(values, key, default, type(default))
+        return cls(**kwargs)
+
+    def to_record(self) -> dict[str, Scalar]:
+        """Flatten to wire keys (for a ConfigRecord)."""
+        return {self._KEYS[name]: value for name, value in asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The coordinator's configuration for one run.
+
+    Parameters
+    ----------
+    plan : TrainPlan
+        What every node is asked to train.
+    fraction_train, fraction_evaluate : float
+        Fractions of connected nodes sampled per round.
+    min_nodes : int
+        Minimum nodes that must be connected before a round starts.
+    out_dir : str
+        Where checkpoints, ``report.json`` and the summary are written.
+    round_timeout : float
+        Seconds to wait for replies in a round.
+    """
+
+    plan: TrainPlan = TrainPlan()
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    min_nodes: int = 2
+    out_dir: str = "vesalius-out"
+    round_timeout: float = 600.0
+
+    def __post_init__(self) -> None:
+        for name in ("fraction_train", "fraction_evaluate"):
+            value = getattr(self, name)
+            if not 0 < value <= 1:
+                raise ConfigError(f"{name.replace('_', '-')} must be in (0, 1], got {value}")
+        if self.min_nodes < 1:
+            raise ConfigError("min-nodes must be >= 1")
+
+    @classmethod
+    def from_user_config(cls, values: Mapping[str, Any]) -> RunConfig:
+        """Parse Flower's ``context.run_config`` (defaults for absent keys)."""
+        return cls(
+            plan=TrainPlan.from_record(values),
+            fraction_train=_get(values, "fraction-train", 1.0, float),
+            fraction_evaluate=_get(values, "fraction-evaluate", 1.0, float),
+            min_nodes=_get(values, "min-nodes", 2, int),
+            out_dir=_get(values, "out-dir", "vesalius-out", str),
+            round_timeout=_get(values, "round-timeout", 600.0, float),
+        )
+
+    def to_dict(self) -> dict[str, Scalar]:
+        """Flat kebab-case view for reports."""
+        out: dict[str, Scalar] = dict(self.plan.to_record())
+        out.update(
+            {
+                "fraction-train": self.fraction_train,
+                "fraction-evaluate": self.fraction_evaluate,
+                "min-nodes": self.min_nodes,
+                "out-dir": self.out_dir,
+                "round-timeout": self.round_timeout,
+            }
+        )
+        return out
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """A hospital node's own settings (``flower-supernode --node-config``).
+
+    Parameters
+    ----------
+    data_dir : Path
+        Folder with the node's DICOM files and ``labels.csv``.
+    epsilon_cap : float
+        Largest patient-level epsilon this node lets one run's plan spend.
+    site_name : str
+        Name the node reports in metrics (no patient information).
+    require_deidentified : bool
+        Skip DICOM files that carry direct identifiers.
+    allow_non_private : bool
+        Accept non-private training plans (baselines only; off by default).
+    device : str
+        "auto" (CUDA when available), "cpu" or "cuda".
+    """
+
+    data_dir: Path
+    epsilon_cap: float = 10.0
+    site_name: str = "site"
+    require_deidentified: bool = True
+    allow_non_private: bool = False
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if not self.epsilon_cap > 0:
+            raise ConfigError("epsilon-cap must be > 0")
+        if self.device not in {"auto", "cpu", "cuda"}:
+            raise ConfigError("device must be one of auto, cpu, cuda")
+
+    @classmethod
+    def from_user_config(cls, values: Mapping[str, Any]) -> NodeConfig:
+        """Parse Flower's ``context.node_config``; ``data-dir`` is required."""
+        if "data-dir" not in values:
+            raise ConfigError(
+                "node config lacks 'data-dir': start the node with "
+                "--node-config \"data-dir='/path/to/dicom' epsilon-cap=8\"",
+                safe_reason="node is not configured: 'data-dir' missing in its node config",
+            )
+        return cls(
+            data_dir=Path(str(values["data-dir"])).expanduser(),
+            epsilon_cap=_get(values, "epsilon-cap", 10.0, float),
+            site_name=_get(values, "site-name", "site", str),
+            require_deidentified=_get(values, "require-deidentified", True, bool),
+            allow_non_private=_get(values, "allow-non-private", False, bool),
+            device=_get(values, "device", "auto", str),
+        )

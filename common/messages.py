@@ -1,0 +1,58 @@
+"""The wire schema: every record, metric and config key that crosses the network.
+
+Nothing else in the code base spells these strings. Keys are kebab-case like Flower's own
+(``num-examples``, ``server-round``).
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+# --- RecordDict keys ------------------------------------------------------------------------
+ARRAYS: Final = "arrays"  # ArrayRecord: model state dict
+CONFIG: Final = "config"  # ConfigRecord: instructions from the coordinator
+METRICS: Final = "metrics"  # MetricRecord: numbers a node releases
+NODE_INFO: Final = "node-info"  # ConfigRecord: non-identifying node description (site name)
+
+# --- Node-local state (Context.state, never sent) -------------------------------------------
+STATE_PRIVACY: Final = "privacy-accountant"  # ConfigRecord with the accountant history
+
+# --- ConfigRecord keys sent by the coordinator ----------------------------------------------
+SERVER_ROUND: Final = "server-round"  # injected by Flower's strategies
+NUM_ROUNDS: Final = "num-server-rounds"
+LOCAL_EPOCHS: Final = "local-epochs"
+BATCH_SIZE: Final = "batch-size"
+LEARNING_RATE: Final = "learning-rate"
+PRIVATE: Final = "private"
+TARGET_EPSILON: Final = "target-epsilon"
+NOISE_MULTIPLIER: Final = "noise-multiplier"
+MAX_GRAD_NORM: Final = "max-grad-norm"
+TARGET_DELTA: Final = "target-delta"
+MODEL: Final = "model"
+IMAGE_SIZE: Final = "image-size"
+SEED: Final = "seed"
+SPLIT: Final = "split"  # evaluate: which held-out split ("val" or "test")
+WITH_HISTOGRAMS: Final = "with-histograms"  # evaluate: also release per-class score histograms
+
+SPLIT_VAL: Final = "val"
+SPLIT_TEST: Final = "test"
+
+# --- MetricRecord keys released by nodes ----------------------------------------------------
+NUM_EXAMPLES: Final = "num-examples"  # Flower's FedAvg weighting key
+TRAIN_LOSS: Final = "train-loss"
+EPSILON: Final = "epsilon"
+DELTA: Final = "delta"
+SAMPLE_RATE: Final = "sample-rate"
+STEPS: Final = "steps"
+LOSS: Final = "loss"
+ACCURACY: Final = "accuracy"
+AUC: Final = "auc"
+HIST_POSITIVE: Final = "hist-positive"  # counts of positive-class scores per fixed bin
+HIST_NEGATIVE: Final = "hist-negative"  # counts of negative-class scores per fixed bin
+
+# --- NODE_INFO keys -------------------------------------------------------------------------
+SITE: Final = "site"
+
+# Keys that carry one number per node, never averaged across nodes by the coordinator.
+PER_NODE_METRICS: Final = frozenset({EPSILON, DELTA, SAMPLE_RATE, STEPS, NOISE_MULTIPLIER})
+HISTOGRAM_METRICS: Final = frozenset({HIST_POSITIVE, HIST_NEGATIVE})

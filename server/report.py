@@ -1,0 +1,164 @@
+"""The run report: ``report.json`` (machine-readable) and ``summary.txt`` (for people).
+
+``report.json`` layout::
+
+    {
+      "rounds": [{"round": 1, "metrics": {"auc": ..., "accuracy": ..., "loss": ...,
+                                          "train-loss": ...},
+                  "sites": [{"site": ..., "auc": ..., "epsilon": ...}], "errors": [...]}],
+      "sites":  [{"site": ..., "num_examples": ..., "epsilon": ..., "delta": ...,
+                  "noise_multiplier": ..., "sample_rate": ...}],
+      "final":  {"split": "test", "auc_pooled": ..., "metrics": {...}, "sites": [...]},
+      "privacy": {"unit": "patient", "mechanism": ..., "accountant": "rdp", ...},
+      "config": {...run config...},
+      "status": "completed" | "failed", "reason": ...
+    }
+
+Metrics are those released by the nodes (aggregates only); the report holds no patient data.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from common import messages as k
+from common.config import RunConfig
+from server.strategies.fedavg import RoundLog, SiteReply
+
+REPORT_JSON = "report.json"
+SUMMARY_TXT = "summary.txt"
+
+
+def _clean(value: float) -> float | None:
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def _site_row(reply: SiteReply) -> dict[str, Any]:
+    row: dict[str, Any] = {"site": reply.site}
+    row.update({key: _clean(v) for key, v in reply.metrics.items()})
+    return row
+
+
+@dataclass
+class RunReport:
+    """Accumulates what a run learned; written atomically after every round."""
+
+    config: RunConfig
+    rounds: list[RoundLog] = field(default_factory=list)
+    final: RoundLog | None = None
+    status: str = "running"
+    reason: str = ""
+
+    def sites(self) -> list[dict[str, Any]]:
+        """Latest train release of each site: patients, epsilon spent, delta, noise."""
+        latest: dict[str, SiteReply] = {}
+        for entry in self.rounds:
+            for reply in entry.train:
+                latest[reply.site] = reply
+        rows = []
+        for site, reply in sorted(latest.items()):
+            m = reply.metrics
+            rows.append(
+                {
+                    "site": site,
+                    "num_examples": int(m.get(k.NUM_EXAMPLES, 0)),
+                    "epsilon": m.get(k.EPSILON, 0.0),
+                    "delta": m.get(k.DELTA, 0.0),
+                    "noise_multiplier": m.get(k.NOISE_MULTIPLIER, 0.0),
+                    "sample_rate": m.get(k.SAMPLE_RATE, 0.0),
+                }
+            )
+        return rows
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON document described in the module docstring."""
+        rounds = []
+        for entry in self.rounds:
+            metrics = {key: _clean(v) for key, v in entry.evaluate_metrics.items()}
+            if k.TRAIN_LOSS in entry.train_metrics:
+                metrics[k.TRAIN_LOSS] = _clean(entry.train_metrics[k.TRAIN_LOSS])
+            metrics.pop(k.NUM_EXAMPLES, None)
+            rounds.append(
+                {
+                    "round": entry.round,
+                    "metrics": metrics,
+                    "sites": [_site_row(r) for r in entry.evaluate],
+                    "train": [_site_row(r) for r in entry.train],
+                    "errors": entry.errors,
+                }
+            )
+        plan = self.config.plan
+        out: dict[str, Any] = {
+            "status": self.status,
+            "reason": self.reason,
+            "rounds": rounds,
+            "sites": self.sites(),
+            "privacy": {
+                "unit": "patient",
+                "mechanism": "DP-SGD (Opacus), Poisson sampling of patients, one record per "
+                "patient" if plan.private else "none (non-private baseline)",
+                "accountant": "rdp",
+                "target_epsilon": plan.target_epsilon if plan.private else None,
+                "max_grad_norm": plan.max_grad_norm if plan.private else None,
+                "scope": "per hospital, composed over all rounds of this run",
+                "not_covered": "validation/test metrics released for evaluation are not "
+                "noised (see issue on release rules)",
+            },
+            "config": self.config.to_dict(),
+        }
+        if self.final is not None:
+            fm = {key: _clean(v) for key, v in self.final.evaluate_metrics.items()}
+            out["final"] = {
+                "split": k.SPLIT_TEST,
+                "auc_pooled": fm.get("auc-pooled"),
+                "metrics": fm,
+                "sites": [_site_row(r) for r in self.final.evaluate],
+                "errors": self.final.errors,
+            }
+        return out
+
+    def summary(self) -> str:
+        """A plain-text summary for people."""
+        lines = [f"Vesalius run: {self.status}" + (f" ({self.reason})" if self.reason else "")]
+        lines.append("round  val-AUC  val-acc  val-loss  train-loss")
+        for entry in self.rounds:
+            m = entry.evaluate_metrics
+            lines.append(
+                f"{entry.round:>5}  {m.get(k.AUC, math.nan):7.3f}  "
+                f"{m.get(k.ACCURACY, math.nan):7.3f}  {m.get(k.LOSS, math.nan):8.4f}  "
+                f"{entry.train_metrics.get(k.TRAIN_LOSS, math.nan):10.4f}"
+            )
+            for err in entry.errors:
+                lines.append(f"       ! {err['site']} ({err['phase']}): {err['reason']}")
+        lines.append("site          patients  epsilon    delta")
+        for row in self.sites():
+            lines.append(
+                f"{row['site']:<12}  {row['num_examples']:>8}  {row['epsilon']:7.3f}  "
+                f"{row['delta']:.1e}"
+            )
+        if self.final is not None:
+            auc = self.final.evaluate_metrics.get("auc-pooled", math.nan)
+            lines.append(f"final test AUC (pooled over sites): {auc:.3f}")
+        return "\n".join(lines)
+
+    def write(self, out_dir: Path) -> Path:
+        """Write ``report.json`` and ``summary.txt`` atomically; return the JSON path."""
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _atomic_write(out_dir / REPORT_JSON, json.dumps(self.to_dict(), indent=2))
+        _atomic_write(out_dir / SUMMARY_TXT, self.summary() + "\n")
+        return out_dir / REPORT_JSON
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
