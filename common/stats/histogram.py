@@ -30,7 +30,8 @@ def score_histograms(
     y = np.asarray(labels).ravel().astype(bool)
     if s.shape != y.shape:
         raise ValueError("scores and labels must have the same length")
-    idx = np.minimum((s * bins).astype(np.int64), bins - 1)
+    # Round first so that a score on a bin edge (k / bins) lands in bin k despite float error.
+    idx = np.minimum(np.floor(np.round(s * bins, 9)).astype(np.int64), bins - 1)
     pos = np.bincount(idx[y], minlength=bins).astype(np.int64)
     neg = np.bincount(idx[~y], minlength=bins).astype(np.int64)
     return pos, neg
