@@ -14,6 +14,10 @@ CONNECTION = "vesalius"
 def flower_env(flwr_home: Path | None = None) -> dict[str, str]:
     """Environment for Flower processes: no telemetry, no update check, no runtime installs."""
     env = dict(os.environ)
+    # Flower's executables start helpers (flower-superexec, flwr-clientapp) by name.
+    bin_dir = str(Path(sys.executable).parent)
+    if bin_dir not in env.get("PATH", "").split(os.pathsep):
+        env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
     env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     env.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
     env.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")

@@ -108,7 +108,7 @@ def handle_train(msg: Message, context: Context, node: NodeConfig) -> Message:
         context.state[k.STATE_PRIVACY] = ConfigRecord(result.accountant_state.to_record())
         spent = epsilon(result.accountant_state, delta=decision.delta)
     else:
-        spent = 0.0
+        spent = float("inf")  # non-private: no guarantee
     metrics = MetricRecord(
         {
             k.NUM_EXAMPLES: result.num_examples,

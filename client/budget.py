@@ -71,7 +71,8 @@ def decide(
                 safe_reason="refused: this node only trains with differential privacy "
                 "(set allow-non-private=true in its node config to permit baselines)",
             )
-        return PrivacyDecision(0.0, 0.0, 0, 0.0, 0.0)
+        # No guarantee at all: epsilon is infinite. delta is only a placeholder for the trainer.
+        return PrivacyDecision(0.0, 0.0, 0, default_delta(num_patients), float("inf"))
 
     q = sample_rate(num_patients, plan.batch_size)
     per_round = plan.local_epochs * steps_per_epoch(num_patients, plan.batch_size)
@@ -80,9 +81,16 @@ def decide(
     if plan.noise_multiplier > 0:
         sigma = plan.noise_multiplier
     else:
-        target = min(plan.target_epsilon, node.epsilon_cap)
+        if plan.target_epsilon > node.epsilon_cap + _TOLERANCE:
+            raise BudgetExceededError(
+                f"plan targets epsilon={plan.target_epsilon} > cap {node.epsilon_cap}",
+                safe_reason=(
+                    f"refused: the plan targets epsilon={plan.target_epsilon:g}, above this "
+                    f"node's cap of {node.epsilon_cap:g}"
+                ),
+            )
         sigma = plan_noise_multiplier(
-            target_epsilon=target, delta=delta, sample_rate=q, steps=total_steps
+            target_epsilon=plan.target_epsilon, delta=delta, sample_rate=q, steps=total_steps
         )
     whole = planned_epsilon(noise_multiplier=sigma, sample_rate=q, steps=total_steps, delta=delta)
     if whole > node.epsilon_cap + _TOLERANCE:

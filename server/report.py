@@ -36,7 +36,8 @@ SUMMARY_TXT = "summary.txt"
 
 
 def _clean(value: float) -> float | None:
-    return None if isinstance(value, float) and math.isnan(value) else value
+    """JSON-safe number: NaN (undefined) and infinity (no DP guarantee) become null."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def _site_row(reply: SiteReply) -> dict[str, Any]:
@@ -68,7 +69,7 @@ class RunReport:
                 {
                     "site": site,
                     "num_examples": int(m.get(k.NUM_EXAMPLES, 0)),
-                    "epsilon": m.get(k.EPSILON, 0.0),
+                    "epsilon": _clean(m.get(k.EPSILON, math.inf)),
                     "delta": m.get(k.DELTA, 0.0),
                     "noise_multiplier": m.get(k.NOISE_MULTIPLIER, 0.0),
                     "sample_rate": m.get(k.SAMPLE_RATE, 0.0),
@@ -139,7 +140,8 @@ class RunReport:
         lines.append("site          patients  epsilon    delta")
         for row in self.sites():
             lines.append(
-                f"{row['site']:<12}  {row['num_examples']:>8}  {row['epsilon']:7.3f}  "
+                f"{row['site']:<12}  {row['num_examples']:>8}  "
+                f"{'none' if row['epsilon'] is None else format(row['epsilon'], '7.3f')}  "
                 f"{row['delta']:.1e}"
             )
         if self.final is not None:

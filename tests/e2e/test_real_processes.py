@@ -1,0 +1,126 @@
+"""End to end with real processes on loopback, driven through the CLI.
+
+A ``flower-superlink`` and two hospital SuperNodes (``vesalius node start``) run as separate
+processes with their own ports and FLWR_HOME; ``vesalius federation run --superlink`` submits
+the run. Every process is stopped by the test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_port(port: int, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.3)
+    raise TimeoutError(f"nothing listening on {port}")
+
+
+class Processes:
+    """Start processes in their own sessions; stop the whole group of each at the end."""
+
+    def __init__(self, env: dict[str, str], logs: Path) -> None:
+        self.env, self.logs, self.procs = env, logs, []  # type: ignore[var-annotated]
+
+    def start(self, name: str, cmd: list[str]) -> subprocess.Popen[bytes]:
+        log = open(self.logs / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
+        proc = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        self.procs.append((proc, log))
+        return proc
+
+    def stop_all(self) -> None:
+        for proc, _ in self.procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc, log in self.procs:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=5)
+            log.close()
+        for proc, _ in self.procs:  # children of the groups (superexec, clientapp)
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+@pytest.fixture
+def procs(tmp_path: Path) -> Iterator[Processes]:
+    env = dict(os.environ)
+    env.update({
+        "FLWR_HOME": str(tmp_path / "flwr-home"),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+    })
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    p = Processes(env, logs)
+    yield p
+    p.stop_all()
+
+
+def _vesalius(*args: str) -> list[str]:
+    return [str(BIN / "vesalius"), *args]
+
+
+def test_superlink_two_supernodes_two_rounds(tmp_path: Path, procs: Processes) -> None:
+    # Prepare: two hospitals' data, a SuperLink and two SuperNodes on free loopback ports
+    data = tmp_path / "data"
+    subprocess.run(_vesalius("synth", "--sites", "2", "--patients", "30", "--out", str(data), "--seed", "9"),
+                   env=procs.env, check=True, capture_output=True)
+    link = _free_port()
+    procs.start("superlink", [str(BIN / "flower-superlink"), "--insecure", "--host", "127.0.0.1",
+                              "--port", str(link), "--disable-runtime-dependency-installation",
+                              "--database", str(tmp_path / "link.db")])
+    _wait_port(link)
+    for i in (1, 2):
+        home = tmp_path / f"node-{i}-home"
+        procs.start(f"node-{i}", _vesalius(
+            "node", "start", "--data", str(data / f"site-{i}"), "--superlink", f"127.0.0.1:{link}",
+            "--port", str(_free_port()), "--site-name", f"site-{i}", "--epsilon-cap", "8",
+            "--insecure", "--flwr-home", str(home)))
+    out = tmp_path / "run"
+    # Execute: the operator submits a 2-round run through the CLI
+    run = subprocess.run(
+        _vesalius("federation", "run", "--superlink", f"127.0.0.1:{link}", "--insecure",
+                  "--rounds", "2", "--batch-size", "8", "--out", str(out),
+                  "--flwr-home", str(tmp_path / "operator-home"), "--format", "json"),
+        env=procs.env, capture_output=True, text=True, timeout=420,
+    )
+    # Assert
+    logs = "\n".join(p.read_text(errors="replace")[-3000:] for p in (tmp_path / "logs").glob("*.log"))
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:] + logs
+    doc = json.loads((out / "report.json").read_text())
+    assert doc["status"] == "completed"
+    assert [r["round"] for r in doc["rounds"]] == [1, 2]
+    assert sorted(s["site"] for s in doc["sites"]) == ["site-1", "site-2"]
+    assert all(0 < s["epsilon"] <= 8 for s in doc["sites"])
