@@ -1,0 +1,299 @@
+"""A node's training data: scan -> labels -> patient-level splits -> preprocessed tensors.
+
+This is the interface the DP trainer and the Flower ClientApp use. The unit of privacy is
+the *patient*: :class:`PatientRecordDataset` exposes one record per patient, so that adding
+or removing a patient changes exactly one record of the dataset Opacus samples from.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from client.data.labels import LABELS_FILENAME, read_labels
+from client.data.splits import SPLIT_NAMES, SplitName, split_patients
+from client.data.transforms import image_transform
+from client.dicom.index import DicomIndex, InstanceRecord
+from client.dicom.ingest import scan_data_dir
+from client.dicom.pixels import read_pixels
+from client.dicom.report import IngestionReport
+from client.dicom.scan import iter_data_files
+from common.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+#: Entries kept by the in-process cache of :func:`load_node_data`.
+CACHE_SIZE = 4
+
+
+@dataclass(frozen=True, eq=False)
+class SplitArrays:
+    """Preprocessed images of one split.
+
+    Attributes
+    ----------
+    images : torch.Tensor
+        float32 ``[N, 1, S, S]`` (see :mod:`client.data.transforms`).
+    labels : torch.Tensor
+        int64 ``[N]``.
+    patient_index : torch.Tensor
+        int64 ``[N]``: index of the image's patient within this split, in
+        ``0..num_patients-1`` (patients ordered by (0010,0020) Patient ID).
+    num_patients : int
+        Number of patients in the split.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    patient_index: torch.Tensor
+    num_patients: int
+
+    def __len__(self) -> int:
+        """Number of images."""
+        return int(self.labels.shape[0])
+
+
+class PatientRecordDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
+    """One record per PATIENT (the unit of privacy).
+
+    ``__getitem__(i)`` returns ``(image [1, S, S], label)`` of one image of patient ``i``,
+    drawn uniformly at random with the torch RNG, so adding or removing a patient changes
+    exactly one record and patient-level DP-SGD bounds each patient's contribution by one
+    clipped gradient per step. ``len()`` is the number of patients.
+    """
+
+    def __init__(self, split: SplitArrays) -> None:
+        self.split = split
+        order = torch.argsort(split.patient_index, stable=True)
+        counts = torch.bincount(split.patient_index, minlength=split.num_patients)
+        if split.num_patients and int(counts.min()) == 0:
+            raise ValueError("every patient of a split must have at least one image")
+        self._members: list[torch.Tensor] = list(torch.split(order, counts.tolist()))
+
+    def __len__(self) -> int:
+        return self.split.num_patients
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        members = self._members[index]
+        pick = int(members[int(torch.randint(len(members), (1,)))])
+        return self.split.images[pick], self.split.labels[pick]
+
+
+@dataclass(frozen=True, eq=False)
+class NodeData:
+    """Everything a node trains and evaluates on.
+
+    Attributes
+    ----------
+    report : IngestionReport
+        The scan report (local).
+    fingerprint : str
+        Dataset fingerprint for the privacy ledger (see ``DicomIndex.fingerprint``).
+    image_size : int
+        Side ``S`` of the preprocessed images.
+    train, val, test : SplitArrays
+        Patient-disjoint splits (see :mod:`client.data.splits`).
+    """
+
+    report: IngestionReport
+    fingerprint: str
+    image_size: int
+    train: SplitArrays
+    val: SplitArrays
+    test: SplitArrays
+
+    @property
+    def num_classes(self) -> int:
+        """``1 + `` the largest label of any split (at least 2)."""
+        labels = [s.labels for s in (self.train, self.val, self.test) if len(s)]
+        top = max(int(t.max()) for t in labels) if labels else 0
+        return max(top + 1, 2)
+
+
+def _empty_split(image_size: int) -> SplitArrays:
+    return SplitArrays(
+        images=torch.zeros((0, 1, image_size, image_size), dtype=torch.float32),
+        labels=torch.zeros((0,), dtype=torch.int64),
+        patient_index=torch.zeros((0,), dtype=torch.int64),
+        num_patients=0,
+    )
+
+
+def _build_split(
+    patients: tuple[str, ...],
+    records: dict[str, list[tuple[InstanceRecord, int]]],
+    image_size: int,
+) -> SplitArrays:
+    transform = image_transform(image_size)
+    images: list[torch.Tensor] = []
+    labels: list[int] = []
+    owners: list[int] = []
+    kept = 0
+    for pid in patients:
+        count = 0
+        for rec, label in records[pid]:
+            try:
+                pixels = read_pixels(rec.path)
+            except DataError:
+                logger.warning("could not decode %s; image left out", rec.relpath)
+                continue
+            images.append(torch.as_tensor(transform(pixels), dtype=torch.float32))
+            labels.append(label)
+            owners.append(kept)
+            count += 1
+        if count:
+            kept += 1
+    if not images:
+        return _empty_split(image_size)
+    return SplitArrays(
+        images=torch.stack(images).contiguous(),
+        labels=torch.tensor(labels, dtype=torch.int64),
+        patient_index=torch.tensor(owners, dtype=torch.int64),
+        num_patients=kept,
+    )
+
+
+def _labelled_records(
+    index: DicomIndex, labels: dict[tuple[str, str], int]
+) -> dict[str, list[tuple[InstanceRecord, int]]]:
+    out: dict[str, list[tuple[InstanceRecord, int]]] = {}
+    for rec in index.instances():
+        label = labels.get((rec.patient_id, rec.study_instance_uid))
+        if label is not None:
+            out.setdefault(rec.patient_id, []).append((rec, label))
+    return out
+
+
+def _dir_signature(root: Path) -> tuple[tuple[str, int, int], ...]:
+    sig: list[tuple[str, int, int]] = []
+    for path, rel in iter_data_files(root):
+        st = path.stat()
+        sig.append((rel, st.st_size, st.st_mtime_ns))
+    return tuple(sig)
+
+
+_cache: OrderedDict[Hashable, NodeData] = OrderedDict()
+_cache_lock = threading.Lock()
+
+
+def clear_cache() -> None:
+    """Forget every cached :class:`NodeData` (tests, or after the data changed in place)."""
+    with _cache_lock:
+        _cache.clear()
+
+
+def load_node_data(
+    data_dir: str | Path,
+    *,
+    image_size: int = 32,
+    require_deidentified: bool = True,
+    seed: int = 0,
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.15,
+    progress: Callable[[int, int], None] | None = None,
+) -> NodeData:
+    """Scan, label, split and preprocess a node's DICOM data.
+
+    Results are cached in-process (Flower recreates the ClientApp for every message) under
+    the resolved directory, the arguments and a signature of the directory (sorted
+    relative path, size and mtime of every file), so any file change forces a reload.
+
+    Parameters
+    ----------
+    data_dir : str | Path
+        The node's data directory, with ``labels.csv`` at its top.
+    image_size : int, keyword-only
+        Side ``S`` of the preprocessed images in pixels.
+    require_deidentified : bool, keyword-only
+        Skip files failing the de-identification check (see :mod:`client.dicom.phi`).
+    seed : int, keyword-only
+        Seed of the patient-level split.
+    val_fraction, test_fraction : float, keyword-only
+        Expected proportions of patients in validation and test.
+    progress : Callable[[int, int], None] | None, keyword-only
+        Called as ``progress(done, total)`` while scanning (not called on a cache hit).
+
+    Raises
+    ------
+    DataError
+        No usable labelled image, or no patient in the training split.
+    """
+    root = Path(data_dir).resolve()
+    if not root.is_dir():
+        raise DataError(
+            f"data directory {root} does not exist",
+            safe_reason="the node's data directory is missing",
+        )
+    key = (
+        str(root),
+        image_size,
+        require_deidentified,
+        seed,
+        val_fraction,
+        test_fraction,
+        _dir_signature(root),
+    )
+    with _cache_lock:
+        if key in _cache:
+            _cache.move_to_end(key)
+            return _cache[key]
+    data = _load(
+        root, image_size, require_deidentified, seed, val_fraction, test_fraction, progress
+    )
+    with _cache_lock:
+        _cache[key] = data
+        while len(_cache) > CACHE_SIZE:
+            _cache.popitem(last=False)
+    return data
+
+
+def _load(
+    root: Path,
+    image_size: int,
+    require_deidentified: bool,
+    seed: int,
+    val_fraction: float,
+    test_fraction: float,
+    progress: Callable[[int, int], None] | None,
+) -> NodeData:
+    index, report = scan_data_dir(
+        root, require_deidentified=require_deidentified, progress=progress
+    )
+    labelled = _labelled_records(index, read_labels(root / LABELS_FILENAME))
+    if not labelled:
+        raise DataError(
+            f"no usable labelled image under {root}: {report.files_used} usable files, "
+            f"label counts {dict(report.label_counts)}",
+            safe_reason="the node has no usable labelled image",
+        )
+    splits = split_patients(
+        labelled, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction
+    )
+    arrays: dict[SplitName, SplitArrays] = {
+        name: _build_split(splits.of(name), labelled, image_size) for name in SPLIT_NAMES
+    }
+    if arrays["train"].num_patients == 0:
+        raise DataError(
+            f"the training split of {root} has no patient ({len(labelled)} labelled patients)",
+            safe_reason="the node's training split has no patient",
+        )
+    logger.info(
+        "node data: %s patients, %s images (train/val/test)",
+        "/".join(str(arrays[n].num_patients) for n in SPLIT_NAMES),
+        "/".join(str(len(arrays[n])) for n in SPLIT_NAMES),
+    )
+    return NodeData(
+        report=report,
+        fingerprint=report.fingerprint,
+        image_size=image_size,
+        train=arrays["train"],
+        val=arrays["val"],
+        test=arrays["test"],
+    )

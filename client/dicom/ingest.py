@@ -1,0 +1,67 @@
+"""``scan_data_dir``: header-only scan + index + labels join -> (index, report).
+
+This is what ``vesalius node check`` runs; :func:`client.data.node_data.load_node_data`
+builds on it to read pixels.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from client.data.labels import LABELS_FILENAME, read_labels
+from client.dicom.index import DicomIndex
+from client.dicom.report import IngestionReport, build_report
+from client.dicom.scan import ProgressCallback, scan_directory
+from common.errors import DataError
+
+
+def scan_data_dir(
+    data_dir: str | Path,
+    *,
+    require_deidentified: bool = True,
+    progress: ProgressCallback | None = None,
+) -> tuple[DicomIndex, IngestionReport]:
+    """Scan a node's data directory (headers only) and report on it.
+
+    Parameters
+    ----------
+    data_dir : str | Path
+        The node's data directory (from node configuration only).
+    require_deidentified : bool, keyword-only
+        Skip files that are not de-identified (code ``phi``); see :mod:`client.dicom.phi`.
+    progress : Callable[[int, int], None] | None, keyword-only
+        Called as ``progress(done, total)`` after each file.
+
+    Returns
+    -------
+    tuple[DicomIndex, IngestionReport]
+        The index of usable files and the ingestion report (with label counts when
+        ``<data_dir>/labels.csv`` exists).
+
+    Raises
+    ------
+    common.errors.DataError
+        ``data_dir`` is not a directory, or the labels CSV is malformed.
+    """
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise DataError(
+            f"data directory {root} does not exist or is not a directory",
+            safe_reason="the node's data directory is missing",
+        )
+    outcome = scan_directory(
+        root,
+        require_deidentified=require_deidentified,
+        progress=progress,
+        exclude=(LABELS_FILENAME,),
+    )
+    index = DicomIndex.from_records(outcome.records)
+    labels = read_labels(root / LABELS_FILENAME)
+    report = build_report(
+        files_seen=outcome.files_seen,
+        skipped=outcome.skipped,
+        index=index,
+        labels=labels,
+        require_deidentified=require_deidentified,
+    )
+    return index, report
