@@ -1,0 +1,69 @@
+"""Coordinator-side pieces: metric pooling, per-site log, the report documents."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import MetricRecord, RecordDict
+from sklearn.metrics import roc_auc_score
+
+from common import messages as k
+from common.config import RunConfig, TrainPlan
+from common.stats.histogram import score_histograms
+from server.report import RunReport
+from server.strategies.fedavg import RoundLog, SiteReply, pool_metrics
+
+
+def _reply(**values: object) -> RecordDict:
+    return RecordDict({k.METRICS: MetricRecord(values)})  # type: ignore[arg-type]
+
+
+def test_pool_metrics_weights_skips_nan_and_keeps_epsilon_out() -> None:
+    replies = [
+        _reply(**{k.NUM_EXAMPLES: 10, k.AUC: 0.8, k.LOSS: 1.0, k.EPSILON: 3.0}),
+        _reply(**{k.NUM_EXAMPLES: 30, k.AUC: math.nan, k.LOSS: 2.0, k.EPSILON: 5.0}),
+    ]
+    pooled = pool_metrics(replies, k.NUM_EXAMPLES)
+    assert pooled[k.LOSS] == pytest.approx(1.75)
+    assert pooled[k.AUC] == pytest.approx(0.8)  # the NaN site (one class only) is left out
+    assert k.EPSILON not in pooled and pooled[k.NUM_EXAMPLES] == 40
+
+
+def test_pooled_auc_from_site_histograms_matches_sklearn_on_pooled_scores() -> None:
+    rng = np.random.default_rng(0)
+    replies, all_s, all_y = [], [], []
+    for _ in range(3):
+        y = rng.integers(0, 2, 120)
+        s = np.round(np.clip(rng.normal(0.4 + 0.2 * y, 0.2), 0, 1), 3)  # on the 1000-bin grid
+        pos, neg = score_histograms(s, y)
+        replies.append(_reply(**{k.NUM_EXAMPLES: 120, k.AUC: 0.5,
+                                 k.HIST_POSITIVE: pos.tolist(), k.HIST_NEGATIVE: neg.tolist()}))
+        all_s.append(s)
+        all_y.append(y)
+    pooled = pool_metrics(replies, k.NUM_EXAMPLES)
+    expected = roc_auc_score(np.concatenate(all_y), np.concatenate(all_s))
+    assert pooled["auc-pooled"] == pytest.approx(expected, abs=1e-9)
+
+
+def test_report_json_layout_and_atomic_write(tmp_path: Path) -> None:
+    cfg = RunConfig(plan=TrainPlan(num_rounds=1), out_dir=str(tmp_path))
+    entry = RoundLog(round=1)
+    entry.train.append(SiteReply("site-1", 1, {k.NUM_EXAMPLES: 50, k.EPSILON: 2.5, k.DELTA: 1e-5,
+                                               k.NOISE_MULTIPLIER: 1.1, k.SAMPLE_RATE: 0.2}))
+    entry.evaluate.append(SiteReply("site-1", 1, {k.AUC: 0.9, k.NUM_EXAMPLES: 10}))
+    entry.evaluate_metrics = {k.AUC: 0.9, k.ACCURACY: 0.8, k.LOSS: 0.4}
+    entry.train_metrics = {k.TRAIN_LOSS: 0.5}
+    report = RunReport(config=cfg, rounds=[entry], status="completed")
+    path = report.write(tmp_path)
+    doc = json.loads(path.read_text())
+    assert doc["rounds"][0]["round"] == 1 and doc["rounds"][0]["metrics"]["auc"] == 0.9
+    assert doc["rounds"][0]["metrics"][k.TRAIN_LOSS] == 0.5
+    assert doc["sites"] == [{"site": "site-1", "num_examples": 50, "epsilon": 2.5, "delta": 1e-5,
+                             "noise_multiplier": 1.1, "sample_rate": 0.2}]
+    assert doc["config"]["num-server-rounds"] == 1 and doc["privacy"]["unit"] == "patient"
+    assert "site-1" in (tmp_path / "summary.txt").read_text()
+    assert not list(tmp_path.glob("*.tmp"))
