@@ -36,7 +36,9 @@ def check(
         return
     summary = table(f"Ingestion report for {data}", ["item", "value"])
     for key, value in doc.items():
-        if not isinstance(value, (list, dict)):
+        if key == "fingerprint":
+            summary.add_row("dataset fingerprint", f"{str(value)[:16]}…")
+        elif not isinstance(value, (list, dict)):
             summary.add_row(key.replace("_", " "), str(value))
     for key, value in doc.items():
         if isinstance(value, dict):
@@ -46,7 +48,7 @@ def check(
     if skipped:
         t = table("Skipped files", ["file", "reason code", "why"])
         for row in skipped:
-            t.add_row(str(row.get("path")), str(row.get("code")), str(row.get("reason")))
+            t.add_row(str(row.get("path")), str(row.get("code")), str(row.get("text")))
         console.print(t)
 
 
