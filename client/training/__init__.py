@@ -1,0 +1,15 @@
+"""Local training and evaluation (DP-SGD with Opacus); independent of Flower."""
+
+from __future__ import annotations
+
+from client.training.evaluate import EvalResult, evaluate
+from client.training.trainer import GRAD_SAMPLE_MODES, TrainResult, select_device, train_dp
+
+__all__ = [
+    "GRAD_SAMPLE_MODES",
+    "EvalResult",
+    "TrainResult",
+    "evaluate",
+    "select_device",
+    "train_dp",
+]

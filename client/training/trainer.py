@@ -1,0 +1,343 @@
+"""Patient-level DP-SGD training with Opacus; knows nothing about Flower.
+
+:func:`train_dp` trains a copy of a model for a few epochs with DP-SGD (Abadi et al., "Deep
+Learning with Differential Privacy", CCS 2016): Poisson-sampled batches, per-sample gradient
+clipping to ``max_grad_norm`` and Gaussian noise of standard deviation
+``noise_multiplier * max_grad_norm``. Privacy accounting composes across calls: the caller
+passes the accountant history of earlier rounds (``prior``) and gets the extended history back,
+because Flower recreates the ClientApp for every message.
+
+The unit of privacy is the record of the dataset handed in, which must be one record per
+**patient** (the data layer groups a patient's images); otherwise epsilon protects single
+images, not patients.
+
+Caveat: Opacus's ``secure_mode`` (cryptographically strong noise, needs ``torchcsprng``) is
+not enabled; the pseudo-random noise suffices for research use, not for a formal release.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Callable, Iterator, Sized
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from opacus import PrivacyEngine
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from common.errors import ConfigError, PrivacyConfigError
+from common.privacy.accountant import AccountantState, epsilon
+
+__all__ = ["GRAD_SAMPLE_MODES", "TrainResult", "select_device", "train_dp"]
+
+logger = logging.getLogger(__name__)
+
+GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew", "ghost")
+"""Opacus per-sample gradient modes accepted by :func:`train_dp`."""
+
+ProgressFn = Callable[[int, int], None]
+"""Called as ``progress(steps_done, steps_total)`` after every optimiser step."""
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """Outcome of one :func:`train_dp` call.
+
+    Attributes
+    ----------
+    state_dict : dict of str to torch.Tensor
+        Trained weights of the *unwrapped* module (no ``_module.`` prefix), detached, on CPU.
+    num_examples : int
+        Records (patients) in the training set.
+    train_loss : float
+        Mean cross-entropy over the images seen in this call.
+    epsilon : float
+        Total RDP epsilon of the run so far (prior events plus this call) at ``delta``;
+        ``inf`` for a non-private call (see :func:`train_dp`).
+    delta : float
+        Delta of ``epsilon``.
+    noise_multiplier : float
+        Noise multiplier used (0.0 when not private).
+    sample_rate : float
+        Poisson sample rate used (``1 / ceil(n / batch_size)``); for a non-private call,
+        ``batch_size / n`` for information only.
+    steps : int
+        Optimiser steps taken in this call.
+    accountant_state : AccountantState
+        Accountant history including this call's event (unchanged when not private).
+    """
+
+    state_dict: dict[str, torch.Tensor]
+    num_examples: int
+    train_loss: float
+    epsilon: float
+    delta: float
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    accountant_state: AccountantState
+
+
+def select_device(preferred: str | None = None) -> torch.device:
+    """Return ``preferred`` if given and usable, else CUDA when available, else CPU.
+
+    Raises
+    ------
+    ConfigError
+        If ``preferred`` names CUDA but no CUDA device is available, or is not a device name.
+    """
+    if preferred:
+        try:
+            device = torch.device(preferred)
+        except RuntimeError as exc:
+            raise ConfigError(f"unknown device {preferred!r}; use 'cpu' or 'cuda[:N]'") from exc
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device {preferred!r} requested but CUDA is not available")
+        return device
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _validate(
+    *,
+    num_records: int,
+    epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    delta: float,
+    grad_sample_mode: str,
+) -> None:
+    if num_records < 1:
+        raise ConfigError("the training dataset is empty; at least one patient is needed")
+    if epochs < 1:
+        raise ConfigError(f"epochs must be >= 1, got {epochs}")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    if not math.isfinite(learning_rate) or learning_rate <= 0:
+        raise ConfigError(f"learning_rate must be > 0, got {learning_rate}")
+    if not math.isfinite(noise_multiplier) or noise_multiplier < 0:
+        raise PrivacyConfigError(
+            f"noise_multiplier must be >= 0, got {noise_multiplier}; plan it with "
+            "common.privacy.plan_noise_multiplier(target_epsilon=...)"
+        )
+    if not math.isfinite(max_grad_norm) or max_grad_norm <= 0:
+        raise PrivacyConfigError(f"max_grad_norm must be > 0 (typically 0.1-10), got {max_grad_norm}")
+    if not math.isfinite(delta) or not 0.0 < delta < 1.0:
+        raise PrivacyConfigError(
+            f"delta must lie in (0, 1), got {delta}; use common.privacy.default_delta(n)"
+        )
+    if grad_sample_mode not in GRAD_SAMPLE_MODES:
+        raise ConfigError(
+            f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got {grad_sample_mode!r}"
+        )
+
+
+def _generator(seed: int | None, offset: int) -> torch.Generator | None:
+    if seed is None:
+        return None
+    gen = torch.Generator()
+    gen.manual_seed(seed + offset)
+    return gen
+
+
+def _cpu_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}
+
+
+def _batches(
+    loader: DataLoader[Any], device: torch.device
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    for images, labels in loader:
+        yield images.to(device), labels.to(device).long().reshape(-1)
+
+
+def train_dp(
+    model: nn.Module,
+    dataset: Dataset[Any],
+    *,
+    epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    delta: float,
+    prior: AccountantState | None = None,
+    private: bool = True,
+    device: str | torch.device | None = None,
+    seed: int | None = None,
+    grad_sample_mode: str = "hooks",
+    progress: ProgressFn | None = None,
+    momentum: float = 0.9,
+) -> TrainResult:
+    """Train a copy of ``model`` with DP-SGD (or plain SGD) and return its weights.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Model to train; it must be Opacus-compatible (no BatchNorm, no in-place ops). The
+        caller's module is **not** modified: a deep copy is trained and its weights returned.
+    dataset : torch.utils.data.Dataset
+        Map-style dataset of ``(image, label)`` pairs, one record per patient; labels are
+        integer class ids.
+    epochs : int
+        Passes over the data; each pass takes ``ceil(n / batch_size)`` steps.
+    batch_size : int
+        Expected batch size; the Poisson sample rate is ``1 / ceil(n / batch_size)``.
+    learning_rate : float
+        SGD learning rate.
+    noise_multiplier : float
+        Gaussian noise standard deviation per unit of ``max_grad_norm`` (sigma). Zero gives no
+        privacy (epsilon is ``inf``); plan it with
+        :func:`common.privacy.plan_noise_multiplier`.
+    max_grad_norm : float
+        Per-sample gradient L2 clipping bound.
+    delta : float
+        Delta at which epsilon is reported; see :func:`common.privacy.default_delta`.
+    prior : AccountantState, optional
+        Accountant history of earlier rounds/runs of the same data; restored before training
+        so that epsilon composes.
+    private : bool, optional
+        ``False`` trains with plain SGD on shuffled fixed-size batches: no clipping, no noise,
+        no accounting event. The result then carries ``epsilon = inf`` (a non-private release
+        has no DP guarantee) and the unchanged ``prior`` history.
+    device : str or torch.device, optional
+        Where to train; default :func:`select_device`.
+    seed : int, optional
+        Seeds batch sampling and noise for reproducible runs (not for production releases).
+    grad_sample_mode : {"hooks", "functorch", "ew", "ghost"}, optional
+        Opacus per-sample gradient mode.
+    progress : callable, optional
+        ``progress(steps_done, steps_total)`` after each step.
+    momentum : float, optional
+        SGD momentum.
+
+    Returns
+    -------
+    TrainResult
+        Weights (unwrapped, CPU), loss, epsilon and the extended accountant history.
+
+    Raises
+    ------
+    ConfigError, PrivacyConfigError
+        For invalid arguments.
+    """
+    if not isinstance(dataset, Sized):
+        raise ConfigError("dataset must be a map-style dataset with a length")
+    num_records = len(dataset)
+    _validate(
+        num_records=num_records,
+        epochs=epochs,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        delta=delta,
+        grad_sample_mode=grad_sample_mode,
+    )
+    prior = prior or AccountantState()
+    dev = device if isinstance(device, torch.device) else select_device(device)
+    if seed is not None:
+        torch.manual_seed(seed)
+    net = copy.deepcopy(model).to(dev)
+    net.train()
+    optimizer = torch.optim.SGD(net.parameters(), lr=learning_rate, momentum=momentum)
+    criterion: Any = nn.CrossEntropyLoss()
+    loader: DataLoader[Any] = DataLoader(
+        dataset, batch_size=batch_size, shuffle=True, generator=_generator(seed, 0)
+    )
+
+    if not private:
+        loss, steps = _run_epochs(net, optimizer, criterion, loader, dev, epochs, progress)
+        logger.warning("non-private training: the released weights carry no DP guarantee")
+        return TrainResult(
+            state_dict=_cpu_state_dict(net),
+            num_examples=num_records,
+            train_loss=loss,
+            epsilon=math.inf,
+            delta=delta,
+            noise_multiplier=0.0,
+            sample_rate=min(1.0, batch_size / num_records),
+            steps=steps,
+            accountant_state=prior,
+        )
+
+    if noise_multiplier == 0.0:
+        logger.warning("noise_multiplier=0: DP-SGD without noise gives no privacy (epsilon=inf)")
+    engine = PrivacyEngine(accountant="rdp")
+    engine.accountant.history = prior.to_history()
+    wrapped = engine.make_private(
+        module=net,
+        optimizer=optimizer,
+        criterion=criterion,
+        data_loader=loader,
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        poisson_sampling=True,
+        grad_sample_mode=grad_sample_mode,
+        noise_generator=_generator(seed, 1),
+    )
+    if grad_sample_mode == "ghost":
+        dp_model, dp_optimizer, criterion, dp_loader = wrapped
+    else:
+        dp_model, dp_optimizer, dp_loader = wrapped
+    rate = float(dp_loader.sample_rate)  # type: ignore[attr-defined]  # DPDataLoader
+    try:
+        loss, steps = _run_epochs(
+            dp_model, dp_optimizer, criterion, dp_loader, dev, epochs, progress
+        )
+    finally:
+        if hasattr(dp_model, "_close"):
+            dp_model._close()  # detach Opacus hooks and per-sample gradient buffers
+    state = AccountantState.from_history(engine.accountant.history)
+    if state.total_steps != prior.total_steps + steps:
+        raise RuntimeError(
+            f"accountant recorded {state.total_steps - prior.total_steps} steps, trained {steps}"
+        )
+    eps = epsilon(state, delta=delta)
+    logger.info(
+        "DP-SGD: %d steps, sigma=%.4g, q=%.4g, C=%.4g -> total epsilon %.4g at delta %.2g",
+        steps, noise_multiplier, rate, max_grad_norm, eps, delta,
+    )
+    return TrainResult(
+        state_dict=_cpu_state_dict(net),
+        num_examples=num_records,
+        train_loss=loss,
+        epsilon=eps,
+        delta=delta,
+        noise_multiplier=float(noise_multiplier),
+        sample_rate=rate,
+        steps=steps,
+        accountant_state=state,
+    )
+
+
+def _run_epochs(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    criterion: Any,
+    loader: DataLoader[Any],
+    device: torch.device,
+    epochs: int,
+    progress: ProgressFn | None,
+) -> tuple[float, int]:
+    """Run the SGD loop; return (mean image loss, steps taken)."""
+    total_steps = epochs * len(loader)
+    steps, loss_sum, seen = 0, 0.0, 0
+    for _ in range(epochs):
+        for images, labels in _batches(loader, device):
+            optimizer.zero_grad(set_to_none=True)
+            loss = criterion(model(images), labels)
+            loss.backward()
+            optimizer.step()  # an empty Poisson batch still takes a (noise-only) step
+            steps += 1
+            if len(labels) > 0:
+                loss_sum += float(loss.item()) * len(labels)
+                seen += len(labels)
+            if progress is not None:
+                progress(steps, total_steps)
+    return (loss_sum / seen if seen else math.nan), steps
