@@ -78,12 +78,15 @@ def _model(plan: TrainPlan, arrays: ArrayRecord) -> torch.nn.Module:
 
 
 def _device(node: NodeConfig) -> torch.device:
+    if node.torch_threads > 0:
+        torch.set_num_threads(node.torch_threads)
     return select_device(None if node.device == "auto" else node.device)
 
 
 def handle_train(msg: Message, context: Context, node: NodeConfig) -> Message:
     """Train on the node's data with DP-SGD; see module docstring."""
     plan = TrainPlan.from_record(dict(msg.content[k.CONFIG]))
+    device = _device(node)
     data = _load(node, plan)
     prior = _prior(context)
     decision = decide(plan, node, num_patients=data.train.num_patients, prior=prior)
@@ -100,7 +103,7 @@ def handle_train(msg: Message, context: Context, node: NodeConfig) -> Message:
         delta=decision.delta,
         prior=prior,
         private=plan.private,
-        device=_device(node),
+        device=device,
         # DP noise must not be predictable by the coordinator: never seed it from the plan.
         seed=None if plan.private else plan.seed * 1000 + server_round,
     )
@@ -137,11 +140,12 @@ def handle_evaluate(msg: Message, context: Context, node: NodeConfig) -> Message
     split_name = str(config.get(k.SPLIT, k.SPLIT_VAL))
     if split_name not in (k.SPLIT_VAL, k.SPLIT_TEST):
         raise ValueError(f"unknown split {split_name!r}")
+    device = _device(node)
     data = _load(node, plan)
     split = data.val if split_name == k.SPLIT_VAL else data.test
     model = _model(plan, msg.content[k.ARRAYS])
     res = evaluate_model(
-        model, split.images, split.labels, patient_index=split.patient_index, device=_device(node)
+        model, split.images, split.labels, patient_index=split.patient_index, device=device
     )
     values: dict[str, int | float | list[int]] = {
         k.NUM_EXAMPLES: int(res.num_examples),

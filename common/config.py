@@ -216,6 +216,9 @@ class NodeConfig:
         Accept non-private training plans (baselines only; off by default).
     device : str
         "auto" (CUDA when available), "cpu" or "cuda".
+    torch_threads : int
+        Intra-op threads for torch on CPU (0 = torch's default). Small models train fastest
+        single-threaded (measured: ~10x faster than 2 threads on 2 cores, bench/RESULTS.md).
     """
 
     data_dir: Path
@@ -224,12 +227,15 @@ class NodeConfig:
     require_deidentified: bool = True
     allow_non_private: bool = False
     device: str = "auto"
+    torch_threads: int = 1
 
     def __post_init__(self) -> None:
         if not self.epsilon_cap > 0:
             raise ConfigError("epsilon-cap must be > 0")
         if self.device not in {"auto", "cpu", "cuda"}:
             raise ConfigError("device must be one of auto, cpu, cuda")
+        if self.torch_threads < 0:
+            raise ConfigError("torch-threads must be >= 0 (0 = torch default)")
 
     @classmethod
     def from_user_config(cls, values: Mapping[str, Any]) -> NodeConfig:
@@ -247,4 +253,5 @@ class NodeConfig:
             require_deidentified=_get(values, "require-deidentified", True, bool),
             allow_non_private=_get(values, "allow-non-private", False, bool),
             device=_get(values, "device", "auto", str),
+            torch_threads=_get(values, "torch-threads", 1, int),
         )
