@@ -14,7 +14,7 @@ from cli.report_view import print_report
 def demo(
     out: Path = typer.Option(Path("vesalius-demo"), "--out", help="Folder for data/, report.json, checkpoints/."),
     sites: int = typer.Option(3, "--sites", min=2, max=10),
-    patients: int = typer.Option(200, "--patients", min=20, help="Patients per hospital."),
+    patients: int = typer.Option(500, "--patients", min=20, help="Patients per hospital."),
     rounds: int = typer.Option(6, "--rounds", min=1),
     epsilon: float = typer.Option(8.0, "--epsilon", help="Target patient-level ε per hospital."),
     seed: int = typer.Option(0, "--seed"),

@@ -12,7 +12,7 @@ from cli.console import console, fmt, progress_bar, table
 def synth(
     out: Path = typer.Option(..., "--out", help="Folder to write site-1/, site-2/, ... into."),
     sites: int = typer.Option(3, "--sites", min=1, max=20, help="Number of hospitals."),
-    patients: int = typer.Option(200, "--patients", min=4, help="Patients per hospital."),
+    patients: int = typer.Option(500, "--patients", min=4, help="Patients per hospital."),
     seed: int = typer.Option(0, "--seed", help="Random seed (output is deterministic)."),
 ) -> None:
     """Write synthetic, PHI-free DICOM studies and a labels CSV for each hospital."""
