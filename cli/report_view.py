@@ -9,10 +9,17 @@ from common import messages as k
 from server.strategies.fedavg import RoundLog
 
 
+def _eps(value: float | None) -> str:
+    """Epsilon for people: missing or infinite means no DP guarantee at all."""
+    if value is None or value == float("inf"):
+        return "none (no DP)"
+    return fmt(value, ".3f")
+
+
 def print_round(entry: RoundLog, total: int) -> None:
     """One line per finished round: validation AUC and each site's epsilon so far."""
     m = entry.evaluate_metrics
-    eps = ", ".join(f"{r.site} ε={fmt(r.metrics.get(k.EPSILON), '.2f')}" for r in entry.train)
+    eps = ", ".join(f"{r.site} ε={_eps(r.metrics.get(k.EPSILON))}" for r in entry.train)
     console.print(
         f"round {entry.round}/{total}: val AUC {fmt(m.get(k.AUC))}  acc {fmt(m.get(k.ACCURACY))}"
         f"  loss {fmt(m.get(k.LOSS), '.4f')}  |  {eps or 'no site trained'}"
@@ -32,7 +39,7 @@ def print_report(doc: dict[str, Any]) -> None:
     sites = table("Privacy spent per hospital (patient-level DP, RDP accountant)",
                   ["site", "patients", "ε", "δ", "noise σ"])
     for s in doc.get("sites", []):
-        sites.add_row(s["site"], str(s["num_examples"]), fmt(s["epsilon"], ".3f"),
+        sites.add_row(s["site"], str(s["num_examples"]), _eps(s["epsilon"]),
                       fmt(s["delta"], ".1e"), fmt(s["noise_multiplier"], ".3f"))
     console.print(sites)
     final = doc.get("final")

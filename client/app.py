@@ -18,6 +18,7 @@ a reason safe to leave the hospital.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Mapping
 
 import torch
@@ -117,7 +118,7 @@ def handle_train(msg: Message, context: Context, node: NodeConfig) -> Message:
             k.NUM_EXAMPLES: result.num_examples,
             k.TRAIN_LOSS: float(result.train_loss),
             k.EPSILON: float(spent),
-            k.DELTA: float(decision.delta),
+            k.DELTA: float(decision.delta) if plan.private else math.nan,
             k.NOISE_MULTIPLIER: float(decision.noise_multiplier),
             k.SAMPLE_RATE: float(decision.sample_rate),
             k.STEPS: int(result.steps),

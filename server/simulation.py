@@ -55,8 +55,11 @@ def run_simulation(
         ("FLWR_TELEMETRY_ENABLED", "0"),
         ("FLWR_DISABLE_UPDATE_CHECK", "1"),
         ("RAY_DEDUP_LOGS", "0"),
+        ("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0"),
     ):
         os.environ.setdefault(var, value)
+    # Flower logs every step at INFO through its own "flwr" logger; keep it for --verbose.
+    logging.getLogger("flwr").setLevel(logging.INFO if verbose else logging.ERROR)
     reports: list[RunReport] = []
     server_app = build_server_app(config, on_round=on_round, on_finish=reports.append)
     client_app = build_client_app(simulated_nodes(dict(enumerate(nodes))))
