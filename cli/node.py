@@ -72,6 +72,21 @@ def start(
     if not insecure and root_certificates is None:
         err_console.print("[red]error:[/red] give --root-certificates for TLS, or --insecure on loopback")
         raise typer.Exit(2)
+    # Preflight: the same header scan as `vesalius node check`, so a node with no usable,
+    # labelled data fails here with a hint instead of refusing every round later.
+    from client.dicom import scan_data_dir
+
+    _, report = scan_data_dir(data, require_deidentified=not allow_identified)
+    if report.files_used == 0 or report.labelled_images == 0:
+        err_console.print(
+            f"[red]error:[/red] {data} has {report.files_used} usable DICOM file(s) and "
+            f"{report.labelled_images} labelled image(s); run `vesalius node check --data {data}`"
+        )
+        raise typer.Exit(2)
+    err_console.print(
+        f"data: {report.files_used} usable files ({report.files_seen - report.files_used} skipped), "
+        f"{report.num_patients} patients, {report.labelled_images} labelled images"
+    )
     node_config = {
         "data-dir": str(data.resolve()),
         "epsilon-cap": float(epsilon_cap),

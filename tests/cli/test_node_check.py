@@ -55,3 +55,11 @@ def test_table_output_and_missing_folder(mixed: Path) -> None:
     assert table.exit_code == 0 and "truncated" in table.output and "files used" in table.output
     missing = CliRunner().invoke(app, ["node", "check", "--data", str(mixed / "nope")])
     assert missing.exit_code == 2
+
+
+def test_node_start_refuses_a_folder_without_usable_labelled_data(mixed: Path) -> None:
+    # CT_small and MR_small are usable when identified files are allowed, but have no labels
+    result = CliRunner().invoke(app, ["node", "start", "--data", str(mixed), "--insecure",
+                                      "--allow-identified"])
+    assert result.exit_code == 2
+    assert "labelled" in result.output and "vesalius node check" in result.output
