@@ -13,6 +13,7 @@ from cli.console import console, err_console
 from cli.flower import APP_DIR, CONNECTION, executable, flower_env, toml_value, write_connection
 from cli.report_view import print_report, print_round
 from common.config import NodeConfig, RunConfig, TrainPlan
+from common.errors import ConfigError
 
 federation_app = typer.Typer(help="Start and follow federated runs.", no_args_is_help=True)
 
@@ -99,12 +100,15 @@ def run(
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Start a federated run: simulated on this machine, or on a SuperLink."""
-    config = build_run_config(
-        rounds=rounds, local_epochs=local_epochs, batch_size=batch_size, learning_rate=learning_rate,
-        epsilon=epsilon, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-        private=not non_private, model=model, image_size=image_size, seed=seed, out=out,
-        min_nodes=min_nodes,
-    )
+    try:
+        config = build_run_config(
+            rounds=rounds, local_epochs=local_epochs, batch_size=batch_size,
+            learning_rate=learning_rate, epsilon=epsilon, noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm, private=not non_private, model=model,
+            image_size=image_size, seed=seed, out=out, min_nodes=min_nodes,
+        )
+    except ConfigError as exc:
+        raise typer.BadParameter(str(exc)) from None
     if superlink is None:
         if data_root is None:
             raise typer.BadParameter("give --data-root for a simulation, or --superlink ADDRESS")
