@@ -19,7 +19,7 @@ def _eps(value: float | None) -> str:
 def print_round(entry: RoundLog, total: int) -> None:
     """One line per finished round: validation AUC and each site's epsilon so far."""
     m = entry.evaluate_metrics
-    eps = ", ".join(f"{r.site} ε={_eps(r.metrics.get(k.EPSILON))}" for r in entry.train)
+    eps = ", ".join(f"{r.site} ε={_eps(r.metrics.get(k.EPSILON))}" for r in sorted(entry.train, key=lambda r: r.site))
     console.print(
         f"round {entry.round}/{total}: val AUC {fmt(m.get(k.AUC))}  acc {fmt(m.get(k.ACCURACY))}"
         f"  loss {fmt(m.get(k.LOSS), '.4f')}  |  {eps or 'no site trained'}"

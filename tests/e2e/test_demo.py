@@ -43,11 +43,13 @@ def test_demo_reaches_auc_with_epsilon_at_most_8(demo_dir: Path) -> None:
 def test_task_is_not_trivial_for_a_non_private_model_after_one_round(demo_dir: Path) -> None:
     out = demo_dir / "baseline"
     run = subprocess.run(
+        # A strong non-private learner: 5 local epochs at lr 0.1 within the one round.
         [VESALIUS, "federation", "run", "--data-root", str(demo_dir / "data"), "--non-private",
-         "--rounds", "1", "--min-nodes", "3", "--out", str(out), "--format", "json"],
+         "--rounds", "1", "--local-epochs", "5", "--lr", "0.1", "--min-nodes", "3",
+         "--out", str(out), "--format", "json"],
         capture_output=True, text=True, timeout=600,
     )
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     doc = json.loads((out / "report.json").read_text())
     assert all(site["epsilon"] is None for site in doc["sites"])  # no guarantee claimed
-    assert doc["final"]["auc_pooled"] < 1.0
+    assert 0.5 < doc["final"]["auc_pooled"] < 1.0  # it learns, but the task is not trivial
