@@ -10,6 +10,7 @@ import typer
 
 from cli.console import console, err_console, progress_bar, table
 from cli.flower import executable, flower_env, toml_value
+from common import messages as k
 
 node_app = typer.Typer(help="Run and inspect a hospital node.", no_args_is_help=True)
 
@@ -88,11 +89,11 @@ def start(
         f"{report.num_patients} patients, {report.labelled_images} labelled images"
     )
     node_config = {
-        "data-dir": str(data.resolve()),
-        "epsilon-cap": float(epsilon_cap),
-        "site-name": site_name,
-        "allow-non-private": allow_non_private,
-        "require-deidentified": not allow_identified,
+        k.NODE_DATA_DIR: str(data.resolve()),
+        k.NODE_EPSILON_CAP: float(epsilon_cap),
+        k.NODE_SITE_NAME: site_name,
+        k.NODE_ALLOW_NON_PRIVATE: allow_non_private,
+        k.NODE_REQUIRE_DEIDENTIFIED: not allow_identified,
     }
     cmd = [
         executable("flower-supernode"),

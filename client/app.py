@@ -51,7 +51,7 @@ def simulated_nodes(configs: Mapping[int, NodeConfig]) -> NodeConfigResolver:
     table = dict(configs)
 
     def resolve(context: Context) -> NodeConfig:
-        pid = int(context.node_config["partition-id"])
+        pid = int(context.node_config[k.PARTITION_ID])
         return table[pid]
 
     return resolve

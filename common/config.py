@@ -176,11 +176,11 @@ class RunConfig:
         """Parse Flower's ``context.run_config`` (defaults for absent keys)."""
         return cls(
             plan=TrainPlan.from_record(values),
-            fraction_train=_get(values, "fraction-train", 1.0, float),
-            fraction_evaluate=_get(values, "fraction-evaluate", 1.0, float),
-            min_nodes=_get(values, "min-nodes", 2, int),
-            out_dir=_get(values, "out-dir", "vesalius-out", str),
-            round_timeout=_get(values, "round-timeout", 600.0, float),
+            fraction_train=_get(values, k.FRACTION_TRAIN, 1.0, float),
+            fraction_evaluate=_get(values, k.FRACTION_EVALUATE, 1.0, float),
+            min_nodes=_get(values, k.MIN_NODES, 2, int),
+            out_dir=_get(values, k.OUT_DIR, "vesalius-out", str),
+            round_timeout=_get(values, k.ROUND_TIMEOUT, 600.0, float),
         )
 
     def to_dict(self) -> dict[str, Scalar]:
@@ -188,11 +188,11 @@ class RunConfig:
         out: dict[str, Scalar] = dict(self.plan.to_record())
         out.update(
             {
-                "fraction-train": self.fraction_train,
-                "fraction-evaluate": self.fraction_evaluate,
-                "min-nodes": self.min_nodes,
-                "out-dir": self.out_dir,
-                "round-timeout": self.round_timeout,
+                k.FRACTION_TRAIN: self.fraction_train,
+                k.FRACTION_EVALUATE: self.fraction_evaluate,
+                k.MIN_NODES: self.min_nodes,
+                k.OUT_DIR: self.out_dir,
+                k.ROUND_TIMEOUT: self.round_timeout,
             }
         )
         return out
@@ -240,18 +240,18 @@ class NodeConfig:
     @classmethod
     def from_user_config(cls, values: Mapping[str, Any]) -> NodeConfig:
         """Parse Flower's ``context.node_config``; ``data-dir`` is required."""
-        if "data-dir" not in values:
+        if k.NODE_DATA_DIR not in values:
             raise ConfigError(
                 "node config lacks 'data-dir': start the node with "
                 "--node-config \"data-dir='/path/to/dicom' epsilon-cap=8\"",
                 safe_reason="node is not configured: 'data-dir' missing in its node config",
             )
         return cls(
-            data_dir=Path(str(values["data-dir"])).expanduser(),
-            epsilon_cap=_get(values, "epsilon-cap", 10.0, float),
-            site_name=_get(values, "site-name", "site", str),
-            require_deidentified=_get(values, "require-deidentified", True, bool),
-            allow_non_private=_get(values, "allow-non-private", False, bool),
-            device=_get(values, "device", "auto", str),
-            torch_threads=_get(values, "torch-threads", 1, int),
+            data_dir=Path(str(values[k.NODE_DATA_DIR])).expanduser(),
+            epsilon_cap=_get(values, k.NODE_EPSILON_CAP, 10.0, float),
+            site_name=_get(values, k.NODE_SITE_NAME, "site", str),
+            require_deidentified=_get(values, k.NODE_REQUIRE_DEIDENTIFIED, True, bool),
+            allow_non_private=_get(values, k.NODE_ALLOW_NON_PRIVATE, False, bool),
+            device=_get(values, k.NODE_DEVICE, "auto", str),
+            torch_threads=_get(values, k.NODE_TORCH_THREADS, 1, int),
         )

@@ -56,3 +56,20 @@ SITE: Final = "site"
 # Keys that carry one number per node, never averaged across nodes by the coordinator.
 PER_NODE_METRICS: Final = frozenset({EPSILON, DELTA, SAMPLE_RATE, STEPS, NOISE_MULTIPLIER})
 HISTOGRAM_METRICS: Final = frozenset({HIST_POSITIVE, HIST_NEGATIVE})
+
+# --- Coordinator-only run-config keys (``[tool.flwr.app.config]``) ------------------------------
+FRACTION_TRAIN: Final = "fraction-train"
+FRACTION_EVALUATE: Final = "fraction-evaluate"
+MIN_NODES: Final = "min-nodes"
+OUT_DIR: Final = "out-dir"
+ROUND_TIMEOUT: Final = "round-timeout"
+
+# --- Node-config keys (``flower-supernode --node-config``; set by the hospital only) -----------
+NODE_DATA_DIR: Final = "data-dir"
+NODE_EPSILON_CAP: Final = "epsilon-cap"
+NODE_SITE_NAME: Final = "site-name"
+NODE_REQUIRE_DEIDENTIFIED: Final = "require-deidentified"
+NODE_ALLOW_NON_PRIVATE: Final = "allow-non-private"
+NODE_DEVICE: Final = "device"
+NODE_TORCH_THREADS: Final = "torch-threads"
+PARTITION_ID: Final = "partition-id"  # set by Flower's simulation runtime
