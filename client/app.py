@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Mapping
+from typing import cast
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -32,6 +33,7 @@ from client.training import evaluate as evaluate_model
 from client.training import select_device, train_dp
 from common import messages as k
 from common.config import NodeConfig, TrainPlan
+from common.errors import ConfigError
 from common.models import build_model
 from common.privacy import AccountantState, epsilon
 from common.stats.histogram import score_histograms
@@ -55,6 +57,20 @@ def simulated_nodes(configs: Mapping[int, NodeConfig]) -> NodeConfigResolver:
         return table[pid]
 
     return resolve
+
+
+def _config(msg: Message) -> ConfigRecord:
+    record = msg.content.get(k.CONFIG)
+    if not isinstance(record, ConfigRecord):
+        raise ConfigError("message has no config record", safe_reason="malformed message: no config")
+    return record
+
+
+def _arrays(msg: Message) -> ArrayRecord:
+    record = msg.content.get(k.ARRAYS)
+    if not isinstance(record, ArrayRecord):
+        raise ConfigError("message has no model arrays", safe_reason="malformed message: no model")
+    return record
 
 
 def _load(node: NodeConfig, plan: TrainPlan) -> NodeData:
@@ -86,13 +102,14 @@ def _device(node: NodeConfig) -> torch.device:
 
 def handle_train(msg: Message, context: Context, node: NodeConfig) -> Message:
     """Train on the node's data with DP-SGD; see module docstring."""
-    plan = TrainPlan.from_record(dict(msg.content[k.CONFIG]))
+    config = _config(msg)
+    plan = TrainPlan.from_record(dict(config))
     device = _device(node)
     data = _load(node, plan)
     prior = _prior(context)
     decision = decide(plan, node, num_patients=data.train.num_patients, prior=prior)
-    server_round = int(msg.content[k.CONFIG].get(k.SERVER_ROUND, 1))
-    model = _model(plan, msg.content[k.ARRAYS])
+    server_round = int(cast(int, config.get(k.SERVER_ROUND, 1)))
+    model = _model(plan, _arrays(msg))
     result = train_dp(
         model,
         PatientRecordDataset(data.train),
@@ -109,7 +126,7 @@ def handle_train(msg: Message, context: Context, node: NodeConfig) -> Message:
         seed=None if plan.private else plan.seed * 1000 + server_round,
     )
     if plan.private:
-        context.state[k.STATE_PRIVACY] = ConfigRecord(result.accountant_state.to_record())
+        context.state[k.STATE_PRIVACY] = ConfigRecord(dict(result.accountant_state.to_record()))
         spent = epsilon(result.accountant_state, delta=decision.delta)
     else:
         spent = float("inf")  # non-private: no guarantee
@@ -136,7 +153,7 @@ def handle_train(msg: Message, context: Context, node: NodeConfig) -> Message:
 
 def handle_evaluate(msg: Message, context: Context, node: NodeConfig) -> Message:
     """Evaluate the received model on a held-out split; see module docstring."""
-    config = msg.content[k.CONFIG]
+    config = _config(msg)
     plan = TrainPlan.from_record(dict(config))
     split_name = str(config.get(k.SPLIT, k.SPLIT_VAL))
     if split_name not in (k.SPLIT_VAL, k.SPLIT_TEST):
@@ -144,11 +161,11 @@ def handle_evaluate(msg: Message, context: Context, node: NodeConfig) -> Message
     device = _device(node)
     data = _load(node, plan)
     split = data.val if split_name == k.SPLIT_VAL else data.test
-    model = _model(plan, msg.content[k.ARRAYS])
+    model = _model(plan, _arrays(msg))
     res = evaluate_model(
         model, split.images, split.labels, patient_index=split.patient_index, device=device
     )
-    values: dict[str, int | float | list[int]] = {
+    values: dict[str, int | float | list[int] | list[float]] = {
         k.NUM_EXAMPLES: int(res.num_examples),
         k.LOSS: float(res.loss),
         k.ACCURACY: float(res.accuracy),
