@@ -124,3 +124,6 @@ def test_superlink_two_supernodes_two_rounds(tmp_path: Path, procs: Processes) -
     assert [r["round"] for r in doc["rounds"]] == [1, 2]
     assert sorted(s["site"] for s in doc["sites"]) == ["site-1", "site-2"]
     assert all(0 < s["epsilon"] <= 8 for s in doc["sites"])
+    # The accountant survives the per-message ClientApp processes: epsilon composes over rounds
+    by_round = [{row["site"]: row["epsilon"] for row in r["train"]} for r in doc["rounds"]]
+    assert all(0 < by_round[0][site] < by_round[1][site] for site in by_round[0])

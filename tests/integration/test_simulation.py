@@ -44,6 +44,8 @@ def test_three_sites_two_rounds(federation: Path) -> None:
     assert sorted(s["site"] for s in doc["sites"]) == ["site-1", "site-2", "site-3"]
     for site in doc["sites"]:
         assert 0 < site["epsilon"] <= 8.0 and 0 < site["delta"] < 1 / site["num_examples"]
+    eps = [{row["site"]: row["epsilon"] for row in r["train"]} for r in doc["rounds"]]
+    assert all(0 < eps[0][site] < eps[1][site] for site in eps[0])
     assert doc["final"]["auc_pooled"] is not None
     assert (out / "checkpoints" / "round-1.pt").exists() and (out / "checkpoints" / "round-2.pt").exists()
     assert report.to_dict()["sites"] == doc["sites"]
