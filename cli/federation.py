@@ -124,3 +124,19 @@ def run(
         console.print(f"report: {Path(config.out_dir) / 'report.json'}")
     if doc.get("status") != "completed":
         raise typer.Exit(1)
+
+
+@federation_app.command("certs")
+def certs(
+    out: Path = typer.Option(..., "--out", help="Folder for ca.crt, server.crt and their keys."),
+    host: list[str] = typer.Option(["127.0.0.1", "localhost"], "--host",
+                                   help="SuperLink host name or IP (repeat for several)."),
+    valid_days: int = typer.Option(365, "--valid-days", min=1),
+) -> None:
+    """Make a private CA and a SuperLink TLS certificate (for pilots and tests)."""
+    from common.crypto.certs import make_certificates
+
+    paths = make_certificates(out, hosts=host, valid_days=valid_days)
+    console.print(f"CA certificate (give to every node and operator): {paths.ca_cert}")
+    console.print(f"SuperLink: --ssl-ca-certfile {paths.ca_cert} --ssl-certfile {paths.server_cert} "
+                  f"--ssl-keyfile {paths.server_key}")

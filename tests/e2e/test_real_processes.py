@@ -1,8 +1,9 @@
-"""End to end with real processes on loopback, driven through the CLI.
+"""End to end with real processes on loopback over TLS, driven through the CLI.
 
-A ``flower-superlink`` and two hospital SuperNodes (``vesalius node start``) run as separate
-processes with their own ports and FLWR_HOME; ``vesalius federation run --superlink`` submits
-the run. Every process is stopped by the test.
+``vesalius federation certs`` makes a CA and a SuperLink certificate; a ``flower-superlink``
+serves TLS, two hospital SuperNodes (``vesalius node start``) run as separate processes with
+their own ports and FLWR_HOME and trust the CA; ``vesalius federation run --superlink``
+submits the run. Every process is stopped by the test.
 """
 
 from __future__ import annotations
@@ -97,9 +98,15 @@ def test_superlink_two_supernodes_two_rounds(tmp_path: Path, procs: Processes) -
     data = tmp_path / "data"
     subprocess.run(_vesalius("synth", "--sites", "2", "--patients", "30", "--out", str(data), "--seed", "9"),
                    env=procs.env, check=True, capture_output=True)
+    certs = tmp_path / "certs"
+    subprocess.run(_vesalius("federation", "certs", "--out", str(certs)), env=procs.env, check=True,
+                   capture_output=True)
+    ca = str(certs / "ca.crt")
     link = _free_port()
-    procs.start("superlink", [str(BIN / "flower-superlink"), "--insecure", "--host", "127.0.0.1",
+    procs.start("superlink", [str(BIN / "flower-superlink"), "--host", "127.0.0.1",
                               "--port", str(link), "--disable-runtime-dependency-installation",
+                              "--ssl-ca-certfile", ca, "--ssl-certfile", str(certs / "server.crt"),
+                              "--ssl-keyfile", str(certs / "server.key"),
                               "--database", str(tmp_path / "link.db")])
     _wait_port(link)
     for i in (1, 2):
@@ -107,11 +114,11 @@ def test_superlink_two_supernodes_two_rounds(tmp_path: Path, procs: Processes) -
         procs.start(f"node-{i}", _vesalius(
             "node", "start", "--data", str(data / f"site-{i}"), "--superlink", f"127.0.0.1:{link}",
             "--port", str(_free_port()), "--site-name", f"site-{i}", "--epsilon-cap", "8",
-            "--insecure", "--flwr-home", str(home)))
+            "--root-certificates", ca, "--flwr-home", str(home)))
     out = tmp_path / "run"
     # Execute: the operator submits a 2-round run through the CLI
     run = subprocess.run(
-        _vesalius("federation", "run", "--superlink", f"127.0.0.1:{link}", "--insecure",
+        _vesalius("federation", "run", "--superlink", f"127.0.0.1:{link}", "--root-certificates", ca,
                   "--rounds", "2", "--batch-size", "8", "--out", str(out),
                   "--flwr-home", str(tmp_path / "operator-home"), "--format", "json"),
         env=procs.env, capture_output=True, text=True, timeout=420,
