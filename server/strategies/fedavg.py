@@ -117,8 +117,8 @@ class VesaliusFedAvg(FedAvg):
     def _log(self, server_round: int) -> RoundLog:
         return self.rounds.setdefault(server_round, RoundLog(round=server_round))
 
-    def _record(self, server_round: int, replies: list[Message], *, train: bool) -> None:
-        entry = self._log(server_round)
+    @staticmethod
+    def _record(entry: RoundLog, replies: list[Message], *, train: bool) -> None:
         for msg in replies:
             if msg.has_error():
                 entry.errors.append(
@@ -141,7 +141,7 @@ class VesaliusFedAvg(FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Record per-site train replies, aggregate with FedAvg, checkpoint the result."""
         replies = list(replies)
-        self._record(server_round, replies, train=True)
+        self._record(self._log(server_round), replies, train=True)
         arrays, metrics = super().aggregate_train(server_round, replies)
         if metrics is not None:
             self._log(server_round).train_metrics = _scalars(metrics)
@@ -155,7 +155,7 @@ class VesaliusFedAvg(FedAvg):
     ) -> MetricRecord | None:
         """Record per-site evaluate replies and aggregate them."""
         replies = list(replies)
-        self._record(server_round, replies, train=False)
+        self._record(self._log(server_round), replies, train=False)
         metrics = super().aggregate_evaluate(server_round, replies)
         entry = self._log(server_round)
         if metrics is not None:
@@ -171,13 +171,9 @@ class VesaliusFedAvg(FedAvg):
         messages = self.configure_evaluate(0, arrays, config, grid)
         replies = list(grid.send_and_receive(messages=messages, timeout=timeout))
         entry = RoundLog(round=0)
-        saved, self.rounds = self.rounds, {0: entry}
-        try:
-            self._record(0, replies, train=False)
-            valid, _ = self._check_and_log_replies(replies, is_train=False)
-            metrics = pool_metrics([m.content for m in valid], k.NUM_EXAMPLES) if valid else None
-        finally:
-            self.rounds = saved
+        self._record(entry, replies, train=False)
+        valid, _ = self._check_and_log_replies(replies, is_train=False)
+        metrics = pool_metrics([m.content for m in valid], k.NUM_EXAMPLES) if valid else None
         if metrics is not None:
             entry.evaluate_metrics = _scalars(metrics)
         return metrics, entry
