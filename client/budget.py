@@ -77,7 +77,10 @@ def decide(
     q = sample_rate(num_patients, plan.batch_size)
     per_round = plan.local_epochs * steps_per_epoch(num_patients, plan.batch_size)
     total_steps = plan.num_rounds * per_round
-    delta = plan.target_delta if plan.target_delta > 0 else default_delta(num_patients)
+    # The node owns delta: a plan may ask for a smaller one, never a larger one (a large delta
+    # would make any noise "fit" the epsilon cap).
+    node_delta = default_delta(num_patients)
+    delta = min(plan.target_delta, node_delta) if plan.target_delta > 0 else node_delta
     if plan.noise_multiplier > 0:
         sigma = plan.noise_multiplier
     else:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import secrets
 from collections.abc import Callable, Iterator, Sized
 from dataclasses import dataclass
 from typing import Any
@@ -137,11 +138,17 @@ def _validate(
         )
 
 
-def _generator(seed: int | None, offset: int) -> torch.Generator | None:
-    if seed is None:
-        return None
-    gen = torch.Generator()
-    gen.manual_seed(seed + offset)
+def _generator(
+    seed: int | None, offset: int, device: torch.device | None = None
+) -> torch.Generator:
+    """A generator seeded from ``seed + offset``, or from OS entropy when ``seed`` is None.
+
+    Without a seed the global torch RNG is NOT used: its state may have been set from a
+    seed that the coordinator knows (e.g. by an earlier non-private call in the same process),
+    which would make DP noise and Poisson sampling predictable.
+    """
+    gen = torch.Generator(device=device) if device is not None else torch.Generator()
+    gen.manual_seed(secrets.randbits(63) if seed is None else seed + offset)
     return gen
 
 
@@ -279,7 +286,7 @@ def train_dp(
         max_grad_norm=max_grad_norm,
         poisson_sampling=True,
         grad_sample_mode=grad_sample_mode,
-        noise_generator=_generator(seed, 1),
+        noise_generator=_generator(seed, 1, dev),
     )
     if grad_sample_mode == "ghost":
         dp_model, dp_optimizer, criterion, dp_loader = wrapped

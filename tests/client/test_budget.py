@@ -48,3 +48,14 @@ def test_non_private_requires_consent() -> None:
         decide(plan, NODE, num_patients=100, prior=None)
     ok = decide(plan, NodeConfig(data_dir=Path("."), allow_non_private=True), num_patients=100, prior=None)
     assert ok.noise_multiplier == 0.0 and ok.planned_epsilon == float("inf")
+
+
+def test_the_node_owns_delta_a_plan_cannot_loosen_it() -> None:
+    # A coordinator asking for delta=0.5 would make weak noise look cheap; the node ignores it.
+    loose = TrainPlan(num_rounds=2, batch_size=8, noise_multiplier=0.5, target_delta=0.5)
+    with pytest.raises(BudgetExceededError):
+        decide(loose, NODE, num_patients=40, prior=None)
+    strict = decide(TrainPlan(target_delta=1e-9), NODE, num_patients=40, prior=None)
+    assert strict.delta == 1e-9  # a smaller delta is a stronger guarantee: accepted
+    default = decide(TrainPlan(target_delta=0.5), NODE, num_patients=40, prior=None)
+    assert default.delta < 1 / 400
