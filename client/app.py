@@ -22,6 +22,7 @@ import math
 from collections.abc import Callable, Mapping
 from typing import cast
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -33,9 +34,9 @@ from client.training import evaluate as evaluate_model
 from client.training import select_device, train_dp
 from common import messages as k
 from common.config import NodeConfig, TrainPlan
-from common.errors import ConfigError
+from common.errors import ConfigError, DataError
 from common.models import build_model
-from common.privacy import AccountantState, epsilon
+from common.privacy import AccountantState
 from common.stats.histogram import score_histograms
 
 log = logging.getLogger(__name__)
@@ -74,12 +75,30 @@ def _arrays(msg: Message) -> ArrayRecord:
 
 
 def _load(node: NodeConfig, plan: TrainPlan) -> NodeData:
-    return load_node_data(
+    """The node's data at the plan's image size; refuse sizes and labels the node can't serve."""
+    if plan.image_size > node.max_image_size:
+        raise ConfigError(
+            f"image-size {plan.image_size} > max-image-size {node.max_image_size}",
+            safe_reason=f"refused: image-size {plan.image_size} exceeds this node's maximum "
+            f"of {node.max_image_size}",
+        )
+    data = load_node_data(
         node.data_dir,
         image_size=plan.image_size,
         require_deidentified=node.require_deidentified,
         seed=0,  # the split is the hospital's, not the run's: fixed so it never moves
     )
+    for split in (data.train, data.val, data.test):
+        if len(split) and int(split.labels.max()) > 1:
+            raise DataError(
+                "labels other than 0/1 in labels.csv",
+                safe_reason="the node's labels are not binary (0/1), which this model needs",
+            )
+    return data
+
+
+def _finite(state: Mapping[str, torch.Tensor]) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in state.values() if t.is_floating_point())
 
 
 def _prior(context: Context) -> AccountantState | None:
@@ -126,10 +145,14 @@ def handle_train(msg: Message, context: Context, node: NodeConfig) -> Message:
         seed=None if plan.private else plan.seed * 1000 + server_round,
     )
     if plan.private:
+        # Record the spend first: it happened whether or not the result is released.
         context.state[k.STATE_PRIVACY] = ConfigRecord(dict(result.accountant_state.to_record()))
-        spent = epsilon(result.accountant_state, delta=decision.delta)
-    else:
-        spent = float("inf")  # non-private: no guarantee
+    spent = result.epsilon  # inf for non-private training: no guarantee
+    if not _finite(result.state_dict):
+        raise DataError(
+            "training produced non-finite weights",
+            safe_reason="local training diverged (non-finite weights); nothing was released",
+        )
     metrics = MetricRecord(
         {
             k.NUM_EXAMPLES: result.num_examples,
@@ -157,21 +180,29 @@ def handle_evaluate(msg: Message, context: Context, node: NodeConfig) -> Message
     plan = TrainPlan.from_record(dict(config))
     split_name = str(config.get(k.SPLIT, k.SPLIT_VAL))
     if split_name not in (k.SPLIT_VAL, k.SPLIT_TEST):
-        raise ValueError(f"unknown split {split_name!r}")
+        raise ConfigError(f"unknown split {split_name!r}",
+                          safe_reason="malformed message: split must be 'val' or 'test'")
     device = _device(node)
     data = _load(node, plan)
     split = data.val if split_name == k.SPLIT_VAL else data.test
+    if split.num_patients == 0:
+        raise DataError(f"empty {split_name} split",
+                        safe_reason=f"the node has no patients in its {split_name} split")
     model = _model(plan, _arrays(msg))
     res = evaluate_model(
         model, split.images, split.labels, patient_index=split.patient_index, device=device
     )
+    if not (np.isfinite(res.scores).all() and math.isfinite(res.loss)):
+        raise DataError("non-finite scores", safe_reason="the model produced non-finite scores")
     values: dict[str, int | float | list[int] | list[float]] = {
         k.NUM_EXAMPLES: int(res.num_examples),
         k.LOSS: float(res.loss),
         k.ACCURACY: float(res.accuracy),
         k.AUC: float(res.auc),
     }
-    if bool(config.get(k.WITH_HISTOGRAMS, False)):
+    # Histograms only where the hospital allows them (see NodeConfig.release_histograms); a
+    # node that does not simply leaves them out and the coordinator pools what it gets.
+    if bool(config.get(k.WITH_HISTOGRAMS, False)) and node.release_histograms:
         pos, neg = score_histograms(res.scores, res.labels)
         values[k.HIST_POSITIVE] = [int(v) for v in pos]
         values[k.HIST_NEGATIVE] = [int(v) for v in neg]

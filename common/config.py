@@ -94,6 +94,12 @@ class TrainPlan:
             )
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
             raise ConfigError("learning-rate must be a positive number")
+        for key, value in ((k.TARGET_EPSILON, self.target_epsilon),
+                           (k.NOISE_MULTIPLIER, self.noise_multiplier),
+                           (k.MAX_GRAD_NORM, self.max_grad_norm),
+                           (k.TARGET_DELTA, self.target_delta)):
+            if not math.isfinite(value):
+                raise ConfigError(f"{key} must be a finite number, got {value}")
         if self.private:
             if self.noise_multiplier < 0:
                 raise ConfigError("noise-multiplier must be >= 0 (0 = derive from target-epsilon)")
@@ -219,6 +225,13 @@ class NodeConfig:
     torch_threads : int
         Intra-op threads for torch on CPU (0 = torch's default). Small models train fastest
         single-threaded (measured: ~10x faster than 2 threads on 2 cores, bench/RESULTS.md).
+    release_histograms : bool
+        Release per-class score histograms of held-out patients when asked (off by default:
+        with a crafted model, fine histograms can reveal one value per patient; they are not
+        yet noised).
+    max_image_size : int
+        Largest image side a plan may ask for (bounds the memory a message can make the
+        node use).
     """
 
     data_dir: Path
@@ -228,6 +241,8 @@ class NodeConfig:
     allow_non_private: bool = False
     device: str = "auto"
     torch_threads: int = 1
+    release_histograms: bool = False
+    max_image_size: int = 256
 
     def __post_init__(self) -> None:
         if not self.epsilon_cap > 0:
@@ -236,6 +251,8 @@ class NodeConfig:
             raise ConfigError("device must be one of auto, cpu, cuda")
         if self.torch_threads < 0:
             raise ConfigError("torch-threads must be >= 0 (0 = torch default)")
+        if self.max_image_size < 8:
+            raise ConfigError("max-image-size must be at least 8 pixels")
 
     @classmethod
     def from_user_config(cls, values: Mapping[str, Any]) -> NodeConfig:
@@ -254,4 +271,6 @@ class NodeConfig:
             allow_non_private=_get(values, k.NODE_ALLOW_NON_PRIVATE, False, bool),
             device=_get(values, k.NODE_DEVICE, "auto", str),
             torch_threads=_get(values, k.NODE_TORCH_THREADS, 1, int),
+            release_histograms=_get(values, k.NODE_RELEASE_HISTOGRAMS, False, bool),
+            max_image_size=_get(values, k.NODE_MAX_IMAGE_SIZE, 256, int),
         )

@@ -49,6 +49,7 @@ ACCURACY: Final = "accuracy"
 AUC: Final = "auc"
 HIST_POSITIVE: Final = "hist-positive"  # counts of positive-class scores per fixed bin
 HIST_NEGATIVE: Final = "hist-negative"  # counts of negative-class scores per fixed bin
+AUC_POOLED: Final = "auc-pooled"  # coordinator-side: AUC of the pooled histograms
 
 # --- NODE_INFO keys -------------------------------------------------------------------------
 SITE: Final = "site"
@@ -72,4 +73,6 @@ NODE_REQUIRE_DEIDENTIFIED: Final = "require-deidentified"
 NODE_ALLOW_NON_PRIVATE: Final = "allow-non-private"
 NODE_DEVICE: Final = "device"
 NODE_TORCH_THREADS: Final = "torch-threads"
+NODE_RELEASE_HISTOGRAMS: Final = "release-histograms"
+NODE_MAX_IMAGE_SIZE: Final = "max-image-size"
 PARTITION_ID: Final = "partition-id"  # set by Flower's simulation runtime

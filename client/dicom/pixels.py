@@ -69,6 +69,13 @@ def read_pixels(path: str | Path) -> npt.NDArray[np.float32]:
             f"{path}: expected a 2-D greyscale frame, got shape {values.shape}",
             safe_reason="a DICOM image is not a 2-D greyscale image",
         )
+    if not np.isfinite(values).all():
+        # e.g. an absurd (0028,1053) Rescale Slope overflowing float32: one such image would
+        # turn every DP-SGD update, and through FedAvg the global model, into NaN.
+        raise DataError(
+            f"{path}: non-finite values after the modality LUT",
+            safe_reason="a DICOM image has non-finite pixel values after rescaling",
+        )
     if str(ds.get("PhotometricInterpretation", "")).strip().upper() == "MONOCHROME1":
         values = (values.max() + values.min() - values).astype(np.float32)
     return values

@@ -42,3 +42,20 @@ def test_node_config_requires_data_dir_with_safe_reason() -> None:
     assert node.data_dir == Path("/srv/x") and node.epsilon_cap == 3.0 and node.allow_non_private
     with pytest.raises(ConfigError, match="epsilon-cap"):
         NodeConfig(data_dir=Path("."), epsilon_cap=0)
+
+
+def test_plan_rejects_non_finite_privacy_values() -> None:
+    for key in ("noise-multiplier", "max-grad-norm", "target-epsilon", "target-delta"):
+        with pytest.raises(ConfigError, match=key):
+            TrainPlan.from_record({key: float("nan")})
+    with pytest.raises(ConfigError, match="max-grad-norm"):
+        TrainPlan.from_record({"max-grad-norm": float("inf")})
+
+
+def test_toml_values_round_trip_through_a_toml_parser() -> None:
+    import tomllib
+
+    from cli.flower import toml_value
+
+    for value in ("/srv/it's here/dicom", 'quote"d', 3, 0.5, True):
+        assert tomllib.loads(f"x = {toml_value(value)}")["x"] == value

@@ -90,7 +90,7 @@ def test_non_private_needs_node_consent(site_dir: Path) -> None:
 
 def test_evaluate_returns_metrics_and_optional_histograms(site_dir: Path) -> None:
     app = build_client_app()
-    ctx = node_context({"data-dir": str(site_dir)})
+    ctx = node_context({"data-dir": str(site_dir), "release-histograms": True})
     val = app(_eval_msg(), ctx)
     assert not val.has_error()
     metrics = val.content[k.METRICS]
@@ -100,6 +100,35 @@ def test_evaluate_returns_metrics_and_optional_histograms(site_dir: Path) -> Non
     tm = test.content[k.METRICS]
     assert sum(tm[k.HIST_POSITIVE]) + sum(tm[k.HIST_NEGATIVE]) == tm[k.NUM_EXAMPLES]
     assert np.isfinite(tm[k.LOSS])
+
+
+def test_histograms_only_where_the_node_allows_them(site_dir: Path) -> None:
+    reply = build_client_app()(_eval_msg(k.SPLIT_TEST, histograms=True),
+                               node_context({"data-dir": str(site_dir)}))
+    assert not reply.has_error()
+    assert k.HIST_POSITIVE not in reply.content[k.METRICS] and k.AUC in reply.content[k.METRICS]
+
+
+def test_oversized_images_and_unknown_splits_are_refused(site_dir: Path) -> None:
+    app = build_client_app()
+    ctx = node_context({"data-dir": str(site_dir), "max-image-size": 64})
+    big = app(_train_msg(TrainPlan(num_rounds=1, image_size=4096)), ctx)
+    assert big.has_error() and "image-size 4096" in big.error.reason
+    config = ConfigRecord({**PLAN.to_record(), k.SPLIT: "train"})
+    bad = app(incoming(RecordDict({k.ARRAYS: _arrays(), k.CONFIG: config}), MessageType.EVALUATE), ctx)
+    assert bad.has_error() and "split" in bad.error.reason
+
+
+def test_non_binary_labels_are_refused_with_a_clear_reason(site_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "site"
+    shutil.copytree(site_dir, copy)
+    lines = (copy / "labels.csv").read_text().splitlines()
+    first = lines[1].rsplit(",", 1)[0] + ",2"
+    (copy / "labels.csv").write_text("\n".join([lines[0], first, *lines[2:]]) + "\n")
+    reply = build_client_app()(_train_msg(), node_context({"data-dir": str(copy)}))
+    assert reply.has_error() and "binary" in reply.error.reason
 
 
 def test_misconfigured_node_replies_with_safe_error(tmp_path: Path) -> None:

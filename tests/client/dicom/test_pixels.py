@@ -70,3 +70,12 @@ def test_undecodable_pixels_raise_data_error_without_path(tmp_path: Path) -> Non
         read_pixels(path)
     # Assert
     assert str(tmp_path) not in info.value.safe_reason
+
+
+def test_non_finite_values_after_the_lut_are_refused(tmp_path: Path) -> None:
+    # A Rescale Slope of 1e38 overflows float32 for stored values above ~3.4
+    stored = np.full((8, 8), 1000, dtype=np.uint16)
+    write_image(tmp_path / "huge.dcm", pixels=stored, slope=1e38, intercept=0.0)
+    with pytest.raises(DataError) as info:
+        read_pixels(tmp_path / "huge.dcm")
+    assert "non-finite" in info.value.safe_reason and "huge" not in info.value.safe_reason
