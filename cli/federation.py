@@ -47,8 +47,9 @@ def simulate(config: RunConfig, data_root: Path, *, epsilon_cap: float, allow_no
     from server.simulation import run_simulation
 
     nodes = [
+        # Simulated hospitals on this machine: histograms may be released for the pooled AUC.
         NodeConfig(data_dir=d, epsilon_cap=epsilon_cap, site_name=d.name,
-                   allow_non_private=allow_non_private)
+                   allow_non_private=allow_non_private, release_histograms=True)
         for d in site_dirs(data_root)
     ]
     total = config.plan.num_rounds
@@ -65,12 +66,20 @@ def run_on_superlink(config: RunConfig, superlink: str, *, insecure: bool,
     write_connection(home, superlink, insecure=insecure, root_cert=root_certificates)
     overrides = " ".join(f"{key}={toml_value(v)}" for key, v in config.to_dict().items())
     cmd = [executable("flwr"), "run", str(APP_DIR), CONNECTION, "--run-config", overrides, "--stream"]
+    report_path = Path(config.out_dir) / "report.json"
+    if report_path.exists():  # never show an earlier run's report as this one's
+        kept = report_path.with_name(f"report-{int(report_path.stat().st_mtime)}.json")
+        report_path.rename(kept)
+        err_console.print(f"an earlier report in {config.out_dir} was kept as {kept.name}")
     console.print(f"submitting run to SuperLink {superlink}")
     proc = subprocess.run(cmd, env=flower_env(home), check=False)
-    report_path = Path(config.out_dir) / "report.json"
-    if proc.returncode != 0 or not report_path.exists():
+    if proc.returncode != 0:
         err_console.print(f"[red]error:[/red] the run did not complete (flwr run exit {proc.returncode}; "
                           f"is a SuperLink listening at {superlink}?)")
+        raise typer.Exit(1)
+    if not report_path.exists():
+        err_console.print(f"[red]error:[/red] the ServerApp wrote no report to {report_path} "
+                          "(see the SuperLink's log; --out must be a path on the coordinator)")
         raise typer.Exit(1)
     return json.loads(report_path.read_text(encoding="utf-8"))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -55,9 +56,12 @@ def write_connection(flwr_home: Path, address: str, *, insecure: bool, root_cert
 
 
 def toml_value(value: object) -> str:
-    """Render a run-config value as TOML for ``--run-config``/``--node-config``."""
+    """Render a run-config value as TOML for ``--run-config``/``--node-config``.
+
+    Strings become TOML basic strings; JSON's string escapes are valid TOML escapes.
+    """
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
-    return "'" + str(value).replace("'", "") + "'"
+    return json.dumps(str(value))

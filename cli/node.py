@@ -64,6 +64,10 @@ def start(
     root_certificates: Path | None = typer.Option(None, "--root-certificates", help="CA cert (TLS)."),
     allow_non_private: bool = typer.Option(False, "--allow-non-private", help="Accept non-DP baselines."),
     allow_identified: bool = typer.Option(False, "--allow-identified", help="Accept PHI-bearing files."),
+    release_histograms: bool = typer.Option(
+        False, "--release-histograms",
+        help="Release per-class score histograms of test patients (enables a pooled AUC; not noised).",
+    ),
     flwr_home: Path | None = typer.Option(None, "--flwr-home", help="FLWR_HOME for this node."),
 ) -> None:
     """Start this hospital's Flower SuperNode with its own node config (runs until stopped)."""
@@ -94,6 +98,7 @@ def start(
         k.NODE_SITE_NAME: site_name,
         k.NODE_ALLOW_NON_PRIVATE: allow_non_private,
         k.NODE_REQUIRE_DEIDENTIFIED: not allow_identified,
+        k.NODE_RELEASE_HISTOGRAMS: release_histograms,
     }
     cmd = [
         executable("flower-supernode"),

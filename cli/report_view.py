@@ -45,8 +45,12 @@ def print_report(doc: dict[str, Any]) -> None:
     final = doc.get("final")
     if final:
         per_site = ", ".join(f"{s['site']} {fmt(s.get(k.AUC))}" for s in final.get("sites", []))
-        console.print(f"[bold]Final test AUC pooled over hospitals: {fmt(final.get('auc_pooled'))}"
-                      f"[/bold]  (per site: {per_site})")
+        pooled = final.get("auc_pooled")
+        if pooled is not None:
+            headline = f"Final test AUC pooled over hospitals: {fmt(pooled)}"
+        else:  # some node declined to release score histograms
+            headline = f"Final test AUC, weighted mean of sites: {fmt(final['metrics'].get(k.AUC))}"
+        console.print(f"[bold]{headline}[/bold]  (per site: {per_site})")
     status = doc.get("status")
     if status != "completed":
         console.print(f"[red]run {status}: {doc.get('reason', '')}[/red]")

@@ -40,19 +40,24 @@ def initial_arrays(config: RunConfig) -> ArrayRecord:
 def run_federation(
     grid: Grid, config: RunConfig, *, on_round: RoundCallback | None = None
 ) -> RunReport:
-    """Run the whole federation on ``grid`` and return (and write) its report."""
+    """Run the whole federation on ``grid`` and return (and write) its report.
+
+    The report is rewritten after every training and every evaluation phase, so whatever a
+    crash interrupts, what the nodes already released (their epsilon included) is on disk.
+    """
     out_dir = Path(config.out_dir)
     report = RunReport(config=config)
 
-    def round_done(entry: RoundLog) -> None:
-        report.rounds.append(entry)
+    def updated(entry: RoundLog, phase: str) -> None:
+        if entry not in report.rounds:
+            report.rounds.append(entry)
         report.write(out_dir)
-        if on_round is not None:
+        if phase == "evaluate" and on_round is not None:
             on_round(entry)
 
     strategy = VesaliusFedAvg(
         checkpoint_dir=out_dir / "checkpoints",
-        on_round=round_done,
+        on_update=updated,
         fraction_train=config.fraction_train,
         fraction_evaluate=config.fraction_evaluate,
         min_train_nodes=config.min_nodes,
@@ -69,18 +74,24 @@ def run_federation(
             train_config=ConfigRecord(dict(plan_record)),
             evaluate_config=ConfigRecord({**plan_record, k.SPLIT: k.SPLIT_VAL}),
         )
-        final_cfg = ConfigRecord({**plan_record, k.SPLIT: k.SPLIT_TEST, k.WITH_HISTOGRAMS: True})
-        arrays = result.arrays if len(result.arrays) else initial_arrays(config)
-        _, report.final = strategy.evaluate_split(
-            grid, arrays, final_cfg, timeout=config.round_timeout
-        )
-        (out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        torch.save(arrays.to_torch_state_dict(), out_dir / "checkpoints" / "final.pt")
-        trained = any(entry.train for entry in report.rounds)
-        report.status = "completed" if trained else "failed"
-        if not trained:
+        if not any(entry.train for entry in report.rounds):
+            report.status = "failed"
             report.reason = "no node trained in any round (see the errors of each round)"
-    except Exception as exc:
+        else:
+            final_cfg = ConfigRecord(
+                {**plan_record, k.SPLIT: k.SPLIT_TEST, k.WITH_HISTOGRAMS: True}
+            )
+            report.final = strategy.evaluate_everywhere(
+                grid, result.arrays, final_cfg, timeout=config.round_timeout
+            )
+            (out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+            torch.save(result.arrays.to_torch_state_dict(), out_dir / "checkpoints" / "final.pt")
+            if report.final.evaluate_metrics:
+                report.status = "completed"
+            else:
+                report.status = "incomplete"
+                report.reason = "no node returned final test metrics (see final.errors)"
+    except BaseException as exc:
         report.status = "failed"
         report.reason = f"{type(exc).__name__}: {exc}"
         report.write(out_dir)

@@ -57,25 +57,31 @@ class RunReport:
     reason: str = ""
 
     def sites(self) -> list[dict[str, Any]]:
-        """Latest train release of each site: patients, epsilon spent, delta, noise."""
-        latest: dict[str, SiteReply] = {}
+        """Latest train release of each node: patients, epsilon spent, delta, noise.
+
+        Nodes are told apart by node id; a site name shared by several nodes is suffixed with
+        the node id so that no hospital's spend hides behind another's.
+        """
+        latest: dict[int, SiteReply] = {}
         for entry in self.rounds:
             for reply in entry.train:
-                latest[reply.site] = reply
+                latest[reply.node_id] = reply
+        names = [reply.site for reply in latest.values()]
         rows = []
-        for site, reply in sorted(latest.items()):
+        for node_id, reply in latest.items():
             m = reply.metrics
+            label = reply.site if names.count(reply.site) == 1 else f"{reply.site}#{node_id}"
             rows.append(
                 {
-                    "site": site,
+                    "site": label,
                     "num_examples": int(m.get(k.NUM_EXAMPLES, 0)),
                     "epsilon": _clean(m.get(k.EPSILON, math.inf)),
-                    "delta": m.get(k.DELTA, 0.0),
-                    "noise_multiplier": m.get(k.NOISE_MULTIPLIER, 0.0),
-                    "sample_rate": m.get(k.SAMPLE_RATE, 0.0),
+                    "delta": _clean(m.get(k.DELTA, math.nan)),
+                    "noise_multiplier": _clean(m.get(k.NOISE_MULTIPLIER, math.nan)),
+                    "sample_rate": _clean(m.get(k.SAMPLE_RATE, math.nan)),
                 }
             )
-        return rows
+        return sorted(rows, key=lambda row: str(row["site"]))
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON document described in the module docstring."""
@@ -117,7 +123,7 @@ class RunReport:
             fm = {key: _clean(v) for key, v in self.final.evaluate_metrics.items()}
             out["final"] = {
                 "split": k.SPLIT_TEST,
-                "auc_pooled": fm.get("auc-pooled"),
+                "auc_pooled": fm.get(k.AUC_POOLED),
                 "metrics": fm,
                 "sites": [_site_row(r) for r in self.final.evaluate],
                 "errors": self.final.errors,
@@ -139,20 +145,24 @@ class RunReport:
                 lines.append(f"       ! {err['site']} ({err['phase']}): {err['reason']}")
         lines.append("site          patients  epsilon    delta")
         for row in self.sites():
+            eps, delta = row["epsilon"], row["delta"]
             lines.append(
                 f"{row['site']:<12}  {row['num_examples']:>8}  "
-                f"{'none' if row['epsilon'] is None else format(row['epsilon'], '7.3f')}  "
-                f"{row['delta']:.1e}"
+                f"{'none' if eps is None else format(eps, '7.3f')}  "
+                f"{'-' if delta is None else format(delta, '.1e')}"
             )
         if self.final is not None:
-            auc = self.final.evaluate_metrics.get("auc-pooled", math.nan)
-            lines.append(f"final test AUC (pooled over sites): {auc:.3f}")
+            fm = self.final.evaluate_metrics
+            if k.AUC_POOLED in fm:
+                lines.append(f"final test AUC (pooled over sites): {fm[k.AUC_POOLED]:.3f}")
+            elif k.AUC in fm:
+                lines.append(f"final test AUC (mean of sites, weighted): {fm[k.AUC]:.3f}")
         return "\n".join(lines)
 
     def write(self, out_dir: Path) -> Path:
         """Write ``report.json`` and ``summary.txt`` atomically; return the JSON path."""
         out_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write(out_dir / REPORT_JSON, json.dumps(self.to_dict(), indent=2))
+        _atomic_write(out_dir / REPORT_JSON, json.dumps(self.to_dict(), indent=2, allow_nan=False))
         _atomic_write(out_dir / SUMMARY_TXT, self.summary() + "\n")
         return out_dir / REPORT_JSON
 

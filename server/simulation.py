@@ -10,8 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-
-from flwr.app import ConfigRecordValues
+from typing import Any
 
 from common.config import NodeConfig, RunConfig
 from common.errors import ConfigError
@@ -65,7 +64,7 @@ def run_simulation(
     reports: list[RunReport] = []
     server_app = build_server_app(config, on_round=on_round, on_finish=reports.append)
     client_app = build_client_app(simulated_nodes(dict(enumerate(nodes))))
-    init_args: dict[str, ConfigRecordValues] = {"logging_level": "INFO" if verbose else "ERROR",
+    init_args: dict[str, Any] = {  # passed to ray.init"logging_level": "INFO" if verbose else "ERROR",
                                     "log_to_driver": verbose}
     if num_cpus is not None:
         init_args["num_cpus"] = num_cpus

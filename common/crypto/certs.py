@@ -55,6 +55,7 @@ def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
         serialization.NoEncryption(),
     )
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # owner-only
+    os.fchmod(fd, 0o600)  # also when the file already existed with wider permissions
     with os.fdopen(fd, "wb") as fh:
         fh.write(data)
 

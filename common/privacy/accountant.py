@@ -368,22 +368,9 @@ def _bisect_sigma(
             f"{target_epsilon}; no further training fits this budget"
         )
 
-    # RDP composes additively per order: sum the prior's curve once, add the new event's.
-    orders = RDPAccountant.DEFAULT_ALPHAS
-    prior_rdp = sum(
-        (rdp_analysis.compute_rdp(q=e.sample_rate, noise_multiplier=e.noise_multiplier,
-                                  steps=e.steps, orders=orders) for e in prior.events),
-        start=np.zeros(len(orders)),
-    )
-
     def total(sigma: float) -> float:
-        rdp = prior_rdp + rdp_analysis.compute_rdp(
-            q=sample_rate, noise_multiplier=sigma, steps=steps, orders=orders
-        )
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # "optimal order is the largest alpha"
-            eps, _ = rdp_analysis.get_privacy_spent(orders=orders, rdp=rdp, delta=delta)
-        return float(eps)
+        new = PrivacyEvent(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps)
+        return _rdp_epsilon((*prior.events, new), delta)
 
     # Geometric bracket around sigma = 1 (small sigmas are the slow ones to evaluate).
     low, high = 0.5, 1.0

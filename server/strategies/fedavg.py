@@ -15,7 +15,7 @@ from typing import cast
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
@@ -62,11 +62,14 @@ def pool_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
 
     Per-node quantities (epsilon, delta, ...) are not averaged: they are reported per site.
     When every reply carries score histograms, ``auc-pooled`` is the AUC of the pooled scores.
+    Metrics that only some replies carry are left out.
     """
     metrics = [cast(MetricRecord, r[k.METRICS]) for r in records]
     weights = np.array([float(cast(float, m[weight_key])) for m in metrics])
     out = MetricRecord({weight_key: int(weights.sum())})
-    keys = [key for key in metrics[0].keys() if key != weight_key]
+    # Only keys every reply carries: a node may decline to release some (e.g. histograms).
+    common_keys = set(metrics[0].keys()).intersection(*(m.keys() for m in metrics[1:]))
+    keys = [key for key in metrics[0].keys() if key in common_keys and key != weight_key]
     for key in keys:
         if key in k.PER_NODE_METRICS:
             continue
@@ -78,7 +81,7 @@ def pool_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
         ok = ~np.isnan(values)
         out[key] = float(np.average(values[ok], weights=weights[ok])) if ok.any() else math.nan
     if k.HIST_POSITIVE in out and k.HIST_NEGATIVE in out:
-        out["auc-pooled"] = auc_from_histograms(out[k.HIST_POSITIVE], out[k.HIST_NEGATIVE])
+        out[k.AUC_POOLED] = auc_from_histograms(out[k.HIST_POSITIVE], out[k.HIST_NEGATIVE])
     return out
 
 
@@ -89,8 +92,9 @@ class VesaliusFedAvg(FedAvg):
     ----------
     checkpoint_dir : Path or None
         Where ``round-<r>.pt`` global-model checkpoints are written.
-    on_round : callable or None
-        Called with each finished :class:`RoundLog` (progress bars, incremental reports).
+    on_update : callable or None
+        Called with the round's :class:`RoundLog` and the phase that just finished
+        ("train" or "evaluate"), so that a report can be written before anything else runs.
     **kwargs
         Passed to :class:`flwr.serverapp.strategy.FedAvg`.
     """
@@ -99,7 +103,7 @@ class VesaliusFedAvg(FedAvg):
         self,
         *,
         checkpoint_dir: Path | None = None,
-        on_round: Callable[[RoundLog], None] | None = None,
+        on_update: Callable[[RoundLog, str], None] | None = None,
         **kwargs: object,
     ) -> None:
         super().__init__(
@@ -111,21 +115,25 @@ class VesaliusFedAvg(FedAvg):
             **kwargs,  # type: ignore[arg-type]
         )
         self.checkpoint_dir = checkpoint_dir
-        self.on_round = on_round
+        self.on_update = on_update
         self.rounds: dict[int, RoundLog] = {}
+        self._expected: dict[tuple[int, str], list[int]] = {}
 
     def _log(self, server_round: int) -> RoundLog:
         return self.rounds.setdefault(server_round, RoundLog(round=server_round))
 
     @staticmethod
-    def _record(entry: RoundLog, replies: list[Message], *, train: bool) -> None:
+    def _record(
+        entry: RoundLog, replies: list[Message], expected: list[int], *, train: bool
+    ) -> None:
+        phase = "train" if train else "evaluate"
         for msg in replies:
             if msg.has_error():
                 entry.errors.append(
                     {
                         "site": f"node-{msg.metadata.src_node_id}",
                         "node_id": msg.metadata.src_node_id,
-                        "phase": "train" if train else "evaluate",
+                        "phase": phase,
                         "reason": msg.error.reason,
                     }
                 )
@@ -135,19 +143,52 @@ class VesaliusFedAvg(FedAvg):
                 continue
             reply = SiteReply(_site(msg), msg.metadata.src_node_id, _scalars(metrics))
             (entry.train if train else entry.evaluate).append(reply)
+        answered = {msg.metadata.src_node_id for msg in replies}
+        for node_id in expected:
+            if node_id not in answered:  # Flower drops what did not arrive within the timeout
+                entry.errors.append(
+                    {
+                        "site": f"node-{node_id}",
+                        "node_id": node_id,
+                        "phase": phase,
+                        "reason": "no reply within the round timeout",
+                    }
+                )
+
+    def _remember(self, server_round: int, phase: str, messages: Iterable[Message]) -> list[Message]:
+        messages = list(messages)
+        self._expected[(server_round, phase)] = [m.metadata.dst_node_id for m in messages]
+        return messages
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Flower's sampling; remember whom we asked, to report who did not answer."""
+        messages = super().configure_train(server_round, arrays, config, grid)
+        return self._remember(server_round, "train", messages)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Flower's sampling; remember whom we asked, to report who did not answer."""
+        messages = super().configure_evaluate(server_round, arrays, config, grid)
+        return self._remember(server_round, "evaluate", messages)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Record per-site train replies, aggregate with FedAvg, checkpoint the result."""
         replies = list(replies)
-        self._record(self._log(server_round), replies, train=True)
+        entry = self._log(server_round)
+        self._record(entry, replies, self._expected.get((server_round, "train"), []), train=True)
         arrays, metrics = super().aggregate_train(server_round, replies)
         if metrics is not None:
-            self._log(server_round).train_metrics = _scalars(metrics)
+            entry.train_metrics = _scalars(metrics)
         if arrays is not None and self.checkpoint_dir is not None:
             self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
             torch.save(arrays.to_torch_state_dict(), self.checkpoint_dir / f"round-{server_round}.pt")
+        if self.on_update is not None:
+            self.on_update(entry, "train")
         return arrays, metrics
 
     def aggregate_evaluate(
@@ -155,25 +196,38 @@ class VesaliusFedAvg(FedAvg):
     ) -> MetricRecord | None:
         """Record per-site evaluate replies and aggregate them."""
         replies = list(replies)
-        self._record(self._log(server_round), replies, train=False)
-        metrics = super().aggregate_evaluate(server_round, replies)
         entry = self._log(server_round)
+        self._record(
+            entry, replies, self._expected.get((server_round, "evaluate"), []), train=False
+        )
+        metrics = super().aggregate_evaluate(server_round, replies)
         if metrics is not None:
             entry.evaluate_metrics = _scalars(metrics)
-        if self.on_round is not None:
-            self.on_round(entry)
+        if self.on_update is not None:
+            self.on_update(entry, "evaluate")
         return metrics
 
-    def evaluate_split(
+    def evaluate_everywhere(
         self, grid: Grid, arrays: ArrayRecord, config: ConfigRecord, *, timeout: float
-    ) -> tuple[MetricRecord | None, RoundLog]:
-        """Run one extra federated evaluation (e.g. the final test split) outside the rounds."""
-        messages = self.configure_evaluate(0, arrays, config, grid)
+    ) -> RoundLog:
+        """One extra federated evaluation on EVERY connected node (e.g. the final test split).
+
+        Unlike a round's evaluation it ignores ``fraction_evaluate``, so the result covers all
+        sites and is reproducible. Replies may differ in which metrics they carry (a node may
+        decline to release histograms); :func:`pool_metrics` pools what all of them share.
+        """
+        node_ids = list(grid.get_node_ids())
+        content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        messages = [
+            Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=node_id)
+            for node_id in node_ids
+        ]
         replies = list(grid.send_and_receive(messages=messages, timeout=timeout))
         entry = RoundLog(round=0)
-        self._record(entry, replies, train=False)
-        valid, _ = self._check_and_log_replies(replies, is_train=False)
-        metrics = pool_metrics([m.content for m in valid], k.NUM_EXAMPLES) if valid else None
-        if metrics is not None:
-            entry.evaluate_metrics = _scalars(metrics)
-        return metrics, entry
+        self._record(entry, replies, node_ids, train=False)
+        valid, _ = self._check_and_log_replies(replies, is_train=False, validate=False)
+        valid = [m for m in valid if isinstance(m.content.get(k.METRICS), MetricRecord)]
+        if valid:
+            pooled = self.evaluate_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
+            entry.evaluate_metrics = _scalars(pooled)
+        return entry

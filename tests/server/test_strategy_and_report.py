@@ -67,3 +67,38 @@ def test_report_json_layout_and_atomic_write(tmp_path: Path) -> None:
     assert doc["config"]["num-server-rounds"] == 1 and doc["privacy"]["unit"] == "patient"
     assert "site-1" in (tmp_path / "summary.txt").read_text()
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_nodes_that_do_not_answer_are_reported() -> None:
+    from flwr.app import Message
+
+    from server.strategies.fedavg import VesaliusFedAvg
+    from tests.flower_helpers import incoming
+
+    request = incoming(RecordDict(), "train", node_id=11)
+    answer = Message(RecordDict({k.METRICS: MetricRecord({k.NUM_EXAMPLES: 5})}), reply_to=request)
+    entry = RoundLog(round=1)
+    VesaliusFedAvg._record(entry, [answer], expected=[11, 12], train=True)
+    assert [r.node_id for r in entry.train] == [11]
+    assert entry.errors == [{"site": "node-12", "node_id": 12, "phase": "train",
+                             "reason": "no reply within the round timeout"}]
+
+
+def test_pool_metrics_pools_only_keys_every_reply_carries() -> None:
+    with_hist = _reply(**{k.NUM_EXAMPLES: 2, k.AUC: 1.0, k.HIST_POSITIVE: [0, 1], k.HIST_NEGATIVE: [1, 0]})
+    without = _reply(**{k.NUM_EXAMPLES: 2, k.AUC: 0.5})
+    pooled = pool_metrics([with_hist, without], k.NUM_EXAMPLES)
+    assert pooled[k.AUC] == pytest.approx(0.75)
+    assert k.HIST_POSITIVE not in pooled and k.AUC_POOLED not in pooled
+
+
+def test_duplicate_site_names_stay_apart_and_json_has_no_nan(tmp_path: Path) -> None:
+    cfg = RunConfig(plan=TrainPlan(num_rounds=1, private=False), out_dir=str(tmp_path))
+    entry = RoundLog(round=1)
+    for node_id in (1, 2):  # two hospitals that both kept the default name, non-private
+        entry.train.append(SiteReply("site", node_id, {k.NUM_EXAMPLES: 10 * node_id,
+                                                       k.EPSILON: math.inf, k.DELTA: math.nan}))
+    report = RunReport(config=cfg, rounds=[entry], status="completed")
+    doc = json.loads(report.write(tmp_path).read_text())  # allow_nan=False would raise on NaN
+    assert [s["site"] for s in doc["sites"]] == ["site#1", "site#2"]
+    assert all(s["epsilon"] is None and s["delta"] is None for s in doc["sites"])
