@@ -17,11 +17,10 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from client.data.labels import LABELS_FILENAME, read_labels
 from client.data.splits import SPLIT_NAMES, SplitName, split_patients
 from client.data.transforms import image_transform
 from client.dicom.index import DicomIndex, InstanceRecord
-from client.dicom.ingest import scan_data_dir
+from client.dicom.ingest import scan_with_labels
 from client.dicom.pixels import read_pixels
 from client.dicom.report import IngestionReport
 from client.dicom.scan import iter_data_files
@@ -263,10 +262,10 @@ def _load(
     test_fraction: float,
     progress: Callable[[int, int], None] | None,
 ) -> NodeData:
-    index, report = scan_data_dir(
+    index, report, labels = scan_with_labels(
         root, require_deidentified=require_deidentified, progress=progress
     )
-    labelled = _labelled_records(index, read_labels(root / LABELS_FILENAME))
+    labelled = _labelled_records(index, labels)
     if not labelled:
         raise DataError(
             f"no usable labelled image under {root}: {report.files_used} usable files, "

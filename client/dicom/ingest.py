@@ -23,6 +23,22 @@ def scan_data_dir(
 ) -> tuple[DicomIndex, IngestionReport]:
     """Scan a node's data directory (headers only) and report on it.
 
+    See :func:`scan_with_labels`, which also returns the parsed labels.
+    """
+    index, report, _ = scan_with_labels(
+        data_dir, require_deidentified=require_deidentified, progress=progress
+    )
+    return index, report
+
+
+def scan_with_labels(
+    data_dir: str | Path,
+    *,
+    require_deidentified: bool = True,
+    progress: ProgressCallback | None = None,
+) -> tuple[DicomIndex, IngestionReport, dict[tuple[str, str], int]]:
+    """Scan a node's data directory (headers only) and report on it.
+
     Parameters
     ----------
     data_dir : str | Path
@@ -34,9 +50,9 @@ def scan_data_dir(
 
     Returns
     -------
-    tuple[DicomIndex, IngestionReport]
-        The index of usable files and the ingestion report (with label counts when
-        ``<data_dir>/labels.csv`` exists).
+    tuple[DicomIndex, IngestionReport, dict]
+        The index of usable files, the ingestion report (with label counts when
+        ``<data_dir>/labels.csv`` exists) and the labels, parsed once.
 
     Raises
     ------
@@ -64,4 +80,4 @@ def scan_data_dir(
         labels=labels,
         require_deidentified=require_deidentified,
     )
-    return index, report
+    return index, report, labels
