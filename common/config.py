@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -232,6 +233,16 @@ class NodeConfig:
     max_image_size : int
         Largest image side a plan may ask for (bounds the memory a message can make the
         node use).
+    ledger_dir : Path or None
+        Folder of the node's privacy ledger and signing key (``ledger.jsonl``,
+        ``node-key.pem``), outside the app directory. ``None`` means
+        ``$VESALIUS_HOME/ledger`` (default ``~/.vesalius/ledger``).
+    min_release_count : int
+        Counts a statistics release would carry that are below this number are suppressed
+        unless the release is noised (``stats_noise_multiplier > 0``).
+    stats_noise_multiplier : float
+        Gaussian noise on released statistics, as a multiple of their L2 sensitivity; 0 means
+        no noise (small-count suppression applies). Noised releases are charged to the ledger.
     """
 
     data_dir: Path
@@ -243,6 +254,9 @@ class NodeConfig:
     torch_threads: int = 1
     release_histograms: bool = False
     max_image_size: int = 256
+    ledger_dir: Path | None = None
+    min_release_count: int = 10
+    stats_noise_multiplier: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.epsilon_cap > 0:
@@ -253,6 +267,23 @@ class NodeConfig:
             raise ConfigError("torch-threads must be >= 0 (0 = torch default)")
         if self.max_image_size < 8:
             raise ConfigError("max-image-size must be at least 8 pixels")
+        if self.min_release_count < 0:
+            raise ConfigError("min-release-count must be >= 0")
+        if not (math.isfinite(self.stats_noise_multiplier) and self.stats_noise_multiplier >= 0):
+            raise ConfigError("stats-noise-multiplier must be a finite number >= 0")
+
+    @property
+    def ledger_path(self) -> Path:
+        """The node's ledger file (see ``ledger_dir``)."""
+        return self.resolved_ledger_dir / "ledger.jsonl"
+
+    @property
+    def resolved_ledger_dir(self) -> Path:
+        """``ledger_dir``, or ``$VESALIUS_HOME/ledger`` (default ``~/.vesalius/ledger``)."""
+        if self.ledger_dir is not None:
+            return self.ledger_dir
+        home = os.environ.get("VESALIUS_HOME")
+        return (Path(home) if home else Path.home() / ".vesalius").expanduser() / "ledger"
 
     @classmethod
     def from_user_config(cls, values: Mapping[str, Any]) -> NodeConfig:
@@ -273,4 +304,11 @@ class NodeConfig:
             torch_threads=_get(values, k.NODE_TORCH_THREADS, 1, int),
             release_histograms=_get(values, k.NODE_RELEASE_HISTOGRAMS, False, bool),
             max_image_size=_get(values, k.NODE_MAX_IMAGE_SIZE, 256, int),
+            ledger_dir=(
+                Path(str(values[k.NODE_LEDGER_DIR])).expanduser()
+                if k.NODE_LEDGER_DIR in values
+                else None
+            ),
+            min_release_count=_get(values, k.NODE_MIN_RELEASE_COUNT, 10, int),
+            stats_noise_multiplier=_get(values, k.NODE_STATS_NOISE, 0.0, float),
         )

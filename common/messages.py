@@ -75,4 +75,7 @@ NODE_DEVICE: Final = "device"
 NODE_TORCH_THREADS: Final = "torch-threads"
 NODE_RELEASE_HISTOGRAMS: Final = "release-histograms"
 NODE_MAX_IMAGE_SIZE: Final = "max-image-size"
+NODE_LEDGER_DIR: Final = "ledger-dir"
+NODE_MIN_RELEASE_COUNT: Final = "min-release-count"
+NODE_STATS_NOISE: Final = "stats-noise-multiplier"
 PARTITION_ID: Final = "partition-id"  # set by Flower's simulation runtime
