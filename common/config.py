@@ -23,6 +23,9 @@ from common.errors import ConfigError
 
 Scalar = bool | int | float | str
 
+CV_MODES = ("none", "kfold", "loso")
+ON_REFUSAL = ("exclude", "stop")
+
 
 def _get(values: Mapping[str, Any], key: str, default: Any, kind: type) -> Any:
     raw = values.get(key, default)
@@ -73,6 +76,18 @@ class TrainPlan:
         Side length, in pixels, images are resized to.
     seed : int
         Seed for sampling and initialisation.
+    run_id : str
+        Coordinator's identifier of the run (recorded in each node's privacy ledger).
+    cv_mode : str
+        "none", "kfold" (federated k-fold: every node holds out fold ``fold`` of
+        ``num_folds`` stratified patient-level folds) or "loso" (leave-one-site-out: the
+        node named ``holdout_site`` does not train and evaluates on all its patients).
+    fold : int
+        Held-out fold (k-fold) or fold number (LOSO), 0-based.
+    num_folds : int
+        Folds of the whole cross-validation; the node plans its budget for all of them.
+    holdout_site : str
+        LOSO only: site name of the held-out node.
     """
 
     num_rounds: int = 5
@@ -87,8 +102,24 @@ class TrainPlan:
     model: str = "cnn"
     image_size: int = 32
     seed: int = 42
+    run_id: str = ""
+    cv_mode: str = "none"
+    fold: int = 0
+    num_folds: int = 1
+    holdout_site: str = ""
 
     def __post_init__(self) -> None:
+        if self.cv_mode not in CV_MODES:
+            raise ConfigError(f"cv-mode must be one of {', '.join(CV_MODES)}, got {self.cv_mode!r}")
+        if self.num_folds < 1 or not 0 <= self.fold < self.num_folds:
+            raise ConfigError(
+                f"fold must be in [0, num-folds) and num-folds >= 1, got fold={self.fold}, "
+                f"num-folds={self.num_folds}"
+            )
+        if self.cv_mode == "kfold" and self.num_folds < 2:
+            raise ConfigError("k-fold cross-validation needs num-folds >= 2")
+        if self.cv_mode == "loso" and not self.holdout_site:
+            raise ConfigError("leave-one-site-out needs holdout-site (a site name)")
         if self.num_rounds < 1 or self.local_epochs < 1 or self.batch_size < 1:
             raise ConfigError(
                 "num-server-rounds, local-epochs and batch-size must be positive integers"
@@ -128,6 +159,11 @@ class TrainPlan:
         "model": k.MODEL,
         "image_size": k.IMAGE_SIZE,
         "seed": k.SEED,
+        "run_id": k.RUN_ID,
+        "cv_mode": k.CV_MODE,
+        "fold": k.FOLD,
+        "num_folds": k.NUM_FOLDS,
+        "holdout_site": k.HOLDOUT_SITE,
     }
 
     @classmethod
@@ -161,6 +197,10 @@ class RunConfig:
         Where checkpoints, ``report.json`` and the summary are written.
     round_timeout : float
         Seconds to wait for replies in a round.
+    on_refusal : str
+        What the coordinator does when a node refuses a plan for budget or policy reasons:
+        "exclude" the node from the rest of the run (default) or "stop" the run. Either way
+        the report says which node refused and why.
     """
 
     plan: TrainPlan = TrainPlan()
@@ -169,8 +209,11 @@ class RunConfig:
     min_nodes: int = 2
     out_dir: str = "vesalius-out"
     round_timeout: float = 600.0
+    on_refusal: str = "exclude"
 
     def __post_init__(self) -> None:
+        if self.on_refusal not in ON_REFUSAL:
+            raise ConfigError(f"on-refusal must be one of {', '.join(ON_REFUSAL)}, got {self.on_refusal!r}")
         for name in ("fraction_train", "fraction_evaluate"):
             value = getattr(self, name)
             if not 0 < value <= 1:
@@ -188,6 +231,7 @@ class RunConfig:
             min_nodes=_get(values, k.MIN_NODES, 2, int),
             out_dir=_get(values, k.OUT_DIR, "vesalius-out", str),
             round_timeout=_get(values, k.ROUND_TIMEOUT, 600.0, float),
+            on_refusal=_get(values, k.ON_REFUSAL, "exclude", str),
         )
 
     def to_dict(self) -> dict[str, Scalar]:
@@ -200,6 +244,7 @@ class RunConfig:
                 k.MIN_NODES: self.min_nodes,
                 k.OUT_DIR: self.out_dir,
                 k.ROUND_TIMEOUT: self.round_timeout,
+                k.ON_REFUSAL: self.on_refusal,
             }
         )
         return out
@@ -243,6 +288,9 @@ class NodeConfig:
     stats_noise_multiplier : float
         Gaussian noise on released statistics, as a multiple of their L2 sensitivity; 0 means
         no noise (small-count suppression applies). Noised releases are charged to the ledger.
+    tabular_path : Path or None
+        Optional CSV of the hospital's clinical covariates (one row per patient) for
+        federated regression queries; ``None`` when the node serves images only.
     """
 
     data_dir: Path
@@ -257,6 +305,7 @@ class NodeConfig:
     ledger_dir: Path | None = None
     min_release_count: int = 10
     stats_noise_multiplier: float = 0.0
+    tabular_path: Path | None = None
 
     def __post_init__(self) -> None:
         if not self.epsilon_cap > 0:
@@ -311,4 +360,9 @@ class NodeConfig:
             ),
             min_release_count=_get(values, k.NODE_MIN_RELEASE_COUNT, 10, int),
             stats_noise_multiplier=_get(values, k.NODE_STATS_NOISE, 0.0, float),
+            tabular_path=(
+                Path(str(values[k.NODE_TABULAR_PATH])).expanduser()
+                if k.NODE_TABULAR_PATH in values
+                else None
+            ),
         )

@@ -32,6 +32,11 @@ MODEL: Final = "model"
 IMAGE_SIZE: Final = "image-size"
 SEED: Final = "seed"
 SPLIT: Final = "split"  # evaluate: which held-out split ("val" or "test")
+RUN_ID: Final = "run-id"  # coordinator's run identifier (node ledgers record it)
+CV_MODE: Final = "cv-mode"  # "none" | "kfold" | "loso"
+FOLD: Final = "fold"
+NUM_FOLDS: Final = "num-folds"
+HOLDOUT_SITE: Final = "holdout-site"
 WITH_HISTOGRAMS: Final = "with-histograms"  # evaluate: also release per-class score histograms
 
 SPLIT_VAL: Final = "val"
@@ -64,6 +69,7 @@ FRACTION_EVALUATE: Final = "fraction-evaluate"
 MIN_NODES: Final = "min-nodes"
 OUT_DIR: Final = "out-dir"
 ROUND_TIMEOUT: Final = "round-timeout"
+ON_REFUSAL: Final = "on-refusal"  # "exclude" | "stop": when a node refuses a plan
 
 # --- Node-config keys (``flower-supernode --node-config``; set by the hospital only) -----------
 NODE_DATA_DIR: Final = "data-dir"
@@ -78,4 +84,5 @@ NODE_MAX_IMAGE_SIZE: Final = "max-image-size"
 NODE_LEDGER_DIR: Final = "ledger-dir"
 NODE_MIN_RELEASE_COUNT: Final = "min-release-count"
 NODE_STATS_NOISE: Final = "stats-noise-multiplier"
+NODE_TABULAR_PATH: Final = "tabular-path"
 PARTITION_ID: Final = "partition-id"  # set by Flower's simulation runtime

@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 from client.training.evaluate import EvalResult, evaluate
-from client.training.trainer import GRAD_SAMPLE_MODES, TrainResult, select_device, train_dp
+from client.training.trainer import (
+    GRAD_SAMPLE_MODES,
+    TrainResult,
+    resolve_grad_sample_mode,
+    select_device,
+    train_dp,
+)
 
 __all__ = [
     "GRAD_SAMPLE_MODES",
     "EvalResult",
     "TrainResult",
     "evaluate",
+    "resolve_grad_sample_mode",
     "select_device",
     "train_dp",
 ]

@@ -11,6 +11,13 @@ The unit of privacy is the record of the dataset handed in, which must be one re
 **patient** (the data layer groups a patient's images); otherwise epsilon protects single
 images, not patients.
 
+The loss follows the model contract of :mod:`common.models.registry`: a module with a
+``dp_loss(inputs, targets)`` method (autoencoders, RBM-based models, ...) is trained on that
+loss, called through the Opacus wrapper so that per-sample gradients are captured; any other
+module is trained on cross-entropy of its output (class logits, or per-voxel logits against a
+``[B, *spatial]`` mask). The Opacus per-sample gradient mode defaults to the one registered for
+the model (:attr:`common.models.ModelSpec.grad_sample_mode`).
+
 Caveat: Opacus's ``secure_mode`` (cryptographically strong noise, needs ``torchcsprng``) is
 not enabled; the pseudo-random noise suffices for research use, not for a formal release.
 """
@@ -31,14 +38,27 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from common.errors import ConfigError, PrivacyConfigError
+from common.models.registry import GRAD_SAMPLE_MODES, spec_of
 from common.privacy.accountant import AccountantState, epsilon
 
-__all__ = ["GRAD_SAMPLE_MODES", "TrainResult", "select_device", "train_dp"]
+__all__ = [
+    "DEFAULT_GRAD_SAMPLE_MODE",
+    "GRAD_SAMPLE_MODES",
+    "TrainResult",
+    "resolve_grad_sample_mode",
+    "select_device",
+    "train_dp",
+]
 
 logger = logging.getLogger(__name__)
 
-GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew", "ghost")
-"""Opacus per-sample gradient modes accepted by :func:`train_dp`."""
+DEFAULT_GRAD_SAMPLE_MODE = "hooks"
+"""Opacus mode for a module that was not built by :func:`common.models.build_model`."""
+
+_WRAPPER_FORWARD_MODES = frozenset({"ew", "ghost"})
+"""Modes that capture per-sample gradients only through the wrapper's own ``forward`` ("ew":
+``call_for_per_sample_grads``) or criterion ("ghost"), so a ``dp_loss`` that calls the inner
+module's layers directly is not seen by them."""
 
 ProgressFn = Callable[[int, int], None]
 """Called as ``progress(steps_done, steps_total)`` after every optimiser step."""
@@ -55,7 +75,8 @@ class TrainResult:
     num_examples : int
         Records (patients) in the training set.
     train_loss : float
-        Mean cross-entropy over the images seen in this call.
+        Mean training loss (cross-entropy, or the model's ``dp_loss``) over the images seen
+        in this call.
     epsilon : float
         Total RDP epsilon of the run so far (prior events plus this call) at ``delta``;
         ``inf`` for a non-private call (see :func:`train_dp`).
@@ -138,6 +159,51 @@ def _validate(
         )
 
 
+def resolve_grad_sample_mode(model: nn.Module, requested: str | None = None) -> str:
+    """Return the Opacus mode to train ``model`` with.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model; if it was built by :func:`common.models.build_model` its registered
+        :attr:`~common.models.ModelSpec.grad_sample_mode` is the default.
+    requested : str, optional
+        An explicit mode, which wins over the registry.
+
+    Returns
+    -------
+    str
+        ``requested`` if given, else the registered mode, else :data:`DEFAULT_GRAD_SAMPLE_MODE`.
+    """
+    if requested is not None:
+        return requested
+    spec = spec_of(model)
+    return spec.grad_sample_mode if spec is not None else DEFAULT_GRAD_SAMPLE_MODE
+
+
+class _ModelLoss:
+    """Loss of one batch: the model's ``dp_loss`` when it has one, else cross-entropy.
+
+    ``dp_loss`` is looked up on the unwrapped module but called as a bound method of it while
+    its sub-modules are the ones wrapped by Opacus's hooks, so per-sample gradients are
+    captured (Opacus's ``GradSampleModule`` keeps the original module as ``_module`` and hooks
+    its layers in place).
+    """
+
+    def __init__(self, model: nn.Module, criterion: Any) -> None:
+        inner = getattr(model, "_module", model)
+        self._dp_loss = getattr(inner, "dp_loss", None)
+        self._model = model
+        self._criterion = criterion
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if callable(self._dp_loss):
+            loss: torch.Tensor = self._dp_loss(images, labels)
+            return loss
+        out: torch.Tensor = self._criterion(self._model(images), labels)
+        return out
+
+
 def _generator(
     seed: int | None, offset: int, device: torch.device | None = None
 ) -> torch.Generator:
@@ -160,7 +226,10 @@ def _batches(
     loader: DataLoader[Any], device: torch.device
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     for images, labels in loader:
-        yield images.to(device), labels.to(device).long().reshape(-1)
+        labels = labels.to(device).long()
+        if labels.ndim > 1 and labels[0].numel() == 1:
+            labels = labels.reshape(-1)  # [B, 1] class ids -> [B]; masks keep their shape
+        yield images.to(device), labels
 
 
 def train_dp(
@@ -177,7 +246,7 @@ def train_dp(
     private: bool = True,
     device: str | torch.device | None = None,
     seed: int | None = None,
-    grad_sample_mode: str = "hooks",
+    grad_sample_mode: str | None = None,
     progress: ProgressFn | None = None,
     momentum: float = 0.9,
 ) -> TrainResult:
@@ -189,8 +258,9 @@ def train_dp(
         Model to train; it must be Opacus-compatible (no BatchNorm, no in-place ops). The
         caller's module is **not** modified: a deep copy is trained and its weights returned.
     dataset : torch.utils.data.Dataset
-        Map-style dataset of ``(image, label)`` pairs, one record per patient; labels are
-        integer class ids.
+        Map-style dataset of ``(image, target)`` pairs, one record per patient; targets are
+        integer class ids, or ``[*spatial]`` integer masks for a segmentation model (ignored
+        by an unsupervised model's ``dp_loss``).
     epochs : int
         Passes over the data; each pass takes ``ceil(n / batch_size)`` steps.
     batch_size : int
@@ -217,7 +287,10 @@ def train_dp(
     seed : int, optional
         Seeds batch sampling and noise for reproducible runs (not for production releases).
     grad_sample_mode : {"hooks", "functorch", "ew", "ghost"}, optional
-        Opacus per-sample gradient mode.
+        Opacus per-sample gradient mode; default the mode registered for the model
+        (:func:`resolve_grad_sample_mode`), ``"hooks"`` for an unregistered module. ``"ghost"``
+        and ``"ew"`` see only the wrapper's forward and criterion, so they cannot train a
+        model with ``dp_loss``.
     progress : callable, optional
         ``progress(steps_done, steps_total)`` after each step.
     momentum : float, optional
@@ -233,6 +306,7 @@ def train_dp(
     ConfigError, PrivacyConfigError
         For invalid arguments.
     """
+    grad_sample_mode = resolve_grad_sample_mode(model, grad_sample_mode)
     if not isinstance(dataset, Sized):
         raise ConfigError("dataset must be a map-style dataset with a length")
     num_records = len(dataset)
@@ -246,6 +320,13 @@ def train_dp(
         delta=delta,
         grad_sample_mode=grad_sample_mode,
     )
+    if private and grad_sample_mode in _WRAPPER_FORWARD_MODES and callable(
+        getattr(model, "dp_loss", None)
+    ):
+        raise ConfigError(
+            f"grad_sample_mode={grad_sample_mode!r} cannot train a model with its own dp_loss "
+            "(it needs the loss from the wrapped forward/criterion); use 'hooks' or 'functorch'"
+        )
     prior = prior or AccountantState()
     dev = device if isinstance(device, torch.device) else select_device(device)
     if seed is not None:
@@ -259,7 +340,9 @@ def train_dp(
     )
 
     if not private:
-        loss, steps = _run_epochs(net, optimizer, criterion, loader, dev, epochs, progress)
+        loss, steps = _run_epochs(
+            _ModelLoss(net, criterion), optimizer, loader, dev, epochs, progress
+        )
         logger.warning("non-private training: the released weights carry no DP guarantee")
         return TrainResult(
             state_dict=_cpu_state_dict(net),
@@ -295,7 +378,7 @@ def train_dp(
     rate = float(dp_loader.sample_rate)  # type: ignore[attr-defined]  # DPDataLoader
     try:
         loss, steps = _run_epochs(
-            dp_model, dp_optimizer, criterion, dp_loader, dev, epochs, progress
+            _ModelLoss(dp_model, criterion), dp_optimizer, dp_loader, dev, epochs, progress
         )
     finally:
         if hasattr(dp_model, "_close"):
@@ -324,9 +407,8 @@ def train_dp(
 
 
 def _run_epochs(
-    model: nn.Module,
+    batch_loss: _ModelLoss,
     optimizer: torch.optim.Optimizer,
-    criterion: Any,
     loader: DataLoader[Any],
     device: torch.device,
     epochs: int,
@@ -338,7 +420,7 @@ def _run_epochs(
     for _ in range(epochs):
         for images, labels in _batches(loader, device):
             optimizer.zero_grad(set_to_none=True)
-            loss = criterion(model(images), labels)
+            loss = batch_loss(images, labels)
             loss.backward()
             optimizer.step()  # an empty Poisson batch still takes a (noise-only) step
             steps += 1

@@ -7,7 +7,42 @@ extended by adding a module, not by editing a dispatch table. Importing :mod:`co
 imports every family module and therefore registers every model.
 
 Every registered model must be trainable under Opacus (no BatchNorm, no in-place operations);
-the contract test suite checks this for each entry of :func:`list_models`.
+the contract test suite (``tests/common/models/test_contract.py``) checks this for each entry of
+:func:`list_models`.
+
+Model contract
+--------------
+Every family module follows these rules, so that the trainer, the evaluator, the contract
+suite and the benchmark treat all models alike:
+
+* **Builder.** ``builder(*, in_channels, num_classes, image_size, spatial_dims) -> nn.Module``
+  returns a fresh, randomly initialised module. :func:`build_model` validates the arguments,
+  calls the builder and tags the module with ``module._vesalius_spec_name = name`` so that the
+  trainer can find the :class:`ModelSpec` (and its ``grad_sample_mode``) of a built module.
+* **Tasks** (vocabulary :data:`TASKS`): ``"classification"``, ``"segmentation"``,
+  ``"reconstruction"`` (unsupervised) and ``"pretraining"`` (usable as a pretrained encoder).
+* **Input kinds** (vocabulary :data:`INPUT_KINDS`): ``"image"`` (the default; a tensor
+  ``[B, C, *spatial]``).
+* **Forward.** A classification model maps ``[B, C, *spatial]`` to logits
+  ``[B, num_classes]``; a segmentation model maps ``[B, C, *spatial]`` to per-voxel logits
+  ``[B, num_classes, *spatial]``. A model registered for both classification and another
+  task returns classification logits from ``forward``.
+* **Optional ``dp_loss(self, inputs, targets) -> Tensor``.** A scalar: the *mean over the
+  batch* of per-sample terms, each depending only on its own sample (so Opacus's per-sample
+  clipping is valid). The trainer uses it when the unwrapped module defines it, else
+  ``CrossEntropyLoss()(model(inputs), targets)``. Under Opacus it is called through the
+  wrapped module, ``getattr(dp_model, "_module", dp_model).dp_loss(x, y)``, so every
+  sub-module call goes through the hooked layers. Unsupervised models ignore ``targets``.
+* **Optional ``embed(self, inputs) -> Tensor``.** Encoders (autoencoders) return features
+  ``[B, F]`` usable as pretrained inputs for another classifier.
+* **Opacus mode.** ``ModelSpec.grad_sample_mode`` (one of :data:`GRAD_SAMPLE_MODES`) is the
+  per-sample gradient mode :func:`client.training.train_dp` uses for this model when it is
+  called with ``grad_sample_mode=None``.
+* **Opacus validity.** ``opacus.validators.ModuleValidator.validate(model, strict=True)``
+  returns no errors: GroupNorm/InstanceNorm/LayerNorm instead of BatchNorm, no in-place
+  operations, ``opacus.layers.DPLSTM``/``DPGRU`` instead of ``nn.LSTM``/``nn.GRU``.
+* **Examples.** :func:`common.models.testing.example_batch` gives a valid
+  ``(inputs, targets)`` batch for any spec (2D or 3D, class labels or segmentation masks).
 """
 
 from __future__ import annotations
@@ -22,6 +57,9 @@ from torch import nn
 from common.errors import ConfigError
 
 __all__ = [
+    "GRAD_SAMPLE_MODES",
+    "INPUT_KINDS",
+    "TASKS",
     "ModelBuilder",
     "ModelSpec",
     "build_model",
@@ -29,6 +67,7 @@ __all__ = [
     "get_spec",
     "list_models",
     "register_model",
+    "spec_of",
 ]
 
 logger = logging.getLogger(__name__)
@@ -38,6 +77,18 @@ ModelBuilder = Callable[..., nn.Module]
 ``spatial_dims`` and returns a fresh, randomly initialised module."""
 
 _B = TypeVar("_B", bound=ModelBuilder)
+
+TASKS = ("classification", "segmentation", "reconstruction", "pretraining")
+"""Task vocabulary of :attr:`ModelSpec.tasks`."""
+
+GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew", "ghost")
+"""Opacus per-sample gradient modes (``PrivacyEngine.make_private(grad_sample_mode=...)``)."""
+
+INPUT_KINDS = ("image",)
+"""Input kinds of :attr:`ModelSpec.input_kind`: ``"image"`` is a ``[B, C, *spatial]`` tensor."""
+
+SPEC_ATTRIBUTE = "_vesalius_spec_name"
+"""Attribute :func:`build_model` sets on every built module: the registry name."""
 
 _REGISTRY: dict[str, ModelSpec] = {}
 
@@ -60,6 +111,11 @@ class ModelSpec:
         Function returning a fresh module; see :data:`ModelBuilder`.
     description : str
         One-line human description.
+    grad_sample_mode : str
+        Opacus per-sample gradient mode the trainer uses for this model
+        (``"hooks"``, ``"functorch"``, ``"ew"`` or ``"ghost"``).
+    input_kind : str
+        Kind of input the model takes (see :data:`INPUT_KINDS`).
     """
 
     name: str
@@ -68,6 +124,8 @@ class ModelSpec:
     tasks: tuple[str, ...]
     builder: ModelBuilder
     description: str
+    grad_sample_mode: str = "hooks"
+    input_kind: str = "image"
 
 
 def register_model(
@@ -77,6 +135,8 @@ def register_model(
     spatial_dims: tuple[int, ...],
     tasks: tuple[str, ...],
     description: str,
+    grad_sample_mode: str = "hooks",
+    input_kind: str = "image",
 ) -> Callable[[_B], _B]:
     """Return a decorator registering a model builder under ``name``.
 
@@ -89,9 +149,13 @@ def register_model(
     spatial_dims : tuple of int
         Supported image dimensionalities; must be non-empty.
     tasks : tuple of str
-        Supported learning tasks; must be non-empty.
+        Supported learning tasks, from :data:`TASKS`; must be non-empty.
     description : str
         One-line description.
+    grad_sample_mode : {"hooks", "functorch", "ew", "ghost"}, optional
+        Opacus per-sample gradient mode the trainer uses for this model.
+    input_kind : str, optional
+        Input kind, from :data:`INPUT_KINDS`.
 
     Returns
     -------
@@ -101,12 +165,25 @@ def register_model(
     Raises
     ------
     ConfigError
-        If ``name`` is empty or already registered, or a tuple argument is empty.
+        If ``name`` is empty or already registered, a tuple argument is empty, or a task,
+        mode or input kind is outside its vocabulary.
     """
     if not name:
         raise ConfigError("model name must be a non-empty string")
     if not spatial_dims or not tasks:
         raise ConfigError(f"model {name!r}: spatial_dims and tasks must be non-empty tuples")
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise ConfigError(f"model {name!r}: unknown tasks {unknown}; use some of {TASKS}")
+    if grad_sample_mode not in GRAD_SAMPLE_MODES:
+        raise ConfigError(
+            f"model {name!r}: grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, "
+            f"got {grad_sample_mode!r}"
+        )
+    if input_kind not in INPUT_KINDS:
+        raise ConfigError(
+            f"model {name!r}: input_kind must be one of {INPUT_KINDS}, got {input_kind!r}"
+        )
 
     def decorator(builder: _B) -> _B:
         if name in _REGISTRY:
@@ -121,6 +198,8 @@ def register_model(
             tasks=tuple(tasks),
             builder=builder,
             description=description,
+            grad_sample_mode=grad_sample_mode,
+            input_kind=input_kind,
         )
         logger.debug("registered model %r (family %s)", name, family)
         return builder
@@ -170,7 +249,9 @@ def build_model(
     -------
     torch.nn.Module
         A module mapping ``[B, in_channels, *([image_size] * spatial_dims)]`` to
-        ``[B, num_classes]`` logits.
+        ``[B, num_classes]`` logits (classification) or ``[B, num_classes, *spatial]``
+        (segmentation), tagged with ``_vesalius_spec_name = name`` (see
+        :func:`spec_of`).
 
     Raises
     ------
@@ -188,12 +269,26 @@ def build_model(
         raise ConfigError(f"num_classes must be >= 2 (binary tasks use 2 logits), got {num_classes}")
     if image_size < 1:
         raise ConfigError(f"image_size must be >= 1, got {image_size}")
-    return spec.builder(
+    model = spec.builder(
         in_channels=in_channels,
         num_classes=num_classes,
         image_size=image_size,
         spatial_dims=spatial_dims,
     )
+    setattr(model, SPEC_ATTRIBUTE, name)
+    return model
+
+
+def spec_of(model: nn.Module) -> ModelSpec | None:
+    """Return the :class:`ModelSpec` a module was built from, or None if it is not tagged.
+
+    Looks through an Opacus ``GradSampleModule`` wrapper (``._module``).
+    """
+    inner = getattr(model, "_module", model)
+    name = getattr(inner, SPEC_ATTRIBUTE, None)
+    if not isinstance(name, str) or name not in _REGISTRY:
+        return None
+    return _REGISTRY[name]
 
 
 def list_models() -> list[ModelSpec]:
