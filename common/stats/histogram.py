@@ -19,13 +19,25 @@ DEFAULT_BINS = 1000
 
 
 def score_histograms(
-    scores: npt.ArrayLike, labels: npt.ArrayLike, *, bins: int = DEFAULT_BINS
+    scores: npt.ArrayLike,
+    labels: npt.ArrayLike,
+    *,
+    bins: int = DEFAULT_BINS,
+    edges: npt.ArrayLike | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Return (positive counts, negative counts) of ``scores`` in ``bins`` bins on [0, 1].
 
     Bin ``i`` holds scores in ``[i / bins, (i + 1) / bins)``; a score of exactly 1.0 falls in
     the last bin. Scores outside [0, 1] are clipped.
+
+    If ``edges`` is given (e.g. :func:`common.stats.bins.fine_score_edges`, the default for
+    pooled inference), ``bins`` is ignored and the histograms are taken on those edges by
+    :func:`common.stats.bins.class_histograms`.
     """
+    if edges is not None:
+        from common.stats.bins import class_histograms
+
+        return class_histograms(scores, labels, edges)
     s = np.clip(np.asarray(scores, dtype=np.float64).ravel(), 0.0, 1.0)
     y = np.asarray(labels).ravel().astype(bool)
     if s.shape != y.shape:
@@ -38,7 +50,10 @@ def score_histograms(
 
 
 def auc_from_histograms(positive: npt.ArrayLike, negative: npt.ArrayLike) -> float:
-    """AUC-ROC (Mann-Whitney U / (n_pos n_neg)) from per-class bin counts; NaN if a class is empty."""
+    """AUC-ROC (Mann-Whitney U / (n_pos n_neg)) from per-class bin counts.
+
+    NaN if a class is empty. Any fixed edges work (only the order of the bins matters).
+    """
     pos = np.asarray(positive, dtype=np.float64)
     neg = np.asarray(negative, dtype=np.float64)
     n_pos, n_neg = pos.sum(), neg.sum()
@@ -47,3 +62,19 @@ def auc_from_histograms(positive: npt.ArrayLike, negative: npt.ArrayLike) -> flo
     neg_below = np.cumsum(neg) - neg  # negatives in strictly lower bins
     wins = float(np.sum(pos * neg_below) + 0.5 * np.sum(pos * neg))
     return wins / float(n_pos * n_neg)
+
+
+def compress_histograms(
+    positive: npt.ArrayLike, negative: npt.ArrayLike
+) -> tuple[np.ndarray, np.ndarray]:
+    """Drop bins empty in both classes (order kept): same AUC and ROC, far fewer numbers.
+
+    Meant for reports and plots (fine histograms have 10,000 bins, mostly empty); node
+    releases keep the fixed bins so that they add up across nodes.
+    """
+    pos = np.asarray(positive, dtype=np.int64)
+    neg = np.asarray(negative, dtype=np.int64)
+    if pos.ndim != 1 or pos.shape != neg.shape:
+        raise ValueError("positive and negative histograms must be 1-D of the same length")
+    keep = (pos > 0) | (neg > 0)
+    return pos[keep], neg[keep]
