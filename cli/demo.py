@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import typer
@@ -36,7 +37,15 @@ def demo(
         noise_multiplier=0.0, max_grad_norm=1.0, private=True, model="cnn", image_size=32,
         seed=seed, out=out, min_nodes=sites,
     )
-    doc = simulate(config, data_root, epsilon_cap=epsilon, allow_non_private=False, verbose=verbose)
+    ledgers = out / "ledgers"
+    if ledgers.exists():
+        # The demo's data are synthetic and regenerated identically, so an earlier demo's spend
+        # would count against this one and the node would (rightly) refuse. Real nodes never
+        # do this: their ledger is append-only and lives outside any run's folder.
+        shutil.rmtree(ledgers)
+        console.print(f"demo: starting fresh privacy ledgers in {ledgers} (synthetic data)")
+    doc = simulate(config, data_root, epsilon_cap=epsilon, allow_non_private=False,
+                   verbose=verbose, ledger_root=ledgers)
     print_report(doc)
     console.print(f"report: {out / 'report.json'}")
     if doc.get("status") != "completed":

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import subprocess
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -21,16 +23,17 @@ federation_app = typer.Typer(help="Start and follow federated runs.", no_args_is
 def build_run_config(
     *, rounds: int, local_epochs: int, batch_size: int, learning_rate: float, epsilon: float,
     noise_multiplier: float, max_grad_norm: float, private: bool, model: str, image_size: int,
-    seed: int, out: Path, min_nodes: int,
+    seed: int, out: Path, min_nodes: int, on_refusal: str = "exclude", model_phase: str = "",
 ) -> RunConfig:
     """Typed run config from CLI options (validated on construction)."""
     plan = TrainPlan(
         num_rounds=rounds, local_epochs=local_epochs, batch_size=batch_size,
         learning_rate=learning_rate, private=private, target_epsilon=epsilon,
         noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, model=model,
-        image_size=image_size, seed=seed,
+        image_size=image_size, seed=seed, model_phase=model_phase,
     )
-    return RunConfig(plan=plan, out_dir=str(out.resolve()), min_nodes=min_nodes)
+    return RunConfig(plan=plan, out_dir=str(out.resolve()), min_nodes=min_nodes,
+                     on_refusal=on_refusal)
 
 
 def site_dirs(data_root: Path) -> list[Path]:
@@ -41,15 +44,26 @@ def site_dirs(data_root: Path) -> list[Path]:
     return dirs
 
 
+def default_ledger_root(data_root: Path) -> Path:
+    """Where simulated hospitals keep their privacy ledgers: ``<data_root>/../ledgers``.
+
+    Outside the data folders (a ledger must never be scanned as data) and stable across runs,
+    so that a dataset's budget spans every run made on it.
+    """
+    return data_root.resolve().parent / "ledgers"
+
+
 def simulate(config: RunConfig, data_root: Path, *, epsilon_cap: float, allow_non_private: bool,
-             verbose: bool) -> dict[str, object]:
+             verbose: bool, ledger_root: Path | None = None) -> dict[str, object]:
     """Run a simulated federation over the ``site-*`` folders of ``data_root``."""
     from server.simulation import run_simulation
 
+    ledgers = ledger_root if ledger_root is not None else default_ledger_root(data_root)
     nodes = [
         # Simulated hospitals on this machine: histograms may be released for the pooled AUC.
         NodeConfig(data_dir=d, epsilon_cap=epsilon_cap, site_name=d.name,
-                   allow_non_private=allow_non_private, release_histograms=True)
+                   allow_non_private=allow_non_private, release_histograms=True,
+                   ledger_dir=ledgers / d.name)
         for d in site_dirs(data_root)
     ]
     total = config.plan.num_rounds
@@ -60,11 +74,16 @@ def simulate(config: RunConfig, data_root: Path, *, epsilon_cap: float, allow_no
 
 
 def run_on_superlink(config: RunConfig, superlink: str, *, insecure: bool,
-                     root_certificates: Path | None, flwr_home: Path | None) -> dict[str, object]:
-    """Submit the run to a SuperLink with ``flwr run --stream`` and read the report it writes."""
+                     root_certificates: Path | None, flwr_home: Path | None,
+                     extra: Mapping[str, object] | None = None) -> dict[str, object]:
+    """Submit the run to a SuperLink with ``flwr run --stream`` and read the report it writes.
+
+    ``extra`` adds run-config overrides (e.g. the cross-validation keys).
+    """
     home = flwr_home or Path(tempfile.mkdtemp(prefix="vesalius-flwr-"))
     write_connection(home, superlink, insecure=insecure, root_cert=root_certificates)
-    overrides = " ".join(f"{key}={toml_value(v)}" for key, v in config.to_dict().items())
+    values = {**config.to_dict(), **dict(extra or {})}
+    overrides = " ".join(f"{key}={toml_value(v)}" for key, v in values.items())
     cmd = [executable("flwr"), "run", str(APP_DIR), CONNECTION, "--run-config", overrides, "--stream"]
     report_path = Path(config.out_dir) / "report.json"
     if report_path.exists():  # never show an earlier run's report as this one's
@@ -102,6 +121,8 @@ def run(
     seed: int = typer.Option(42, "--seed"),
     min_nodes: int = typer.Option(2, "--min-nodes", min=1),
     epsilon_cap: float = typer.Option(8.0, "--epsilon-cap", help="Simulation: each simulated hospital's cap."),
+    on_refusal: str = typer.Option("exclude", "--on-refusal", help="When a node refuses the plan (its budget): 'exclude' it from the rest of the run, or 'stop' the run."),
+    model_phase: str = typer.Option("", "--model-phase", help="DBN/DBM training phase: finetune, pretrain or pretrain:<layer>."),
     insecure: bool = typer.Option(False, "--insecure", help="Plain-text connection (loopback tests only)."),
     root_certificates: Path | None = typer.Option(None, "--root-certificates"),
     flwr_home: Path | None = typer.Option(None, "--flwr-home", help="FLWR_HOME for `flwr run`."),
@@ -115,6 +136,7 @@ def run(
             learning_rate=learning_rate, epsilon=epsilon, noise_multiplier=noise_multiplier,
             max_grad_norm=max_grad_norm, private=not non_private, model=model,
             image_size=image_size, seed=seed, out=out, min_nodes=min_nodes,
+            on_refusal=on_refusal, model_phase=model_phase,
         )
     except ConfigError as exc:
         raise typer.BadParameter(str(exc)) from None
@@ -149,3 +171,170 @@ def certs(
     console.print(f"CA certificate (give to every node and operator): {paths.ca_cert}")
     console.print(f"SuperLink: --ssl-ca-certfile {paths.ca_cert} --ssl-certfile {paths.server_cert} "
                   f"--ssl-keyfile {paths.server_key}")
+
+
+# --- vesalius federation cv ----------------------------------------------------------------------
+
+
+def _ci(estimate: object) -> str:
+    """``0.812 (0.751–0.873)`` from an Estimate dict, or '-' when undefined."""
+    from cli.console import fmt
+
+    if not isinstance(estimate, Mapping) or estimate.get("value") is None:
+        return "-"
+    lo, hi = estimate.get("lower"), estimate.get("upper")
+    value = fmt(estimate["value"])
+    return f"{value} ({fmt(lo)}–{fmt(hi)})" if lo is not None and hi is not None else value
+
+
+def _eps_by_site(values: object) -> str:
+    from cli.console import fmt
+
+    if not isinstance(values, Mapping) or not values:
+        return "-"
+    return ", ".join(f"{site} {'none' if eps is None else fmt(eps, '.2f')}"
+                     for site, eps in sorted(values.items()))
+
+
+def fold_line(row: Mapping[str, object]) -> str:
+    """One line per finished fold (printed while the cross-validation runs)."""
+    issues = f"  [yellow]{row['issues']} issue(s)[/yellow]" if row.get("issues") else ""
+    return (f"fold {row['fold']} (held out: {row['held_out']}): AUC {_ci(row.get('auc'))}  "
+            f"n={row.get('n', 0)}  ε {_eps_by_site(row.get('epsilon_by_site'))}{issues}")
+
+
+def print_cv_report(doc: Mapping[str, Any]) -> None:
+    """Per-fold table (AUC with 95% CI, n, ε per site, issues) and the pooled line."""
+    from cli.console import fmt, table
+
+    cv = doc["inference"]["cv"]
+    kind = "leave one site out" if cv["mode"] == "loso" else f"{cv['num_folds']}-fold"
+    t = table(f"Cross-validation ({kind}): held-out patients, pooled over sites",
+              ["fold", "held out", "n", "AUC (95% CI)", "accuracy (95% CI)", "ε per site",
+               "issues"])
+    details = {d["fold"]: d for d in cv.get("fold_details", [])}
+    for row in cv["folds"]:
+        detail = details.get(row["fold"], {})
+        errors = detail.get("errors", [])
+        issues = "; ".join(f"{e['site']} ({e['phase']}): {e['reason']}" for e in errors[:2])
+        if len(errors) > 2:
+            issues += f"; +{len(errors) - 2} more"
+        t.add_row(str(row["fold"]), str(row["held_out"]), str(row.get("n", 0)),
+                  _ci(row.get("auc")), _ci(row.get("accuracy")),
+                  _eps_by_site(row.get("epsilon_by_site")),
+                  issues or detail.get("reason") or "-")
+    console.print(t)
+    pooled = cv["pooled"]
+    spread = ""
+    if pooled.get("auc_mean") is not None:
+        spread = f"; fold AUCs mean ± SD {fmt(pooled['auc_mean'])} ± {fmt(pooled.get('auc_sd'))}"
+    console.print(f"[bold]Pooled over {len(pooled.get('folds_included', []))} folds: AUC "
+                  f"{_ci(pooled.get('auc'))}, n={pooled.get('n', 0)}{spread}[/bold]")
+    if doc.get("status") != "completed":
+        console.print(f"[red]cross-validation {doc.get('status')}: {doc.get('reason', '')}[/red]")
+
+
+def simulate_cv(config: RunConfig, data_root: Path, *, folds: int, leave_one_site_out: bool,
+                epsilon_cap: float, allow_non_private: bool, verbose: bool) -> dict[str, object]:
+    """Cross-validate over the ``site-*`` folders of ``data_root`` in a simulation."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from server.cv import CVSpec, FoldEvent, simulate_cross_validation
+
+    spec = CVSpec(num_folds=0 if leave_one_site_out else folds, leave_one_site_out=leave_one_site_out)
+    nodes = [
+        # Simulated hospitals on this machine: histograms may be released for the pooled AUC.
+        NodeConfig(data_dir=d, epsilon_cap=epsilon_cap, site_name=d.name,
+                   allow_non_private=allow_non_private, release_histograms=True,
+                   ledger_dir=default_ledger_root(data_root) / d.name)
+        for d in site_dirs(data_root)
+    ]
+    num_folds = len(nodes) if leave_one_site_out else folds
+    rounds = config.plan.num_rounds
+    console.print(f"cross-validating over {len(nodes)} simulated hospitals: "
+                  f"{'leave one site out' if leave_one_site_out else f'{folds}-fold'}, "
+                  f"{rounds} round(s) per fold "
+                  f"({'DP-SGD, target ε=%g over all folds' % config.plan.target_epsilon if config.plan.private else 'non-private'})")
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console, transient=True) as bar:
+        task = bar.add_task("folds x rounds", total=num_folds * rounds)
+
+        def progress(event: FoldEvent) -> None:
+            if event.stage == "start":
+                bar.update(task, description=f"fold {event.fold + 1}/{event.num_folds} ({event.label})",
+                           completed=event.fold * rounds, total=event.num_folds * rounds)
+            elif event.stage == "round":
+                bar.update(task, completed=event.fold * rounds + event.round)
+            elif event.stage == "evaluated" and event.fold_row is not None:
+                bar.console.print(fold_line(event.fold_row))
+
+        result = simulate_cross_validation(config, nodes, spec, progress=progress, verbose=verbose)
+    return result.to_dict()
+
+
+@federation_app.command("cv")
+def cv(
+    folds: int = typer.Option(0, "--folds", help="k of a federated stratified k-fold (>= 2)."),
+    leave_one_site_out: bool = typer.Option(False, "--leave-one-site-out",
+                                            help="One fold per hospital instead of k-fold."),
+    superlink: str | None = typer.Option(None, "--superlink", help="SuperLink address (HOST:PORT of its Control API). Omit to simulate."),
+    data_root: Path | None = typer.Option(None, "--data-root", help="Simulation: folder with site-* data folders."),
+    out: Path = typer.Option(Path("vesalius-cv"), "--out", help="Where report.json, report.html and fold-*/ go."),
+    rounds: int = typer.Option(5, "--rounds", min=1, help="Rounds per fold."),
+    local_epochs: int = typer.Option(1, "--local-epochs", min=1),
+    batch_size: int = typer.Option(32, "--batch-size", min=1),
+    learning_rate: float = typer.Option(0.05, "--lr"),
+    epsilon: float = typer.Option(8.0, "--epsilon", help="Target patient-level ε per hospital for the whole cross-validation (all folds)."),
+    noise_multiplier: float = typer.Option(0.0, "--noise-multiplier", help="Fix σ instead of deriving it from --epsilon."),
+    max_grad_norm: float = typer.Option(1.0, "--max-grad-norm"),
+    non_private: bool = typer.Option(False, "--non-private", help="Baseline without DP (nodes must allow it)."),
+    model: str = typer.Option("cnn", "--model"),
+    image_size: int = typer.Option(32, "--image-size"),
+    seed: int = typer.Option(42, "--seed", help="Seed of the folds (at every node) and of each fold's initial model."),
+    min_nodes: int = typer.Option(2, "--min-nodes", min=1),
+    epsilon_cap: float = typer.Option(8.0, "--epsilon-cap", help="Simulation: each simulated hospital's cap (all folds together)."),
+    on_refusal: str = typer.Option("exclude", "--on-refusal", help="When a node refuses a fold's plan: 'exclude' it, or 'stop' the cross-validation."),
+    insecure: bool = typer.Option(False, "--insecure", help="Plain-text connection (loopback tests only)."),
+    root_certificates: Path | None = typer.Option(None, "--root-certificates"),
+    flwr_home: Path | None = typer.Option(None, "--flwr-home", help="FLWR_HOME for `flwr run`."),
+    output_format: str = typer.Option("table", "--format", help="table or json."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Federated cross-validation: k-fold (--folds K) or leave-one-site-out; a fresh model per fold."""
+    if leave_one_site_out == (folds >= 2):
+        raise typer.BadParameter("give either --folds K (K >= 2) or --leave-one-site-out")
+    try:
+        config = build_run_config(
+            rounds=rounds, local_epochs=local_epochs, batch_size=batch_size,
+            learning_rate=learning_rate, epsilon=epsilon, noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm, private=not non_private, model=model,
+            image_size=image_size, seed=seed, out=out, min_nodes=min_nodes,
+            on_refusal=on_refusal,
+        )
+    except ConfigError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    if superlink is None:
+        if data_root is None:
+            raise typer.BadParameter("give --data-root for a simulation, or --superlink ADDRESS")
+        doc = simulate_cv(config, data_root, folds=folds, leave_one_site_out=leave_one_site_out,
+                          epsilon_cap=epsilon_cap, allow_non_private=non_private, verbose=verbose)
+    else:
+        from server.cv import CVSpec
+
+        extra = CVSpec(num_folds=0 if leave_one_site_out else folds,
+                       leave_one_site_out=leave_one_site_out).to_user_config()
+        doc = run_on_superlink(config, superlink, insecure=insecure,
+                               root_certificates=root_certificates, flwr_home=flwr_home, extra=extra)
+        if "inference" not in doc:
+            err_console.print("[red]error:[/red] the ServerApp wrote a plain run report, not a "
+                              "cross-validation (does server/app.py dispatch on cv-folds?)")
+            raise typer.Exit(1)
+    if output_format == "json":
+        console.print_json(json.dumps(doc))
+    else:
+        print_cv_report(doc)
+        console.print(f"report: {Path(config.out_dir) / 'report.json'}")
+        if doc.get("html"):
+            console.print(f"HTML report: {doc['html']}")
+    if doc.get("status") != "completed":
+        raise typer.Exit(1)

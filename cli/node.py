@@ -69,6 +69,21 @@ def start(
         help="Release per-class score histograms of test patients (enables a pooled AUC; not noised).",
     ),
     flwr_home: Path | None = typer.Option(None, "--flwr-home", help="FLWR_HOME for this node."),
+    ledger_dir: Path | None = typer.Option(
+        None, "--ledger-dir",
+        help="Folder of the node's signed privacy ledger and key (default "
+        "$VESALIUS_HOME/ledger, i.e. ~/.vesalius/ledger). Keep it outside the app directory.",
+    ),
+    min_release_count: int = typer.Option(
+        10, "--min-release-count", help="Suppress released counts below this (unless noised)."
+    ),
+    stats_noise: float = typer.Option(
+        0.0, "--stats-noise-multiplier",
+        help="Gaussian noise on released statistics (x sensitivity); 0 = exact with suppression.",
+    ),
+    tabular: Path | None = typer.Option(
+        None, "--tabular", help="CSV of clinical covariates for federated regression queries."
+    ),
 ) -> None:
     """Start this hospital's Flower SuperNode with its own node config (runs until stopped)."""
     if not data.is_dir():
@@ -99,7 +114,18 @@ def start(
         k.NODE_ALLOW_NON_PRIVATE: allow_non_private,
         k.NODE_REQUIRE_DEIDENTIFIED: not allow_identified,
         k.NODE_RELEASE_HISTOGRAMS: release_histograms,
+        k.NODE_MIN_RELEASE_COUNT: int(min_release_count),
+        k.NODE_STATS_NOISE: float(stats_noise),
     }
+    if ledger_dir is not None:
+        node_config[k.NODE_LEDGER_DIR] = str(ledger_dir.expanduser().resolve())
+    if tabular is not None:
+        node_config[k.NODE_TABULAR_PATH] = str(tabular.expanduser().resolve())
+    from common.config import NodeConfig
+
+    ledger_file = NodeConfig.from_user_config(node_config).ledger_path
+    err_console.print(f"privacy ledger: {ledger_file} (audit with `vesalius audit show --ledger "
+                      f"{ledger_file}`)")
     cmd = [
         executable("flower-supernode"),
         "--superlink", superlink,

@@ -3,13 +3,20 @@
 Handlers
 --------
 train
-    Load the node's data (cached), check the plan against the node's epsilon cap, run DP-SGD
-    (:mod:`client.training`), and reply with the updated weights, the number of patients and
-    the epsilon spent so far in the run. The accountant history lives in ``Context.state`` so
-    that epsilon composes across rounds although Flower recreates the app for every message.
+    Load the node's data (cached), check the plan against the node's epsilon cap **for this
+    dataset over every run** (the node's signed privacy ledger, :mod:`common.ledger`), record
+    the round's spend in the ledger, run DP-SGD (:mod:`client.training`), and reply with the
+    updated weights, the number of patients and epsilon: this run's (RDP and PRV, composed
+    from the run's history in ``Context.state``) and the dataset's total over all runs (from
+    the ledger). The spend is written to the ledger *before* training: a crash after noise
+    was drawn can then only over-count, never lose a spend.
+    In cross-validation (``cv-mode``) the node trains on the plan's training folds
+    (:mod:`client.data.folds`); the held-out site of leave-one-site-out trains nothing and
+    returns the received weights with zero patients.
 evaluate
-    Evaluate the received model on the node's validation (or test) split: loss, accuracy,
-    AUC (patient level) and the number of patients; optionally per-class score histograms.
+    Evaluate the received model on the node's validation, test or CV held-out split: loss,
+    accuracy, AUC (patient level) and the number of patients; optionally per-class score
+    histograms.
 
 The outermost mod, :func:`client.mods.sanitize_errors_mod`, replaces every exception text with
 a reason safe to leave the hospital.
@@ -17,9 +24,10 @@ a reason safe to leave the hospital.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import cast
 
 import numpy as np
@@ -27,16 +35,21 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.budget import decide
+from client.budget import PrivacyDecision, decide
 from client.data import NodeData, PatientRecordDataset, load_node_data
+from client.data.folds import cv_splits
+from client.data.node_data import SplitArrays
 from client.mods import sanitize_errors_mod
+from client.queries.handler import handle_query
+from client.privacy_guard import NodeBudget
 from client.training import evaluate as evaluate_model
 from client.training import select_device, train_dp
 from common import messages as k
 from common.config import NodeConfig, TrainPlan
-from common.errors import ConfigError, DataError
+from common.errors import ConfigError, DataError, VesaliusError
 from common.models import build_model
-from common.privacy import AccountantState
+from common.ledger import LedgerEntry, Mechanism
+from common.privacy import AccountantState, default_delta, epsilon, planned_epsilon
 from common.stats.histogram import score_histograms
 
 log = logging.getLogger(__name__)
@@ -97,6 +110,34 @@ def _load(node: NodeConfig, plan: TrainPlan) -> NodeData:
     return data
 
 
+def training_split(node: NodeConfig, plan: TrainPlan, data: NodeData) -> SplitArrays:
+    """The patients this node trains on under ``plan`` (its train split, or CV folds)."""
+    if plan.cv_mode == "none":
+        return data.train
+    return cv_splits(data, plan=plan, site_name=node.site_name)[0]
+
+
+def heldout_split(
+    node: NodeConfig, plan: TrainPlan, data: NodeData, split_name: str
+) -> SplitArrays:
+    """The held-out patients for ``split_name``: "val", "test" or "heldout" (the CV fold)."""
+    if split_name == k.SPLIT_VAL:
+        return data.val
+    if split_name == k.SPLIT_TEST:
+        return data.test
+    if split_name == k.SPLIT_HELDOUT:
+        if plan.cv_mode == "none":
+            raise ConfigError(
+                "split 'heldout' without cross-validation",
+                safe_reason="malformed message: split 'heldout' needs a cv-mode",
+            )
+        return cv_splits(data, plan=plan, site_name=node.site_name)[1]
+    raise ConfigError(
+        f"unknown split {split_name!r}",
+        safe_reason="malformed message: split must be 'val', 'test' or 'heldout'",
+    )
+
+
 def _finite(state: Mapping[str, torch.Tensor]) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in state.values() if t.is_floating_point())
 
@@ -110,6 +151,15 @@ def _prior(context: Context) -> AccountantState | None:
 def _model(plan: TrainPlan, arrays: ArrayRecord) -> torch.nn.Module:
     model = build_model(plan.model, in_channels=1, num_classes=2, image_size=plan.image_size)
     model.load_state_dict(arrays.to_torch_state_dict())
+    if plan.model_phase:
+        set_phase = getattr(model, "set_phase", None)
+        if set_phase is None:
+            raise ConfigError(
+                f"model {plan.model!r} has no training phases",
+                safe_reason=f"refused: model-phase is set but model {plan.model!r} has no phases",
+            )
+        phase, _, layer = plan.model_phase.partition(":")
+        set_phase(phase, layer=int(layer) if layer else None)
     return model
 
 
@@ -119,45 +169,168 @@ def _device(node: NodeConfig) -> torch.device:
     return select_device(None if node.device == "auto" else node.device)
 
 
+def _run_history(context: Context) -> AccountantState:
+    prior = _prior(context)
+    return prior if prior is not None else AccountantState()
+
+
+def _privacy_metrics(
+    node: NodeConfig, run: AccountantState, delta: float, dataset_epsilon: float,
+    *, with_prv: bool = True,
+) -> dict[str, float]:
+    """This run's epsilon (RDP, PRV), the dataset's total (ledger) and the node's cap.
+
+    Opacus's PRV accountant costs ~1 s per history on 2 cores, so the train handler asks for
+    it only in the plan's last round (earlier rounds carry NaN); RDP is always computed.
+    """
+    if not run.total_steps:
+        run_rdp = run_prv = 0.0
+    else:
+        run_rdp = epsilon(run, delta=delta)
+        run_prv = epsilon(run, delta=delta, accountant="prv") if with_prv else math.nan
+    return {
+        k.EPSILON: float(run_rdp),
+        k.EPSILON_PRV: float(run_prv),
+        k.EPSILON_DATASET: float(dataset_epsilon),
+        k.EPSILON_CAP: float(node.epsilon_cap),
+    }
+
+
+def _holdout_reply(
+    msg: Message, context: Context, node: NodeConfig, arrays: ArrayRecord, delta: float,
+    dataset_epsilon: float,
+) -> Message:
+    """Leave-one-site-out: the held-out site trains nothing and spends nothing."""
+    metrics = MetricRecord(
+        {
+            k.NUM_EXAMPLES: 0,
+            k.TRAIN_LOSS: math.nan,
+            **_privacy_metrics(node, _run_history(context), delta, dataset_epsilon),
+            k.DELTA: float(delta),
+            k.NOISE_MULTIPLIER: 0.0,
+            k.SAMPLE_RATE: 0.0,
+            k.STEPS: 0,
+        }
+    )
+    content = RecordDict(
+        {k.ARRAYS: arrays, k.METRICS: metrics, k.NODE_INFO: ConfigRecord({k.SITE: node.site_name})}
+    )
+    return Message(content=content, reply_to=msg)
+
+
+def _charge_round(
+    budget: NodeBudget, data: NodeData, plan: TrainPlan, decision: PrivacyDecision,
+    history: AccountantState, num_patients: int, server_round: int,
+) -> float:
+    """Append this round's spend to the ledger (before training); return the dataset's epsilon
+    after it, which the trainer must then report."""
+    after = planned_epsilon(
+        noise_multiplier=decision.noise_multiplier,
+        sample_rate=decision.sample_rate,
+        steps=decision.steps_per_round,
+        delta=decision.delta,
+        prior=history,
+    )
+    budget.charge(
+        LedgerEntry(
+            fingerprint=data.fingerprint,
+            run_id=plan.run_id or "unnamed-run",
+            release="train",
+            mechanism=Mechanism(
+                kind="subsampled-gaussian",
+                noise_multiplier=decision.noise_multiplier,
+                sample_rate=decision.sample_rate,
+                steps=decision.steps_per_round,
+            ),
+            delta=decision.delta,
+            dataset_size=num_patients,
+            fold=plan.fold if plan.cv_mode != "none" else None,
+            round=server_round,
+            epsilon_reported=after,
+            params={
+                "max_grad_norm": plan.max_grad_norm,
+                "local_epochs": plan.local_epochs,
+                "batch_size": plan.batch_size,
+                "learning_rate": plan.learning_rate,
+                "model": plan.model,
+                "cv_mode": plan.cv_mode,
+            },
+        )
+    )
+    return after
+
+
 def handle_train(msg: Message, context: Context, node: NodeConfig) -> Message:
     """Train on the node's data with DP-SGD; see module docstring."""
     config = _config(msg)
     plan = TrainPlan.from_record(dict(config))
+    server_round = int(cast(int, config.get(k.SERVER_ROUND, 1)))
     device = _device(node)
     data = _load(node, plan)
-    prior = _prior(context)
-    decision = decide(plan, node, num_patients=data.train.num_patients, prior=prior)
-    server_round = int(cast(int, config.get(k.SERVER_ROUND, 1)))
-    model = _model(plan, _arrays(msg))
+    train_split = training_split(node, plan, data)
+    arrays = _arrays(msg)
+    budget = NodeBudget.for_node(node) if plan.private else None
+    history = budget.ledger.history(data.fingerprint) if budget is not None else None
+    if plan.cv_mode == "loso" and train_split.num_patients == 0:
+        delta = default_delta(max(data.train.num_patients, 1))
+        spent = (
+            budget.spent(data.fingerprint, prv=False).epsilon_rdp if budget is not None else 0.0
+        )
+        return _holdout_reply(msg, context, node, arrays, delta, spent)
+    decision = decide(
+        plan, node, num_patients=train_split.num_patients, prior=history,
+        server_round=server_round,
+    )
+    expected = math.inf
+    if budget is not None and history is not None:
+        # Refused here (BudgetExceededError) before any training step when over the cap.
+        expected = _charge_round(
+            budget, data, plan, decision, history, train_split.num_patients, server_round
+        )
+    model = _model(plan, arrays)
     result = train_dp(
         model,
-        PatientRecordDataset(data.train),
+        PatientRecordDataset(train_split),
         epochs=plan.local_epochs,
         batch_size=plan.batch_size,
         learning_rate=plan.learning_rate,
         noise_multiplier=decision.noise_multiplier,
         max_grad_norm=plan.max_grad_norm,
         delta=decision.delta,
-        prior=prior,
+        prior=history,
         private=plan.private,
         device=device,
         # DP noise must not be predictable by the coordinator: never seed it from the plan.
         seed=None if plan.private else plan.seed * 1000 + server_round,
     )
+    run = _run_history(context)
     if plan.private:
-        # Record the spend first: it happened whether or not the result is released.
-        context.state[k.STATE_PRIVACY] = ConfigRecord(dict(result.accountant_state.to_record()))
-    spent = result.epsilon  # inf for non-private training: no guarantee
+        run = run.with_event(
+            noise_multiplier=decision.noise_multiplier,
+            sample_rate=result.sample_rate,
+            steps=result.steps,
+        )
+        context.state[k.STATE_PRIVACY] = ConfigRecord(dict(run.to_record()))
+        if not math.isclose(result.epsilon, expected, rel_tol=1e-9, abs_tol=1e-9):
+            log.error("trainer reported epsilon %.12g, ledger recorded %.12g", result.epsilon,
+                      expected)
     if not _finite(result.state_dict):
         raise DataError(
             "training produced non-finite weights",
             safe_reason="local training diverged (non-finite weights); nothing was released",
         )
+    privacy = (
+        _privacy_metrics(node, run, decision.delta, result.epsilon,
+                         with_prv=server_round >= plan.num_rounds)
+        if plan.private
+        else {k.EPSILON: math.inf, k.EPSILON_PRV: math.inf, k.EPSILON_DATASET: math.inf,
+              k.EPSILON_CAP: float(node.epsilon_cap)}
+    )
     metrics = MetricRecord(
         {
             k.NUM_EXAMPLES: result.num_examples,
             k.TRAIN_LOSS: float(result.train_loss),
-            k.EPSILON: float(spent),
+            **privacy,
             k.DELTA: float(decision.delta) if plan.private else math.nan,
             k.NOISE_MULTIPLIER: float(decision.noise_multiplier),
             k.SAMPLE_RATE: float(decision.sample_rate),
@@ -179,12 +352,14 @@ def handle_evaluate(msg: Message, context: Context, node: NodeConfig) -> Message
     config = _config(msg)
     plan = TrainPlan.from_record(dict(config))
     split_name = str(config.get(k.SPLIT, k.SPLIT_VAL))
-    if split_name not in (k.SPLIT_VAL, k.SPLIT_TEST):
-        raise ConfigError(f"unknown split {split_name!r}",
-                          safe_reason="malformed message: split must be 'val' or 'test'")
+    if split_name not in (k.SPLIT_VAL, k.SPLIT_TEST, k.SPLIT_HELDOUT):
+        raise ConfigError(
+            f"unknown split {split_name!r}",
+            safe_reason="malformed message: split must be 'val', 'test' or 'heldout'",
+        )
     device = _device(node)
     data = _load(node, plan)
-    split = data.val if split_name == k.SPLIT_VAL else data.test
+    split = heldout_split(node, plan, data, split_name)
     if split.num_patients == 0:
         raise DataError(f"empty {split_name} split",
                         safe_reason=f"the node has no patients in its {split_name} split")
@@ -212,21 +387,52 @@ def handle_evaluate(msg: Message, context: Context, node: NodeConfig) -> Message
     return Message(content=content, reply_to=msg)
 
 
+@contextlib.contextmanager
+def _site_named_errors(node: NodeConfig) -> Iterator[None]:
+    """Prefix the safe reason of a node error with the site name the node reports anyway.
+
+    An error reply carries no records, so without this the coordinator could only name the
+    node by its Flower node id in its report.
+    """
+    try:
+        yield
+    except VesaliusError as exc:
+        exc.safe_reason = f"[{node.site_name}] {exc.safe_reason}"
+        raise
+
+
 def build_client_app(resolve_node: NodeConfigResolver = node_config_from_context) -> ClientApp:
     """Build the ClientApp; ``resolve_node`` supplies the node's settings from its Context."""
     client_app = ClientApp(mods=[sanitize_errors_mod])
 
     @client_app.train()
     def train(msg: Message, context: Context) -> Message:
-        return handle_train(msg, context, resolve_node(context))
+        node = resolve_node(context)
+        with _site_named_errors(node):
+            return handle_train(msg, context, node)
 
     @client_app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        return handle_evaluate(msg, context, resolve_node(context))
+        node = resolve_node(context)
+        with _site_named_errors(node):
+            return handle_evaluate(msg, context, node)
+
+    @client_app.query()
+    def query(msg: Message, context: Context) -> Message:
+        node = resolve_node(context)
+        with _site_named_errors(node):
+            return handle_query(msg, context, node)
 
     return client_app
 
 
 app = build_client_app()
 
-__all__ = ["app", "build_client_app", "simulated_nodes", "node_config_from_context"]
+__all__ = [
+    "app",
+    "build_client_app",
+    "heldout_split",
+    "node_config_from_context",
+    "simulated_nodes",
+    "training_split",
+]

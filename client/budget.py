@@ -2,8 +2,11 @@
 
 The coordinator only proposes a :class:`~common.config.TrainPlan`; the node derives the noise
 multiplier, the sample rate and the epsilon of the whole plan itself, from its own patient
-count and its own cap (node configuration). A plan that would exceed the cap, or a round that
-would push the run's accumulated spend past it, is refused before any training step.
+count and its own cap (node configuration). The cap is **per dataset**, over every run: the
+``prior`` passed in is the dataset's whole history from the node's privacy ledger
+(:mod:`common.ledger`), and a round is refused, before any training step, when that history
+plus the rest of the plan (this round, the plan's later rounds and, in cross-validation, its
+later folds) would exceed the cap.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from common.errors import BudgetExceededError
 from common.privacy import (
     AccountantState,
     default_delta,
+    epsilon,
     plan_noise_multiplier,
     planned_epsilon,
     sample_rate,
@@ -52,17 +56,43 @@ class PrivacyDecision:
     planned_epsilon: float
 
 
+def remaining_rounds(plan: TrainPlan, server_round: int) -> int:
+    """Training rounds left in the plan from ``server_round`` on, later CV folds included."""
+    this_fold = max(plan.num_rounds - server_round + 1, 1)
+    later_folds = plan.num_folds - plan.fold - 1 if plan.cv_mode != "none" else 0
+    return this_fold + later_folds * plan.num_rounds
+
+
 def decide(
-    plan: TrainPlan, node: NodeConfig, *, num_patients: int, prior: AccountantState | None
+    plan: TrainPlan,
+    node: NodeConfig,
+    *,
+    num_patients: int,
+    prior: AccountantState | None,
+    server_round: int = 1,
 ) -> PrivacyDecision:
     """Return the privacy parameters of ``plan`` at this node, or raise if over the cap.
+
+    Parameters
+    ----------
+    plan : TrainPlan
+        The coordinator's proposal.
+    node : NodeConfig
+        The node's own settings (cap, consent to non-private training).
+    num_patients : int
+        Patients in the training data of this round.
+    prior : AccountantState or None
+        Everything this dataset has already spent (all runs, folds and rounds), from the
+        node's ledger.
+    server_round : int
+        The round about to be trained (1-based), to count the rounds left in the plan.
 
     Raises
     ------
     BudgetExceededError
-        The whole plan, or this round on top of the rounds already spent in the run, would
-        spend more than ``node.epsilon_cap``; or the plan is not private and the node only
-        accepts private training.
+        The whole plan alone, or the dataset's past spend plus the rest of the plan, would
+        exceed ``node.epsilon_cap``; or the plan is not private and the node only accepts
+        private training.
     """
     if not plan.private:
         if not node.allow_non_private:
@@ -76,7 +106,8 @@ def decide(
 
     q = sample_rate(num_patients, plan.batch_size)
     per_round = plan.local_epochs * steps_per_epoch(num_patients, plan.batch_size)
-    total_steps = plan.num_rounds * per_round
+    folds = plan.num_folds if plan.cv_mode != "none" else 1
+    total_steps = plan.num_rounds * per_round * folds
     # The node owns delta: a plan may ask for a smaller one, never a larger one (a large delta
     # would make any noise "fit" the epsilon cap).
     node_delta = default_delta(num_patients)
@@ -100,20 +131,26 @@ def decide(
         raise BudgetExceededError(
             f"plan spends epsilon={whole:.3f} > cap {node.epsilon_cap}",
             safe_reason=(
-                f"refused: the plan ({plan.num_rounds} rounds x {plan.local_epochs} epochs, "
-                f"noise multiplier {sigma:.3f}) would spend epsilon={whole:.2f}, above this "
-                f"node's cap of {node.epsilon_cap:g}"
+                f"refused: the plan ({plan.num_rounds} rounds x {plan.local_epochs} epochs"
+                f"{f' x {folds} folds' if folds > 1 else ''}, noise multiplier {sigma:.3f}) "
+                f"would spend epsilon={whole:.2f}, above this node's cap of "
+                f"{node.epsilon_cap:g}"
             ),
         )
+    left = remaining_rounds(plan, server_round)
     after = planned_epsilon(
-        noise_multiplier=sigma, sample_rate=q, steps=per_round, delta=delta, prior=prior
+        noise_multiplier=sigma, sample_rate=q, steps=left * per_round, delta=delta, prior=prior
     )
     if after > node.epsilon_cap + _TOLERANCE:
+        past = epsilon(prior, delta=delta) if prior is not None and prior.total_steps else 0.0
         raise BudgetExceededError(
-            f"round would bring the run to epsilon={after:.3f} > cap {node.epsilon_cap}",
+            f"dataset spent epsilon={past:.3f}; {left} more rounds would reach {after:.3f} "
+            f"> cap {node.epsilon_cap}",
             safe_reason=(
-                f"refused: this round would bring the run's spend to epsilon={after:.2f}, "
-                f"above this node's cap of {node.epsilon_cap:g}"
+                f"refused: this dataset has already spent epsilon={past:.2f} (all runs, "
+                f"from the node's privacy ledger); the remaining {left} round(s) of this "
+                f"plan would bring it to epsilon={after:.2f}, above this node's cap of "
+                f"{node.epsilon_cap:g}. Nothing was trained."
             ),
         )
     log.info("plan accepted: sigma=%.4f q=%.4f steps/round=%d epsilon(plan)=%.3f delta=%.2e",

@@ -14,13 +14,14 @@ import logging
 from flwr.app import Context, Error, Message
 from flwr.clientapp.typing import ClientAppCallable
 
+from common import messages as k
 from common.errors import BudgetExceededError, VesaliusError, safe_reason
 
 log = logging.getLogger(__name__)
 
 # Error codes of our own, above Flower's (0-8), so operators can tell them apart.
-ERROR_CODE_REFUSED = 100
-ERROR_CODE_NODE = 101
+ERROR_CODE_REFUSED = k.ERROR_CODE_REFUSED
+ERROR_CODE_NODE = k.ERROR_CODE_NODE
 
 
 def sanitize_errors_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:

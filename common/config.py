@@ -88,6 +88,10 @@ class TrainPlan:
         Folds of the whole cross-validation; the node plans its budget for all of them.
     holdout_site : str
         LOSO only: site name of the held-out node.
+    model_phase : str
+        Training phase of models that have several (deep belief / Boltzmann machines):
+        "" (the model's default), "finetune", "pretrain" or "pretrain:<layer>" (greedy
+        layer-wise pretraining of one RBM of a DBN).
     """
 
     num_rounds: int = 5
@@ -107,8 +111,15 @@ class TrainPlan:
     fold: int = 0
     num_folds: int = 1
     holdout_site: str = ""
+    model_phase: str = ""
 
     def __post_init__(self) -> None:
+        phase, _, layer = self.model_phase.partition(":")
+        if phase not in ("", "finetune", "pretrain") or (layer and not layer.isdigit()):
+            raise ConfigError(
+                "model-phase must be '', 'finetune', 'pretrain' or 'pretrain:<layer>', "
+                f"got {self.model_phase!r}"
+            )
         if self.cv_mode not in CV_MODES:
             raise ConfigError(f"cv-mode must be one of {', '.join(CV_MODES)}, got {self.cv_mode!r}")
         if self.num_folds < 1 or not 0 <= self.fold < self.num_folds:
@@ -164,6 +175,7 @@ class TrainPlan:
         "fold": k.FOLD,
         "num_folds": k.NUM_FOLDS,
         "holdout_site": k.HOLDOUT_SITE,
+        "model_phase": k.MODEL_PHASE,
     }
 
     @classmethod

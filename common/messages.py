@@ -37,6 +37,7 @@ CV_MODE: Final = "cv-mode"  # "none" | "kfold" | "loso"
 FOLD: Final = "fold"
 NUM_FOLDS: Final = "num-folds"
 HOLDOUT_SITE: Final = "holdout-site"
+MODEL_PHASE: Final = "model-phase"  # "", "finetune", "pretrain" or "pretrain:<layer>" (DBN/DBM)
 WITH_HISTOGRAMS: Final = "with-histograms"  # evaluate: also release per-class score histograms
 
 SPLIT_VAL: Final = "val"
@@ -54,13 +55,23 @@ ACCURACY: Final = "accuracy"
 AUC: Final = "auc"
 HIST_POSITIVE: Final = "hist-positive"  # counts of positive-class scores per fixed bin
 HIST_NEGATIVE: Final = "hist-negative"  # counts of negative-class scores per fixed bin
+EPSILON_PRV: Final = "epsilon-prv"  # run epsilon with the PRV accountant (RDP is EPSILON)
+EPSILON_DATASET: Final = "epsilon-dataset"  # dataset's total over all runs (node ledger, RDP)
+EPSILON_CAP: Final = "epsilon-cap"  # the node's per-dataset cap
 AUC_POOLED: Final = "auc-pooled"  # coordinator-side: AUC of the pooled histograms
+
+# --- Error codes of node replies (above Flower's own 0-8) ------------------------------------
+ERROR_CODE_REFUSED: Final = 100  # the node refused the request (budget, consent, policy)
+ERROR_CODE_NODE: Final = 101  # the node failed to serve the request (data, model, ...)
 
 # --- NODE_INFO keys -------------------------------------------------------------------------
 SITE: Final = "site"
 
 # Keys that carry one number per node, never averaged across nodes by the coordinator.
-PER_NODE_METRICS: Final = frozenset({EPSILON, DELTA, SAMPLE_RATE, STEPS, NOISE_MULTIPLIER})
+PER_NODE_METRICS: Final = frozenset(
+    {EPSILON, EPSILON_PRV, EPSILON_DATASET, EPSILON_CAP, DELTA, SAMPLE_RATE, STEPS,
+     NOISE_MULTIPLIER}
+)
 HISTOGRAM_METRICS: Final = frozenset({HIST_POSITIVE, HIST_NEGATIVE})
 
 # --- Coordinator-only run-config keys (``[tool.flwr.app.config]``) ------------------------------
@@ -86,3 +97,57 @@ NODE_MIN_RELEASE_COUNT: Final = "min-release-count"
 NODE_STATS_NOISE: Final = "stats-noise-multiplier"
 NODE_TABULAR_PATH: Final = "tabular-path"
 PARTITION_ID: Final = "partition-id"  # set by Flower's simulation runtime
+
+# --- Cross-validation (server/cv.py, client/data/folds.py) -------------------------------------
+SPLIT_HELDOUT: Final = "heldout"  # evaluate/query split: the plan's held-out CV part (folds.py)
+CV_FOLDS: Final = "cv-folds"  # run config: k of a federated k-fold CV (0 = no CV)
+CV_LEAVE_ONE_SITE_OUT: Final = "cv-leave-one-site-out"  # run config: leave-one-site-out CV
+
+# --- Statistics queries (issue 5: node-side sums, coordinator-side pooling) --------------------
+# Coordinator -> node (ConfigRecord CONFIG of a QUERY message)
+QUERY: Final = "query"  # registered query name: metrics, placements, mcnemar, conformal, ...
+THRESHOLD: Final = "threshold"  # decision threshold on the positive-class score
+CALIBRATION_BINS: Final = "calibration-bins"  # equal-width calibration bins on [0, 1]
+VALUE_BINS: Final = "value-bins"  # bins of entropy / nonconformity histograms
+MC_SAMPLES: Final = "mc-samples"  # entropy: MC-dropout passes (1 model) per patient
+CONFORMAL_QHAT: Final = "conformal-qhat"  # conformal: nonconformity threshold to test coverage
+COLUMNS: Final = "columns"  # logistic: covariate names (node allow-list)
+BETA: Final = "beta"  # logistic: current coefficients (intercept first)
+# Coordinator -> node (other records of a QUERY message)
+ARRAYS_B: Final = "arrays-b"  # ArrayRecord: second model (paired DeLong, McNemar)
+ENSEMBLE_PREFIX: Final = "member-"  # ArrayRecords member-0, member-1, ...: deep ensemble
+POOLED: Final = "pooled"  # MetricRecord: pooled histograms sent back for pass 2
+HIST_POSITIVE_B: Final = "hist-positive-b"  # second model's per-class histograms
+HIST_NEGATIVE_B: Final = "hist-negative-b"
+# Node -> coordinator (MetricRecord METRICS of a QUERY reply; all sums over patients)
+NUM_POSITIVE: Final = "num-positive"
+NUM_NEGATIVE: Final = "num-negative"
+TP: Final = "tp"
+FP: Final = "fp"
+TN: Final = "tn"
+FN: Final = "fn"
+CAL_COUNT: Final = "cal-count"  # per calibration bin: patients
+CAL_SCORE_SUM: Final = "cal-score-sum"  # per calibration bin: sum of scores
+CAL_LABEL_SUM: Final = "cal-label-sum"  # per calibration bin: sum of labels
+BRIER_SUM: Final = "brier-sum"  # sum of (score - label)^2
+LOGLIK: Final = "loglik"  # sum of log-likelihoods (binary; logistic: at beta)
+V10_SUM: Final = "v10-sum"  # DeLong placements of positives, per model
+V10_CROSS: Final = "v10-cross"  # sums of products of positives' placements (models x models)
+V01_SUM: Final = "v01-sum"
+V01_CROSS: Final = "v01-cross"
+SITE_V10_CROSS: Final = "site-v10-cross"  # as above, against the node's own histograms
+SITE_V01_CROSS: Final = "site-v01-cross"
+BOTH_CORRECT: Final = "both-correct"  # McNemar table
+ONLY_A_CORRECT: Final = "only-a-correct"  # b
+ONLY_B_CORRECT: Final = "only-b-correct"  # c
+BOTH_WRONG: Final = "both-wrong"
+NONCONFORMITY_HIST: Final = "nonconformity-hist"
+COVERED: Final = "covered"  # patients whose true label lies in the conformal set
+SET_SIZE_COUNTS: Final = "set-size-counts"  # patients whose conformal set has 0, 1, 2 classes
+ENTROPY_SUM: Final = "entropy-sum"
+ENTROPY_SQ_SUM: Final = "entropy-sq-sum"
+ENTROPY_HIST: Final = "entropy-hist"
+GRAD: Final = "grad"
+HESSIAN: Final = "hessian"
+NOISED: Final = "noised"  # 1 when the node added Gaussian noise (ledger-charged)
+SUPPRESSED_CELLS: Final = "suppressed-cells"  # cells released as 0 (small-count rule)

@@ -10,7 +10,10 @@ that was already learned.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import secrets
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,8 +24,9 @@ from flwr.serverapp import Grid, ServerApp
 from common import messages as k
 from common.config import RunConfig
 from common.models import build_model
+from server.cv import CVSpec, run_cross_validation
 from server.report import RunReport
-from server.strategies.fedavg import RoundLog, VesaliusFedAvg
+from server.strategies.fedavg import RoundLog, RunStopped, VesaliusFedAvg
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +49,10 @@ def run_federation(
     The report is rewritten after every training and every evaluation phase, so whatever a
     crash interrupts, what the nodes already released (their epsilon included) is on disk.
     """
+    if not config.plan.run_id:
+        # Nodes record the run id in their privacy ledgers; make one that never repeats.
+        run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(4)
+        config = dataclasses.replace(config, plan=dataclasses.replace(config.plan, run_id=run_id))
     out_dir = Path(config.out_dir)
     report = RunReport(config=config)
 
@@ -58,6 +66,7 @@ def run_federation(
     strategy = VesaliusFedAvg(
         checkpoint_dir=out_dir / "checkpoints",
         on_update=updated,
+        on_refusal=config.on_refusal,
         fraction_train=config.fraction_train,
         fraction_evaluate=config.fraction_evaluate,
         min_train_nodes=config.min_nodes,
@@ -65,6 +74,7 @@ def run_federation(
         min_available_nodes=config.min_nodes,
     )
     plan_record = config.plan.to_record()
+    report.excluded = strategy.excluded  # the same dict: exclusions show in every write
     try:
         result = strategy.start(
             grid=grid,
@@ -88,9 +98,18 @@ def run_federation(
             torch.save(result.arrays.to_torch_state_dict(), out_dir / "checkpoints" / "final.pt")
             if report.final.evaluate_metrics:
                 report.status = "completed"
+                if strategy.excluded:
+                    report.reason = (
+                        f"{len(strategy.excluded)} node(s) refused the plan and were excluded "
+                        "from the rest of the run (see 'excluded')"
+                    )
             else:
                 report.status = "incomplete"
                 report.reason = "no node returned final test metrics (see final.errors)"
+    except RunStopped as exc:
+        report.status = "stopped"
+        report.reason = str(exc)
+        log.warning("run stopped: %s", exc)
     except BaseException as exc:
         report.status = "failed"
         report.reason = f"{type(exc).__name__}: {exc}"
@@ -117,6 +136,12 @@ def build_server_app(
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         cfg = config if config is not None else RunConfig.from_user_config(context.run_config)
+        cv = CVSpec.from_user_config(context.run_config)
+        if cv.enabled:  # `vesalius federation cv --superlink ...`
+            run_cross_validation(grid, cfg, num_folds=cv.num_folds,
+                                 leave_one_site_out=cv.leave_one_site_out,
+                                 out_dir=Path(cfg.out_dir))
+            return
         report = run_federation(grid, cfg, on_round=on_round)
         if on_finish is not None:
             on_finish(report)

@@ -55,6 +55,8 @@ class RunReport:
     final: RoundLog | None = None
     status: str = "running"
     reason: str = ""
+    excluded: dict[int, str] = field(default_factory=dict)  # node id -> reason it refused
+    extra: dict[str, Any] = field(default_factory=dict)  # further sections (e.g. "inference")
 
     def sites(self) -> list[dict[str, Any]]:
         """Latest train release of each node: patients, epsilon spent, delta, noise.
@@ -76,6 +78,9 @@ class RunReport:
                     "site": label,
                     "num_examples": int(m.get(k.NUM_EXAMPLES, 0)),
                     "epsilon": _clean(m.get(k.EPSILON, math.inf)),
+                    "epsilon_prv": _clean(m.get(k.EPSILON_PRV, math.nan)),
+                    "epsilon_dataset": _clean(m.get(k.EPSILON_DATASET, math.nan)),
+                    "epsilon_cap": _clean(m.get(k.EPSILON_CAP, math.nan)),
                     "delta": _clean(m.get(k.DELTA, math.nan)),
                     "noise_multiplier": _clean(m.get(k.NOISE_MULTIPLIER, math.nan)),
                     "sample_rate": _clean(m.get(k.SAMPLE_RATE, math.nan)),
@@ -98,6 +103,7 @@ class RunReport:
                     "sites": [_site_row(r) for r in entry.evaluate],
                     "train": [_site_row(r) for r in entry.train],
                     "errors": entry.errors,
+                    "refusals": entry.refusals,
                 }
             )
         plan = self.config.plan
@@ -107,16 +113,27 @@ class RunReport:
             "rounds": rounds,
             "sites": self.sites(),
             "privacy": {
-                "unit": "patient",
+                "unit": "patient (not image): one record per patient in DP-SGD",
+                "guarantee": "patient-level (epsilon, delta)-DP at each hospital, for its "
+                "own patients" if plan.private else "none (non-private baseline)",
                 "mechanism": "DP-SGD (Opacus), Poisson sampling of patients, one record per "
                 "patient" if plan.private else "none (non-private baseline)",
-                "accountant": "rdp",
+                "accountants": "RDP (epsilon) and PRV (epsilon_prv), both Opacus; each "
+                "site's delta is in its row",
                 "target_epsilon": plan.target_epsilon if plan.private else None,
                 "max_grad_norm": plan.max_grad_norm if plan.private else None,
-                "scope": "per hospital, composed over all rounds of this run",
+                "scope": "epsilon: this run, all rounds; epsilon_dataset: the dataset's total "
+                "over every run and fold in the node's signed ledger, which the node's cap "
+                "(epsilon_cap) bounds",
+                "hospital_level": None,
                 "not_covered": "validation/test metrics released for evaluation are not "
                 "noised (see issue on release rules)",
             },
+            "run_id": plan.run_id,
+            "excluded": [
+                {"node_id": node_id, "reason": reason}
+                for node_id, reason in sorted(self.excluded.items())
+            ],
             "config": self.config.to_dict(),
         }
         if self.final is not None:
@@ -128,6 +145,7 @@ class RunReport:
                 "sites": [_site_row(r) for r in self.final.evaluate],
                 "errors": self.final.errors,
             }
+        out.update(self.extra)
         return out
 
     def summary(self) -> str:
@@ -143,6 +161,8 @@ class RunReport:
             )
             for err in entry.errors:
                 lines.append(f"       ! {err['site']} ({err['phase']}): {err['reason']}")
+        for node_id, why in sorted(self.excluded.items()):
+            lines.append(f"excluded node {node_id}: {why}")
         lines.append("site          patients  epsilon    delta")
         for row in self.sites():
             eps, delta = row["epsilon"], row["delta"]

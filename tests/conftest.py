@@ -20,6 +20,16 @@ os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
 
 
+@pytest.fixture(autouse=True)
+def _private_vesalius_home(tmp_path_factory: pytest.TempPathFactory,
+                           monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test gets its own ``VESALIUS_HOME``: node privacy ledgers (which persist a
+    dataset's spend across runs) never leak between tests or into the user's home."""
+    home = tmp_path_factory.mktemp("vesalius-home")
+    monkeypatch.setenv("VESALIUS_HOME", str(home))
+    return home
+
+
 def _in_ci() -> bool:
     return os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 

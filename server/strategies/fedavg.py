@@ -25,6 +25,15 @@ from common.stats.histogram import auc_from_histograms
 log = logging.getLogger(__name__)
 
 
+class RunStopped(Exception):
+    """Raised from inside Flower's round loop to end a run early, on purpose.
+
+    The coordinator catches it and writes a report whose status is ``"stopped"`` and whose
+    reason is this exception's message (e.g. a node refused the plan and the run config says
+    ``on-refusal = "stop"``).
+    """
+
+
 @dataclass
 class SiteReply:
     """What one site released in one round (numbers only, no patient data)."""
@@ -42,6 +51,7 @@ class RoundLog:
     train: list[SiteReply] = field(default_factory=list)
     evaluate: list[SiteReply] = field(default_factory=list)
     errors: list[dict[str, object]] = field(default_factory=list)
+    refusals: list[dict[str, object]] = field(default_factory=list)
     train_metrics: dict[str, float] = field(default_factory=dict)
     evaluate_metrics: dict[str, float] = field(default_factory=dict)
 
@@ -95,6 +105,9 @@ class VesaliusFedAvg(FedAvg):
     on_update : callable or None
         Called with the round's :class:`RoundLog` and the phase that just finished
         ("train" or "evaluate"), so that a report can be written before anything else runs.
+    on_refusal : {"exclude", "stop"}
+        When a node refuses a train message (its budget or policy), either leave that node
+        out of every later message of the run, or stop the run after recording the round.
     **kwargs
         Passed to :class:`flwr.serverapp.strategy.FedAvg`.
     """
@@ -104,6 +117,7 @@ class VesaliusFedAvg(FedAvg):
         *,
         checkpoint_dir: Path | None = None,
         on_update: Callable[[RoundLog, str], None] | None = None,
+        on_refusal: str = "exclude",
         **kwargs: object,
     ) -> None:
         super().__init__(
@@ -118,6 +132,9 @@ class VesaliusFedAvg(FedAvg):
         self.on_update = on_update
         self.rounds: dict[int, RoundLog] = {}
         self._expected: dict[tuple[int, str], list[int]] = {}
+        self.on_refusal = on_refusal
+        self.excluded: dict[int, str] = {}  # node id -> the reason it gave when refusing
+        self.latest_arrays: ArrayRecord | None = None
 
     def _log(self, server_round: int) -> RoundLog:
         return self.rounds.setdefault(server_round, RoundLog(round=server_round))
@@ -129,14 +146,15 @@ class VesaliusFedAvg(FedAvg):
         phase = "train" if train else "evaluate"
         for msg in replies:
             if msg.has_error():
-                entry.errors.append(
-                    {
-                        "site": f"node-{msg.metadata.src_node_id}",
-                        "node_id": msg.metadata.src_node_id,
-                        "phase": phase,
-                        "reason": msg.error.reason,
-                    }
-                )
+                row: dict[str, object] = {
+                    "site": f"node-{msg.metadata.src_node_id}",
+                    "node_id": msg.metadata.src_node_id,
+                    "phase": phase,
+                    "reason": msg.error.reason,
+                }
+                if msg.error.code == k.ERROR_CODE_REFUSED:
+                    entry.refusals.append(row)
+                entry.errors.append(row)
                 continue
             metrics = msg.content.get(k.METRICS)
             if not isinstance(metrics, MetricRecord):
@@ -156,7 +174,7 @@ class VesaliusFedAvg(FedAvg):
                 )
 
     def _remember(self, server_round: int, phase: str, messages: Iterable[Message]) -> list[Message]:
-        messages = list(messages)
+        messages = [m for m in messages if m.metadata.dst_node_id not in self.excluded]
         self._expected[(server_round, phase)] = [m.metadata.dst_node_id for m in messages]
         return messages
 
@@ -184,12 +202,31 @@ class VesaliusFedAvg(FedAvg):
         arrays, metrics = super().aggregate_train(server_round, replies)
         if metrics is not None:
             entry.train_metrics = _scalars(metrics)
+        if arrays is not None:
+            self.latest_arrays = arrays
         if arrays is not None and self.checkpoint_dir is not None:
             self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
             torch.save(arrays.to_torch_state_dict(), self.checkpoint_dir / f"round-{server_round}.pt")
         if self.on_update is not None:
             self.on_update(entry, "train")
+        self._handle_refusals(entry)
         return arrays, metrics
+
+    def _handle_refusals(self, entry: RoundLog) -> None:
+        """Exclude refusing nodes, or stop the run, as the run config says."""
+        if not entry.refusals:
+            return
+        for row in entry.refusals:
+            self.excluded[int(cast(int, row["node_id"]))] = str(row["reason"])
+        reasons = "; ".join(f"{r['site']}: {r['reason']}" for r in entry.refusals)
+        if self.on_refusal == "stop":
+            raise RunStopped(f"round {entry.round}: a node refused the plan ({reasons})")
+        log.warning("round %d: excluded from the rest of the run: %s", entry.round, reasons)
+        if not entry.train:
+            raise RunStopped(
+                f"round {entry.round}: no node trained and the refusing nodes are excluded "
+                f"({reasons})"
+            )
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
@@ -216,7 +253,7 @@ class VesaliusFedAvg(FedAvg):
         sites and is reproducible. Replies may differ in which metrics they carry (a node may
         decline to release histograms); :func:`pool_metrics` pools what all of them share.
         """
-        node_ids = list(grid.get_node_ids())
+        node_ids = [n for n in grid.get_node_ids() if n not in self.excluded]
         content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         messages = [
             Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=node_id)

@@ -59,3 +59,26 @@ def test_the_node_owns_delta_a_plan_cannot_loosen_it() -> None:
     assert strict.delta == 1e-9  # a smaller delta is a stronger guarantee: accepted
     default = decide(TrainPlan(target_delta=0.5), NODE, num_patients=40, prior=None)
     assert default.delta < 1 / 400
+
+
+def test_remaining_rounds_count_later_folds() -> None:
+    from client.budget import remaining_rounds
+
+    assert remaining_rounds(TrainPlan(num_rounds=4), 1) == 4
+    assert remaining_rounds(TrainPlan(num_rounds=4), 3) == 2
+    assert remaining_rounds(TrainPlan(num_rounds=4), 9) == 1  # beyond the plan: this round only
+    cv = TrainPlan(num_rounds=4, cv_mode="kfold", num_folds=5, fold=1)
+    assert remaining_rounds(cv, 2) == 3 + 3 * 4
+
+
+def test_a_dataset_with_past_spend_refuses_a_plan_that_alone_would_fit() -> None:
+    plan = TrainPlan(num_rounds=2, batch_size=10, target_epsilon=7.5)
+    d = decide(plan, NODE, num_patients=100, prior=None)
+    past = AccountantState().with_event(
+        noise_multiplier=d.noise_multiplier, sample_rate=d.sample_rate, steps=d.steps_per_round
+    )
+    with pytest.raises(BudgetExceededError) as info:
+        decide(plan, NODE, num_patients=100, prior=past, server_round=1)
+    assert "already spent" in info.value.safe_reason and "cap of 8" in info.value.safe_reason
+    # The same history is this run's own first round: round 2 completes the plan and fits.
+    assert decide(plan, NODE, num_patients=100, prior=past, server_round=2).planned_epsilon <= 7.5 + 1e-6

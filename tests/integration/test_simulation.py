@@ -21,7 +21,7 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def test_three_sites_two_rounds(federation: Path) -> None:
+def test_three_sites_two_rounds(federation: Path, _private_vesalius_home: Path) -> None:
     from server.simulation import run_simulation
 
     # Prepare
@@ -50,6 +50,16 @@ def test_three_sites_two_rounds(federation: Path) -> None:
     assert doc["final"]["auc_pooled"] is not None
     assert (out / "checkpoints" / "round-1.pt").exists() and (out / "checkpoints" / "round-2.pt").exists()
     assert report.status == "completed" and len(report.rounds) == 2
+    # Every site's spend is in the (here shared) node ledger, signed and chained; on a first run
+    # the dataset's epsilon is the run's, and PRV is reported beside RDP.
+    from common.ledger import verify_ledger
+
+    ledger = _private_vesalius_home / "ledger" / "ledger.jsonl"
+    assert verify_ledger(ledger).ok
+    assert len(ledger.read_text().splitlines()) == 3 * 2
+    for site in doc["sites"]:
+        assert site["epsilon_dataset"] == pytest.approx(site["epsilon"], rel=1e-9)
+        assert site["epsilon_prv"] is not None and site["epsilon_cap"] == 8.0
 
 
 def test_node_over_cap_is_reported_not_crashed(federation: Path) -> None:
@@ -63,9 +73,11 @@ def test_node_over_cap_is_reported_not_crashed(federation: Path) -> None:
         NodeConfig(data_dir=federation / "data" / "site-2", epsilon_cap=1.0, site_name="site-2"),
     ]
     report = run_simulation(config, nodes).to_dict()
-    assert report["status"] == "completed"
+    assert report["status"] == "completed" and "excluded" in report["reason"]
     assert report["final"]["auc_pooled"] is None  # these nodes did not allow histograms
-    assert report["final"]["metrics"]["auc"] is not None
+    # The refusing node is left out of the rest of the run (on-refusal = "exclude").
+    assert len(report["excluded"]) == 1 and "cap" in report["excluded"][0]["reason"]
+    assert [s["site"] for s in report["final"]["sites"]] == ["site-1"]
     assert [s["site"] for s in report["sites"]] == ["site-1"]
     reasons = [e["reason"] for e in report["rounds"][0]["errors"] if e["phase"] == "train"]
     assert len(reasons) == 1 and "cap" in reasons[0]

@@ -62,9 +62,11 @@ def test_report_json_layout_and_atomic_write(tmp_path: Path) -> None:
     doc = json.loads(path.read_text())
     assert doc["rounds"][0]["round"] == 1 and doc["rounds"][0]["metrics"]["auc"] == 0.9
     assert doc["rounds"][0]["metrics"][k.TRAIN_LOSS] == 0.5
-    assert doc["sites"] == [{"site": "site-1", "num_examples": 50, "epsilon": 2.5, "delta": 1e-5,
-                             "noise_multiplier": 1.1, "sample_rate": 0.2}]
-    assert doc["config"]["num-server-rounds"] == 1 and doc["privacy"]["unit"] == "patient"
+    assert doc["sites"] == [{"site": "site-1", "num_examples": 50, "epsilon": 2.5,
+                             "epsilon_prv": None, "epsilon_dataset": None, "epsilon_cap": None,
+                             "delta": 1e-5, "noise_multiplier": 1.1, "sample_rate": 0.2}]
+    assert doc["config"]["num-server-rounds"] == 1
+    assert doc["privacy"]["unit"].startswith("patient (not image)")
     assert "site-1" in (tmp_path / "summary.txt").read_text()
     assert not list(tmp_path.glob("*.tmp"))
 
@@ -102,3 +104,54 @@ def test_duplicate_site_names_stay_apart_and_json_has_no_nan(tmp_path: Path) -> 
     doc = json.loads(report.write(tmp_path).read_text())  # allow_nan=False would raise on NaN
     assert [s["site"] for s in doc["sites"]] == ["site#1", "site#2"]
     assert all(s["epsilon"] is None and s["delta"] is None for s in doc["sites"])
+
+
+def _refusal(node_id: int) -> tuple[object, object]:
+    from flwr.app import Error, Message
+
+    from tests.flower_helpers import incoming
+
+    request = incoming(RecordDict(), "train", node_id=node_id)
+    return request, Message(Error(code=k.ERROR_CODE_REFUSED, reason="refused: over cap"),
+                            reply_to=request)
+
+
+def test_a_refusing_node_is_excluded_from_later_messages() -> None:
+    from flwr.app import Message
+
+    from server.strategies.fedavg import VesaliusFedAvg
+    from tests.flower_helpers import incoming
+
+    strategy = VesaliusFedAvg(on_refusal="exclude")
+    _, refused = _refusal(12)
+    ok_req = incoming(RecordDict(), "train", node_id=11)
+    ok = Message(RecordDict({k.METRICS: MetricRecord({k.NUM_EXAMPLES: 5})}), reply_to=ok_req)
+    entry = RoundLog(round=1)
+    VesaliusFedAvg._record(entry, [ok, refused], expected=[11, 12], train=True)
+    assert entry.refusals and entry.refusals[0]["node_id"] == 12
+    strategy._handle_refusals(entry)
+    assert strategy.excluded == {12: "refused: over cap"}
+    kept = strategy._remember(2, "train", [incoming(RecordDict(), "train", node_id=n)
+                                           for n in (11, 12)])
+    assert [m.metadata.dst_node_id for m in kept] == [11]
+
+
+def test_on_refusal_stop_ends_the_run_with_the_reason() -> None:
+    from server.strategies.fedavg import RunStopped, VesaliusFedAvg
+
+    strategy = VesaliusFedAvg(on_refusal="stop")
+    _, refused = _refusal(12)
+    entry = RoundLog(round=3)
+    VesaliusFedAvg._record(entry, [refused], expected=[12], train=True)
+    with pytest.raises(RunStopped, match="round 3.*refused: over cap"):
+        strategy._handle_refusals(entry)
+
+
+def test_stopped_and_excluded_runs_say_why_in_the_report(tmp_path: Path) -> None:
+    cfg = RunConfig(plan=TrainPlan(num_rounds=1), out_dir=str(tmp_path))
+    report = RunReport(config=cfg, status="stopped", reason="round 1: a node refused the plan",
+                       excluded={12: "refused: over cap"})
+    doc = json.loads(report.write(tmp_path).read_text())
+    assert doc["status"] == "stopped" and "refused" in doc["reason"]
+    assert doc["excluded"] == [{"node_id": 12, "reason": "refused: over cap"}]
+    assert "excluded node 12" in (tmp_path / "summary.txt").read_text()

@@ -1,0 +1,97 @@
+"""Per-patient scores of the held-out images, for the image queries (kept on the node).
+
+A patient's score is the mean of its images' class-1 probabilities and its label the maximum
+of its images' labels (:func:`client.training.evaluate`). Scores never leave the node: queries
+turn them into sums.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord
+
+from client.queries.registry import QueryRequest
+from client.training import evaluate as evaluate_model
+from common.errors import ConfigError, DataError
+from common.models import build_model
+
+if TYPE_CHECKING:
+    from client.data import SplitArrays
+
+__all__ = ["HeldOutImages", "model_arrays", "patient_samples", "patient_scores"]
+
+
+@dataclass(frozen=True, eq=False)
+class HeldOutImages:
+    """The held-out images a query scores (kept on the node).
+
+    Attributes
+    ----------
+    split : client.data.SplitArrays
+        Images, labels and patient index of the held-out split.
+    device : torch.device
+        Where models are run.
+    """
+
+    split: SplitArrays
+    device: torch.device
+
+
+def model_arrays(req: QueryRequest, key: str) -> ArrayRecord:
+    """The ArrayRecord ``key`` of the message, or a clear refusal."""
+    record = req.content.get(key)
+    if not isinstance(record, ArrayRecord):
+        raise ConfigError(f"query {req.name!r} without model arrays {key!r}",
+                          safe_reason=f"malformed query: {req.name!r} needs model arrays {key!r}")
+    return record
+
+
+def _model(req: QueryRequest, arrays: ArrayRecord) -> torch.nn.Module:
+    plan = req.plan
+    model = build_model(plan.model, in_channels=1, num_classes=2, image_size=plan.image_size)
+    model.load_state_dict(arrays.to_torch_state_dict())
+    return model
+
+
+def patient_scores(
+    req: QueryRequest, data: HeldOutImages, key: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(scores, labels)`` per held-out patient for the model in record ``key``."""
+    split, device = data.split, data.device
+    res = evaluate_model(_model(req, model_arrays(req, key)), split.images, split.labels,
+                         patient_index=split.patient_index, device=device)
+    if not (np.all(np.isfinite(res.scores)) and math.isfinite(res.loss)):
+        raise DataError("non-finite scores", safe_reason="the model produced non-finite scores")
+    return res.scores, res.labels
+
+
+def patient_samples(
+    req: QueryRequest, data: HeldOutImages, keys: list[str], *, passes: int
+) -> np.ndarray:
+    """``(T, n_patients)`` class-1 probabilities: ``passes`` stochastic (MC-dropout) forward
+    passes of each model in ``keys`` (``passes=1`` for a deep ensemble)."""
+    split, device = data.split, data.device
+    index = split.patient_index.reshape(-1).cpu().numpy()
+    _, inverse = np.unique(index, return_inverse=True)
+    counts = np.bincount(inverse)
+    rows = []
+    for key in keys:
+        model = _model(req, model_arrays(req, key)).to(device)
+        model.train(passes > 1)  # dropout active only for MC-dropout; GroupNorm has no state
+        with torch.no_grad():
+            for _ in range(passes):
+                probs = []
+                for start in range(0, len(split.images), 256):
+                    logits = model(split.images[start:start + 256].to(device))
+                    probs.append(torch.softmax(logits, dim=1)[:, 1].double().cpu())
+                img = torch.cat(probs).numpy()
+                rows.append(np.bincount(inverse, weights=img) / counts)
+    out = np.vstack(rows)
+    if not np.all(np.isfinite(out)):
+        raise DataError("non-finite scores", safe_reason="the model produced non-finite scores")
+    return out

@@ -1,0 +1,913 @@
+"""Federated cross-validation: k-fold and leave-one-site-out, each fold a fresh federation.
+
+For every fold the coordinator
+
+1. builds a fresh global model (initial weights seeded by the run seed and the fold number);
+2. trains it with the project's FedAvg (:class:`~server.strategies.fedavg.VesaliusFedAvg`,
+   Flower's loop) for ``num_rounds`` rounds, the plan telling every node which fold it holds
+   out (``cv-mode``, ``fold``, ``num-folds``, ``holdout-site``; nodes pick their patients with
+   :func:`client.data.folds.cv_splits`); per-round validation is skipped (in cross-validation
+   the validation patients belong to training folds);
+3. evaluates the fold's final model on every node's held-out part (split ``heldout``) with
+   one ``metrics`` statistics query (:func:`server.inference.query_nodes`: the nodes' release
+   rules and ledgers apply) and pools what the nodes release: per-class fine score histograms
+   and confusion counts. From them: the pooled AUC with a 95% DeLong interval, accuracy /
+   sensitivity / specificity with Wilson intervals (:mod:`common.stats`), and each site's own
+   AUC. Where no node answers the query, the fold falls back to evaluate messages with score
+   histograms (the nodes' ``release-histograms`` consent applies);
+4. records each site's privacy spend (the epsilon of its last train reply) and every refusal
+   or failure, and rewrites ``report.json`` atomically, so a crash loses no finished fold.
+
+Across folds: the AUC of all held-out patients' pooled histograms (each patient is held out
+exactly once) with its DeLong interval, and mean +- SD of the per-fold AUCs.
+
+k-fold: every node holds out fold ``k`` of its own stratified patient-level folds.
+Leave-one-site-out: the coordinator first learns the connected nodes' site names (one
+evaluation of the initial model on their validation splits), then fold ``k`` holds out the
+k-th site (sorted by name): that node is not sent train messages and evaluates on all its
+patients; the other nodes train on all theirs.
+
+Directory layout::
+
+    out_dir/report.json, report.html      the cross-validation report
+    out_dir/fold-<k>/report.json          the fold's federation (rounds, epsilon per site)
+    out_dir/fold-<k>/checkpoints/         round-<r>.pt, final.pt
+
+``report.json`` (rewritten after every fold)::
+
+    {"kind": "cross-validation", "status": "running" | "completed" | "incomplete" | "failed"
+       | "stopped", "reason": ..., "run_id": ..., "config": {... cv-folds, cv-leave-one-site-out},
+     "privacy": {...},
+     "inference": {
+       "cv": {"metric": "auc", "mode": "kfold" | "loso", "num_folds": K, "alpha": 0.05,
+              "folds": [{"fold": 0, "held_out": "fold-0" | site, "status": ..., "n": ...,
+                         "auc": Estimate, "accuracy": Estimate, "sensitivity": Estimate,
+                         "specificity": Estimate, "epsilon_by_site": {site: eps},
+                         "issues": count}, ...],
+              "pooled": {"held_out": "all folds", "n": ..., "auc": Estimate, "accuracy": ...,
+                         "auc_mean": ..., "auc_sd": ..., "folds_included": [...]},
+              "fold_details": [{"fold", "run_id", "holdout_site", "status", "reason",
+                                "source", "source_note", "n_pos", "n_neg", "confusion",
+                                "train_patients_by_site", "heldout_by_site", "errors",
+                                "report"}, ...]},
+       "roc": {"pooled": {"pos", "neg"}, "sites": {"fold <k>": {"pos", "neg"}}},
+       "meta": {"auc": DerSimonian-Laird over held-out sites (leave-one-site-out only)}}}
+
+``Estimate`` is :meth:`common.stats.estimate.Estimate.as_dict` (``value, lower, upper, se, n,
+method``); undefined values are null. This is the ``inference`` schema of
+:mod:`server.report_html`, which renders ``report.html``.
+
+Statistics caveats: the DeLong interval is that of the pooled *binned* scores (ties within a
+bin count 1/2). The across-fold pooled AUC treats the folds' models as one scorer (the usual
+pooled cross-validation estimate): when the folds' models put scores on different scales
+(e.g. after few DP rounds) it is well below the folds' own AUCs, which ``auc_mean`` and
+``auc_sd`` summarise.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.serverapp import Grid, ServerApp
+
+from common import messages as k
+from common.config import RunConfig, _get
+from common.errors import ConfigError, VesaliusError
+from common.models import build_model
+from common.stats.auc import auc_ci, delong_from_sums, node_placement_sums
+from common.stats.bins import fine_score_edges, uniform_edges
+from common.stats.estimate import Estimate
+from common.stats.histogram import auc_from_histograms
+from common.stats.meta import random_effects
+from common.stats.metrics import classification_metrics
+from server.inference import QueryRound, query_nodes
+from server.report import RunReport
+from server.strategies.fedavg import RoundLog, VesaliusFedAvg
+
+log = logging.getLogger(__name__)
+
+REPORT_JSON = "report.json"
+REPORT_HTML = "report.html"
+ALPHA = 0.05
+THRESHOLD_METRICS = ("accuracy", "sensitivity", "specificity")
+
+
+# --- what to run ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CVSpec:
+    """Which cross-validation to run (run-config keys ``cv-folds``, ``cv-leave-one-site-out``).
+
+    Parameters
+    ----------
+    num_folds : int
+        k of a federated k-fold (>= 2), or 0 for none.
+    leave_one_site_out : bool
+        Leave-one-site-out instead (one fold per connected node).
+    """
+
+    num_folds: int = 0
+    leave_one_site_out: bool = False
+
+    def __post_init__(self) -> None:
+        if self.leave_one_site_out and self.num_folds:
+            raise ConfigError("give either cv-folds K or cv-leave-one-site-out, not both")
+        if self.num_folds == 1 or self.num_folds < 0:
+            raise ConfigError(f"cv-folds must be 0 (no CV) or >= 2, got {self.num_folds}")
+
+    @property
+    def enabled(self) -> bool:
+        """Whether a cross-validation was asked for."""
+        return self.leave_one_site_out or self.num_folds >= 2
+
+    @property
+    def mode(self) -> str:
+        """The plan's ``cv-mode``: "kfold", "loso" or "none"."""
+        return "loso" if self.leave_one_site_out else "kfold" if self.num_folds else "none"
+
+    @classmethod
+    def from_user_config(cls, values: Mapping[str, Any]) -> CVSpec:
+        """Parse Flower's ``context.run_config`` (absent keys: no cross-validation)."""
+        return cls(
+            num_folds=_get(values, k.CV_FOLDS, 0, int),
+            leave_one_site_out=_get(values, k.CV_LEAVE_ONE_SITE_OUT, False, bool),
+        )
+
+    def to_user_config(self) -> dict[str, int | bool]:
+        """The run-config overrides that ask a ServerApp for this cross-validation."""
+        return {k.CV_FOLDS: self.num_folds, k.CV_LEAVE_ONE_SITE_OUT: self.leave_one_site_out}
+
+
+@dataclass(frozen=True)
+class FoldEvent:
+    """Progress of a cross-validation, for a CLI or a log.
+
+    ``stage`` is "start" (fold begins), "round" (a training round finished), "evaluated"
+    (held-out results of the fold are in) or "done" (the whole cross-validation).
+    """
+
+    stage: str
+    fold: int
+    num_folds: int
+    label: str
+    round: int = 0
+    num_rounds: int = 0
+    fold_row: dict[str, Any] | None = None
+
+
+CVProgress = Callable[[FoldEvent], None]
+
+
+# --- a Grid that shows the strategy only some nodes --------------------------------------------
+
+
+class NodeSubsetGrid(Grid):
+    """Delegates to ``grid`` but lists only ``node_ids`` (leave-one-site-out training)."""
+
+    def __init__(self, grid: Grid, node_ids: Iterable[int]) -> None:
+        self._grid = grid
+        self._node_ids = list(node_ids)
+
+    def set_run(self, run: Any) -> None:  # noqa: D102 - delegation
+        self._grid.set_run(run)
+
+    @property
+    def run(self) -> Any:  # noqa: D102
+        return self._grid.run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
+                       group_id: str, ttl: float | None = None) -> Message:  # noqa: D102
+        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        """The chosen nodes that are still connected."""
+        connected = set(self._grid.get_node_ids())
+        return [n for n in self._node_ids if n in connected]
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:  # noqa: D102
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # noqa: D102
+        return self._grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *,
+                         timeout: float | None = None) -> Iterable[Message]:  # noqa: D102
+        return self._grid.send_and_receive(messages, timeout=timeout)
+
+
+# --- statistics of held-out histograms ---------------------------------------------------------
+
+
+def histogram_edges(num_bins: int) -> np.ndarray:
+    """The bin edges nodes used for score histograms of ``num_bins`` bins.
+
+    Nodes bin on :func:`common.stats.bins.fine_score_edges` or on equal-width bins
+    (:func:`common.stats.histogram.score_histograms`); the length tells them apart.
+    """
+    fine = fine_score_edges()
+    return fine if num_bins == fine.size - 1 else uniform_edges(num_bins)
+
+
+def summarise_histograms(positive: Sequence[int] | np.ndarray, negative: Sequence[int] | np.ndarray,
+                         *, alpha: float = ALPHA) -> dict[str, Any]:
+    """AUC with a DeLong interval and threshold metrics with Wilson intervals from histograms.
+
+    The DeLong variance of one AUC needs only the pooled histograms: every patient in a bin
+    has the same placement value, so the binned scores are rebuilt (bin left edges, which bin
+    back to the same bin) and passed through :func:`common.stats.auc.node_placement_sums`.
+    Accuracy, sensitivity and specificity use the threshold 0.5 (the nodes' own), which is a
+    bin edge of every supported binning.
+
+    Returns
+    -------
+    dict
+        ``n, n_pos, n_neg``; ``auc``, ``accuracy``, ``sensitivity``, ``specificity`` as
+        :meth:`common.stats.estimate.Estimate.as_dict` (``value, lower, upper, se, n,
+        method``), or None when undefined (e.g. one class only); ``confusion`` counts.
+    """
+    pos = np.asarray(positive, dtype=np.int64)
+    neg = np.asarray(negative, dtype=np.int64)
+    n_pos, n_neg = int(pos.sum()), int(neg.sum())
+    out: dict[str, Any] = {"n": n_pos + n_neg, "n_pos": n_pos, "n_neg": n_neg, "auc": None}
+    edges = histogram_edges(pos.size)
+    if n_pos and n_neg:
+        auc = auc_from_histograms(pos, neg)
+        if n_pos >= 2 and n_neg >= 2:
+            scores = np.repeat(edges[:-1], pos + neg)
+            labels = np.concatenate([np.repeat([1, 0], [p, q]) for p, q in zip(pos, neg)])
+            sums = node_placement_sums([scores], labels, [(pos, neg)], edges=edges)
+            est = auc_ci(auc, delong_from_sums(sums).var, n=n_pos + n_neg, alpha=alpha)
+        else:  # too few patients of a class for a variance: the point estimate only
+            est = Estimate(auc, math.nan, math.nan, math.nan, n_pos + n_neg, "delong")
+        out["auc"] = est.as_dict()
+    cut = np.flatnonzero(np.isclose(edges, 0.5, rtol=0, atol=1e-12))
+    if cut.size and n_pos + n_neg:
+        t = int(cut[0])  # bins t.. hold scores >= 0.5 (predicted positive)
+        counts = {"tp": int(pos[t:].sum()), "fn": int(pos[:t].sum()),
+                  "fp": int(neg[t:].sum()), "tn": int(neg[:t].sum())}
+        by_name = classification_metrics(counts, alpha=alpha, method="wilson")
+        for name in THRESHOLD_METRICS:
+            out[name] = by_name[name].as_dict() if by_name[name].n else None
+        out["confusion"] = counts
+    return out
+
+
+# --- one fold ---------------------------------------------------------------------------------
+
+
+@dataclass
+class FoldOutcome:
+    """What one fold produced (numbers released by the nodes only)."""
+
+    fold: int
+    label: str
+    run_id: str
+    directory: Path
+    holdout_site: str = ""
+    status: str = "running"
+    reason: str = ""
+    rounds: list[RoundLog] = field(default_factory=list)
+    heldout: RoundLog | None = None
+    histograms: tuple[np.ndarray, np.ndarray] | None = None
+    summary: dict[str, Any] = field(default_factory=dict)
+    sites: list[dict[str, Any]] = field(default_factory=list)
+    query_failures: list[dict[str, Any]] = field(default_factory=list)
+
+    def errors(self, names: Mapping[int, str]) -> list[dict[str, Any]]:
+        """Refusals and failures of the fold, named by site where the coordinator knows it."""
+        entries = [(r.round, e) for r in self.rounds for e in r.errors]
+        if self.heldout is not None:
+            entries += [(None, {**e, "phase": "heldout"}) for e in self.heldout.errors]
+        entries += [(None, {**e, "phase": f"heldout query {e.get('query', '')}".strip()})
+                    for e in self.query_failures]
+        out = []
+        for round_, e in entries:
+            node_id = e.get("node_id")
+            site = names.get(node_id, str(e["site"])) if isinstance(node_id, int) else e["site"]
+            out.append({"site": site, "phase": e["phase"], "reason": e["reason"],
+                        "round": round_})
+        return out
+
+    def row(self) -> dict[str, Any]:
+        """The fold's row of ``inference.cv.folds`` (one line of the CV table)."""
+        s = self.summary
+        return {
+            "fold": self.fold,
+            "held_out": self.label,
+            "status": self.status,
+            "n": s.get("n", 0),
+            "auc": s.get("auc"),
+            **{name: s.get(name) for name in THRESHOLD_METRICS},
+            "epsilon_by_site": {row["site"]: row["epsilon"] for row in self.sites},
+            "issues": len(self.errors({})) + (1 if self.reason else 0),
+        }
+
+    def details(self, names: Mapping[int, str]) -> dict[str, Any]:
+        """The fold's entry of ``inference.cv.fold_details``: reasons, per-site results."""
+        extra = self.summary.get("extra") or {}
+        per_site: list[dict[str, Any]] = list(extra.get("auc_sites") or [])
+        if self.heldout is not None:
+            per_site = [{"site": r.site, "n": int(r.metrics.get(k.NUM_EXAMPLES, 0)),
+                         "auc": {"value": _finite(r.metrics.get(k.AUC)), "lower": None,
+                                 "upper": None, "method": "node-reported"}}
+                        for r in self.heldout.evaluate]
+        return {
+            "fold": self.fold,
+            "run_id": self.run_id,
+            "holdout_site": self.holdout_site or None,
+            "status": self.status,
+            "reason": self.reason,
+            "source": self.summary.get("source"),
+            "source_note": self.summary.get("source_note"),
+            "noised": extra.get("noised"),
+            "suppressed_cells": extra.get("suppressed_cells"),
+            "n_pos": self.summary.get("n_pos", 0),
+            "n_neg": self.summary.get("n_neg", 0),
+            "confusion": self.summary.get("confusion"),
+            "train_patients_by_site": {row["site"]: row["num_examples"] for row in self.sites},
+            "heldout_by_site": sorted(per_site, key=lambda r: str(r["site"])),
+            "errors": self.errors(names),
+            "report": str(self.directory / REPORT_JSON),
+        }
+
+
+def _finite(value: object) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def fold_initial_arrays(config: RunConfig, fold: int) -> ArrayRecord:
+    """A fresh global model for ``fold``: seeded by the run seed and the fold number.
+
+    A private generator is used (the global torch RNG is restored afterwards), so folds do not
+    depend on each other's history.
+    """
+    plan = config.plan
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(plan.seed * 1009 + 7919 * (fold + 1))
+        model = build_model(plan.model, in_channels=1, num_classes=2, image_size=plan.image_size)
+        return ArrayRecord(model.state_dict())
+
+
+def _histograms(replies_metrics: list[MetricRecord]) -> tuple[np.ndarray, np.ndarray] | None:
+    hists = [(m[k.HIST_POSITIVE], m[k.HIST_NEGATIVE]) for m in replies_metrics
+             if k.HIST_POSITIVE in m and k.HIST_NEGATIVE in m]
+    if not hists or len(hists) != len(replies_metrics):
+        return None  # some node declined to release histograms: no pooled AUC for the fold
+    sizes = {len(p) for p, _ in hists} | {len(q) for _, q in hists}
+    if len(sizes) != 1:
+        return None
+    pos = np.sum([np.asarray(p, dtype=np.int64) for p, _ in hists], axis=0)
+    neg = np.sum([np.asarray(q, dtype=np.int64) for _, q in hists], axis=0)
+    return pos, neg
+
+
+def evaluate_heldout(
+    grid: Grid, arrays: ArrayRecord, plan_record: Mapping[str, Any],
+    *, timeout: float,
+) -> tuple[RoundLog, tuple[np.ndarray, np.ndarray] | None]:
+    """Evaluate ``arrays`` on the held-out part of every node of ``grid``; pool histograms.
+
+    Returns the per-site log (metrics and errors) and the pooled ``(positive, negative)``
+    histograms, or None when not every answering node released them.
+    """
+    config = ConfigRecord({**plan_record, k.SPLIT: k.SPLIT_HELDOUT, k.WITH_HISTOGRAMS: True})
+    captured: list[MetricRecord] = []
+    node_ids = list(grid.get_node_ids())
+    content = RecordDict({k.ARRAYS: arrays, k.CONFIG: config})
+    messages = [Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=n) for n in node_ids]
+    replies = list(grid.send_and_receive(messages=messages, timeout=timeout))
+    entry = RoundLog(round=0)
+    VesaliusFedAvg._record(entry, replies, node_ids, train=False)
+    for msg in replies:
+        if not msg.has_error() and isinstance(msg.content.get(k.METRICS), MetricRecord):
+            captured.append(msg.content[k.METRICS])  # type: ignore[arg-type]
+    return entry, _histograms(captured)
+
+
+_QUERY_REQUIRED = (k.NUM_EXAMPLES, k.TP, k.FP, k.TN, k.FN, k.HIST_POSITIVE, k.HIST_NEGATIVE)
+
+
+def query_heldout(
+    grid: Grid, arrays: ArrayRecord, config: RunConfig
+) -> tuple[QueryRound | None, str]:
+    """One ``metrics`` statistics query on the held-out parts (:func:`server.inference.query_nodes`).
+
+    Statistics queries go through each node's release rules and ledger (small-count
+    suppression of the confusion cells, optional noise). The fine score histograms are kept
+    whole so that folds can be pooled (:func:`server.inference.pooled_metrics` returns them
+    compressed). Returns the round when at least one node released its histograms, else None
+    (the caller falls back to :func:`evaluate_heldout`), and a note on the nodes that failed.
+    """
+    base = {**config.plan.to_record(), k.SPLIT: k.SPLIT_HELDOUT, k.THRESHOLD: 0.5,
+            k.WITH_HISTOGRAMS: True}
+    res = query_nodes(grid, list(grid.get_node_ids()), "metrics", base,
+                      timeout=config.round_timeout, records={k.ARRAYS: arrays},
+                      required=_QUERY_REQUIRED)
+    note = "; ".join(sorted({f"{f.get('site')}: {f.get('reason')}" for f in res.failures}))
+    if not res.values:
+        return None, note or "no node answered the statistics query"
+    return res, note
+
+
+def _evaluate_fold(grid: Grid, arrays: ArrayRecord, config: RunConfig, outcome: FoldOutcome) -> None:
+    """Held-out statistics of a fold: the statistics query, else evaluate replies.
+
+    The fold's AUC and its DeLong interval follow from the pooled fine score histograms
+    (:func:`summarise_histograms`; for one model the DeLong variance needs no second round);
+    threshold metrics from the pooled confusion counts when no node suppressed a cell, else
+    from the histograms (threshold 0.5 is a bin edge); per-site AUCs from each site's own
+    histograms.
+    """
+    res, note = query_heldout(grid, arrays, config)
+    if res is not None:
+        ids = list(res.values)
+        pooled = res.pooled(_QUERY_REQUIRED)
+        pos = np.rint(pooled[k.HIST_POSITIVE]).astype(np.int64)
+        neg = np.rint(pooled[k.HIST_NEGATIVE]).astype(np.int64)
+        outcome.histograms = (pos, neg)
+        summary = summarise_histograms(pos, neg)
+        suppressed = sum(int(res.values[i].get(k.SUPPRESSED_CELLS, 0)) for i in ids)
+        noised = any(bool(res.values[i].get(k.NOISED, 0)) for i in ids)
+        notes = [f"failed: {note}"] if note else []
+        if suppressed == 0:
+            counts = {name: int(round(float(pooled[key])))
+                      for name, key in (("tp", k.TP), ("fp", k.FP), ("tn", k.TN), ("fn", k.FN))}
+            metrics = classification_metrics(counts, alpha=ALPHA, method="wilson")
+            summary.update({m: metrics[m].as_dict() if metrics[m].n else None
+                            for m in THRESHOLD_METRICS})
+            summary["confusion"] = counts
+        else:
+            notes.append(f"{suppressed} confusion cell(s) suppressed by node release rules: "
+                         "threshold metrics from the released score histograms")
+        sites = []
+        for nid in ids:
+            site = summarise_histograms(res.values[nid][k.HIST_POSITIVE],
+                                        res.values[nid][k.HIST_NEGATIVE])
+            sites.append({"site": res.sites[nid], "n": site["n"], "auc": site["auc"]})
+        outcome.summary = {
+            "source": "statistics query 'metrics' (server.inference.query_nodes)",
+            "source_note": "; ".join(notes) or None,
+            **summary,
+            "extra": {"auc_sites": sites, "noised": noised, "suppressed_cells": suppressed},
+        }
+        outcome.query_failures = list(res.failures)
+        outcome.status = "completed" if summary.get("auc") else "incomplete"
+        if outcome.status == "incomplete":
+            outcome.reason = "held-out AUC undefined (one class absent from the pooled patients)"
+        return
+    outcome.heldout, outcome.histograms = evaluate_heldout(
+        grid, arrays, config.plan.to_record(), timeout=config.round_timeout)
+    if outcome.histograms is None:
+        outcome.status = "incomplete"
+        outcome.reason = ("no pooled held-out AUC: not every node released score histograms "
+                          "of its held-out patients (see errors)")
+        return
+    outcome.summary = {"source": "evaluate replies with score histograms",
+                       "source_note": f"statistics query not used: {note}",
+                       **summarise_histograms(*outcome.histograms)}
+    outcome.status = "completed"
+
+
+def _stopped_by_refusal(rounds: Sequence[RoundLog]) -> bool:
+    return any(str(e.get("reason", "")).startswith("refused") for r in rounds for e in r.errors
+               if e.get("phase") == "train")
+
+
+def run_fold(
+    grid: Grid, config: RunConfig, outcome: FoldOutcome, *, train_nodes: Sequence[int] | None,
+    heldout_nodes: Sequence[int] | None, progress: CVProgress | None, num_folds: int,
+) -> FoldOutcome:
+    """Train a fresh model for one fold, then evaluate it on the held-out parts.
+
+    ``config`` is the fold's own run config (plan with the fold's CV fields, ``out_dir`` the
+    fold's folder). ``train_nodes``/``heldout_nodes`` restrict which nodes train / evaluate
+    (None: all connected nodes). Never raises for node failures: they are recorded.
+    """
+    out_dir = Path(config.out_dir)
+    report = RunReport(config=config)
+    plan_record = config.plan.to_record()
+    train_grid = grid if train_nodes is None else NodeSubsetGrid(grid, train_nodes)
+    needed = len(train_nodes) if train_nodes is not None else config.min_nodes
+    min_nodes = max(1, min(config.min_nodes, needed))
+
+    def updated(entry: RoundLog, phase: str) -> None:
+        if entry not in report.rounds:
+            report.rounds.append(entry)
+        report.write(out_dir)
+        if phase == "evaluate" and progress is not None:
+            progress(FoldEvent("round", outcome.fold, num_folds, outcome.label,
+                               entry.round, config.plan.num_rounds))
+
+    strategy = VesaliusFedAvg(
+        checkpoint_dir=out_dir / "checkpoints", on_update=updated,
+        fraction_train=config.fraction_train,
+        fraction_evaluate=0.0,  # no per-round validation: CV validation patients train
+        min_train_nodes=min_nodes, min_evaluate_nodes=min_nodes, min_available_nodes=min_nodes,
+    )
+    initial = fold_initial_arrays(config, outcome.fold)  # a config error stops the whole CV
+    try:
+        result = strategy.start(
+            grid=train_grid, initial_arrays=initial,
+            num_rounds=config.plan.num_rounds, timeout=config.round_timeout,
+            train_config=ConfigRecord(dict(plan_record)),
+        )
+        outcome.rounds = list(report.rounds)
+        outcome.sites = report.sites()
+        if not any(entry.train for entry in report.rounds):
+            outcome.status, outcome.reason = "failed", "no node trained in any round"
+        else:
+            (out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+            torch.save(result.arrays.to_torch_state_dict(), out_dir / "checkpoints" / "final.pt")
+            eval_grid = grid if heldout_nodes is None else NodeSubsetGrid(grid, heldout_nodes)
+            _evaluate_fold(eval_grid, result.arrays, config, outcome)
+        report.status, report.reason = outcome.status, outcome.reason
+    except Exception as exc:  # a fold may fail (e.g. no node connected): record, go on
+        log.exception("fold %s failed", outcome.fold)
+        outcome.rounds = list(report.rounds)
+        outcome.sites = report.sites()
+        outcome.status, outcome.reason = "failed", f"{type(exc).__name__}: {exc}"
+        report.status, report.reason = outcome.status, outcome.reason
+    report.write(out_dir)
+    return outcome
+
+
+# --- the whole cross-validation ----------------------------------------------------------------
+
+
+@dataclass
+class CVResult:
+    """The outcome of a cross-validation; :meth:`to_dict` is ``report.json``."""
+
+    config: RunConfig
+    mode: str
+    num_folds: int
+    out_dir: Path
+    folds: list[FoldOutcome] = field(default_factory=list)
+    site_names: dict[int, str] = field(default_factory=dict)
+    status: str = "running"
+    reason: str = ""
+    html: Path | None = None
+
+    @property
+    def report_path(self) -> Path:
+        """``out_dir/report.json``."""
+        return self.out_dir / REPORT_JSON
+
+    def pooled(self) -> dict[str, Any]:
+        """Across folds: AUC of all held-out patients' pooled histograms, mean +- SD of folds."""
+        with_hist = [f for f in self.folds if f.histograms is not None]
+        aucs = [f.summary["auc"]["value"] for f in with_hist if f.summary.get("auc")]
+        out: dict[str, Any] = {"held_out": "all folds", "n": 0, "auc": None}
+        sizes = {f.histograms[0].size for f in with_hist if f.histograms is not None}
+        if with_hist and len(sizes) == 1:
+            pos = np.sum([f.histograms[0] for f in with_hist if f.histograms is not None], axis=0)
+            neg = np.sum([f.histograms[1] for f in with_hist if f.histograms is not None], axis=0)
+            summary = summarise_histograms(pos, neg)
+            out.update({key: summary.get(key) for key in ("n", "auc", *THRESHOLD_METRICS)})
+            out["n_pos"], out["n_neg"] = summary["n_pos"], summary["n_neg"]
+        out["auc_mean"] = float(np.mean(aucs)) if aucs else None
+        out["auc_sd"] = float(np.std(aucs, ddof=1)) if len(aucs) >= 2 else None
+        out["folds_included"] = [f.fold for f in with_hist]
+        out["note"] = ("auc: all held-out patients' scores pooled over folds, each scored by "
+                       "its own fold's model, so score-scale differences between the folds' "
+                       "models lower it; auc_mean / auc_sd summarise the folds' own AUCs")
+        return out
+
+    def roc(self) -> dict[str, Any]:
+        """Held-out ROC histograms for the HTML report: pooled over folds, and per fold."""
+        with_hist = [f for f in self.folds if f.histograms is not None]
+        if not with_hist or len({f.histograms[0].size for f in with_hist if f.histograms}) != 1:
+            return {}
+        pos = np.sum([f.histograms[0] for f in with_hist if f.histograms is not None], axis=0)
+        neg = np.sum([f.histograms[1] for f in with_hist if f.histograms is not None], axis=0)
+        return {
+            "pooled": {"pos": pos.tolist(), "neg": neg.tolist()},
+            "sites": {f"fold {f.fold} ({f.label})" if f.holdout_site else f"fold {f.fold}":
+                      {"pos": f.histograms[0].tolist(), "neg": f.histograms[1].tolist()}
+                      for f in with_hist if f.histograms is not None},
+        }
+
+    def meta(self) -> dict[str, Any]:
+        """Leave-one-site-out: DerSimonian-Laird pooling of the sites' held-out AUCs.
+
+        Each fold's AUC is one site's, with its DeLong variance; k-fold folds are not
+        separate populations, so they get no meta-analysis.
+        """
+        if self.mode != "loso":
+            return {}
+        rows = [(f.label, f.summary["auc"]) for f in self.folds if f.summary.get("auc")]
+        rows = [(name, a) for name, a in rows if a.get("se") is not None and a["se"] > 0]
+        if len(rows) < 2:
+            return {}
+        try:
+            res = random_effects([a["value"] for _, a in rows], [a["se"] ** 2 for _, a in rows],
+                                 alpha=ALPHA, site_names=[name for name, _ in rows])
+        except VesaliusError as exc:
+            log.info("AUC meta-analysis skipped: %s", exc)
+            return {}
+        return {"auc": res.as_dict()}
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON document (see the module docstring of :mod:`server.cv`)."""
+        pooled = self.pooled()
+        plan = self.config.plan
+        return {
+            "kind": "cross-validation",
+            "run_id": self.config.plan.run_id or None,
+            "status": self.status,
+            "reason": self.reason,
+            "config": {**self.config.to_dict(), k.CV_FOLDS: self.num_folds if self.mode == "kfold" else 0,
+                       k.CV_LEAVE_ONE_SITE_OUT: self.mode == "loso"},
+            "privacy": {
+                "unit": "patient",
+                "mechanism": "DP-SGD (Opacus), Poisson sampling of patients" if plan.private
+                else "none (non-private baseline)",
+                "accountant": "rdp",
+                "target_epsilon": plan.target_epsilon if plan.private else None,
+                "scope": "per hospital, for the whole cross-validation: nodes plan and account "
+                "every fold against their cap; a fold's epsilon_by_site is the epsilon each "
+                "node released after that fold's last round",
+                "not_covered": "held-out score histograms are released without noise",
+            },
+            "inference": {
+                "roc": self.roc(),
+                "meta": self.meta(),
+                "cv": {
+                    "metric": "auc",
+                    "mode": self.mode,
+                    "num_folds": self.num_folds,
+                    "alpha": ALPHA,
+                    "auc_method": "AUC of the pooled per-class score histograms of the "
+                    "held-out patients; 95% CI by DeLong on the binned scores",
+                    "metric_ci_method": "wilson (threshold 0.5)",
+                    "folds": [f.row() for f in self.folds],
+                    "pooled": pooled,
+                    "fold_details": [f.details(self.site_names) for f in self.folds],
+                },
+            },
+            "html": str(self.html) if self.html is not None else None,
+        }
+
+    def write(self) -> Path:
+        """Write ``report.json`` atomically; return its path."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        _atomic_write(self.report_path, json.dumps(_json_safe(self.to_dict()), indent=2,
+                                                   allow_nan=False))
+        return self.report_path
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(key): _json_safe(v) for key, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    return value
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    # Same contract as server.report's writer: a reader never sees a half-written report.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def discover_sites(grid: Grid, config: RunConfig) -> dict[int, str]:
+    """Site name of every connected node (leave-one-site-out needs them to name folds).
+
+    Each node evaluates the initial model on its validation split once and replies with its
+    site name (and the usual aggregate metrics of an untrained model; nothing per patient).
+    Nodes that fail are left out (logged).
+    """
+    _wait_for_nodes(grid, config.min_nodes, config.round_timeout)
+    node_ids = list(grid.get_node_ids())
+    content = RecordDict({k.ARRAYS: fold_initial_arrays(config, -1),
+                          k.CONFIG: ConfigRecord({**config.plan.to_record(), k.SPLIT: k.SPLIT_VAL})})
+    messages = [Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=n) for n in node_ids]
+    names: dict[int, str] = {}
+    for msg in grid.send_and_receive(messages=messages, timeout=config.round_timeout):
+        info = msg.content.get(k.NODE_INFO) if not msg.has_error() else None
+        if isinstance(info, ConfigRecord) and k.SITE in info:
+            names[msg.metadata.src_node_id] = str(info[k.SITE])
+        else:
+            log.warning("node %s did not tell its site name", msg.metadata.src_node_id)
+    return names
+
+
+def _wait_for_nodes(grid: Grid, min_nodes: int, timeout: float) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while len(list(grid.get_node_ids())) < min_nodes and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
+def run_cross_validation(
+    grid: Grid, config: RunConfig, *, num_folds: int | None, leave_one_site_out: bool,
+    out_dir: Path | None = None, progress: CVProgress | None = None,
+) -> CVResult:
+    """Run a federated k-fold or leave-one-site-out cross-validation; write its reports.
+
+    Parameters
+    ----------
+    grid : Grid
+        Flower's Grid of the ServerApp.
+    config : RunConfig
+        The run configuration; its plan's CV fields are set per fold. ``plan.seed`` is the
+        cross-validation's seed (fold assignment at the nodes; initial weights per fold).
+    num_folds : int or None
+        k of a k-fold (>= 2); ignored (may be None) for leave-one-site-out.
+    leave_one_site_out : bool
+        One fold per connected node instead.
+    out_dir : Path, optional
+        Where reports go (default ``config.out_dir``).
+    progress : callable, optional
+        Receives :class:`FoldEvent` s.
+
+    Returns
+    -------
+    CVResult
+        Also written to ``out_dir/report.json`` after every fold, and ``report.html`` at the
+        end when :mod:`server.report_html` is available.
+    """
+    spec = CVSpec(num_folds=0 if leave_one_site_out else int(num_folds or 0),
+                  leave_one_site_out=leave_one_site_out)
+    if not spec.enabled:
+        raise ConfigError("run_cross_validation needs num_folds >= 2 or leave_one_site_out")
+    root = Path(out_dir if out_dir is not None else config.out_dir)
+    result = CVResult(config=config, mode=spec.mode, num_folds=spec.num_folds, out_dir=root)
+    try:
+        _run_folds(grid, config, spec, result, progress)
+        done = [f for f in result.folds if f.status == "completed"]
+        if result.status == "running":
+            result.status = "completed" if len(done) == len(result.folds) and done else (
+                "incomplete" if done else "failed")
+            if result.status != "completed":
+                result.reason = (f"{len(done)} of {len(result.folds)} folds completed "
+                                 "(see each fold's reason and errors)")
+    except BaseException as exc:
+        result.status, result.reason = "failed", f"{type(exc).__name__}: {exc}"
+        result.write()
+        raise
+    result.write()
+    result.html = _write_html(result)
+    result.write()
+    if progress is not None:
+        progress(FoldEvent("done", len(result.folds), result.num_folds, result.status))
+    return result
+
+
+def _run_folds(grid: Grid, config: RunConfig, spec: CVSpec, result: CVResult,
+               progress: CVProgress | None) -> None:
+    base_id = config.plan.run_id or f"cv-{config.plan.seed}"
+    holdouts: list[tuple[str, int | None]]
+    if spec.leave_one_site_out:
+        result.site_names = discover_sites(grid, config)
+        named = sorted(result.site_names.items(), key=lambda item: (item[1], item[0]))
+        holdouts = [(name, node_id) for node_id, name in named]
+        if len(holdouts) < 2:
+            raise ConfigError(f"leave-one-site-out needs at least two sites; found {len(holdouts)}")
+        duplicates = {n for n, _ in holdouts if [m for m, _ in holdouts].count(n) > 1}
+        if duplicates:
+            raise ConfigError(f"site names must differ for leave-one-site-out: {sorted(duplicates)}")
+        result.num_folds = len(holdouts)
+    else:
+        holdouts = [("", None)] * spec.num_folds
+    total = len(holdouts)
+    for fold, (site, node_id) in enumerate(holdouts):
+        plan = replace(config.plan, cv_mode=spec.mode, fold=fold, num_folds=total,
+                       holdout_site=site, run_id=f"{base_id}-fold-{fold}")
+        fold_dir = result.out_dir / f"fold-{fold}"
+        fold_config = replace(config, plan=plan, out_dir=str(fold_dir))
+        label = site if site else f"fold-{fold}"
+        outcome = FoldOutcome(fold=fold, label=label, run_id=plan.run_id, directory=fold_dir,
+                              holdout_site=site)
+        result.folds.append(outcome)
+        if progress is not None:
+            progress(FoldEvent("start", fold, total, label, 0, plan.num_rounds))
+        train_nodes = heldout_nodes = None
+        if node_id is not None:
+            others = [n for n in result.site_names if n != node_id]
+            train_nodes, heldout_nodes = others, [node_id]
+        run_fold(grid, fold_config, outcome, train_nodes=train_nodes,
+                 heldout_nodes=heldout_nodes, progress=progress, num_folds=total)
+        _learn_names(result.site_names, outcome)
+        result.write()
+        if progress is not None:
+            progress(FoldEvent("evaluated", fold, total, label, plan.num_rounds, plan.num_rounds,
+                               fold_row=outcome.row()))
+        if config.on_refusal == "stop" and _stopped_by_refusal(outcome.rounds):
+            result.status = "stopped"
+            result.reason = (f"a node refused the plan in fold {fold} and on-refusal=stop: "
+                             "later folds were not run")
+            return
+
+
+def _learn_names(names: dict[int, str], outcome: FoldOutcome) -> None:
+    entries = list(outcome.rounds) + ([outcome.heldout] if outcome.heldout else [])
+    for entry in entries:
+        for reply in entry.train + entry.evaluate:
+            names.setdefault(reply.node_id, reply.site)
+
+
+def _write_html(result: CVResult) -> Path | None:
+    """``report.html`` through :mod:`server.report_html` when it is available."""
+    try:
+        from server.report_html import render_report_html
+    except ImportError as exc:
+        log.warning("server.report_html is not available (%s): no report.html written", exc)
+        return None
+    path = result.out_dir / REPORT_HTML
+    try:
+        render_report_html(_json_safe(result.to_dict()), path)
+    except (VesaliusError, ValueError, OSError, KeyError, TypeError) as exc:
+        log.warning("report.html could not be written: %s", exc)
+        return None
+    return path
+
+
+# --- Flower entry points -----------------------------------------------------------------------
+
+
+def build_cv_server_app(
+    config: RunConfig | None = None, spec: CVSpec | None = None, *,
+    progress: CVProgress | None = None, on_finish: Callable[[CVResult], None] | None = None,
+) -> ServerApp:
+    """A ServerApp that runs a cross-validation (config and spec default to the run config)."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        cfg = config if config is not None else RunConfig.from_user_config(context.run_config)
+        cv = spec if spec is not None else CVSpec.from_user_config(context.run_config)
+        result = run_cross_validation(grid, cfg, num_folds=cv.num_folds,
+                                      leave_one_site_out=cv.leave_one_site_out,
+                                      out_dir=Path(cfg.out_dir), progress=progress)
+        if on_finish is not None:
+            on_finish(result)
+
+    return server_app
+
+
+def simulate_cross_validation(
+    config: RunConfig, nodes: Sequence[Any], spec: CVSpec, *,
+    progress: CVProgress | None = None, num_cpus: int | None = None, verbose: bool = False,
+) -> CVResult:
+    """Simulate the hospitals ``nodes`` (NodeConfig each) with Ray and cross-validate.
+
+    Same runtime settings as :func:`server.simulation.run_simulation`, with the
+    cross-validation ServerApp.
+    """
+    from flwr.simulation import run_simulation as flwr_run_simulation
+
+    from client.app import build_client_app, simulated_nodes
+
+    if len(nodes) < config.min_nodes:
+        raise ConfigError(f"{len(nodes)} simulated node(s) but the run needs min-nodes={config.min_nodes}")
+    for var, value in (("FLWR_TELEMETRY_ENABLED", "0"), ("FLWR_DISABLE_UPDATE_CHECK", "1"),
+                       ("RAY_DEDUP_LOGS", "0"), ("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")):
+        os.environ.setdefault(var, value)
+    logging.getLogger("flwr").setLevel(logging.INFO if verbose else logging.ERROR)
+    results: list[CVResult] = []
+    server_app = build_cv_server_app(config, spec, progress=progress, on_finish=results.append)
+    client_app = build_client_app(simulated_nodes(dict(enumerate(nodes))))
+    init_args: dict[str, Any] = {"logging_level": "INFO" if verbose else "ERROR",
+                                 "log_to_driver": verbose}
+    if num_cpus is not None:
+        init_args["num_cpus"] = num_cpus
+    flwr_run_simulation(
+        server_app=server_app, client_app=client_app, num_supernodes=len(nodes),
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                        "init_args": init_args},
+        verbose_logging=verbose,
+    )
+    if not results:
+        raise RuntimeError("the simulated cross-validation ended without a result; see the log "
+                           f"(a partial report may be in {config.out_dir})")
+    return results[0]

@@ -1,0 +1,98 @@
+"""No node message of the inference flows carries a per-patient value.
+
+Every coordinator flow (pooled metrics, paired comparison, conformal, calibration slope,
+MC-dropout and ensemble entropy, federated logistic regression) runs against nodes served by the real ClientApp; then
+every reply is inspected: each list has a length fixed by the coordinator (bins, features,
+models, set sizes), never a node's patient count, and no clinical row appears in any reply.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, Message, MetricRecord
+
+from client.app import _load, heldout_split
+from client.data.tabular import design_matrix, load_tabular
+from client.queries import list_queries
+from common import messages as k
+from common.stats.bins import fine_score_edges
+from server import inference
+from tests.client.queries.fake_grid import InProcessGrid
+from tests.client.queries.federation import PLAN, image_nodes, model_arrays
+
+CAL_BINS, VALUE_BINS, CONFORMAL_BINS = 7, 37, 5003
+COLUMNS = ["age", "sex", "cp=4", "thalach", "oldpeak", "exang"]
+SITES = ("cleveland", "hungarian", "switzerland", "va")
+
+
+def _lists(reply: Message) -> list[tuple[str, list[Any]]]:
+    out = []
+    for name, record in reply.content.items():
+        assert isinstance(record, MetricRecord | ConfigRecord), f"unexpected record {name}"
+        if isinstance(record, ConfigRecord):
+            assert name == k.NODE_INFO and set(record) == {k.SITE}
+        for key, value in record.items():
+            assert not isinstance(value, bytes), f"{key}: bytes in a reply"
+            if isinstance(value, list):
+                out.append((key, value))
+    return out
+
+
+
+
+def test_image_flows_release_no_per_patient_vector(tmp_path: Path) -> None:
+    nodes = image_nodes(tmp_path)
+    grid = InProcessGrid(nodes)
+    ids = grid.get_node_ids()
+    a, b = model_arrays(0), model_arrays(1)
+    counts = {heldout_split(n, PLAN, _load(n, PLAN), s).num_patients
+              for n in nodes.values() for s in (k.SPLIT_VAL, k.SPLIT_TEST)}
+    inference.pooled_metrics(grid, ids, a, PLAN, split=k.SPLIT_TEST, timeout=5,
+                             calibration_bins=CAL_BINS)
+    inference.paired_comparison(grid, ids, a, b, PLAN, split=k.SPLIT_TEST, timeout=5,
+                                calibration_bins=CAL_BINS)
+    inference.conformal_prediction(grid, ids, a, PLAN, timeout=5, bins=CONFORMAL_BINS)
+    inference.calibration_regression(grid, ids, a, PLAN, split=k.SPLIT_TEST, timeout=5)
+    inference.predictive_entropy_summary(grid, ids, PLAN, split=k.SPLIT_TEST, timeout=5,
+                                         arrays=a, mc_samples=3, bins=VALUE_BINS)
+    inference.predictive_entropy_summary(grid, ids, PLAN, split=k.SPLIT_TEST, timeout=5,
+                                         ensemble=[a, b], bins=VALUE_BINS)
+    nb = fine_score_edges().size - 1
+    # bins; models M and M*M (also the calibration GLM's p and p*p); conformal set sizes
+    allowed = {nb, CAL_BINS, VALUE_BINS, CONFORMAL_BINS, 1, 2, 4, 3}
+    assert not allowed & counts, "fixture: pick bin counts that differ from patient counts"
+    asked = {str(m.content[k.CONFIG][k.QUERY]) for m in grid.sent}
+    assert asked == set(list_queries()) - {"logistic"}
+    assert grid.replies and not any(r.has_error() for r in grid.replies)
+    for reply in grid.replies:
+        for key, value in _lists(reply):
+            assert len(value) in allowed and len(value) not in counts, (key, len(value))
+
+
+def test_logistic_flow_releases_no_clinical_row(shared_file: Callable[[str], Path]) -> None:
+    from common.config import NodeConfig
+
+    paths = [shared_file(f"heart_disease_uci/processed.{s}.data") for s in SITES]
+    nodes = {20 + i: NodeConfig(data_dir=p.parent, site_name=s, tabular_path=p)
+             for i, (s, p) in enumerate(zip(SITES, paths, strict=True))}
+    grid = InProcessGrid(nodes)
+    result = inference.federated_logistic(grid, grid.get_node_ids(), COLUMNS, timeout=5)
+    assert result["status"] == "completed"
+    p = len(COLUMNS) + 1
+    rows = [design_matrix(load_tabular(path), COLUMNS) for path in paths]
+    counts = {x.shape[0] for x, _ in rows}
+    assert not {p, p * p} & counts
+    for reply in grid.replies:
+        for key, value in _lists(reply):
+            assert len(value) in {p, p * p} and len(value) not in counts, (key, len(value))
+            arr = np.asarray(value, dtype=np.float64)
+            for x, _ in rows:
+                # No patient's covariates (intercept dropped) appear as a run of the vector.
+                width = x.shape[1] - 1
+                windows = np.lib.stride_tricks.sliding_window_view(arr, width)
+                hits = (windows[:, None, :] == x[None, :, 1:]).all(axis=2)
+                assert not hits.any(), key
