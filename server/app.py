@@ -96,6 +96,10 @@ def run_federation(
             )
             (out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
             torch.save(result.arrays.to_torch_state_dict(), out_dir / "checkpoints" / "final.pt")
+            report.extra["inference"] = final_inference(
+                grid, result.arrays, config, [n for n in grid.get_node_ids()
+                                              if n not in strategy.excluded]
+            )
             if report.final.evaluate_metrics:
                 report.status = "completed"
                 if strategy.excluded:
@@ -116,8 +120,39 @@ def run_federation(
         report.write(out_dir)
         raise
     report.write(out_dir)
+    _write_html(report, out_dir)
     log.info("run finished: %s", report.summary())
     return report
+
+
+def final_inference(
+    grid: Grid, arrays: ArrayRecord, config: RunConfig, node_ids: list[int]
+) -> dict[str, object]:
+    """Pooled inference on the final model over the nodes' test splits (statistics queries).
+
+    Metrics with confidence intervals, the pooled AUC with its DeLong interval, calibration and
+    a between-site meta-analysis, all from sums the nodes release under their own release
+    rules (:mod:`client.release`). A failure here never fails the run: the report says why.
+    """
+    from server.inference import pooled_metrics
+
+    try:
+        section = pooled_metrics(grid, node_ids, arrays, config.plan, split=k.SPLIT_TEST,
+                                 timeout=config.round_timeout)
+    except Exception as exc:  # noqa: BLE001 - inference is an extra; the run already completed
+        log.warning("pooled inference failed: %s", exc)
+        return {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"}
+    return section
+
+
+def _write_html(report: RunReport, out_dir: Path) -> None:
+    """``report.html`` beside ``report.json`` (plots of the inference section)."""
+    from server.report_html import render_report_html
+
+    try:
+        render_report_html(report.to_dict(), out_dir / "report.html")
+    except Exception as exc:  # noqa: BLE001 - a plot must never lose the JSON report
+        log.warning("report.html could not be written: %s", exc)
 
 
 def build_server_app(

@@ -40,6 +40,19 @@ def _clean(value: float) -> float | None:
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
+def _json_safe(value: Any) -> Any:
+    """Strict-JSON form of a nested section: non-finite numbers become null, numpy to Python."""
+    if isinstance(value, dict):
+        return {str(key): _json_safe(v) for key, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
+        return _json_safe(value.tolist())  # numpy arrays and scalars
+    if isinstance(value, float):
+        return _clean(value)
+    return value
+
+
 def _site_row(reply: SiteReply) -> dict[str, Any]:
     row: dict[str, Any] = {"site": reply.site}
     row.update({key: _clean(v) for key, v in reply.metrics.items()})
@@ -145,7 +158,7 @@ class RunReport:
                 "sites": [_site_row(r) for r in self.final.evaluate],
                 "errors": self.final.errors,
             }
-        out.update(self.extra)
+        out.update({key: _json_safe(value) for key, value in self.extra.items()})
         return out
 
     def summary(self) -> str:
