@@ -47,6 +47,6 @@ def demo(
     doc = simulate(config, data_root, epsilon_cap=epsilon, allow_non_private=False,
                    verbose=verbose, ledger_root=ledgers)
     print_report(doc)
-    console.print(f"report: {out / 'report.json'}")
+    console.print(f"report: {out / 'report.json'} (plots: {out / 'report.html'})")
     if doc.get("status") != "completed":
         raise typer.Exit(1)
