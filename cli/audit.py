@@ -83,7 +83,9 @@ def show(
                   str(len(s.runs)))
     console.print(t)
     console.print("unit of privacy: patient (patient level) or hospital (client-level DP); "
-                  "each dataset is composed at its smallest delta")
+                  "'exact' rows count releases without DP (exact metrics and statistics: "
+                  "epsilon infinite, never counted against the cap); each dataset is composed "
+                  "at its smallest delta")
     if torn:
         err_console.print(f"[yellow]warning:[/yellow] {torn}; run `vesalius audit verify`")
 

@@ -381,10 +381,32 @@ def handle_evaluate(msg: Message, context: Context, node: NodeConfig) -> Message
         pos, neg = score_histograms(res.scores, res.labels)
         values[k.HIST_POSITIVE] = [int(v) for v in pos]
         values[k.HIST_NEGATIVE] = [int(v) for v in neg]
+    _record_exact_release(node, plan, data, split, split_name, sorted(values))
     content = RecordDict(
         {k.METRICS: MetricRecord(values), k.NODE_INFO: ConfigRecord({k.SITE: node.site_name})}
     )
     return Message(content=content, reply_to=msg)
+
+
+def _record_exact_release(
+    node: NodeConfig, plan: TrainPlan, data: NodeData, split: SplitArrays, split_name: str,
+    keys: list[str],
+) -> None:
+    """Put an evaluation release on the ledger's record (level "exact": no DP guarantee,
+    never counted against the cap) before it leaves, so the record holds every release."""
+    NodeBudget.for_node(node).ledger.append(
+        LedgerEntry(
+            fingerprint=data.fingerprint,
+            run_id=plan.run_id or "unnamed-run",
+            release=f"evaluate:{split_name}",
+            mechanism=Mechanism(kind="gaussian", noise_multiplier=0.0, steps=1),
+            delta=default_delta(max(split.num_patients, 1)),
+            dataset_size=split.num_patients,
+            fold=plan.fold if plan.cv_mode != "none" else None,
+            level="exact",
+            params={"metrics": ",".join(keys), "model": plan.model},
+        )
+    )
 
 
 @contextlib.contextmanager

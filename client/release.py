@@ -32,9 +32,10 @@ Exact release (m = 0)
     3. Fine score histograms (AUC/DeLong) are exempt from rule 2, which would erase them (on
        ~10,000 bins nearly every occupied cell holds one patient); they are released only
        where the hospital consents (``release-histograms``), as in the evaluate handler.
-    An exact release carries no DP guarantee and is **not** written to the privacy ledger (the
-    ledger holds mechanisms whose epsilon it can compose, and an exact sum has none); it is
-    logged on the node (query, run, patients, suppressed cells) at INFO level.
+    An exact release carries no DP guarantee. It is written to the privacy ledger at level
+    ``"exact"`` (a Gaussian mechanism with no noise, epsilon infinite), so that the record
+    holds every release, and is never composed into the patient-level cap (it would make
+    every budget infinite); ``vesalius audit show`` lists these entries per dataset.
 
 Per-patient values never leave: every statistic is a sum over patients, or a vector whose
 length the coordinator fixed (bins, features); the handler checks the shapes.
@@ -114,7 +115,7 @@ def file_fingerprint(path: str | Any) -> str:
 
 
 def _budget(node: NodeConfig) -> Any:
-    # Imported here: the ledger (and its signing key) is needed only for noised releases.
+    # Imported here: the ledger pulls in Opacus (accounting) and the node key.
     from client.privacy_guard import NodeBudget
 
     return NodeBudget.for_node(node)
@@ -166,20 +167,24 @@ class ReleaseGuard:
 
         return [Mechanism(kind="gaussian", noise_multiplier=self.mechanism_multiplier, steps=1)]
 
-    def _entry(self) -> Any:
+    def _entry(self, *, exact: bool = False, suppressed: int = 0) -> Any:
         from common.ledger.entry import LedgerEntry
+        from common.ledger.mechanism import Mechanism
 
         return LedgerEntry(
             fingerprint=self.fingerprint,
             run_id=self.run_id or "unknown",
             release=f"query:{self.query}",
-            mechanism=self._mechanisms()[0],
+            mechanism=(Mechanism(kind="gaussian", noise_multiplier=0.0, steps=1) if exact
+                       else self._mechanisms()[0]),
             delta=default_delta(max(self.num_patients, 1)),
             dataset_size=int(self.num_patients),
             fold=self.fold,
+            level="exact" if exact else "patient",
             params={
                 "stats-noise-multiplier": float(self.node.stats_noise_multiplier),
                 "statistics": len(self.statistics),
+                "suppressed-cells": int(suppressed),
             },
         )
 
@@ -267,9 +272,10 @@ class ReleaseGuard:
             arrays = self._noise(arrays)
         else:
             arrays, suppressed = self._suppress(arrays)
+            _budget(self.node).ledger.append(self._entry(exact=True, suppressed=suppressed))
             log.info(
                 "exact (non-DP) release query:%s run=%s patients=%d suppressed-cells=%d "
-                "(not in the privacy ledger)",
+                "(ledger level 'exact')",
                 self.query, self.run_id, self.num_patients, suppressed,
             )
         out: dict[str, float | int | list[float] | list[int]] = {}

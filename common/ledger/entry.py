@@ -39,9 +39,13 @@ FORMAT_VERSION = 1
 GENESIS = "0" * 64
 """``prev`` of the first record."""
 
-LEVELS = ("patient", "hospital")
-"""Units of privacy: ``patient`` entries count against the node's cap; ``hospital`` entries
-(client-level DP of the federation) are reported separately and never mixed with them."""
+LEVELS = ("patient", "hospital", "exact")
+"""Privacy levels. Only ``"patient"`` entries count against a node's epsilon cap;
+``"hospital"`` entries (client-level DP of the federation) are reported separately and never
+mixed with them; ``"exact"`` entries record releases that carry no DP guarantee (exact
+evaluation metrics and statistics under the node's small-count rules, see
+:mod:`client.release`) so that every release is on the record. Their mechanism is a Gaussian
+with no noise (epsilon infinite); they are listed, never composed into a cap."""
 
 _ENTRY_FIELDS = (
     "fingerprint", "run_id", "release", "mechanism", "delta", "dataset_size", "fold", "round",
@@ -102,9 +106,10 @@ class LedgerEntry:
         Patients in the dataset (for reporting).
     fold, round : int or None, optional
         Cross-validation fold and federated round, when they apply.
-    level : {"patient", "hospital"}, optional
+    level : {"patient", "hospital", "exact"}, optional
         Unit of privacy. Only ``"patient"`` entries count against the node's epsilon cap;
-        ``"hospital"`` entries (client-level DP) are composed and reported separately.
+        ``"hospital"`` entries (client-level DP) are composed and reported separately;
+        ``"exact"`` entries record releases without DP (see :data:`LEVELS`).
     epsilon_reported : float or None, optional
         Total epsilon the trainer reported after this release (``inf`` for a release with no
         guarantee); cross-checked by :func:`common.ledger.verify_ledger`.

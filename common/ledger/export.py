@@ -117,7 +117,8 @@ def export_summary(
         datasets.append({
             "fingerprint": fingerprint,
             "level": level,
-            "unit_of_privacy": "patient" if level == "patient" else "hospital",
+            "unit_of_privacy": {"patient": "patient", "hospital": "hospital"}.get(
+                level, "none: exact releases without a DP guarantee"),
             "dataset_size": max(e.dataset_size for e in entries),
             "delta": spend.delta,
             "epsilon_rdp": _num(spend.epsilon_rdp),

@@ -43,7 +43,15 @@ def test_exact_release_suppresses_small_cells_and_linked_sums(tmp_path: Path) ->
     assert out.values["cells"] == [0, 0, 12, 25]  # 3 is in 1..9: released as 0
     assert out.values["sums"] == [0.0, 0.0, 6.0, 20.0]  # its sum goes with it
     assert out.values["n"] == 40 and out.suppressed_cells == 1
-    assert not (tmp_path / "ledger" / "ledger.jsonl").exists()  # exact: not in the ledger
+    # Exact: on the record at level "exact" (no DP guarantee), never counted against the cap.
+    from common.ledger import Ledger
+
+    ledger = Ledger(tmp_path / "ledger" / "ledger.jsonl")
+    [record] = ledger.read().records
+    assert record.entry.level == "exact" and record.entry.release.startswith("query:")
+    assert record.entry.mechanism.noise_multiplier == 0.0
+    assert record.entry.params["suppressed-cells"] == 1
+    assert ledger.spend("fp-demo").entries == 0  # patient level untouched
 
 
 def test_exact_release_below_cohort_minimum_is_refused(tmp_path: Path) -> None:

@@ -150,3 +150,18 @@ def test_heldout_split_without_cv_is_a_clear_error(site_dir: Path, tmp_path: Pat
     app = build_client_app()
     reply = app(_evaluate(PLAN, k.SPLIT_HELDOUT), node_context(_node(site_dir, tmp_path)))
     assert reply.has_error() and "cv-mode" in reply.error.reason
+
+
+def test_evaluation_releases_are_on_the_record_but_not_on_the_cap(
+    site_dir: Path, tmp_path: Path
+) -> None:
+    app = build_client_app()
+    ctx = node_context(_node(site_dir, tmp_path))
+    assert not app(_train(PLAN, 1), ctx).has_error()
+    assert not app(_evaluate(PLAN, k.SPLIT_VAL), ctx).has_error()
+    ledger = Ledger(tmp_path / "ledger.jsonl")
+    levels = [(r.entry.release, r.entry.level) for r in ledger.read().records]
+    assert levels == [("train", "patient"), ("evaluate:val", "exact")]
+    fingerprint = ledger.read().records[0].entry.fingerprint
+    assert ledger.spend(fingerprint).entries == 1  # the exact release is not composed
+    assert verify_ledger(tmp_path / "ledger.jsonl").ok
