@@ -32,7 +32,7 @@ from client.queries.registry import Query, QueryRequest, register_query
 from client.queries.scoring import patient_scores
 from client.release import Statistic
 from common import messages as k
-from common.errors import ConfigError, DataError
+from common.errors import BudgetExceededError, ConfigError, DataError
 from common.stats.auc import node_placement_sums
 from common.stats.bins import class_histograms, fine_score_edges, uniform_edges
 from common.stats.calibration import CALIBRATION_BINS, calibration_bin_sums
@@ -142,6 +142,37 @@ def _pooled_hists(req: QueryRequest, models: int) -> list[tuple[np.ndarray, np.n
     return out
 
 
+def _check_pooled_contains_own(
+    req: QueryRequest, scores: list[np.ndarray], labels: np.ndarray,
+    pooled: list[tuple[np.ndarray, np.ndarray]],
+) -> None:
+    """Exact releases: refuse "pooled" histograms that are not counts including the node's own.
+
+    Exact placement sums against arbitrary coordinator-chosen weights would reveal the node's
+    score histogram (e.g. mass in one bin counts the positives above a threshold), so the node
+    accepts only non-negative integer counts that contain its own histogram bin by bin, and
+    only where it consents to releasing histograms at all. (A coordinator could still add
+    fabricated counts to isolate bins; exact releases are only as safe as the node's trust in
+    the coordinator, which is why they are on the ledger's record at level "exact".)
+    """
+    if not req.node.release_histograms:
+        raise BudgetExceededError(
+            "placements query without histogram consent",
+            safe_reason="refused: this node does not release score histograms "
+            "(release-histograms), on which DeLong placement sums depend",
+        )
+    for model_scores, (pos, neg) in zip(scores, pooled, strict=True):
+        own_pos, own_neg = class_histograms(model_scores, labels)
+        for theirs, mine in ((pos, own_pos), (neg, own_neg)):
+            if (np.any(theirs < 0) or np.any(theirs != np.round(theirs))
+                    or np.any(theirs < np.asarray(mine))):
+                raise BudgetExceededError(
+                    "pooled histograms do not contain this node's histogram",
+                    safe_reason="refused: the pooled histograms sent back are not pooled "
+                    "counts that include this node's own release",
+                )
+
+
 @register_query("placements")
 class PlacementsQuery(Query):
     """Pass 2: DeLong placement sums against the pooled (and the node's own) histograms."""
@@ -179,7 +210,10 @@ class PlacementsQuery(Query):
                 safe_reason="refused: fewer positive or negative held-out patients than this "
                 f"node's minimum release count ({req.node.min_release_count})",
             )
-        sums = node_placement_sums(scores, labels, _pooled_hists(req, len(keys)))
+        pooled = _pooled_hists(req, len(keys))
+        if exact:  # a noised release is protected (and charged) whatever the weights
+            _check_pooled_contains_own(req, scores, labels, pooled)
+        sums = node_placement_sums(scores, labels, pooled)
         out: dict[str, Any] = {
             k.NUM_POSITIVE: sums["n_pos"], k.NUM_NEGATIVE: sums["n_neg"],
             k.V10_SUM: sums["v10_sum"], k.V10_CROSS: sums["v10_cross"],

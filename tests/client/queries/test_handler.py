@@ -186,3 +186,30 @@ def test_placements_need_pooled_histograms_and_models(images: Path) -> None:
     reply = _ask_image(cfg, {k.QUERY: "mcnemar", k.SPLIT: k.SPLIT_TEST},
                        {k.ARRAYS: model_arrays(0)})
     assert reply.has_error() and k.ARRAYS_B in reply.error.reason
+
+
+def test_exact_placements_refuse_crafted_pooled_histograms(images: Path) -> None:
+    # A coordinator putting all negative mass in one bin would learn, from exact placement
+    # sums, how many positives score above that bin: the node refuses such "pooled" counts.
+    node, cfg = _image_cfg(images)
+    scores, labels = reference_scores(node, model_arrays(0), k.SPLIT_TEST)
+    pos, neg = class_histograms(scores, labels)
+    crafted_neg = np.zeros_like(neg)
+    crafted_neg[len(neg) // 2] = 1000
+    for p_hist, n_hist in ((pos, crafted_neg), (pos - 1, neg), (pos + 0.5, neg)):
+        pooled = MetricRecord({k.HIST_POSITIVE: [float(v) for v in p_hist],
+                               k.HIST_NEGATIVE: [float(v) for v in n_hist]})
+        reply = _ask_image(cfg, {k.QUERY: "placements", k.SPLIT: k.SPLIT_TEST},
+                           {k.ARRAYS: model_arrays(0), k.POOLED: pooled})
+        assert reply.has_error() and "not pooled counts" in reply.error.reason
+    # Genuine pooled counts (own histogram plus other sites') are served.
+    pooled = MetricRecord({k.HIST_POSITIVE: [int(v) + 1 for v in pos],
+                           k.HIST_NEGATIVE: [int(v) + 2 for v in neg]})
+    reply = _ask_image(cfg, {k.QUERY: "placements", k.SPLIT: k.SPLIT_TEST},
+                       {k.ARRAYS: model_arrays(0), k.POOLED: pooled})
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    # Without histogram consent, no exact placement sums at all.
+    _, no_consent = _image_cfg(images, release_histograms=False)
+    reply = _ask_image(no_consent, {k.QUERY: "placements", k.SPLIT: k.SPLIT_TEST},
+                       {k.ARRAYS: model_arrays(0), k.POOLED: pooled})
+    assert reply.has_error() and "release-histograms" in reply.error.reason
