@@ -99,6 +99,11 @@ def verify(
     tolerance: float = typer.Option(
         0.01, "--tolerance", help="Relative tolerance of the epsilon recomputation (0.01 = 1%)."
     ),
+    expect_head: list[str] = typer.Option(
+        [], "--expect-head",
+        help="INDEX:HASH anchor recorded outside the node (a run report's ledger_head, an "
+        "export's head); catches removed last entries or a replaced file. Repeatable.",
+    ),
     output_format: str = _FORMAT,
 ) -> None:
     """Check chain, signatures and torn tail; recompute epsilon with dp_accounting.
@@ -114,7 +119,8 @@ def verify(
     if not (tolerance >= 0 and math.isfinite(tolerance)):
         raise _fail("--tolerance must be a finite number >= 0")
     try:
-        report = verify_ledger(ledger, public_key=public_key, tolerance=tolerance)
+        report = verify_ledger(ledger, public_key=public_key, tolerance=tolerance,
+                               expect_heads=expect_head)
     except LedgerError as exc:
         raise _fail(str(exc)) from None
     if output_format == "json":

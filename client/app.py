@@ -319,6 +319,24 @@ def handle_train(msg: Message, context: Context, node: NodeConfig) -> Message:
             "training produced non-finite weights",
             safe_reason="local training diverged (non-finite weights); nothing was released",
         )
+    if not plan.private:
+        # A non-private release (the node consented to baselines) goes on the record too, at
+        # level "exact": no DP guarantee, listed for auditors, never composed into the cap.
+        budget = NodeBudget.for_node(node)
+        budget.ledger.append(
+            LedgerEntry(
+                fingerprint=data.fingerprint,
+                run_id=plan.run_id or "unnamed-run",
+                release="train",
+                mechanism=Mechanism(kind="gaussian", noise_multiplier=0.0, steps=1),
+                delta=decision.delta,
+                dataset_size=train_split.num_patients,
+                fold=plan.fold if plan.cv_mode != "none" else None,
+                round=server_round,
+                level="exact",
+                params={"model": plan.model, "private": False, "steps": int(result.steps)},
+            )
+        )
     privacy = (
         _privacy_metrics(node, run, decision.delta, result.epsilon,
                          with_prv=server_round >= plan.num_rounds)
@@ -341,10 +359,25 @@ def handle_train(msg: Message, context: Context, node: NodeConfig) -> Message:
         {
             k.ARRAYS: ArrayRecord(result.state_dict),
             k.METRICS: metrics,
-            k.NODE_INFO: ConfigRecord({k.SITE: node.site_name}),
+            k.NODE_INFO: _node_info(node, budget),
         }
     )
     return Message(content=content, reply_to=msg)
+
+
+def _node_info(node: NodeConfig, budget: NodeBudget | None) -> ConfigRecord:
+    """Site name and, where the node keeps a ledger, its head ``INDEX:HASH``.
+
+    The coordinator writes the head into its report: an anchor outside the hospital that
+    ``vesalius audit verify --expect-head`` checks, so removing the ledger's last entries (or
+    replacing the file) cannot silently give a dataset its budget back.
+    """
+    info: dict[str, str] = {k.SITE: node.site_name}
+    if budget is not None:
+        records = budget.ledger.read().records
+        if records:
+            info[k.LEDGER_HEAD] = f"{records[-1].index}:{records[-1].hash}"
+    return ConfigRecord(info)
 
 
 def handle_evaluate(msg: Message, context: Context, node: NodeConfig) -> Message:
@@ -381,20 +414,21 @@ def handle_evaluate(msg: Message, context: Context, node: NodeConfig) -> Message
         pos, neg = score_histograms(res.scores, res.labels)
         values[k.HIST_POSITIVE] = [int(v) for v in pos]
         values[k.HIST_NEGATIVE] = [int(v) for v in neg]
-    _record_exact_release(node, plan, data, split, split_name, sorted(values))
+    budget = NodeBudget.for_node(node)
+    _record_exact_release(budget, plan, data, split, split_name, sorted(values))
     content = RecordDict(
-        {k.METRICS: MetricRecord(values), k.NODE_INFO: ConfigRecord({k.SITE: node.site_name})}
+        {k.METRICS: MetricRecord(values), k.NODE_INFO: _node_info(node, budget)}
     )
     return Message(content=content, reply_to=msg)
 
 
 def _record_exact_release(
-    node: NodeConfig, plan: TrainPlan, data: NodeData, split: SplitArrays, split_name: str,
+    budget: NodeBudget, plan: TrainPlan, data: NodeData, split: SplitArrays, split_name: str,
     keys: list[str],
 ) -> None:
     """Put an evaluation release on the ledger's record (level "exact": no DP guarantee,
     never counted against the cap) before it leaves, so the record holds every release."""
-    NodeBudget.for_node(node).ledger.append(
+    budget.ledger.append(
         LedgerEntry(
             fingerprint=data.fingerprint,
             run_id=plan.run_id or "unnamed-run",

@@ -66,6 +66,7 @@ ERROR_CODE_NODE: Final = 101  # the node failed to serve the request (data, mode
 
 # --- NODE_INFO keys -------------------------------------------------------------------------
 SITE: Final = "site"
+LEDGER_HEAD: Final = "ledger-head"  # "INDEX:HASH" of the node's last ledger entry (an anchor)
 
 # Keys that carry one number per node, never averaged across nodes by the coordinator.
 PER_NODE_METRICS: Final = frozenset(

@@ -81,6 +81,11 @@ class RunReport:
         for entry in self.rounds:
             for reply in entry.train:
                 latest[reply.node_id] = reply
+        heads: dict[int, str] = {}
+        for entry in [*self.rounds, *([self.final] if self.final is not None else [])]:
+            for reply in [*entry.train, *entry.evaluate]:
+                if reply.ledger_head:
+                    heads[reply.node_id] = reply.ledger_head
         names = [reply.site for reply in latest.values()]
         rows = []
         for node_id, reply in latest.items():
@@ -97,6 +102,8 @@ class RunReport:
                     "delta": _clean(m.get(k.DELTA, math.nan)),
                     "noise_multiplier": _clean(m.get(k.NOISE_MULTIPLIER, math.nan)),
                     "sample_rate": _clean(m.get(k.SAMPLE_RATE, math.nan)),
+                    # Audit anchor: `vesalius audit verify --expect-head` at the hospital.
+                    "ledger_head": heads.get(node_id, ""),
                 }
             )
         return sorted(rows, key=lambda row: str(row["site"]))

@@ -11,6 +11,7 @@ import base64
 import hashlib
 import logging
 import os
+import tempfile
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
@@ -86,16 +87,25 @@ def load_or_create_private_key(key_path: Path) -> Ed25519PrivateKey:
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
+        # Write a complete key to a private temporary file, then hard-link it into place:
+        # the link either appears whole or not at all (a crash never leaves a partial PEM),
+        # and it fails if another process made the key first (then we use theirs).
+        fd, tmp_name = tempfile.mkstemp(dir=key_path.parent, prefix=".node-key-", suffix=".tmp")
         try:
-            fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            pass  # another process made it first: use theirs
-        else:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(pem)
                 fh.flush()
                 os.fsync(fh.fileno())
-            log.info("made a new node signing key at %s", key_path)
+            os.chmod(tmp_name, 0o600)
+            try:
+                os.link(tmp_name, key_path)
+            except FileExistsError:
+                pass  # another process made it first: use theirs
+            else:
+                _fsync_dir(key_path.parent)
+                log.info("made a new node signing key at %s", key_path)
+        finally:
+            os.unlink(tmp_name)
     key = load_private_key(key_path)
     pub_path = public_key_path(key_path)
     if not pub_path.exists():
@@ -103,6 +113,14 @@ def load_or_create_private_key(key_path: Path) -> Ed25519PrivateKey:
         tmp.write_bytes(_public_pem(key.public_key()))
         os.replace(tmp, pub_path)
     return key
+
+
+def _fsync_dir(folder: Path) -> None:
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def _make_private_dir(folder: Path) -> None:

@@ -112,6 +112,7 @@ def verify_ledger(
     *,
     public_key: Path | bytes | None = None,
     tolerance: float = DEFAULT_TOLERANCE,
+    expect_heads: Sequence[str] = (),
 ) -> VerifyReport:
     """Check a ledger file end to end.
 
@@ -137,6 +138,11 @@ def verify_ledger(
     tolerance : float, optional
         Relative tolerance of epsilon comparisons (default 0.01, i.e. 1 %; see
         :data:`~common.ledger.accounting.DEFAULT_TOLERANCE`).
+    expect_heads : sequence of str, optional
+        Anchors ``"INDEX:HASH"`` recorded outside the node (each run report lists every
+        node's ledger head after each round; an exported summary has its head). The chain
+        alone cannot show that its *last* entries were removed, or that the file was replaced
+        by a fresh one; an anchor can: entry INDEX must exist and carry HASH.
 
     Returns
     -------
@@ -188,8 +194,33 @@ def verify_ledger(
         prev = (record.hash, record.expected_hash()) if record is not None else None
     if torn is not None:
         report.problems.append(Problem(torn.index, torn.line, torn.describe()))
+    for anchor in expect_heads:
+        problem = _anchor_problem(anchor, parsed)
+        if problem is not None:
+            report.problems.append(problem)
     _check_epsilons(good, tolerance, report)
     return report
+
+
+def _anchor_problem(anchor: str, parsed: Sequence[Any]) -> Problem | None:
+    """A problem when the anchored entry ``INDEX:HASH`` is missing or differs."""
+    index_text, _, digest = anchor.partition(":")
+    if not index_text.isdigit() or not digest:
+        raise LedgerError(f"an expected head must read INDEX:HASH, got {anchor!r}")
+    index = int(index_text)
+    if index >= len(parsed):
+        return Problem(index, index + 1, (
+            f"the ledger ends at entry {len(parsed) - 1}, but an anchor outside the node "
+            f"records entry {index} ({digest[:16]}...): entries were removed or the file "
+            "was replaced"
+        ))
+    record = parsed[index].record
+    if record is None or record.hash != digest:
+        return Problem(index, index + 1, (
+            f"entry {index} does not carry the anchored hash {digest[:16]}...: the ledger "
+            "was rewritten from this entry on"
+        ))
+    return None
 
 
 def _check_epsilons(

@@ -41,6 +41,7 @@ class SiteReply:
     site: str
     node_id: int
     metrics: dict[str, float]
+    ledger_head: str = ""  # "INDEX:HASH" the node reported (an audit anchor), if any
 
 
 @dataclass
@@ -61,6 +62,13 @@ def _site(msg: Message) -> str:
     if isinstance(info, ConfigRecord) and k.SITE in info:
         return str(info[k.SITE])
     return f"node-{msg.metadata.src_node_id}"
+
+
+def _ledger_head(msg: Message) -> str:
+    info = msg.content.get(k.NODE_INFO)
+    if isinstance(info, ConfigRecord) and k.LEDGER_HEAD in info:
+        return str(info[k.LEDGER_HEAD])
+    return ""
 
 
 def _scalars(record: MetricRecord) -> dict[str, float]:
@@ -159,7 +167,8 @@ class VesaliusFedAvg(FedAvg):
             metrics = msg.content.get(k.METRICS)
             if not isinstance(metrics, MetricRecord):
                 continue
-            reply = SiteReply(_site(msg), msg.metadata.src_node_id, _scalars(metrics))
+            reply = SiteReply(_site(msg), msg.metadata.src_node_id, _scalars(metrics),
+                              _ledger_head(msg))
             (entry.train if train else entry.evaluate).append(reply)
         answered = {msg.metadata.src_node_id for msg in replies}
         for node_id in expected:

@@ -64,7 +64,8 @@ def test_report_json_layout_and_atomic_write(tmp_path: Path) -> None:
     assert doc["rounds"][0]["metrics"][k.TRAIN_LOSS] == 0.5
     assert doc["sites"] == [{"site": "site-1", "num_examples": 50, "epsilon": 2.5,
                              "epsilon_prv": None, "epsilon_dataset": None, "epsilon_cap": None,
-                             "delta": 1e-5, "noise_multiplier": 1.1, "sample_rate": 0.2}]
+                             "delta": 1e-5, "noise_multiplier": 1.1, "sample_rate": 0.2,
+                             "ledger_head": ""}]
     assert doc["config"]["num-server-rounds"] == 1
     assert doc["privacy"]["unit"].startswith("patient (not image)")
     assert "site-1" in (tmp_path / "summary.txt").read_text()

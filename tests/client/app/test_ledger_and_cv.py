@@ -165,3 +165,25 @@ def test_evaluation_releases_are_on_the_record_but_not_on_the_cap(
     fingerprint = ledger.read().records[0].entry.fingerprint
     assert ledger.spend(fingerprint).entries == 1  # the exact release is not composed
     assert verify_ledger(tmp_path / "ledger.jsonl").ok
+
+
+def test_the_ledger_head_in_replies_catches_removed_entries(site_dir: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from cli.app import app as cli
+
+    node_app = build_client_app()
+    ctx = node_context(_node(site_dir, tmp_path))
+    replies = [node_app(_train(PLAN, r), ctx) for r in (1, 2)]
+    head = str(replies[-1].content[k.NODE_INFO][k.LEDGER_HEAD])
+    ledger_file = tmp_path / "ledger.jsonl"
+    assert verify_ledger(ledger_file, expect_heads=[head]).ok
+    # Cut the last entry: the chain alone still verifies, the anchor does not.
+    lines = ledger_file.read_bytes().splitlines(keepends=True)
+    ledger_file.write_bytes(b"".join(lines[:-1]))
+    assert verify_ledger(ledger_file).ok
+    report = verify_ledger(ledger_file, expect_heads=[head])
+    assert not report.ok and "entries were removed" in report.problems[0].reason
+    result = CliRunner().invoke(cli, ["audit", "verify", "--ledger", str(ledger_file),
+                                      "--expect-head", head])
+    assert result.exit_code == 1 and "entries were removed" in result.output
