@@ -54,6 +54,8 @@ def print_inference(section: Any) -> None:
         console.print(t)
     for fail in section.get("failures", []):
         console.print(f"  [yellow]{fail.get('query')}: {fail.get('reason')}[/yellow]")
+    if section.get("metrics_note"):
+        console.print(f"  [yellow]{section['metrics_note']}[/yellow]")
     if section.get("auc_note"):
         console.print(f"  [yellow]{section['auc_note']}[/yellow]")
     if section.get("status") == "failed":

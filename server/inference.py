@@ -334,6 +334,25 @@ def _histograms(
             for nid, v in res.values.items() if pos_key in v and neg_key in v}
 
 
+def _confusion_from_histograms(
+    hists: Mapping[int, tuple[np.ndarray, np.ndarray]], ids: Sequence[int], threshold: float
+) -> dict[str, int] | None:
+    """Confusion counts at ``threshold`` from every node's fine histograms, when possible."""
+    from common.stats.bins import fine_score_edges
+
+    if not ids or any(i not in hists for i in ids):
+        return None
+    edges = fine_score_edges()
+    cut = np.flatnonzero(np.isclose(edges, threshold, rtol=0.0, atol=1e-12))
+    if not cut.size or hists[ids[0]][0].size != edges.size - 1:
+        return None
+    t = int(cut[0])  # bins t.. hold scores >= threshold (predicted positive)
+    pos = np.sum([hists[i][0] for i in ids], axis=0)
+    neg = np.sum([hists[i][1] for i in ids], axis=0)
+    return {"tp": int(round(float(pos[t:].sum()))), "fn": int(round(float(pos[:t].sum()))),
+            "fp": int(round(float(neg[t:].sum()))), "tn": int(round(float(neg[:t].sum())))}
+
+
 def _pooled_record(hists: Sequence[tuple[np.ndarray, np.ndarray]]) -> MetricRecord:
     """The pooled histograms of one or two models, sent back for pass 2."""
     keys = [(k.HIST_POSITIVE, k.HIST_NEGATIVE), (k.HIST_POSITIVE_B, k.HIST_NEGATIVE_B)]
@@ -413,6 +432,20 @@ def _pooled_metrics(
     pooled = first.pooled(_METRICS_REQUIRED)
     confusion = {name: int(round(float(pooled[key]))) for name, key in
                  (("tp", k.TP), ("fp", k.FP), ("tn", k.TN), ("fn", k.FN))}
+    metrics_note = ""
+    if suppressed and not noised:
+        # Small cells were released as 0: estimates on those counts would not equal the
+        # pooled-data computation. Where every node released its (unsuppressed, consented)
+        # fine histograms and the threshold is a bin edge, count from the histograms instead.
+        from_hists = _confusion_from_histograms(_histograms(first), ids, threshold)
+        if from_hists is not None:
+            confusion = from_hists
+            metrics_note = ("small cells were suppressed at some node: threshold metrics are "
+                            "counted from the released score histograms instead")
+        else:
+            metrics_note = (f"{suppressed} small cell(s) were suppressed (released as 0): "
+                            "threshold metrics and calibration are computed on suppressed "
+                            "counts and differ from the pooled-data values")
     counts = np.maximum(np.rint(pooled[k.CAL_COUNT]), 0.0)
     cal = {"count": counts, "score_sum": pooled[k.CAL_SCORE_SUM],
            "label_sum": pooled[k.CAL_LABEL_SUM], "sq_error_sum": pooled[k.BRIER_SUM]}
@@ -424,7 +457,7 @@ def _pooled_metrics(
     n = int(round(float(pooled[k.NUM_EXAMPLES])))
     out.update(
         status="completed", reason="", n=n, sites=names, noised=noised,
-        suppressed_cells=suppressed, confusion=confusion,
+        suppressed_cells=suppressed, confusion=confusion, metrics_note=metrics_note,
         metrics={name: est.as_dict() for name, est in
                  classification_metrics(confusion, alpha=alpha, method=ci_method).items()},
         calibration=_calibration(cal, calibration_bins),

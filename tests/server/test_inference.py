@@ -222,3 +222,22 @@ def test_noised_conformal_and_entropy_do_not_crash(root: Path, tmp_path: Path) -
                                                                     model_arrays(1)])
     for res in (conf, ent):
         assert res["status"] in {"completed", "failed"} and res["failures"] == []
+
+
+def test_suppressed_cells_do_not_bias_threshold_metrics(root: Path) -> None:
+    # With a minimum release count, small confusion cells are released as 0; the coordinator
+    # then counts from the (consented, unsuppressed) histograms so the estimates still equal
+    # the pooled-data computation, and says so.
+    nodes = image_nodes(root, min_release_count=8)
+    a = model_arrays(0)
+    s, y = _pooled(nodes, a, k.SPLIT_TEST)
+    per_site = [reference_scores(node, a, k.SPLIT_TEST) for node in nodes.values()]
+    cells = [confusion_matrix(yy, (ss >= 0.5).astype(int), labels=[0, 1]).ravel()
+             for ss, yy in per_site]
+    assert any(0 < c < 8 for row in cells for c in row)  # the fixture has a small cell
+    res = inference.pooled_metrics(InProcessGrid(nodes), list(nodes), a, PLAN,
+                                   split=k.SPLIT_TEST, timeout=5, threshold=0.5)
+    assert res["suppressed_cells"] > 0 and "histograms" in res["metrics_note"]
+    tn, fp, fn, tp = confusion_matrix(y, (s >= 0.5).astype(int), labels=[0, 1]).ravel()
+    assert res["confusion"] == {"tp": tp, "fp": fp, "tn": tn, "fn": fn}
+    assert res["metrics"]["accuracy"]["value"] == pytest.approx((tp + tn) / s.size)
