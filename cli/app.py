@@ -6,8 +6,10 @@ import os
 
 import typer
 
+from cli.audit import audit_app
 from cli.demo import demo
 from cli.federation import federation_app
+from cli.models import models_app
 from cli.node import node_app
 from cli.synth import synth
 
@@ -21,6 +23,8 @@ app.command("synth")(synth)
 app.command("demo")(demo)
 app.add_typer(node_app, name="node")
 app.add_typer(federation_app, name="federation")
+app.add_typer(audit_app, name="audit")
+app.add_typer(models_app, name="models")
 
 
 def main() -> None:

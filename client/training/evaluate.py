@@ -71,6 +71,12 @@ def _image_scores(
                 x = images[start : start + batch_size].to(device)
                 y = labels[start : start + batch_size].to(device)
                 logits = model(x)
+                if logits.ndim != 2:
+                    raise ConfigError(
+                        f"evaluate scores classifiers ([B, 2] logits); this model returns "
+                        f"shape {tuple(logits.shape)} (a segmentation model is scored with "
+                        "Dice, see common.models.unet)"
+                    )
                 if logits.shape[1] != 2:
                     raise ConfigError(
                         f"evaluate supports binary classifiers (2 logits), got {logits.shape[1]}"

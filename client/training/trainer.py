@@ -55,10 +55,15 @@ logger = logging.getLogger(__name__)
 DEFAULT_GRAD_SAMPLE_MODE = "hooks"
 """Opacus mode for a module that was not built by :func:`common.models.build_model`."""
 
+_NO_EMPTY_BATCH_MODES = frozenset({"ew", "functorch"})
+"""Modes whose per-sample machinery fails on an empty (Poisson) batch; see
+:func:`_noise_only_step`."""
+
 _WRAPPER_FORWARD_MODES = frozenset({"ew", "ghost"})
 """Modes that capture per-sample gradients only through the wrapper's own ``forward`` ("ew":
 ``call_for_per_sample_grads``) or criterion ("ghost"), so a ``dp_loss`` that calls the inner
-module's layers directly is not seen by them."""
+module's layers directly is not seen by them. "ghost" works with a model that also has
+``dp_loss_per_sample`` (see :class:`_PerSampleLoss`)."""
 
 ProgressFn = Callable[[int, int], None]
 """Called as ``progress(steps_done, steps_total)`` after every optimiser step."""
@@ -181,6 +186,26 @@ def resolve_grad_sample_mode(model: nn.Module, requested: str | None = None) -> 
     return spec.grad_sample_mode if spec is not None else DEFAULT_GRAD_SAMPLE_MODE
 
 
+class _PerSampleLoss:
+    """Criterion adapter over a model's ``dp_loss_per_sample`` for Opacus ghost clipping.
+
+    Ghost clipping (``grad_sample_mode="ghost"``) needs the per-sample losses: Opacus wraps
+    the criterion, sets ``reduction = "none"`` to get them, back-propagates once to get the
+    per-sample gradient norms and again with the clipping coefficients. This adapter takes
+    ``(inputs, targets)`` and honours ``reduction``.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self._per_sample = model.dp_loss_per_sample
+        self.reduction = "mean"
+
+    def __call__(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        per_sample: torch.Tensor = self._per_sample(inputs, targets)
+        if self.reduction == "none":
+            return per_sample
+        return per_sample.sum() if self.reduction == "sum" else per_sample.mean()
+
+
 class _ModelLoss:
     """Loss of one batch: the model's ``dp_loss`` when it has one, else cross-entropy.
 
@@ -195,8 +220,15 @@ class _ModelLoss:
         self._dp_loss = getattr(inner, "dp_loss", None)
         self._model = model
         self._criterion = criterion
+        # Ghost clipping wraps the criterion; a _PerSampleLoss criterion takes the inputs.
+        self._inputs_criterion = isinstance(
+            getattr(criterion, "criterion", criterion), _PerSampleLoss
+        )
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self._inputs_criterion:
+            ghost: torch.Tensor = self._criterion(images, labels)
+            return ghost
         if callable(self._dp_loss):
             loss: torch.Tensor = self._dp_loss(images, labels)
             return loss
@@ -290,7 +322,8 @@ def train_dp(
         Opacus per-sample gradient mode; default the mode registered for the model
         (:func:`resolve_grad_sample_mode`), ``"hooks"`` for an unregistered module. ``"ghost"``
         and ``"ew"`` see only the wrapper's forward and criterion, so they cannot train a
-        model with ``dp_loss``.
+        model with ``dp_loss``; ``"ghost"`` can if the model also defines
+        ``dp_loss_per_sample`` (per-sample terms ``[B]`` whose mean is ``dp_loss``).
     progress : callable, optional
         ``progress(steps_done, steps_total)`` after each step.
     momentum : float, optional
@@ -320,12 +353,18 @@ def train_dp(
         delta=delta,
         grad_sample_mode=grad_sample_mode,
     )
-    if private and grad_sample_mode in _WRAPPER_FORWARD_MODES and callable(
-        getattr(model, "dp_loss", None)
+    ghost_per_sample = (
+        private and grad_sample_mode == "ghost"
+        and callable(getattr(model, "dp_loss_per_sample", None))
+    )
+    if (
+        private and grad_sample_mode in _WRAPPER_FORWARD_MODES and not ghost_per_sample
+        and callable(getattr(model, "dp_loss", None))
     ):
         raise ConfigError(
             f"grad_sample_mode={grad_sample_mode!r} cannot train a model with its own dp_loss "
             "(it needs the loss from the wrapped forward/criterion); use 'hooks' or 'functorch'"
+            " (or, for 'ghost', give the model a dp_loss_per_sample method)"
         )
     prior = prior or AccountantState()
     dev = device if isinstance(device, torch.device) else select_device(device)
@@ -334,14 +373,15 @@ def train_dp(
     net = copy.deepcopy(model).to(dev)
     net.train()
     optimizer = torch.optim.SGD(net.parameters(), lr=learning_rate, momentum=momentum)
-    criterion: Any = nn.CrossEntropyLoss()
+    criterion: Any = _PerSampleLoss(net) if ghost_per_sample else nn.CrossEntropyLoss()
     loader: DataLoader[Any] = DataLoader(
         dataset, batch_size=batch_size, shuffle=True, generator=_generator(seed, 0)
     )
 
     if not private:
         loss, steps = _run_epochs(
-            _ModelLoss(net, criterion), optimizer, loader, dev, epochs, progress
+            _ModelLoss(net, criterion), optimizer, loader, dev, epochs, progress,
+            skip_empty_forward=False,
         )
         logger.warning("non-private training: the released weights carry no DP guarantee")
         return TrainResult(
@@ -378,7 +418,8 @@ def train_dp(
     rate = float(dp_loader.sample_rate)  # type: ignore[attr-defined]  # DPDataLoader
     try:
         loss, steps = _run_epochs(
-            _ModelLoss(dp_model, criterion), dp_optimizer, dp_loader, dev, epochs, progress
+            _ModelLoss(dp_model, criterion), dp_optimizer, dp_loader, dev, epochs, progress,
+            skip_empty_forward=grad_sample_mode in _NO_EMPTY_BATCH_MODES,
         )
     finally:
         if hasattr(dp_model, "_close"):
@@ -413,13 +454,25 @@ def _run_epochs(
     device: torch.device,
     epochs: int,
     progress: ProgressFn | None,
+    *,
+    skip_empty_forward: bool,
 ) -> tuple[float, int]:
-    """Run the SGD loop; return (mean image loss, steps taken)."""
+    """Run the SGD loop; return (mean image loss, steps taken).
+
+    With ``skip_empty_forward`` an empty Poisson batch is not run through the model (modes
+    that cannot) but still takes its noise-only DP step (:func:`_noise_only_step`).
+    """
     total_steps = epochs * len(loader)
     steps, loss_sum, seen = 0, 0.0, 0
     for _ in range(epochs):
         for images, labels in _batches(loader, device):
             optimizer.zero_grad(set_to_none=True)
+            if skip_empty_forward and len(labels) == 0:
+                _noise_only_step(optimizer)
+                steps += 1
+                if progress is not None:
+                    progress(steps, total_steps)
+                continue
             loss = batch_loss(images, labels)
             loss.backward()
             optimizer.step()  # an empty Poisson batch still takes a (noise-only) step
@@ -430,3 +483,20 @@ def _run_epochs(
             if progress is not None:
                 progress(steps, total_steps)
     return (loss_sum / seen if seen else math.nan), steps
+
+
+def _noise_only_step(optimizer: torch.optim.Optimizer) -> None:
+    """Take the DP step of an empty Poisson batch without a forward pass.
+
+    Opacus's ``DPOptimizer`` treats zero per-sample gradients (shape ``[0, *p.shape]``) as an
+    empty batch: the clipped sum is zero, Gaussian noise is added and the accountant records
+    the step, exactly as when the hooks see an empty batch. "ew" and "functorch" modes cannot
+    run the model on a batch of size 0, so the trainer sets those empty per-sample gradients
+    itself.
+    """
+    params = getattr(optimizer, "params", None)
+    if params is None:  # not an Opacus optimizer: nothing to do for an empty batch
+        return
+    for p in params:
+        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+    optimizer.step()
