@@ -54,7 +54,8 @@ def default_ledger_root(data_root: Path) -> Path:
 
 
 def simulate(config: RunConfig, data_root: Path, *, epsilon_cap: float, allow_non_private: bool,
-             verbose: bool, ledger_root: Path | None = None) -> dict[str, object]:
+             verbose: bool, ledger_root: Path | None = None,
+             min_release_count: int = 10) -> dict[str, object]:
     """Run a simulated federation over the ``site-*`` folders of ``data_root``."""
     from server.simulation import run_simulation
 
@@ -63,7 +64,7 @@ def simulate(config: RunConfig, data_root: Path, *, epsilon_cap: float, allow_no
         # Simulated hospitals on this machine: histograms may be released for the pooled AUC.
         NodeConfig(data_dir=d, epsilon_cap=epsilon_cap, site_name=d.name,
                    allow_non_private=allow_non_private, release_histograms=True,
-                   ledger_dir=ledgers / d.name)
+                   ledger_dir=ledgers / d.name, min_release_count=min_release_count)
         for d in site_dirs(data_root)
     ]
     total = config.plan.num_rounds
@@ -122,6 +123,7 @@ def run(
     min_nodes: int = typer.Option(2, "--min-nodes", min=1),
     epsilon_cap: float = typer.Option(8.0, "--epsilon-cap", help="Simulation: each simulated hospital's cap."),
     on_refusal: str = typer.Option("exclude", "--on-refusal", help="When a node refuses the plan (its budget): 'exclude' it from the rest of the run, or 'stop' the run."),
+    min_release_count: int = typer.Option(10, "--min-release-count", min=0, help="Simulation: each simulated hospital's minimum release count (exact releases of fewer patients are refused; small cells suppressed)."),
     model_phase: str = typer.Option("", "--model-phase", help="DBN/DBM training phase: finetune, pretrain or pretrain:<layer>."),
     insecure: bool = typer.Option(False, "--insecure", help="Plain-text connection (loopback tests only)."),
     root_certificates: Path | None = typer.Option(None, "--root-certificates"),
@@ -144,7 +146,7 @@ def run(
         if data_root is None:
             raise typer.BadParameter("give --data-root for a simulation, or --superlink ADDRESS")
         doc = simulate(config, data_root, epsilon_cap=epsilon_cap, allow_non_private=non_private,
-                       verbose=verbose)
+                       verbose=verbose, min_release_count=min_release_count)
     else:
         doc = run_on_superlink(config, superlink, insecure=insecure,
                                root_certificates=root_certificates, flwr_home=flwr_home)
@@ -235,7 +237,8 @@ def print_cv_report(doc: Mapping[str, Any]) -> None:
 
 
 def simulate_cv(config: RunConfig, data_root: Path, *, folds: int, leave_one_site_out: bool,
-                epsilon_cap: float, allow_non_private: bool, verbose: bool) -> dict[str, object]:
+                epsilon_cap: float, allow_non_private: bool, verbose: bool,
+                min_release_count: int = 10) -> dict[str, object]:
     """Cross-validate over the ``site-*`` folders of ``data_root`` in a simulation."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -246,7 +249,8 @@ def simulate_cv(config: RunConfig, data_root: Path, *, folds: int, leave_one_sit
         # Simulated hospitals on this machine: histograms may be released for the pooled AUC.
         NodeConfig(data_dir=d, epsilon_cap=epsilon_cap, site_name=d.name,
                    allow_non_private=allow_non_private, release_histograms=True,
-                   ledger_dir=default_ledger_root(data_root) / d.name)
+                   ledger_dir=default_ledger_root(data_root) / d.name,
+                   min_release_count=min_release_count)
         for d in site_dirs(data_root)
     ]
     num_folds = len(nodes) if leave_one_site_out else folds
@@ -294,6 +298,7 @@ def cv(
     min_nodes: int = typer.Option(2, "--min-nodes", min=1),
     epsilon_cap: float = typer.Option(8.0, "--epsilon-cap", help="Simulation: each simulated hospital's cap (all folds together)."),
     on_refusal: str = typer.Option("exclude", "--on-refusal", help="When a node refuses a fold's plan: 'exclude' it, or 'stop' the cross-validation."),
+    min_release_count: int = typer.Option(10, "--min-release-count", min=0, help="Simulation: each simulated hospital's minimum release count (exact releases of fewer patients are refused; small cells suppressed)."),
     insecure: bool = typer.Option(False, "--insecure", help="Plain-text connection (loopback tests only)."),
     root_certificates: Path | None = typer.Option(None, "--root-certificates"),
     flwr_home: Path | None = typer.Option(None, "--flwr-home", help="FLWR_HOME for `flwr run`."),
@@ -317,7 +322,8 @@ def cv(
         if data_root is None:
             raise typer.BadParameter("give --data-root for a simulation, or --superlink ADDRESS")
         doc = simulate_cv(config, data_root, folds=folds, leave_one_site_out=leave_one_site_out,
-                          epsilon_cap=epsilon_cap, allow_non_private=non_private, verbose=verbose)
+                          epsilon_cap=epsilon_cap, allow_non_private=non_private, verbose=verbose,
+                          min_release_count=min_release_count)
     else:
         from server.cv import CVSpec
 

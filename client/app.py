@@ -46,7 +46,7 @@ from client.training import evaluate as evaluate_model
 from client.training import select_device, train_dp
 from common import messages as k
 from common.config import NodeConfig, TrainPlan
-from common.errors import ConfigError, DataError, VesaliusError
+from common.errors import BudgetExceededError, ConfigError, DataError, VesaliusError
 from common.models import build_model
 from common.ledger import LedgerEntry, Mechanism
 from common.privacy import AccountantState, default_delta, epsilon, planned_epsilon
@@ -396,6 +396,13 @@ def handle_evaluate(msg: Message, context: Context, node: NodeConfig) -> Message
     if split.num_patients == 0:
         raise DataError(f"empty {split_name} split",
                         safe_reason=f"the node has no patients in its {split_name} split")
+    if split.num_patients < node.min_release_count:
+        # Exact metrics of a handful of patients are close to per-patient values.
+        raise BudgetExceededError(
+            f"{split.num_patients} patients in {split_name} < min-release-count",
+            safe_reason=f"refused: {split.num_patients} patient(s) in the {split_name} split, "
+            f"fewer than this node's minimum release count ({node.min_release_count})",
+        )
     model = _model(plan, _arrays(msg))
     res = evaluate_model(
         model, split.images, split.labels, patient_index=split.patient_index, device=device

@@ -43,7 +43,7 @@ def test_two_fold_cross_validation_on_a_synthetic_federation(tmp_path: Path) -> 
     run = subprocess.run(
         [VESALIUS, "federation", "cv", "--data-root", str(tmp_path / "data"), "--folds", "2",
          "--rounds", "1", "--batch-size", "8", "--image-size", "16", "--epsilon", "8",
-         "--epsilon-cap", "8", "--out", str(out)],
+         "--epsilon-cap", "8", "--min-release-count", "1", "--out", str(out)],
         capture_output=True, text=True, timeout=600, env=env,
     )
     # Assert

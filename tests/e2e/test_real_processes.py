@@ -114,6 +114,7 @@ def test_superlink_two_supernodes_two_rounds(tmp_path: Path, procs: Processes) -
         procs.start(f"node-{i}", _vesalius(
             "node", "start", "--data", str(data / f"site-{i}"), "--superlink", f"127.0.0.1:{link}",
             "--port", str(_free_port()), "--site-name", f"site-{i}", "--epsilon-cap", "8",
+            "--min-release-count", "1",
             "--root-certificates", ca, "--flwr-home", str(home)))
     out = tmp_path / "run"
     # Execute: the operator submits a 2-round run through the CLI

@@ -31,7 +31,7 @@ def test_three_sites_two_rounds(federation: Path, _private_vesalius_home: Path) 
     )
     nodes = [
         NodeConfig(data_dir=federation / "data" / f"site-{i}", epsilon_cap=8.0, site_name=f"site-{i}",
-                   release_histograms=True)
+                   release_histograms=True, min_release_count=1)
         for i in (1, 2, 3)
     ]
     seen: list[int] = []
@@ -69,8 +69,10 @@ def test_node_over_cap_is_reported_not_crashed(federation: Path) -> None:
     config = RunConfig(plan=TrainPlan(num_rounds=1, batch_size=8, target_epsilon=8.0),
                        out_dir=str(out), min_nodes=2)
     nodes = [
-        NodeConfig(data_dir=federation / "data" / "site-1", epsilon_cap=8.0, site_name="site-1"),
-        NodeConfig(data_dir=federation / "data" / "site-2", epsilon_cap=1.0, site_name="site-2"),
+        NodeConfig(data_dir=federation / "data" / "site-1", epsilon_cap=8.0, site_name="site-1",
+                   min_release_count=1),
+        NodeConfig(data_dir=federation / "data" / "site-2", epsilon_cap=1.0, site_name="site-2",
+                   min_release_count=1),
     ]
     report = run_simulation(config, nodes).to_dict()
     assert report["status"] == "completed" and "excluded" in report["reason"]

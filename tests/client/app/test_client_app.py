@@ -90,7 +90,9 @@ def test_non_private_needs_node_consent(site_dir: Path) -> None:
 
 def test_evaluate_returns_metrics_and_optional_histograms(site_dir: Path) -> None:
     app = build_client_app()
-    ctx = node_context({"data-dir": str(site_dir), "release-histograms": True})
+    # 40 patients: the held-out splits are small, so this node releases from 1 patient up.
+    ctx = node_context({"data-dir": str(site_dir), "release-histograms": True,
+                        "min-release-count": 1})
     val = app(_eval_msg(), ctx)
     assert not val.has_error()
     metrics = val.content[k.METRICS]
@@ -104,9 +106,19 @@ def test_evaluate_returns_metrics_and_optional_histograms(site_dir: Path) -> Non
 
 def test_histograms_only_where_the_node_allows_them(site_dir: Path) -> None:
     reply = build_client_app()(_eval_msg(k.SPLIT_TEST, histograms=True),
-                               node_context({"data-dir": str(site_dir)}))
+                               node_context({"data-dir": str(site_dir), "min-release-count": 1}))
     assert not reply.has_error()
     assert k.HIST_POSITIVE not in reply.content[k.METRICS] and k.AUC in reply.content[k.METRICS]
+
+
+def test_evaluation_of_fewer_patients_than_the_minimum_is_refused(site_dir: Path) -> None:
+    patients = load_node_data(site_dir, image_size=32).val.num_patients
+    reply = build_client_app()(_eval_msg(), node_context(
+        {"data-dir": str(site_dir), "min-release-count": patients + 1}))
+    assert reply.has_error() and "minimum release count" in reply.error.reason
+    ok = build_client_app()(_eval_msg(), node_context(
+        {"data-dir": str(site_dir), "min-release-count": patients}))
+    assert not ok.has_error()
 
 
 def test_oversized_images_and_unknown_splits_are_refused(site_dir: Path) -> None:
