@@ -54,9 +54,15 @@ def test_three_sites_two_rounds(federation: Path, _private_vesalius_home: Path) 
     # the dataset's epsilon is the run's, and PRV is reported beside RDP.
     from common.ledger import verify_ledger
 
+    from common.ledger import Ledger
+
     ledger = _private_vesalius_home / "ledger" / "ledger.jsonl"
     assert verify_ledger(ledger).ok
-    assert len(ledger.read_text().splitlines()) == 3 * 2
+    records = Ledger(ledger).read().records
+    trains = [r.entry for r in records if r.entry.release == "train"]
+    assert len(trains) == 3 * 2 and all(e.level == "patient" for e in trains)
+    # Every other release (validation metrics, final statistics) is on the record as exact.
+    assert all(r.entry.level == "exact" for r in records if r.entry.release != "train")
     for site in doc["sites"]:
         assert site["epsilon_dataset"] == pytest.approx(site["epsilon"], rel=1e-9)
         assert site["epsilon_prv"] is not None and site["epsilon_cap"] == 8.0
