@@ -372,12 +372,12 @@ def _node_info(node: NodeConfig, budget: NodeBudget | None) -> ConfigRecord:
     ``vesalius audit verify --expect-head`` checks, so removing the ledger's last entries (or
     replacing the file) cannot silently give a dataset its budget back.
     """
-    info: dict[str, str] = {k.SITE: node.site_name}
+    info = ConfigRecord({k.SITE: node.site_name})
     if budget is not None:
         records = budget.ledger.read().records
         if records:
             info[k.LEDGER_HEAD] = f"{records[-1].index}:{records[-1].hash}"
-    return ConfigRecord(info)
+    return info
 
 
 def handle_evaluate(msg: Message, context: Context, node: NodeConfig) -> Message:

@@ -70,7 +70,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -100,7 +99,7 @@ from common.stats.histogram import auc_from_histograms
 from common.stats.meta import random_effects
 from common.stats.metrics import classification_metrics
 from server.inference import QueryRound, query_nodes
-from server.report import RunReport
+from server.report import RunReport, atomic_write, json_safe
 from server.strategies.fedavg import RoundLog, VesaliusFedAvg
 
 log = logging.getLogger(__name__)
@@ -295,7 +294,8 @@ class FoldOutcome:
 
     def errors(self, names: Mapping[int, str]) -> list[dict[str, Any]]:
         """Refusals and failures of the fold, named by site where the coordinator knows it."""
-        entries = [(r.round, e) for r in self.rounds for e in r.errors]
+        entries: list[tuple[int | None, dict[str, object]]] = [
+            (r.round, e) for r in self.rounds for e in r.errors]
         if self.heldout is not None:
             entries += [(None, {**e, "phase": "heldout"}) for e in self.heldout.errors]
         entries += [(None, {**e, "phase": f"heldout query {e.get('query', '')}".strip()})
@@ -671,31 +671,9 @@ class CVResult:
     def write(self) -> Path:
         """Write ``report.json`` atomically; return its path."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write(self.report_path, json.dumps(_json_safe(self.to_dict()), indent=2,
+        atomic_write(self.report_path, json.dumps(json_safe(self.to_dict()), indent=2,
                                                    allow_nan=False))
         return self.report_path
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(key): _json_safe(v) for key, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
-    return value
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    # Same contract as server.report's writer: a reader never sees a half-written report.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def discover_sites(grid: Grid, config: RunConfig) -> dict[int, str]:
@@ -845,7 +823,7 @@ def _write_html(result: CVResult) -> Path | None:
         return None
     path = result.out_dir / REPORT_HTML
     try:
-        render_report_html(_json_safe(result.to_dict()), path)
+        render_report_html(json_safe(result.to_dict()), path)
     except (VesaliusError, ValueError, OSError, KeyError, TypeError) as exc:
         log.warning("report.html could not be written: %s", exc)
         return None

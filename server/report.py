@@ -40,14 +40,14 @@ def _clean(value: float) -> float | None:
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """Strict-JSON form of a nested section: non-finite numbers become null, numpy to Python."""
     if isinstance(value, dict):
-        return {str(key): _json_safe(v) for key, v in value.items()}
+        return {str(key): json_safe(v) for key, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
-        return _json_safe(value.tolist())  # numpy arrays and scalars
+        return json_safe(value.tolist())  # numpy arrays and scalars
     if isinstance(value, float):
         return _clean(value)
     return value
@@ -165,7 +165,7 @@ class RunReport:
                 "sites": [_site_row(r) for r in self.final.evaluate],
                 "errors": self.final.errors,
             }
-        out.update({key: _json_safe(value) for key, value in self.extra.items()})
+        out.update({key: json_safe(value) for key, value in self.extra.items()})
         return out
 
     def summary(self) -> str:
@@ -202,12 +202,13 @@ class RunReport:
     def write(self, out_dir: Path) -> Path:
         """Write ``report.json`` and ``summary.txt`` atomically; return the JSON path."""
         out_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write(out_dir / REPORT_JSON, json.dumps(self.to_dict(), indent=2, allow_nan=False))
-        _atomic_write(out_dir / SUMMARY_TXT, self.summary() + "\n")
+        atomic_write(out_dir / REPORT_JSON, json.dumps(self.to_dict(), indent=2, allow_nan=False))
+        atomic_write(out_dir / SUMMARY_TXT, self.summary() + "\n")
         return out_dir / REPORT_JSON
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that a reader never sees a half-written file."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
         fh.write(text)

@@ -175,7 +175,7 @@ class LedgerEntry:
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-ready dict (an infinite ``epsilon_reported`` becomes ``"inf"``)."""
         rep: float | str | None = self.epsilon_reported
-        if rep is not None and math.isinf(rep):
+        if self.epsilon_reported is not None and math.isinf(self.epsilon_reported):
             rep = "inf"
         return {
             "fingerprint": self.fingerprint,

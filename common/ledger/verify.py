@@ -195,9 +195,9 @@ def verify_ledger(
     if torn is not None:
         report.problems.append(Problem(torn.index, torn.line, torn.describe()))
     for anchor in expect_heads:
-        problem = _anchor_problem(anchor, parsed)
-        if problem is not None:
-            report.problems.append(problem)
+        missing = _anchor_problem(anchor, parsed)
+        if missing is not None:
+            report.problems.append(missing)
     _check_epsilons(good, tolerance, report)
     return report
 

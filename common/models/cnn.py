@@ -20,12 +20,19 @@ MIN_IMAGE_SIZE = 16
 """Smallest supported side length (three 2x poolings leave a 2x2 map)."""
 
 
-def _block(in_channels: int, out_channels: int, groups: int) -> nn.Sequential:
+_LAYERS: dict[int, tuple[type[nn.Module], type[nn.Module], type[nn.Module]]] = {
+    2: (nn.Conv2d, nn.MaxPool2d, nn.AdaptiveAvgPool2d),
+    3: (nn.Conv3d, nn.MaxPool3d, nn.AdaptiveAvgPool3d),
+}
+
+
+def _block(in_channels: int, out_channels: int, groups: int, spatial_dims: int) -> nn.Sequential:
+    conv, pool, _ = _LAYERS[spatial_dims]
     return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1),
+        conv(in_channels, out_channels, kernel_size=3, padding=1),
         nn.GroupNorm(groups, out_channels),
         nn.ReLU(inplace=False),
-        nn.MaxPool2d(kernel_size=2),
+        pool(kernel_size=2),
     )
 
 
@@ -40,21 +47,28 @@ class SmallCNN(nn.Module):
         Output logits.
     width : int, optional
         Channels of the first block; later blocks use ``2 * width``.
+    spatial_dims : int, optional
+        2 for images; 3 for volumes (:mod:`common.models.cnn3d` registers that variant).
     """
 
-    def __init__(self, in_channels: int = 1, num_classes: int = 2, *, width: int = 16) -> None:
+    def __init__(
+        self, in_channels: int = 1, num_classes: int = 2, *, width: int = 16,
+        spatial_dims: int = 2,
+    ) -> None:
         super().__init__()
+        if spatial_dims not in _LAYERS:
+            raise ConfigError(f"SmallCNN supports spatial_dims 2 or 3, got {spatial_dims}")
         wide = 2 * width
         self.features = nn.Sequential(
-            _block(in_channels, width, groups=4),
-            _block(width, wide, groups=8),
-            _block(wide, wide, groups=8),
-            nn.AdaptiveAvgPool2d(1),
+            _block(in_channels, width, groups=4, spatial_dims=spatial_dims),
+            _block(width, wide, groups=8, spatial_dims=spatial_dims),
+            _block(wide, wide, groups=8, spatial_dims=spatial_dims),
+            _LAYERS[spatial_dims][2](1),
         )
         self.classifier = nn.Linear(wide, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Map ``[B, C, S, S]`` images to ``[B, num_classes]`` logits."""
+        """Map ``[B, C, *spatial]`` images or volumes to ``[B, num_classes]`` logits."""
         return self.classifier(torch.flatten(self.features(x), 1))
 
 

@@ -8,10 +8,10 @@ CPU.
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from common.errors import ConfigError
+from common.models.cnn import SmallCNN
 from common.models.registry import register_model
 
 __all__ = ["SmallCNN3D", "build_cnn3d"]
@@ -20,42 +20,15 @@ MIN_IMAGE_SIZE = 8
 """Smallest supported side (three 2x poolings)."""
 
 
-def _block(in_channels: int, out_channels: int, groups: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv3d(in_channels, out_channels, kernel_size=3, padding=1),
-        nn.GroupNorm(groups, out_channels),
-        nn.ReLU(inplace=False),
-        nn.MaxPool3d(kernel_size=2),
-    )
-
-
-class SmallCNN3D(nn.Module):
+class SmallCNN3D(SmallCNN):
     """Three 3D conv blocks (8, 16, 16 channels), GroupNorm, global pooling, linear head.
 
-    Parameters
-    ----------
-    in_channels : int
-        Input channels.
-    num_classes : int
-        Output logits.
-    width : int, optional
-        Channels of the first block; later blocks use ``2 * width``.
+    :class:`~common.models.cnn.SmallCNN` with ``spatial_dims=3`` and a narrower default
+    width; maps ``[B, C, D, H, W]`` volumes to ``[B, num_classes]`` logits.
     """
 
     def __init__(self, in_channels: int = 1, num_classes: int = 2, *, width: int = 8) -> None:
-        super().__init__()
-        wide = 2 * width
-        self.features = nn.Sequential(
-            _block(in_channels, width, groups=4),
-            _block(width, wide, groups=8),
-            _block(wide, wide, groups=8),
-            nn.AdaptiveAvgPool3d(1),
-        )
-        self.classifier = nn.Linear(wide, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Map ``[B, C, D, H, W]`` volumes to ``[B, num_classes]`` logits."""
-        return self.classifier(torch.flatten(self.features(x), 1))
+        super().__init__(in_channels, num_classes, width=width, spatial_dims=3)
 
 
 @register_model(
