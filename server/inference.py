@@ -20,11 +20,12 @@ of :mod:`common.stats`.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -50,6 +51,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 Record = ArrayRecord | ConfigRecord | MetricRecord
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -327,6 +331,42 @@ def _placement_sums(pooled: Mapping[str, Any], models: int) -> dict[str, Any]:
     }
 
 
+def _placement_estimate(
+    res: QueryRound, models: int, estimator: Callable[..., _T]
+) -> tuple[_T, bool]:
+    """Run a DeLong ``estimator`` on a placements round's pooled sums.
+
+    Returns the estimate and whether any node noised its placement sums (then the sums'
+    internal consistency is not checked). :class:`VesaliusError` from the estimator passes.
+    """
+    placement_noised, _ = _flags(res)
+    sums = _placement_sums(res.pooled(_PLACEMENT_KEYS), models)
+    return estimator(sums, consistency_tol=None if placement_noised else 1e-9), placement_noised
+
+
+def _metrics_config(
+    plan: TrainPlan, *, split: str, threshold: float, calibration_bins: int
+) -> dict[str, Any]:
+    """Config of a ``metrics`` (and ``placements``) round: histograms requested."""
+    return {**plan.to_record(), k.SPLIT: split, k.THRESHOLD: float(threshold),
+            k.CALIBRATION_BINS: int(calibration_bins), k.WITH_HISTOGRAMS: True}
+
+
+def _metrics_round(
+    grid: Grid, node_ids: Sequence[int], base: Mapping[str, Any], arrays: ArrayRecord,
+    *, timeout: float
+) -> QueryRound:
+    """One ``metrics`` query round of the model ``arrays``."""
+    return query_nodes(grid, node_ids, "metrics", base, timeout=timeout,
+                       records={k.ARRAYS: arrays}, required=_METRICS_REQUIRED)
+
+
+def _histogram_auc(value: float, n: int) -> dict[str, Any]:
+    """The pooled histogram AUC without a confidence interval."""
+    return {"value": value, "lower": None, "upper": None, "se": None, "n": n,
+            "method": "histogram"}
+
+
 def _histograms(
     res: QueryRound, pos_key: str = k.HIST_POSITIVE, neg_key: str = k.HIST_NEGATIVE
 ) -> dict[int, tuple[np.ndarray, np.ndarray]]:
@@ -397,7 +437,49 @@ def _calibration(cal: Mapping[str, Any], bins: int) -> dict[str, Any]:
         return {"bins": None, "ece": None, "brier": None, "note": str(exc)}
 
 
-def _pooled_metrics(
+def _report_schema(raw: dict[str, Any]) -> dict[str, Any]:
+    """Reshape to the ``inference`` schema of :mod:`server.report_html`."""
+    from common.stats.histogram import compress_histograms
+
+    out = dict(raw)
+    if "metrics" not in out:  # failed before any metric
+        return out
+    cal = out.pop("calibration")
+    auc = out.pop("auc")
+    metrics = dict(out["metrics"])
+    if auc is not None:
+        metrics["auc"] = auc
+    metrics["brier"], metrics["ece"] = cal["brier"], cal["ece"]
+    out["metrics"] = metrics
+    flat = dict(cal["bins"] or {})
+    flat.update({key: v for key, v in cal.items() if key != "bins"})
+    out["calibration"] = flat
+    meta = {"auc": out.pop("meta_auc"), "sensitivity": out.pop("meta_sensitivity")}
+    out["meta"] = {key: v for key, v in meta.items() if v is not None}
+
+    def small(h: Mapping[str, Any]) -> dict[str, list[int]]:
+        p_, n_ = compress_histograms(h["pos"], h["neg"])
+        return {"pos": p_.astype(int).tolist(), "neg": n_.astype(int).tolist()}
+
+    roc = out.get("roc") or {}
+    out["roc"] = ({"pooled": small(roc["pooled"]),
+                   "sites": {name: small(h) for name, h in roc["sites"].items()}}
+                  if roc else {})
+    return out
+
+
+def _report_shaped(fn: Callable[_P, dict[str, Any]]) -> Callable[_P, dict[str, Any]]:
+    """Pass ``fn``'s raw result through :func:`_report_schema`."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> dict[str, Any]:
+        return _report_schema(fn(*args, **kwargs))
+
+    return wrapper
+
+
+@_report_shaped
+def pooled_metrics(
     grid: Grid,
     node_ids: Sequence[int],
     arrays: ArrayRecord,
@@ -410,17 +492,59 @@ def _pooled_metrics(
     calibration_bins: int = 10,
     ci_method: str = "wilson",
 ) -> dict[str, Any]:
-    """:func:`pooled_metrics` before reshaping: ``auc``, ``meta_auc``, ``meta_sensitivity``
-    at the top level, ``calibration`` as ``{"bins", "brier", "ece"}``, full histograms."""
+    """Pooled inference on one model over the nodes' held-out patients (two query rounds).
+
+    Round 1 (``metrics``): confusion counts, calibration sums, Brier and log-likelihood sums,
+    and per-class score histograms from the nodes that consent to release them. Round 2
+    (``placements``, only to the nodes whose histograms were pooled): DeLong placement sums
+    against the pooled histograms, and against each node's own (per-site variance).
+
+    Parameters
+    ----------
+    grid, node_ids
+        Flower grid and the nodes to ask.
+    arrays
+        The model's weights.
+    plan
+        Run plan (model, image size, CV fields) the nodes build the model and split from.
+    split
+        ``"val"``, ``"test"`` or ``"heldout"`` (cross-validation fold).
+    timeout
+        Seconds per query round.
+    alpha
+        1 - confidence level of every interval.
+    threshold
+        Score threshold of the threshold metrics.
+    calibration_bins
+        Equal-width calibration bins.
+    ci_method
+        ``"wilson"`` or ``"beta"`` (Clopper-Pearson) for the proportions.
+
+    Returns
+    -------
+    dict
+        The ``inference`` section of :mod:`server.report_html` for one model: ``metrics``
+        (accuracy, sensitivity, recall, specificity, precision, f1 and, when histograms were
+        released, ``auc`` with its DeLong CI, as ``Estimate.as_dict()``; ``brier``, ``ece``),
+        ``roc`` (pooled and per-site histograms, empty bins dropped), ``calibration``
+        (reliability diagram, ``brier``, ``ece``), ``meta`` (``auc`` and ``sensitivity``
+        DerSimonian-Laird, where at least two sites qualify); and besides: ``status``,
+        ``reason``, ``split``, ``threshold``, ``alpha``, ``n``, ``sites``, ``failures`` (nodes
+        that did not answer usably, with the reason), ``noised``, ``suppressed_cells``,
+        ``confusion``, ``loglik``, ``mean_loglik``, ``auc_sites`` (per-site AUC and DeLong CI)
+        and ``auc_note``.
+    """
+    # The body builds the raw result (``auc``, ``meta_auc`` and ``meta_sensitivity`` at the top
+    # level, ``calibration`` as {"bins", "brier", "ece"}, full histograms); the decorator
+    # reshapes it to the report schema.
     from common.stats.auc import auc_ci, delong_from_sums
     from common.stats.histogram import auc_from_histograms
     from common.stats.meta import logit_proportion_effects, random_effects
     from common.stats.metrics import classification_metrics
 
-    base = {**plan.to_record(), k.SPLIT: split, k.THRESHOLD: float(threshold),
-            k.CALIBRATION_BINS: int(calibration_bins), k.WITH_HISTOGRAMS: True}
-    first = query_nodes(grid, node_ids, "metrics", base, timeout=timeout,
-                        records={k.ARRAYS: arrays}, required=_METRICS_REQUIRED)
+    base = _metrics_config(plan, split=split, threshold=threshold,
+                           calibration_bins=calibration_bins)
+    first = _metrics_round(grid, node_ids, base, arrays, timeout=timeout)
     out: dict[str, Any] = {"split": split, "threshold": float(threshold), "alpha": alpha,
                            "failures": list(first.failures)}
     if not first.values:
@@ -497,26 +621,22 @@ def _pooled_metrics(
                          required=_PLACEMENT_KEYS)
     out["failures"].extend(second.failures)
     auc_value = auc_from_histograms(pos, neg)
+    n_scored = int(pos.sum() + neg.sum())
     if second.failures:
-        out["auc"] = {"value": auc_value, "lower": None, "upper": None, "se": None,
-                      "n": int(pos.sum() + neg.sum()), "method": "histogram"}
+        out["auc"] = _histogram_auc(auc_value, n_scored)
         out["auc_note"] = ("DeLong CI unavailable: not every node whose histograms were "
                            "pooled returned its placement sums")
     else:
-        placement_noised, _ = _flags(second)
         try:
-            res = delong_from_sums(_placement_sums(second.pooled(_PLACEMENT_KEYS), 1),
-                                   consistency_tol=None if placement_noised else 1e-9)
+            res, placement_noised = _placement_estimate(second, 1, delong_from_sums)
         except VesaliusError as exc:
-            out["auc"] = {"value": auc_value, "lower": None, "upper": None, "se": None,
-                          "n": int(pos.sum() + neg.sum()), "method": "histogram"}
+            out["auc"] = _histogram_auc(auc_value, n_scored)
             out["auc_note"] = f"DeLong CI unavailable: {exc}"
         else:
             # Noised placement sums give a noisy mean too: keep the (noised, but valid)
             # histogram AUC as the point estimate and take only the variance from them.
             point = auc_value if placement_noised else res.auc
-            out["auc"] = auc_ci(point, res.var, n=int(pos.sum() + neg.sum()),
-                                alpha=alpha).as_dict()
+            out["auc"] = auc_ci(point, res.var, n=n_scored, alpha=alpha).as_dict()
     site_rows, est, var, site_names = [], [], [], []
     for nid in hist_ids:
         values = second.values.get(nid, {})
@@ -545,97 +665,6 @@ def _pooled_metrics(
         except VesaliusError as exc:
             log.info("AUC meta-analysis skipped: %s", exc)
     return out
-
-
-def _report_schema(raw: dict[str, Any]) -> dict[str, Any]:
-    """Reshape to the ``inference`` schema of :mod:`server.report_html`."""
-    from common.stats.histogram import compress_histograms
-
-    out = dict(raw)
-    if "metrics" not in out:  # failed before any metric
-        return out
-    cal = out.pop("calibration")
-    auc = out.pop("auc")
-    metrics = dict(out["metrics"])
-    if auc is not None:
-        metrics["auc"] = auc
-    metrics["brier"], metrics["ece"] = cal["brier"], cal["ece"]
-    out["metrics"] = metrics
-    flat = dict(cal["bins"] or {})
-    flat.update({key: v for key, v in cal.items() if key != "bins"})
-    out["calibration"] = flat
-    meta = {"auc": out.pop("meta_auc"), "sensitivity": out.pop("meta_sensitivity")}
-    out["meta"] = {key: v for key, v in meta.items() if v is not None}
-
-    def small(h: Mapping[str, Any]) -> dict[str, list[int]]:
-        p_, n_ = compress_histograms(h["pos"], h["neg"])
-        return {"pos": p_.astype(int).tolist(), "neg": n_.astype(int).tolist()}
-
-    roc = out.get("roc") or {}
-    out["roc"] = ({"pooled": small(roc["pooled"]),
-                   "sites": {name: small(h) for name, h in roc["sites"].items()}}
-                  if roc else {})
-    return out
-
-
-def pooled_metrics(
-    grid: Grid,
-    node_ids: Sequence[int],
-    arrays: ArrayRecord,
-    plan: TrainPlan,
-    *,
-    split: str,
-    timeout: float,
-    alpha: float = 0.05,
-    threshold: float = 0.5,
-    calibration_bins: int = 10,
-    ci_method: str = "wilson",
-) -> dict[str, Any]:
-    """Pooled inference on one model over the nodes' held-out patients (two query rounds).
-
-    Round 1 (``metrics``): confusion counts, calibration sums, Brier and log-likelihood sums,
-    and per-class score histograms from the nodes that consent to release them. Round 2
-    (``placements``, only to the nodes whose histograms were pooled): DeLong placement sums
-    against the pooled histograms, and against each node's own (per-site variance).
-
-    Parameters
-    ----------
-    grid, node_ids
-        Flower grid and the nodes to ask.
-    arrays
-        The model's weights.
-    plan
-        Run plan (model, image size, CV fields) the nodes build the model and split from.
-    split
-        ``"val"``, ``"test"`` or ``"heldout"`` (cross-validation fold).
-    timeout
-        Seconds per query round.
-    alpha
-        1 - confidence level of every interval.
-    threshold
-        Score threshold of the threshold metrics.
-    calibration_bins
-        Equal-width calibration bins.
-    ci_method
-        ``"wilson"`` or ``"beta"`` (Clopper-Pearson) for the proportions.
-
-    Returns
-    -------
-    dict
-        The ``inference`` section of :mod:`server.report_html` for one model: ``metrics``
-        (accuracy, sensitivity, recall, specificity, precision, f1 and, when histograms were
-        released, ``auc`` with its DeLong CI, as ``Estimate.as_dict()``; ``brier``, ``ece``),
-        ``roc`` (pooled and per-site histograms, empty bins dropped), ``calibration``
-        (reliability diagram, ``brier``, ``ece``), ``meta`` (``auc`` and ``sensitivity``
-        DerSimonian-Laird, where at least two sites qualify); and besides: ``status``,
-        ``reason``, ``split``, ``threshold``, ``alpha``, ``n``, ``sites``, ``failures`` (nodes
-        that did not answer usably, with the reason), ``noised``, ``suppressed_cells``,
-        ``confusion``, ``loglik``, ``mean_loglik``, ``auc_sites`` (per-site AUC and DeLong CI)
-        and ``auc_note``.
-    """
-    return _report_schema(_pooled_metrics(
-        grid, node_ids, arrays, plan, split=split, timeout=timeout, alpha=alpha,
-        threshold=threshold, calibration_bins=calibration_bins, ci_method=ci_method))
 
 
 def inference_section(
@@ -701,12 +730,11 @@ def paired_comparison(
     from common.stats.auc import paired_delong_from_sums
     from common.stats.hypothesis import mcnemar_test
 
-    base = {**plan.to_record(), k.SPLIT: split, k.THRESHOLD: float(threshold),
-            k.CALIBRATION_BINS: int(calibration_bins), k.WITH_HISTOGRAMS: True}
+    base = _metrics_config(plan, split=split, threshold=threshold,
+                           calibration_bins=calibration_bins)
     out: dict[str, Any] = {"split": split, "threshold": float(threshold), "failures": [],
                            "delong": None, "delong_note": "", "mcnemar": None}
-    firsts = [query_nodes(grid, node_ids, "metrics", base, timeout=timeout,
-                          records={k.ARRAYS: arr}, required=_METRICS_REQUIRED)
+    firsts = [_metrics_round(grid, node_ids, base, arr, timeout=timeout)
               for arr in (arrays_a, arrays_b)]
     for res in firsts:
         out["failures"].extend(res.failures)
@@ -725,10 +753,8 @@ def paired_comparison(
         if second.failures or not second.values:
             out["delong_note"] = "paired DeLong unavailable: a node did not return placements"
         else:
-            placement_noised, _ = _flags(second)
             try:
-                r = paired_delong_from_sums(_placement_sums(second.pooled(_PLACEMENT_KEYS), 2),
-                                            consistency_tol=None if placement_noised else 1e-9)
+                r, _ = _placement_estimate(second, 2, paired_delong_from_sums)
             except VesaliusError as exc:
                 out["delong_note"] = str(exc)
             else:

@@ -10,9 +10,10 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 import torch
 from torch.utils.data import Dataset
@@ -30,6 +31,22 @@ logger = logging.getLogger(__name__)
 
 #: Entries kept by the in-process cache of :func:`load_node_data`.
 CACHE_SIZE = 4
+
+
+class PatientSplit(Protocol):
+    """What :func:`build_patient_splits` needs of a built split: its size in patients and items."""
+
+    @property
+    def num_patients(self) -> int:
+        """Patients in the split."""
+        ...
+
+    def __len__(self) -> int:
+        """Items (images, image/mask pairs) in the split."""
+        ...
+
+
+_SplitT = TypeVar("_SplitT", bound=PatientSplit)
 
 
 @dataclass(frozen=True, eq=False)
@@ -59,7 +76,41 @@ class SplitArrays:
         return int(self.labels.shape[0])
 
 
-class PatientRecordDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
+class PerPatientDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
+    """Base of the one-record-per-patient datasets: ``len()`` is the number of patients.
+
+    ``__getitem__(i)`` draws one item of patient ``i`` uniformly at random with the torch
+    RNG and returns :meth:`_item` of it. Subclasses say what an item is.
+
+    Parameters
+    ----------
+    patient_index : torch.Tensor
+        int64 ``[N]``: the patient (``0..num_patients-1``) of each item.
+    num_patients : int
+        Patients; each must own at least one item.
+    """
+
+    def __init__(self, patient_index: torch.Tensor, num_patients: int) -> None:
+        order = torch.argsort(patient_index, stable=True)
+        counts = torch.bincount(patient_index, minlength=num_patients)
+        if num_patients and int(counts.min()) == 0:
+            raise ValueError("every patient of a split must have at least one image")
+        self._num_patients = num_patients
+        self._members: list[torch.Tensor] = list(torch.split(order, counts.tolist()))
+
+    def __len__(self) -> int:
+        return self._num_patients
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        members = self._members[index]
+        pick = int(members[int(torch.randint(len(members), (1,)))])
+        return self._item(pick)
+
+    def _item(self, pick: int) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+
+class PatientRecordDataset(PerPatientDataset):
     """One record per PATIENT (the unit of privacy).
 
     ``__getitem__(i)`` returns ``(image [1, S, S], label)`` of one image of patient ``i``,
@@ -70,18 +121,9 @@ class PatientRecordDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
 
     def __init__(self, split: SplitArrays) -> None:
         self.split = split
-        order = torch.argsort(split.patient_index, stable=True)
-        counts = torch.bincount(split.patient_index, minlength=split.num_patients)
-        if split.num_patients and int(counts.min()) == 0:
-            raise ValueError("every patient of a split must have at least one image")
-        self._members: list[torch.Tensor] = list(torch.split(order, counts.tolist()))
+        super().__init__(split.patient_index, split.num_patients)
 
-    def __len__(self) -> int:
-        return self.split.num_patients
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        members = self._members[index]
-        pick = int(members[int(torch.randint(len(members), (1,)))])
+    def _item(self, pick: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.split.images[pick], self.split.labels[pick]
 
 
@@ -159,6 +201,79 @@ def _build_split(
     )
 
 
+def require_data_dir(root: Path) -> None:
+    """Raise :class:`~common.errors.DataError` unless the node's data directory exists."""
+    if not root.is_dir():
+        raise DataError(
+            f"data directory {root} does not exist",
+            safe_reason="the node's data directory is missing",
+        )
+
+
+def build_patient_splits(
+    by_patient: Mapping[str, object],
+    build: Callable[[tuple[str, ...]], _SplitT],
+    *,
+    root: Path,
+    seed: int,
+    val_fraction: float,
+    test_fraction: float,
+    what: str,
+    unit: str,
+    no_train_detail: str = "",
+) -> dict[SplitName, _SplitT]:
+    """Split the patients of ``by_patient`` by patient and build each split with ``build``.
+
+    The assignment is :func:`client.data.splits.split_patients`'s, so a patient lands in the
+    same split whichever loader (classification, segmentation) reads the folder.
+
+    Parameters
+    ----------
+    by_patient : Mapping
+        (0010,0020) Patient ID -> that patient's usable records; only the keys are used.
+    build : callable
+        ``build(patient_ids)`` returns the preprocessed split of those patients.
+    root : Path
+        The node's data directory (named in the error).
+    seed : int
+        Seed of the patient-level split.
+    val_fraction, test_fraction : float
+        Expected proportions of patients in validation and test.
+    what, unit : str
+        For the log line: the kind of data (``"node data"``) and what a split counts
+        (``"images"``).
+    no_train_detail : str
+        Appended to the local error message when the training split is empty.
+
+    Returns
+    -------
+    dict
+        Split name -> built split, for every name of :data:`client.data.splits.SPLIT_NAMES`.
+
+    Raises
+    ------
+    DataError
+        The training split has no patient.
+    """
+    splits = split_patients(
+        by_patient, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction
+    )
+    arrays = {name: build(splits.of(name)) for name in SPLIT_NAMES}
+    if arrays["train"].num_patients == 0:
+        raise DataError(
+            f"the training split of {root} has no patient{no_train_detail}",
+            safe_reason="the node's training split has no patient",
+        )
+    logger.info(
+        "%s: %s patients, %s %s (train/val/test)",
+        what,
+        "/".join(str(arrays[n].num_patients) for n in SPLIT_NAMES),
+        "/".join(str(len(arrays[n])) for n in SPLIT_NAMES),
+        unit,
+    )
+    return arrays
+
+
 def _labelled_records(
     index: DicomIndex, labels: dict[tuple[str, str], int]
 ) -> dict[str, list[tuple[InstanceRecord, int]]]:
@@ -225,11 +340,7 @@ def load_node_data(
         No usable labelled image, or no patient in the training split.
     """
     root = Path(data_dir).resolve()
-    if not root.is_dir():
-        raise DataError(
-            f"data directory {root} does not exist",
-            safe_reason="the node's data directory is missing",
-        )
+    require_data_dir(root)
     key = (
         str(root),
         image_size,
@@ -272,21 +383,16 @@ def _load(
             f"label counts {dict(report.label_counts)}",
             safe_reason="the node has no usable labelled image",
         )
-    splits = split_patients(
-        labelled, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction
-    )
-    arrays: dict[SplitName, SplitArrays] = {
-        name: _build_split(splits.of(name), labelled, image_size) for name in SPLIT_NAMES
-    }
-    if arrays["train"].num_patients == 0:
-        raise DataError(
-            f"the training split of {root} has no patient ({len(labelled)} labelled patients)",
-            safe_reason="the node's training split has no patient",
-        )
-    logger.info(
-        "node data: %s patients, %s images (train/val/test)",
-        "/".join(str(arrays[n].num_patients) for n in SPLIT_NAMES),
-        "/".join(str(len(arrays[n])) for n in SPLIT_NAMES),
+    arrays = build_patient_splits(
+        labelled,
+        lambda patients: _build_split(patients, labelled, image_size),
+        root=root,
+        seed=seed,
+        val_fraction=val_fraction,
+        test_fraction=test_fraction,
+        what="node data",
+        unit="images",
+        no_train_detail=f" ({len(labelled)} labelled patients)",
     )
     return NodeData(
         report=report,

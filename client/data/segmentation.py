@@ -25,9 +25,8 @@ import numpy.typing as npt
 import pydicom
 import torch
 from monai.transforms import Resize
-from torch.utils.data import Dataset
 
-from client.data.splits import SPLIT_NAMES, SplitName, split_patients
+from client.data.node_data import PerPatientDataset, build_patient_splits, require_data_dir
 from client.data.transforms import image_transform
 from client.dicom.index import DicomIndex, InstanceRecord
 from client.dicom.pixels import read_pixels
@@ -83,21 +82,14 @@ class SegmentationData:
     test: SegmentationSplit
 
 
-class SegmentationPatientDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
+class SegmentationPatientDataset(PerPatientDataset):
     """One record per patient: ``(image [1, S, S], mask [S, S] int64)`` of a random slice."""
 
     def __init__(self, split: SegmentationSplit) -> None:
         self.split = split
-        order = torch.argsort(split.patient_index, stable=True)
-        counts = torch.bincount(split.patient_index, minlength=split.num_patients)
-        self._members = list(torch.split(order, counts.tolist()))
+        super().__init__(split.patient_index, split.num_patients)
 
-    def __len__(self) -> int:
-        return self.split.num_patients
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        members = self._members[index]
-        pick = int(members[int(torch.randint(len(members), (1,)))])
+    def _item(self, pick: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.split.images[pick], self.split.masks[pick].long()
 
 
@@ -229,11 +221,7 @@ def load_segmentation_data(
         duplicates another or does not match its image's size; or nothing usable is left.
     """
     root = Path(data_dir)
-    if not root.is_dir():
-        raise DataError(
-            f"data directory {root} does not exist",
-            safe_reason="the node's data directory is missing",
-        )
+    require_data_dir(root)
     if image_size < 1:
         raise DataError(f"image_size must be >= 1, got {image_size}", safe_reason="bad image size")
     outcome = scan_directory(root, require_deidentified=require_deidentified)
@@ -254,21 +242,15 @@ def load_segmentation_data(
             f"no usable image/mask pair under {root}",
             safe_reason="the node has no usable segmentation data",
         )
-    splits = split_patients(
-        by_patient, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction
-    )
-    arrays: dict[SplitName, SegmentationSplit] = {
-        name: _build_split(splits.of(name), by_patient, image_size) for name in SPLIT_NAMES
-    }
-    if arrays["train"].num_patients == 0:
-        raise DataError(
-            f"the training split of {root} has no patient",
-            safe_reason="the node's training split has no patient",
-        )
-    logger.info(
-        "segmentation data: %s patients, %s pairs (train/val/test)",
-        "/".join(str(arrays[n].num_patients) for n in SPLIT_NAMES),
-        "/".join(str(len(arrays[n])) for n in SPLIT_NAMES),
+    arrays = build_patient_splits(
+        by_patient,
+        lambda patients: _build_split(patients, by_patient, image_size),
+        root=root,
+        seed=seed,
+        val_fraction=val_fraction,
+        test_fraction=test_fraction,
+        what="segmentation data",
+        unit="pairs",
     )
     return SegmentationData(
         image_size=image_size,

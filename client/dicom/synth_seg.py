@@ -40,35 +40,29 @@ namespace, so they never collide with the classification federation's.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from numpy.typing import NDArray
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
-from pydicom.uid import (
-    PYDICOM_IMPLEMENTATION_UID,
-    UID,
-    CTImageStorage,
-    ExplicitVRLittleEndian,
-    SecondaryCaptureImageStorage,
-    generate_uid,
-)
+from pydicom.uid import CTImageStorage, SecondaryCaptureImageStorage
 
-# The CT header builder is reused as is (one CT header for both kinds of synthetic data).
-from client.dicom.synth import DEIDENTIFICATION_METHOD, _image_dataset, _StudyIds
-from client.dicom.synth_phantom import (
-    SLICE_GAP_MM,
-    Anatomy,
-    Lesion,
-    draw_anatomy,
-    draw_lesion,
-    render_slice,
+# The CT images are drawn and encoded by the same code as the classification data.
+from client.dicom.synth_common import (
+    CtSlice,
+    SyntheticPatient,
+    UidMaker,
+    synthesize_sites,
+    synthetic_instance,
+    write_patients,
 )
-from client.dicom.synth_profiles import SiteProfile, default_profiles, physical_to_stored
+from client.dicom.synth_phantom import SLICE_GAP_MM, Anatomy, Lesion
+from client.dicom.synth_profiles import SiteProfile
 from common.errors import ConfigError
 
 __all__ = [
@@ -96,10 +90,6 @@ DEFAULT_PREVALENCE = 0.7
 """Share of patients with a lesion (higher than the classification data: more to segment)."""
 
 _UID_NAMESPACE = "vesalius-synth-seg-v1"
-
-
-def _uid(seed: int, *parts: str) -> str:
-    return str(generate_uid(entropy_srcs=[_UID_NAMESPACE, str(seed), *parts]))
 
 
 @dataclass(frozen=True)
@@ -144,29 +134,17 @@ def _mask_dataset(
     mask: NDArray[np.uint8], image: Dataset, *, sop_uid: str, series_uid: str
 ) -> Dataset:
     """Build a Secondary Capture mask instance referencing the CT ``image``."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = UID(sop_uid)
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    meta.ImplementationVersionName = "VESALIUS_SYNTH"
-
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SpecificCharacterSet = "ISO_IR 100"
-    ds.ImageType = ["DERIVED", "SECONDARY", "MASK"]
-    ds.SOPClassUID = SecondaryCaptureImageStorage
-    ds.SOPInstanceUID = sop_uid
-    ds.Modality = MASK_MODALITY
+    ds = synthetic_instance(
+        SecondaryCaptureImageStorage,
+        sop_uid,
+        image_type=["DERIVED", "SECONDARY", "MASK"],
+        modality=MASK_MODALITY,
+        patient_id=str(image.PatientID),
+    )
     ds.ConversionType = "SYN"
     ds.Manufacturer = image.Manufacturer
     ds.StudyDescription = image.StudyDescription
     ds.SeriesDescription = MASK_SERIES_DESCRIPTION
-    ds.PatientName = image.PatientName
-    ds.PatientID = image.PatientID
-    ds.PatientSex = ""
-    ds.PatientIdentityRemoved = "YES"
-    ds.DeidentificationMethod = DEIDENTIFICATION_METHOD
     ds.StudyInstanceUID = image.StudyInstanceUID
     ds.SeriesInstanceUID = series_uid
     ds.FrameOfReferenceUID = image.FrameOfReferenceUID
@@ -191,69 +169,32 @@ def _mask_dataset(
     return ds
 
 
-def _write_patient(
-    site_dir: Path,
-    profile: SiteProfile,
-    *,
-    site_index: int,
-    patient_index: int,
-    images_per_patient: tuple[int, int],
-    image_size: int,
-    seed: int,
+def _write_study(
+    study_dir: Path, patient: SyntheticPatient, slices: Iterator[CtSlice], uid: UidMaker
 ) -> tuple[int, int, int]:
     """Write one patient's CT series and mask series; return (images, lesion images, pixels)."""
-    rng = np.random.default_rng([seed, site_index, patient_index, 1])
-    label = int(rng.uniform() < profile.prevalence)
-    n_images = int(rng.integers(images_per_patient[0], images_per_patient[1] + 1))
-    anatomy = draw_anatomy(rng)
-    lesion = (
-        draw_lesion(rng, anatomy, mean_contrast_hu=profile.lesion_contrast, n_slices=n_images)
-        if label
-        else None
-    )
-    patient_id = f"S{site_index + 1}-P{patient_index + 1:04d}"
-    ids = _StudyIds(
-        patient_id=patient_id,
-        study_uid=_uid(seed, profile.name, patient_id, "study"),
-        series_uid=_uid(seed, profile.name, patient_id, "series"),
-        frame_uid=_uid(seed, profile.name, patient_id, "frame"),
-        study_id="1",
-    )
-    mask_series_uid = _uid(seed, profile.name, patient_id, "mask-series")
-    study_dir = site_dir / "dicom" / patient_id / "ST1"
+    mask_series_uid = uid("mask-series")
     (study_dir / "SE1").mkdir(parents=True, exist_ok=True)
     (study_dir / "SE2").mkdir(parents=True, exist_ok=True)
-    spacing = profile.pixel_spacing_mm(image_size)
     lesion_images = lesion_pixels = 0
-    for k in range(n_images):
-        z_mm = (k - 0.5 * (n_images - 1)) * SLICE_GAP_MM
-        phantom = render_slice(
-            anatomy, lesion, z_mm=z_mm, slice_index=k, size=image_size, spacing_mm=spacing
+    for ct in slices:
+        k = ct.index
+        ct.dataset.save_as(study_dir / "SE1" / f"IM{k + 1}.dcm", enforce_file_format=True)
+        mask = lesion_mask(
+            patient.anatomy,
+            patient.lesion,
+            z_mm=ct.z_mm,
+            size=int(ct.dataset.Rows),
+            spacing_mm=ct.spacing_mm,
         )
-        physical = profile.intensity_scale * phantom + profile.intensity_offset
-        physical = physical + rng.normal(0.0, profile.noise_sd, size=physical.shape)
-        image = _image_dataset(
-            physical_to_stored(physical, profile),
-            profile=profile,
-            ids=ids,
-            sop_uid=_uid(seed, profile.name, patient_id, "image", str(k)),
-            instance_number=k + 1,
-            z_mm=z_mm,
-            spacing_mm=spacing,
-        )
-        image.save_as(study_dir / "SE1" / f"IM{k + 1}.dcm", enforce_file_format=True)
-        mask = lesion_mask(anatomy, lesion, z_mm=z_mm, size=image_size, spacing_mm=spacing)
         mask_ds = _mask_dataset(
-            mask,
-            image,
-            sop_uid=_uid(seed, profile.name, patient_id, "mask", str(k)),
-            series_uid=mask_series_uid,
+            mask, ct.dataset, sop_uid=uid("mask", str(k)), series_uid=mask_series_uid
         )
         mask_ds.save_as(study_dir / "SE2" / f"MASK{k + 1}.dcm", enforce_file_format=True)
         count = int(mask.sum())
         lesion_pixels += count
         lesion_images += int(count > 0)
-    return n_images, lesion_images, lesion_pixels
+    return patient.n_images, lesion_images, lesion_pixels
 
 
 def synthesize_segmentation_site(
@@ -298,24 +239,22 @@ def synthesize_segmentation_site(
     """
     if prevalence is not None:
         profile = dataclasses.replace(profile, prevalence=prevalence)
-    site_path = Path(site_dir)
-    site_path.mkdir(parents=True, exist_ok=True)
-    images = lesion_images = lesion_pixels = 0
-    for patient_index in range(patients):
-        n, with_lesion, pixels = _write_patient(
-            site_path,
-            profile,
-            site_index=site_index,
-            patient_index=patient_index,
-            images_per_patient=images_per_patient,
-            image_size=image_size,
-            seed=seed,
-        )
-        images += n
-        lesion_images += with_lesion
-        lesion_pixels += pixels
-        if on_patient is not None:
-            on_patient()
+    site_path, written = write_patients(
+        site_dir,
+        profile,
+        _write_study,
+        uid_namespace=_UID_NAMESPACE,
+        stream_suffix=(1,),
+        site_index=site_index,
+        patients=patients,
+        images_per_patient=images_per_patient,
+        image_size=image_size,
+        seed=seed,
+        on_patient=on_patient,
+    )
+    images = sum(n for n, _, _ in written)
+    lesion_images = sum(with_lesion for _, with_lesion, _ in written)
+    lesion_pixels = sum(pixels for _, _, pixels in written)
     logger.info(
         "synthesised segmentation %s: %d patients, %d images, %d with lesion",
         profile.name, patients, images, lesion_images,
@@ -348,42 +287,15 @@ def synthesize_segmentation_federation(
     Other parameters as :func:`synthesize_segmentation_site`; ``progress(done, total)`` is
     called after each patient over all sites.
     """
-    if n_sites < 1 or patients_per_site < 1:
-        raise ConfigError("n_sites and patients_per_site must be at least 1")
-    lo, hi = images_per_patient
-    if not 1 <= lo <= hi:
-        raise ConfigError(
-            f"images_per_patient must satisfy 1 <= min <= max, got {images_per_patient}"
-        )
-    if image_size < 16:
-        raise ConfigError(f"image_size must be at least 16 pixels, got {image_size}")
     if prevalence is not None and not 0.0 <= prevalence <= 1.0:
         raise ConfigError(f"prevalence must be in [0, 1], got {prevalence}")
-    root = Path(out_dir)
-    profiles = default_profiles(n_sites)
-    for profile in profiles:
-        site_dir = root / profile.name
-        if site_dir.exists() and any(site_dir.iterdir()):
-            raise ConfigError(f"refusing to write into non-empty folder {site_dir}")
-    total, done = n_sites * patients_per_site, 0
-
-    def _tick() -> None:
-        nonlocal done
-        done += 1
-        if progress is not None:
-            progress(done, total)
-
-    return [
-        synthesize_segmentation_site(
-            root / profile.name,
-            profile,
-            site_index=index,
-            patients=patients_per_site,
-            images_per_patient=images_per_patient,
-            image_size=image_size,
-            seed=seed,
-            prevalence=prevalence,
-            on_patient=_tick,
-        )
-        for index, profile in enumerate(profiles)
-    ]
+    return synthesize_sites(
+        out_dir,
+        functools.partial(synthesize_segmentation_site, prevalence=prevalence),
+        n_sites=n_sites,
+        patients_per_site=patients_per_site,
+        images_per_patient=images_per_patient,
+        image_size=image_size,
+        seed=seed,
+        progress=progress,
+    )

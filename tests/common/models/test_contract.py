@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -31,14 +30,6 @@ from common.models.testing import example_batch, example_spatial_dims, is_segmen
 MODEL_NAMES = [spec.name for spec in list_models()]
 SIZE = 16
 DELTA = 1e-5
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _build(spec: ModelSpec, seed: int = 0) -> nn.Module:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 from opacus.layers import DPGRU, DPLSTM
@@ -13,14 +11,6 @@ from common.errors import ConfigError
 from common.models import build_model, count_parameters, get_spec
 from common.models.autoencoder import DeepAutoencoder
 from common.models.testing import example_batch
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_cnn_keeps_its_weight_layout() -> None:
@@ -160,7 +150,6 @@ def test_example_batch_shapes_and_learnable_signal(name: str) -> None:
 def test_example_batch_refuses_an_unsupported_dimensionality() -> None:
     with pytest.raises(ConfigError):
         example_batch(get_spec("cnn"), spatial_dims=3)
-
 
 
 def test_pretrained_encoder_linear_probe_trains_only_the_head() -> None:
