@@ -20,6 +20,26 @@ from common.errors import ConfigError
 federation_app = typer.Typer(help="Start and follow federated runs.", no_args_is_help=True)
 
 
+# Options shared by `run` and `cv` (one definition each).
+_SUPERLINK = typer.Option(None, "--superlink", help="SuperLink address (HOST:PORT of its Control API). Omit to simulate.")
+_DATA_ROOT = typer.Option(None, "--data-root", help="Simulation: folder with site-* data folders.")
+_LOCAL_EPOCHS = typer.Option(1, "--local-epochs", min=1)
+_BATCH_SIZE = typer.Option(32, "--batch-size", min=1)
+_LR = typer.Option(0.05, "--lr")
+_NOISE = typer.Option(0.0, "--noise-multiplier", help="Fix σ instead of deriving it from --epsilon.")
+_CLIP = typer.Option(1.0, "--max-grad-norm")
+_NON_PRIVATE = typer.Option(False, "--non-private", help="Baseline without DP (nodes must allow it).")
+_MODEL = typer.Option("cnn", "--model")
+_IMAGE_SIZE = typer.Option(32, "--image-size")
+_MIN_NODES = typer.Option(2, "--min-nodes", min=1)
+_MIN_RELEASE = typer.Option(10, "--min-release-count", min=0, help="Simulation: each simulated hospital's minimum release count (exact releases of fewer patients are refused; small cells suppressed).")
+_INSECURE = typer.Option(False, "--insecure", help="Plain-text connection (loopback tests only).")
+_ROOT_CERTIFICATES = typer.Option(None, "--root-certificates")
+_FLWR_HOME = typer.Option(None, "--flwr-home", help="FLWR_HOME for `flwr run`.")
+_OUTPUT_FORMAT = typer.Option("table", "--format", help="table or json.")
+_VERBOSE = typer.Option(False, "--verbose", "-v")
+
+
 def build_run_config(
     *, rounds: int, local_epochs: int, batch_size: int, learning_rate: float, epsilon: float,
     noise_multiplier: float, max_grad_norm: float, private: bool, model: str, image_size: int,
@@ -106,30 +126,30 @@ def run_on_superlink(config: RunConfig, superlink: str, *, insecure: bool,
 
 @federation_app.command("run")
 def run(
-    superlink: str | None = typer.Option(None, "--superlink", help="SuperLink address (HOST:PORT of its Control API). Omit to simulate."),
-    data_root: Path | None = typer.Option(None, "--data-root", help="Simulation: folder with site-* data folders."),
+    superlink: str | None = _SUPERLINK,
+    data_root: Path | None = _DATA_ROOT,
     out: Path = typer.Option(Path("vesalius-out"), "--out", help="Where report.json and checkpoints go."),
     rounds: int = typer.Option(5, "--rounds", min=1),
-    local_epochs: int = typer.Option(1, "--local-epochs", min=1),
-    batch_size: int = typer.Option(32, "--batch-size", min=1),
-    learning_rate: float = typer.Option(0.05, "--lr"),
+    local_epochs: int = _LOCAL_EPOCHS,
+    batch_size: int = _BATCH_SIZE,
+    learning_rate: float = _LR,
     epsilon: float = typer.Option(8.0, "--epsilon", help="Target patient-level ε per hospital for the whole run."),
-    noise_multiplier: float = typer.Option(0.0, "--noise-multiplier", help="Fix σ instead of deriving it from --epsilon."),
-    max_grad_norm: float = typer.Option(1.0, "--max-grad-norm"),
-    non_private: bool = typer.Option(False, "--non-private", help="Baseline without DP (nodes must allow it)."),
-    model: str = typer.Option("cnn", "--model"),
-    image_size: int = typer.Option(32, "--image-size"),
+    noise_multiplier: float = _NOISE,
+    max_grad_norm: float = _CLIP,
+    non_private: bool = _NON_PRIVATE,
+    model: str = _MODEL,
+    image_size: int = _IMAGE_SIZE,
     seed: int = typer.Option(42, "--seed"),
-    min_nodes: int = typer.Option(2, "--min-nodes", min=1),
+    min_nodes: int = _MIN_NODES,
     epsilon_cap: float = typer.Option(8.0, "--epsilon-cap", help="Simulation: each simulated hospital's cap."),
     on_refusal: str = typer.Option("exclude", "--on-refusal", help="When a node refuses the plan (its budget): 'exclude' it from the rest of the run, or 'stop' the run."),
-    min_release_count: int = typer.Option(10, "--min-release-count", min=0, help="Simulation: each simulated hospital's minimum release count (exact releases of fewer patients are refused; small cells suppressed)."),
+    min_release_count: int = _MIN_RELEASE,
     model_phase: str = typer.Option("", "--model-phase", help="DBN/DBM training phase: finetune, pretrain or pretrain:<layer>."),
-    insecure: bool = typer.Option(False, "--insecure", help="Plain-text connection (loopback tests only)."),
-    root_certificates: Path | None = typer.Option(None, "--root-certificates"),
-    flwr_home: Path | None = typer.Option(None, "--flwr-home", help="FLWR_HOME for `flwr run`."),
-    output_format: str = typer.Option("table", "--format", help="table or json."),
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    insecure: bool = _INSECURE,
+    root_certificates: Path | None = _ROOT_CERTIFICATES,
+    flwr_home: Path | None = _FLWR_HOME,
+    output_format: str = _OUTPUT_FORMAT,
+    verbose: bool = _VERBOSE,
 ) -> None:
     """Start a federated run: simulated on this machine, or on a SuperLink."""
     try:
@@ -281,29 +301,29 @@ def cv(
     folds: int = typer.Option(0, "--folds", help="k of a federated stratified k-fold (>= 2)."),
     leave_one_site_out: bool = typer.Option(False, "--leave-one-site-out",
                                             help="One fold per hospital instead of k-fold."),
-    superlink: str | None = typer.Option(None, "--superlink", help="SuperLink address (HOST:PORT of its Control API). Omit to simulate."),
-    data_root: Path | None = typer.Option(None, "--data-root", help="Simulation: folder with site-* data folders."),
+    superlink: str | None = _SUPERLINK,
+    data_root: Path | None = _DATA_ROOT,
     out: Path = typer.Option(Path("vesalius-cv"), "--out", help="Where report.json, report.html and fold-*/ go."),
     rounds: int = typer.Option(5, "--rounds", min=1, help="Rounds per fold."),
-    local_epochs: int = typer.Option(1, "--local-epochs", min=1),
-    batch_size: int = typer.Option(32, "--batch-size", min=1),
-    learning_rate: float = typer.Option(0.05, "--lr"),
+    local_epochs: int = _LOCAL_EPOCHS,
+    batch_size: int = _BATCH_SIZE,
+    learning_rate: float = _LR,
     epsilon: float = typer.Option(8.0, "--epsilon", help="Target patient-level ε per hospital for the whole cross-validation (all folds)."),
-    noise_multiplier: float = typer.Option(0.0, "--noise-multiplier", help="Fix σ instead of deriving it from --epsilon."),
-    max_grad_norm: float = typer.Option(1.0, "--max-grad-norm"),
-    non_private: bool = typer.Option(False, "--non-private", help="Baseline without DP (nodes must allow it)."),
-    model: str = typer.Option("cnn", "--model"),
-    image_size: int = typer.Option(32, "--image-size"),
+    noise_multiplier: float = _NOISE,
+    max_grad_norm: float = _CLIP,
+    non_private: bool = _NON_PRIVATE,
+    model: str = _MODEL,
+    image_size: int = _IMAGE_SIZE,
     seed: int = typer.Option(42, "--seed", help="Seed of the folds (at every node) and of each fold's initial model."),
-    min_nodes: int = typer.Option(2, "--min-nodes", min=1),
+    min_nodes: int = _MIN_NODES,
     epsilon_cap: float = typer.Option(8.0, "--epsilon-cap", help="Simulation: each simulated hospital's cap (all folds together)."),
     on_refusal: str = typer.Option("exclude", "--on-refusal", help="When a node refuses a fold's plan: 'exclude' it, or 'stop' the cross-validation."),
-    min_release_count: int = typer.Option(10, "--min-release-count", min=0, help="Simulation: each simulated hospital's minimum release count (exact releases of fewer patients are refused; small cells suppressed)."),
-    insecure: bool = typer.Option(False, "--insecure", help="Plain-text connection (loopback tests only)."),
-    root_certificates: Path | None = typer.Option(None, "--root-certificates"),
-    flwr_home: Path | None = typer.Option(None, "--flwr-home", help="FLWR_HOME for `flwr run`."),
-    output_format: str = typer.Option("table", "--format", help="table or json."),
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    min_release_count: int = _MIN_RELEASE,
+    insecure: bool = _INSECURE,
+    root_certificates: Path | None = _ROOT_CERTIFICATES,
+    flwr_home: Path | None = _FLWR_HOME,
+    output_format: str = _OUTPUT_FORMAT,
+    verbose: bool = _VERBOSE,
 ) -> None:
     """Federated cross-validation: k-fold (--folds K) or leave-one-site-out; a fresh model per fold."""
     if leave_one_site_out == (folds >= 2):
