@@ -42,6 +42,7 @@ WITH_HISTOGRAMS: Final = "with-histograms"  # evaluate: also release per-class s
 
 SPLIT_VAL: Final = "val"
 SPLIT_TEST: Final = "test"
+SPLIT_TRAIN: Final = "train"  # queries that fit on training patients (elm-readout)
 
 # --- MetricRecord keys released by nodes ----------------------------------------------------
 NUM_EXAMPLES: Final = "num-examples"  # Flower's FedAvg weighting key
@@ -152,3 +153,8 @@ GRAD: Final = "grad"
 HESSIAN: Final = "hessian"
 NOISED: Final = "noised"  # 1 when the node added Gaussian noise (ledger-charged)
 SUPPRESSED_CELLS: Final = "suppressed-cells"  # cells released as 0 (small-count rule)
+
+# --- DC-ELM closed-form readout (client/queries/elm.py, server/inference.py) -------------------
+ELM_CLIP: Final = "elm-clip"  # per-patient L2 bound of the feature rows
+ELM_HTH: Final = "elm-hth"  # sum of H^T H over the node's training patients ([d, d])
+ELM_HTY: Final = "elm-hty"  # sum of H^T Y ([d, k])

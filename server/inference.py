@@ -892,3 +892,54 @@ def predictive_entropy_summary(
     except VesaliusError as exc:
         out.update(status="failed", reason=str(exc))
     return out
+
+
+def federated_elm_readout(
+    grid: Grid,
+    node_ids: Sequence[int],
+    arrays: ArrayRecord,
+    plan: TrainPlan,
+    *,
+    ridge: float,
+    clip: float = 1.0,
+    timeout: float,
+) -> tuple[ArrayRecord | None, dict[str, Any]]:
+    """Fit a DC-ELM's readout in closed form from every node's training-patient sums.
+
+    One ``elm-readout`` query round: each node releases ``H^T H`` and ``H^T Y`` over its
+    training patients (rows clipped per patient to ``clip``; noised and charged to its ledger
+    when the node says so); the coordinator sums them and solves
+    ``beta = (sum H^T H + ridge I)^-1 sum H^T Y`` once, which is the ridge solution on the
+    pooled rows (exactly, when no node adds noise).
+
+    Returns
+    -------
+    tuple
+        The model's arrays with the fitted readout (None when no node answered) and a summary:
+        ``status``, ``sites``, ``failures``, ``noised``, ``ridge``, ``clip``.
+    """
+    import torch
+
+    from common.models import build_model
+
+    config = {**plan.to_record(), k.SPLIT: k.SPLIT_TRAIN, k.ELM_CLIP: float(clip)}
+    res = query_nodes(grid, node_ids, "elm-readout", config, timeout=timeout,
+                      records={k.ARRAYS: arrays}, required=(k.ELM_HTH, k.ELM_HTY))
+    summary: dict[str, Any] = {"ridge": ridge, "clip": clip, "failures": list(res.failures),
+                               "sites": [res.sites[i] for i in res.values]}
+    if not res.values:
+        summary.update(status="failed", reason="no node answered the elm-readout query")
+        return None, summary
+    model = build_model(plan.model, in_channels=1, num_classes=2, image_size=plan.image_size)
+    model.load_state_dict(arrays.to_torch_state_dict())
+    weight = model.readout.weight  # type: ignore[union-attr]
+    d, classes = int(weight.shape[1]), int(weight.shape[0])
+    pooled = res.pooled([k.ELM_HTH, k.ELM_HTY])
+    hth = torch.as_tensor(np.asarray(pooled[k.ELM_HTH], dtype=np.float64).reshape(d, d))
+    hty = torch.as_tensor(np.asarray(pooled[k.ELM_HTY], dtype=np.float64).reshape(d, classes))
+    hth = (hth + hth.T) / 2  # noised sums need not be symmetric; the mean is (post-processing)
+    beta = model.solve_readout(hth, hty, ridge)  # type: ignore[operator]
+    model.set_readout(beta)  # type: ignore[operator]
+    noised, _ = _flags(res)
+    summary.update(status="completed", reason="", noised=noised)
+    return ArrayRecord(model.state_dict()), summary

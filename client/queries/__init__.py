@@ -6,7 +6,7 @@ ClientApp's ``query`` handler is :func:`client.queries.handler.handle_query`.
 
 from __future__ import annotations
 
-from client.queries import logistic, metrics, paired, uncertainty  # noqa: F401  (registration)
+from client.queries import elm, logistic, metrics, paired, uncertainty  # noqa: F401  (registration)
 from client.queries.registry import Query, QueryRequest, get_query, list_queries, register_query
 
 __all__ = ["Query", "QueryRequest", "get_query", "list_queries", "register_query"]

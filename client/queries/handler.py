@@ -31,7 +31,7 @@ from common.errors import ConfigError, DataError
 
 __all__ = ["HeldOutImages", "handle_query"]
 
-SPLITS = (k.SPLIT_VAL, k.SPLIT_TEST, k.SPLIT_HELDOUT)
+SPLITS = (k.SPLIT_VAL, k.SPLIT_TEST, k.SPLIT_HELDOUT, k.SPLIT_TRAIN)
 
 
 def _request(msg: Message, node: NodeConfig) -> QueryRequest:
@@ -63,7 +63,8 @@ def _images(req: QueryRequest) -> tuple[HeldOutImages, str]:
 
     node, plan = req.node, req.plan
     data = client_app._load(node, plan)
-    split = client_app.heldout_split(node, plan, data, req.split)
+    split = (client_app.training_split(node, plan, data) if req.split == k.SPLIT_TRAIN
+             else client_app.heldout_split(node, plan, data, req.split))
     if split.num_patients == 0:
         raise DataError(f"empty {req.split} split",
                         safe_reason=f"the node has no patients in its {req.split} split")

@@ -74,7 +74,7 @@ def test_logistic_reply_equals_node_statistics(heart: Path) -> None:
     ({k.QUERY: "logistic", k.COLUMNS: ["thal"], k.BETA: [0.0, 0.0]}, "allow-list"),
     ({k.QUERY: "logistic", k.COLUMNS: COLUMNS, k.BETA: [0.0]}, "beta"),
     ({k.QUERY: "logistic", k.BETA: [0.0]}, "columns"),
-    ({k.QUERY: "logistic", k.COLUMNS: COLUMNS, k.BETA: [0.0] * 5, k.SPLIT: "train"}, "split"),
+    ({k.QUERY: "logistic", k.COLUMNS: COLUMNS, k.BETA: [0.0] * 5, k.SPLIT: "bogus"}, "split"),
 ])
 def test_malformed_queries_get_a_safe_reason(heart: Path, config: dict[str, object],
                                              reason: str) -> None:

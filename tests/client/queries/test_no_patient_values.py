@@ -8,17 +8,20 @@ models, set sizes), never a node's patient count, and no clinical row appears in
 
 from __future__ import annotations
 
+import dataclasses
+
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 
-from client.app import _load, heldout_split
+from client.app import _load, heldout_split, training_split
 from client.data.tabular import design_matrix, load_tabular
 from client.queries import list_queries
 from common import messages as k
+from common.models import build_model
 from common.stats.bins import fine_score_edges
 from server import inference
 from tests.client.queries.fake_grid import InProcessGrid
@@ -61,9 +64,17 @@ def test_image_flows_release_no_per_patient_vector(tmp_path: Path) -> None:
                                          arrays=a, mc_samples=3, bins=VALUE_BINS)
     inference.predictive_entropy_summary(grid, ids, PLAN, split=k.SPLIT_TEST, timeout=5,
                                          ensemble=[a, b], bins=VALUE_BINS)
+    elm_plan = dataclasses.replace(PLAN, model="dc-elm")
+    elm = build_model("dc-elm", in_channels=1, num_classes=2, image_size=PLAN.image_size)
+    inference.federated_elm_readout(grid, ids, ArrayRecord(elm.state_dict()), elm_plan,
+                                    ridge=1.0, timeout=5)
+    d = int(elm.readout.weight.shape[1])  # type: ignore[union-attr]
+    counts |= {training_split(n, elm_plan, _load(n, elm_plan)).num_patients
+               for n in nodes.values()}
     nb = fine_score_edges().size - 1
-    # bins; models M and M*M (also the calibration GLM's p and p*p); conformal set sizes
-    allowed = {nb, CAL_BINS, VALUE_BINS, CONFORMAL_BINS, 1, 2, 4, 3}
+    # bins; models M and M*M (also the calibration GLM's p and p*p); conformal set sizes;
+    # the DC-ELM readout's d x d and d x 2 sums
+    allowed = {nb, CAL_BINS, VALUE_BINS, CONFORMAL_BINS, 1, 2, 4, 3, d * d, d * 2}
     assert not allowed & counts, "fixture: pick bin counts that differ from patient counts"
     asked = {str(m.content[k.CONFIG][k.QUERY]) for m in grid.sent}
     assert asked == set(list_queries()) - {"logistic"}

@@ -1,0 +1,71 @@
+"""``elm-readout``: a DC-ELM's readout statistics over the node's *training* patients.
+
+The extreme-learning-machine readout of :class:`common.models.dcelm.DCELM` is solved in closed
+form, ``beta = (H^T H + ridge I)^-1 H^T Y``, and both sums add up across hospitals: the
+coordinator sums every node's ``H^T H`` and ``H^T Y`` and solves once, which equals the pooled
+solution (see :func:`server.inference.federated_elm_readout`).
+
+Privacy: each patient's feature rows are scaled so that the sum of their L2 norms is at most
+``clip`` (:func:`common.models.dcelm.readout_row_scale`), so adding or removing one patient
+changes ``H^T H`` by at most ``clip**2`` and ``H^T Y`` by at most ``clip`` (Frobenius norm;
+the derivation is in :func:`common.models.dcelm.noisy_statistics`). Those are the declared
+sensitivities: with ``stats-noise-multiplier > 0`` the node adds Gaussian noise and charges its
+ledger; otherwise the release is exact and recorded at level "exact" (:mod:`client.release`).
+The row count is not released (its sensitivity is a patient's number of images, unbounded).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from client.queries.registry import Query, QueryRequest, register_query
+from client.queries.scoring import _model, model_arrays
+from client.release import Statistic
+from common import messages as k
+from common.errors import ConfigError
+
+__all__ = ["ElmReadoutQuery", "readout_dimensions"]
+
+
+def _clip(req: QueryRequest) -> float:
+    clip = float(req.config.get(k.ELM_CLIP, 1.0))  # type: ignore[arg-type]
+    if not (math.isfinite(clip) and clip > 0):
+        raise ConfigError(f"elm clip must be > 0, got {clip}",
+                          safe_reason="malformed query: 'elm-clip' must be a positive number")
+    return clip
+
+
+def readout_dimensions(req: QueryRequest) -> tuple[int, int]:
+    """``(d, k)``: feature width (with the bias column) and classes of the plan's DC-ELM."""
+    model = _model(req, model_arrays(req, k.ARRAYS))
+    if not hasattr(model, "readout_statistics"):
+        raise ConfigError(f"model {req.plan.model!r} has no closed-form readout",
+                          safe_reason="malformed query: 'elm-readout' needs model 'dc-elm'")
+    weight = model.readout.weight  # type: ignore[union-attr]
+    return int(weight.shape[1]), int(weight.shape[0])
+
+
+@register_query("elm-readout")
+class ElmReadoutQuery(Query):
+    """Sums ``H^T H`` and ``H^T Y`` over the node's training patients (split "train")."""
+
+    source = "images"
+
+    def statistics(self, req: QueryRequest) -> list[Statistic]:
+        if req.split != k.SPLIT_TRAIN:
+            raise ConfigError("elm-readout on a held-out split",
+                              safe_reason="malformed query: 'elm-readout' uses split 'train'")
+        d, classes = readout_dimensions(req)
+        clip = _clip(req)
+        return [Statistic(k.ELM_HTH, clip * clip, (d, d)),
+                Statistic(k.ELM_HTY, clip, (d, classes))]
+
+    def compute(self, req: QueryRequest, data: Any) -> dict[str, Any]:
+        model = _model(req, model_arrays(req, k.ARRAYS)).to(data.device)
+        split = data.split
+        hth, hty, _ = model.readout_statistics(  # type: ignore[operator]
+            split.images.to(data.device), split.labels, clip=_clip(req),
+            patient_index=split.patient_index,
+        )
+        return {k.ELM_HTH: hth.cpu().numpy(), k.ELM_HTY: hty.cpu().numpy()}
