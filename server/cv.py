@@ -373,7 +373,7 @@ def _histograms(replies_metrics: list[MetricRecord]) -> tuple[np.ndarray, np.nda
              if k.HIST_POSITIVE in m and k.HIST_NEGATIVE in m]
     if not hists or len(hists) != len(replies_metrics):
         return None  # some node declined to release histograms: no pooled AUC for the fold
-    sizes = {len(p) for p, _ in hists} | {len(q) for _, q in hists}
+    sizes = {int(np.size(p)) for p, _ in hists} | {int(np.size(q)) for _, q in hists}
     if len(sizes) != 1:
         return None
     pos = np.sum([np.asarray(p, dtype=np.int64) for p, _ in hists], axis=0)

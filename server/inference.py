@@ -396,7 +396,7 @@ def _confusion_from_histograms(
 def _pooled_record(hists: Sequence[tuple[np.ndarray, np.ndarray]]) -> MetricRecord:
     """The pooled histograms of one or two models, sent back for pass 2."""
     keys = [(k.HIST_POSITIVE, k.HIST_NEGATIVE), (k.HIST_POSITIVE_B, k.HIST_NEGATIVE_B)]
-    values: dict[str, list[int]] = {}
+    values: dict[str, int | float | list[int] | list[float]] = {}
     for (pk, nk), (pos, neg) in zip(keys, hists, strict=False):
         values[pk] = [int(round(float(x))) for x in pos]
         values[nk] = [int(round(float(x))) for x in neg]
@@ -593,9 +593,9 @@ def pooled_metrics(
     pos_counts = [tps[j] + int(round(float(first.values[i][k.FN]))) for j, i in enumerate(ids)]
     if len(ids) >= 2 and all(c > 0 for c in pos_counts):
         try:
-            est, var = logit_proportion_effects(tps, pos_counts)
-            out["meta_sensitivity"] = random_effects(est, var, alpha=alpha, site_names=names,
-                                                     scale="logit").as_dict()
+            sens_est, sens_var = logit_proportion_effects(tps, pos_counts)
+            out["meta_sensitivity"] = random_effects(sens_est, sens_var, alpha=alpha,
+                                                     site_names=names, scale="logit").as_dict()
         except VesaliusError as exc:
             log.info("sensitivity meta-analysis skipped: %s", exc)
     hists = _histograms(first)
@@ -637,7 +637,10 @@ def pooled_metrics(
             # histogram AUC as the point estimate and take only the variance from them.
             point = auc_value if placement_noised else res.auc
             out["auc"] = auc_ci(point, res.var, n=n_scored, alpha=alpha).as_dict()
-    site_rows, est, var, site_names = [], [], [], []
+    site_rows: list[dict[str, Any]] = []
+    est: list[float] = []
+    var: list[float] = []
+    site_names: list[str] = []
     for nid in hist_ids:
         values = second.values.get(nid, {})
         p_, n_ = hists[nid]
@@ -932,8 +935,8 @@ def federated_elm_readout(
         return None, summary
     model = build_model(plan.model, in_channels=1, num_classes=2, image_size=plan.image_size)
     model.load_state_dict(arrays.to_torch_state_dict())
-    weight = model.readout.weight  # type: ignore[union-attr]
-    d, classes = int(weight.shape[1]), int(weight.shape[0])
+    readout: Any = getattr(model, "readout")  # noqa: B009 - a DC-ELM's linear readout
+    d, classes = int(readout.weight.shape[1]), int(readout.weight.shape[0])
     pooled = res.pooled([k.ELM_HTH, k.ELM_HTY])
     hth = torch.as_tensor(np.asarray(pooled[k.ELM_HTH], dtype=np.float64).reshape(d, d))
     hty = torch.as_tensor(np.asarray(pooled[k.ELM_HTY], dtype=np.float64).reshape(d, classes))

@@ -149,7 +149,8 @@ def _read_mask(rec: InstanceRecord, rows: int, cols: int) -> npt.NDArray[np.uint
 
 
 def _resize_mask(mask: npt.NDArray[np.uint8], image_size: int) -> torch.Tensor:
-    resized = Resize((image_size, image_size), mode="area")(mask[None].astype(np.float32))
+    resized = Resize((image_size, image_size), mode="area")(
+        torch.as_tensor(mask[None].astype(np.float32)))
     return (torch.as_tensor(resized)[0] >= 0.5).to(torch.uint8)
 
 

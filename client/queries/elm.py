@@ -42,8 +42,8 @@ def readout_dimensions(req: QueryRequest) -> tuple[int, int]:
     if not hasattr(model, "readout_statistics"):
         raise ConfigError(f"model {req.plan.model!r} has no closed-form readout",
                           safe_reason="malformed query: 'elm-readout' needs model 'dc-elm'")
-    weight = model.readout.weight  # type: ignore[union-attr]
-    return int(weight.shape[1]), int(weight.shape[0])
+    readout: Any = getattr(model, "readout")  # noqa: B009 - the DC-ELM's linear readout
+    return int(readout.weight.shape[1]), int(readout.weight.shape[0])
 
 
 @register_query("elm-readout")

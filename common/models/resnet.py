@@ -39,8 +39,8 @@ BLOCK_INPLANES = (8, 16, 32, 64)
 MIN_IMAGE_SIZE = 8
 """Three stride-2 stages need at least an 8-pixel side to keep a non-empty map."""
 
-NORM = ("group", {"num_groups": NUM_GROUPS})
-ACT = ("relu", {"inplace": False})
+NORM: tuple[str, dict[str, object]] = ("group", {"num_groups": NUM_GROUPS})
+ACT: tuple[str, dict[str, object]] = ("relu", {"inplace": False})
 
 
 class DPResNetBlock(ResNetBlock):
