@@ -44,6 +44,7 @@ def build_run_config(
     *, rounds: int, local_epochs: int, batch_size: int, learning_rate: float, epsilon: float,
     noise_multiplier: float, max_grad_norm: float, private: bool, model: str, image_size: int,
     seed: int, out: Path, min_nodes: int, on_refusal: str = "exclude", model_phase: str = "",
+    hospital_dp_noise: float = 0.0, hospital_dp_clip: float = 0.0,
 ) -> RunConfig:
     """Typed run config from CLI options (validated on construction)."""
     plan = TrainPlan(
@@ -53,7 +54,8 @@ def build_run_config(
         image_size=image_size, seed=seed, model_phase=model_phase,
     )
     return RunConfig(plan=plan, out_dir=str(out.resolve()), min_nodes=min_nodes,
-                     on_refusal=on_refusal)
+                     on_refusal=on_refusal, hospital_dp_noise=hospital_dp_noise,
+                     hospital_dp_clip=hospital_dp_clip)
 
 
 def site_dirs(data_root: Path) -> list[Path]:
@@ -145,6 +147,8 @@ def run(
     on_refusal: str = typer.Option("exclude", "--on-refusal", help="When a node refuses the plan (its budget): 'exclude' it from the rest of the run, or 'stop' the run."),
     min_release_count: int = _MIN_RELEASE,
     model_phase: str = typer.Option("", "--model-phase", help="DBN/DBM training phase: finetune, pretrain or pretrain:<layer>."),
+    hospital_dp_noise: float = typer.Option(0.0, "--hospital-dp-noise", help="Hospital-level DP on top of patient-level DP: noise multiplier on the clipped model updates (0 = off)."),
+    hospital_dp_clip: float = typer.Option(0.0, "--hospital-dp-clip", help="Hospital-level DP: L2 bound of each hospital's model update."),
     insecure: bool = _INSECURE,
     root_certificates: Path | None = _ROOT_CERTIFICATES,
     flwr_home: Path | None = _FLWR_HOME,
@@ -159,6 +163,7 @@ def run(
             max_grad_norm=max_grad_norm, private=not non_private, model=model,
             image_size=image_size, seed=seed, out=out, min_nodes=min_nodes,
             on_refusal=on_refusal, model_phase=model_phase,
+            hospital_dp_noise=hospital_dp_noise, hospital_dp_clip=hospital_dp_clip,
         )
     except ConfigError as exc:
         raise typer.BadParameter(str(exc)) from None

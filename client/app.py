@@ -204,6 +204,7 @@ def _holdout_reply(
     metrics = MetricRecord(
         {
             k.NUM_EXAMPLES: 0,
+            k.UNIT_WEIGHT: 0,  # trains nothing: no weight, even in an unweighted average
             k.TRAIN_LOSS: math.nan,
             **_privacy_metrics(node, _run_history(context), delta, dataset_epsilon),
             k.DELTA: float(delta),
@@ -347,6 +348,7 @@ def handle_train(msg: Message, context: Context, node: NodeConfig) -> Message:
     metrics = MetricRecord(
         {
             k.NUM_EXAMPLES: result.num_examples,
+            k.UNIT_WEIGHT: 1,
             k.TRAIN_LOSS: float(result.train_loss),
             **privacy,
             k.DELTA: float(decision.delta) if plan.private else math.nan,
@@ -411,6 +413,7 @@ def handle_evaluate(msg: Message, context: Context, node: NodeConfig) -> Message
         raise DataError("non-finite scores", safe_reason="the model produced non-finite scores")
     values: dict[str, int | float | list[int] | list[float]] = {
         k.NUM_EXAMPLES: int(res.num_examples),
+        k.UNIT_WEIGHT: 1,  # equal-weight pooling when the run uses hospital-level DP
         k.LOSS: float(res.loss),
         k.ACCURACY: float(res.accuracy),
         k.AUC: float(res.auc),

@@ -213,6 +213,14 @@ class RunConfig:
         What the coordinator does when a node refuses a plan for budget or policy reasons:
         "exclude" the node from the rest of the run (default) or "stop" the run. Either way
         the report says which node refused and why.
+    hospital_dp_noise : float
+        Hospital-level (client-level) DP on top of the nodes' patient-level DP: Gaussian noise
+        multiplier on the sum of clipped model updates (0 = off; see
+        :mod:`server.strategies.hospital_dp`).
+    hospital_dp_clip : float
+        L2 bound of each hospital's model update when hospital-level DP is on.
+    hospital_dp_delta : float
+        Delta at which hospital-level epsilon is reported.
     """
 
     plan: TrainPlan = TrainPlan()
@@ -222,8 +230,19 @@ class RunConfig:
     out_dir: str = "vesalius-out"
     round_timeout: float = 600.0
     on_refusal: str = "exclude"
+    hospital_dp_noise: float = 0.0
+    hospital_dp_clip: float = 0.0
+    hospital_dp_delta: float = 1e-3
 
     def __post_init__(self) -> None:
+        if not (math.isfinite(self.hospital_dp_noise) and self.hospital_dp_noise >= 0):
+            raise ConfigError("hospital-dp-noise must be a finite number >= 0 (0 = off)")
+        if self.hospital_dp_noise > 0 and not (
+            math.isfinite(self.hospital_dp_clip) and self.hospital_dp_clip > 0
+        ):
+            raise ConfigError("hospital-level DP needs hospital-dp-clip > 0 (L2 bound of an update)")
+        if not 0 < self.hospital_dp_delta < 1:
+            raise ConfigError("hospital-dp-delta must lie in (0, 1)")
         if self.on_refusal not in ON_REFUSAL:
             raise ConfigError(f"on-refusal must be one of {', '.join(ON_REFUSAL)}, got {self.on_refusal!r}")
         for name in ("fraction_train", "fraction_evaluate"):
@@ -244,6 +263,9 @@ class RunConfig:
             out_dir=_get(values, k.OUT_DIR, "vesalius-out", str),
             round_timeout=_get(values, k.ROUND_TIMEOUT, 600.0, float),
             on_refusal=_get(values, k.ON_REFUSAL, "exclude", str),
+            hospital_dp_noise=_get(values, k.HOSPITAL_DP_NOISE, 0.0, float),
+            hospital_dp_clip=_get(values, k.HOSPITAL_DP_CLIP, 0.0, float),
+            hospital_dp_delta=_get(values, k.HOSPITAL_DP_DELTA, 1e-3, float),
         )
 
     def to_dict(self) -> dict[str, Scalar]:
@@ -257,6 +279,9 @@ class RunConfig:
                 k.OUT_DIR: self.out_dir,
                 k.ROUND_TIMEOUT: self.round_timeout,
                 k.ON_REFUSAL: self.on_refusal,
+                k.HOSPITAL_DP_NOISE: self.hospital_dp_noise,
+                k.HOSPITAL_DP_CLIP: self.hospital_dp_clip,
+                k.HOSPITAL_DP_DELTA: self.hospital_dp_delta,
             }
         )
         return out

@@ -46,6 +46,7 @@ SPLIT_TRAIN: Final = "train"  # queries that fit on training patients (elm-reado
 
 # --- MetricRecord keys released by nodes ----------------------------------------------------
 NUM_EXAMPLES: Final = "num-examples"  # Flower's FedAvg weighting key
+UNIT_WEIGHT: Final = "unit-weight"  # 1 per training node: equal weights (hospital-level DP)
 TRAIN_LOSS: Final = "train-loss"
 EPSILON: Final = "epsilon"
 DELTA: Final = "delta"
@@ -72,7 +73,7 @@ LEDGER_HEAD: Final = "ledger-head"  # "INDEX:HASH" of the node's last ledger ent
 # Keys that carry one number per node, never averaged across nodes by the coordinator.
 PER_NODE_METRICS: Final = frozenset(
     {EPSILON, EPSILON_PRV, EPSILON_DATASET, EPSILON_CAP, DELTA, SAMPLE_RATE, STEPS,
-     NOISE_MULTIPLIER}
+     NOISE_MULTIPLIER, UNIT_WEIGHT}
 )
 HISTOGRAM_METRICS: Final = frozenset({HIST_POSITIVE, HIST_NEGATIVE})
 
@@ -82,6 +83,9 @@ FRACTION_EVALUATE: Final = "fraction-evaluate"
 MIN_NODES: Final = "min-nodes"
 OUT_DIR: Final = "out-dir"
 ROUND_TIMEOUT: Final = "round-timeout"
+HOSPITAL_DP_NOISE: Final = "hospital-dp-noise"  # client-level DP noise multiplier (0 = off)
+HOSPITAL_DP_CLIP: Final = "hospital-dp-clip"  # client-level DP: L2 bound of a model update
+HOSPITAL_DP_DELTA: Final = "hospital-dp-delta"  # client-level DP: delta of the report
 ON_REFUSAL: Final = "on-refusal"  # "exclude" | "stop": when a node refuses a plan
 
 # --- Node-config keys (``flower-supernode --node-config``; set by the hospital only) -----------

@@ -27,6 +27,7 @@ from common.models import build_model
 from server.cv import CVSpec, run_cross_validation
 from server.report import RunReport
 from server.strategies.fedavg import RoundLog, RunStopped, VesaliusFedAvg
+from server.strategies.hospital_dp import HospitalLevelDP
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +64,15 @@ def run_federation(
         if phase == "evaluate" and on_round is not None:
             on_round(entry)
 
+    hospital_dp = config.hospital_dp_noise > 0
     strategy = VesaliusFedAvg(
         checkpoint_dir=out_dir / "checkpoints",
         on_update=updated,
         on_refusal=config.on_refusal,
+        # Hospital-level DP needs an unweighted average (each site's clipped update counts
+        # once) and checkpoints only the noised model (the wrapper writes them).
+        weighted_by_key=k.UNIT_WEIGHT if hospital_dp else k.NUM_EXAMPLES,
+        checkpoint_in_aggregate=not hospital_dp,
         fraction_train=config.fraction_train,
         fraction_evaluate=config.fraction_evaluate,
         min_train_nodes=config.min_nodes,
@@ -75,8 +81,18 @@ def run_federation(
     )
     plan_record = config.plan.to_record()
     report.excluded = strategy.excluded  # the same dict: exclusions show in every write
+    runner: VesaliusFedAvg | HospitalLevelDP = strategy
+    if hospital_dp:
+        runner = HospitalLevelDP(
+            strategy,
+            noise_multiplier=config.hospital_dp_noise,
+            clipping_norm=config.hospital_dp_clip,
+            num_hospitals=max(len(list(grid.get_node_ids())), config.min_nodes),
+            delta=config.hospital_dp_delta,
+        )
+        report.hospital_dp = runner.spent
     try:
-        result = strategy.start(
+        result = runner.start(
             grid=grid,
             initial_arrays=initial_arrays(config),
             num_rounds=config.plan.num_rounds,

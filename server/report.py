@@ -23,6 +23,7 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,7 @@ class RunReport:
     reason: str = ""
     excluded: dict[int, str] = field(default_factory=dict)  # node id -> reason it refused
     extra: dict[str, Any] = field(default_factory=dict)  # further sections (e.g. "inference")
+    hospital_dp: Callable[[], Any] | None = None  # hospital-level DP spend so far, when on
 
     def sites(self) -> list[dict[str, Any]]:
         """Latest train release of each node: patients, epsilon spent, delta, noise.
@@ -145,7 +147,8 @@ class RunReport:
                 "scope": "epsilon: this run, all rounds; epsilon_dataset: the dataset's total "
                 "over every run and fold in the node's signed ledger, which the node's cap "
                 "(epsilon_cap) bounds",
-                "hospital_level": None,
+                "hospital_level": (self.hospital_dp().to_dict()
+                                   if self.hospital_dp is not None else None),
                 "not_covered": "validation/test metrics released for evaluation are not "
                 "noised (see issue on release rules)",
             },

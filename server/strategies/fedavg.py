@@ -126,12 +126,14 @@ class VesaliusFedAvg(FedAvg):
         checkpoint_dir: Path | None = None,
         on_update: Callable[[RoundLog, str], None] | None = None,
         on_refusal: str = "exclude",
+        weighted_by_key: str = k.NUM_EXAMPLES,
+        checkpoint_in_aggregate: bool = True,
         **kwargs: object,
     ) -> None:
         super().__init__(
             arrayrecord_key=k.ARRAYS,
             configrecord_key=k.CONFIG,
-            weighted_by_key=k.NUM_EXAMPLES,
+            weighted_by_key=weighted_by_key,
             train_metrics_aggr_fn=pool_metrics,
             evaluate_metrics_aggr_fn=pool_metrics,
             **kwargs,  # type: ignore[arg-type]
@@ -142,6 +144,8 @@ class VesaliusFedAvg(FedAvg):
         self._expected: dict[tuple[int, str], list[int]] = {}
         self.on_refusal = on_refusal
         self.excluded: dict[int, str] = {}  # node id -> the reason it gave when refusing
+        # False when a DP wrapper noises the aggregate afterwards and checkpoints it itself.
+        self.checkpoint_in_aggregate = checkpoint_in_aggregate
         self.latest_arrays: ArrayRecord | None = None
 
     def _log(self, server_round: int) -> RoundLog:
@@ -213,13 +217,19 @@ class VesaliusFedAvg(FedAvg):
             entry.train_metrics = _scalars(metrics)
         if arrays is not None:
             self.latest_arrays = arrays
-        if arrays is not None and self.checkpoint_dir is not None:
-            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-            torch.save(arrays.to_torch_state_dict(), self.checkpoint_dir / f"round-{server_round}.pt")
+        if arrays is not None and self.checkpoint_in_aggregate:
+            self.save_checkpoint(server_round, arrays)
         if self.on_update is not None:
             self.on_update(entry, "train")
         self._handle_refusals(entry)
         return arrays, metrics
+
+    def save_checkpoint(self, server_round: int, arrays: ArrayRecord) -> None:
+        """Write ``round-<r>.pt`` (the global model after round r) if checkpointing is on."""
+        if self.checkpoint_dir is None:
+            return
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        torch.save(arrays.to_torch_state_dict(), self.checkpoint_dir / f"round-{server_round}.pt")
 
     def _handle_refusals(self, entry: RoundLog) -> None:
         """Exclude refusing nodes, or stop the run, as the run config says."""
