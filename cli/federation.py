@@ -356,7 +356,7 @@ def cv(
                        leave_one_site_out=leave_one_site_out).to_user_config()
         doc = run_on_superlink(config, superlink, insecure=insecure,
                                root_certificates=root_certificates, flwr_home=flwr_home, extra=extra)
-        if "inference" not in doc:
+        if "cv" not in (doc.get("inference") or {}):
             err_console.print("[red]error:[/red] the ServerApp wrote a plain run report, not a "
                               "cross-validation (does server/app.py dispatch on cv-folds?)")
             raise typer.Exit(1)

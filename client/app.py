@@ -159,7 +159,11 @@ def _model(plan: TrainPlan, arrays: ArrayRecord) -> torch.nn.Module:
                 safe_reason=f"refused: model-phase is set but model {plan.model!r} has no phases",
             )
         phase, _, layer = plan.model_phase.partition(":")
-        set_phase(phase, layer=int(layer) if layer else None)
+        try:
+            set_phase(phase, layer=int(layer) if layer else None)
+        except ConfigError as exc:  # e.g. a layer the model does not have: say which
+            raise ConfigError(str(exc), safe_reason=f"refused: model-phase {plan.model_phase!r}: "
+                              f"{exc}") from None
     return model
 
 
@@ -214,7 +218,8 @@ def _holdout_reply(
         }
     )
     content = RecordDict(
-        {k.ARRAYS: arrays, k.METRICS: metrics, k.NODE_INFO: ConfigRecord({k.SITE: node.site_name})}
+        {k.ARRAYS: arrays, k.METRICS: metrics,
+         k.NODE_INFO: _node_info(node, NodeBudget.for_node(node))}
     )
     return Message(content=content, reply_to=msg)
 
@@ -282,13 +287,13 @@ def handle_train(msg: Message, context: Context, node: NodeConfig) -> Message:
         plan, node, num_patients=train_split.num_patients, prior=history,
         server_round=server_round,
     )
+    model = _model(plan, arrays)  # a bad model or phase fails here, before any spend
     expected = math.inf
     if budget is not None and history is not None:
         # Refused here (BudgetExceededError) before any training step when over the cap.
         expected = _charge_round(
             budget, data, plan, decision, history, train_split.num_patients, server_round
         )
-    model = _model(plan, arrays)
     result = train_dp(
         model,
         PatientRecordDataset(train_split),

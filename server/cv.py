@@ -489,8 +489,9 @@ def _evaluate_fold(grid: Grid, arrays: ArrayRecord, config: RunConfig, outcome: 
 
 
 def _stopped_by_refusal(rounds: Sequence[RoundLog]) -> bool:
-    return any(str(e.get("reason", "")).startswith("refused") for r in rounds for e in r.errors
-               if e.get("phase") == "train")
+    # Refusals are recognised by the nodes' error code (RoundLog.refusals), not by wording:
+    # real nodes prefix their reasons with the site name.
+    return any(e.get("phase") == "train" for r in rounds for e in r.refusals)
 
 
 def run_fold(

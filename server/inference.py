@@ -66,12 +66,15 @@ class QueryRound:
         Node id -> released values (numbers, or numpy arrays for lists).
     sites : dict
         Node id -> site name the node reported.
+    heads : dict
+        Node id -> the node's ledger head ``INDEX:HASH`` after its reply (an audit anchor).
     failures : list of dict
         ``{"node_id", "site", "query", "reason"}`` per node that did not answer usably.
     """
 
     values: dict[int, dict[str, Any]] = field(default_factory=dict)
     sites: dict[int, str] = field(default_factory=dict)
+    heads: dict[int, str] = field(default_factory=dict)
     failures: list[dict[str, Any]] = field(default_factory=list)
 
     def pooled(self, keys: Sequence[str], nodes: Sequence[int] | None = None) -> dict[str, Any]:
@@ -137,6 +140,8 @@ def query_nodes(
         site = str(info.get(k.SITE, f"node-{node_id}")) if isinstance(info, ConfigRecord) else (
             f"node-{node_id}"
         )
+        if isinstance(info, ConfigRecord) and k.LEDGER_HEAD in info:
+            result.heads[node_id] = str(info[k.LEDGER_HEAD])
         if msg.has_error():
             result.failures.append({"node_id": node_id, "site": site, "query": name,
                                     "reason": msg.error.reason})
@@ -384,7 +389,9 @@ def _confusion_from_histograms(
         return None
     edges = fine_score_edges()
     cut = np.flatnonzero(np.isclose(edges, threshold, rtol=0.0, atol=1e-12))
-    if not cut.size or hists[ids[0]][0].size != edges.size - 1:
+    if not cut.size or hists[ids[0]][0].size != edges.size - 1 or int(cut[0]) >= edges.size - 1:
+        # No edge at the threshold, or the threshold is the top edge (the last bin is closed on
+        # the right, so scores equal to it sit below the cut): count from the cells instead.
         return None
     t = int(cut[0])  # bins t.. hold scores >= threshold (predicted positive)
     pos = np.sum([hists[i][0] for i in ids], axis=0)
@@ -546,7 +553,9 @@ def pooled_metrics(
                            calibration_bins=calibration_bins)
     first = _metrics_round(grid, node_ids, base, arrays, timeout=timeout)
     out: dict[str, Any] = {"split": split, "threshold": float(threshold), "alpha": alpha,
-                           "failures": list(first.failures)}
+                           "failures": list(first.failures),
+                           # node id -> ledger head after its last release here (audit anchor)
+                           "ledger_heads": dict(first.heads)}
     if not first.values:
         out.update(status="failed", reason="no node answered the metrics query")
         return out
@@ -620,6 +629,7 @@ def pooled_metrics(
                          records={k.ARRAYS: arrays, k.POOLED: _pooled_record([(pos, neg)])},
                          required=_PLACEMENT_KEYS)
     out["failures"].extend(second.failures)
+    out["ledger_heads"].update(second.heads)
     auc_value = auc_from_histograms(pos, neg)
     n_scored = int(pos.sum() + neg.sum())
     if second.failures:

@@ -88,6 +88,10 @@ class RunReport:
             for reply in [*entry.train, *entry.evaluate]:
                 if reply.ledger_head:
                     heads[reply.node_id] = reply.ledger_head
+        # The final statistics queries come last: their heads anchor the nodes' last releases.
+        inference = self.extra.get("inference")
+        if isinstance(inference, dict):
+            heads.update({int(n): str(h) for n, h in inference.get("ledger_heads", {}).items()})
         names = [reply.site for reply in latest.values()]
         rows = []
         for node_id, reply in latest.items():

@@ -46,11 +46,34 @@ def readout_dimensions(req: QueryRequest) -> tuple[int, int]:
     return int(readout.weight.shape[1]), int(readout.weight.shape[0])
 
 
+def _check_fixed_features(req: QueryRequest, model: Any) -> None:
+    """Refuse feature filters other than the seeded ones every hospital builds itself.
+
+    The filters are fixed by :data:`common.models.dcelm.FEATURE_SEED`; a coordinator sending
+    its own could choose features that single out patients in an exact release.
+    """
+    import torch
+
+    from common.models import build_model
+
+    own = build_model(req.plan.model, in_channels=1, num_classes=2,
+                      image_size=req.plan.image_size).state_dict()
+    sent = model.state_dict()
+    for name, tensor in own.items():
+        if not name.startswith("readout") and not torch.equal(tensor, sent[name]):
+            raise ConfigError(
+                f"elm-readout with feature tensor {name} not the seeded one",
+                safe_reason="refused: the DC-ELM feature filters differ from the seeded ones "
+                "every hospital builds",
+            )
+
+
 @register_query("elm-readout")
 class ElmReadoutQuery(Query):
     """Sums ``H^T H`` and ``H^T Y`` over the node's training patients (split "train")."""
 
     source = "images"
+    splits = (k.SPLIT_TRAIN,)
 
     def statistics(self, req: QueryRequest) -> list[Statistic]:
         if req.split != k.SPLIT_TRAIN:
@@ -62,7 +85,9 @@ class ElmReadoutQuery(Query):
                 Statistic(k.ELM_HTY, clip, (d, classes))]
 
     def compute(self, req: QueryRequest, data: Any) -> dict[str, Any]:
-        model = _model(req, model_arrays(req, k.ARRAYS)).to(data.device)
+        model = _model(req, model_arrays(req, k.ARRAYS))
+        _check_fixed_features(req, model)
+        model = model.to(data.device)
         split = data.split
         hth, hty, _ = model.readout_statistics(  # type: ignore[operator]
             split.images.to(data.device), split.labels, clip=_clip(req),

@@ -76,6 +76,11 @@ def handle_query(msg: Message, context: Context, node: NodeConfig) -> Message:
     del context  # statistics queries keep no per-run state on the node
     req = _request(msg, node)
     query = get_query(req.name)
+    if query.source == "images" and req.split not in query.splits:
+        raise ConfigError(
+            f"query {req.name!r} on split {req.split!r}",
+            safe_reason=f"malformed query: {req.name!r} uses split {' or '.join(query.splits)}",
+        )
     statistics = query.statistics(req)
     data: Any
     if query.source == "tabular":
@@ -96,7 +101,10 @@ def handle_query(msg: Message, context: Context, node: NodeConfig) -> Message:
     values[k.SUPPRESSED_CELLS] = int(released.suppressed_cells)
     if released.epsilon_after is not None:
         values[k.EPSILON] = float(released.epsilon_after)
-    content = RecordDict(
-        {k.METRICS: MetricRecord(values), k.NODE_INFO: ConfigRecord({k.SITE: node.site_name})}
-    )
+    from client import app as client_app
+    from client.privacy_guard import NodeBudget
+
+    # Site name and the ledger head after this release (the coordinator keeps it as an anchor).
+    info = client_app._node_info(node, NodeBudget.for_node(node))
+    content = RecordDict({k.METRICS: MetricRecord(values), k.NODE_INFO: info})
     return Message(content=content, reply_to=msg)

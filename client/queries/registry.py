@@ -68,6 +68,8 @@ class Query(ABC):
     """A statistics query (see the module docstring for the contract)."""
 
     source: ClassVar[str] = "images"
+    #: Splits the query may read; only queries that fit on training data allow "train".
+    splits: ClassVar[tuple[str, ...]] = ("val", "test", "heldout")
 
     @abstractmethod
     def statistics(self, req: QueryRequest) -> list[Statistic]:

@@ -76,8 +76,9 @@ def load_private_key(key_path: Path) -> Ed25519PrivateKey:
 def load_or_create_private_key(key_path: Path) -> Ed25519PrivateKey:
     """Load the key, or make one (0600) if none exists; never overwrite an existing file.
 
-    Creation uses ``O_CREAT | O_EXCL``, so two processes racing to make the key end up
-    sharing the one that won. The public key file is (re)written when it is missing.
+    The key is written whole to a private temporary file and hard-linked into place, so a
+    crash never leaves a partial key and two processes racing to make one end up sharing the
+    one that won (``O_CREAT | O_EXCL`` where the filesystem has no hard links). The public key file is (re)written when it is missing.
     """
     if not key_path.exists():
         _make_private_dir(key_path.parent)
@@ -101,6 +102,10 @@ def load_or_create_private_key(key_path: Path) -> Ed25519PrivateKey:
                 os.link(tmp_name, key_path)
             except FileExistsError:
                 pass  # another process made it first: use theirs
+            except OSError:
+                # No hard links on this filesystem (some SMB/FUSE mounts): exclusive create
+                # and write instead (a crash in between can leave a partial key to remove).
+                _create_exclusive(key_path, pem)
             else:
                 _fsync_dir(key_path.parent)
                 log.info("made a new node signing key at %s", key_path)
@@ -113,6 +118,18 @@ def load_or_create_private_key(key_path: Path) -> Ed25519PrivateKey:
         tmp.write_bytes(_public_pem(key.public_key()))
         os.replace(tmp, pub_path)
     return key
+
+
+def _create_exclusive(key_path: Path, pem: bytes) -> None:
+    try:
+        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return  # another process made it first: use theirs
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(pem)
+        fh.flush()
+        os.fsync(fh.fileno())
+    log.info("made a new node signing key at %s", key_path)
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -139,8 +139,9 @@ def verify_ledger(
         Relative tolerance of epsilon comparisons (default 0.01, i.e. 1 %; see
         :data:`~common.ledger.accounting.DEFAULT_TOLERANCE`).
     expect_heads : sequence of str, optional
-        Anchors ``"INDEX:HASH"`` recorded outside the node (each run report lists every
-        node's ledger head after each round; an exported summary has its head). The chain
+        Anchors ``"INDEX:HASH"`` recorded outside the node (a run report's ``sites[*]
+        .ledger_head``, the head each node reported after its last release in the run; an
+        exported summary's head). The chain
         alone cannot show that its *last* entries were removed, or that the file was replaced
         by a fresh one; an anchor can: entry INDEX must exist and carry HASH.
 

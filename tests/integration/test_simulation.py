@@ -61,8 +61,16 @@ def test_three_sites_two_rounds(federation: Path, _private_vesalius_home: Path) 
     records = Ledger(ledger).read().records
     trains = [r.entry for r in records if r.entry.release == "train"]
     assert len(trains) == 3 * 2 and all(e.level == "patient" for e in trains)
-    # Every other release (validation metrics, final statistics) is on the record as exact.
-    assert all(r.entry.level == "exact" for r in records if r.entry.release != "train")
+    # Every other release is on the record, as exact: validation metrics each round at every
+    # site, the final test evaluation and the final statistics queries.
+    others = [(r.entry.release, r.entry.level) for r in records if r.entry.release != "train"]
+    assert others.count(("evaluate:val", "exact")) == 3 * 2
+    assert others.count(("evaluate:test", "exact")) == 3
+    assert ("query:metrics", "exact") in others
+    assert all(level == "exact" for _, level in others)
+    # Each site's ledger head in the report anchors the last entry (here the shared ledger's).
+    heads = {s["ledger_head"] for s in doc["sites"]}
+    assert f"{records[-1].index}:{records[-1].hash}" in heads
     for site in doc["sites"]:
         assert site["epsilon_dataset"] == pytest.approx(site["epsilon"], rel=1e-9)
         assert site["epsilon_prv"] is not None and site["epsilon_cap"] == 8.0

@@ -54,7 +54,9 @@ class FakeNode:
         fold = int(cfg[k.FOLD])
         if msg.metadata.message_type == "train":
             if fold == self.refuse_fold:
-                return Error(code=0, reason="refused: the plan would exceed this node's cap")
+                # As a real node replies: its refusal code and a site-named reason.
+                return Error(code=k.ERROR_CODE_REFUSED,
+                             reason=f"[{self.site}] refused: the plan would exceed this node's cap")
             eps = 0.5 * fold + 0.1 * int(cfg[k.SERVER_ROUND])
             metrics = MetricRecord({k.NUM_EXAMPLES: self.n, k.TRAIN_LOSS: 0.5, k.EPSILON: eps,
                                     k.DELTA: 1e-5, k.NOISE_MULTIPLIER: 1.0, k.SAMPLE_RATE: 0.1,
@@ -206,8 +208,9 @@ def test_refusing_node_is_listed_per_fold_and_the_run_goes_on(tmp_path: Path) ->
     folds, details = cv["folds"], cv["fold_details"]
     assert details[0]["errors"] == [] and folds[0]["issues"] == 0
     refusals = [e for e in details[1]["errors"] if e["phase"] == "train"]
-    assert [(e["site"], e["round"]) for e in refusals] == [("tight", 1), ("tight", 2)]
-    assert all(e["reason"].startswith("refused") for e in refusals)
+    # Refused in round 1, then excluded from the rest of that fold (on-refusal = exclude).
+    assert [(e["site"], e["round"]) for e in refusals] == [("tight", 1)]
+    assert all("refused" in e["reason"] for e in refusals)
     assert set(folds[1]["epsilon_by_site"]) == {"good"}
     assert [f.status for f in result.folds] == ["completed", "completed"]
 

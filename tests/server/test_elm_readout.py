@@ -77,9 +77,22 @@ def test_elm_readout_refuses_held_out_splits_and_other_models(root: Path) -> Non
     res = inference.query_nodes(InProcessGrid(nodes), list(nodes), "elm-readout",
                                 {**ELM_PLAN.to_record(), k.SPLIT: k.SPLIT_TEST},
                                 timeout=5, records={k.ARRAYS: _model_arrays()})
-    assert not res.values and all("split 'train'" in f["reason"] for f in res.failures)
+    assert not res.values and all("uses split train" in f["reason"] for f in res.failures)
     cnn = ArrayRecord(build_model("cnn", in_channels=1, num_classes=2, image_size=16).state_dict())
     res = inference.query_nodes(InProcessGrid(nodes), list(nodes), "elm-readout",
                                 {**PLAN.to_record(), k.SPLIT: k.SPLIT_TRAIN},
                                 timeout=5, records={k.ARRAYS: cnn})
     assert not res.values and all("dc-elm" in f["reason"] for f in res.failures)
+
+
+def test_crafted_feature_filters_are_refused(root: Path) -> None:
+    from common import messages as k
+
+    nodes = image_nodes(root)
+    state = _model_arrays().to_torch_state_dict()
+    name = next(n for n in state if not n.startswith("readout"))
+    state[name] = state[name] * 2.0  # not the seeded filters every hospital builds
+    res = inference.query_nodes(InProcessGrid(nodes), list(nodes), "elm-readout",
+                                {**ELM_PLAN.to_record(), k.SPLIT: k.SPLIT_TRAIN},
+                                timeout=5, records={k.ARRAYS: ArrayRecord(state)})
+    assert not res.values and all("seeded" in f["reason"] for f in res.failures)

@@ -213,3 +213,10 @@ def test_exact_placements_refuse_crafted_pooled_histograms(images: Path) -> None
     reply = _ask_image(no_consent, {k.QUERY: "placements", k.SPLIT: k.SPLIT_TEST},
                        {k.ARRAYS: model_arrays(0), k.POOLED: pooled})
     assert reply.has_error() and "release-histograms" in reply.error.reason
+
+
+def test_only_training_fit_queries_read_the_training_split(images: Path) -> None:
+    _, cfg = _image_cfg(images)
+    reply = _ask_image(cfg, {k.QUERY: "metrics", k.SPLIT: k.SPLIT_TRAIN},
+                       {k.ARRAYS: model_arrays(0)})
+    assert reply.has_error() and "'metrics' uses split" in reply.error.reason
