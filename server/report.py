@@ -153,8 +153,10 @@ class RunReport:
                 "(epsilon_cap) bounds",
                 "hospital_level": (self.hospital_dp().to_dict()
                                    if self.hospital_dp is not None else None),
-                "not_covered": "validation/test metrics released for evaluation are not "
-                "noised (see issue on release rules)",
+                "not_covered": "exact releases (validation metrics every round; test "
+                "statistics unless the node sets stats-noise-multiplier) carry no DP "
+                "guarantee: they are on each node's ledger at level 'exact', refused below "
+                "its minimum release count, with small cells suppressed",
             },
             "run_id": plan.run_id,
             "excluded": [
