@@ -100,7 +100,7 @@ from common.stats.meta import random_effects
 from common.stats.metrics import classification_metrics
 from server.inference import QueryRound, query_nodes
 from server.report import RunReport, atomic_write, json_safe
-from server.strategies.fedavg import RoundLog, VesaliusFedAvg
+from server.strategies.fedavg import RoundLog, RunStopped, VesaliusFedAvg
 
 log = logging.getLogger(__name__)
 
@@ -521,6 +521,7 @@ def run_fold(
 
     strategy = VesaliusFedAvg(
         checkpoint_dir=out_dir / "checkpoints", on_update=updated,
+        on_refusal=config.on_refusal,
         fraction_train=config.fraction_train,
         fraction_evaluate=0.0,  # no per-round validation: CV validation patients train
         min_train_nodes=min_nodes, min_evaluate_nodes=min_nodes, min_available_nodes=min_nodes,
@@ -541,6 +542,12 @@ def run_fold(
             torch.save(result.arrays.to_torch_state_dict(), out_dir / "checkpoints" / "final.pt")
             eval_grid = grid if heldout_nodes is None else NodeSubsetGrid(grid, heldout_nodes)
             _evaluate_fold(eval_grid, result.arrays, config, outcome)
+        report.status, report.reason = outcome.status, outcome.reason
+    except RunStopped as exc:  # every node refused (or on-refusal=stop): said, not a crash
+        log.warning("fold %s stopped: %s", outcome.fold, exc)
+        outcome.rounds = list(report.rounds)
+        outcome.sites = report.sites()
+        outcome.status, outcome.reason = "stopped", str(exc)
         report.status, report.reason = outcome.status, outcome.reason
     except Exception as exc:  # a fold may fail (e.g. no node connected): record, go on
         log.exception("fold %s failed", outcome.fold)
