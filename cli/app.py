@@ -11,6 +11,7 @@ from cli.demo import demo
 from cli.federation import federation_app
 from cli.models import models_app
 from cli.node import node_app
+from cli.stats import stats_app
 from cli.synth import synth
 
 app = typer.Typer(
@@ -25,6 +26,7 @@ app.add_typer(node_app, name="node")
 app.add_typer(federation_app, name="federation")
 app.add_typer(audit_app, name="audit")
 app.add_typer(models_app, name="models")
+app.add_typer(stats_app, name="stats")
 
 
 def main() -> None:
