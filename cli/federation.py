@@ -75,20 +75,32 @@ def default_ledger_root(data_root: Path) -> Path:
     return data_root.resolve().parent / "ledgers"
 
 
+def simulated_hospitals(data_root: Path, *, epsilon_cap: float, allow_non_private: bool,
+                        min_release_count: int, ledger_root: Path | None = None
+                        ) -> list[NodeConfig]:
+    """One NodeConfig per ``site-*`` folder: a simulated hospital on this machine.
+
+    Simulated hospitals may release score histograms (for the pooled AUC); each keeps its
+    ledger in ``ledger_root / <site>`` (default :func:`default_ledger_root`).
+    """
+    ledgers = ledger_root if ledger_root is not None else default_ledger_root(data_root)
+    return [
+        NodeConfig(data_dir=d, epsilon_cap=epsilon_cap, site_name=d.name,
+                   allow_non_private=allow_non_private, release_histograms=True,
+                   ledger_dir=ledgers / d.name, min_release_count=min_release_count)
+        for d in site_dirs(data_root)
+    ]
+
+
 def simulate(config: RunConfig, data_root: Path, *, epsilon_cap: float, allow_non_private: bool,
              verbose: bool, ledger_root: Path | None = None,
              min_release_count: int = 10) -> dict[str, object]:
     """Run a simulated federation over the ``site-*`` folders of ``data_root``."""
     from server.simulation import run_simulation
 
-    ledgers = ledger_root if ledger_root is not None else default_ledger_root(data_root)
-    nodes = [
-        # Simulated hospitals on this machine: histograms may be released for the pooled AUC.
-        NodeConfig(data_dir=d, epsilon_cap=epsilon_cap, site_name=d.name,
-                   allow_non_private=allow_non_private, release_histograms=True,
-                   ledger_dir=ledgers / d.name, min_release_count=min_release_count)
-        for d in site_dirs(data_root)
-    ]
+    nodes = simulated_hospitals(data_root, epsilon_cap=epsilon_cap,
+                                allow_non_private=allow_non_private,
+                                min_release_count=min_release_count, ledger_root=ledger_root)
     total = config.plan.num_rounds
     console.print(f"simulating {len(nodes)} hospitals x {total} rounds "
                   f"({'DP-SGD, target ε=%g' % config.plan.target_epsilon if config.plan.private else 'non-private'})")
@@ -270,14 +282,9 @@ def simulate_cv(config: RunConfig, data_root: Path, *, folds: int, leave_one_sit
     from server.cv import CVSpec, FoldEvent, simulate_cross_validation
 
     spec = CVSpec(num_folds=0 if leave_one_site_out else folds, leave_one_site_out=leave_one_site_out)
-    nodes = [
-        # Simulated hospitals on this machine: histograms may be released for the pooled AUC.
-        NodeConfig(data_dir=d, epsilon_cap=epsilon_cap, site_name=d.name,
-                   allow_non_private=allow_non_private, release_histograms=True,
-                   ledger_dir=default_ledger_root(data_root) / d.name,
-                   min_release_count=min_release_count)
-        for d in site_dirs(data_root)
-    ]
+    nodes = simulated_hospitals(data_root, epsilon_cap=epsilon_cap,
+                                allow_non_private=allow_non_private,
+                                min_release_count=min_release_count)
     num_folds = len(nodes) if leave_one_site_out else folds
     rounds = config.plan.num_rounds
     console.print(f"cross-validating over {len(nodes)} simulated hospitals: "
@@ -356,7 +363,8 @@ def cv(
                        leave_one_site_out=leave_one_site_out).to_user_config()
         doc = run_on_superlink(config, superlink, insecure=insecure,
                                root_certificates=root_certificates, flwr_home=flwr_home, extra=extra)
-        if "cv" not in (doc.get("inference") or {}):
+        inference = doc.get("inference")
+        if not isinstance(inference, dict) or "cv" not in inference:
             err_console.print("[red]error:[/red] the ServerApp wrote a plain run report, not a "
                               "cross-validation (does server/app.py dispatch on cv-folds?)")
             raise typer.Exit(1)

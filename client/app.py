@@ -329,19 +329,10 @@ def handle_train(msg: Message, context: Context, node: NodeConfig) -> Message:
         # A non-private release (the node consented to baselines) goes on the record too, at
         # level "exact": no DP guarantee, listed for auditors, never composed into the cap.
         budget = NodeBudget.for_node(node)
-        budget.ledger.append(
-            LedgerEntry(
-                fingerprint=data.fingerprint,
-                run_id=plan.run_id or "unnamed-run",
-                release="train",
-                mechanism=Mechanism(kind="gaussian", noise_multiplier=0.0, steps=1),
-                delta=decision.delta,
-                dataset_size=train_split.num_patients,
-                fold=plan.fold if plan.cv_mode != "none" else None,
-                round=server_round,
-                level="exact",
-                params={"model": plan.model, "private": False, "steps": int(result.steps)},
-            )
+        _record_exact_release(
+            budget, plan, data, release="train", num_patients=train_split.num_patients,
+            server_round=server_round,
+            params={"model": plan.model, "private": False, "steps": int(result.steps)},
         )
     privacy = (
         _privacy_metrics(node, run, decision.delta, result.epsilon,
@@ -430,7 +421,10 @@ def handle_evaluate(msg: Message, context: Context, node: NodeConfig) -> Message
         values[k.HIST_POSITIVE] = [int(v) for v in pos]
         values[k.HIST_NEGATIVE] = [int(v) for v in neg]
     budget = NodeBudget.for_node(node)
-    _record_exact_release(budget, plan, data, split, split_name, sorted(values))
+    _record_exact_release(
+        budget, plan, data, release=f"evaluate:{split_name}", num_patients=split.num_patients,
+        params={"metrics": ",".join(sorted(values)), "model": plan.model},
+    )
     content = RecordDict(
         {k.METRICS: MetricRecord(values), k.NODE_INFO: _node_info(node, budget)}
     )
@@ -438,22 +432,24 @@ def handle_evaluate(msg: Message, context: Context, node: NodeConfig) -> Message
 
 
 def _record_exact_release(
-    budget: NodeBudget, plan: TrainPlan, data: NodeData, split: SplitArrays, split_name: str,
-    keys: list[str],
+    budget: NodeBudget, plan: TrainPlan, data: NodeData, *, release: str, num_patients: int,
+    params: dict[str, str | int | float | bool], server_round: int | None = None,
 ) -> None:
-    """Put an evaluation release on the ledger's record (level "exact": no DP guarantee,
-    never counted against the cap) before it leaves, so the record holds every release."""
+    """Put a release without DP on the ledger's record before it leaves: level "exact" (a
+    Gaussian with no noise, epsilon infinite), listed for auditors, never counted against the
+    cap, so that the record holds every release (evaluation metrics, non-private baselines)."""
     budget.ledger.append(
         LedgerEntry(
             fingerprint=data.fingerprint,
             run_id=plan.run_id or "unnamed-run",
-            release=f"evaluate:{split_name}",
+            release=release,
             mechanism=Mechanism(kind="gaussian", noise_multiplier=0.0, steps=1),
-            delta=default_delta(max(split.num_patients, 1)),
-            dataset_size=split.num_patients,
+            delta=default_delta(max(num_patients, 1)),
+            dataset_size=num_patients,
             fold=plan.fold if plan.cv_mode != "none" else None,
+            round=server_round,
             level="exact",
-            params={"metrics": ",".join(keys), "model": plan.model},
+            params=params,
         )
     )
 

@@ -136,7 +136,9 @@ def run_federation(
         report.write(out_dir)
         raise
     report.write(out_dir)
-    _write_html(report, out_dir)
+    from server.report_html import write_report_html
+
+    write_report_html(report.to_dict(), out_dir / "report.html")
     log.info("run finished: %s", report.summary())
     return report
 
@@ -159,16 +161,6 @@ def final_inference(
         log.warning("pooled inference failed: %s", exc)
         return {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"}
     return section
-
-
-def _write_html(report: RunReport, out_dir: Path) -> None:
-    """``report.html`` beside ``report.json`` (plots of the inference section)."""
-    from server.report_html import render_report_html
-
-    try:
-        render_report_html(report.to_dict(), out_dir / "report.html")
-    except Exception as exc:  # noqa: BLE001 - a plot must never lose the JSON report
-        log.warning("report.html could not be written: %s", exc)
 
 
 def build_server_app(

@@ -69,7 +69,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -762,7 +761,9 @@ def run_cross_validation(
         result.write()
         raise
     result.write()
-    result.html = _write_html(result)
+    from server.report_html import write_report_html
+
+    result.html = write_report_html(json_safe(result.to_dict()), result.out_dir / REPORT_HTML)
     result.write()
     if progress is not None:
         progress(FoldEvent("done", len(result.folds), result.num_folds, result.status))
@@ -822,22 +823,6 @@ def _learn_names(names: dict[int, str], outcome: FoldOutcome) -> None:
             names.setdefault(reply.node_id, reply.site)
 
 
-def _write_html(result: CVResult) -> Path | None:
-    """``report.html`` through :mod:`server.report_html` when it is available."""
-    try:
-        from server.report_html import render_report_html
-    except ImportError as exc:
-        log.warning("server.report_html is not available (%s): no report.html written", exc)
-        return None
-    path = result.out_dir / REPORT_HTML
-    try:
-        render_report_html(json_safe(result.to_dict()), path)
-    except (VesaliusError, ValueError, OSError, KeyError, TypeError) as exc:
-        log.warning("report.html could not be written: %s", exc)
-        return None
-    return path
-
-
 # --- Flower entry points -----------------------------------------------------------------------
 
 
@@ -870,29 +855,11 @@ def simulate_cross_validation(
     Same runtime settings as :func:`server.simulation.run_simulation`, with the
     cross-validation ServerApp.
     """
-    from flwr.simulation import run_simulation as flwr_run_simulation
+    from server.simulation import simulate_apps
 
-    from client.app import build_client_app, simulated_nodes
-
-    if len(nodes) < config.min_nodes:
-        raise ConfigError(f"{len(nodes)} simulated node(s) but the run needs min-nodes={config.min_nodes}")
-    for var, value in (("FLWR_TELEMETRY_ENABLED", "0"), ("FLWR_DISABLE_UPDATE_CHECK", "1"),
-                       ("RAY_DEDUP_LOGS", "0"), ("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")):
-        os.environ.setdefault(var, value)
-    logging.getLogger("flwr").setLevel(logging.INFO if verbose else logging.ERROR)
     results: list[CVResult] = []
     server_app = build_cv_server_app(config, spec, progress=progress, on_finish=results.append)
-    client_app = build_client_app(simulated_nodes(dict(enumerate(nodes))))
-    init_args: dict[str, Any] = {"logging_level": "INFO" if verbose else "ERROR",
-                                 "log_to_driver": verbose}
-    if num_cpus is not None:
-        init_args["num_cpus"] = num_cpus
-    flwr_run_simulation(
-        server_app=server_app, client_app=client_app, num_supernodes=len(nodes),
-        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                        "init_args": init_args},
-        verbose_logging=verbose,
-    )
+    simulate_apps(server_app, config, list(nodes), num_cpus=num_cpus, verbose=verbose)
     if not results:
         raise RuntimeError("the simulated cross-validation ended without a result; see the log "
                            f"(a partial report may be in {config.out_dir})")

@@ -355,3 +355,16 @@ def render_report_html(report: Mapping[str, Any], path: Path) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_report_html(report: Mapping[str, Any], path: Path) -> Path | None:
+    """:func:`render_report_html`, but a failure is logged, never raised.
+
+    The plots are an extra beside ``report.json``; a run or a cross-validation must not be lost
+    because one could not be drawn.
+    """
+    try:
+        return render_report_html(report, path)
+    except Exception as exc:  # noqa: BLE001 - see the docstring
+        logging.getLogger(__name__).warning("report.html could not be written: %s", exc)
+        return None

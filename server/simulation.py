@@ -12,6 +12,8 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from flwr.serverapp import ServerApp
+
 from common.config import NodeConfig, RunConfig
 from common.errors import ConfigError
 from server.app import RoundCallback, build_server_app
@@ -43,6 +45,31 @@ def run_simulation(
     verbose : bool
         Show Flower's and Ray's own logs.
     """
+    reports: list[RunReport] = []
+    server_app = build_server_app(config, on_round=on_round, on_finish=reports.append)
+    simulate_apps(server_app, config, nodes, num_cpus=num_cpus, verbose=verbose)
+    if not reports:
+        raise RuntimeError(
+            "the simulated run ended without a report; see the log above "
+            f"(a partial report may be in {config.out_dir})"
+        )
+    return reports[0]
+
+
+def simulate_apps(
+    server_app: ServerApp,
+    config: RunConfig,
+    nodes: Sequence[NodeConfig],
+    *,
+    num_cpus: int | None = None,
+    verbose: bool = False,
+) -> None:
+    """Run ``server_app`` against ``len(nodes)`` simulated hospitals (Flower's Ray runtime).
+
+    Shared by the plain run (:func:`run_simulation`) and the cross-validation
+    (:func:`server.cv.simulate_cross_validation`): each simulated node is the real ClientApp
+    with the :class:`NodeConfig` of its ``partition-id``, one CPU each.
+    """
     # Imported here: the simulation runtime pulls in Ray, which deployment does not need.
     from flwr.simulation import run_simulation as flwr_run_simulation
 
@@ -61,11 +88,9 @@ def run_simulation(
         os.environ.setdefault(var, value)
     # Flower logs every step at INFO through its own "flwr" logger; keep it for --verbose.
     logging.getLogger("flwr").setLevel(logging.INFO if verbose else logging.ERROR)
-    reports: list[RunReport] = []
-    server_app = build_server_app(config, on_round=on_round, on_finish=reports.append)
     client_app = build_client_app(simulated_nodes(dict(enumerate(nodes))))
-    init_args: dict[str, Any] = {  # passed to ray.init"logging_level": "INFO" if verbose else "ERROR",
-                                    "log_to_driver": verbose}
+    init_args: dict[str, Any] = {"logging_level": "INFO" if verbose else "ERROR",
+                                 "log_to_driver": verbose}  # passed to ray.init
     if num_cpus is not None:
         init_args["num_cpus"] = num_cpus
     flwr_run_simulation(
@@ -76,9 +101,3 @@ def run_simulation(
                         "init_args": init_args},
         verbose_logging=verbose,
     )
-    if not reports:
-        raise RuntimeError(
-            "the simulated run ended without a report; see the log above "
-            f"(a partial report may be in {config.out_dir})"
-        )
-    return reports[0]
