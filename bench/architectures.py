@@ -259,7 +259,7 @@ def _timing(s: Settings, model_name: str, data: TensorDataset, shape: tuple[int,
     modes = s.modes or [get_spec(model_name).grad_sample_mode]
     # the trainer refuses these modes for a dp_loss model (see client.training.train_dp)
     modes = [m for m in modes
-             if not has_dp_loss or m in ("hooks", "functorch") or (m == "ghost" and per_sample)]
+             if not has_dp_loss or m in ("hooks", "functorch", "direct") or (m == "ghost" and per_sample)]
     kwargs = _train_kwargs(s, model_name) | {"epochs": 1, "seed": s.seed}
     variants = ["non-dp"] + [f"dp-{m}" for m in modes]
     warm = TensorDataset(*(t[: 2 * s.batch_size] for t in data.tensors))

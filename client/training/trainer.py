@@ -41,6 +41,8 @@ from common.errors import ConfigError, PrivacyConfigError
 from common.models.registry import GRAD_SAMPLE_MODES, spec_of
 from common.privacy.accountant import AccountantState, epsilon
 
+from .per_sample import make_private_direct
+
 __all__ = [
     "DEFAULT_GRAD_SAMPLE_MODE",
     "GRAD_SAMPLE_MODES",
@@ -55,7 +57,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_GRAD_SAMPLE_MODE = "hooks"
 """Opacus mode for a module that was not built by :func:`common.models.build_model`."""
 
-_NO_EMPTY_BATCH_MODES = frozenset({"ew", "functorch"})
+_NO_EMPTY_BATCH_MODES = frozenset({"ew", "functorch", "direct"})
 """Modes whose per-sample machinery fails on an empty (Poisson) batch; see
 :func:`_noise_only_step`."""
 
@@ -318,8 +320,10 @@ def train_dp(
         Where to train; default :func:`select_device`.
     seed : int, optional
         Seeds batch sampling and noise for reproducible runs (not for production releases).
-    grad_sample_mode : {"hooks", "functorch", "ew", "ghost"}, optional
-        Opacus per-sample gradient mode; default the mode registered for the model
+    grad_sample_mode : {"hooks", "functorch", "ew", "ghost", "direct"}, optional
+        Per-sample gradient mode: one of Opacus's, or ``"direct"``
+        (:mod:`client.training.per_sample`; Opacus still clips, noises and accounts);
+        default the mode registered for the model
         (:func:`resolve_grad_sample_mode`), ``"hooks"`` for an unregistered module. ``"ghost"``
         and ``"ew"`` see only the wrapper's forward and criterion, so they cannot train a
         model with ``dp_loss``; ``"ghost"`` can if the model also defines
@@ -400,28 +404,40 @@ def train_dp(
         logger.warning("noise_multiplier=0: DP-SGD without noise gives no privacy (epsilon=inf)")
     engine = PrivacyEngine(accountant="rdp")
     engine.accountant.history = prior.to_history()
-    wrapped = engine.make_private(
-        module=net,
-        optimizer=optimizer,
-        criterion=criterion,
-        data_loader=loader,
-        noise_multiplier=noise_multiplier,
-        max_grad_norm=max_grad_norm,
-        poisson_sampling=True,
-        grad_sample_mode=grad_sample_mode,
-        noise_generator=_generator(seed, 1, dev),
-    )
-    if grad_sample_mode == "ghost":
-        dp_model, dp_optimizer, criterion, dp_loader = wrapped
+    direct = None
+    if grad_sample_mode == "direct":  # our per-sample engine, Opacus's optimizer and loader
+        direct, dp_optimizer, dp_loader = make_private_direct(
+            engine, module=net, optimizer=optimizer, data_loader=loader,
+            noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+            noise_generator=_generator(seed, 1, dev),
+        )
+        dp_model: nn.Module = net
     else:
-        dp_model, dp_optimizer, dp_loader = wrapped
+        wrapped = engine.make_private(
+            module=net,
+            optimizer=optimizer,
+            criterion=criterion,
+            data_loader=loader,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm,
+            poisson_sampling=True,
+            grad_sample_mode=grad_sample_mode,
+            noise_generator=_generator(seed, 1, dev),
+        )
+        if grad_sample_mode == "ghost":
+            dp_model, dp_optimizer, criterion, dp_loader = wrapped
+        else:
+            dp_model, dp_optimizer, dp_loader = wrapped
     rate = float(dp_loader.sample_rate)  # type: ignore[attr-defined]  # DPDataLoader
     try:
         loss, steps = _run_epochs(
             _ModelLoss(dp_model, criterion), dp_optimizer, dp_loader, dev, epochs, progress,
             skip_empty_forward=grad_sample_mode in _NO_EMPTY_BATCH_MODES,
+            after_backward=direct.restore if direct is not None else None,
         )
     finally:
+        if direct is not None:
+            direct.close()
         if hasattr(dp_model, "_close"):
             dp_model._close()  # detach Opacus hooks and per-sample gradient buffers
     state = AccountantState.from_history(engine.accountant.history)
@@ -456,11 +472,14 @@ def _run_epochs(
     progress: ProgressFn | None,
     *,
     skip_empty_forward: bool,
+    after_backward: Callable[[], None] | None = None,
 ) -> tuple[float, int]:
     """Run the SGD loop; return (mean image loss, steps taken).
 
     With ``skip_empty_forward`` an empty Poisson batch is not run through the model (modes
     that cannot) but still takes its noise-only DP step (:func:`_noise_only_step`).
+    ``after_backward`` runs after every backward pass, also when the forward or backward
+    raises, before the optimiser step (the "direct" engine gives parameters back to autograd).
     """
     total_steps = epochs * len(loader)
     steps, loss_sum, seen = 0, 0.0, 0
@@ -473,8 +492,12 @@ def _run_epochs(
                 if progress is not None:
                     progress(steps, total_steps)
                 continue
-            loss = batch_loss(images, labels)
-            loss.backward()
+            try:
+                loss = batch_loss(images, labels)
+                loss.backward()
+            finally:
+                if after_backward is not None:
+                    after_backward()
             optimizer.step()  # an empty Poisson batch still takes a (noise-only) step
             steps += 1
             if len(labels) > 0:

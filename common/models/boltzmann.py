@@ -384,6 +384,9 @@ def _n_visible(in_channels: int, image_size: int, spatial_dims: int) -> int:
     spatial_dims=(2, 3),
     tasks=("classification", "pretraining"),
     description="DBN: 2 stacked Bernoulli RBMs (128-64), CD-1 layer-wise, then fine-tuning",
+    # Vesalius's per-sample engine (client.training.per_sample) halves the DP cost of Opacus's
+    # "hooks" here; per-mode DP/non-DP ratios are in bench/RESULTS.md (--timing-only).
+    grad_sample_mode="direct",
 )
 def build_dbn(
     *, in_channels: int = 1, num_classes: int = 2, image_size: int = 32, spatial_dims: int = 2
@@ -398,6 +401,9 @@ def build_dbn(
     spatial_dims=(2, 3),
     tasks=("classification", "pretraining"),
     description="DBM: 2 hidden layers (128-64), joint mean-field + Gibbs training, head on h2",
+    # Vesalius's per-sample engine (client.training.per_sample) halves the DP cost of Opacus's
+    # "hooks" here; per-mode DP/non-DP ratios are in bench/RESULTS.md (--timing-only).
+    grad_sample_mode="direct",
 )
 def build_dbm(
     *, in_channels: int = 1, num_classes: int = 2, image_size: int = 32, spatial_dims: int = 2

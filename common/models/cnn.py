@@ -78,10 +78,9 @@ class SmallCNN(nn.Module):
     spatial_dims=(2,),
     tasks=("classification",),
     description="3-block GroupNorm CNN (16-32 channels), any image side >= 16; DP-safe",
-    # ExpandedWeights was the cheapest Opacus mode for this CNN: DP/non-DP epoch CPU time
-    # 1.74x vs 1.91x (hooks), 2.19x (ghost), 2.47x (functorch) on PneumoniaMNIST, batch 64
-    # (bench/architectures.py --timing-only). Empty Poisson batches are handled by the trainer.
-    grad_sample_mode="ew",
+    # Vesalius's own per-sample engine (client.training.per_sample) is the cheapest mode; the
+    # DP/non-DP epoch CPU-time ratios per mode are in bench/RESULTS.md (--timing-only).
+    grad_sample_mode="direct",
 )
 def build_cnn(
     *, in_channels: int = 1, num_classes: int = 2, image_size: int = 32, spatial_dims: int = 2

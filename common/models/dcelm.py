@@ -293,6 +293,9 @@ def noisy_statistics(
     spatial_dims=(2, 3),
     tasks=("classification",),
     description="DC-ELM: 2 seeded random conv layers (8-16 ch) + ridge readout in closed form",
+    # Vesalius's per-sample engine (client.training.per_sample): DP/non-DP 1.22 vs 1.27-1.37
+    # for Opacus's modes (bench/RESULTS.md, --timing-only).
+    grad_sample_mode="direct",
 )
 def build_dcelm(
     *, in_channels: int = 1, num_classes: int = 2, image_size: int = 32, spatial_dims: int = 2

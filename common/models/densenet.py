@@ -27,11 +27,11 @@ MIN_IMAGE_SIZE = 16
     spatial_dims=(2, 3),
     tasks=("classification",),
     description="MONAI DenseNet (3 blocks x 2 layers, growth 8, GroupNorm), side >= 16",
-    # Measured DP/non-DP epoch CPU time: 2.24x (ew), 2.63x (hooks), 3.10x (ghost), 4.39x
-    # (functorch); PneumoniaMNIST, batch 64, bench/architectures.py. "ew" is NOT used: torch's
-    # ExpandedWeights conv backward fails on this net at 16 px ("view size is not compatible
-    # with input tensor's size and stride"), so the contract suite rejects it.
-    grad_sample_mode="hooks",
+    # Cheapest measured mode: Vesalius's per-sample engine (client.training.per_sample);
+    # per-mode DP/non-DP epoch CPU-time ratios are in bench/RESULTS.md (--timing-only).
+    # (Opacus's "ew" fails on this net at a 16 px side: torch's ExpandedWeights conv backward
+    # raises "view size is not compatible with input tensor's size and stride".)
+    grad_sample_mode="direct",
 )
 def build_densenet(*, in_channels: int, num_classes: int, image_size: int, spatial_dims: int) -> nn.Module:
     """Build the small DP-safe MONAI DenseNet; see :mod:`common.models.densenet`."""

@@ -37,8 +37,8 @@ suite and the benchmark treat all models alike:
   ``[B, F]`` usable as pretrained inputs for another classifier.
 * **Opacus mode.** ``ModelSpec.grad_sample_mode`` (one of :data:`GRAD_SAMPLE_MODES`) is the
   per-sample gradient mode :func:`client.training.train_dp` uses for this model when it is
-  called with ``grad_sample_mode=None``. A model with ``dp_loss`` must register ``"hooks"``
-  or ``"functorch"``: ``"ew"`` and ``"ghost"`` see only the wrapper's own forward/criterion,
+  called with ``grad_sample_mode=None``. A model with ``dp_loss`` must register ``"hooks"``,
+  ``"functorch"`` or ``"direct"``: ``"ew"`` and ``"ghost"`` see only the wrapper's own forward/criterion,
   so the trainer refuses them for such models -- except ``"ghost"`` when the model also has
   the optional ``dp_loss_per_sample(self, inputs, targets) -> Tensor`` returning the ``[B]``
   per-sample terms whose mean is ``dp_loss`` (ghost clipping needs per-sample losses).
@@ -85,8 +85,10 @@ _B = TypeVar("_B", bound=ModelBuilder)
 TASKS = ("classification", "segmentation", "reconstruction", "pretraining")
 """Task vocabulary of :attr:`ModelSpec.tasks`."""
 
-GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew", "ghost")
-"""Opacus per-sample gradient modes (``PrivacyEngine.make_private(grad_sample_mode=...)``)."""
+GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew", "ghost", "direct")
+"""Per-sample gradient modes: Opacus's (``PrivacyEngine.make_private(grad_sample_mode=...)``)
+and ``"direct"``, Vesalius's engine for convolution/linear/GroupNorm models
+(:mod:`client.training.per_sample`), whose clipping, noise and accounting are Opacus's."""
 
 INPUT_KINDS = ("image",)
 """Input kinds of :attr:`ModelSpec.input_kind`: ``"image"`` is a ``[B, C, *spatial]`` tensor."""

@@ -111,9 +111,9 @@ def _resnet(in_channels: int, num_classes: int, spatial_dims: int) -> nn.Module:
     spatial_dims=(2, 3),
     tasks=("classification",),
     description="MONAI ResNet-10-like (8-64 channels, GroupNorm, out-of-place residuals)",
-    # Cheapest measured mode: DP/non-DP epoch CPU time 2.14x (ew) vs 2.33x (hooks), 2.90x
-    # (functorch), 2.96x (ghost); PneumoniaMNIST, batch 64, bench/architectures.py.
-    grad_sample_mode="ew",
+    # Cheapest measured mode: Vesalius's per-sample engine (client.training.per_sample);
+    # per-mode DP/non-DP epoch CPU-time ratios are in bench/RESULTS.md (--timing-only).
+    grad_sample_mode="direct",
 )
 def build_resnet(*, in_channels: int, num_classes: int, image_size: int, spatial_dims: int) -> nn.Module:
     """Build the small DP-safe MONAI ResNet; see :mod:`common.models.resnet`."""

@@ -60,6 +60,13 @@ def test_train_dp_uses_the_registered_mode_by_default(
             return super().make_private(**kwargs)
 
     monkeypatch.setattr(trainer_module, "PrivacyEngine", SpyEngine)
+    direct = trainer_module.make_private_direct
+
+    def spy_direct(*args: Any, **kwargs: Any) -> Any:
+        seen.append("direct")
+        return direct(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "make_private_direct", spy_direct)
     spec = get_spec(name)
     data = TensorDataset(*example_batch(spec, batch_size=8, image_size=16))
     # Execute

@@ -134,11 +134,11 @@ def test_models_with_dp_loss_register_a_mode_that_sees_it() -> None:
         dims = spec.spatial_dims[0]
         model = build_model(spec.name, image_size=16, spatial_dims=dims)
         if callable(getattr(model, "dp_loss_per_sample", None)):
-            assert spec.grad_sample_mode in ("hooks", "functorch", "ghost"), spec.name
+            assert spec.grad_sample_mode in ("hooks", "functorch", "ghost", "direct"), spec.name
             x, y = example_batch(spec, batch_size=5, image_size=16)
             model.eval()  # no random corruption
             per_sample = model.dp_loss_per_sample(x, y)
             assert per_sample.shape == (5,)
             torch.testing.assert_close(model.dp_loss(x, y), per_sample.mean())
         elif callable(getattr(model, "dp_loss", None)):
-            assert spec.grad_sample_mode in ("hooks", "functorch"), spec.name
+            assert spec.grad_sample_mode in ("hooks", "functorch", "direct"), spec.name

@@ -1,0 +1,410 @@
+"""Per-sample gradients for DP-SGD without Opacus's bookkeeping overhead ("direct" mode).
+
+Opacus computes per-sample gradients in one of its ``grad_sample_mode`` s and then clips,
+noises and accounts in its ``DPOptimizer``. For the small convolutional networks of the zoo
+on a CPU its per-sample step costs more than the rest of the training step together: in
+"hooks" mode it unfolds every convolution's input (``k*k`` copies of the activation) before a
+batched matrix product, allocates every per-sample gradient twice (a zero-filled buffer, then
+a copy), and autograd still computes the batch weight gradients that DP-SGD throws away.
+Opacus has no mode without these costs, so this module is our own per-sample gradient engine
+for the common layers. Clipping, noise and accounting stay Opacus's: the trainer wraps the
+model with ``grad_sample_mode="no_op"`` (Opacus's mode for per-sample gradients supplied by
+the caller) and this engine writes ``p.grad_sample`` for its ``DPOptimizer``.
+
+What the engine does differently, per layer that owns trainable parameters:
+
+* **Convolutions** (``Conv1d/2d/3d``): the per-sample weight gradients are one *grouped*
+  convolution weight gradient, with the batch folded into the channel axis and one group per
+  sample (``torch.ops.aten.convolution_backward`` with ``groups = n * groups``), so the
+  optimised convolution kernels do the work and nothing is unfolded. For maps with very few
+  positions the unfold-and-multiply form (Opacus's, on :func:`opacus.utils.tensor_utils.unfold2d`)
+  is faster; the engine times both once per layer shape and remembers the faster one
+  (:data:`_CONV_METHOD`; the two are equal to rounding, which the tests check).
+* **Linear** and **GroupNorm**: closed forms (an outer product; per-channel sums of
+  ``x_hat * grad``).
+* **No batch weight gradients**: while a convolution or linear layer whose *input* already
+  requires a gradient runs forward, its parameters are taken out of autograd (``requires_grad = False``), so autograd
+  only propagates to the inputs; :meth:`DirectPerSampleGradients.restore` puts them back and
+  the trainer calls it after every backward pass (and on any error). The first layer, whose
+  input is the data, keeps its parameters in autograd so that its output still has a graph;
+  GroupNorm keeps them too (its fused backward computes them at almost no cost).
+* A layer used more than once in a forward pass (tied weights) gets the *sum* of its uses'
+  per-sample gradients, as in Opacus.
+
+The loss must be a mean over the batch (the trainer's contract); the output gradients are
+scaled by the batch size to give per-sample gradients of the per-sample losses, as Opacus does
+for ``loss_reduction="mean"``.
+
+Only the layer types in :data:`SUPPORTED_LAYERS` are handled; :func:`unsupported_layers`
+names any other module that owns a trainable parameter, and the engine refuses such a model
+(use Opacus's "hooks" mode for it).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from opacus.data_loader import DPDataLoader
+from opacus.optimizers import DPOptimizer
+from opacus.privacy_engine import PrivacyEngine
+from opacus.utils.tensor_utils import unfold2d, unfold3d
+from opacus.validators import ModuleValidator
+from torch.utils.data import DataLoader
+from torch import nn
+from torch.nn import functional as F
+
+from common.errors import ConfigError
+
+__all__ = [
+    "SUPPORTED_LAYERS",
+    "DirectDPOptimizer",
+    "DirectPerSampleGradients",
+    "conv_grad_sample",
+    "conv_grad_sample_grouped",
+    "conv_grad_sample_unfold",
+    "group_norm_grad_sample",
+    "linear_grad_sample",
+    "make_private_direct",
+    "unsupported_layers",
+]
+
+_CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (*_CONV_TYPES, nn.Linear, nn.GroupNorm)
+"""Exact layer types (not subclasses, which may change the forward) the engine handles."""
+
+GradSamples = dict[nn.Parameter, torch.Tensor]
+
+_CONV_METHOD: dict[tuple[Any, ...], str] = {}
+"""Faster per-sample method ("grouped" or "unfold") per convolution shape, for this process."""
+
+_AUTOTUNE_REPEATS = 2
+
+
+def _conv_padding(layer: nn.Module) -> tuple[int, ...] | None:
+    """The layer's symmetric zero padding as integers, or None if it has another kind."""
+    if getattr(layer, "padding_mode", "zeros") != "zeros":
+        return None
+    padding = layer.padding  # type: ignore[union-attr]
+    kernel, dilation = layer.kernel_size, layer.dilation  # type: ignore[union-attr]
+    if padding == "valid":
+        return tuple(0 for _ in kernel)
+    if padding == "same":
+        total = [d * (k - 1) for k, d in zip(kernel, dilation, strict=True)]
+        if any(t % 2 for t in total):
+            return None  # asymmetric "same" padding
+        return tuple(t // 2 for t in total)
+    return tuple(int(p) for p in padding)
+
+
+def unsupported_layers(model: nn.Module) -> list[str]:
+    """Names (``name: Type``) of modules with trainable parameters the engine cannot handle."""
+    out = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
+            # Opacus's validator lets a BatchNorm without parameters through, but it still
+            # normalises each sample with its batch peers' statistics.
+            out.append(f"{name}: {type(module).__name__} (mixes samples within a batch)")
+            continue
+        if not any(p.requires_grad for p in module.parameters(recurse=False)):
+            continue
+        if type(module) not in SUPPORTED_LAYERS:
+            out.append(f"{name or '<root>'}: {type(module).__name__}")
+        elif isinstance(module, _CONV_TYPES) and _conv_padding(module) is None:
+            out.append(f"{name}: {type(module).__name__} with non-zero or asymmetric padding")
+    return out
+
+
+def conv_grad_sample_grouped(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> GradSamples:
+    """Per-sample gradients of a convolution as one grouped weight gradient (batch as groups)."""
+    n = x.shape[0]
+    weight = layer.weight  # type: ignore[union-attr]
+    # Only the weight gradient is requested, so the weight's values are never read: an
+    # uninitialised tensor of the grouped weight's shape is enough.
+    placeholder = weight.new_empty((n * weight.shape[0], *weight.shape[1:]))
+    _, grad_weight, _ = torch.ops.aten.convolution_backward(
+        g.reshape(1, n * g.shape[1], *g.shape[2:]),
+        x.reshape(1, n * x.shape[1], *x.shape[2:]),
+        placeholder,
+        None,
+        layer.stride,  # type: ignore[union-attr]
+        _conv_padding(layer),
+        layer.dilation,  # type: ignore[union-attr]
+        False,
+        [0] * (x.dim() - 2),
+        n * layer.groups,  # type: ignore[union-attr]
+        (False, True, False),
+    )
+    out: GradSamples = {weight: grad_weight.view(n, *weight.shape)}
+    if layer.bias is not None:  # type: ignore[union-attr]
+        out[layer.bias] = g.reshape(n, g.shape[1], -1).sum(-1)  # type: ignore[union-attr,index]
+    return out
+
+
+def conv_grad_sample_unfold(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> GradSamples:
+    """Per-sample gradients of a convolution by unfolding the input (Opacus's method)."""
+    n = x.shape[0]
+    weight = layer.weight  # type: ignore[union-attr]
+    groups = layer.groups  # type: ignore[union-attr]
+    padding = _conv_padding(layer)
+    if x.dim() == 3:  # Conv1d as a 2D convolution of height 1
+        x, g = x.unsqueeze(2), g.unsqueeze(2)
+        kw: dict[str, Any] = {
+            "kernel_size": (1, *layer.kernel_size), "padding": (0, *padding),  # type: ignore[misc,union-attr]
+            "stride": (1, *layer.stride), "dilation": (1, *layer.dilation),  # type: ignore[misc,union-attr]
+        }
+        cols = unfold2d(x, **kw)
+    else:
+        kw = {"kernel_size": layer.kernel_size, "padding": padding,  # type: ignore[union-attr]
+              "stride": layer.stride, "dilation": layer.dilation}  # type: ignore[union-attr]
+        cols = unfold2d(x, **kw) if x.dim() == 4 else unfold3d(x, **kw)
+    positions = cols.shape[-1]
+    d = g.reshape(n, groups, -1, positions)  # [n, groups, out/groups, T]
+    a = cols.reshape(n, groups, -1, positions)  # [n, groups, in/groups * k, T]
+    grad_weight = torch.matmul(d, a.transpose(-1, -2))  # [n, groups, out/groups, in/groups*k]
+    out: GradSamples = {weight: grad_weight.reshape(n, *weight.shape)}
+    if layer.bias is not None:  # type: ignore[union-attr]
+        out[layer.bias] = g.reshape(n, g.shape[1], -1).sum(-1)  # type: ignore[union-attr,index]
+    return out
+
+
+_CONV_METHODS: dict[str, Callable[[nn.Module, torch.Tensor, torch.Tensor], GradSamples]] = {
+    "grouped": conv_grad_sample_grouped,
+    "unfold": conv_grad_sample_unfold,
+}
+
+
+def conv_grad_sample(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> GradSamples:
+    """Per-sample convolution gradients by the faster method for this shape (timed once)."""
+    key = (
+        type(layer), x.device.type, x.dtype, tuple(x.shape), tuple(g.shape),
+        layer.kernel_size, layer.stride, _conv_padding(layer), layer.dilation,  # type: ignore[union-attr]
+        layer.groups,  # type: ignore[union-attr]
+    )
+    method = _CONV_METHOD.get(key)
+    if method is not None:
+        return _CONV_METHODS[method](layer, x, g)
+    timings: dict[str, float] = {}
+    result: GradSamples = {}
+    for name, fn in _CONV_METHODS.items():
+        best = float("inf")
+        for _ in range(_AUTOTUNE_REPEATS):
+            t0 = time.perf_counter()
+            result = fn(layer, x, g)
+            best = min(best, time.perf_counter() - t0)
+        timings[name] = best
+    _CONV_METHOD[key] = min(timings, key=timings.__getitem__)
+    return result
+
+
+def linear_grad_sample(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> GradSamples:
+    """Per-sample gradients of ``nn.Linear`` for inputs ``[n, in]`` or ``[n, ..., in]``."""
+    n = x.shape[0]
+    weight = layer.weight  # type: ignore[union-attr]
+    if x.dim() == 2:
+        grad_weight = g.unsqueeze(2) * x.unsqueeze(1)
+        grad_bias = g
+    else:
+        d = g.reshape(n, -1, g.shape[-1])
+        grad_weight = torch.bmm(d.transpose(1, 2), x.reshape(n, -1, x.shape[-1]))
+        grad_bias = d.sum(1)
+    out: GradSamples = {weight: grad_weight}
+    if layer.bias is not None:  # type: ignore[union-attr]
+        out[layer.bias] = grad_bias  # type: ignore[index,union-attr]
+    return out
+
+
+def group_norm_grad_sample(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> GradSamples:
+    """Per-sample gradients of ``nn.GroupNorm``'s affine weight and bias.
+
+    ``dL/dw_c = sum over positions of x_hat * g`` and ``dL/db_c = sum of g``, per sample, with
+    ``x_hat`` the normalised input (recomputed without the affine transform).
+    """
+    n, channels = g.shape[0], g.shape[1]
+    x_hat = F.group_norm(x, layer.num_groups, eps=layer.eps)  # type: ignore[arg-type,union-attr]
+    grad_weight = (x_hat * g).reshape(n, channels, -1).sum(-1)
+    grad_bias = g.reshape(n, channels, -1).sum(-1)
+    return {layer.weight: grad_weight, layer.bias: grad_bias}  # type: ignore[dict-item,union-attr]
+
+
+def _sampler(module: nn.Module) -> Callable[[nn.Module, torch.Tensor, torch.Tensor], GradSamples]:
+    if isinstance(module, _CONV_TYPES):
+        return conv_grad_sample
+    if isinstance(module, nn.Linear):
+        return linear_grad_sample
+    return group_norm_grad_sample
+
+
+class DirectPerSampleGradients:
+    """Hooks that write per-sample gradients into ``p.grad_sample`` during ``backward``.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model to train; every module owning a trainable parameter must be one of
+        :data:`SUPPORTED_LAYERS`. Parameters with ``requires_grad=False`` at construction
+        are left alone (frozen layers of a pretrained encoder, for instance).
+
+    Raises
+    ------
+    ConfigError
+        If a module with trainable parameters is not supported; the message names it.
+
+    Notes
+    -----
+    Call :meth:`restore` after each backward pass (and on errors) before the optimiser step,
+    and :meth:`close` when training ends.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        bad = unsupported_layers(model)
+        if bad:
+            raise ConfigError(
+                "grad_sample_mode='direct' does not support these layers: " + "; ".join(bad)
+                + ". Use grad_sample_mode='hooks' for this model."
+            )
+        self._handles: list[Any] = []
+        self._frozen: list[nn.Parameter] = []
+        for module in model.modules():
+            trainable = [p for p in module.parameters(recurse=False) if p.requires_grad]
+            if not trainable:
+                continue
+            if not isinstance(module, nn.GroupNorm):  # GroupNorm's fused backward is cheap
+                self._handles.append(module.register_forward_pre_hook(self._pre_hook(trainable)))
+            self._handles.append(
+                module.register_forward_hook(self._forward_hook(_sampler(module), trainable))
+            )
+
+    def _pre_hook(self, trainable: list[nn.Parameter]) -> Callable[..., None]:
+        def hook(_module: nn.Module, inputs: tuple[Any, ...]) -> None:
+            if torch.is_grad_enabled() and inputs and getattr(inputs[0], "requires_grad", False):
+                for p in trainable:
+                    if p.requires_grad:
+                        p.requires_grad_(False)
+                        self._frozen.append(p)
+        return hook
+
+    def _forward_hook(
+        self,
+        sampler: Callable[[nn.Module, torch.Tensor, torch.Tensor], GradSamples],
+        trainable: list[nn.Parameter],
+    ) -> Callable[..., None]:
+        keep = set(trainable)
+        sample_numel = sum(p.numel() for p in trainable)
+
+        def hook(module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+            if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor)
+                    and output.requires_grad):
+                return
+            x = inputs[0].detach()
+
+            def backward_hook(grad: torch.Tensor) -> None:
+                # grad is of the batch-mean loss: per-sample gradients are n times the
+                # per-sample terms; scale whichever is smaller, the output gradient or them.
+                n = x.shape[0]
+                scale_output = grad.numel() <= n * sample_numel
+                samples = sampler(module, x, grad * n if scale_output else grad)
+                for p, gs in samples.items():
+                    if p not in keep:
+                        continue
+                    if not scale_output:
+                        gs = gs * n
+                    previous = getattr(p, "grad_sample", None)
+                    p.grad_sample = gs if previous is None else previous + gs
+
+            output.register_hook(backward_hook)
+        return hook
+
+    def restore(self) -> None:
+        """Give back to autograd the parameters taken out of it during the forward pass."""
+        for p in self._frozen:
+            p.requires_grad_(True)
+        self._frozen.clear()
+
+    def close(self) -> None:
+        """Remove the hooks (and restore any parameter still taken out of autograd)."""
+        self.restore()
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+class DirectDPOptimizer(DPOptimizer):
+    """Opacus's ``DPOptimizer`` with less per-parameter Python work in clipping and scaling.
+
+    The arithmetic is Opacus's (flat clipping: per-sample L2 norm over all parameters,
+    factor ``min(1, C / (norm + 1e-6))``, clipped sum; noise ``N(0, (sigma C)^2)`` from
+    ``DPOptimizer.add_noise``; division by the expected batch size), but
+    ``DPOptimizer.scale_grad`` evaluates ``accumulated_iterations`` (a pass over all
+    parameters) once per parameter, and ``clip_and_accumulate`` rebuilds the per-sample
+    views and parses an ``einsum`` per parameter. On models with many small parameter tensors
+    that costs milliseconds per step. The tests check equality with ``DPOptimizer``.
+    """
+
+    def clip_and_accumulate(self) -> None:
+        """Clip each sample's gradient to ``max_grad_norm``; sum into ``p.summed_grad``."""
+        params = self.params
+        samples = [self._get_flat_grad_sample(p).to(p.dtype) for p in params]
+        n = samples[0].shape[0]
+        flat = [g.reshape(n, p.numel()) for g, p in zip(samples, params, strict=True)]
+        if n == 0:
+            factor = samples[0].new_zeros(0)
+        else:
+            norms = torch.stack([f.norm(2, dim=1) for f in flat], dim=1).norm(2, dim=1)
+            factor = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+        for p, f in zip(params, flat, strict=True):
+            grad = (factor @ f).view(p.shape)
+            p.summed_grad = grad if p.summed_grad is None else p.summed_grad + grad  # type: ignore[attr-defined]
+
+    def scale_grad(self) -> None:
+        """Divide every ``p.grad`` by the expected batch size (``loss_reduction="mean"``)."""
+        if self.loss_reduction == "mean":
+            scale = self.expected_batch_size * self.accumulated_iterations
+            for p in self.params:
+                p.grad /= scale  # type: ignore[operator]
+
+
+def make_private_direct(
+    engine: PrivacyEngine,
+    *,
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data_loader: DataLoader[Any],
+    noise_multiplier: float,
+    max_grad_norm: float,
+    noise_generator: torch.Generator | None,
+) -> tuple[DirectPerSampleGradients, DirectDPOptimizer, DPDataLoader]:
+    """Opacus's ``make_private`` (Poisson sampling, flat clipping, mean loss) for "direct" mode.
+
+    The same composition as ``PrivacyEngine.make_private(poisson_sampling=True)``: a
+    ``DPDataLoader`` from ``data_loader`` (its generator draws the Poisson batches), sample
+    rate ``1 / len(loader)``, expected batch size ``int(len(dataset) * rate)``, and the
+    accountant's optimiser hook; the module is not wrapped, the engine's hooks are attached to
+    it instead. Like ``make_private`` it first runs Opacus's ``ModuleValidator`` (strict), so
+    a layer that mixes samples (BatchNorm, even without parameters) is refused.
+
+    Raises
+    ------
+    ConfigError
+        For layers the engine does not support.
+    opacus.validators.errors.UnsupportedModuleError
+        For modules Opacus rejects.
+    """
+    ModuleValidator.validate(module, strict=True)
+    per_sample = DirectPerSampleGradients(module)
+    dp_loader = DPDataLoader.from_data_loader(data_loader)
+    sample_rate = 1 / len(dp_loader)
+    expected_batch_size = int(len(data_loader.dataset) * sample_rate)  # type: ignore[arg-type]
+    dp_optimizer = DirectDPOptimizer(
+        optimizer,
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        expected_batch_size=expected_batch_size,
+        loss_reduction="mean",
+        generator=noise_generator,
+        secure_mode=engine.secure_mode,
+    )
+    dp_optimizer.attach_step_hook(engine.accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
+    return per_sample, dp_optimizer, dp_loader

@@ -1,0 +1,306 @@
+"""The "direct" per-sample gradient engine against Opacus's own per-sample gradients.
+
+Reference: Opacus's ``GradSampleModule`` (hooks mode) on a copy of the same module with the
+same batch; the engine's ``p.grad_sample`` must equal Opacus's for every parameter.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from opacus.grad_sample import GradSampleModule
+from opacus.optimizers import DPOptimizer
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from client.training import per_sample
+from client.training.per_sample import (
+    DirectDPOptimizer,
+    DirectPerSampleGradients,
+    conv_grad_sample_grouped,
+    conv_grad_sample_unfold,
+    make_private_direct,
+)
+from client.training.trainer import train_dp
+from common.errors import ConfigError
+from common.models.registry import build_model, list_models
+
+
+def _opacus_samples(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    ref = GradSampleModule(copy.deepcopy(model))
+    nn.functional.cross_entropy(ref(x), y).backward()
+    return {name: p.grad_sample for name, p in ref._module.named_parameters() if p.requires_grad}
+
+
+def _direct_samples(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    net = copy.deepcopy(model)
+    before = [p.requires_grad for p in net.parameters()]
+    engine = DirectPerSampleGradients(net)
+    try:
+        nn.functional.cross_entropy(net(x), y).backward()
+    finally:
+        engine.restore()
+        engine.close()
+    after = [p.requires_grad for p in net.parameters()]
+    assert after == before, "parameters not given back to autograd"
+    return {name: p.grad_sample for name, p in net.named_parameters() if p.requires_grad}
+
+
+def _assert_same(ours: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> None:
+    assert ours.keys() == ref.keys()
+    for name, gs in ref.items():
+        assert ours[name].shape == gs.shape, name
+        torch.testing.assert_close(ours[name], gs, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def _head(channels: int, positions: int) -> list[nn.Module]:
+    return [nn.Flatten(), nn.Linear(channels * positions, 3)]
+
+
+CONV2D_CASES = [
+    dict(in_channels=3, out_channels=5, kernel_size=3, padding=1),
+    dict(in_channels=3, out_channels=4, kernel_size=3, stride=2, padding=1),
+    dict(in_channels=4, out_channels=6, kernel_size=1, stride=2, bias=False),
+    dict(in_channels=2, out_channels=4, kernel_size=3, dilation=2, padding=2),
+    dict(in_channels=4, out_channels=6, kernel_size=3, groups=2, padding=1),
+    dict(in_channels=3, out_channels=4, kernel_size=(3, 5), padding="same"),
+    dict(in_channels=3, out_channels=4, kernel_size=3, padding="valid"),
+]
+
+
+@pytest.mark.parametrize("kwargs", CONV2D_CASES, ids=lambda k: ",".join(f"{a}={b}" for a, b in k.items()))
+def test_conv2d_per_sample_gradients_equal_opacus(kwargs: dict[str, object]) -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(**kwargs)  # type: ignore[arg-type]
+    x = torch.randn(6, conv.in_channels, 9, 9)
+    out = conv(x)
+    model = nn.Sequential(conv, nn.ReLU(), *_head(out.shape[1], out.shape[2] * out.shape[3]))
+    y = torch.randint(0, 3, (6,))
+    ref = _opacus_samples(model, x, y)
+    _assert_same(_direct_samples(model, x, y), ref)
+    # both conv methods, whichever the autotuner picked
+    g = torch.randn_like(out)
+    a = conv_grad_sample_grouped(conv, x, g)
+    b = conv_grad_sample_unfold(conv, x, g)
+    for p in a:
+        torch.testing.assert_close(a[p], b[p], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dims", [1, 3])
+def test_conv1d_and_conv3d_equal_opacus(dims: int) -> None:
+    torch.manual_seed(1)
+    conv_t = {1: nn.Conv1d, 3: nn.Conv3d}[dims]
+    conv = conv_t(2, 3, kernel_size=3, stride=2, padding=1)
+    x = torch.randn(4, 2, *([7] * dims))
+    out = conv(x)
+    model = nn.Sequential(conv, nn.Tanh(), *_head(3, out[0, 0].numel()))
+    y = torch.randint(0, 3, (4,))
+    _assert_same(_direct_samples(model, x, y), _opacus_samples(model, x, y))
+    g = torch.randn_like(out)
+    a, b = conv_grad_sample_grouped(conv, x, g), conv_grad_sample_unfold(conv, x, g)
+    for p in a:
+        torch.testing.assert_close(a[p], b[p], rtol=1e-4, atol=1e-5)
+
+
+def test_linear_groupnorm_and_sequence_input_equal_opacus() -> None:
+    torch.manual_seed(2)
+
+    class SeqNet(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(5, 8)  # applied to [B, T, 5]
+            self.norm = nn.GroupNorm(2, 8)
+            self.out = nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.proj(x).transpose(1, 2)  # [B, 8, T]
+            return self.out(self.norm(h).mean(-1))
+
+    model = SeqNet()
+    x = torch.randn(7, 4, 5)
+    y = torch.randint(0, 3, (7,))
+    _assert_same(_direct_samples(model, x, y), _opacus_samples(model, x, y))
+
+
+def test_tied_layer_sums_its_uses_like_opacus() -> None:
+    torch.manual_seed(3)
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = nn.Linear(4, 4)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.tanh(self.layer(torch.tanh(self.layer(x)))))
+
+    model, x, y = Tied(), torch.randn(5, 4), torch.randint(0, 2, (5,))
+    _assert_same(_direct_samples(model, x, y), _opacus_samples(model, x, y))
+
+
+DIRECT_MODELS = [s.name for s in list_models() if s.grad_sample_mode == "direct"]
+
+
+@pytest.mark.parametrize("name", DIRECT_MODELS)
+def test_registered_direct_models_equal_opacus(name: str) -> None:
+    torch.manual_seed(4)
+    model = build_model(name, in_channels=1, num_classes=2, image_size=28)
+    x, y = torch.randn(5, 1, 28, 28), torch.randint(0, 2, (5,))
+    _assert_same(_direct_samples(model, x, y), _opacus_samples(model, x, y))
+
+
+def test_the_cnn_family_is_registered_for_direct_mode() -> None:
+    assert {"cnn", "resnet", "densenet"} <= set(DIRECT_MODELS)
+
+
+def test_frozen_parameters_are_left_alone() -> None:
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 2))
+    model[0].weight.requires_grad_(False)
+    x, y = torch.randn(3, 1, 8, 8), torch.randint(0, 2, (3,))
+    ours = _direct_samples(model, x, y)
+    assert "0.weight" not in ours and "0.bias" in ours
+    _assert_same(ours, _opacus_samples(model, x, y))
+    assert model[0].weight.requires_grad is False
+
+
+def test_parameters_come_back_to_autograd_after_an_error() -> None:
+    class Fails(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(3, 3)
+            self.b = nn.Linear(3, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.b(self.a(x))
+            raise RuntimeError("boom")
+
+    model = Fails()
+    engine = DirectPerSampleGradients(model)
+    with pytest.raises(RuntimeError, match="boom"):
+        model(torch.randn(2, 3))
+    assert model.b.weight.requires_grad is False  # taken out during the forward pass
+    engine.close()
+    assert all(p.requires_grad for p in model.parameters())
+    # the hooks are gone: a plain forward/backward now fills .grad, not .grad_sample
+    model.b(model.a(torch.randn(2, 3))).sum().backward()
+    assert model.b.weight.grad is not None and getattr(model.b.weight, "grad_sample", None) is None
+
+
+@pytest.mark.parametrize(
+    ("layer", "expected"),
+    [
+        (nn.LSTM(3, 3), "LSTM"),
+        (nn.Conv2d(1, 2, 3, padding=1, padding_mode="reflect"), "non-zero or asymmetric padding"),
+        (nn.Conv2d(1, 2, 4, padding="same"), "non-zero or asymmetric padding"),
+        (nn.LayerNorm(3), "LayerNorm"),
+    ],
+)
+def test_unsupported_layers_are_refused_by_name(layer: nn.Module, expected: str) -> None:
+    model = nn.Sequential(layer)
+    with pytest.raises(ConfigError, match=expected) as info:
+        DirectPerSampleGradients(model)
+    assert "0:" in str(info.value) and "hooks" in str(info.value)
+
+
+def test_batchnorm_is_refused_before_training() -> None:
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2, affine=False), nn.Flatten(), nn.Linear(2 * 36, 2))
+    data = TensorDataset(torch.randn(12, 1, 8, 8), torch.randint(0, 2, (12,)))
+    with pytest.raises(ConfigError, match="BatchNorm2d .mixes samples"):
+        train_dp(model, data, epochs=1, batch_size=4, learning_rate=0.1, noise_multiplier=1.0,
+                 max_grad_norm=1.0, delta=1e-5, grad_sample_mode="direct", seed=0)
+
+
+def test_conv_method_is_chosen_once_per_shape() -> None:
+    torch.manual_seed(6)
+    conv = nn.Conv2d(2, 3, 3, padding=1)
+    x = torch.randn(4, 2, 11, 13)
+    g = torch.randn(4, 3, 11, 13)
+    per_sample.conv_grad_sample(conv, x, g)
+    chosen = [v for k, v in per_sample._CONV_METHOD.items() if k[3] == tuple(x.shape)]
+    assert chosen and chosen[0] in ("grouped", "unfold")
+
+
+def _opacus_optimizer(params: list[nn.Parameter], cls: type[DPOptimizer]) -> DPOptimizer:
+    return cls(torch.optim.SGD(params, lr=0.1), noise_multiplier=0.0, max_grad_norm=0.7,
+               expected_batch_size=4)
+
+
+@pytest.mark.parametrize("n", [5, 0])
+def test_direct_optimizer_clips_and_scales_like_opacus(n: int) -> None:
+    torch.manual_seed(7)
+    shapes = [(3, 4), (3,), (2, 2, 3)]
+    grads = [torch.randn(n, *s) * 3 for s in shapes]
+    results = []
+    for cls in (DPOptimizer, DirectDPOptimizer):
+        params = [nn.Parameter(torch.zeros(s)) for s in shapes]
+        opt = _opacus_optimizer(params, cls)
+        for p, g in zip(params, grads, strict=True):
+            p.grad_sample = g.clone()
+        opt.pre_step()
+        results.append([p.grad.clone() for p in params])
+    for ours, ref in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-7)
+    if n:
+        clipped_norm = math.sqrt(sum(float(g.pow(2).sum()) for g in results[1]))
+        assert clipped_norm <= 0.7 * n / 4 + 1e-5  # each sample contributes at most C / batch
+
+
+def test_train_dp_direct_equals_opacus_modes_without_noise() -> None:
+    """Same seed, no noise: same Poisson batches, same clipped steps, same weights.
+
+    Opacus's "ew" and our engine agree to float rounding; Opacus's "hooks" computes the same
+    gradients with other rounding, which 12 momentum steps grow to ~1e-4.
+    """
+    torch.manual_seed(8)
+    model = build_model("cnn", in_channels=1, num_classes=2, image_size=16)
+    data = TensorDataset(torch.randn(48, 1, 16, 16), torch.randint(0, 2, (48,)))
+    kwargs = dict(epochs=2, batch_size=8, learning_rate=0.1, noise_multiplier=0.0,
+                  max_grad_norm=0.5, delta=1e-5, seed=11)
+    direct = train_dp(model, data, grad_sample_mode="direct", **kwargs)  # type: ignore[arg-type]
+    for mode, atol in (("ew", 1e-5), ("hooks", 1e-3)):
+        ref = train_dp(model, data, grad_sample_mode=mode, **kwargs)  # type: ignore[arg-type]
+        assert direct.steps == ref.steps and direct.sample_rate == ref.sample_rate
+        assert direct.accountant_state == ref.accountant_state
+        for name, value in ref.state_dict.items():
+            torch.testing.assert_close(direct.state_dict[name], value, rtol=0, atol=atol,
+                                       msg=f"{mode}: {name}")
+
+
+def test_train_dp_direct_accounts_every_step_including_empty_batches() -> None:
+    torch.manual_seed(9)
+    model = build_model("cnn", in_channels=1, num_classes=2, image_size=16)
+    data = TensorDataset(torch.randn(3, 1, 16, 16), torch.randint(0, 2, (3,)))
+    result = train_dp(model, data, epochs=8, batch_size=1, learning_rate=0.1, noise_multiplier=1.0,
+                      max_grad_norm=1.0, delta=1e-5, seed=3, grad_sample_mode="direct")
+    # sample rate 1/3: each step is empty with probability 8/27, so some of the 24 are
+    assert result.steps == 24 and result.accountant_state.total_steps == 24
+    assert math.isfinite(result.epsilon)
+
+
+def test_make_private_direct_matches_make_private_settings() -> None:
+    from opacus import PrivacyEngine
+    from torch.utils.data import DataLoader
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+    data = TensorDataset(torch.randn(50, 4), torch.randint(0, 2, (50,)))
+    ref_engine, our_engine = PrivacyEngine(), PrivacyEngine()
+    ref_model = copy.deepcopy(model)
+    _, ref_opt, ref_loader = ref_engine.make_private(
+        module=ref_model, optimizer=torch.optim.SGD(ref_model.parameters(), lr=0.1),
+        data_loader=DataLoader(data, batch_size=8), noise_multiplier=1.3, max_grad_norm=0.9,
+        poisson_sampling=True)
+    hooks, our_opt, our_loader = make_private_direct(
+        our_engine, module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=DataLoader(data, batch_size=8), noise_multiplier=1.3, max_grad_norm=0.9,
+        noise_generator=None)
+    hooks.close()
+    assert our_loader.sample_rate == ref_loader.sample_rate
+    assert len(our_loader) == len(ref_loader)
+    assert our_opt.expected_batch_size == ref_opt.expected_batch_size
+    assert (our_opt.noise_multiplier, our_opt.max_grad_norm) == (1.3, 0.9)
+    assert our_opt.loss_reduction == ref_opt.loss_reduction == "mean"
+    assert our_opt.step_hook is not None
