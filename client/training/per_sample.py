@@ -30,6 +30,10 @@ What the engine does differently, per layer that owns trainable parameters:
   GroupNorm keeps them too (its fused backward computes them at almost no cost).
 * A layer used more than once in a forward pass (tied weights) gets the *sum* of its uses'
   per-sample gradients, as in Opacus.
+  Gradients of two backward passes are never summed (that would mix two Poisson batches in
+  one step): the engine raises instead.
+* A frozen layer's input is no longer saved by autograd, so autograd would not notice an
+  in-place change to it after the forward pass; the engine checks its version counter.
 
 The loss must be a mean over the batch (the trainer's contract); the output gradients are
 scaled by the batch size to give per-sample gradients of the per-sample losses, as Opacus does
@@ -43,12 +47,13 @@ names any other module that owns a trainable parameter, and the engine refuses s
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sized
+from typing import Any, cast
 
 import torch
 from opacus.data_loader import DPDataLoader
 from opacus.optimizers import DPOptimizer
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from opacus.privacy_engine import PrivacyEngine
 from opacus.utils.tensor_utils import unfold2d, unfold3d
 from opacus.validators import ModuleValidator
@@ -83,12 +88,12 @@ _CONV_METHOD: dict[tuple[Any, ...], str] = {}
 _AUTOTUNE_REPEATS = 2
 
 
-def _conv_padding(layer: nn.Module) -> tuple[int, ...] | None:
+def _conv_padding(layer: Any) -> tuple[int, ...] | None:
     """The layer's symmetric zero padding as integers, or None if it has another kind."""
     if getattr(layer, "padding_mode", "zeros") != "zeros":
         return None
-    padding = layer.padding  # type: ignore[union-attr]
-    kernel, dilation = layer.kernel_size, layer.dilation  # type: ignore[union-attr]
+    padding = layer.padding
+    kernel, dilation = layer.kernel_size, layer.dilation
     if padding == "valid":
         return tuple(0 for _ in kernel)
     if padding == "same":
@@ -117,10 +122,10 @@ def unsupported_layers(model: nn.Module) -> list[str]:
     return out
 
 
-def conv_grad_sample_grouped(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> GradSamples:
+def conv_grad_sample_grouped(layer: Any, x: torch.Tensor, g: torch.Tensor) -> GradSamples:
     """Per-sample gradients of a convolution as one grouped weight gradient (batch as groups)."""
     n = x.shape[0]
-    weight = layer.weight  # type: ignore[union-attr]
+    weight = layer.weight
     # Only the weight gradient is requested, so the weight's values are never read: an
     # uninitialised tensor of the grouped weight's shape is enough.
     placeholder = weight.new_empty((n * weight.shape[0], *weight.shape[1:]))
@@ -129,59 +134,61 @@ def conv_grad_sample_grouped(layer: nn.Module, x: torch.Tensor, g: torch.Tensor)
         x.reshape(1, n * x.shape[1], *x.shape[2:]),
         placeholder,
         None,
-        layer.stride,  # type: ignore[union-attr]
+        layer.stride,
         _conv_padding(layer),
-        layer.dilation,  # type: ignore[union-attr]
+        layer.dilation,
         False,
         [0] * (x.dim() - 2),
-        n * layer.groups,  # type: ignore[union-attr]
+        n * layer.groups,
         (False, True, False),
     )
     out: GradSamples = {weight: grad_weight.view(n, *weight.shape)}
-    if layer.bias is not None:  # type: ignore[union-attr]
-        out[layer.bias] = g.reshape(n, g.shape[1], -1).sum(-1)  # type: ignore[union-attr,index]
+    if layer.bias is not None:
+        out[layer.bias] = g.reshape(n, g.shape[1], -1).sum(-1)
     return out
 
 
-def conv_grad_sample_unfold(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> GradSamples:
+def conv_grad_sample_unfold(layer: Any, x: torch.Tensor, g: torch.Tensor) -> GradSamples:
     """Per-sample gradients of a convolution by unfolding the input (Opacus's method)."""
     n = x.shape[0]
-    weight = layer.weight  # type: ignore[union-attr]
-    groups = layer.groups  # type: ignore[union-attr]
+    weight = layer.weight
+    groups = layer.groups
     padding = _conv_padding(layer)
+    if padding is None:
+        raise ConfigError(f"{type(layer).__name__} with non-zero or asymmetric padding is not supported")
     if x.dim() == 3:  # Conv1d as a 2D convolution of height 1
         x, g = x.unsqueeze(2), g.unsqueeze(2)
         kw: dict[str, Any] = {
-            "kernel_size": (1, *layer.kernel_size), "padding": (0, *padding),  # type: ignore[misc,union-attr]
-            "stride": (1, *layer.stride), "dilation": (1, *layer.dilation),  # type: ignore[misc,union-attr]
+            "kernel_size": (1, *layer.kernel_size), "padding": (0, *padding),
+            "stride": (1, *layer.stride), "dilation": (1, *layer.dilation),
         }
         cols = unfold2d(x, **kw)
     else:
-        kw = {"kernel_size": layer.kernel_size, "padding": padding,  # type: ignore[union-attr]
-              "stride": layer.stride, "dilation": layer.dilation}  # type: ignore[union-attr]
+        kw = {"kernel_size": layer.kernel_size, "padding": padding,
+              "stride": layer.stride, "dilation": layer.dilation}
         cols = unfold2d(x, **kw) if x.dim() == 4 else unfold3d(x, **kw)
     positions = cols.shape[-1]
     d = g.reshape(n, groups, -1, positions)  # [n, groups, out/groups, T]
     a = cols.reshape(n, groups, -1, positions)  # [n, groups, in/groups * k, T]
     grad_weight = torch.matmul(d, a.transpose(-1, -2))  # [n, groups, out/groups, in/groups*k]
     out: GradSamples = {weight: grad_weight.reshape(n, *weight.shape)}
-    if layer.bias is not None:  # type: ignore[union-attr]
-        out[layer.bias] = g.reshape(n, g.shape[1], -1).sum(-1)  # type: ignore[union-attr,index]
+    if layer.bias is not None:
+        out[layer.bias] = g.reshape(n, g.shape[1], -1).sum(-1)
     return out
 
 
-_CONV_METHODS: dict[str, Callable[[nn.Module, torch.Tensor, torch.Tensor], GradSamples]] = {
+_CONV_METHODS: dict[str, Callable[[Any, torch.Tensor, torch.Tensor], GradSamples]] = {
     "grouped": conv_grad_sample_grouped,
     "unfold": conv_grad_sample_unfold,
 }
 
 
-def conv_grad_sample(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> GradSamples:
+def conv_grad_sample(layer: Any, x: torch.Tensor, g: torch.Tensor) -> GradSamples:
     """Per-sample convolution gradients by the faster method for this shape (timed once)."""
     key = (
         type(layer), x.device.type, x.dtype, tuple(x.shape), tuple(g.shape),
-        layer.kernel_size, layer.stride, _conv_padding(layer), layer.dilation,  # type: ignore[union-attr]
-        layer.groups,  # type: ignore[union-attr]
+        layer.kernel_size, layer.stride, _conv_padding(layer), layer.dilation,
+        layer.groups,
     )
     method = _CONV_METHOD.get(key)
     if method is not None:
@@ -193,16 +200,18 @@ def conv_grad_sample(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> Grad
         for _ in range(_AUTOTUNE_REPEATS):
             t0 = time.perf_counter()
             result = fn(layer, x, g)
+            if x.is_cuda:
+                torch.cuda.synchronize(x.device)
             best = min(best, time.perf_counter() - t0)
         timings[name] = best
     _CONV_METHOD[key] = min(timings, key=timings.__getitem__)
     return result
 
 
-def linear_grad_sample(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> GradSamples:
+def linear_grad_sample(layer: Any, x: torch.Tensor, g: torch.Tensor) -> GradSamples:
     """Per-sample gradients of ``nn.Linear`` for inputs ``[n, in]`` or ``[n, ..., in]``."""
     n = x.shape[0]
-    weight = layer.weight  # type: ignore[union-attr]
+    weight = layer.weight
     if x.dim() == 2:
         grad_weight = g.unsqueeze(2) * x.unsqueeze(1)
         grad_bias = g
@@ -211,25 +220,25 @@ def linear_grad_sample(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> Gr
         grad_weight = torch.bmm(d.transpose(1, 2), x.reshape(n, -1, x.shape[-1]))
         grad_bias = d.sum(1)
     out: GradSamples = {weight: grad_weight}
-    if layer.bias is not None:  # type: ignore[union-attr]
-        out[layer.bias] = grad_bias  # type: ignore[index,union-attr]
+    if layer.bias is not None:
+        out[layer.bias] = grad_bias
     return out
 
 
-def group_norm_grad_sample(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> GradSamples:
+def group_norm_grad_sample(layer: Any, x: torch.Tensor, g: torch.Tensor) -> GradSamples:
     """Per-sample gradients of ``nn.GroupNorm``'s affine weight and bias.
 
     ``dL/dw_c = sum over positions of x_hat * g`` and ``dL/db_c = sum of g``, per sample, with
     ``x_hat`` the normalised input (recomputed without the affine transform).
     """
     n, channels = g.shape[0], g.shape[1]
-    x_hat = F.group_norm(x, layer.num_groups, eps=layer.eps)  # type: ignore[arg-type,union-attr]
+    x_hat = F.group_norm(x, layer.num_groups, eps=layer.eps)
     grad_weight = (x_hat * g).reshape(n, channels, -1).sum(-1)
     grad_bias = g.reshape(n, channels, -1).sum(-1)
-    return {layer.weight: grad_weight, layer.bias: grad_bias}  # type: ignore[dict-item,union-attr]
+    return {layer.weight: grad_weight, layer.bias: grad_bias}
 
 
-def _sampler(module: nn.Module) -> Callable[[nn.Module, torch.Tensor, torch.Tensor], GradSamples]:
+def _sampler(module: nn.Module) -> Callable[[Any, torch.Tensor, torch.Tensor], GradSamples]:
     if isinstance(module, _CONV_TYPES):
         return conv_grad_sample
     if isinstance(module, nn.Linear):
@@ -267,6 +276,7 @@ class DirectPerSampleGradients:
             )
         self._handles: list[Any] = []
         self._frozen: list[nn.Parameter] = []
+        self._written: set[int] = set()  # ids of parameters given a grad_sample this pass
         for module in model.modules():
             trainable = [p for p in module.parameters(recurse=False) if p.requires_grad]
             if not trainable:
@@ -279,16 +289,24 @@ class DirectPerSampleGradients:
 
     def _pre_hook(self, trainable: list[nn.Parameter]) -> Callable[..., None]:
         def hook(_module: nn.Module, inputs: tuple[Any, ...]) -> None:
-            if torch.is_grad_enabled() and inputs and getattr(inputs[0], "requires_grad", False):
+            if not (torch.is_grad_enabled() and inputs):
+                return
+            if getattr(inputs[0], "requires_grad", False):
                 for p in trainable:
                     if p.requires_grad:
                         p.requires_grad_(False)
                         self._frozen.append(p)
+            else:
+                # A tied layer taken out of autograd by an earlier use, now called on data:
+                # its parameters must carry the graph again or this use would be lost.
+                for p in trainable:
+                    if not p.requires_grad and any(p is q for q in self._frozen):
+                        p.requires_grad_(True)
         return hook
 
     def _forward_hook(
         self,
-        sampler: Callable[[nn.Module, torch.Tensor, torch.Tensor], GradSamples],
+        sampler: Callable[[Any, torch.Tensor, torch.Tensor], GradSamples],
         trainable: list[nn.Parameter],
     ) -> Callable[..., None]:
         keep = set(trainable)
@@ -298,9 +316,15 @@ class DirectPerSampleGradients:
             if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor)
                     and output.requires_grad):
                 return
-            x = inputs[0].detach()
+            x = inputs[0].detach()  # shares the version counter with the input
+            version = x._version
 
             def backward_hook(grad: torch.Tensor) -> None:
+                if x._version != version:
+                    raise RuntimeError(
+                        f"the input of {type(module).__name__} was modified in place after the "
+                        "forward pass; per-sample gradients would be wrong"
+                    )
                 # grad is of the batch-mean loss: per-sample gradients are n times the
                 # per-sample terms; scale whichever is smaller, the output gradient or them.
                 n = x.shape[0]
@@ -312,7 +336,16 @@ class DirectPerSampleGradients:
                     if not scale_output:
                         gs = gs * n
                     previous = getattr(p, "grad_sample", None)
-                    p.grad_sample = gs if previous is None else previous + gs
+                    if previous is not None and id(p) not in self._written:
+                        # Summing two backward passes would mix two batches' samples in one
+                        # row and spend two Poisson draws as one step.
+                        raise RuntimeError(
+                            "per-sample gradients of an earlier backward pass were not used: "
+                            "call optimizer.step() and zero_grad() after every backward pass "
+                            "(gradient accumulation is not supported with Poisson sampling)"
+                        )
+                    self._written.add(id(p))
+                    p.grad_sample = gs if previous is None else previous + gs  # type: ignore[attr-defined]
 
             output.register_hook(backward_hook)
         return hook
@@ -322,6 +355,7 @@ class DirectPerSampleGradients:
         for p in self._frozen:
             p.requires_grad_(True)
         self._frozen.clear()
+        self._written.clear()
 
     def close(self) -> None:
         """Remove the hooks (and restore any parameter still taken out of autograd)."""
@@ -346,6 +380,8 @@ class DirectDPOptimizer(DPOptimizer):
     def clip_and_accumulate(self) -> None:
         """Clip each sample's gradient to ``max_grad_norm``; sum into ``p.summed_grad``."""
         params = self.params
+        for p in params:  # Opacus's guard against clipping the same samples twice
+            _check_processed_flag(p.grad_sample)  # type: ignore[attr-defined]
         samples = [self._get_flat_grad_sample(p).to(p.dtype) for p in params]
         n = samples[0].shape[0]
         flat = [g.reshape(n, p.numel()) for g, p in zip(samples, params, strict=True)]
@@ -357,13 +393,14 @@ class DirectDPOptimizer(DPOptimizer):
         for p, f in zip(params, flat, strict=True):
             grad = (factor @ f).view(p.shape)
             p.summed_grad = grad if p.summed_grad is None else p.summed_grad + grad  # type: ignore[attr-defined]
+            _mark_as_processed(p.grad_sample)  # type: ignore[attr-defined]
 
     def scale_grad(self) -> None:
         """Divide every ``p.grad`` by the expected batch size (``loss_reduction="mean"``)."""
         if self.loss_reduction == "mean":
             scale = self.expected_batch_size * self.accumulated_iterations
             for p in self.params:
-                p.grad /= scale  # type: ignore[operator]
+                p.grad /= scale
 
 
 def make_private_direct(
@@ -392,11 +429,16 @@ def make_private_direct(
     opacus.validators.errors.UnsupportedModuleError
         For modules Opacus rejects.
     """
+    if engine.secure_mode:
+        raise ConfigError("grad_sample_mode='direct' does not support Opacus's secure_mode yet")
+    module_params = {id(p) for p in module.parameters()}
+    if any(id(p) not in module_params for group in optimizer.param_groups for p in group["params"]):
+        raise ConfigError("the optimizer's parameters are not the module's parameters")
     ModuleValidator.validate(module, strict=True)
     per_sample = DirectPerSampleGradients(module)
     dp_loader = DPDataLoader.from_data_loader(data_loader)
     sample_rate = 1 / len(dp_loader)
-    expected_batch_size = int(len(data_loader.dataset) * sample_rate)  # type: ignore[arg-type]
+    expected_batch_size = int(len(cast(Sized, data_loader.dataset)) * sample_rate)
     dp_optimizer = DirectDPOptimizer(
         optimizer,
         noise_multiplier=noise_multiplier,

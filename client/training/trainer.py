@@ -438,8 +438,9 @@ def train_dp(
     finally:
         if direct is not None:
             direct.close()
-        if hasattr(dp_model, "_close"):
-            dp_model._close()  # detach Opacus hooks and per-sample gradient buffers
+        close = getattr(dp_model, "_close", None)
+        if callable(close):
+            close()  # detach Opacus hooks and per-sample gradient buffers
     state = AccountantState.from_history(engine.accountant.history)
     if state.total_steps != prior.total_steps + steps:
         raise RuntimeError(

@@ -24,6 +24,7 @@ from client.training.per_sample import (
     conv_grad_sample_unfold,
     make_private_direct,
 )
+from client.training import trainer as trainer_module
 from client.training.trainer import train_dp
 from common.errors import ConfigError
 from common.models.registry import build_model, list_models
@@ -141,6 +142,85 @@ def test_tied_layer_sums_its_uses_like_opacus() -> None:
     _assert_same(_direct_samples(model, x, y), _opacus_samples(model, x, y))
 
 
+def test_tied_layer_used_on_hidden_then_on_data_keeps_both_uses() -> None:
+    torch.manual_seed(10)
+
+    class Reverse(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pre = nn.Linear(4, 4)
+            self.shared = nn.Linear(4, 4)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            first = self.shared(torch.tanh(self.pre(x)))  # input requires grad: frozen
+            second = self.shared(x)  # then on the data itself
+            return self.head(torch.tanh(first + second))
+
+    model, x, y = Reverse(), torch.randn(6, 4), torch.randint(0, 2, (6,))
+    _assert_same(_direct_samples(model, x, y), _opacus_samples(model, x, y))
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        nn.Conv2d(3, 4, 3, stride=2, padding=1),  # 10 px: stride does not divide evenly
+        nn.Conv1d(3, 6, 3, dilation=2, padding="same", groups=3),
+        nn.Conv3d(3, 4, 2, stride=(1, 2, 2), bias=False),
+    ],
+    ids=["conv2d-uneven-stride", "conv1d-groups-dilation-same", "conv3d-anisotropic-stride"],
+)
+def test_conv_after_another_layer_equals_opacus(conv: nn.Module) -> None:
+    torch.manual_seed(11)
+    dims = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}[type(conv)]
+    pre = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims](2, 3, 1)
+    x = torch.randn(5, 2, *([10] * dims))
+    out = conv(pre(x))
+    model = nn.Sequential(pre, nn.Tanh(), conv, nn.Tanh(), *_head(out.shape[1], out[0, 0].numel()))
+    y = torch.randint(0, 3, (5,))
+    _assert_same(_direct_samples(model, x, y), _opacus_samples(model, x, y))
+
+
+def test_two_backward_passes_without_a_step_are_refused() -> None:
+    model = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 2))
+    engine = DirectPerSampleGradients(model)
+    x, y = torch.randn(4, 3), torch.randint(0, 2, (4,))
+    nn.functional.cross_entropy(model(x), y).backward()
+    engine.restore()
+    with pytest.raises(RuntimeError, match="earlier backward pass"):
+        nn.functional.cross_entropy(model(x), y).backward()
+    engine.close()
+
+
+def test_in_place_change_of_a_saved_input_is_detected() -> None:
+    class InPlace(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(3, 3)
+            self.b = nn.Linear(3, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.a(x) * 1.0
+            out = self.b(h)
+            h.mul_(2.0)  # b's saved input changes after b ran
+            return out
+
+    model = InPlace()
+    engine = DirectPerSampleGradients(model)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        nn.functional.cross_entropy(model(torch.randn(4, 3)), torch.randint(0, 2, (4,))).backward()
+    engine.close()
+
+
+def test_direct_optimizer_refuses_to_clip_the_same_samples_twice() -> None:
+    params = [nn.Parameter(torch.zeros(3))]
+    opt = _opacus_optimizer(params, DirectDPOptimizer)
+    params[0].grad_sample = torch.randn(4, 3)
+    opt.pre_step()
+    with pytest.raises(ValueError):
+        opt.pre_step()
+
+
 DIRECT_MODELS = [s.name for s in list_models() if s.grad_sample_mode == "direct"]
 
 
@@ -214,14 +294,21 @@ def test_batchnorm_is_refused_before_training() -> None:
                  max_grad_norm=1.0, delta=1e-5, grad_sample_mode="direct", seed=0)
 
 
-def test_conv_method_is_chosen_once_per_shape() -> None:
+def test_conv_method_is_chosen_once_per_shape(monkeypatch: pytest.MonkeyPatch) -> None:
     torch.manual_seed(6)
     conv = nn.Conv2d(2, 3, 3, padding=1)
-    x = torch.randn(4, 2, 11, 13)
-    g = torch.randn(4, 3, 11, 13)
-    per_sample.conv_grad_sample(conv, x, g)
+    x, g = torch.randn(4, 2, 11, 13), torch.randn(4, 3, 11, 13)
+    reference = conv_grad_sample_unfold(conv, x, g)
+    first = per_sample.conv_grad_sample(conv, x, g)  # times both methods
     chosen = [v for k, v in per_sample._CONV_METHOD.items() if k[3] == tuple(x.shape)]
     assert chosen and chosen[0] in ("grouped", "unfold")
+    timed: list[float] = []
+    monkeypatch.setattr(per_sample.time, "perf_counter", lambda: timed.append(0.0) or 0.0)
+    second = per_sample.conv_grad_sample(conv, x, g)  # cached: no timing
+    assert timed == []
+    for p in reference:
+        torch.testing.assert_close(first[p], reference[p], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(second[p], reference[p], rtol=1e-4, atol=1e-5)
 
 
 def _opacus_optimizer(params: list[nn.Parameter], cls: type[DPOptimizer]) -> DPOptimizer:
@@ -270,15 +357,32 @@ def test_train_dp_direct_equals_opacus_modes_without_noise() -> None:
                                        msg=f"{mode}: {name}")
 
 
-def test_train_dp_direct_accounts_every_step_including_empty_batches() -> None:
+def test_train_dp_direct_accounts_every_step_including_empty_batches(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     torch.manual_seed(9)
     model = build_model("cnn", in_channels=1, num_classes=2, image_size=16)
     data = TensorDataset(torch.randn(3, 1, 16, 16), torch.randint(0, 2, (3,)))
-    result = train_dp(model, data, epochs=8, batch_size=1, learning_rate=0.1, noise_multiplier=1.0,
-                      max_grad_norm=1.0, delta=1e-5, seed=3, grad_sample_mode="direct")
-    # sample rate 1/3: each step is empty with probability 8/27, so some of the 24 are
+    calls: list[int] = []
+    real = trainer_module._noise_only_step
+
+    def counting(optimizer: torch.optim.Optimizer) -> None:
+        calls.append(1)
+        real(optimizer)
+
+    monkeypatch.setattr(trainer_module, "_noise_only_step", counting)
+    kwargs = dict(epochs=8, batch_size=1, learning_rate=0.1, noise_multiplier=1.0,
+                  max_grad_norm=1.0, delta=1e-5, seed=3)
+    result = train_dp(model, data, grad_sample_mode="direct", **kwargs)  # type: ignore[arg-type]
+    # sample rate 1/3: each step is empty with probability 8/27; with this seed some are
+    assert calls, "no empty Poisson batch was drawn; pick another seed"
     assert result.steps == 24 and result.accountant_state.total_steps == 24
+    ref = train_dp(model, data, grad_sample_mode="ew", **kwargs)  # type: ignore[arg-type]
+    assert result.accountant_state == ref.accountant_state and result.epsilon == ref.epsilon
     assert math.isfinite(result.epsilon)
+    # with noise and the same seed, the same noise is drawn in the same order as Opacus's
+    for name, value in ref.state_dict.items():
+        torch.testing.assert_close(result.state_dict[name], value, rtol=0, atol=1e-5, msg=name)
 
 
 def test_make_private_direct_matches_make_private_settings() -> None:
@@ -303,4 +407,8 @@ def test_make_private_direct_matches_make_private_settings() -> None:
     assert our_opt.expected_batch_size == ref_opt.expected_batch_size
     assert (our_opt.noise_multiplier, our_opt.max_grad_norm) == (1.3, 0.9)
     assert our_opt.loss_reduction == ref_opt.loss_reduction == "mean"
-    assert our_opt.step_hook is not None
+    for model_, opt in ((ref_model, ref_opt), (model, our_opt)):
+        for p in model_.parameters():
+            p.grad_sample = torch.randn(6, *p.shape)
+        opt.step()
+    assert our_engine.accountant.history == ref_engine.accountant.history == [(1.3, 1 / 7, 1)]  # ceil(50 / 8) = 7 batches
