@@ -7,9 +7,10 @@ on a CPU its per-sample step costs more than the rest of the training step toget
 batched matrix product, allocates every per-sample gradient twice (a zero-filled buffer, then
 a copy), and autograd still computes the batch weight gradients that DP-SGD throws away.
 Opacus has no mode without these costs, so this module is our own per-sample gradient engine
-for the common layers. Clipping, noise and accounting stay Opacus's: the trainer wraps the
-model with ``grad_sample_mode="no_op"`` (Opacus's mode for per-sample gradients supplied by
-the caller) and this engine writes ``p.grad_sample`` for its ``DPOptimizer``.
+for the common layers. Poisson sampling, clipping, noise and accounting stay Opacus's:
+:func:`make_private_direct` composes Opacus's ``DPDataLoader``, ``DPOptimizer`` (as
+:class:`DirectDPOptimizer`, which only trims per-parameter Python work) and accountant hook as
+``PrivacyEngine.make_private`` does, and this engine writes the ``p.grad_sample`` they read.
 
 What the engine does differently, per layer that owns trainable parameters:
 
@@ -18,19 +19,19 @@ What the engine does differently, per layer that owns trainable parameters:
   sample (``torch.ops.aten.convolution_backward`` with ``groups = n * groups``), so the
   optimised convolution kernels do the work and nothing is unfolded. For maps with very few
   positions the unfold-and-multiply form (Opacus's, on :func:`opacus.utils.tensor_utils.unfold2d`)
-  is faster; the engine times both once per layer shape and remembers the faster one
+  is faster; the engine times both once per layer shape (per-sample shape: Poisson batches
+  vary in size, and the faster method does not) and remembers the faster one
   (:data:`_CONV_METHOD`; the two are equal to rounding, which the tests check).
 * **Linear** and **GroupNorm**: closed forms (an outer product; per-channel sums of
   ``x_hat * grad``).
 * **No batch weight gradients**: while a convolution or linear layer whose *input* already
-  requires a gradient runs forward, its parameters are taken out of autograd (``requires_grad = False``), so autograd
-  only propagates to the inputs; :meth:`DirectPerSampleGradients.restore` puts them back and
+  requires a gradient runs forward, its parameters are taken out of autograd
+  (``requires_grad = False``), so autograd only propagates to the inputs; :meth:`DirectPerSampleGradients.restore` puts them back and
   the trainer calls it after every backward pass (and on any error). The first layer, whose
   input is the data, keeps its parameters in autograd so that its output still has a graph;
   GroupNorm keeps them too (its fused backward computes them at almost no cost).
 * A layer used more than once in a forward pass (tied weights) gets the *sum* of its uses'
-  per-sample gradients, as in Opacus.
-  Gradients of two backward passes are never summed (that would mix two Poisson batches in
+  per-sample gradients, as in Opacus. Gradients of two backward passes are never summed (that would mix two Poisson batches in
   one step): the engine raises instead.
 * A frozen layer's input is no longer saved by autograd, so autograd would not notice an
   in-place change to it after the forward pass; the engine checks its version counter.
@@ -83,7 +84,8 @@ SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (*_CONV_TYPES, nn.Linear, nn.Gro
 GradSamples = dict[nn.Parameter, torch.Tensor]
 
 _CONV_METHOD: dict[tuple[Any, ...], str] = {}
-"""Faster per-sample method ("grouped" or "unfold") per convolution shape, for this process."""
+"""Faster per-sample method ("grouped" or "unfold") per convolution and per-sample input shape,
+for this process."""
 
 _AUTOTUNE_REPEATS = 2
 
@@ -105,7 +107,9 @@ def _conv_padding(layer: Any) -> tuple[int, ...] | None:
 
 
 def unsupported_layers(model: nn.Module) -> list[str]:
-    """Names (``name: Type``) of modules with trainable parameters the engine cannot handle."""
+    """Names (``name: Type``) of the modules the engine cannot train: modules with trainable
+    parameters of another type than :data:`SUPPORTED_LAYERS`, convolutions with other than
+    symmetric zero padding, and BatchNorm in training mode (with or without parameters)."""
     out = []
     for name, module in model.named_modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
@@ -184,9 +188,13 @@ _CONV_METHODS: dict[str, Callable[[Any, torch.Tensor, torch.Tensor], GradSamples
 
 
 def conv_grad_sample(layer: Any, x: torch.Tensor, g: torch.Tensor) -> GradSamples:
-    """Per-sample convolution gradients by the faster method for this shape (timed once)."""
+    """Per-sample convolution gradients by the faster method for this shape (timed once).
+
+    The batch size is not part of the key: Poisson batches differ in size at every step, and
+    timing both methods again for each would put the autotuning on the training path.
+    """
     key = (
-        type(layer), x.device.type, x.dtype, tuple(x.shape), tuple(g.shape),
+        type(layer), x.device.type, x.dtype, tuple(x.shape[1:]), tuple(g.shape[1:]),
         layer.kernel_size, layer.stride, _conv_padding(layer), layer.dilation,
         layer.groups,
     )
@@ -275,7 +283,7 @@ class DirectPerSampleGradients:
                 + ". Use grad_sample_mode='hooks' for this model."
             )
         self._handles: list[Any] = []
-        self._frozen: list[nn.Parameter] = []
+        self._frozen: dict[int, nn.Parameter] = {}  # taken out of autograd, by id
         self._written: set[int] = set()  # ids of parameters given a grad_sample this pass
         for module in model.modules():
             trainable = [p for p in module.parameters(recurse=False) if p.requires_grad]
@@ -295,12 +303,12 @@ class DirectPerSampleGradients:
                 for p in trainable:
                     if p.requires_grad:
                         p.requires_grad_(False)
-                        self._frozen.append(p)
+                        self._frozen[id(p)] = p
             else:
                 # A tied layer taken out of autograd by an earlier use, now called on data:
                 # its parameters must carry the graph again or this use would be lost.
                 for p in trainable:
-                    if not p.requires_grad and any(p is q for q in self._frozen):
+                    if id(p) in self._frozen:
                         p.requires_grad_(True)
         return hook
 
@@ -352,7 +360,7 @@ class DirectPerSampleGradients:
 
     def restore(self) -> None:
         """Give back to autograd the parameters taken out of it during the forward pass."""
-        for p in self._frozen:
+        for p in self._frozen.values():
             p.requires_grad_(True)
         self._frozen.clear()
         self._written.clear()

@@ -38,8 +38,8 @@ suite and the benchmark treat all models alike:
 * **Opacus mode.** ``ModelSpec.grad_sample_mode`` (one of :data:`GRAD_SAMPLE_MODES`) is the
   per-sample gradient mode :func:`client.training.train_dp` uses for this model when it is
   called with ``grad_sample_mode=None``. A model with ``dp_loss`` must register ``"hooks"``,
-  ``"functorch"`` or ``"direct"``: ``"ew"`` and ``"ghost"`` see only the wrapper's own forward/criterion,
-  so the trainer refuses them for such models -- except ``"ghost"`` when the model also has
+  ``"functorch"`` or ``"direct"``: ``"ew"`` and ``"ghost"`` see only the wrapper's own
+  forward/criterion, so the trainer refuses them for such models -- except ``"ghost"`` when the model also has
   the optional ``dp_loss_per_sample(self, inputs, targets) -> Tensor`` returning the ``[B]``
   per-sample terms whose mean is ``dp_loss`` (ghost clipping needs per-sample losses).
 * **Opacus validity.** ``opacus.validators.ModuleValidator.validate(model, strict=True)``

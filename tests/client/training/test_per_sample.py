@@ -300,11 +300,13 @@ def test_conv_method_is_chosen_once_per_shape(monkeypatch: pytest.MonkeyPatch) -
     x, g = torch.randn(4, 2, 11, 13), torch.randn(4, 3, 11, 13)
     reference = conv_grad_sample_unfold(conv, x, g)
     first = per_sample.conv_grad_sample(conv, x, g)  # times both methods
-    chosen = [v for k, v in per_sample._CONV_METHOD.items() if k[3] == tuple(x.shape)]
+    chosen = [v for k, v in per_sample._CONV_METHOD.items() if k[3] == tuple(x.shape[1:])]
     assert chosen and chosen[0] in ("grouped", "unfold")
     timed: list[float] = []
     monkeypatch.setattr(per_sample.time, "perf_counter", lambda: timed.append(0.0) or 0.0)
     second = per_sample.conv_grad_sample(conv, x, g)  # cached: no timing
+    assert timed == []
+    per_sample.conv_grad_sample(conv, x[:3], g[:3])  # another batch size: still cached
     assert timed == []
     for p in reference:
         torch.testing.assert_close(first[p], reference[p], rtol=1e-4, atol=1e-5)
