@@ -126,6 +126,11 @@ def unsupported_layers(model: nn.Module) -> list[str]:
     return out
 
 
+def _is_pointwise(layer: Any, padding: tuple[int, ...]) -> bool:
+    return (all(k == 1 for k in layer.kernel_size) and all(st == 1 for st in layer.stride)
+            and not any(padding))
+
+
 def conv_grad_sample_grouped(layer: Any, x: torch.Tensor, g: torch.Tensor) -> GradSamples:
     """Per-sample gradients of a convolution as one grouped weight gradient (batch as groups)."""
     n = x.shape[0]
@@ -160,7 +165,10 @@ def conv_grad_sample_unfold(layer: Any, x: torch.Tensor, g: torch.Tensor) -> Gra
     padding = _conv_padding(layer)
     if padding is None:
         raise ConfigError(f"{type(layer).__name__} with non-zero or asymmetric padding is not supported")
-    if x.dim() == 3:  # Conv1d as a 2D convolution of height 1
+    if _is_pointwise(layer, padding):
+        # a 1x1 convolution (stride 1, no padding): the input is its own unfolding
+        cols = x.reshape(n, x.shape[1], -1)
+    elif x.dim() == 3:  # Conv1d as a 2D convolution of height 1
         x, g = x.unsqueeze(2), g.unsqueeze(2)
         kw: dict[str, Any] = {
             "kernel_size": (1, *layer.kernel_size), "padding": (0, *padding),
@@ -174,7 +182,10 @@ def conv_grad_sample_unfold(layer: Any, x: torch.Tensor, g: torch.Tensor) -> Gra
     positions = cols.shape[-1]
     d = g.reshape(n, groups, -1, positions)  # [n, groups, out/groups, T]
     a = cols.reshape(n, groups, -1, positions)  # [n, groups, in/groups * k, T]
-    grad_weight = torch.matmul(d, a.transpose(-1, -2))  # [n, groups, out/groups, in/groups*k]
+    if positions == 1:  # an outer product: cheaper as a broadcast multiply than as a matmul
+        grad_weight = d * a.transpose(-1, -2)
+    else:
+        grad_weight = torch.matmul(d, a.transpose(-1, -2))  # [n, groups, out/groups, in/groups*k]
     out: GradSamples = {weight: grad_weight.reshape(n, *weight.shape)}
     if layer.bias is not None:
         out[layer.bias] = g.reshape(n, g.shape[1], -1).sum(-1)

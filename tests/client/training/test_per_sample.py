@@ -106,6 +106,27 @@ def test_conv1d_and_conv3d_equal_opacus(dims: int) -> None:
         torch.testing.assert_close(a[p], b[p], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    ("dims", "groups", "side"), [(1, 1, 5), (2, 1, 5), (2, 2, 1), (2, 1, 1), (3, 2, 3)],
+)
+def test_pointwise_convolutions_equal_a_per_sample_loop(dims: int, groups: int, side: int) -> None:
+    # 1x1 kernels skip the unfolding, and a single position is an outer product
+    torch.manual_seed(3)
+    conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims](4, 6, kernel_size=1, groups=groups)
+    x = torch.randn(5, 4, *([side] * dims))
+    g = torch.randn_like(conv(x))
+    expected = {
+        p: torch.stack([
+            torch.autograd.grad((conv(x[i:i + 1]) * g[i:i + 1]).sum(), p)[0] for i in range(5)
+        ])
+        for p in (conv.weight, conv.bias)
+    }
+    for method in (conv_grad_sample_unfold, conv_grad_sample_grouped):
+        got = method(conv, x, g)
+        for p, want in expected.items():
+            torch.testing.assert_close(got[p], want, rtol=1e-5, atol=1e-6)
+
+
 def test_linear_groupnorm_and_sequence_input_equal_opacus() -> None:
     torch.manual_seed(2)
 
