@@ -58,9 +58,9 @@ from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processe
 from opacus.privacy_engine import PrivacyEngine
 from opacus.utils.tensor_utils import unfold2d, unfold3d
 from opacus.validators import ModuleValidator
-from torch.utils.data import DataLoader
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.data import DataLoader
 
 from common.errors import ConfigError
 
@@ -296,6 +296,15 @@ class DirectPerSampleGradients:
         self._handles: list[Any] = []
         self._frozen: dict[int, nn.Parameter] = {}  # taken out of autograd, by id
         self._written: set[int] = set()  # ids of parameters given a grad_sample this pass
+        # Every parameter's per-sample gradients are columns of one [n, total] buffer per
+        # backward pass, so that DirectDPOptimizer clips them with a handful of whole-buffer
+        # operations instead of a few per parameter. Columns: parameter order, each once.
+        self._columns: dict[int, tuple[int, torch.Size]] = {}
+        for p in model.parameters():
+            if p.requires_grad and id(p) not in self._columns:
+                self._columns[id(p)] = (sum(shape.numel() for _, shape in self._columns.values()), p.shape)
+        self._width = sum(shape.numel() for _, shape in self._columns.values())
+        self._buffer: torch.Tensor | None = None
         for module in model.modules():
             trainable = [p for p in module.parameters(recurse=False) if p.requires_grad]
             if not trainable:
@@ -352,8 +361,6 @@ class DirectPerSampleGradients:
                 for p, gs in samples.items():
                     if p not in keep:
                         continue
-                    if not scale_output:
-                        gs = gs * n
                     previous = getattr(p, "grad_sample", None)
                     if previous is not None and id(p) not in self._written:
                         # Summing two backward passes would mix two batches' samples in one
@@ -364,10 +371,31 @@ class DirectPerSampleGradients:
                             "(gradient accumulation is not supported with Poisson sampling)"
                         )
                     self._written.add(id(p))
-                    p.grad_sample = gs if previous is None else previous + gs  # type: ignore[attr-defined]
+                    self._store(p, gs, 1 if scale_output else n, previous)
 
             output.register_hook(backward_hook)
         return hook
+
+    def _store(self, p: nn.Parameter, gs: torch.Tensor, scale: int, previous: torch.Tensor | None) -> None:
+        """Write ``scale * gs`` into ``p``'s columns of this pass's buffer (or add it, for a
+        second use of a tied layer) and make ``p.grad_sample`` the ``[n, *p.shape]`` view."""
+        if previous is not None:  # a tied layer's later use in the same pass
+            if scale == 1:
+                previous.add_(gs)
+            else:
+                previous.add_(gs, alpha=scale)
+            return
+        buffer = self._buffer
+        n = gs.shape[0]
+        if buffer is None or buffer.shape[0] != n or buffer.dtype != gs.dtype or buffer.device != gs.device:
+            if buffer is not None:  # an odd layer (another dtype or device): keep it apart
+                p.grad_sample = gs * scale if scale != 1 else gs  # type: ignore[attr-defined]
+                return
+            buffer = self._buffer = gs.new_empty((n, self._width))
+        start, shape = self._columns[id(p)]
+        view = buffer[:, start:start + shape.numel()].unflatten(1, shape)
+        torch.mul(gs, scale, out=view)
+        p.grad_sample = view  # type: ignore[attr-defined]
 
     def restore(self) -> None:
         """Give back to autograd the parameters taken out of it during the forward pass."""
@@ -375,6 +403,7 @@ class DirectPerSampleGradients:
             p.requires_grad_(True)
         self._frozen.clear()
         self._written.clear()
+        self._buffer = None
 
     def close(self) -> None:
         """Remove the hooks (and restore any parameter still taken out of autograd)."""
@@ -382,6 +411,28 @@ class DirectPerSampleGradients:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+
+def _shared_buffer(params: list[nn.Parameter]) -> torch.Tensor | None:
+    """The engine's buffer if the parameters' per-sample gradients are exactly its columns.
+
+    True when every ``p.grad_sample`` is a view of one 2-D tensor of the parameters' dtype and
+    the parameters' sizes add up to its width: the engine gives each parameter its own
+    columns, so then every column belongs to exactly one of these parameters.
+    """
+    if not params:
+        return None
+    first = getattr(params[0], "grad_sample", None)
+    buffer = first._base if isinstance(first, torch.Tensor) else None
+    if buffer is None or buffer.dim() != 2 or buffer.dtype != params[0].dtype:
+        return None
+    for p in params:
+        gs = getattr(p, "grad_sample", None)
+        if not isinstance(gs, torch.Tensor) or gs._base is not buffer or p.dtype != buffer.dtype:
+            return None
+    if sum(p.numel() for p in params) != buffer.shape[1] or len({id(p) for p in params}) != len(params):
+        return None
+    return buffer
 
 
 class DirectDPOptimizer(DPOptimizer):
@@ -401,6 +452,10 @@ class DirectDPOptimizer(DPOptimizer):
         params = self.params
         for p in params:  # Opacus's guard against clipping the same samples twice
             _check_processed_flag(p.grad_sample)  # type: ignore[attr-defined]
+        buffer = _shared_buffer(params)
+        if buffer is not None:
+            self._clip_buffer(params, buffer)
+            return
         samples = [self._get_flat_grad_sample(p).to(p.dtype) for p in params]
         n = samples[0].shape[0]
         flat = [g.reshape(n, p.numel()) for g, p in zip(samples, params, strict=True)]
@@ -411,6 +466,21 @@ class DirectDPOptimizer(DPOptimizer):
             factor = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
         for p, f in zip(params, flat, strict=True):
             grad = (factor @ f).view(p.shape)
+            p.summed_grad = grad if p.summed_grad is None else p.summed_grad + grad  # type: ignore[attr-defined]
+            _mark_as_processed(p.grad_sample)  # type: ignore[attr-defined]
+
+    def _clip_buffer(self, params: list[nn.Parameter], buffer: torch.Tensor) -> None:
+        """The same clipping on the engine's ``[n, total]`` buffer: one norm, one product."""
+        if buffer.shape[0] == 0:
+            summed = buffer.new_zeros(buffer.shape[1])
+        else:
+            norms = buffer.norm(2, dim=1)
+            factor = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+            summed = factor @ buffer
+        origin = buffer.storage_offset()
+        for p in params:
+            start = p.grad_sample.storage_offset() - origin  # type: ignore[attr-defined]
+            grad = summed[start:start + p.numel()].view(p.shape)
             p.summed_grad = grad if p.summed_grad is None else p.summed_grad + grad  # type: ignore[attr-defined]
             _mark_as_processed(p.grad_sample)  # type: ignore[attr-defined]
 
