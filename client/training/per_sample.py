@@ -30,6 +30,11 @@ What the engine does differently, per layer that owns trainable parameters:
   the trainer calls it after every backward pass (and on any error). The first layer, whose
   input is the data, keeps its parameters in autograd so that its output still has a graph;
   GroupNorm keeps them too (its fused backward computes them at almost no cost).
+* **One buffer**: each backward pass writes all per-sample gradients into the columns of one
+  ``[n, total parameters]`` tensor, and ``p.grad_sample`` is the parameter's
+  ``[n, *p.shape]`` view of it; :class:`DirectDPOptimizer` then clips with one norm and one
+  matrix-vector product over the buffer instead of a few operations per parameter (it falls
+  back to the per-parameter form when its parameters are not exactly the buffer's columns).
 * A layer used more than once in a forward pass (tied weights) gets the *sum* of its uses'
   per-sample gradients, as in Opacus. Gradients of two backward passes are never summed (that would mix two Poisson batches in
   one step): the engine raises instead.
@@ -54,7 +59,7 @@ from typing import Any, cast
 import torch
 from opacus.data_loader import DPDataLoader
 from opacus.optimizers import DPOptimizer
-from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+from opacus.optimizers.optimizer import _check_processed_flag, _generate_noise, _mark_as_processed
 from opacus.privacy_engine import PrivacyEngine
 from opacus.utils.tensor_utils import unfold2d, unfold3d
 from opacus.validators import ModuleValidator
@@ -444,7 +449,10 @@ class DirectDPOptimizer(DPOptimizer):
     ``DPOptimizer.scale_grad`` evaluates ``accumulated_iterations`` (a pass over all
     parameters) once per parameter, and ``clip_and_accumulate`` rebuilds the per-sample
     views and parses an ``einsum`` per parameter. On models with many small parameter tensors
-    that costs milliseconds per step. The tests check equality with ``DPOptimizer``.
+    that costs milliseconds per step. When the per-sample gradients are the columns of the
+    engine's buffer, clipping is one norm and one product over it; the norm is then taken
+    over all parameters at once rather than per parameter and stacked, which rounds
+    differently (the tests check equality with ``DPOptimizer`` to float rounding).
     """
 
     def clip_and_accumulate(self) -> None:
@@ -478,17 +486,57 @@ class DirectDPOptimizer(DPOptimizer):
             factor = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
             summed = factor @ buffer
         origin = buffer.storage_offset()
+        fresh = all(p.summed_grad is None for p in params)  # type: ignore[attr-defined]
         for p in params:
             start = p.grad_sample.storage_offset() - origin  # type: ignore[attr-defined]
             grad = summed[start:start + p.numel()].view(p.shape)
             p.summed_grad = grad if p.summed_grad is None else p.summed_grad + grad  # type: ignore[attr-defined]
             _mark_as_processed(p.grad_sample)  # type: ignore[attr-defined]
+        # every p.summed_grad is a view of `summed`: add_noise can noise it in one draw
+        self._flat_summed = summed if fresh else None
+
+    def add_noise(self) -> None:
+        """Opacus's noise, ``N(0, (noise_multiplier * max_grad_norm)^2)`` on every coordinate of
+        every parameter's clipped sum, drawn with Opacus's ``_generate_noise`` (same generator,
+        same secure-mode rule) in one draw over all parameters when the sums are one vector.
+
+        The draw covers the same coordinates, each once, as Opacus's per-parameter draws, but
+        consumes the generator in another order, so with the same seed the noise values are
+        not Opacus's (their distribution is; the tests check both).
+        """
+        params = self.params
+        flat = getattr(self, "_flat_summed", None)
+        self._flat_summed = None
+        self._flat_grad: torch.Tensor | None = None
+        if flat is None or any(
+            p.summed_grad is None or p.summed_grad._base is not flat for p in params  # type: ignore[attr-defined]
+        ) or sum(p.numel() for p in params) != flat.numel():
+            super().add_noise()
+            return
+        for p in params:
+            _check_processed_flag(p.summed_grad)  # type: ignore[attr-defined]
+        noise = _generate_noise(
+            std=self.noise_multiplier * self.max_grad_norm, reference=flat,
+            generator=self.generator, secure_mode=self.secure_mode,
+        )
+        grad = flat + noise
+        origin = flat.storage_offset()
+        for p in params:
+            start = p.summed_grad.storage_offset() - origin  # type: ignore[attr-defined]
+            p.grad = grad[start:start + p.numel()].view_as(p)
+            _mark_as_processed(p.summed_grad)  # type: ignore[attr-defined]
+        self._flat_grad = grad
 
     def scale_grad(self) -> None:
         """Divide every ``p.grad`` by the expected batch size (``loss_reduction="mean"``)."""
+        flat, self._flat_grad = getattr(self, "_flat_grad", None), None
         if self.loss_reduction == "mean":
             scale = self.expected_batch_size * self.accumulated_iterations
-            for p in self.params:
+            params = self.params
+            if flat is not None and all(p.grad is not None and p.grad._base is flat for p in params):
+                flat /= scale  # every p.grad is a view of it (add_noise)
+                return
+            for p in params:
                 p.grad /= scale
 
 
