@@ -59,7 +59,11 @@ from typing import Any, cast
 import torch
 from opacus.data_loader import DPDataLoader
 from opacus.optimizers import DPOptimizer
-from opacus.optimizers.optimizer import _check_processed_flag, _generate_noise, _mark_as_processed
+from opacus.optimizers.optimizer import (
+    _check_processed_flag,
+    _generate_noise,
+    _mark_as_processed,
+)
 from opacus.privacy_engine import PrivacyEngine
 from opacus.utils.tensor_utils import unfold2d, unfold3d
 from opacus.validators import ModuleValidator
