@@ -31,13 +31,17 @@ What the engine does differently, per layer that owns trainable parameters:
   input is the data, keeps its parameters in autograd so that its output still has a graph;
   GroupNorm keeps them too (its fused backward computes them at almost no cost).
 * **One buffer**: each backward pass writes all per-sample gradients into the columns of one
-  ``[n, total parameters]`` tensor, and ``p.grad_sample`` is the parameter's
-  ``[n, *p.shape]`` view of it; :class:`DirectDPOptimizer` then clips with one norm and one
+  ``[n, total parameters]`` tensor (the samplers write in place where the operation allows
+  it; the first ``n`` rows of a storage kept between passes, since fresh memory of that size
+  would be faulted in again at every step), and ``p.grad_sample`` is the parameter's
+  ``[n, *p.shape]`` view of it, valid until the next backward pass; :class:`DirectDPOptimizer` then clips with one norm and one
   matrix-vector product over the buffer instead of a few operations per parameter (it falls
   back to the per-parameter form when its parameters are not exactly the buffer's columns).
 * A layer used more than once in a forward pass (tied weights) gets the *sum* of its uses'
-  per-sample gradients, as in Opacus. Gradients of two backward passes are never summed (that would mix two Poisson batches in
-  one step): the engine raises instead.
+  per-sample gradients, as in Opacus. Gradients of two backward passes are never summed (that
+  would mix two Poisson batches in one step): the engine raises instead, provided
+  :meth:`DirectPerSampleGradients.restore` ends each pass (the trainer calls it after every
+  backward pass); without it, a second pass would count as the same pass's tied uses.
 * A frozen layer's input is no longer saved by autograd, so autograd would not notice an
   in-place change to it after the forward pass; the engine checks its version counter.
 
@@ -140,8 +144,29 @@ def _is_pointwise(layer: Any, padding: tuple[int, ...]) -> bool:
             and not any(padding))
 
 
-def conv_grad_sample_grouped(layer: Any, x: torch.Tensor, g: torch.Tensor) -> GradSamples:
-    """Per-sample gradients of a convolution as one grouped weight gradient (batch as groups)."""
+def _write(out: GradSamples | None, p: nn.Parameter, value: torch.Tensor, result: GradSamples) -> None:
+    """Record ``value`` as ``p``'s per-sample gradients, copied into ``out[p]`` if given."""
+    dest = out.get(p) if out else None
+    if dest is None:
+        result[p] = value
+    else:
+        result[p] = dest.copy_(value.view(dest.shape))
+
+
+def _channel_sums(g: torch.Tensor, out: GradSamples | None, p: nn.Parameter, result: GradSamples) -> None:
+    """Per-sample, per-channel sums of ``g`` (a bias's per-sample gradients)."""
+    dest = out.get(p) if out else None
+    flat = g.reshape(g.shape[0], g.shape[1], -1)
+    result[p] = flat.sum(-1) if dest is None else torch.sum(flat, -1, out=dest)
+
+
+def conv_grad_sample_grouped(
+    layer: Any, x: torch.Tensor, g: torch.Tensor, out: GradSamples | None = None
+) -> GradSamples:
+    """Per-sample gradients of a convolution as one grouped weight gradient (batch as groups).
+
+    ``out`` (optional) maps parameters to ``[n, *p.shape]`` tensors to write the results into.
+    """
     n = x.shape[0]
     weight = layer.weight
     # Only the weight gradient is requested, so the weight's values are never read: an
@@ -160,13 +185,16 @@ def conv_grad_sample_grouped(layer: Any, x: torch.Tensor, g: torch.Tensor) -> Gr
         n * layer.groups,
         (False, True, False),
     )
-    out: GradSamples = {weight: grad_weight.view(n, *weight.shape)}
+    result: GradSamples = {}
+    _write(out, weight, grad_weight.view(n, *weight.shape), result)
     if layer.bias is not None:
-        out[layer.bias] = g.reshape(n, g.shape[1], -1).sum(-1)
-    return out
+        _channel_sums(g, out, layer.bias, result)
+    return result
 
 
-def conv_grad_sample_unfold(layer: Any, x: torch.Tensor, g: torch.Tensor) -> GradSamples:
+def conv_grad_sample_unfold(
+    layer: Any, x: torch.Tensor, g: torch.Tensor, out: GradSamples | None = None
+) -> GradSamples:
     """Per-sample gradients of a convolution by unfolding the input (Opacus's method)."""
     n = x.shape[0]
     weight = layer.weight
@@ -191,23 +219,30 @@ def conv_grad_sample_unfold(layer: Any, x: torch.Tensor, g: torch.Tensor) -> Gra
     positions = cols.shape[-1]
     d = g.reshape(n, groups, -1, positions)  # [n, groups, out/groups, T]
     a = cols.reshape(n, groups, -1, positions)  # [n, groups, in/groups * k, T]
+    result: GradSamples = {}
+    dest = out.get(weight) if out else None
+    target = None if dest is None else dest.view(n, groups, d.shape[2], a.shape[2])
     if positions == 1:  # an outer product: cheaper as a broadcast multiply than as a matmul
-        grad_weight = d * a.transpose(-1, -2)
-    else:
-        grad_weight = torch.matmul(d, a.transpose(-1, -2))  # [n, groups, out/groups, in/groups*k]
-    out: GradSamples = {weight: grad_weight.reshape(n, *weight.shape)}
+        grad_weight = torch.mul(d, a.transpose(-1, -2), out=target)  # type: ignore[arg-type]
+    else:  # [n, groups, out/groups, in/groups*k]
+        grad_weight = torch.matmul(d, a.transpose(-1, -2), out=target)  # type: ignore[arg-type]
+    result[weight] = grad_weight.view(n, *weight.shape) if dest is None else dest
     if layer.bias is not None:
-        out[layer.bias] = g.reshape(n, g.shape[1], -1).sum(-1)
-    return out
+        _channel_sums(g, out, layer.bias, result)
+    return result
 
 
-_CONV_METHODS: dict[str, Callable[[Any, torch.Tensor, torch.Tensor], GradSamples]] = {
+SamplerFn = Callable[[Any, torch.Tensor, torch.Tensor, "GradSamples | None"], GradSamples]
+
+_CONV_METHODS: dict[str, SamplerFn] = {
     "grouped": conv_grad_sample_grouped,
     "unfold": conv_grad_sample_unfold,
 }
 
 
-def conv_grad_sample(layer: Any, x: torch.Tensor, g: torch.Tensor) -> GradSamples:
+def conv_grad_sample(
+    layer: Any, x: torch.Tensor, g: torch.Tensor, out: GradSamples | None = None
+) -> GradSamples:
     """Per-sample convolution gradients by the faster method for this shape (timed once).
 
     The batch size is not part of the key: Poisson batches differ in size at every step, and
@@ -220,14 +255,14 @@ def conv_grad_sample(layer: Any, x: torch.Tensor, g: torch.Tensor) -> GradSample
     )
     method = _CONV_METHOD.get(key)
     if method is not None:
-        return _CONV_METHODS[method](layer, x, g)
+        return _CONV_METHODS[method](layer, x, g, out)
     timings: dict[str, float] = {}
     result: GradSamples = {}
     for name, fn in _CONV_METHODS.items():
         best = float("inf")
         for _ in range(_AUTOTUNE_REPEATS):
             t0 = time.perf_counter()
-            result = fn(layer, x, g)
+            result = fn(layer, x, g, out)
             if x.is_cuda:
                 torch.cuda.synchronize(x.device)
             best = min(best, time.perf_counter() - t0)
@@ -236,37 +271,43 @@ def conv_grad_sample(layer: Any, x: torch.Tensor, g: torch.Tensor) -> GradSample
     return result
 
 
-def linear_grad_sample(layer: Any, x: torch.Tensor, g: torch.Tensor) -> GradSamples:
+def linear_grad_sample(
+    layer: Any, x: torch.Tensor, g: torch.Tensor, out: GradSamples | None = None
+) -> GradSamples:
     """Per-sample gradients of ``nn.Linear`` for inputs ``[n, in]`` or ``[n, ..., in]``."""
     n = x.shape[0]
     weight = layer.weight
+    dest = out.get(weight) if out else None
+    result: GradSamples = {}
     if x.dim() == 2:
-        grad_weight = g.unsqueeze(2) * x.unsqueeze(1)
-        grad_bias = g
+        result[weight] = torch.mul(g.unsqueeze(2), x.unsqueeze(1), out=dest)  # type: ignore[arg-type]
+        if layer.bias is not None:
+            _write(out, layer.bias, g, result)
     else:
         d = g.reshape(n, -1, g.shape[-1])
-        grad_weight = torch.bmm(d.transpose(1, 2), x.reshape(n, -1, x.shape[-1]))
-        grad_bias = d.sum(1)
-    out: GradSamples = {weight: grad_weight}
-    if layer.bias is not None:
-        out[layer.bias] = grad_bias
-    return out
+        result[weight] = torch.bmm(d.transpose(1, 2), x.reshape(n, -1, x.shape[-1]), out=dest)  # type: ignore[arg-type]
+        if layer.bias is not None:
+            bias_dest = out.get(layer.bias) if out else None
+            result[layer.bias] = d.sum(1) if bias_dest is None else torch.sum(d, 1, out=bias_dest)
+    return result
 
 
-def group_norm_grad_sample(layer: Any, x: torch.Tensor, g: torch.Tensor) -> GradSamples:
+def group_norm_grad_sample(
+    layer: Any, x: torch.Tensor, g: torch.Tensor, out: GradSamples | None = None
+) -> GradSamples:
     """Per-sample gradients of ``nn.GroupNorm``'s affine weight and bias.
 
     ``dL/dw_c = sum over positions of x_hat * g`` and ``dL/db_c = sum of g``, per sample, with
     ``x_hat`` the normalised input (recomputed without the affine transform).
     """
-    n, channels = g.shape[0], g.shape[1]
     x_hat = F.group_norm(x, layer.num_groups, eps=layer.eps)
-    grad_weight = (x_hat * g).reshape(n, channels, -1).sum(-1)
-    grad_bias = g.reshape(n, channels, -1).sum(-1)
-    return {layer.weight: grad_weight, layer.bias: grad_bias}
+    result: GradSamples = {}
+    _channel_sums(x_hat * g, out, layer.weight, result)
+    _channel_sums(g, out, layer.bias, result)
+    return result
 
 
-def _sampler(module: nn.Module) -> Callable[[Any, torch.Tensor, torch.Tensor], GradSamples]:
+def _sampler(module: nn.Module) -> SamplerFn:
     if isinstance(module, _CONV_TYPES):
         return conv_grad_sample
     if isinstance(module, nn.Linear):
@@ -306,14 +347,17 @@ class DirectPerSampleGradients:
         self._frozen: dict[int, nn.Parameter] = {}  # taken out of autograd, by id
         self._written: set[int] = set()  # ids of parameters given a grad_sample this pass
         # Every parameter's per-sample gradients are columns of one [n, total] buffer per
-        # backward pass, so that DirectDPOptimizer clips them with a handful of whole-buffer
+        # backward pass (the first n rows of a storage kept between passes, so that its memory
+        # is not allocated and faulted in again at every step), written in place by the
+        # samplers, so that DirectDPOptimizer clips them with a handful of whole-buffer
         # operations instead of a few per parameter. Columns: parameter order, each once.
         self._columns: dict[int, tuple[int, torch.Size]] = {}
         for p in model.parameters():
             if p.requires_grad and id(p) not in self._columns:
                 self._columns[id(p)] = (sum(shape.numel() for _, shape in self._columns.values()), p.shape)
         self._width = sum(shape.numel() for _, shape in self._columns.values())
-        self._buffer: torch.Tensor | None = None
+        self._storage: torch.Tensor | None = None
+        self._rows: int | None = None  # this pass's batch size, once a layer has written
         for module in model.modules():
             trainable = [p for p in module.parameters(recurse=False) if p.requires_grad]
             if not trainable:
@@ -343,7 +387,7 @@ class DirectPerSampleGradients:
 
     def _forward_hook(
         self,
-        sampler: Callable[[Any, torch.Tensor, torch.Tensor], GradSamples],
+        sampler: SamplerFn,
         trainable: list[nn.Parameter],
     ) -> Callable[..., None]:
         keep = set(trainable)
@@ -362,16 +406,8 @@ class DirectPerSampleGradients:
                         f"the input of {type(module).__name__} was modified in place after the "
                         "forward pass; per-sample gradients would be wrong"
                     )
-                # grad is of the batch-mean loss: per-sample gradients are n times the
-                # per-sample terms; scale whichever is smaller, the output gradient or them.
-                n = x.shape[0]
-                scale_output = grad.numel() <= n * sample_numel
-                samples = sampler(module, x, grad * n if scale_output else grad)
-                for p, gs in samples.items():
-                    if p not in keep:
-                        continue
-                    previous = getattr(p, "grad_sample", None)
-                    if previous is not None and id(p) not in self._written:
+                for p in trainable:
+                    if getattr(p, "grad_sample", None) is not None and id(p) not in self._written:
                         # Summing two backward passes would mix two batches' samples in one
                         # row and spend two Poisson draws as one step.
                         raise RuntimeError(
@@ -379,32 +415,66 @@ class DirectPerSampleGradients:
                             "call optimizer.step() and zero_grad() after every backward pass "
                             "(gradient accumulation is not supported with Poisson sampling)"
                         )
+                # grad is of the batch-mean loss: per-sample gradients are n times the
+                # per-sample terms; scale whichever is smaller, the output gradient or them.
+                n = x.shape[0]
+                scale_output = grad.numel() <= n * sample_numel
+                out = self._destinations(trainable, n, grad)
+                samples = sampler(module, x, grad * n if scale_output else grad, out)
+                for p, gs in samples.items():
+                    if p not in keep:
+                        continue
+                    previous = getattr(p, "grad_sample", None)
                     self._written.add(id(p))
-                    self._store(p, gs, 1 if scale_output else n, previous)
+                    self._store(p, gs, 1 if scale_output else n, previous, out.get(p) if out else None)
 
             output.register_hook(backward_hook)
         return hook
 
-    def _store(self, p: nn.Parameter, gs: torch.Tensor, scale: int, previous: torch.Tensor | None) -> None:
-        """Write ``scale * gs`` into ``p``'s columns of this pass's buffer (or add it, for a
-        second use of a tied layer) and make ``p.grad_sample`` the ``[n, *p.shape]`` view."""
+    def _destinations(self, trainable: list[nn.Parameter], n: int, like: torch.Tensor) -> GradSamples | None:
+        """``[n, *p.shape]`` views of this pass's buffer for the parameters not yet written
+        in this pass (a tied layer's later uses are added to the first's), or None."""
+        fresh = [p for p in trainable if id(p) not in self._written]
+        if not fresh:
+            return None
+        storage = self._storage
+        if self._rows is None:  # the pass's first layer: (re)allocate if too small
+            if storage is None or storage.shape[0] < n or storage.dtype != like.dtype \
+                    or storage.device != like.device:
+                # Poisson batch sizes vary around their mean: leave room for larger ones
+                storage = self._storage = like.new_empty((n + n // 4 + 1, self._width))
+                storage._direct_engine_buffer = True  # type: ignore[attr-defined]  # see _shared_buffer
+            self._rows = n
+        elif storage is None or self._rows != n or storage.dtype != like.dtype or storage.device != like.device:
+            return None  # an odd layer (another dtype or device): it keeps its own tensors
+        views: GradSamples = {}
+        for p in fresh:
+            start, shape = self._columns[id(p)]
+            views[p] = storage[:n, start:start + shape.numel()].unflatten(1, shape)
+        return views
+
+    @staticmethod
+    def _store(
+        p: nn.Parameter, gs: torch.Tensor, scale: int, previous: torch.Tensor | None,
+        dest: torch.Tensor | None,
+    ) -> None:
+        """Make ``scale * gs`` ``p.grad_sample``: in place in its buffer columns ``dest``
+        (where the sampler wrote it, or copied there), added to ``previous`` for a tied
+        layer's later use, or as its own tensor when there is no buffer view for it."""
         if previous is not None:  # a tied layer's later use in the same pass
             if scale == 1:
                 previous.add_(gs)
             else:
                 previous.add_(gs, alpha=scale)
             return
-        buffer = self._buffer
-        n = gs.shape[0]
-        if buffer is None or buffer.shape[0] != n or buffer.dtype != gs.dtype or buffer.device != gs.device:
-            if buffer is not None:  # an odd layer (another dtype or device): keep it apart
-                p.grad_sample = gs * scale if scale != 1 else gs  # type: ignore[attr-defined]
-                return
-            buffer = self._buffer = gs.new_empty((n, self._width))
-        start, shape = self._columns[id(p)]
-        view = buffer[:, start:start + shape.numel()].unflatten(1, shape)
-        torch.mul(gs, scale, out=view)
-        p.grad_sample = view  # type: ignore[attr-defined]
+        if dest is None:
+            p.grad_sample = gs * scale if scale != 1 else gs  # type: ignore[attr-defined]
+            return
+        if gs is not dest:
+            torch.mul(gs, scale, out=dest)
+        elif scale != 1:
+            dest.mul_(scale)
+        p.grad_sample = dest  # type: ignore[attr-defined]
 
     def restore(self) -> None:
         """Give back to autograd the parameters taken out of it during the forward pass."""
@@ -412,11 +482,12 @@ class DirectPerSampleGradients:
             p.requires_grad_(True)
         self._frozen.clear()
         self._written.clear()
-        self._buffer = None
+        self._rows = None  # the next pass overwrites the buffer's rows
 
     def close(self) -> None:
         """Remove the hooks (and restore any parameter still taken out of autograd)."""
         self.restore()
+        self._storage = None
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -432,16 +503,19 @@ def _shared_buffer(params: list[nn.Parameter]) -> torch.Tensor | None:
     if not params:
         return None
     first = getattr(params[0], "grad_sample", None)
-    buffer = first._base if isinstance(first, torch.Tensor) else None
-    if buffer is None or buffer.dim() != 2 or buffer.dtype != params[0].dtype:
+    storage = first._base if isinstance(first, torch.Tensor) else None
+    if (storage is None or not getattr(storage, "_direct_engine_buffer", False)
+            or storage.dim() != 2 or storage.dtype != params[0].dtype):
         return None
+    n = first.shape[0]  # type: ignore[union-attr]
     for p in params:
         gs = getattr(p, "grad_sample", None)
-        if not isinstance(gs, torch.Tensor) or gs._base is not buffer or p.dtype != buffer.dtype:
+        if (not isinstance(gs, torch.Tensor) or gs._base is not storage or gs.shape[0] != n
+                or p.dtype != storage.dtype):
             return None
-    if sum(p.numel() for p in params) != buffer.shape[1] or len({id(p) for p in params}) != len(params):
+    if sum(p.numel() for p in params) != storage.shape[1] or len({id(p) for p in params}) != len(params):
         return None
-    return buffer
+    return storage[:n]
 
 
 class DirectDPOptimizer(DPOptimizer):
@@ -458,6 +532,12 @@ class DirectDPOptimizer(DPOptimizer):
     over all parameters at once rather than per parameter and stacked, which rounds
     differently (the tests check equality with ``DPOptimizer`` to float rounding).
     """
+
+    def zero_grad(self, set_to_none: bool = False) -> None:
+        """Opacus's ``zero_grad``, also forgetting this optimiser's flat vectors."""
+        self._flat_summed: torch.Tensor | None = None
+        self._flat_grad: torch.Tensor | None = None
+        super().zero_grad(set_to_none)
 
     def clip_and_accumulate(self) -> None:
         """Clip each sample's gradient to ``max_grad_norm``; sum into ``p.summed_grad``."""
@@ -511,7 +591,7 @@ class DirectDPOptimizer(DPOptimizer):
         params = self.params
         flat = getattr(self, "_flat_summed", None)
         self._flat_summed = None
-        self._flat_grad: torch.Tensor | None = None
+        self._flat_grad = None
         if flat is None or any(
             p.summed_grad is None or p.summed_grad._base is not flat for p in params  # type: ignore[attr-defined]
         ) or sum(p.numel() for p in params) != flat.numel():

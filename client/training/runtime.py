@@ -37,8 +37,9 @@ ONEDNN_CACHE_CAPACITY = 4096
 def configure_onednn_cache(capacity: int = ONEDNN_CACHE_CAPACITY) -> str:
     """Set oneDNN's primitive-cache capacity unless the environment already sets it.
 
-    Returns the value in effect for primitives created from now on (the operator's, if set).
-    It has no effect on a process that has already run a CPU convolution.
+    Returns the value now in the environment (the operator's, if set). oneDNN reads it once,
+    at the process's first CPU convolution: in a process that has already run one, neither
+    this call nor the operator's value changes the capacity any more.
     """
     if capacity < 0:
         raise ValueError(f"capacity must be >= 0, got {capacity}")
