@@ -616,3 +616,107 @@ def test_make_private_direct_matches_make_private_settings() -> None:
             p.grad_sample = torch.randn(6, *p.shape)
         opt.step()
     assert our_engine.accountant.history == ref_engine.accountant.history == [(1.3, 1 / 7, 1)]  # ceil(50 / 8) = 7 batches
+
+
+class _TiedTwoShapes(nn.Module):
+    """One Linear used on a sequence (samples scaled by n) and on a 2-D input (output scaled)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pre, self.tied, self.head = nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [n, 30, 3]
+        a = self.tied(torch.tanh(self.pre(x)))
+        return self.head(torch.tanh(self.tied(torch.tanh(a.mean(1)))))
+
+
+class _SharedWeight(nn.Module):
+    """Two Linears sharing a weight, each with its own bias."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(5, 5), nn.Linear(5, 5), nn.Linear(5, 3)
+        self.b.weight = self.a.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
+class _MixedDtype(nn.Module):
+    """A float64 layer: it keeps its own tensors and the optimiser takes Opacus's path."""
+
+    def __init__(self, last: bool) -> None:
+        super().__init__()
+        self.last = last
+        self.a = nn.Linear(4, 6)
+        self.b = nn.Linear(6, 6).double()
+        self.c = None if last else nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.b(torch.tanh(self.a(x)).double())
+        return h[:, :3].float() if self.c is None else self.c(torch.tanh(h).float())
+
+
+IN_PLACE_CASES: dict[str, tuple[object, tuple[int, ...], bool]] = {
+    # name: (model factory, per-sample input shape, whether the shared buffer is expected)
+    "conv1d-groups-bias-groupnorm": (lambda: nn.Sequential(
+        nn.Conv1d(3, 6, 3, groups=3), nn.Tanh(), nn.Conv1d(6, 4, 1), nn.GroupNorm(2, 4),
+        nn.Flatten(), nn.Linear(40, 3)), (3, 12), True),
+    "conv3d-groups-bias": (lambda: nn.Sequential(
+        nn.Conv3d(2, 4, 2, groups=2), nn.Tanh(), nn.Conv3d(4, 4, 2, groups=2), nn.Flatten(),
+        nn.Linear(32, 3)), (2, 4, 4, 4), True),
+    "pointwise-on-a-large-map": (lambda: nn.Sequential(
+        nn.Conv2d(1, 2, 1), nn.Tanh(), nn.Conv2d(2, 8, 3, padding=1), nn.GroupNorm(4, 8),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3)), (1, 16, 16), True),
+    "single-position": (lambda: nn.Sequential(
+        nn.Conv2d(2, 4, 3), nn.Tanh(), nn.Conv2d(4, 6, 1, groups=2), nn.Flatten(),
+        nn.Linear(6, 3)), (2, 3, 3), True),
+    "linear-on-a-long-sequence": (lambda: nn.Sequential(
+        nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 4), nn.Flatten(), nn.Linear(160, 3)), (40, 5), True),
+    "tied-2d-and-3d": (_TiedTwoShapes, (30, 3), True),
+    "shared-weight-own-biases": (_SharedWeight, (5,), True),
+    "float64-in-the-middle": (lambda: _MixedDtype(last=False), (4,), False),
+    "float64-first-in-backward": (lambda: _MixedDtype(last=True), (4,), False),
+}
+
+
+def _per_sample_loop(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    grads: dict[str, list[torch.Tensor]] = {name: [] for name, _ in model.named_parameters()}
+    for i in range(x.shape[0]):
+        model.zero_grad()
+        nn.functional.cross_entropy(model(x[i:i + 1]), y[i:i + 1]).backward()
+        for name, p in model.named_parameters():
+            grads[name].append(p.grad.clone())
+    return {name: torch.stack(g) for name, g in grads.items()}
+
+
+@pytest.mark.parametrize("method", ["grouped", "unfold"])
+@pytest.mark.parametrize("case", list(IN_PLACE_CASES))
+def test_in_place_writes_equal_a_per_sample_loop_over_reused_buffers(
+    case: str, method: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each pass's per-sample gradients, written in place into a reused (NaN-poisoned) buffer,
+    equal a per-sample autograd loop; batch sizes shrink, grow and outgrow the buffer."""
+    monkeypatch.setattr(per_sample, "_CONV_METHODS", {method: per_sample._CONV_METHODS[method]})
+    monkeypatch.setattr(per_sample, "_CONV_METHOD", {})
+    make, shape, shared = IN_PLACE_CASES[case]
+    torch.manual_seed(2)
+    reference = make()  # type: ignore[operator]
+    model = copy.deepcopy(reference)
+    engine = DirectPerSampleGradients(model)
+    try:
+        for n in (8, 5, 10, 3, 12):
+            for p in model.parameters():
+                p.grad_sample = None
+            if engine._storage is not None:
+                engine._storage.fill_(float("nan"))  # stale rows must never be read
+            x, y = torch.randn(n, *shape), torch.randint(0, 3, (n,))
+            nn.functional.cross_entropy(model(x), y).backward()
+            engine.restore()
+            expected = _per_sample_loop(reference, x, y)
+            for name, p in model.named_parameters():
+                torch.testing.assert_close(p.grad_sample.to(expected[name].dtype), expected[name],
+                                           rtol=1e-4, atol=1e-5, msg=f"{case} n={n} {name}")
+            assert (per_sample._shared_buffer(list(model.parameters())) is not None) == shared
+    finally:
+        engine.close()
