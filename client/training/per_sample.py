@@ -224,6 +224,9 @@ def conv_grad_sample_unfold(
     target = None if dest is None else dest.view(n, groups, d.shape[2], a.shape[2])
     if positions == 1:  # an outer product: cheaper as a broadcast multiply than as a matmul
         grad_weight = torch.mul(d, a.transpose(-1, -2), out=target)  # type: ignore[arg-type]
+    elif groups == 1:  # bmm writes into a strided destination in place (matmul copies)
+        grad_weight = torch.bmm(d[:, 0], a[:, 0].transpose(-1, -2),
+                                out=None if target is None else target[:, 0])  # type: ignore[arg-type]
     else:  # [n, groups, out/groups, in/groups*k]
         grad_weight = torch.matmul(d, a.transpose(-1, -2), out=target)  # type: ignore[arg-type]
     result[weight] = grad_weight.view(n, *weight.shape) if dest is None else dest
