@@ -37,9 +37,10 @@ class SmallCNN3D(SmallCNN):
     spatial_dims=(3,),
     tasks=("classification",),
     description="3-block GroupNorm 3D CNN (8-16 channels) for volumes, side >= 8",
-    # Cheapest measured mode on AdrenalMNIST3D (28^3, batch 64): DP/non-DP epoch CPU time
-    # 2.17x (ew) vs 2.31x (functorch), 2.57x (hooks), 3.15x (ghost); bench/architectures.py.
-    grad_sample_mode="ew",
+    # Cheapest measured mode on AdrenalMNIST3D (28^3, batch 64, 256 volumes): DP/non-DP epoch
+    # CPU time 1.31x with Vesalius's engine (client.training.per_sample) vs 2.08x (ew),
+    # 2.49x (hooks); bench/architectures.py --timing-only, figures in bench/RESULTS.md.
+    grad_sample_mode="direct",
 )
 def build_cnn3d(*, in_channels: int, num_classes: int, image_size: int, spatial_dims: int) -> nn.Module:
     """Build :class:`SmallCNN3D`; see :func:`common.models.registry.build_model`."""

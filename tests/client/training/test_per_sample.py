@@ -27,7 +27,7 @@ from client.training.per_sample import (
 )
 from client.training.trainer import train_dp
 from common.errors import ConfigError
-from common.models.registry import build_model, list_models
+from common.models.registry import build_model, get_spec, list_models
 
 
 def _opacus_samples(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -248,13 +248,15 @@ DIRECT_MODELS = [s.name for s in list_models() if s.grad_sample_mode == "direct"
 @pytest.mark.parametrize("name", DIRECT_MODELS)
 def test_registered_direct_models_equal_opacus(name: str) -> None:
     torch.manual_seed(4)
-    model = build_model(name, in_channels=1, num_classes=2, image_size=28)
-    x, y = torch.randn(5, 1, 28, 28), torch.randint(0, 2, (5,))
+    dims = 2 if 2 in get_spec(name).spatial_dims else 3
+    side = 28 if dims == 2 else 16
+    model = build_model(name, in_channels=1, num_classes=2, image_size=side, spatial_dims=dims)
+    x, y = torch.randn(5, 1, *([side] * dims)), torch.randint(0, 2, (5,))
     _assert_same(_direct_samples(model, x, y), _opacus_samples(model, x, y))
 
 
 def test_the_cnn_family_is_registered_for_direct_mode() -> None:
-    assert {"cnn", "resnet", "densenet"} <= set(DIRECT_MODELS)
+    assert {"cnn", "resnet", "densenet", "cnn3d"} <= set(DIRECT_MODELS)
 
 
 def test_frozen_parameters_are_left_alone() -> None:
