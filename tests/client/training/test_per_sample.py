@@ -22,6 +22,7 @@ from client.training.per_sample import (
     DirectDPOptimizer,
     DirectPerSampleGradients,
     conv_grad_sample_grouped,
+    conv_grad_sample_loop,
     conv_grad_sample_unfold,
     make_private_direct,
 )
@@ -82,12 +83,13 @@ def test_conv2d_per_sample_gradients_equal_opacus(kwargs: dict[str, object]) -> 
     y = torch.randint(0, 3, (6,))
     ref = _opacus_samples(model, x, y)
     _assert_same(_direct_samples(model, x, y), ref)
-    # both conv methods, whichever the autotuner picked
+    # every conv method, whichever the autotuner picked
     g = torch.randn_like(out)
     a = conv_grad_sample_grouped(conv, x, g)
-    b = conv_grad_sample_unfold(conv, x, g)
-    for p in a:
-        torch.testing.assert_close(a[p], b[p], rtol=1e-4, atol=1e-5)
+    for method in (conv_grad_sample_unfold, conv_grad_sample_loop):
+        b = method(conv, x, g)
+        for p in a:
+            torch.testing.assert_close(a[p], b[p], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("dims", [1, 3])
@@ -101,9 +103,11 @@ def test_conv1d_and_conv3d_equal_opacus(dims: int) -> None:
     y = torch.randint(0, 3, (4,))
     _assert_same(_direct_samples(model, x, y), _opacus_samples(model, x, y))
     g = torch.randn_like(out)
-    a, b = conv_grad_sample_grouped(conv, x, g), conv_grad_sample_unfold(conv, x, g)
-    for p in a:
-        torch.testing.assert_close(a[p], b[p], rtol=1e-4, atol=1e-5)
+    a = conv_grad_sample_grouped(conv, x, g)
+    for method in (conv_grad_sample_unfold, conv_grad_sample_loop):
+        b = method(conv, x, g)
+        for p in a:
+            torch.testing.assert_close(a[p], b[p], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -121,7 +125,7 @@ def test_pointwise_convolutions_equal_a_per_sample_loop(dims: int, groups: int, 
         ])
         for p in (conv.weight, conv.bias)
     }
-    for method in (conv_grad_sample_unfold, conv_grad_sample_grouped):
+    for method in (conv_grad_sample_unfold, conv_grad_sample_grouped, conv_grad_sample_loop):
         got = method(conv, x, g)
         for p, want in expected.items():
             torch.testing.assert_close(got[p], want, rtol=1e-5, atol=1e-6)
@@ -322,9 +326,9 @@ def test_conv_method_is_chosen_once_per_shape(monkeypatch: pytest.MonkeyPatch) -
     conv = nn.Conv2d(2, 3, 3, padding=1)
     x, g = torch.randn(4, 2, 11, 13), torch.randn(4, 3, 11, 13)
     reference = conv_grad_sample_unfold(conv, x, g)
-    first = per_sample.conv_grad_sample(conv, x, g)  # times both methods
+    first = per_sample.conv_grad_sample(conv, x, g)  # times every method
     chosen = [v for k, v in per_sample._CONV_METHOD.items() if k[3] == tuple(x.shape[1:])]
-    assert chosen and chosen[0] in ("grouped", "unfold")
+    assert chosen and chosen[0] in ("grouped", "unfold", "loop")
     timed: list[float] = []
     monkeypatch.setattr(per_sample.time, "perf_counter", lambda: timed.append(0.0) or 0.0)
     second = per_sample.conv_grad_sample(conv, x, g)  # cached: no timing
@@ -692,7 +696,7 @@ def _per_sample_loop(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict
     return {name: torch.stack(g) for name, g in grads.items()}
 
 
-@pytest.mark.parametrize("method", ["grouped", "unfold"])
+@pytest.mark.parametrize("method", ["grouped", "unfold", "loop"])
 @pytest.mark.parametrize("case", list(IN_PLACE_CASES))
 def test_in_place_writes_equal_a_per_sample_loop_over_reused_buffers(
     case: str, method: str, monkeypatch: pytest.MonkeyPatch
