@@ -155,11 +155,15 @@ def _write(out: GradSamples | None, p: nn.Parameter, value: torch.Tensor, result
         result[p] = dest.copy_(value.view(dest.shape))
 
 
+def _sum_into(out: GradSamples | None, p: nn.Parameter, t: torch.Tensor, dim: int, result: GradSamples) -> None:
+    """Record ``t`` summed over ``dim`` as ``p``'s per-sample gradients, into ``out[p]`` if given."""
+    dest = out.get(p) if out else None
+    result[p] = t.sum(dim) if dest is None else torch.sum(t, dim, out=dest)
+
+
 def _channel_sums(g: torch.Tensor, out: GradSamples | None, p: nn.Parameter, result: GradSamples) -> None:
     """Per-sample, per-channel sums of ``g`` (a bias's per-sample gradients)."""
-    dest = out.get(p) if out else None
-    flat = g.reshape(g.shape[0], g.shape[1], -1)
-    result[p] = flat.sum(-1) if dest is None else torch.sum(flat, -1, out=dest)
+    _sum_into(out, p, g.reshape(g.shape[0], g.shape[1], -1), -1, result)
 
 
 def conv_grad_sample_grouped(
@@ -320,8 +324,7 @@ def linear_grad_sample(
         d = g.reshape(n, -1, g.shape[-1])
         result[weight] = torch.bmm(d.transpose(1, 2), x.reshape(n, -1, x.shape[-1]), out=dest)  # type: ignore[arg-type]
         if layer.bias is not None:
-            bias_dest = out.get(layer.bias) if out else None
-            result[layer.bias] = d.sum(1) if bias_dest is None else torch.sum(d, 1, out=bias_dest)
+            _sum_into(out, layer.bias, d, 1, result)
     return result
 
 
@@ -385,10 +388,11 @@ class DirectPerSampleGradients:
         # samplers, so that DirectDPOptimizer clips them with a handful of whole-buffer
         # operations instead of a few per parameter. Columns: parameter order, each once.
         self._columns: dict[int, tuple[int, torch.Size]] = {}
+        self._width = 0
         for p in model.parameters():
             if p.requires_grad and id(p) not in self._columns:
-                self._columns[id(p)] = (sum(shape.numel() for _, shape in self._columns.values()), p.shape)
-        self._width = sum(shape.numel() for _, shape in self._columns.values())
+                self._columns[id(p)] = (self._width, p.shape)
+                self._width += p.numel()
         self._storage: torch.Tensor | None = None
         self._rows: int | None = None  # this pass's batch size, once a layer has written
         for module in model.modules():
@@ -495,10 +499,7 @@ class DirectPerSampleGradients:
         (where the sampler wrote it, or copied there), added to ``previous`` for a tied
         layer's later use, or as its own tensor when there is no buffer view for it."""
         if previous is not None:  # a tied layer's later use in the same pass
-            if scale == 1:
-                previous.add_(gs)
-            else:
-                previous.add_(gs, alpha=scale)
+            previous.add_(gs, alpha=scale)
             return
         if dest is None:
             p.grad_sample = gs * scale if scale != 1 else gs  # type: ignore[attr-defined]
@@ -566,11 +567,10 @@ class DirectDPOptimizer(DPOptimizer):
     differently (the tests check equality with ``DPOptimizer`` to float rounding).
     """
 
-    def zero_grad(self, set_to_none: bool = False) -> None:
-        """Opacus's ``zero_grad``, also forgetting this optimiser's flat vectors."""
-        self._flat_summed: torch.Tensor | None = None
-        self._flat_grad: torch.Tensor | None = None
-        super().zero_grad(set_to_none)
+    _flat_summed: torch.Tensor | None = None
+    """This step's clipped sums as one vector (set by clipping, read by :meth:`add_noise`)."""
+    _flat_grad: torch.Tensor | None = None
+    """This step's noised gradients as one vector (set by :meth:`add_noise`, scaled once)."""
 
     def clip_and_accumulate(self) -> None:
         """Clip each sample's gradient to ``max_grad_norm``; sum into ``p.summed_grad``."""
@@ -622,8 +622,7 @@ class DirectDPOptimizer(DPOptimizer):
         not Opacus's (their distribution is; the tests check both).
         """
         params = self.params
-        flat = getattr(self, "_flat_summed", None)
-        self._flat_summed = None
+        flat, self._flat_summed = self._flat_summed, None
         self._flat_grad = None
         if flat is None or any(
             p.summed_grad is None or p.summed_grad._base is not flat for p in params  # type: ignore[attr-defined]
@@ -646,7 +645,7 @@ class DirectDPOptimizer(DPOptimizer):
 
     def scale_grad(self) -> None:
         """Divide every ``p.grad`` by the expected batch size (``loss_reduction="mean"``)."""
-        flat, self._flat_grad = getattr(self, "_flat_grad", None), None
+        flat, self._flat_grad = self._flat_grad, None
         if self.loss_reduction == "mean":
             scale = self.expected_batch_size * self.accumulated_iterations
             params = self.params
