@@ -58,6 +58,11 @@ DEFAULT_GRAD_SAMPLE_MODE = "hooks"
 """Opacus mode for a module that was not built by :func:`common.models.build_model`."""
 
 _NO_EMPTY_BATCH_MODES = frozenset({"ew", "functorch", "direct"})
+
+DIRECT_PAD_MULTIPLE = 4
+"""Under ``grad_sample_mode="direct"`` a cross-entropy model's Poisson batches are run padded
+to a multiple of this many rows (zero-weight repeats, see :class:`_ModelLoss`) so that the CPU
+convolution library meets few batch shapes; 1 turns padding off."""
 """Modes whose per-sample machinery fails on an empty (Poisson) batch; see
 :func:`_noise_only_step`."""
 
@@ -215,9 +220,19 @@ class _ModelLoss:
     its sub-modules are the ones wrapped by Opacus's hooks, so per-sample gradients are
     captured (Opacus's ``GradSampleModule`` keeps the original module as ``_module`` and hooks
     its layers in place).
+
+    With ``pad_multiple`` (cross-entropy only) a batch of ``n`` samples is run as
+    ``ceil(n / pad_multiple) * pad_multiple`` rows: the extra rows repeat real samples and get
+    zero weight in the loss, which is ``sum of the n losses / padded rows``. Their gradients
+    are then exactly zero in every per-sample layer (no layer mixes samples: Opacus's
+    validator and the engines require that), so their per-sample gradients are zero rows
+    that clipping leaves at zero, and the clipped sum is the unpadded batch's. The point is
+    the shapes: Poisson batches change size at every step, and oneDNN builds (compiles) new
+    kernels for every convolution at every new batch size, which on CPU can cost as much as
+    the step itself; padded, a DP run sees a handful of sizes instead of dozens.
     """
 
-    def __init__(self, model: nn.Module, criterion: Any) -> None:
+    def __init__(self, model: nn.Module, criterion: Any, pad_multiple: int = 1) -> None:
         inner = getattr(model, "_module", model)
         self._dp_loss = getattr(inner, "dp_loss", None)
         self._model = model
@@ -226,16 +241,29 @@ class _ModelLoss:
         self._inputs_criterion = isinstance(
             getattr(criterion, "criterion", criterion), _PerSampleLoss
         )
+        self._pad_multiple = pad_multiple
+        if pad_multiple > 1 and (
+            self._inputs_criterion or callable(self._dp_loss)
+            or not isinstance(criterion, nn.CrossEntropyLoss)
+        ):
+            raise ValueError("batch padding needs the cross-entropy criterion path")
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """``(loss to back-propagate, its factor to the batch's mean sample loss)``."""
         if self._inputs_criterion:
             ghost: torch.Tensor = self._criterion(images, labels)
-            return ghost
+            return ghost, 1.0
         if callable(self._dp_loss):
             loss: torch.Tensor = self._dp_loss(images, labels)
-            return loss
-        out: torch.Tensor = self._criterion(self._model(images), labels)
-        return out
+            return loss, 1.0
+        n = images.shape[0]
+        rows = -(-n // self._pad_multiple) * self._pad_multiple
+        if rows == n:
+            out: torch.Tensor = self._criterion(self._model(images), labels)
+            return out, 1.0
+        padded = images[torch.arange(rows, device=images.device) % n]
+        logits = self._model(padded)[:n]  # the extra rows get no gradient
+        return self._criterion(logits, labels) * (n / rows), rows / n
 
 
 def _generator(
@@ -429,9 +457,13 @@ def train_dp(
         else:
             dp_model, dp_optimizer, dp_loader = wrapped
     rate = float(dp_loader.sample_rate)  # type: ignore[attr-defined]  # DPDataLoader
+    pad = 1
+    if direct is not None and not callable(getattr(net, "dp_loss", None)):
+        pad = DIRECT_PAD_MULTIPLE
     try:
         loss, steps = _run_epochs(
-            _ModelLoss(dp_model, criterion), dp_optimizer, dp_loader, dev, epochs, progress,
+            _ModelLoss(dp_model, criterion, pad_multiple=pad), dp_optimizer, dp_loader, dev,
+            epochs, progress,
             skip_empty_forward=grad_sample_mode in _NO_EMPTY_BATCH_MODES,
             after_backward=direct.restore if direct is not None else None,
         )
@@ -494,7 +526,7 @@ def _run_epochs(
                     progress(steps, total_steps)
                 continue
             try:
-                loss = batch_loss(images, labels)
+                loss, to_mean = batch_loss(images, labels)
                 loss.backward()
             finally:
                 if after_backward is not None:
@@ -502,7 +534,7 @@ def _run_epochs(
             optimizer.step()  # an empty Poisson batch still takes a (noise-only) step
             steps += 1
             if len(labels) > 0:
-                loss_sum += float(loss.item()) * len(labels)
+                loss_sum += float(loss.item()) * to_mean * len(labels)
                 seen += len(labels)
             if progress is not None:
                 progress(steps, total_steps)

@@ -726,3 +726,84 @@ def test_in_place_writes_equal_a_per_sample_loop_over_reused_buffers(
             assert (per_sample._shared_buffer(list(model.parameters())) is not None) == shared
     finally:
         engine.close()
+
+
+# --- batch padding (trainer._ModelLoss with pad_multiple) under the direct engine -----------
+
+
+def _padded_backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor, multiple: int) -> float:
+    """One engine backward pass through the trainer's padded loss; the mean sample loss."""
+    engine = DirectPerSampleGradients(model)
+    try:
+        loss, to_mean = trainer_module._ModelLoss(model, nn.CrossEntropyLoss(), pad_multiple=multiple)(x, y)
+        loss.backward()
+    finally:
+        engine.restore()
+        engine.close()
+    return loss.item() * to_mean
+
+
+@pytest.mark.parametrize("n", [6, 8, 1])
+def test_padded_batch_has_the_unpadded_per_sample_gradients_and_zero_extra_rows(n: int) -> None:
+    torch.manual_seed(12)
+    model = build_model("cnn", in_channels=1, num_classes=2, image_size=16)
+    x, y = torch.randn(n, 1, 16, 16), torch.randint(0, 2, (n,))
+    ref = _direct_samples(model, x, y)
+    net = copy.deepcopy(model)
+    mean_loss = _padded_backward(net, x, y, 4)
+    rows = -(-n // 4) * 4
+    for name, p in net.named_parameters():
+        assert p.grad_sample.shape[0] == rows, name
+        torch.testing.assert_close(p.grad_sample[:n], ref[name], rtol=1e-4, atol=1e-6, msg=name)
+        assert bool((p.grad_sample[n:] == 0).all()), f"{name}: padded rows are not exactly zero"
+    with torch.no_grad():
+        expected = float(nn.functional.cross_entropy(model(x), y))
+    assert mean_loss == pytest.approx(expected, rel=1e-5)
+
+
+def test_padded_batch_clips_to_the_unpadded_clipped_sum() -> None:
+    torch.manual_seed(13)
+    model = build_model("cnn", in_channels=1, num_classes=2, image_size=16)
+    x, y = torch.randn(7, 1, 16, 16) * 3, torch.randint(0, 2, (7,))
+    grads = []
+    for multiple in (1, 8):
+        net = copy.deepcopy(model)
+        _padded_backward(net, x, y, multiple)
+        params = list(net.parameters())
+        assert per_sample._shared_buffer(params) is not None
+        opt = DirectDPOptimizer(torch.optim.SGD(params, lr=0.1), noise_multiplier=0.0,
+                                max_grad_norm=0.01, expected_batch_size=7)
+        opt.pre_step()
+        grads.append([p.grad.clone() for p in params])
+    for ours, ref in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-8)
+
+
+def test_train_dp_direct_runs_padded_batches_with_the_same_steps_noise_and_loss(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    torch.manual_seed(14)
+    model = build_model("cnn", in_channels=1, num_classes=2, image_size=16)
+    data = TensorDataset(torch.randn(60, 1, 16, 16), torch.randint(0, 2, (60,)))
+    sizes: list[int] = []
+    model.register_forward_pre_hook(lambda _m, inputs: sizes.append(inputs[0].shape[0]))
+    kwargs = dict(epochs=2, batch_size=10, learning_rate=0.1, noise_multiplier=0.8,
+                  max_grad_norm=1.0, delta=1e-5, seed=5, grad_sample_mode="direct")
+    assert trainer_module.DIRECT_PAD_MULTIPLE == 4
+    padded = train_dp(model, data, **kwargs)  # type: ignore[arg-type]
+    padded_sizes, sizes[:] = list(sizes), []
+    monkeypatch.setattr(trainer_module, "DIRECT_PAD_MULTIPLE", 1)
+    plain = train_dp(model, data, **kwargs)  # type: ignore[arg-type]
+    assert all(s % 4 == 0 for s in padded_sizes)
+    assert any(s % 4 for s in sizes), "no Poisson batch needed padding; pick another seed"
+    assert [-(-s // 4) * 4 for s in sizes] == padded_sizes  # the same Poisson batches
+    assert padded.steps == plain.steps and padded.accountant_state == plain.accountant_state
+    assert padded.train_loss == pytest.approx(plain.train_loss, rel=1e-4)
+    for name, value in plain.state_dict.items():  # same batches, same noise draws
+        torch.testing.assert_close(padded.state_dict[name], value, rtol=0, atol=1e-4, msg=name)
+
+
+def test_padding_is_only_for_the_cross_entropy_path() -> None:
+    model = build_model("dbn", in_channels=1, num_classes=2, image_size=16)
+    with pytest.raises(ValueError, match="cross-entropy"):
+        trainer_module._ModelLoss(model, nn.CrossEntropyLoss(), pad_multiple=4)
