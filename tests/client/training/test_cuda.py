@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -25,6 +26,15 @@ pytestmark = pytest.mark.skipif(
 )
 
 CUDA = torch.device("cuda")
+
+
+@pytest.fixture(autouse=True)
+def _full_float32() -> Iterator[None]:
+    """No TF32: compare the GPU's float32 arithmetic with the CPU's, not TF32's 10-bit mantissa."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 MODELS = [("cnn", 2, 16), ("resnet", 2, 16), ("densenet", 2, 16), ("cnn3d", 3, 8)]
 
 
@@ -53,9 +63,10 @@ def test_direct_per_sample_gradients_on_the_gpu_equal_the_cpu(name: str, dims: i
     gpu = _samples(gpu_model, x.to(CUDA), y.to(CUDA))
     assert per_sample._shared_buffer(list(gpu_model.parameters())) is not None
     assert cpu.keys() == gpu.keys()
-    for key, value in cpu.items():  # cuDNN convolutions run in TF32 by default: ~1e-3
+    for key, value in cpu.items():  # float32 rounding through up to 37 layers: ~1e-4
         scale = float(value.abs().max()) or 1.0
-        torch.testing.assert_close(gpu[key], value, rtol=1e-3, atol=1e-3 * scale, msg=key)
+        torch.testing.assert_close(gpu[key], value, rtol=1e-3, atol=1e-4 * scale,
+                                   msg=lambda text, key=key: f"{key}: {text}")
 
 
 def test_one_draw_noise_on_the_gpu_is_gaussian_with_the_right_sd() -> None:
@@ -76,9 +87,9 @@ def test_one_draw_noise_on_the_gpu_is_gaussian_with_the_right_sd() -> None:
     opt.pre_step()
     engine.close()
     noise = torch.cat([p.grad.reshape(-1) for p in params]).cpu() * batch / (sigma * clip)
-    assert noise.numel() > 2000 and bool((noise != 0).all())
-    # ~2,600 standard normal draws: sd of the sd estimate ~1.4 %, of the mean ~2 %
-    assert abs(float(noise.std()) - 1) < 0.06 and abs(float(noise.mean())) < 0.08
+    assert noise.numel() == 1252 and bool((noise != 0).all())
+    # 1,252 standard normal draws: sd of the sd estimate ~2 %, of the mean ~2.8 %
+    assert abs(float(noise.std()) - 1) < 0.08 and abs(float(noise.mean())) < 0.12
 
 
 @pytest.mark.parametrize("name", ["cnn", "densenet"])
@@ -95,7 +106,8 @@ def test_train_dp_on_the_gpu_follows_the_cpu_run(name: str) -> None:
     assert gpu.train_loss == pytest.approx(cpu.train_loss, rel=1e-3)
     for key, value in cpu.state_dict.items():
         assert gpu.state_dict[key].device.type == "cpu", key  # released weights come back on CPU
-        torch.testing.assert_close(gpu.state_dict[key], value, rtol=0, atol=5e-3, msg=key)
+        torch.testing.assert_close(gpu.state_dict[key], value, rtol=0, atol=1e-3,
+                                   msg=lambda text, key=key: f"{key}: {text}")
 
 
 def test_train_dp_on_the_gpu_with_noise_accounts_like_the_cpu() -> None:
