@@ -388,10 +388,12 @@ class DirectPerSampleGradients:
         # samplers, so that DirectDPOptimizer clips them with a handful of whole-buffer
         # operations instead of a few per parameter. Columns: parameter order, each once.
         self._columns: dict[int, tuple[int, torch.Size]] = {}
+        self._params: list[nn.Parameter] = []
         self._width = 0
         for p in model.parameters():
             if p.requires_grad and id(p) not in self._columns:
                 self._columns[id(p)] = (self._width, p.shape)
+                self._params.append(p)
                 self._width += p.numel()
         self._storage: torch.Tensor | None = None
         self._rows: int | None = None  # this pass's batch size, once a layer has written
@@ -510,11 +512,20 @@ class DirectPerSampleGradients:
             dest.mul_(scale)
         p.grad_sample = dest  # type: ignore[attr-defined]
 
-    def restore(self) -> None:
-        """Give back to autograd the parameters taken out of it during the forward pass."""
+    def restore(self, rows: int | None = None) -> None:
+        """Give back to autograd the parameters taken out of it during the forward pass.
+
+        With ``rows``, keep only the first ``rows`` per-sample gradients of this pass (the
+        real samples of a padded batch): each ``p.grad_sample`` becomes its first ``rows``
+        rows, still a view of the buffer, so the rows beyond are never clipped or summed.
+        """
         for p in self._frozen.values():
             p.requires_grad_(True)
         self._frozen.clear()
+        if rows is not None:
+            for p in self._params:
+                if id(p) in self._written and p.grad_sample.shape[0] > rows:  # type: ignore[attr-defined]
+                    p.grad_sample = p.grad_sample[:rows]  # type: ignore[attr-defined]
         self._written.clear()
         self._rows = None  # the next pass overwrites the buffer's rows
 

@@ -58,13 +58,14 @@ DEFAULT_GRAD_SAMPLE_MODE = "hooks"
 """Opacus mode for a module that was not built by :func:`common.models.build_model`."""
 
 _NO_EMPTY_BATCH_MODES = frozenset({"ew", "functorch", "direct"})
-
-DIRECT_PAD_MULTIPLE = 4
-"""Under ``grad_sample_mode="direct"`` a cross-entropy model's Poisson batches are run padded
-to a multiple of this many rows (zero-weight repeats, see :class:`_ModelLoss`) so that the CPU
-convolution library meets few batch shapes; 1 turns padding off."""
 """Modes whose per-sample machinery fails on an empty (Poisson) batch; see
 :func:`_noise_only_step`."""
+
+DIRECT_PAD_MULTIPLE = 4
+"""Under ``grad_sample_mode="direct"`` the Poisson batches of a model without ``dp_loss`` are
+run padded to a multiple of this many rows (zero-weight repeats, see :class:`_ModelLoss`), so
+that the convolution libraries meet about a dozen batch shapes instead of ~50; 1 turns padding
+off."""
 
 _WRAPPER_FORWARD_MODES = frozenset({"ew", "ghost"})
 """Modes that capture per-sample gradients only through the wrapper's own ``forward`` ("ew":
@@ -221,15 +222,16 @@ class _ModelLoss:
     captured (Opacus's ``GradSampleModule`` keeps the original module as ``_module`` and hooks
     its layers in place).
 
-    With ``pad_multiple`` (cross-entropy only) a batch of ``n`` samples is run as
-    ``ceil(n / pad_multiple) * pad_multiple`` rows: the extra rows repeat real samples and get
-    zero weight in the loss, which is ``sum of the n losses / padded rows``. Their gradients
-    are then exactly zero in every per-sample layer (no layer mixes samples: Opacus's
-    validator and the engines require that), so their per-sample gradients are zero rows
-    that clipping leaves at zero, and the clipped sum is the unpadded batch's. The point is
-    the shapes: Poisson batches change size at every step, and oneDNN builds (compiles) new
-    kernels for every convolution at every new batch size, which on CPU can cost as much as
-    the step itself; padded, a DP run sees a handful of sizes instead of dozens.
+    With ``pad_multiple`` (the cross-entropy path only) a batch of ``n`` samples is run as
+    ``ceil(n / pad_multiple) * pad_multiple`` rows: the extra rows repeat real samples, and the
+    loss is ``sum of the n real losses / rows``, so the extra rows get no weight and the real
+    rows' per-sample gradients are those of the unpadded batch (to float rounding: other
+    kernel shapes). :attr:`rows` is then the real ``n``: the trainer has the "direct" engine
+    keep only those rows of every per-sample gradient (``restore(rows=...)``), so clipping,
+    noise and accounting never see the padding. The point is the shapes: Poisson batches
+    change size at every step, and oneDNN (CPU) builds new kernels, and cuDNN new plans, for
+    every convolution at every new batch size, which on CPU can cost as much as the step
+    itself; padded, a DP run meets about a dozen sizes instead of ~50.
     """
 
     def __init__(self, model: nn.Module, criterion: Any, pad_multiple: int = 1) -> None:
@@ -242,6 +244,8 @@ class _ModelLoss:
             getattr(criterion, "criterion", criterion), _PerSampleLoss
         )
         self._pad_multiple = pad_multiple
+        self.rows = 0
+        """The real samples of the last batch (the first rows of a padded one)."""
         if pad_multiple > 1 and (
             self._inputs_criterion or callable(self._dp_loss)
             or not isinstance(criterion, nn.CrossEntropyLoss)
@@ -250,13 +254,13 @@ class _ModelLoss:
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, float]:
         """``(loss to back-propagate, its factor to the batch's mean sample loss)``."""
+        n = self.rows = images.shape[0]
         if self._inputs_criterion:
             ghost: torch.Tensor = self._criterion(images, labels)
             return ghost, 1.0
         if callable(self._dp_loss):
             loss: torch.Tensor = self._dp_loss(images, labels)
             return loss, 1.0
-        n = images.shape[0]
         rows = -(-n // self._pad_multiple) * self._pad_multiple
         if rows == n:
             out: torch.Tensor = self._criterion(self._model(images), labels)
@@ -460,12 +464,21 @@ def train_dp(
     pad = 1
     if direct is not None and not callable(getattr(net, "dp_loss", None)):
         pad = DIRECT_PAD_MULTIPLE
+    batch_loss = _ModelLoss(dp_model, criterion, pad_multiple=pad)
+    after_backward: Callable[[], None] | None = None
+    if direct is not None:
+        hooks = direct
+
+        def restore_real_rows() -> None:  # parameters back to autograd; drop the padding rows
+            hooks.restore(rows=batch_loss.rows)
+
+        after_backward = restore_real_rows
+
     try:
         loss, steps = _run_epochs(
-            _ModelLoss(dp_model, criterion, pad_multiple=pad), dp_optimizer, dp_loader, dev,
-            epochs, progress,
+            batch_loss, dp_optimizer, dp_loader, dev, epochs, progress,
             skip_empty_forward=grad_sample_mode in _NO_EMPTY_BATCH_MODES,
-            after_backward=direct.restore if direct is not None else None,
+            after_backward=after_backward,
         )
     finally:
         if direct is not None:

@@ -35,6 +35,8 @@ def _full_float32() -> Iterator[None]:
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     yield
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 MODELS = [("cnn", 2, 16), ("resnet", 2, 16), ("densenet", 2, 16), ("cnn3d", 3, 8)]
 
 
@@ -67,6 +69,32 @@ def test_direct_per_sample_gradients_on_the_gpu_equal_the_cpu(name: str, dims: i
         scale = float(value.abs().max()) or 1.0
         torch.testing.assert_close(gpu[key], value, rtol=1e-3, atol=1e-4 * scale,
                                    msg=lambda text, key=key: f"{key}: {text}")
+
+
+def test_padded_batches_on_the_gpu_give_the_real_rows_and_zero_padding() -> None:
+    from client.training.trainer import _ModelLoss
+
+    torch.manual_seed(8)
+    model = build_model("densenet", in_channels=1, num_classes=2, image_size=16)
+    x, y = torch.randn(5, 1, 16, 16), torch.randint(0, 2, (5,))
+    cpu = _samples(copy.deepcopy(model), x, y)
+    for trim in (False, True):
+        net = copy.deepcopy(model).to(CUDA)
+        engine = DirectPerSampleGradients(net)
+        batch_loss = _ModelLoss(net, nn.CrossEntropyLoss(), pad_multiple=4)
+        try:
+            loss, _ = batch_loss(x.to(CUDA), y.to(CUDA))
+            loss.backward()
+        finally:
+            engine.restore(rows=5 if trim else None)
+            engine.close()
+        for key, p in net.named_parameters():
+            assert p.grad_sample.shape[0] == (5 if trim else 8), key
+            scale = float(cpu[key].abs().max()) or 1.0
+            torch.testing.assert_close(p.grad_sample[:5].cpu(), cpu[key], rtol=1e-3, atol=1e-4 * scale,
+                                       msg=lambda text, key=key: f"{key}: {text}")
+            if not trim:
+                assert bool((p.grad_sample[5:] == 0).all()), key
 
 
 def test_one_draw_noise_on_the_gpu_is_gaussian_with_the_right_sd() -> None:

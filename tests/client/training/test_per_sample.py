@@ -731,34 +731,96 @@ def test_in_place_writes_equal_a_per_sample_loop_over_reused_buffers(
 # --- batch padding (trainer._ModelLoss with pad_multiple) under the direct engine -----------
 
 
-def _padded_backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor, multiple: int) -> float:
-    """One engine backward pass through the trainer's padded loss; the mean sample loss."""
+def _padded_backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor, multiple: int,
+                     trim: bool = False) -> float:
+    """One engine backward pass through the trainer's padded loss; the mean sample loss.
+
+    With ``trim`` the engine keeps only the real rows (what ``train_dp`` does)."""
     engine = DirectPerSampleGradients(model)
+    batch_loss = trainer_module._ModelLoss(model, nn.CrossEntropyLoss(), pad_multiple=multiple)
     try:
-        loss, to_mean = trainer_module._ModelLoss(model, nn.CrossEntropyLoss(), pad_multiple=multiple)(x, y)
+        loss, to_mean = batch_loss(x, y)
         loss.backward()
     finally:
-        engine.restore()
+        engine.restore(rows=batch_loss.rows if trim else None)
         engine.close()
+    assert batch_loss.rows == x.shape[0]
     return loss.item() * to_mean
 
 
-@pytest.mark.parametrize("n", [6, 8, 1])
-def test_padded_batch_has_the_unpadded_per_sample_gradients_and_zero_extra_rows(n: int) -> None:
+PADDED_MODELS = [("cnn", 2, 16), ("densenet", 2, 16), ("cnn3d", 3, 8), ("dc-elm", 2, 16)]
+
+
+@pytest.mark.parametrize("method", ["grouped", "unfold", "loop"])
+@pytest.mark.parametrize(("name", "dims", "side"), PADDED_MODELS, ids=[m[0] for m in PADDED_MODELS])
+@pytest.mark.parametrize("n", [6, 1])
+def test_padded_batch_has_the_unpadded_per_sample_gradients_and_zero_extra_rows(
+    monkeypatch: pytest.MonkeyPatch, method: str, name: str, dims: int, side: int, n: int,
+) -> None:
+    """Every conv method (pinned), every kind of direct model: the extra rows are exactly 0."""
+    monkeypatch.setattr(per_sample, "_CONV_METHODS", {method: per_sample._CONV_METHODS[method]})
+    monkeypatch.setattr(per_sample, "_CONV_METHOD", {})
     torch.manual_seed(12)
-    model = build_model("cnn", in_channels=1, num_classes=2, image_size=16)
-    x, y = torch.randn(n, 1, 16, 16), torch.randint(0, 2, (n,))
+    model = build_model(name, in_channels=1, num_classes=2, image_size=side, spatial_dims=dims)
+    x, y = torch.randn(n, 1, *([side] * dims)), torch.randint(0, 2, (n,))
     ref = _direct_samples(model, x, y)
     net = copy.deepcopy(model)
     mean_loss = _padded_backward(net, x, y, 4)
     rows = -(-n // 4) * 4
-    for name, p in net.named_parameters():
-        assert p.grad_sample.shape[0] == rows, name
-        torch.testing.assert_close(p.grad_sample[:n], ref[name], rtol=1e-4, atol=1e-6, msg=name)
-        assert bool((p.grad_sample[n:] == 0).all()), f"{name}: padded rows are not exactly zero"
+    assert rows > n
+    for key, p in net.named_parameters():
+        if not p.requires_grad:
+            continue
+        assert p.grad_sample.shape[0] == rows, key
+        torch.testing.assert_close(p.grad_sample[:n], ref[key], rtol=1e-4, atol=1e-6, msg=key)
+        assert bool((p.grad_sample[n:] == 0).all()), f"{key}: padded rows are not exactly zero"
+    assert set(per_sample._CONV_METHOD.values()) <= {method}
     with torch.no_grad():
         expected = float(nn.functional.cross_entropy(model(x), y))
     assert mean_loss == pytest.approx(expected, rel=1e-5)
+
+
+def test_trimmed_padded_batch_keeps_only_the_real_rows_of_the_buffer() -> None:
+    torch.manual_seed(15)
+    model = build_model("cnn", in_channels=1, num_classes=2, image_size=16)
+    x, y = torch.randn(5, 1, 16, 16), torch.randint(0, 2, (5,))
+    ref = _direct_samples(model, x, y)
+    net = copy.deepcopy(model)
+    _padded_backward(net, x, y, 4, trim=True)
+    params = list(net.parameters())
+    buffer = per_sample._shared_buffer(params)
+    assert buffer is not None and buffer.shape == (5, sum(p.numel() for p in params))
+    for key, p in net.named_parameters():
+        assert p.grad_sample.shape[0] == 5, key
+        torch.testing.assert_close(p.grad_sample, ref[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_rows_beyond_the_trim_never_reach_the_clipped_sum() -> None:
+    """Even non-finite per-sample gradients in the dropped rows leave the step untouched."""
+    torch.manual_seed(16)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.GroupNorm(2, 4), nn.Flatten(), nn.Linear(4 * 16, 2))
+    x, y = torch.randn(8, 1, 6, 6), torch.randint(0, 2, (8,))
+    x[5:] = float("inf")  # rows 5.. produce NaN everywhere
+    grads = []
+    for rows, data in ((5, x), (None, x[:5])):
+        net = copy.deepcopy(model)
+        engine = DirectPerSampleGradients(net)
+        try:
+            nn.functional.cross_entropy(net(data), y[: data.shape[0]]).backward()
+        finally:
+            engine.restore(rows=rows)
+        params = list(net.parameters())
+        if rows is not None:
+            assert bool(params[0].grad_sample.isfinite().all())
+        opt = DirectDPOptimizer(torch.optim.SGD(params, lr=0.1), noise_multiplier=0.0,
+                                max_grad_norm=0.5, expected_batch_size=5)
+        opt.pre_step()
+        engine.close()
+        grads.append([p.grad.clone() for p in params])
+    for ours, ref in zip(grads[0], grads[1], strict=True):
+        assert bool(ours.isfinite().all())
+        # the padded pass's loss is a mean over 8 rows: its per-sample terms are the same
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-7)
 
 
 def test_padded_batch_clips_to_the_unpadded_clipped_sum() -> None:
@@ -807,3 +869,9 @@ def test_padding_is_only_for_the_cross_entropy_path() -> None:
     model = build_model("dbn", in_channels=1, num_classes=2, image_size=16)
     with pytest.raises(ValueError, match="cross-entropy"):
         trainer_module._ModelLoss(model, nn.CrossEntropyLoss(), pad_multiple=4)
+    cnn = build_model("cnn", in_channels=1, num_classes=2, image_size=16)
+    autoencoder = build_model("autoencoder", in_channels=1, num_classes=2, image_size=16)
+    for criterion in (trainer_module._PerSampleLoss(autoencoder), nn.MSELoss()):
+        with pytest.raises(ValueError, match="cross-entropy"):
+            trainer_module._ModelLoss(cnn, criterion, pad_multiple=4)
+    trainer_module._ModelLoss(cnn, nn.CrossEntropyLoss(), pad_multiple=4)  # the supported path
