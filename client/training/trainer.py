@@ -67,6 +67,12 @@ run padded to a multiple of this many rows (zero-weight repeats, see :class:`_Mo
 that the convolution libraries meet about a dozen batch shapes instead of ~50; 1 turns padding
 off."""
 
+DIRECT_PAD_MAX_SAMPLE_SIZE = 4096
+"""Padding is only for samples of at most this many values (e.g. 28x28 or 64x64 images).
+Measured on 2 CPU cores: it takes DenseNet's 2D site-epochs from 2.16 to 1.73 times the
+non-private time, but makes 28^3 volumes' DP steps ~3 % slower: there a row costs far more
+than the kernel builds it saves (``bench/RESULTS.md``)."""
+
 _WRAPPER_FORWARD_MODES = frozenset({"ew", "ghost"})
 """Modes that capture per-sample gradients only through the wrapper's own ``forward`` ("ew":
 ``call_for_per_sample_grads``) or criterion ("ghost"), so a ``dp_loss`` that calls the inner
@@ -222,7 +228,8 @@ class _ModelLoss:
     captured (Opacus's ``GradSampleModule`` keeps the original module as ``_module`` and hooks
     its layers in place).
 
-    With ``pad_multiple`` (the cross-entropy path only) a batch of ``n`` samples is run as
+    With ``pad_multiple`` (the cross-entropy path only; samples of at most
+    :data:`DIRECT_PAD_MAX_SAMPLE_SIZE` values) a batch of ``n`` samples is run as
     ``ceil(n / pad_multiple) * pad_multiple`` rows: the extra rows repeat real samples, and the
     loss is ``sum of the n real losses / rows``, so the extra rows get no weight and the real
     rows' per-sample gradients are those of the unpadded batch (to float rounding: other
@@ -262,7 +269,7 @@ class _ModelLoss:
             loss: torch.Tensor = self._dp_loss(images, labels)
             return loss, 1.0
         rows = -(-n // self._pad_multiple) * self._pad_multiple
-        if rows == n:
+        if rows == n or images[0].numel() > DIRECT_PAD_MAX_SAMPLE_SIZE:
             out: torch.Tensor = self._criterion(self._model(images), labels)
             return out, 1.0
         padded = images[torch.arange(rows, device=images.device) % n]

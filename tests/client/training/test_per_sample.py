@@ -875,3 +875,16 @@ def test_padding_is_only_for_the_cross_entropy_path() -> None:
         with pytest.raises(ValueError, match="cross-entropy"):
             trainer_module._ModelLoss(cnn, criterion, pad_multiple=4)
     trainer_module._ModelLoss(cnn, nn.CrossEntropyLoss(), pad_multiple=4)  # the supported path
+
+
+def test_only_small_samples_are_padded() -> None:
+    """Large samples (volumes) cost more per extra row than the kernel builds padding saves."""
+    sizes: list[int] = []
+    for side in (64, 65):  # 4,096 values (padded) and 4,225 (not)
+        model = nn.Sequential(nn.Conv2d(1, 2, 3, stride=8), nn.Flatten(), nn.LazyLinear(2))
+        model.register_forward_pre_hook(lambda _m, inputs: sizes.append(inputs[0].shape[0]))
+        batch_loss = trainer_module._ModelLoss(model, nn.CrossEntropyLoss(), pad_multiple=4)
+        loss, to_mean = batch_loss(torch.randn(5, 1, side, side), torch.randint(0, 2, (5,)))
+        assert batch_loss.rows == 5 and to_mean == (8 / 5 if side == 64 else 1.0)
+    assert trainer_module.DIRECT_PAD_MAX_SAMPLE_SIZE == 64 * 64
+    assert sizes == [8, 5]
