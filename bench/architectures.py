@@ -36,7 +36,10 @@ skips the federations and measures only these ratios, for every Opacus mode in `
 on one site of ``--timing-images`` images (repeats interleaved, medians).
 
 torch runs single-threaded by default (``--threads 1``): on the 2-core machine it is both
-faster and far more stable for these small models (see ``bench/RESULTS.md``).
+faster and far more stable for these small models (see ``bench/RESULTS.md``). Training runs on
+``--device`` (default: CUDA when available, like the trainer; the report's ``machine`` names
+it). On a GPU quote the wall-clock ratio: process CPU time there is kernel launches and
+waiting, not the compute.
 
 The default (all models, both datasets, both splits, 3 rounds x 1 epoch on at most 1000
 training images) is a smoke sweep of about 3 minutes on 2 cores; accuracy figures worth
@@ -72,7 +75,8 @@ import torch  # noqa: E402
 from torch.utils.data import TensorDataset  # noqa: E402
 
 from client.data.medmnist import load_medmnist, split_sites  # noqa: E402
-from client.training import evaluate, train_dp  # noqa: E402
+from client.training import evaluate, select_device, train_dp  # noqa: E402
+from common.errors import ConfigError  # noqa: E402
 from common.models import build_model, count_parameters, get_spec, list_models  # noqa: E402
 from common.privacy import plan_noise_multiplier, sample_rate, steps_per_epoch  # noqa: E402
 from common.shared_data import require_shared_file  # noqa: E402
@@ -109,6 +113,8 @@ class Settings:
     modes: list[str] = field(default_factory=list)
     timing_images: int = 512
     repeats: int = 3
+    device: str = ""
+    """``cpu`` or ``cuda[:N]``; empty: the trainer's default (CUDA when available)."""
 
 
 try:
@@ -185,7 +191,7 @@ def _lr(model_name: str) -> float:
 def _train_kwargs(s: Settings, model_name: str) -> dict[str, Any]:
     return dict(
         epochs=s.epochs, batch_size=s.batch_size, learning_rate=_lr(model_name),
-        max_grad_norm=s.max_grad_norm, delta=s.delta,
+        max_grad_norm=s.max_grad_norm, delta=s.delta, device=s.device or None,
     )
 
 
@@ -344,8 +350,11 @@ def run(s: Settings, log: Any = None) -> dict[str, Any]:
                 report["results"].append(row)
                 log(_row_text(row))
     report["seconds"] = time.perf_counter() - t_start
+    device = select_device(s.device or None)
     report["machine"] = {"platform": platform.platform(), "python": platform.python_version(),
-                         "torch": torch.__version__, "threads": torch.get_num_threads()}
+                         "torch": torch.__version__, "threads": torch.get_num_threads(),
+                         "device": str(device) if device.type != "cuda"
+                         else f"{device} ({torch.cuda.get_device_name(device)})"}
     return report
 
 
@@ -422,6 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", default="", help="Opacus modes for --timing-only (default: registered)")
     parser.add_argument("--timing-images", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="", help="cpu or cuda[:N] (default: CUDA when available)")
     parser.add_argument("--quick", action="store_true", help="cnn+mlp, PneumoniaMNIST IID, 2 rounds, 600 images")
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     args = parser.parse_args(argv)
@@ -435,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size, max_grad_norm=args.max_grad_norm, epsilon=args.epsilon,
         delta=args.delta, max_train=args.max_train, threads=args.threads, seed=args.seed,
         timing_only=args.timing_only, modes=_list(args.modes),
-        timing_images=args.timing_images, repeats=args.repeats,
+        timing_images=args.timing_images, repeats=args.repeats, device=args.device,
     )
     if args.quick:
         s.models = _list(args.models) or ["cnn", "mlp"]
@@ -443,6 +453,10 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [m for m in s.models if m not in {sp.name for sp in list_models()}]
     if unknown:
         parser.error(f"unknown models {unknown}")
+    try:
+        select_device(s.device or None)
+    except ConfigError as exc:
+        parser.error(str(exc))
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
     report = run(s)

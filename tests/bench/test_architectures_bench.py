@@ -1,0 +1,41 @@
+"""``bench/architectures.py`` runs end to end on real MedMNIST data and reports what it ran on."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "bench" / "architectures.py"
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True,
+                          cwd=REPO, timeout=300, check=False)
+
+
+def test_timing_only_reports_ratios_and_the_device(shared_file: Callable[[str], Path]) -> None:
+    shared_file("medmnist/breastmnist.npz")
+    done = _run("--timing-only", "--models", "cnn", "--datasets", "breastmnist",
+                "--timing-images", "96", "--repeats", "1", "--device", "cpu", "--json")
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout)
+    assert report["machine"]["device"] == "cpu" and report["settings"]["device"] == "cpu"
+    (row,) = report["results"]
+    assert row["model"] == "cnn" and row["images"] == 96 and not row["errors"]
+    ratio = row["epoch_time_ratio"]["dp-direct"]  # the registered mode
+    assert math.isfinite(ratio) and ratio > 0.5
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_asking_for_cuda_without_it_is_a_clear_usage_error() -> None:
+    done = _run("--timing-only", "--models", "cnn", "--device", "cuda")
+    assert done.returncode == 2
+    assert "CUDA is not available" in done.stderr and "Traceback" not in done.stderr
