@@ -90,8 +90,10 @@ def test_padded_batches_on_the_gpu_give_the_real_rows_and_zero_padding() -> None
             engine.close()
         for key, p in net.named_parameters():
             assert p.grad_sample.shape[0] == (5 if trim else 8), key
+            # other batch shapes, other cuDNN kernels: one GroupNorm entry of 120 was off by
+            # 1.4e-4 (scale 0.8) on an H200; a padding bug would be off by tens of percent
             scale = float(cpu[key].abs().max()) or 1.0
-            torch.testing.assert_close(p.grad_sample[:5].cpu(), cpu[key], rtol=1e-3, atol=1e-4 * scale,
+            torch.testing.assert_close(p.grad_sample[:5].cpu(), cpu[key], rtol=1e-3, atol=5e-4 * scale,
                                        msg=lambda text, key=key: f"{key}: {text}")
             if not trim:
                 assert bool((p.grad_sample[5:] == 0).all()), key
