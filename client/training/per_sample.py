@@ -343,6 +343,15 @@ def group_norm_grad_sample(
     return result
 
 
+def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
+    strides: list[int] = []
+    step = 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= size
+    return tuple(reversed(strides))
+
+
 def _sampler(module: nn.Module) -> SamplerFn:
     if isinstance(module, _CONV_TYPES):
         return conv_grad_sample
@@ -360,11 +369,17 @@ class DirectPerSampleGradients:
         The model to train; every module owning a trainable parameter must be one of
         :data:`SUPPORTED_LAYERS`. Parameters with ``requires_grad=False`` at construction
         are left alone (frozen layers of a pretrained encoder, for instance).
+    loss_reduction : {"mean", "sum"}, optional
+        How the loss back-propagated reduces its per-sample terms. For "mean" (a batch-mean
+        loss) the per-sample gradients are ``n`` times what back-propagation gives, and the
+        engine scales them; a "sum" loss gives them as they are, which saves that scaling (one
+        operation per layer).
 
     Raises
     ------
     ConfigError
-        If a module with trainable parameters is not supported; the message names it.
+        If a module with trainable parameters is not supported, or ``loss_reduction`` is
+        neither; the message names it.
 
     Notes
     -----
@@ -372,7 +387,10 @@ class DirectPerSampleGradients:
     and :meth:`close` when training ends.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, loss_reduction: str = "mean") -> None:
+        if loss_reduction not in ("mean", "sum"):
+            raise ConfigError(f"loss_reduction must be 'mean' or 'sum', not {loss_reduction!r}")
+        self._mean = loss_reduction == "mean"
         bad = unsupported_layers(model)
         if bad:
             raise ConfigError(
@@ -387,12 +405,13 @@ class DirectPerSampleGradients:
         # is not allocated and faulted in again at every step), written in place by the
         # samplers, so that DirectDPOptimizer clips them with a handful of whole-buffer
         # operations instead of a few per parameter. Columns: parameter order, each once.
-        self._columns: dict[int, tuple[int, torch.Size]] = {}
+        # id -> (first column, [n, *shape] view strides after the row stride)
+        self._columns: dict[int, tuple[int, torch.Size, tuple[int, ...]]] = {}
         self._params: list[nn.Parameter] = []
         self._width = 0
         for p in model.parameters():
             if p.requires_grad and id(p) not in self._columns:
-                self._columns[id(p)] = (self._width, p.shape)
+                self._columns[id(p)] = (self._width, p.shape, _contiguous_strides(p.shape))
                 self._params.append(p)
                 self._width += p.numel()
         self._storage: torch.Tensor | None = None
@@ -454,12 +473,14 @@ class DirectPerSampleGradients:
                             "call optimizer.step() and zero_grad() after every backward pass "
                             "(gradient accumulation is not supported with Poisson sampling)"
                         )
-                # grad is of the batch-mean loss: per-sample gradients are n times the
-                # per-sample terms; scale whichever is smaller, the output gradient or them.
+                # Of a batch-mean loss, per-sample gradients are n times the per-sample
+                # terms: scale whichever is smaller, the output gradient or them.
                 n = x.shape[0]
-                scale_output = grad.numel() <= n * sample_numel
+                scale_output = not self._mean or grad.numel() <= n * sample_numel
+                if self._mean and scale_output:
+                    grad = grad * n
                 out = self._destinations(trainable, n, grad)
-                samples = sampler(module, x, grad * n if scale_output else grad, out)
+                samples = sampler(module, x, grad, out)
                 for p, gs in samples.items():
                     if p not in keep:
                         continue
@@ -487,9 +508,11 @@ class DirectPerSampleGradients:
         elif storage is None or self._rows != n or storage.dtype != like.dtype or storage.device != like.device:
             return None  # an odd layer (another dtype or device): it keeps its own tensors
         views: GradSamples = {}
-        for p in fresh:
-            start, shape = self._columns[id(p)]
-            views[p] = storage[:n, start:start + shape.numel()].unflatten(1, shape)
+        row = storage.stride(0)
+        origin = storage.storage_offset()
+        for p in fresh:  # one as_strided per parameter: [n, *shape] in its columns
+            start, shape, strides = self._columns[id(p)]
+            views[p] = storage.as_strided((n, *shape), (row, *strides), origin + start)
         return views
 
     @staticmethod
@@ -676,6 +699,7 @@ def make_private_direct(
     noise_multiplier: float,
     max_grad_norm: float,
     noise_generator: torch.Generator | None,
+    loss_reduction: str = "mean",
 ) -> tuple[DirectPerSampleGradients, DirectDPOptimizer, DPDataLoader]:
     """Opacus's ``make_private`` (Poisson sampling, flat clipping, mean loss) for "direct" mode.
 
@@ -685,6 +709,9 @@ def make_private_direct(
     accountant's optimiser hook; the module is not wrapped, the engine's hooks are attached to
     it instead. Like ``make_private`` it first runs Opacus's ``ModuleValidator`` (strict), so
     a layer that mixes samples (BatchNorm, even without parameters) is refused.
+    ``loss_reduction`` is the reduction of the loss the caller back-propagates (see
+    :class:`DirectPerSampleGradients`); the optimiser averages over the expected batch size
+    either way, as Opacus's does for a mean loss.
 
     Raises
     ------
@@ -699,7 +726,7 @@ def make_private_direct(
     if any(id(p) not in module_params for group in optimizer.param_groups for p in group["params"]):
         raise ConfigError("the optimizer's parameters are not the module's parameters")
     ModuleValidator.validate(module, strict=True)
-    per_sample = DirectPerSampleGradients(module)
+    per_sample = DirectPerSampleGradients(module, loss_reduction=loss_reduction)
     dp_loader = DPDataLoader.from_data_loader(data_loader)
     sample_rate = 1 / len(dp_loader)
     expected_batch_size = int(len(cast(Sized, data_loader.dataset)) * sample_rate)

@@ -228,10 +228,14 @@ class _ModelLoss:
     captured (Opacus's ``GradSampleModule`` keeps the original module as ``_module`` and hooks
     its layers in place).
 
-    With ``pad_multiple`` (the cross-entropy path only; samples of at most
-    :data:`DIRECT_PAD_MAX_SAMPLE_SIZE` values) a batch of ``n`` samples is run as
+    ``reduction="sum"`` (the cross-entropy path only) returns ``n`` times the batch's mean
+    loss, the sum of the samples' own losses, for the "direct" engine (which then need not
+    scale its per-sample gradients); the returned factor still gives the mean sample loss.
+
+    With ``pad_multiple`` (the cross-entropy path with ``reduction="sum"`` only; samples of at
+    most :data:`DIRECT_PAD_MAX_SAMPLE_SIZE` values) a batch of ``n`` samples is run as
     ``ceil(n / pad_multiple) * pad_multiple`` rows: the extra rows repeat real samples, and the
-    loss is ``sum of the n real losses / rows``, so the extra rows get no weight and the real
+    loss is the sum of the ``n`` real losses, so the extra rows get no gradient and the real
     rows' per-sample gradients are those of the unpadded batch (to float rounding: other
     kernel shapes). :attr:`rows` is then the real ``n``: the trainer has the "direct" engine
     keep only those rows of every per-sample gradient (``restore(rows=...)``), so clipping,
@@ -241,7 +245,9 @@ class _ModelLoss:
     itself; padded, a DP run meets about a dozen sizes instead of ~50.
     """
 
-    def __init__(self, model: nn.Module, criterion: Any, pad_multiple: int = 1) -> None:
+    def __init__(
+        self, model: nn.Module, criterion: Any, pad_multiple: int = 1, reduction: str = "mean"
+    ) -> None:
         inner = getattr(model, "_module", model)
         self._dp_loss = getattr(inner, "dp_loss", None)
         self._model = model
@@ -253,11 +259,13 @@ class _ModelLoss:
         self._pad_multiple = pad_multiple
         self.rows = 0
         """The real samples of the last batch (the first rows of a padded one)."""
-        if pad_multiple > 1 and (
-            self._inputs_criterion or callable(self._dp_loss)
-            or not isinstance(criterion, nn.CrossEntropyLoss)
-        ):
-            raise ValueError("batch padding needs the cross-entropy criterion path")
+        self._sum = reduction == "sum"
+        cross_entropy = (not self._inputs_criterion and not callable(self._dp_loss)
+                         and isinstance(criterion, nn.CrossEntropyLoss) and criterion.reduction == "mean")
+        if reduction not in ("mean", "sum") or (self._sum and not cross_entropy):
+            raise ValueError("a summed loss needs the cross-entropy criterion path")
+        if pad_multiple > 1 and not self._sum:
+            raise ValueError("batch padding needs the cross-entropy criterion path, summed")
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, float]:
         """``(loss to back-propagate, its factor to the batch's mean sample loss)``."""
@@ -268,13 +276,19 @@ class _ModelLoss:
         if callable(self._dp_loss):
             loss: torch.Tensor = self._dp_loss(images, labels)
             return loss, 1.0
-        rows = -(-n // self._pad_multiple) * self._pad_multiple
-        if rows == n or images[0].numel() > DIRECT_PAD_MAX_SAMPLE_SIZE:
+        if not self._sum:
             out: torch.Tensor = self._criterion(self._model(images), labels)
             return out, 1.0
-        padded = images[torch.arange(rows, device=images.device) % n]
-        logits = self._model(padded)[:n]  # the extra rows get no gradient
-        return self._criterion(logits, labels) * (n / rows), rows / n
+        rows = -(-n // self._pad_multiple) * self._pad_multiple
+        if rows == n or images[0].numel() > DIRECT_PAD_MAX_SAMPLE_SIZE:
+            logits = self._model(images)
+        else:
+            padded = images[torch.arange(rows, device=images.device) % n]
+            logits = self._model(padded)[:n]  # the extra rows get no gradient
+        # n times the batch mean: the sum over samples of each sample's own (mean) loss, for
+        # a segmentation mask as for a class label
+        summed = self._criterion(logits, labels) * n
+        return summed, 1.0 / n if n else math.nan
 
 
 def _generator(
@@ -444,11 +458,15 @@ def train_dp(
     engine = PrivacyEngine(accountant="rdp")
     engine.accountant.history = prior.to_history()
     direct = None
+    # the direct engine, for a model without dp_loss, back-propagates the summed loss (its
+    # per-sample gradients need no scaling) over padded batches (see _ModelLoss)
+    summed_loss = grad_sample_mode == "direct" and not callable(getattr(net, "dp_loss", None))
     if grad_sample_mode == "direct":  # our per-sample engine, Opacus's optimizer and loader
         direct, dp_optimizer, dp_loader = make_private_direct(
             engine, module=net, optimizer=optimizer, data_loader=loader,
             noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
             noise_generator=_generator(seed, 1, dev),
+            loss_reduction="sum" if summed_loss else "mean",
         )
         dp_model: nn.Module = net
     else:
@@ -468,10 +486,9 @@ def train_dp(
         else:
             dp_model, dp_optimizer, dp_loader = wrapped
     rate = float(dp_loader.sample_rate)  # type: ignore[attr-defined]  # DPDataLoader
-    pad = 1
-    if direct is not None and not callable(getattr(net, "dp_loss", None)):
-        pad = DIRECT_PAD_MULTIPLE
-    batch_loss = _ModelLoss(dp_model, criterion, pad_multiple=pad)
+    batch_loss = _ModelLoss(dp_model, criterion)
+    if summed_loss:
+        batch_loss = _ModelLoss(dp_model, criterion, pad_multiple=DIRECT_PAD_MULTIPLE, reduction="sum")
     after_backward: Callable[[], None] | None = None
     if direct is not None:
         hooks = direct

@@ -80,8 +80,8 @@ def test_padded_batches_on_the_gpu_give_the_real_rows_and_zero_padding() -> None
     cpu = _samples(copy.deepcopy(model), x, y)
     for trim in (False, True):
         net = copy.deepcopy(model).to(CUDA)
-        engine = DirectPerSampleGradients(net)
-        batch_loss = _ModelLoss(net, nn.CrossEntropyLoss(), pad_multiple=4)
+        engine = DirectPerSampleGradients(net, loss_reduction="sum")
+        batch_loss = _ModelLoss(net, nn.CrossEntropyLoss(), pad_multiple=4, reduction="sum")
         try:
             loss, _ = batch_loss(x.to(CUDA), y.to(CUDA))
             loss.backward()

@@ -736,8 +736,9 @@ def _padded_backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor, multipl
     """One engine backward pass through the trainer's padded loss; the mean sample loss.
 
     With ``trim`` the engine keeps only the real rows (what ``train_dp`` does)."""
-    engine = DirectPerSampleGradients(model)
-    batch_loss = trainer_module._ModelLoss(model, nn.CrossEntropyLoss(), pad_multiple=multiple)
+    engine = DirectPerSampleGradients(model, loss_reduction="sum")
+    batch_loss = trainer_module._ModelLoss(model, nn.CrossEntropyLoss(), pad_multiple=multiple,
+                                           reduction="sum")
     try:
         loss, to_mean = batch_loss(x, y)
         loss.backward()
@@ -865,16 +866,41 @@ def test_train_dp_direct_runs_padded_batches_with_the_same_steps_noise_and_loss(
         torch.testing.assert_close(padded.state_dict[name], value, rtol=0, atol=1e-4, msg=name)
 
 
-def test_padding_is_only_for_the_cross_entropy_path() -> None:
+def test_padding_and_summing_are_only_for_the_cross_entropy_path() -> None:
     model = build_model("dbn", in_channels=1, num_classes=2, image_size=16)
     with pytest.raises(ValueError, match="cross-entropy"):
-        trainer_module._ModelLoss(model, nn.CrossEntropyLoss(), pad_multiple=4)
+        trainer_module._ModelLoss(model, nn.CrossEntropyLoss(), reduction="sum")
     cnn = build_model("cnn", in_channels=1, num_classes=2, image_size=16)
     autoencoder = build_model("autoencoder", in_channels=1, num_classes=2, image_size=16)
-    for criterion in (trainer_module._PerSampleLoss(autoencoder), nn.MSELoss()):
+    for criterion in (trainer_module._PerSampleLoss(autoencoder), nn.MSELoss(),
+                      nn.CrossEntropyLoss(reduction="sum")):
         with pytest.raises(ValueError, match="cross-entropy"):
-            trainer_module._ModelLoss(cnn, criterion, pad_multiple=4)
-    trainer_module._ModelLoss(cnn, nn.CrossEntropyLoss(), pad_multiple=4)  # the supported path
+            trainer_module._ModelLoss(cnn, criterion, reduction="sum")
+    with pytest.raises(ValueError, match="summed"):  # padding weighs rows through the sum
+        trainer_module._ModelLoss(cnn, nn.CrossEntropyLoss(), pad_multiple=4)
+    trainer_module._ModelLoss(cnn, nn.CrossEntropyLoss(), pad_multiple=4, reduction="sum")
+
+
+def test_summed_loss_engine_gives_the_mean_loss_engines_per_sample_gradients() -> None:
+    """``loss_reduction="sum"`` skips the engine's scaling; the gradients are the same."""
+    torch.manual_seed(17)
+    tied = nn.Linear(6, 6)
+    model = nn.Sequential(  # conv, GroupNorm, a tied Linear
+        nn.Conv2d(1, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(), nn.Linear(4, 6), tied, nn.Tanh(), tied, nn.Linear(6, 3),
+    )
+    x, y = torch.randn(6, 1, 6, 6) * 4, torch.randint(0, 3, (6,))
+    ref = _direct_samples(model, x, y)
+    net = copy.deepcopy(model)
+    engine = DirectPerSampleGradients(net, loss_reduction="sum")
+    try:
+        nn.functional.cross_entropy(net(x), y, reduction="sum").backward()
+    finally:
+        engine.restore()
+        engine.close()
+    _assert_same({name: p.grad_sample for name, p in net.named_parameters()}, ref)
+    with pytest.raises(ConfigError, match="loss_reduction"):
+        DirectPerSampleGradients(net, loss_reduction="none")
 
 
 def test_only_small_samples_are_padded() -> None:
@@ -883,8 +909,9 @@ def test_only_small_samples_are_padded() -> None:
     for side in (64, 65):  # 4,096 values (padded) and 4,225 (not)
         model = nn.Sequential(nn.Conv2d(1, 2, 3, stride=8), nn.Flatten(), nn.LazyLinear(2))
         model.register_forward_pre_hook(lambda _m, inputs: sizes.append(inputs[0].shape[0]))
-        batch_loss = trainer_module._ModelLoss(model, nn.CrossEntropyLoss(), pad_multiple=4)
+        batch_loss = trainer_module._ModelLoss(model, nn.CrossEntropyLoss(), pad_multiple=4,
+                                               reduction="sum")
         loss, to_mean = batch_loss(torch.randn(5, 1, side, side), torch.randint(0, 2, (5,)))
-        assert batch_loss.rows == 5 and to_mean == (8 / 5 if side == 64 else 1.0)
+        assert batch_loss.rows == 5 and to_mean == pytest.approx(1 / 5)
     assert trainer_module.DIRECT_PAD_MAX_SAMPLE_SIZE == 64 * 64
     assert sizes == [8, 5]
