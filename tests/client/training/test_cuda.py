@@ -20,6 +20,7 @@ from client.training import per_sample
 from client.training.per_sample import DirectDPOptimizer, DirectPerSampleGradients
 from client.training.trainer import select_device, train_dp
 from common.models.registry import build_model
+from tests.client.training.test_per_sample import _direct_samples
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none); run on a GPU node"
@@ -41,13 +42,10 @@ MODELS = [("cnn", 2, 16), ("resnet", 2, 16), ("densenet", 2, 16), ("cnn3d", 3, 8
 
 
 def _samples(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-    engine = DirectPerSampleGradients(model)
-    try:
-        nn.functional.cross_entropy(model(x), y).backward()
-    finally:
-        engine.restore()
-        engine.close()
-    return {name: p.grad_sample.detach().cpu() for name, p in model.named_parameters()}
+    """The engine's per-sample gradients (of a copy of ``model``), on the CPU."""
+    samples = _direct_samples(model, x, y)
+    assert all(getattr(t._base, "_direct_engine_buffer", False) for t in samples.values())
+    return {name: t.detach().cpu() for name, t in samples.items()}
 
 
 def test_select_device_picks_the_gpu() -> None:
@@ -60,10 +58,8 @@ def test_direct_per_sample_gradients_on_the_gpu_equal_the_cpu(name: str, dims: i
     model = build_model(name, in_channels=1, num_classes=2, image_size=side, spatial_dims=dims)
     x = torch.randn(7, 1, *([side] * dims))
     y = torch.randint(0, 2, (7,))
-    cpu = _samples(copy.deepcopy(model), x, y)
-    gpu_model = copy.deepcopy(model).to(CUDA)
-    gpu = _samples(gpu_model, x.to(CUDA), y.to(CUDA))
-    assert per_sample._shared_buffer(list(gpu_model.parameters())) is not None
+    cpu = _samples(model, x, y)
+    gpu = _samples(copy.deepcopy(model).to(CUDA), x.to(CUDA), y.to(CUDA))
     assert cpu.keys() == gpu.keys()
     for key, value in cpu.items():  # float32 rounding through up to 37 layers: ~1e-4
         scale = float(value.abs().max()) or 1.0
@@ -77,7 +73,7 @@ def test_padded_batches_on_the_gpu_give_the_real_rows_and_zero_padding() -> None
     torch.manual_seed(8)
     model = build_model("densenet", in_channels=1, num_classes=2, image_size=16)
     x, y = torch.randn(5, 1, 16, 16), torch.randint(0, 2, (5,))
-    cpu = _samples(copy.deepcopy(model), x, y)
+    cpu = _samples(model, x, y)
     for trim in (False, True):
         net = copy.deepcopy(model).to(CUDA)
         engine = DirectPerSampleGradients(net, loss_reduction="sum")
