@@ -46,9 +46,11 @@ What the engine does differently, per layer that owns trainable parameters:
 * A frozen layer's input is no longer saved by autograd, so autograd would not notice an
   in-place change to it after the forward pass; the engine checks its version counter.
 
-The loss must be a mean over the batch (the trainer's contract); the output gradients are
-scaled by the batch size to give per-sample gradients of the per-sample losses, as Opacus does
-for ``loss_reduction="mean"``.
+The loss is either a mean over the batch (``loss_reduction="mean"``: the output gradients
+are scaled by the batch size to give per-sample gradients of the per-sample losses, as Opacus
+does) or a sum of per-sample losses (``"sum"``: no scaling; the trainer uses it for the
+cross-entropy path, and runs those batches padded to a few sizes, keeping only the real rows
+with ``restore(rows=...)``). Either way the optimiser divides by the expected batch size.
 
 Only the layer types in :data:`SUPPORTED_LAYERS` are handled; :func:`unsupported_layers`
 names any other module that owns a trainable parameter, and the engine refuses such a model
