@@ -529,7 +529,9 @@ class DirectPerSampleGradients:
             previous.add_(gs, alpha=scale)
             return
         if dest is None:
-            p.grad_sample = gs * scale if scale != 1 else gs  # type: ignore[attr-defined]
+            # a copy even unscaled: gs may be autograd's own output gradient (a Linear's
+            # bias), which a tied layer's later use would otherwise add to in place
+            p.grad_sample = gs * scale if scale != 1 else gs.clone()  # type: ignore[attr-defined]
             return
         if gs is not dest:
             torch.mul(gs, scale, out=dest)
@@ -703,7 +705,8 @@ def make_private_direct(
     noise_generator: torch.Generator | None,
     loss_reduction: str = "mean",
 ) -> tuple[DirectPerSampleGradients, DirectDPOptimizer, DPDataLoader]:
-    """Opacus's ``make_private`` (Poisson sampling, flat clipping, mean loss) for "direct" mode.
+    """Opacus's ``make_private`` (Poisson sampling, flat clipping, averaged gradients) for
+    "direct" mode.
 
     The same composition as ``PrivacyEngine.make_private(poisson_sampling=True)``: a
     ``DPDataLoader`` from ``data_loader`` (its generator draws the Poisson batches), sample

@@ -486,9 +486,10 @@ def train_dp(
         else:
             dp_model, dp_optimizer, dp_loader = wrapped
     rate = float(dp_loader.sample_rate)  # type: ignore[attr-defined]  # DPDataLoader
-    batch_loss = _ModelLoss(dp_model, criterion)
     if summed_loss:
         batch_loss = _ModelLoss(dp_model, criterion, pad_multiple=DIRECT_PAD_MULTIPLE, reduction="sum")
+    else:
+        batch_loss = _ModelLoss(dp_model, criterion)
     after_backward: Callable[[], None] | None = None
     if direct is not None:
         hooks = direct

@@ -663,6 +663,44 @@ class _MixedDtype(nn.Module):
         return h[:, :3].float() if self.c is None else self.c(torch.tanh(h).float())
 
 
+class _TiedConv(nn.Module):
+    """One convolution used twice on a large map (mean loss: its samples are scaled by n)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.tied = nn.Conv2d(1, 2, 3, padding=1), nn.Conv2d(2, 2, 3, padding=1)
+        self.head = nn.Linear(2, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.tied(torch.tanh(self.tied(torch.tanh(self.stem(x)))))
+        return self.head(h.mean((2, 3)))
+
+
+class _TiedGroupNorm(nn.Module):
+    """One GroupNorm used twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.norm, self.head = nn.Conv2d(1, 4, 3), nn.GroupNorm(2, 4), nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(torch.tanh(self.norm(self.conv(x))) * 2)
+        return self.head(h.mean((2, 3)))
+
+
+class _MixedDtypeTied(nn.Module):
+    """A float64 Linear (its own tensors, no buffer) used twice, the uses' outputs added: both
+    backward hooks see autograd's one output gradient, which must not be changed in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 6), nn.Linear(6, 6).double(), nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u = torch.tanh(self.a(x)).double()
+        return self.c(torch.tanh(self.b(u) + self.b(torch.tanh(u))).float())
+
+
 IN_PLACE_CASES: dict[str, tuple[object, tuple[int, ...], bool]] = {
     # name: (model factory, per-sample input shape, whether the shared buffer is expected)
     "conv1d-groups-bias-groupnorm": (lambda: nn.Sequential(
@@ -683,6 +721,9 @@ IN_PLACE_CASES: dict[str, tuple[object, tuple[int, ...], bool]] = {
     "shared-weight-own-biases": (_SharedWeight, (5,), True),
     "float64-in-the-middle": (lambda: _MixedDtype(last=False), (4,), False),
     "float64-first-in-backward": (lambda: _MixedDtype(last=True), (4,), False),
+    "tied-conv-on-a-large-map": (_TiedConv, (1, 12, 12), True),
+    "tied-groupnorm": (_TiedGroupNorm, (1, 6, 6), True),
+    "float64-tied-outputs-added": (_MixedDtypeTied, (4,), False),
 }
 
 
@@ -696,20 +737,22 @@ def _per_sample_loop(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict
     return {name: torch.stack(g) for name, g in grads.items()}
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("method", ["grouped", "unfold", "loop"])
 @pytest.mark.parametrize("case", list(IN_PLACE_CASES))
 def test_in_place_writes_equal_a_per_sample_loop_over_reused_buffers(
-    case: str, method: str, monkeypatch: pytest.MonkeyPatch
+    case: str, method: str, reduction: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Each pass's per-sample gradients, written in place into a reused (NaN-poisoned) buffer,
-    equal a per-sample autograd loop; batch sizes shrink, grow and outgrow the buffer."""
+    equal a per-sample autograd loop; batch sizes shrink, grow and outgrow the buffer; for a
+    batch-mean loss (the engine scales) and a summed one (it does not)."""
     monkeypatch.setattr(per_sample, "_CONV_METHODS", {method: per_sample._CONV_METHODS[method]})
     monkeypatch.setattr(per_sample, "_CONV_METHOD", {})
     make, shape, shared = IN_PLACE_CASES[case]
     torch.manual_seed(2)
     reference = make()  # type: ignore[operator]
     model = copy.deepcopy(reference)
-    engine = DirectPerSampleGradients(model)
+    engine = DirectPerSampleGradients(model, loss_reduction=reduction)
     try:
         for n in (8, 5, 10, 3, 12):
             for p in model.parameters():
@@ -717,7 +760,7 @@ def test_in_place_writes_equal_a_per_sample_loop_over_reused_buffers(
             if engine._storage is not None:
                 engine._storage.fill_(float("nan"))  # stale rows must never be read
             x, y = torch.randn(n, *shape), torch.randint(0, 3, (n,))
-            nn.functional.cross_entropy(model(x), y).backward()
+            nn.functional.cross_entropy(model(x), y, reduction=reduction).backward()
             engine.restore()
             expected = _per_sample_loop(reference, x, y)
             for name, p in model.named_parameters():
@@ -915,3 +958,29 @@ def test_only_small_samples_are_padded() -> None:
         assert batch_loss.rows == 5 and to_mean == pytest.approx(1 / 5)
     assert trainer_module.DIRECT_PAD_MAX_SAMPLE_SIZE == 64 * 64
     assert sizes == [8, 5]
+
+
+@pytest.mark.parametrize(("name", "reduction"), [("cnn", "sum"), ("dbn", "mean")])
+def test_train_dp_direct_sums_the_loss_only_without_dp_loss(
+    name: str, reduction: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model's own dp_loss is a batch mean: the engine must scale it; cross-entropy is summed."""
+    seen: list[str] = []
+    real = trainer_module.make_private_direct
+
+    def spy(*args: object, **kwargs: object) -> object:
+        seen.append(str(kwargs["loss_reduction"]))
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(trainer_module, "make_private_direct", spy)
+    torch.manual_seed(18)
+    model = build_model(name, in_channels=1, num_classes=2, image_size=16)
+    data = TensorDataset(torch.rand(24, 1, 16, 16), torch.randint(0, 2, (24,)))
+    kwargs = dict(epochs=1, batch_size=8, learning_rate=0.1, noise_multiplier=0.0,
+                  max_grad_norm=0.5, delta=1e-5, seed=4)
+    direct = train_dp(model, data, grad_sample_mode="direct", **kwargs)  # type: ignore[arg-type]
+    assert seen == [reduction]
+    hooks = train_dp(model, data, grad_sample_mode="hooks", **kwargs)  # type: ignore[arg-type]
+    assert direct.train_loss == pytest.approx(hooks.train_loss, rel=1e-3)
+    for key, value in hooks.state_dict.items():  # the same clipped steps as Opacus's
+        torch.testing.assert_close(direct.state_dict[key], value, rtol=0, atol=1e-3, msg=key)
