@@ -8,6 +8,7 @@ import typer
 
 from cli.audit import audit_app
 from cli.demo import demo
+from cli.errors import SafeGroup
 from cli.federation import federation_app
 from cli.models import models_app
 from cli.node import node_app
@@ -19,6 +20,9 @@ app = typer.Typer(
     help="Federated, privacy-preserving training for medical images.",
     no_args_is_help=True,
     add_completion=False,
+    cls=SafeGroup,  # every error ends as one sentence and an exit code (cli/errors.py)
+    pretty_exceptions_enable=False,
+    pretty_exceptions_show_locals=False,  # never: a frame's locals can hold patient data
 )
 app.command("synth")(synth)
 app.command("demo")(demo)

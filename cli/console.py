@@ -17,13 +17,21 @@ err_console = Console(stderr=True)
 
 
 def setup_logging(verbose: bool) -> None:
-    """Library code logs through ``logging``; the CLI shows warnings (or info with -v)."""
+    """Library code logs through ``logging``; the CLI shows warnings (or info with -v).
+
+    Every record and every Python warning passes :func:`common.logsafe.redact` first, at
+    every level, so no tag value, UID or path reaches the screen through a library's log.
+    """
+    from common.logsafe import install_log_sanitiser
+
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         format="%(message)s",
-        handlers=[RichHandler(console=err_console, show_path=False)],
+        handlers=[RichHandler(console=err_console, show_path=False, show_time=verbose,
+                              rich_tracebacks=False)],
         force=True,
     )
+    install_log_sanitiser()
 
 
 @contextmanager

@@ -45,6 +45,12 @@ class PrivacyConfigError(VesaliusError):
     safe_reason = "invalid privacy parameters"
 
 
+class ConnectionProblem(VesaliusError):
+    """A coordinator or node cannot be reached (address unreachable, TLS, authentication)."""
+
+    safe_reason = "the coordinator could not be reached"
+
+
 def safe_reason(exc: BaseException) -> str:
     """Return a sentence describing ``exc`` that is safe to send off the node.
 
