@@ -8,17 +8,28 @@
 
 * :func:`n_for_auc_halfwidth`: the smallest study with ``z_{1-alpha/2} sqrt(Var(A)) <= w``.
 * :func:`n_for_auc_difference`: patients to detect ``AUC_1 != AUC_2`` (two-sided) with the
-  Hanley-McNeil variances and the sample-size criterion of Obuchowski & McClish (Stat Med 1997;
-  16:1529-1542)::
+  test the project runs, DeLong's test (DeLong, DeLong & Clarke-Pearson, Biometrics 1988;
+  44:837-845; :func:`common.stats.auc.paired_delong_from_sums`, or the two sites' own
+  :func:`~common.stats.auc.local_delong` variances added for independent samples). It is a
+  Wald test, ``z = (A_1 - A_2) / sqrt(V)``, whose variance ``V`` is *estimated at the observed
+  AUCs*; under the alternative its expectation is::
 
-      z_{1-alpha/2} sqrt(V0) + z_{1-beta} sqrt(V1) <= |AUC_1 - AUC_2|
+      V1 = Var(A_1) + Var(A_2) - 2 r sqrt(Var(A_1) Var(A_2))     (Hanley & McNeil, Radiology
+                                                                 1983; 148:839-843)
 
-  where ``V = Var(A_1) + Var(A_2) - 2 r sqrt(Var(A_1) Var(A_2))`` (Hanley & McNeil, Radiology
-  1983; 148:839-843), ``V0`` with both AUCs at ``AUC_1`` (the null) and ``V1`` at the two
-  alternative AUCs. ``r`` is the correlation between the two AUC estimates: ``r = 0`` for two
-  independent samples (each model/reader on its own patients, the count returned is *per
-  sample*), ``r > 0`` for two models on the same patients (paired design; Hanley & McNeil 1983
-  tabulate r from the score correlations).
+  with each ``Var(A)`` the Hanley-McNeil (1982) variance at that alternative AUC. The test
+  rejects with probability ``Phi(|AUC_1 - AUC_2| / sqrt(V1) - z_{1-alpha/2})`` (plus the
+  negligible opposite tail), so the criterion is::
+
+      (z_{1-alpha/2} + z_{1-beta}) sqrt(V1) <= |AUC_1 - AUC_2|
+
+  and it is symmetric in the two AUCs. (The criterion of Obuchowski & McClish, Stat Med 1997;
+  16:1529-1542, puts a null variance ``V0`` with both AUCs equal in the first term; that fits a
+  test that uses the null variance, not DeLong's, and with ``V0`` at the larger AUC it
+  promised 0.80 where DeLong's test reached 0.75.) ``r`` is the correlation between the two
+  AUC estimates: ``r = 0`` for two independent samples (each model/reader on its own
+  patients, the count returned is *per sample*), ``r > 0`` for two models on the same
+  patients (paired design; Hanley & McNeil 1983 tabulate r from the score correlations).
 * :func:`n_for_mcnemar`: pairs needed for McNemar's test (Connor, Biometrics 1987; 43:207-211)::
 
       n = [z_{1-alpha/2} sqrt(psi) + z_{1-beta} sqrt(psi - delta^2)]^2 / delta^2,
@@ -123,13 +134,17 @@ def n_for_auc_difference(
 ) -> dict[str, Any]:
     """Patients needed to detect ``auc1 != auc2`` (two-sided) with the given power.
 
-    See the module docstring for the criterion. With ``r = 0`` (independent samples) the
-    counts are per sample; with ``r > 0`` they are the shared patients of a paired design.
+    The smallest study with ``(z_{1-alpha/2} + z_{1-beta}) sqrt(V1) <= |auc1 - auc2|``,
+    ``V1`` the variance of ``A_1 - A_2`` at the two alternative AUCs (Hanley-McNeil 1982
+    variances, correlation ``r``): the variance DeLong's test estimates (see the module
+    docstring). With ``r = 0`` (independent samples) the counts are per sample; with ``r > 0``
+    they are the shared patients of a paired design.
 
     Returns
     -------
     dict
-        ``n_pos``, ``n_neg``, ``n_total``, achieved ``power`` (normal approximation).
+        ``n_pos``, ``n_neg``, ``n_total``, achieved ``power`` of the two-sided Wald test
+        (normal approximation, both tails), ``method`` and ``design``.
     """
     a1, a2, p = _auc(auc1, "auc1"), _auc(auc2, "auc2"), _prev(prevalence)
     if a1 == a2:
@@ -142,18 +157,15 @@ def n_for_auc_difference(
     zb = float(norm.ppf(power))
     delta = abs(a1 - a2)
 
-    def lhs(m: int) -> float:
-        nn = _n_neg(m, p)
-        return (za * math.sqrt(auc_difference_variance(a1, a1, m, nn, r))
-                + zb * math.sqrt(auc_difference_variance(a1, a2, m, nn, r)))
+    def sd(m: int) -> float:
+        return math.sqrt(auc_difference_variance(a1, a2, m, _n_neg(m, p), r))
 
-    n_pos = _smallest(lambda m: lhs(m) <= delta)
+    n_pos = _smallest(lambda m: (za + zb) * sd(m) <= delta)
     n_neg = _n_neg(n_pos, p)
-    v0 = auc_difference_variance(a1, a1, n_pos, n_neg, r)
-    v1 = auc_difference_variance(a1, a2, n_pos, n_neg, r)
-    achieved = float(norm.cdf((delta - za * math.sqrt(v0)) / math.sqrt(v1)))
+    se = sd(n_pos)
+    achieved = float(norm.cdf(delta / se - za) + norm.cdf(-delta / se - za))
     return {"n_pos": n_pos, "n_neg": n_neg, "n_total": n_pos + n_neg, "power": achieved,
-            "method": "hanley-mcneil-1983/obuchowski-mcclish-1997",
+            "method": "hanley-mcneil-1982/delong-1988-wald",
             "design": "paired" if r != 0 else "independent (per sample)"}
 
 
