@@ -39,7 +39,7 @@ from scipy.stats import norm
 
 from common.errors import DataError
 from common.stats._checks import alpha_level, as_labels, as_scores, count, require_keys
-from common.stats.bins import bin_index, check_edges, fine_score_edges
+from common.stats.bins import check_edges, fine_score_edges, score_bin_index
 from common.stats.estimate import Estimate
 
 PLACEMENT_KEYS = ("n_pos", "n_neg", "v10_sum", "v10_cross", "v01_sum", "v01_cross")
@@ -115,7 +115,9 @@ def node_placement_sums(
     ----------
     scores_by_model
         One score array per model, all for the *same* patients in the same order (a mapping
-        model name -> scores, or a sequence). Model ``k`` is the k-th entry.
+        model name -> scores, or a sequence). Model ``k`` is the k-th entry. Scores must lie
+        in the range the edges cover ([0, 1] for the default edges): see
+        :func:`common.stats.bins.score_bin_index`.
     labels
         Binary labels of those patients.
     pooled_hists
@@ -143,7 +145,7 @@ def node_placement_sums(
             raise DataError(f"pooled histograms must have {e.size - 1} bins",
                             safe_reason="invalid statistics input")
         v10_bin, v01_bin = _placements(pos, neg)
-        idx = bin_index(s, e)
+        idx = score_bin_index(s, e)
         v10_rows.append(v10_bin[idx[y]])
         v01_rows.append(v01_bin[idx[~y]])
     v10 = np.vstack(v10_rows)  # (M, n_pos at this node)
@@ -237,13 +239,45 @@ def paired_delong_from_sums(
 
 
 def auc_ci(auc: float, var: float, *, n: int = 0, alpha: float = 0.05) -> Estimate:
-    """Wald interval ``AUC +- z sqrt(var)``, clipped to [0, 1] (method ``"delong"``)."""
+    """Wald interval ``AUC +- z sqrt(var)``, clipped to [0, 1] (method ``"delong"``).
+
+    Parameters
+    ----------
+    auc
+        The AUC, in [0, 1], or NaN when it is undefined (e.g. a class without patients).
+    var
+        Its variance (e.g. :func:`delong_from_sums`), finite and >= 0, or NaN when undefined.
+    n
+        Patients the estimate rests on (reported only).
+    alpha
+        1 - confidence level.
+
+    Returns
+    -------
+    Estimate
+        ``value``, ``lower``, ``upper``, ``se``. An undefined AUC gives an undefined interval
+        (all four NaN, ``None`` in :meth:`Estimate.as_dict`), never ``(0, 1)``; a NaN variance
+        keeps the AUC and leaves the interval and ``se`` undefined.
+
+    Raises
+    ------
+    DataError
+        An AUC outside [0, 1] (or infinite), or an infinite or negative variance.
+    """
     z = float(norm.ppf(1 - alpha_level(alpha) / 2))
-    if not math.isfinite(var) or var < 0:
-        raise DataError(f"variance must be finite and >= 0, got {var!r}",
+    a, v = float(auc), float(var)
+    if math.isnan(a):
+        return Estimate(math.nan, math.nan, math.nan, math.nan, n, "delong")
+    if not 0.0 <= a <= 1.0:
+        raise DataError(f"an AUC must lie in [0, 1] (or be NaN when undefined), got {auc!r}",
                         safe_reason="invalid statistics input")
-    se = math.sqrt(var)
-    return Estimate(float(auc), max(0.0, auc - z * se), min(1.0, auc + z * se), se, n, "delong")
+    if math.isnan(v):
+        return Estimate(a, math.nan, math.nan, math.nan, n, "delong")
+    if not math.isfinite(v) or v < 0:
+        raise DataError(f"variance must be finite and >= 0 (or NaN when undefined), got "
+                        f"{var!r}", safe_reason="invalid statistics input")
+    se = math.sqrt(v)
+    return Estimate(a, max(0.0, a - z * se), min(1.0, a + z * se), se, n, "delong")
 
 
 def local_delong(
@@ -251,7 +285,10 @@ def local_delong(
 ) -> DeLongResult:
     """One site's own AUC and DeLong variance (binned on ``edges``), e.g. for a meta-analysis.
 
-    Computed at the node from its own data; only the two numbers need leave it.
+    Computed at the node from its own data; only the two numbers need leave it. ``scores``
+    are probabilities in [0, 1] (the default edges' range): NaN, infinite or out-of-range
+    scores raise :class:`~common.errors.DataError` rather than being clipped into the end
+    bins; map logits through the sigmoid (``scipy.special.expit``) first.
     """
     from common.stats.bins import class_histograms
 

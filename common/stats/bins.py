@@ -18,9 +18,16 @@ function of a few integers (no data-dependent choice). Two families:
 ``uniform_edges(bins, lo, hi)``
     Equal-width bins for other quantities (entropies, nonconformity scores).
 
-Bin ``i`` holds values in ``[edges[i], edges[i + 1])``; the last bin is closed on the right;
-values outside the edges are clipped into the end bins. A value exactly on an edge lands in the
-bin that starts there, so scores on edges are binned without loss.
+Bin ``i`` holds values in ``[edges[i], edges[i + 1])``; the last bin is closed on the right.
+:func:`bin_index` and :func:`value_histogram` clip values outside the edges into the end bins
+(right for bounded quantities such as entropies); score histograms for ROC/AUC/DeLong
+(:func:`class_histograms`, :func:`common.stats.auc.node_placement_sums`) instead *refuse*
+scores outside the edges' range (``[0, 1]`` for the default edges) through
+:func:`score_bin_index`, because clipping would tie them in an end bin and bias the AUC
+(scores 1.5 ... 6 would all tie: AUC 0.5 where the truth is 1). Logits or other unbounded
+scores must be mapped into [0, 1] first, e.g. through the sigmoid ``scipy.special.expit``
+(monotone, so the AUC is unchanged). A value exactly on an edge lands in the bin that starts
+there, so scores on edges are binned without loss.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ import numpy as np
 import numpy.typing as npt
 from scipy.special import expit
 
-from common.errors import ConfigError
+from common.errors import ConfigError, DataError
 from common.stats._checks import as_labels, as_scores
 
 FINE_UNIFORM = 5000
@@ -86,6 +93,43 @@ def bin_index(values: npt.ArrayLike, edges: npt.ArrayLike) -> np.ndarray:
     return np.clip(idx, 0, e.size - 2).astype(np.int64)
 
 
+def score_bin_index(
+    scores: npt.ArrayLike, edges: npt.ArrayLike, name: str = "scores"
+) -> np.ndarray:
+    """Bin number of each score; refuses scores outside ``[edges[0], edges[-1]]``.
+
+    Parameters
+    ----------
+    scores
+        Finite scores; with the default :func:`fine_score_edges`, probabilities in [0, 1].
+    edges
+        Bin edges.
+    name
+        Name used in the error message.
+
+    Returns
+    -------
+    numpy.ndarray
+        int64 bin numbers, as :func:`bin_index`.
+
+    Raises
+    ------
+    DataError
+        NaN or infinite scores, or scores outside the range the edges cover (never clipped:
+        that would tie them in an end bin).
+    """
+    e = check_edges(edges)
+    s = as_scores(scores, name)
+    outside = int(np.count_nonzero((s < e[0]) | (s > e[-1])))
+    if outside:
+        raise DataError(
+            f"{outside} of {s.size} {name} lie outside [{e[0]:g}, {e[-1]:g}], the range the "
+            "bin edges cover (probabilities in [0, 1] for the default edges); map logits or "
+            "other unbounded scores through the sigmoid (scipy.special.expit) first",
+            safe_reason="scores outside the accepted range (probabilities in [0, 1])")
+    return bin_index(s, e)
+
+
 def value_histogram(values: npt.ArrayLike, edges: npt.ArrayLike) -> np.ndarray:
     """Counts of ``values`` per bin (int64, length ``len(edges) - 1``). Node-side, additive."""
     e = check_edges(edges)
@@ -100,7 +144,10 @@ def class_histograms(
     Parameters
     ----------
     scores
-        Predicted probabilities of the positive class for the node's held-out patients.
+        Predicted probabilities of the positive class for the node's held-out patients, in
+        the range the edges cover ([0, 1] for the default edges; NaN, infinite or
+        out-of-range scores raise :class:`~common.errors.DataError`, see
+        :func:`score_bin_index`).
     labels
         Binary labels (1 = positive).
     edges
@@ -115,7 +162,7 @@ def class_histograms(
     e = fine_score_edges() if edges is None else check_edges(edges)
     s = as_scores(scores)
     y = as_labels(labels, s.size)
-    idx = bin_index(s, e)
+    idx = score_bin_index(s, e)
     nb = e.size - 1
     return (np.bincount(idx[y], minlength=nb).astype(np.int64),
             np.bincount(idx[~y], minlength=nb).astype(np.int64))

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+from scipy.special import expit
 from scipy.stats import norm
 from sklearn.metrics import roc_auc_score
 
@@ -14,6 +15,7 @@ from common.stats import sum_stats
 from common.stats.auc import (
     auc_ci,
     delong_from_sums,
+    local_delong,
     node_placement_sums,
     paired_delong_from_sums,
 )
@@ -155,3 +157,62 @@ def test_placement_sums_reject_bad_input() -> None:
                           "v01_sum": [2.5], "v01_cross": [[1.25]]})
     with pytest.raises(DataError):
         paired_delong_from_sums({k: v for k, v in sums.items() if k != "v01_cross"})
+
+
+def test_scores_outside_the_edges_are_refused_naming_the_range() -> None:
+    # Prepare: perfectly ranked scores on a logit-like scale (the review's example)
+    raw, y = [1.5, 2, 3, 4, 5, 6], [0, 0, 0, 1, 1, 1]
+    # Execute / Assert: refused (clipping would tie them all in the last bin: AUC 0.5)
+    with pytest.raises(DataError, match=r"outside \[0, 1\].*sigmoid") as info:
+        local_delong(raw, y)
+    assert "[0, 1]" in info.value.safe_reason
+    with pytest.raises(DataError, match=r"outside \[0, 1\]"):
+        class_histograms(raw, y)
+    with pytest.raises(DataError, match=r"outside \[0, 1\]"):
+        node_placement_sums([[-0.1, 0.5]], [0, 1], [(np.ones(10), np.ones(10))],
+                            edges=uniform_edges(10))
+    with pytest.raises(DataError, match=r"outside \[0.2, 0.8\]"):  # custom edges: their range
+        class_histograms([0.1, 0.5], [0, 1], uniform_edges(6, 0.2, 0.8))
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_non_finite_scores_are_refused(bad: float) -> None:
+    with pytest.raises(DataError, match="NaN or infinite"):
+        local_delong([0.1, 0.2, bad, 0.8, 0.9, 0.7], [0, 0, 0, 1, 1, 1])
+
+
+def test_logits_through_the_sigmoid_give_the_sklearn_auc() -> None:
+    # Prepare: the review's example, and over-confident logits on a wide scale
+    raw, y = np.array([1.5, 2, 3, 4, 5, 6]), np.array([0, 0, 0, 1, 1, 1])
+    rng = np.random.default_rng(7)
+    y2 = rng.integers(0, 2, size=3000)
+    logits = rng.normal(size=3000) * 3 + 2.0 * y2
+    # Execute
+    small = local_delong(expit(raw), y)
+    big = local_delong(expit(logits), y2)
+    edge = local_delong([0.0, 0.0, 1.0, 1.0, 0.5, 0.5], [0, 0, 1, 1, 0, 1])
+    # Assert: the same AUC as sklearn on the untransformed scores (binning error only)
+    assert small.auc == pytest.approx(roc_auc_score(y, raw), abs=1e-12)
+    assert small.auc == 1.0 and small.var == 0.0
+    assert big.auc == pytest.approx(roc_auc_score(y2, logits), abs=1e-4)
+    # 0 and 1 themselves are accepted (the last bin is closed on the right)
+    assert edge.auc == pytest.approx(roc_auc_score([0, 0, 1, 1, 0, 1], [0, 0, 1, 1, .5, .5]),
+                                     abs=1e-12)
+
+
+def test_auc_ci_of_an_undefined_auc_is_undefined() -> None:
+    # Execute
+    undefined = auc_ci(math.nan, 0.01, n=40)
+    no_var = auc_ci(0.8, math.nan, n=40)
+    # Assert: NaN bounds (None in the report), never the whole range (0, 1)
+    assert all(math.isnan(v) for v in (undefined.value, undefined.lower, undefined.upper,
+                                        undefined.se))
+    assert undefined.as_dict() == {"value": None, "lower": None, "upper": None, "se": None,
+                                   "n": 40, "method": "delong"}
+    assert no_var.value == 0.8 and math.isnan(no_var.lower) and math.isnan(no_var.upper)
+    with pytest.raises(DataError, match=r"\[0, 1\]"):
+        auc_ci(1.2, 0.01)
+    with pytest.raises(DataError, match="variance"):
+        auc_ci(0.8, -0.01)
+    with pytest.raises(DataError, match="variance"):
+        auc_ci(0.8, math.inf)
