@@ -232,7 +232,7 @@ def parse_labels(path: str | Path) -> LabelTable:
             problems.append(_problem(
                 LabelIssue.BAD_CSV, "this line cannot be parsed as CSV (an unclosed quote or "
                 "an oversized field); fix it, the rest of the file was not read",
-                reader.line_num))
+                reader.reader.line_num))  # DictReader's own count lags on an error
             break
         line = reader.line_num
         if not any((v or "").strip() for v in row.values() if isinstance(v, str)):

@@ -67,3 +67,140 @@ def test_repeated_identical_row_is_accepted(tmp_path: Path) -> None:
     path = _write(tmp_path, "patient_id,study_uid,label\nP1,1.2.3,1\nP1,1.2.3,1\n")
     # Execute / Assert
     assert read_labels(path) == {("P1", "1.2.3"): 1}
+
+
+# --- parse_labels: every problem, one rule set with read_labels ---------------------------
+
+import string  # noqa: E402
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from client.data.labels import LabelIssue, match_problems, parse_labels  # noqa: E402
+
+HEADER = "patient_id,study_uid,label\n"
+BAD_ROWS = (
+    "QX1,9.8.7.1,1\n"        # line 2: fine
+    "QX2,9.8.7.2,banana\n"   # line 3: non-integer
+    ",9.8.7.3,0\n"           # line 4: empty patient_id
+    "QX4,9.8.7.4,-3\n"       # line 5: negative
+    "QX5,9.8.7.5,2\n"        # line 6: not binary (kept)
+    "QX1,9.8.7.1,0\n"        # line 7: conflict with line 2
+    "QX7,,\n"                # line 8: empty study_uid and empty label
+)
+
+
+def test_parse_reports_every_bad_row_with_its_line_and_code(tmp_path: Path) -> None:
+    # Prepare
+    path = _write(tmp_path, HEADER + BAD_ROWS)
+    # Execute
+    table = parse_labels(path)
+    # Assert
+    got = [(p.line, p.code) for p in table.problems]
+    assert got == [
+        (3, LabelIssue.NOT_INTEGER),
+        (4, LabelIssue.EMPTY_ID),
+        (5, LabelIssue.NEGATIVE),
+        (6, LabelIssue.NOT_BINARY),
+        (7, LabelIssue.CONFLICT),
+        (8, LabelIssue.EMPTY_ID),
+        (8, LabelIssue.NOT_INTEGER),
+    ]
+    assert table.labels == {("QX5", "9.8.7.5"): 2}  # the conflicting study is left out
+    assert "line 2" in next(p.text for p in table.problems if p.code is LabelIssue.CONFLICT)
+    for problem in table.problems:
+        for value in ("QX", "9.8.7", "banana", "-3", str(tmp_path)):
+            assert value not in problem.text
+
+
+def test_read_labels_raises_on_the_first_malformed_row_and_keeps_labels_above_one(
+    tmp_path: Path,
+) -> None:
+    # Prepare
+    bad = _write(tmp_path, HEADER + BAD_ROWS)
+    (tmp_path / "ok").mkdir()
+    ok = _write(tmp_path / "ok", HEADER + "QX1,9.8.7.1,2\n")
+    # Execute
+    with pytest.raises(DataError) as info:
+        read_labels(bad)
+    # Assert: same rule set as parse_labels; a label of 2 is the task's business, not the CSV's
+    assert "line 3" in str(info.value) and "not an integer" in str(info.value)
+    assert read_labels(ok) == {("QX1", "9.8.7.1"): 2}
+
+
+def test_unreadable_file_is_one_problem_not_an_exception(tmp_path: Path) -> None:
+    # Prepare
+    path = tmp_path / "labels.csv"
+    path.write_bytes(b"patient_id,study_uid,label\n\xff\xfe\x00,1,1\n")
+    # Execute
+    table = parse_labels(path)
+    # Assert
+    assert [p.code for p in table.problems] == [LabelIssue.UNREADABLE]
+    with pytest.raises(DataError):
+        read_labels(path)
+
+
+def test_oversized_field_is_reported_at_its_line(tmp_path: Path) -> None:
+    # Prepare: csv's field size limit is 131072 characters
+    path = _write(tmp_path, HEADER + "QX1,9.8.7.1,1\n" + "QX2,\"" + "9" * 200_000 + "\",1\n")
+    # Execute
+    table = parse_labels(path)
+    # Assert
+    assert [(p.line, p.code) for p in table.problems] == [(3, LabelIssue.BAD_CSV)]
+    assert table.labels == {("QX1", "9.8.7.1"): 1}
+
+
+def test_match_reports_rows_without_images_and_images_without_rows(tmp_path: Path) -> None:
+    # Prepare
+    path = _write(tmp_path, HEADER + "QX1,9.8.7.1,1\nQX2,9.8.7.2,0\n")
+    images = [("QX1", "9.8.7.1"), ("QX3", "9.8.7.3"), ("QX3", "9.8.7.3"), ("QX4", "9.8.7.4")]
+    # Execute
+    problems = match_problems(parse_labels(path), images)
+    # Assert
+    assert [(p.line, p.code) for p in problems] == [
+        (3, LabelIssue.NO_IMAGE),
+        (None, LabelIssue.UNLABELLED_IMAGES),
+    ]
+    assert "3 usable image(s) of 2 study(ies)" in problems[1].text
+
+
+_IDS = st.text(alphabet=string.ascii_uppercase, min_size=4, max_size=8).map(lambda s: "Z" + s)
+_CELL = st.one_of(_IDS, st.sampled_from(["", "0", "1", "2", "-1", "x", " ", '"', "1.5"]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    header=st.permutations(["patient_id", "study_uid", "label", "note"]),
+    rows=st.lists(st.lists(_CELL, min_size=0, max_size=5), max_size=12),
+)
+def test_parse_never_raises_and_never_echoes_a_cell(
+    tmp_path_factory: pytest.TempPathFactory, header: list[str], rows: list[list[str]]
+) -> None:
+    # Prepare
+    folder = tmp_path_factory.mktemp("fuzz")
+    body = "\n".join(",".join(cells) for cells in rows)
+    path = _write(folder, ",".join(header) + "\n" + body + "\n")
+    ids = {cell for cells in rows for cell in cells if cell.startswith("Z")}
+    # Execute
+    table = parse_labels(path)
+    # Assert
+    for problem in table.problems:
+        assert problem.line is None or problem.line >= 1
+        assert not any(value in problem.message() for value in ids)
+    if not table.malformed:
+        assert read_labels(path) == table.labels
+    else:
+        with pytest.raises(DataError):
+            read_labels(path)
+
+
+@settings(max_examples=60, deadline=None)
+@given(text=st.text(max_size=300))
+def test_parse_survives_arbitrary_text(tmp_path_factory: pytest.TempPathFactory, text: str) -> None:
+    # Prepare
+    path = _write(tmp_path_factory.mktemp("any"), text)
+    # Execute
+    table = parse_labels(path)
+    # Assert: either labels or problems explain the file; nothing raised
+    assert all(isinstance(p.code, LabelIssue) for p in table.problems)
+    assert table.exists
