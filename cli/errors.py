@@ -119,6 +119,9 @@ class SafeGroup(TyperGroup):
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
+        except BrokenPipeError:  # `vesalius ... | head`: the reader left; nothing to say
+            sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - silence the interpreter's flush
+            raise click.exceptions.Exit(0) from None
         except KeyboardInterrupt:
             _say("interrupted")
             raise click.exceptions.Exit(EXIT_INTERRUPTED) from None

@@ -9,35 +9,59 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import click
 import typer
 
-from cli.console import console, err_console
+from cli.console import console, err_console, setup_logging
 from cli.flower import APP_DIR, CONNECTION, executable, flower_env, toml_value, write_connection
-from cli.report_view import print_report, print_round
+from cli.options import (
+    NON_NEGATIVE,
+    OUTPUT_FORMATS,
+    POSITIVE,
+    existing_file,
+    existing_folder,
+    model_choice,
+    resolved,
+)
+from cli.report_view import print_report
+from cli.run_progress import run_view
 from common.config import NodeConfig, RunConfig, TrainPlan
-from common.errors import ConfigError
+from common.errors import ConfigError, ConnectionProblem
 
 federation_app = typer.Typer(help="Start and follow federated runs.", no_args_is_help=True)
 
 
 # Options shared by `run` and `cv` (one definition each).
 _SUPERLINK = typer.Option(None, "--superlink", help="SuperLink address (HOST:PORT of its Control API). Omit to simulate.")
-_DATA_ROOT = typer.Option(None, "--data-root", help="Simulation: folder with site-* data folders.")
+_DATA_ROOT = typer.Option(None, "--data-root", callback=existing_folder("--data-root"),
+                          help="Simulation: folder with site-* data folders.")
 _LOCAL_EPOCHS = typer.Option(1, "--local-epochs", min=1)
 _BATCH_SIZE = typer.Option(32, "--batch-size", min=1)
-_LR = typer.Option(0.05, "--lr")
-_NOISE = typer.Option(0.0, "--noise-multiplier", help="Fix σ instead of deriving it from --epsilon.")
-_CLIP = typer.Option(1.0, "--max-grad-norm")
+_LR = typer.Option(0.05, "--lr", click_type=POSITIVE, help="Learning rate (> 0).")
+_NOISE = typer.Option(0.0, "--noise-multiplier", click_type=NON_NEGATIVE,
+                      help="Fix σ instead of deriving it from --epsilon (0 = derive).")
+_CLIP = typer.Option(1.0, "--max-grad-norm", click_type=POSITIVE,
+                     help="Per-patient L2 clipping bound (> 0).")
 _NON_PRIVATE = typer.Option(False, "--non-private", help="Baseline without DP (nodes must allow it).")
-_MODEL = typer.Option("cnn", "--model")
-_IMAGE_SIZE = typer.Option(32, "--image-size")
+_MODEL = typer.Option("cnn", "--model", click_type=model_choice(),
+                      help="Model from the zoo (`vesalius models list`).")
+_IMAGE_SIZE = typer.Option(32, "--image-size", min=8, help="Side of the square input in pixels.")
 _MIN_NODES = typer.Option(2, "--min-nodes", min=1)
 _MIN_RELEASE = typer.Option(10, "--min-release-count", min=0, help="Simulation: each simulated hospital's minimum release count (exact releases of fewer patients are refused; small cells suppressed).")
+_EPSILON_CAP = typer.Option(8.0, "--epsilon-cap", click_type=POSITIVE,
+                            help="Simulation: each simulated hospital's cap (> 0).")
+_ON_REFUSAL = typer.Option("exclude", "--on-refusal", click_type=click.Choice(["exclude", "stop"]),
+                           help="When a node refuses the plan (its budget): 'exclude' it from the rest of the run, or 'stop' the run.")
+_LEDGER_DIR = typer.Option(None, "--ledger-dir", callback=resolved,
+                           help="Simulation: folder of the simulated hospitals' privacy ledgers, one sub-folder per site (default: 'ledgers' beside --data-root). A dataset's budget lives there across runs.")
 _INSECURE = typer.Option(False, "--insecure", help="Plain-text connection (loopback tests only).")
-_ROOT_CERTIFICATES = typer.Option(None, "--root-certificates")
-_FLWR_HOME = typer.Option(None, "--flwr-home", help="FLWR_HOME for `flwr run`.")
-_OUTPUT_FORMAT = typer.Option("table", "--format", help="table or json.")
-_VERBOSE = typer.Option(False, "--verbose", "-v")
+_ROOT_CERTIFICATES = typer.Option(None, "--root-certificates",
+                                  callback=existing_file("--root-certificates"),
+                                  help="CA certificate that signed the SuperLink's TLS certificate.")
+_FLWR_HOME = typer.Option(None, "--flwr-home", callback=resolved, help="FLWR_HOME for `flwr run`.")
+_OUTPUT_FORMAT = typer.Option("table", "--format", click_type=click.Choice(list(OUTPUT_FORMATS)),
+                              help="table or json.")
+_VERBOSE = typer.Option(False, "--verbose", "-v", help="Show Flower's own log lines too.")
 
 
 def build_run_config(
@@ -92,28 +116,56 @@ def simulated_hospitals(data_root: Path, *, epsilon_cap: float, allow_non_privat
     ]
 
 
+def announce_ledgers(ledger_root: Path) -> None:
+    """Say where the simulated hospitals' budgets live, and how to start a fresh one."""
+    console.print(f"privacy ledgers: {ledger_root}/<site> (each simulated hospital's ε spent on "
+                  "this data, across runs; a fresh budget needs fresh data from `vesalius synth` "
+                  "or another --ledger-dir)", highlight=False)
+
+
 def simulate(config: RunConfig, data_root: Path, *, epsilon_cap: float, allow_non_private: bool,
              verbose: bool, ledger_root: Path | None = None,
-             min_release_count: int = 10) -> dict[str, object]:
+             min_release_count: int = 10, show_progress: bool = True) -> dict[str, object]:
     """Run a simulated federation over the ``site-*`` folders of ``data_root``."""
+    from server.report import round_dict
     from server.simulation import run_simulation
 
+    ledgers = ledger_root if ledger_root is not None else default_ledger_root(data_root)
     nodes = simulated_hospitals(data_root, epsilon_cap=epsilon_cap,
                                 allow_non_private=allow_non_private,
-                                min_release_count=min_release_count, ledger_root=ledger_root)
+                                min_release_count=min_release_count, ledger_root=ledgers)
     total = config.plan.num_rounds
     console.print(f"simulating {len(nodes)} hospitals x {total} rounds "
                   f"({'DP-SGD, target ε=%g' % config.plan.target_epsilon if config.plan.private else 'non-private'})")
-    report = run_simulation(config, nodes, on_round=lambda e: print_round(e, total), verbose=verbose)
+    announce_ledgers(ledgers)
+    with run_view(total, enabled=show_progress, verbose=verbose) as view:
+        report = run_simulation(config, nodes, on_round=lambda e: view.on_round(round_dict(e)),
+                                on_progress=view.on_progress, verbose=verbose)
     return report.to_dict()
+
+
+def _connection_hint(output: list[str], superlink: str) -> str | None:
+    """Why ``flwr run`` could not reach the SuperLink, from its output (None: another cause)."""
+    text = "\n".join(output[-200:]).lower()
+    if any(word in text for word in ("ssl", "certificate", "handshake")):
+        return (f"the TLS handshake with the SuperLink at {superlink} failed: give the CA "
+                "certificate that signed its certificate (--root-certificates), or --insecure "
+                "for a plain-text development SuperLink")
+    if any(word in text for word in ("unavailable", "connection refused", "failed to connect",
+                                     "deadline exceeded", "name resolution")):
+        return (f"no SuperLink answered at {superlink}: check the address and port (the "
+                "SuperLink's Control API) and that it is running")
+    return None
 
 
 def run_on_superlink(config: RunConfig, superlink: str, *, insecure: bool,
                      root_certificates: Path | None, flwr_home: Path | None,
-                     extra: Mapping[str, object] | None = None) -> dict[str, object]:
+                     extra: Mapping[str, object] | None = None, verbose: bool = False,
+                     num_folds: int = 1, show_progress: bool = True) -> dict[str, object]:
     """Submit the run to a SuperLink with ``flwr run --stream`` and read the report it writes.
 
-    ``extra`` adds run-config overrides (e.g. the cross-validation keys).
+    ``extra`` adds run-config overrides (e.g. the cross-validation keys). The ServerApp's
+    progress and round markers drive the same live view as a simulation.
     """
     home = flwr_home or Path(tempfile.mkdtemp(prefix="vesalius-flwr-"))
     write_connection(home, superlink, insecure=insecure, root_cert=root_certificates)
@@ -126,10 +178,22 @@ def run_on_superlink(config: RunConfig, superlink: str, *, insecure: bool,
         report_path.rename(kept)
         err_console.print(f"an earlier report in {config.out_dir} was kept as {kept.name}")
     console.print(f"submitting run to SuperLink {superlink}")
-    proc = subprocess.run(cmd, env=flower_env(home), check=False)
-    if proc.returncode != 0:
-        err_console.print(f"[red]error:[/red] the run did not complete (flwr run exit {proc.returncode}; "
-                          f"is a SuperLink listening at {superlink}?)")
+    output: list[str] = []
+    with run_view(config.plan.num_rounds, num_folds, enabled=show_progress,
+                  verbose=verbose) as view:
+        proc = subprocess.Popen(cmd, env=flower_env(home), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, errors="replace")
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            output.append(line)
+            view.feed_line(line)
+        returncode = proc.wait()
+    if returncode != 0:
+        hint = _connection_hint(output, superlink)
+        if hint is not None:
+            raise ConnectionProblem(f"the run did not start: {hint}")
+        err_console.print(f"[red]error:[/red] the run did not complete (flwr run exit {returncode}); "
+                          "see Flower's messages above and the SuperLink's log")
         raise typer.Exit(1)
     if not report_path.exists():
         err_console.print(f"[red]error:[/red] the ServerApp wrote no report to {report_path} "
@@ -142,12 +206,12 @@ def run_on_superlink(config: RunConfig, superlink: str, *, insecure: bool,
 def run(
     superlink: str | None = _SUPERLINK,
     data_root: Path | None = _DATA_ROOT,
-    out: Path = typer.Option(Path("vesalius-out"), "--out", help="Where report.json and checkpoints go."),
+    out: Path = typer.Option(Path("vesalius-out"), "--out", callback=resolved, help="Where report.json and checkpoints go."),
     rounds: int = typer.Option(5, "--rounds", min=1),
     local_epochs: int = _LOCAL_EPOCHS,
     batch_size: int = _BATCH_SIZE,
     learning_rate: float = _LR,
-    epsilon: float = typer.Option(8.0, "--epsilon", help="Target patient-level ε per hospital for the whole run."),
+    epsilon: float = typer.Option(8.0, "--epsilon", click_type=POSITIVE, help="Target patient-level ε per hospital for the whole run (> 0)."),
     noise_multiplier: float = _NOISE,
     max_grad_norm: float = _CLIP,
     non_private: bool = _NON_PRIVATE,
@@ -155,12 +219,13 @@ def run(
     image_size: int = _IMAGE_SIZE,
     seed: int = typer.Option(42, "--seed"),
     min_nodes: int = _MIN_NODES,
-    epsilon_cap: float = typer.Option(8.0, "--epsilon-cap", help="Simulation: each simulated hospital's cap."),
-    on_refusal: str = typer.Option("exclude", "--on-refusal", help="When a node refuses the plan (its budget): 'exclude' it from the rest of the run, or 'stop' the run."),
+    epsilon_cap: float = _EPSILON_CAP,
+    on_refusal: str = _ON_REFUSAL,
     min_release_count: int = _MIN_RELEASE,
+    ledger_dir: Path | None = _LEDGER_DIR,
     model_phase: str = typer.Option("", "--model-phase", help="DBN/DBM training phase: finetune, pretrain or pretrain:<layer>."),
-    hospital_dp_noise: float = typer.Option(0.0, "--hospital-dp-noise", help="Hospital-level DP on top of patient-level DP: noise multiplier on the clipped model updates (0 = off)."),
-    hospital_dp_clip: float = typer.Option(0.0, "--hospital-dp-clip", help="Hospital-level DP: L2 bound of each hospital's model update."),
+    hospital_dp_noise: float = typer.Option(0.0, "--hospital-dp-noise", click_type=NON_NEGATIVE, help="Hospital-level DP on top of patient-level DP: noise multiplier on the clipped model updates (0 = off)."),
+    hospital_dp_clip: float = typer.Option(0.0, "--hospital-dp-clip", click_type=NON_NEGATIVE, help="Hospital-level DP: L2 bound of each hospital's model update."),
     insecure: bool = _INSECURE,
     root_certificates: Path | None = _ROOT_CERTIFICATES,
     flwr_home: Path | None = _FLWR_HOME,
@@ -168,6 +233,7 @@ def run(
     verbose: bool = _VERBOSE,
 ) -> None:
     """Start a federated run: simulated on this machine, or on a SuperLink."""
+    setup_logging(verbose)
     try:
         config = build_run_config(
             rounds=rounds, local_epochs=local_epochs, batch_size=batch_size,
@@ -183,10 +249,12 @@ def run(
         if data_root is None:
             raise typer.BadParameter("give --data-root for a simulation, or --superlink ADDRESS")
         doc = simulate(config, data_root, epsilon_cap=epsilon_cap, allow_non_private=non_private,
-                       verbose=verbose, min_release_count=min_release_count)
+                       verbose=verbose, min_release_count=min_release_count,
+                       ledger_root=ledger_dir, show_progress=output_format != "json")
     else:
         doc = run_on_superlink(config, superlink, insecure=insecure,
-                               root_certificates=root_certificates, flwr_home=flwr_home)
+                               root_certificates=root_certificates, flwr_home=flwr_home,
+                               verbose=verbose, show_progress=output_format != "json")
     if output_format == "json":
         console.print_json(json.dumps(doc))
     else:
@@ -275,52 +343,49 @@ def print_cv_report(doc: Mapping[str, Any]) -> None:
 
 def simulate_cv(config: RunConfig, data_root: Path, *, folds: int, leave_one_site_out: bool,
                 epsilon_cap: float, allow_non_private: bool, verbose: bool,
-                min_release_count: int = 10) -> dict[str, object]:
+                min_release_count: int = 10, ledger_root: Path | None = None,
+                show_progress: bool = True) -> dict[str, object]:
     """Cross-validate over the ``site-*`` folders of ``data_root`` in a simulation."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from server.cv import CVSpec, FoldEvent, simulate_cross_validation
 
     spec = CVSpec(num_folds=0 if leave_one_site_out else folds, leave_one_site_out=leave_one_site_out)
+    ledgers = ledger_root if ledger_root is not None else default_ledger_root(data_root)
     nodes = simulated_hospitals(data_root, epsilon_cap=epsilon_cap,
                                 allow_non_private=allow_non_private,
-                                min_release_count=min_release_count)
+                                min_release_count=min_release_count, ledger_root=ledgers)
     num_folds = len(nodes) if leave_one_site_out else folds
     rounds = config.plan.num_rounds
     console.print(f"cross-validating over {len(nodes)} simulated hospitals: "
                   f"{'leave one site out' if leave_one_site_out else f'{folds}-fold'}, "
                   f"{rounds} round(s) per fold "
                   f"({'DP-SGD, target ε=%g over all folds' % config.plan.target_epsilon if config.plan.private else 'non-private'})")
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=console, transient=True) as bar:
-        task = bar.add_task("folds x rounds", total=num_folds * rounds)
+    announce_ledgers(ledgers)
+    with run_view(rounds, num_folds, enabled=show_progress, verbose=verbose) as view:
 
         def progress(event: FoldEvent) -> None:
             if event.stage == "start":
-                bar.update(task, description=f"fold {event.fold + 1}/{event.num_folds} ({event.label})",
-                           completed=event.fold * rounds, total=event.num_folds * rounds)
-            elif event.stage == "round":
-                bar.update(task, completed=event.fold * rounds + event.round)
+                view.start_fold(event.fold)
             elif event.stage == "evaluated" and event.fold_row is not None:
-                bar.console.print(fold_line(event.fold_row))
+                view.print(fold_line(event.fold_row))
 
-        result = simulate_cross_validation(config, nodes, spec, progress=progress, verbose=verbose)
+        result = simulate_cross_validation(config, nodes, spec, progress=progress, verbose=verbose,
+                                           on_progress=view.on_progress)
     return result.to_dict()
 
 
 @federation_app.command("cv")
 def cv(
-    folds: int = typer.Option(0, "--folds", help="k of a federated stratified k-fold (>= 2)."),
+    folds: int = typer.Option(0, "--folds", min=0, help="k of a federated stratified k-fold (>= 2)."),
     leave_one_site_out: bool = typer.Option(False, "--leave-one-site-out",
                                             help="One fold per hospital instead of k-fold."),
     superlink: str | None = _SUPERLINK,
     data_root: Path | None = _DATA_ROOT,
-    out: Path = typer.Option(Path("vesalius-cv"), "--out", help="Where report.json, report.html and fold-*/ go."),
+    out: Path = typer.Option(Path("vesalius-cv"), "--out", callback=resolved, help="Where report.json, report.html and fold-*/ go."),
     rounds: int = typer.Option(5, "--rounds", min=1, help="Rounds per fold."),
     local_epochs: int = _LOCAL_EPOCHS,
     batch_size: int = _BATCH_SIZE,
     learning_rate: float = _LR,
-    epsilon: float = typer.Option(8.0, "--epsilon", help="Target patient-level ε per hospital for the whole cross-validation (all folds)."),
+    epsilon: float = typer.Option(8.0, "--epsilon", click_type=POSITIVE, help="Target patient-level ε per hospital for the whole cross-validation (all folds; > 0)."),
     noise_multiplier: float = _NOISE,
     max_grad_norm: float = _CLIP,
     non_private: bool = _NON_PRIVATE,
@@ -328,9 +393,10 @@ def cv(
     image_size: int = _IMAGE_SIZE,
     seed: int = typer.Option(42, "--seed", help="Seed of the folds (at every node) and of each fold's initial model."),
     min_nodes: int = _MIN_NODES,
-    epsilon_cap: float = typer.Option(8.0, "--epsilon-cap", help="Simulation: each simulated hospital's cap (all folds together)."),
-    on_refusal: str = typer.Option("exclude", "--on-refusal", help="When a node refuses a fold's plan: 'exclude' it, or 'stop' the cross-validation."),
+    epsilon_cap: float = _EPSILON_CAP,
+    on_refusal: str = _ON_REFUSAL,
     min_release_count: int = _MIN_RELEASE,
+    ledger_dir: Path | None = _LEDGER_DIR,
     insecure: bool = _INSECURE,
     root_certificates: Path | None = _ROOT_CERTIFICATES,
     flwr_home: Path | None = _FLWR_HOME,
@@ -338,6 +404,7 @@ def cv(
     verbose: bool = _VERBOSE,
 ) -> None:
     """Federated cross-validation: k-fold (--folds K) or leave-one-site-out; a fresh model per fold."""
+    setup_logging(verbose)
     if leave_one_site_out == (folds >= 2):
         raise typer.BadParameter("give either --folds K (K >= 2) or --leave-one-site-out")
     try:
@@ -355,14 +422,17 @@ def cv(
             raise typer.BadParameter("give --data-root for a simulation, or --superlink ADDRESS")
         doc = simulate_cv(config, data_root, folds=folds, leave_one_site_out=leave_one_site_out,
                           epsilon_cap=epsilon_cap, allow_non_private=non_private, verbose=verbose,
-                          min_release_count=min_release_count)
+                          min_release_count=min_release_count, ledger_root=ledger_dir,
+                          show_progress=output_format != "json")
     else:
         from server.cv import CVSpec
 
         extra = CVSpec(num_folds=0 if leave_one_site_out else folds,
                        leave_one_site_out=leave_one_site_out).to_user_config()
         doc = run_on_superlink(config, superlink, insecure=insecure,
-                               root_certificates=root_certificates, flwr_home=flwr_home, extra=extra)
+                               root_certificates=root_certificates, flwr_home=flwr_home, extra=extra,
+                               verbose=verbose, num_folds=max(folds, 1) if not leave_one_site_out else 1,
+                               show_progress=output_format != "json")
         inference = doc.get("inference")
         if not isinstance(inference, dict) or "cv" not in inference:
             err_console.print("[red]error:[/red] the ServerApp wrote a plain run report, not a "

@@ -6,26 +6,13 @@ from typing import Any
 
 from cli.console import console, fmt, table
 from common import messages as k
-from server.strategies.fedavg import RoundLog
 
 
-def _eps(value: float | None) -> str:
+def fmt_epsilon(value: object, spec: str = ".3f") -> str:
     """Epsilon for people: missing or infinite means no DP guarantee at all."""
     if value is None or value == float("inf"):
         return "none (no DP)"
-    return fmt(value, ".3f")
-
-
-def print_round(entry: RoundLog, total: int) -> None:
-    """One line per finished round: validation AUC and each site's epsilon so far."""
-    m = entry.evaluate_metrics
-    eps = ", ".join(f"{r.site} ε={_eps(r.metrics.get(k.EPSILON))}" for r in sorted(entry.train, key=lambda r: r.site))
-    console.print(
-        f"round {entry.round}/{total}: val AUC {fmt(m.get(k.AUC))}  acc {fmt(m.get(k.ACCURACY))}"
-        f"  loss {fmt(m.get(k.LOSS), '.4f')}  |  {eps or 'no site trained'}"
-    )
-    for err in entry.errors:
-        console.print(f"  [yellow]{err['site']} ({err['phase']}): {err['reason']}[/yellow]")
+    return fmt(value, spec)
 
 
 def _estimate(value: Any) -> str:
@@ -75,9 +62,9 @@ def print_report(doc: dict[str, Any]) -> None:
                    "noise σ"])
     for s in doc.get("sites", []):
         cap = s.get("epsilon_cap")
-        dataset = _eps(s.get("epsilon_dataset")) + (f" / {fmt(cap, 'g')}" if cap else "")
-        sites.add_row(s["site"], str(s["num_examples"]), _eps(s["epsilon"]),
-                      _eps(s.get("epsilon_prv")), dataset, fmt(s["delta"], ".1e"),
+        dataset = fmt_epsilon(s.get("epsilon_dataset")) + (f" / {fmt(cap, 'g')}" if cap else "")
+        sites.add_row(s["site"], str(s["num_examples"]), fmt_epsilon(s["epsilon"]),
+                      fmt_epsilon(s.get("epsilon_prv")), dataset, fmt(s["delta"], ".1e"),
                       fmt(s["noise_multiplier"], ".3f"))
     console.print(sites)
     for row in doc.get("excluded", []):

@@ -25,7 +25,8 @@ from common import messages as k
 from common.config import RunConfig
 from common.models import build_model
 from server.cv import CVSpec, run_cross_validation
-from server.report import RunReport
+from server.progress import ProgressCallback, emit_marker, emit_round_marker, track_progress
+from server.report import RunReport, round_dict
 from server.strategies.fedavg import RoundLog, RunStopped, VesaliusFedAvg
 from server.strategies.hospital_dp import HospitalLevelDP
 
@@ -43,13 +44,16 @@ def initial_arrays(config: RunConfig) -> ArrayRecord:
 
 
 def run_federation(
-    grid: Grid, config: RunConfig, *, on_round: RoundCallback | None = None
+    grid: Grid, config: RunConfig, *, on_round: RoundCallback | None = None,
+    on_progress: ProgressCallback | None = None,
 ) -> RunReport:
     """Run the whole federation on ``grid`` and return (and write) its report.
 
     The report is rewritten after every training and every evaluation phase, so whatever a
     crash interrupts, what the nodes already released (their epsilon included) is on disk.
+    ``on_progress`` hears of every reply as it arrives (:mod:`server.progress`).
     """
+    grid = track_progress(grid, on_progress)
     if not config.plan.run_id:
         # Nodes record the run id in their privacy ledgers; make one that never repeats.
         run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(4)
@@ -168,24 +172,33 @@ def build_server_app(
     *,
     on_round: RoundCallback | None = None,
     on_finish: Callable[[RunReport], None] | None = None,
+    on_progress: ProgressCallback | None = None,
 ) -> ServerApp:
     """Build the ServerApp.
 
-    ``config`` overrides Flower's run config (simulations build it in-process); ``on_round``
-    and ``on_finish`` let an in-process caller follow progress and receive the report.
+    ``config`` overrides Flower's run config (simulations build it in-process); ``on_round``,
+    ``on_progress`` and ``on_finish`` let an in-process caller follow progress and receive the
+    report. Deployed (no ``config``), the ServerApp prints progress and round-summary marker
+    lines instead, which Flower streams to ``vesalius federation run --superlink``.
     """
     server_app = ServerApp()
+    deployed = config is None
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         cfg = config if config is not None else RunConfig.from_user_config(context.run_config)
         cv = CVSpec.from_user_config(context.run_config)
+        progress = on_progress if on_progress is not None or not deployed else emit_marker
         if cv.enabled:  # `vesalius federation cv --superlink ...`
-            run_cross_validation(grid, cfg, num_folds=cv.num_folds,
+            run_cross_validation(track_progress(grid, progress), cfg, num_folds=cv.num_folds,
                                  leave_one_site_out=cv.leave_one_site_out,
                                  out_dir=Path(cfg.out_dir))
             return
-        report = run_federation(grid, cfg, on_round=on_round)
+        rounds = on_round
+        if rounds is None and deployed:
+            def rounds(entry: RoundLog) -> None:
+                emit_round_marker(round_dict(entry))
+        report = run_federation(grid, cfg, on_round=rounds, on_progress=progress)
         if on_finish is not None:
             on_finish(report)
 

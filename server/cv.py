@@ -98,6 +98,7 @@ from common.stats.histogram import auc_from_histograms
 from common.stats.meta import random_effects
 from common.stats.metrics import classification_metrics
 from server.inference import QueryRound, query_nodes
+from server.progress import DelegatingGrid, ProgressCallback, track_progress
 from server.report import RunReport, atomic_write, json_safe
 from server.strategies.fedavg import RoundLog, RunStopped, VesaliusFedAvg
 
@@ -179,38 +180,17 @@ CVProgress = Callable[[FoldEvent], None]
 # --- a Grid that shows the strategy only some nodes --------------------------------------------
 
 
-class NodeSubsetGrid(Grid):
+class NodeSubsetGrid(DelegatingGrid):
     """Delegates to ``grid`` but lists only ``node_ids`` (leave-one-site-out training)."""
 
     def __init__(self, grid: Grid, node_ids: Iterable[int]) -> None:
-        self._grid = grid
+        super().__init__(grid)
         self._node_ids = list(node_ids)
-
-    def set_run(self, run: Any) -> None:  # noqa: D102 - delegation
-        self._grid.set_run(run)
-
-    @property
-    def run(self) -> Any:  # noqa: D102
-        return self._grid.run
-
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
-                       group_id: str, ttl: float | None = None) -> Message:  # noqa: D102
-        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
 
     def get_node_ids(self) -> Iterable[int]:
         """The chosen nodes that are still connected."""
-        connected = set(self._grid.get_node_ids())
+        connected = set(self._inner.get_node_ids())
         return [n for n in self._node_ids if n in connected]
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:  # noqa: D102
-        return self._grid.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # noqa: D102
-        return self._grid.pull_messages(message_ids)
-
-    def send_and_receive(self, messages: Iterable[Message], *,
-                         timeout: float | None = None) -> Iterable[Message]:  # noqa: D102
-        return self._grid.send_and_receive(messages, timeout=timeout)
 
 
 # --- statistics of held-out histograms ---------------------------------------------------------
@@ -829,15 +809,19 @@ def _learn_names(names: dict[int, str], outcome: FoldOutcome) -> None:
 def build_cv_server_app(
     config: RunConfig | None = None, spec: CVSpec | None = None, *,
     progress: CVProgress | None = None, on_finish: Callable[[CVResult], None] | None = None,
+    on_progress: ProgressCallback | None = None,
 ) -> ServerApp:
-    """A ServerApp that runs a cross-validation (config and spec default to the run config)."""
+    """A ServerApp that runs a cross-validation (config and spec default to the run config).
+
+    ``on_progress`` receives a :class:`~server.progress.ProgressEvent` whenever a node answers.
+    """
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         cfg = config if config is not None else RunConfig.from_user_config(context.run_config)
         cv = spec if spec is not None else CVSpec.from_user_config(context.run_config)
-        result = run_cross_validation(grid, cfg, num_folds=cv.num_folds,
+        result = run_cross_validation(track_progress(grid, on_progress), cfg, num_folds=cv.num_folds,
                                       leave_one_site_out=cv.leave_one_site_out,
                                       out_dir=Path(cfg.out_dir), progress=progress)
         if on_finish is not None:
@@ -849,6 +833,7 @@ def build_cv_server_app(
 def simulate_cross_validation(
     config: RunConfig, nodes: Sequence[Any], spec: CVSpec, *,
     progress: CVProgress | None = None, num_cpus: int | None = None, verbose: bool = False,
+    on_progress: ProgressCallback | None = None,
 ) -> CVResult:
     """Simulate the hospitals ``nodes`` (NodeConfig each) with Ray and cross-validate.
 
@@ -858,7 +843,8 @@ def simulate_cross_validation(
     from server.simulation import simulate_apps
 
     results: list[CVResult] = []
-    server_app = build_cv_server_app(config, spec, progress=progress, on_finish=results.append)
+    server_app = build_cv_server_app(config, spec, progress=progress, on_finish=results.append,
+                                     on_progress=on_progress)
     simulate_apps(server_app, config, list(nodes), num_cpus=num_cpus, verbose=verbose)
     if not results:
         raise RuntimeError("the simulated cross-validation ended without a result; see the log "

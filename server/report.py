@@ -60,6 +60,22 @@ def _site_row(reply: SiteReply) -> dict[str, Any]:
     return row
 
 
+def round_dict(entry: RoundLog) -> dict[str, Any]:
+    """One round of ``report.json``'s ``rounds`` (also the deployment's round summary line)."""
+    metrics = {key: _clean(v) for key, v in entry.evaluate_metrics.items()}
+    if k.TRAIN_LOSS in entry.train_metrics:
+        metrics[k.TRAIN_LOSS] = _clean(entry.train_metrics[k.TRAIN_LOSS])
+    metrics.pop(k.NUM_EXAMPLES, None)
+    return {
+        "round": entry.round,
+        "metrics": metrics,
+        "sites": [_site_row(r) for r in entry.evaluate],
+        "train": [_site_row(r) for r in entry.train],
+        "errors": entry.errors,
+        "refusals": entry.refusals,
+    }
+
+
 @dataclass
 class RunReport:
     """Accumulates what a run learned; written atomically after every round."""
@@ -116,22 +132,7 @@ class RunReport:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON document described in the module docstring."""
-        rounds = []
-        for entry in self.rounds:
-            metrics = {key: _clean(v) for key, v in entry.evaluate_metrics.items()}
-            if k.TRAIN_LOSS in entry.train_metrics:
-                metrics[k.TRAIN_LOSS] = _clean(entry.train_metrics[k.TRAIN_LOSS])
-            metrics.pop(k.NUM_EXAMPLES, None)
-            rounds.append(
-                {
-                    "round": entry.round,
-                    "metrics": metrics,
-                    "sites": [_site_row(r) for r in entry.evaluate],
-                    "train": [_site_row(r) for r in entry.train],
-                    "errors": entry.errors,
-                    "refusals": entry.refusals,
-                }
-            )
+        rounds = [round_dict(entry) for entry in self.rounds]
         plan = self.config.plan
         out: dict[str, Any] = {
             "status": self.status,

@@ -17,6 +17,7 @@ from flwr.serverapp import ServerApp
 from common.config import NodeConfig, RunConfig
 from common.errors import ConfigError
 from server.app import RoundCallback, build_server_app
+from server.progress import ProgressCallback
 from server.report import RunReport
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,7 @@ def run_simulation(
     on_round: RoundCallback | None = None,
     num_cpus: int | None = None,
     verbose: bool = False,
+    on_progress: ProgressCallback | None = None,
 ) -> RunReport:
     """Simulate ``len(nodes)`` hospitals and the coordinator; return the run report.
 
@@ -44,9 +46,12 @@ def run_simulation(
         CPUs Ray may use (default: all); each simulated node takes one.
     verbose : bool
         Show Flower's and Ray's own logs.
+    on_progress : callable, optional
+        Called whenever a node answers (:class:`~server.progress.ProgressEvent`).
     """
     reports: list[RunReport] = []
-    server_app = build_server_app(config, on_round=on_round, on_finish=reports.append)
+    server_app = build_server_app(config, on_round=on_round, on_finish=reports.append,
+                                  on_progress=on_progress)
     simulate_apps(server_app, config, nodes, num_cpus=num_cpus, verbose=verbose)
     if not reports:
         raise RuntimeError(

@@ -1,13 +1,16 @@
-"""`vesalius federation run`: option validation and an unreachable coordinator."""
+"""`vesalius federation run|cv`: option validation, paths, the live view, an unreachable coordinator."""
 
 from __future__ import annotations
 
+import json
 import socket
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from cli.app import app
+from server.progress import MARKER, ROUND_MARKER
 
 
 def _closed_port() -> int:
@@ -21,8 +24,9 @@ def test_unreachable_superlink_gives_a_clear_error_and_exit_code(tmp_path: Path)
         "federation", "run", "--superlink", f"127.0.0.1:{_closed_port()}", "--insecure",
         "--rounds", "1", "--out", str(tmp_path / "run"), "--flwr-home", str(tmp_path / "home"),
     ])
-    assert result.exit_code == 1
-    assert "did not complete" in result.output and "SuperLink" in result.output
+    assert result.exit_code == 8  # ConnectionProblem
+    assert "no SuperLink answered at 127.0.0.1:" in result.output
+    assert "Traceback" not in result.output
 
 
 def test_simulation_needs_a_data_root(tmp_path: Path) -> None:
@@ -33,4 +37,112 @@ def test_simulation_needs_a_data_root(tmp_path: Path) -> None:
 def test_invalid_privacy_options_are_rejected_before_anything_runs(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["federation", "run", "--data-root", str(tmp_path),
                                       "--epsilon", "0", "--out", str(tmp_path / "o")])
-    assert result.exit_code == 2 and "target-epsilon" in result.output
+    assert result.exit_code == 2 and "--epsilon" in result.output and "x>0.0" in result.output
+
+
+# --- choices, numbers and paths are checked before anything starts (issue 13) ----------------
+
+
+def _site_root(tmp_path: Path) -> Path:
+    (tmp_path / "data" / "site-1").mkdir(parents=True)
+    return tmp_path / "data"
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--model", "cnn3d"], "'cnn3d' is not one of"),
+        (["--model", "unet"], "'unet' is not one of"),
+        (["--model", "nope"], "densenet"),  # the valid values are listed
+        (["--format", "xml"], "'xml' is not one of"),
+        (["--on-refusal", "ignore"], "'ignore' is not one of"),
+        (["--epsilon-cap", "-1"], "--epsilon-cap"),
+        (["--lr", "0"], "--lr"),
+        (["--max-grad-norm", "-2"], "--max-grad-norm"),
+        (["--noise-multiplier", "-0.5"], "--noise-multiplier"),
+    ],
+)
+@pytest.mark.parametrize("command", ["run", "cv"])
+def test_bad_choices_and_numbers_are_usage_errors(command: str, args: list[str], expected: str,
+                                                  tmp_path: Path) -> None:
+    base = ["federation", command, "--data-root", str(_site_root(tmp_path)),
+            "--out", str(tmp_path / "o")] + (["--folds", "2"] if command == "cv" else [])
+    result = CliRunner().invoke(app, [*base, *args])
+    assert result.exit_code == 2, result.output
+    assert expected in result.output
+    assert "Traceback" not in result.output and "simulating" not in result.output
+    assert not (tmp_path / "o").exists()  # nothing started
+
+
+def test_help_lists_the_valid_models_and_formats() -> None:
+    result = CliRunner().invoke(app, ["federation", "run", "--help"], terminal_width=200)
+    assert result.exit_code == 0
+    assert "densenet" in result.output and "table|json" in result.output
+    assert "cnn3d" not in result.output and "unet" not in result.output
+
+
+def test_a_missing_data_root_is_named_by_its_option_not_its_path(tmp_path: Path) -> None:
+    missing = tmp_path / "hospital-records-smith"
+    result = CliRunner().invoke(app, ["federation", "run", "--data-root", str(missing)])
+    assert result.exit_code == 2
+    assert "--data-root folder does not exist" in result.output
+    assert "hospital-records-smith" not in result.output
+
+
+def test_a_relative_root_certificate_reaches_flower_as_an_absolute_path(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "certs").mkdir()
+    (tmp_path / "certs" / "ca.crt").write_text("-----BEGIN CERTIFICATE-----\n")
+    monkeypatch.chdir(tmp_path)
+    seen: dict[str, str] = {}
+
+    class FakeFlwr:
+        """Stands in for `flwr run`: records its config, streams markers and repeated lines."""
+
+        def __init__(self, cmd: list[str], env: dict[str, str], **_: object) -> None:
+            seen["config"] = (Path(env["FLWR_HOME"]) / "config.toml").read_text()
+            summary = {"round": 1, "metrics": {"auc": 0.75}, "train": [{"site": "site-1",
+                                                                         "epsilon": 2.5}]}
+            self.stdout = iter([
+                "WARNING :   a Flower line shown once\n", "WARNING :   a Flower line shown once\n",
+                MARKER + json.dumps({"phase": "train", "round": 1, "answered": 1, "expected": 2}) + "\n",
+                ROUND_MARKER + json.dumps(summary) + "\n",
+            ])
+
+        def wait(self) -> int:
+            return 0
+
+    monkeypatch.setattr("cli.federation.subprocess.Popen", FakeFlwr)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "report.json").write_text("{}")  # an earlier run's report is kept aside, not shown
+    result = CliRunner().invoke(app, ["federation", "run", "--superlink", "127.0.0.1:9093",
+                                      "--root-certificates", "certs/ca.crt", "--rounds", "1",
+                                      "--out", "run", "--flwr-home", "home"])
+    assert f'root-certificates = "{tmp_path / "certs" / "ca.crt"}"' in seen["config"]
+    assert result.output.count("a Flower line shown once") == 1
+    assert "round 1/1: val AUC 0.750" in result.output and "site-1 ε=2.50" in result.output
+    assert "ServerApp wrote no report" in result.output and result.exit_code == 1
+
+
+def test_run_view_places_phases_on_one_bar() -> None:
+    from cli.run_progress import RunView
+    from server.progress import ProgressEvent
+
+    class Bar:
+        def __init__(self) -> None:
+            self.updates: list[dict[str, object]] = []
+
+        def update(self, _task: object, **kwargs: object) -> None:
+            self.updates.append(kwargs)
+
+    bar = Bar()
+    view = RunView(bar, 0, num_rounds=3, num_folds=2)  # type: ignore[arg-type]
+    view.on_progress(ProgressEvent("train", 2, 1, 4))
+    view.on_progress(ProgressEvent("evaluate", 3, 4, 4))
+    view.on_progress(ProgressEvent("test", 0, 2, 4))
+    view.on_progress(ProgressEvent("train", 1, 0, 4))  # deployment CV: next fold
+    positions = [u["completed"] for u in bar.updates]
+    assert positions == [2.25, 6.0, 6.5, 8.0]
+    assert bar.updates[0]["description"] == "fold 1/2 round 2/3 training: 1/4 nodes answered"
+    assert str(bar.updates[-1]["description"]).startswith("fold 2/2 round 1/3")
