@@ -42,6 +42,10 @@ class InstanceRecord:
         (0028,0008) Number of Frames (1 when absent).
     modality : str
         (0008,0060) Modality ("" when absent).
+    deidentification_options : tuple[str, ...]
+        Recognised PS3.16 CID 7050 codes of (0012,0064) De-identification Method Code
+        Sequence (see :class:`client.dicom.phi.DeidOption`); empty when the file declares
+        none or the de-identification check was not required.
     """
 
     path: Path
@@ -56,6 +60,7 @@ class InstanceRecord:
     columns: int
     number_of_frames: int = 1
     modality: str = ""
+    deidentification_options: tuple[str, ...] = ()
 
 
 def _instance_sort_key(rec: InstanceRecord) -> tuple[int, int, str]:

@@ -1,4 +1,4 @@
-"""``scan_data_dir``: header-only scan + index + labels join -> (index, report).
+"""``scan_data_dir``: scan (headers, optionally one decode) + index + labels -> (index, report).
 
 This is what ``vesalius node check`` runs; :func:`client.data.node_data.load_node_data`
 builds on it to read pixels.
@@ -20,13 +20,17 @@ def scan_data_dir(
     *,
     require_deidentified: bool = True,
     progress: ProgressCallback | None = None,
+    decode_pixels: bool = False,
 ) -> tuple[DicomIndex, IngestionReport]:
-    """Scan a node's data directory (headers only) and report on it.
+    """Scan a node's data directory and report on it.
 
     See :func:`scan_with_labels`, which also returns the parsed labels.
     """
     index, report, _ = scan_with_labels(
-        data_dir, require_deidentified=require_deidentified, progress=progress
+        data_dir,
+        require_deidentified=require_deidentified,
+        progress=progress,
+        decode_pixels=decode_pixels,
     )
     return index, report
 
@@ -36,8 +40,9 @@ def scan_with_labels(
     *,
     require_deidentified: bool = True,
     progress: ProgressCallback | None = None,
+    decode_pixels: bool = False,
 ) -> tuple[DicomIndex, IngestionReport, dict[tuple[str, str], int]]:
-    """Scan a node's data directory (headers only) and report on it.
+    """Scan a node's data directory and report on it.
 
     Parameters
     ----------
@@ -47,6 +52,10 @@ def scan_with_labels(
         Skip files that are not de-identified (code ``phi``); see :mod:`client.dicom.phi`.
     progress : Callable[[int, int], None] | None, keyword-only
         Called as ``progress(done, total)`` after each file.
+    decode_pixels : bool, keyword-only
+        Decode every otherwise usable file's pixels once, as training does, and skip the
+        files that fail (code ``undecodable``). Off: the scan is header-only and the report
+        says so (``pixels_checked`` is ``"header only"``).
 
     Returns
     -------
@@ -70,6 +79,7 @@ def scan_with_labels(
         require_deidentified=require_deidentified,
         progress=progress,
         exclude=(LABELS_FILENAME,),
+        decode_pixels=decode_pixels,
     )
     index = DicomIndex.from_records(outcome.records)
     labels = read_labels(root / LABELS_FILENAME)
@@ -79,5 +89,6 @@ def scan_with_labels(
         index=index,
         labels=labels,
         require_deidentified=require_deidentified,
+        pixels_decoded=outcome.pixels_decoded,
     )
     return index, report, labels

@@ -22,6 +22,10 @@ class SkipCode(str, Enum):
     PHI = "phi"
     MISSING_UID = "missing-uid"
     DUPLICATE = "duplicate"
+    DUPLICATE_ELEMENT = "duplicate-element"
+    TRANSFER_SYNTAX_MISMATCH = "transfer-syntax-mismatch"
+    INVALID_VALUE = "invalid-value"
+    UNDECODABLE = "undecodable"
 
     @property
     def text(self) -> str:
@@ -49,7 +53,32 @@ SKIP_TEXT: dict[SkipCode, str] = {
         "a required identifier (patient ID, study, series or SOP instance UID) is missing"
     ),
     SkipCode.DUPLICATE: "same (0008,0018) SOP Instance UID as a file already indexed",
+    SkipCode.DUPLICATE_ELEMENT: (
+        "an element occurs more than once in the file, so which value holds is ambiguous; "
+        "re-export the file from its source"
+    ),
+    SkipCode.TRANSFER_SYNTAX_MISMATCH: (
+        "the data is not encoded as its (0002,0010) Transfer Syntax UID declares "
+        "(byte order or encapsulation), so its pixels would be meaningless; "
+        "re-export the file from its source"
+    ),
+    SkipCode.INVALID_VALUE: (
+        "an element the node reads holds a value that is invalid for its value representation"
+    ),
+    SkipCode.UNDECODABLE: "the pixel data could not be decoded",
 }
+
+
+class Skip(Exception):
+    """Raised by the per-file checks: the file is skipped with ``code`` and ``detail``.
+
+    ``detail`` is a fixed sentence (tags named, never values); empty means ``code.text``.
+    """
+
+    def __init__(self, code: SkipCode, detail: str = "") -> None:
+        super().__init__(code.value)
+        self.code = code
+        self.detail = detail
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from client.dicom.index import DicomIndex
+from client.dicom.phi import ASSUMED_OPTIONS, DeidOption
 from client.dicom.reasons import SkipCode, SkippedFile
 
 UNLABELLED = "unlabelled"
+#: Values of ``pixels_checked``.
+HEADER_ONLY = "header only"
+DECODED = "decoded"
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,13 @@ class IngestionReport:
         Whether files failing the de-identification check were skipped.
     fingerprint : str
         Hex SHA-256 of the usable files (see :meth:`DicomIndex.fingerprint`).
+    pixels_checked : str
+        ``"decoded"`` when every usable file's pixels were decoded once during the scan,
+        ``"header only"`` when only headers (and a byte-order sample) were read: a file may
+        then still fail to decode at training time.
+    deidentification_options : Mapping[str, int]
+        Usable files per PS3.15 option declared in (0012,0064) De-identification Method
+        Code Sequence (code meanings of PS3.16 CID 7050; fixed vocabulary, no file text).
     """
 
     files_seen: int
@@ -57,6 +68,8 @@ class IngestionReport:
     unmatched_label_rows: int = 0
     require_deidentified: bool = True
     fingerprint: str = ""
+    pixels_checked: str = HEADER_ONLY
+    deidentification_options: Mapping[str, int] = field(default_factory=dict)
 
     @property
     def skip_counts(self) -> dict[str, int]:
@@ -85,6 +98,12 @@ class IngestionReport:
             "labelled_patients": self.labelled_patients,
             "unmatched_label_rows": self.unmatched_label_rows,
             "require_deidentified": self.require_deidentified,
+            "deidentification_rule": {
+                "profile": "PS3.15 Annex E Basic Application Level Confidentiality Profile",
+                "assumed_options": [o.meaning for o in ASSUMED_OPTIONS],
+            },
+            "deidentification_options": dict(self.deidentification_options),
+            "pixels_checked": self.pixels_checked,
             "fingerprint": self.fingerprint,
         }
 
@@ -96,6 +115,7 @@ def build_report(
     index: DicomIndex,
     labels: Mapping[tuple[str, str], int],
     require_deidentified: bool,
+    pixels_decoded: bool = False,
 ) -> IngestionReport:
     """Assemble an :class:`IngestionReport` from a scan, its index and the study labels.
 
@@ -104,7 +124,9 @@ def build_report(
     counts: Counter[str] = Counter()
     labelled_patients: set[str] = set()
     used_keys: set[tuple[str, str]] = set()
+    options: Counter[str] = Counter()
     for rec in index.instances():
+        options.update(DeidOption(code).meaning for code in rec.deidentification_options)
         key = (rec.patient_id, rec.study_instance_uid)
         used_keys.add(key)
         label = labels.get(key)
@@ -127,4 +149,6 @@ def build_report(
         unmatched_label_rows=sum(1 for k in labels if k not in used_keys),
         require_deidentified=require_deidentified,
         fingerprint=index.fingerprint(),
+        pixels_checked=DECODED if pixels_decoded else HEADER_ONLY,
+        deidentification_options=dict(sorted(options.items())),
     )

@@ -1,59 +1,64 @@
-"""Header-only scan of a node's data directory.
+"""Scan of a node's data directory: every file is usable or skipped with a reason.
 
 Every regular file under the data directory (recursively) is classified as usable or as
 skipped with a :class:`~client.dicom.reasons.SkipCode`. Hidden files and folders (name
-starting with ``.``) and the excluded top-level files (the labels CSV) are ignored. Pixel
-data is never decoded or loaded: files are read with pydicom's deferred reads, so the
-(7FE0,0010) Pixel Data value is skipped over and only its offset and length are kept.
-The scanner never raises on a bad file.
+starting with ``.``) and the excluded top-level files (the labels CSV) are ignored.
+
+By default the scan is header-only: files are read with pydicom's deferred reads, so the
+(7FE0,0010) Pixel Data value is skipped over; only a sample of at most
+:data:`client.dicom.layout.SAMPLE_BYTES` of native 16/32-bit pixel bytes is read for the
+byte-order check. With ``decode_pixels=True`` every otherwise usable file is also decoded
+once, through :func:`client.dicom.pixels.read_pixels` (the code path training uses), and a
+file that fails is skipped as ``undecodable`` with the cause.
+
+pydicom's warnings and log records (which quote tag values) are captured per file and never
+shown; their counts per kind are logged at INFO (see :mod:`client.dicom.quiet`). The scanner
+never raises on a bad file, and no skip text holds a tag value or a path.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import warnings
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import pydicom
-from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.pixels import get_decoder
-from pydicom.tag import Tag
 from pydicom.uid import UID
 
+from client.dicom.elements import check_element_stream, tag_text
+from client.dicom.geometry import Geometry, read_geometry
 from client.dicom.index import InstanceRecord
+from client.dicom.layout import PIXEL_DATA, check_pixel_layout
 from client.dicom.phi import check_deidentified
-from client.dicom.reasons import SkipCode, SkippedFile
+from client.dicom.pixels import PixelDecodeError, read_pixels
+from client.dicom.quiet import Captured, PydicomNoise, quiet_pydicom
+from client.dicom.reasons import Skip, SkipCode, SkippedFile
 
 logger = logging.getLogger(__name__)
 
 #: Values larger than this are not read while scanning (pixel data in practice).
 DEFER_SIZE_BYTES = 1024
-_PIXEL_DATA = Tag(0x7FE0, 0x0010)
-_UNDEFINED_LENGTH = 0xFFFFFFFF
-_GREYSCALE = ("MONOCHROME1", "MONOCHROME2")
 _REQUIRED_IDS = (
     "PatientID",
     "StudyInstanceUID",
     "SeriesInstanceUID",
     "SOPInstanceUID",
 )
+#: Identifying elements named first when duplicated.
+_IDENTIFYING = {
+    0x00100020: "(0010,0020) Patient ID",
+    0x00100010: "(0010,0010) Patient's Name",
+    0x0020000D: "(0020,000D) Study Instance UID",
+    0x0020000E: "(0020,000E) Series Instance UID",
+    0x00080018: "(0008,0018) SOP Instance UID",
+}
 
 ProgressCallback = Callable[[int, int], None]
-
-
-class _Skip(Exception):
-    """Internal control flow: the file is skipped with ``code``."""
-
-    def __init__(self, code: SkipCode, detail: str = "") -> None:
-        super().__init__(code.value)
-        self.code = code
-        self.detail = detail
-
 
 @dataclass(frozen=True)
 class ScanOutcome:
@@ -67,11 +72,14 @@ class ScanOutcome:
         Skipped files with their reason, in relative-path order.
     files_seen : int
         Number of files considered (hidden files and the labels file excluded).
+    pixels_decoded : bool
+        ``True`` when every usable file's pixels were decoded once (``decode_pixels``).
     """
 
     records: tuple[InstanceRecord, ...]
     skipped: tuple[SkippedFile, ...]
     files_seen: int
+    pixels_decoded: bool = False
 
 
 def iter_data_files(
@@ -116,26 +124,49 @@ def _has_dicm_prefix(path: Path) -> bool:
     return len(head) == 132 and head[128:132] == b"DICM"
 
 
-def _read_header(path: Path) -> tuple[Dataset, bool]:
-    """Read the header with deferred values; return (dataset, ended_early).
+def _read_header(path: Path, captured: Captured) -> Dataset:
+    """Read the header with deferred values (inside :func:`quiet_pydicom`).
 
-    ``ended_early`` is ``True`` when pydicom warned that the file ended inside an element
-    (it reads such files leniently). pydicom's warnings, which name the file, are kept out
-    of the node's warning stream.
+    Raises ``not-dicom`` when the header cannot be parsed or has no (0002,0010) Transfer
+    Syntax UID, and ``truncated`` when pydicom reported that the file ends inside an
+    element (it reads such files leniently).
     """
     try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            ds = pydicom.dcmread(path, defer_size=DEFER_SIZE_BYTES)
+        ds = pydicom.dcmread(path, defer_size=DEFER_SIZE_BYTES)
     except EOFError as exc:
-        raise _Skip(SkipCode.TRUNCATED, "file ends inside a data element") from exc
+        raise Skip(SkipCode.TRUNCATED, "file ends inside a data element") from exc
     except Exception as exc:  # noqa: BLE001 - any parse failure is a classification
         text = str(exc).lower()
         if "end of file" in text or "eof" in text or "unexpected end" in text:
-            raise _Skip(SkipCode.TRUNCATED, "file ends inside a data element") from exc
-        raise _Skip(SkipCode.NOT_DICOM, "the DICOM header could not be parsed") from exc
-    ended_early = any("end of file" in str(w.message).lower() for w in caught)
-    return ds, ended_early
+            raise Skip(SkipCode.TRUNCATED, "file ends inside a data element") from exc
+        raise Skip(SkipCode.NOT_DICOM, "the DICOM header could not be parsed") from exc
+    if not str(ds.file_meta.get("TransferSyntaxUID", "") or ""):
+        raise Skip(SkipCode.NOT_DICOM, "file meta has no (0002,0010) Transfer Syntax UID")
+    if "truncated" in captured.kinds():
+        raise Skip(SkipCode.TRUNCATED, "file ends inside a data element")
+    return ds
+
+
+def _check_stream(path: Path) -> None:
+    """Refuse duplicated elements and a byte-order mismatch (see :mod:`.elements`)."""
+    try:
+        stream = check_element_stream(path)
+    except Exception as exc:  # noqa: BLE001 - the meta group would not parse either
+        raise Skip(SkipCode.NOT_DICOM, "the DICOM header could not be parsed") from exc
+    if stream.duplicates:
+        first = next((t for t in stream.duplicates if t in _IDENTIFYING), stream.duplicates[0])
+        name = _IDENTIFYING.get(first, tag_text(first))
+        raise Skip(
+            SkipCode.DUPLICATE_ELEMENT,
+            f"{name} occurs more than once in the file, so which value holds is ambiguous; "
+            "re-export the file from its source",
+        )
+    if stream.byte_order_mismatch:
+        raise Skip(
+            SkipCode.TRANSFER_SYNTAX_MISMATCH,
+            "the dataset is encoded in the opposite byte order to the one its (0002,0010) "
+            "Transfer Syntax UID declares; re-export the file from its source",
+        )
 
 
 def _int_attr(ds: Dataset, keyword: str, default: int | None = None) -> int | None:
@@ -151,27 +182,9 @@ def _check_ids(ds: Dataset) -> dict[str, str]:
     for keyword in _REQUIRED_IDS:
         value = str(ds.get(keyword, "") or "").strip()
         if not value:
-            raise _Skip(SkipCode.MISSING_UID, f"{keyword} is missing or empty")
+            raise Skip(SkipCode.MISSING_UID, f"{keyword} is missing or empty")
         ids[keyword] = value
     return ids
-
-
-def _check_image(ds: Dataset) -> tuple[int, int, int]:
-    """Check geometry and photometry; return (rows, columns, frames)."""
-    rows = _int_attr(ds, "Rows")
-    cols = _int_attr(ds, "Columns")
-    bits = _int_attr(ds, "BitsAllocated")
-    samples = _int_attr(ds, "SamplesPerPixel", 1)
-    frames = _int_attr(ds, "NumberOfFrames", 1) or 1
-    photometric = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
-    if not rows or not cols or rows < 1 or cols < 1 or bits not in (1, 8, 16, 32):
-        raise _Skip(SkipCode.UNSUPPORTED_IMAGE, "missing or invalid Rows/Columns/Bits Allocated")
-    if samples != 1 or photometric not in _GREYSCALE:
-        raise _Skip(
-            SkipCode.UNSUPPORTED_IMAGE,
-            "not greyscale: more than one sample per pixel or a colour photometric interpretation",
-        )
-    return rows, cols, frames
 
 
 def expected_pixel_bytes(ds: Dataset, rows: int, cols: int, frames: int) -> int:
@@ -181,48 +194,114 @@ def expected_pixel_bytes(ds: Dataset, rows: int, cols: int, frames: int) -> int:
     (0028,0010), (0028,0011), (0028,0002), (0028,0100) and (0028,0008); 1-bit data is
     packed, so the bit count is rounded up to whole bytes.
     """
-    samples = _int_attr(ds, "SamplesPerPixel", 1) or 1
-    bits = _int_attr(ds, "BitsAllocated", 16) or 16
-    total_bits = rows * cols * samples * bits * frames
-    return (total_bits + 7) // 8
+    geometry = Geometry(
+        rows=rows,
+        columns=cols,
+        frames=frames,
+        samples=_int_attr(ds, "SamplesPerPixel", 1) or 1,
+        bits_allocated=_int_attr(ds, "BitsAllocated", 16) or 16,
+        bits_stored=0,
+        signed=False,
+    )
+    return geometry.expected_bytes
 
 
-def _check_pixel_data(ds: Dataset, path: Path, rows: int, cols: int, frames: int) -> None:
-    elem = ds.get_item(_PIXEL_DATA, keep_deferred=True)
-    if elem is None:
-        raise _Skip(SkipCode.NO_PIXELS)
+def _check_decoder(ds: Dataset) -> None:
     syntax = UID(str(ds.file_meta.get("TransferSyntaxUID", "")))
     if not syntax or not decoder_available(syntax):
-        raise _Skip(SkipCode.UNSUPPORTED_TRANSFER_SYNTAX)
-    if syntax.is_compressed:
-        return  # encapsulated: sizes are not predictable; read errors show up as skips
-    expected = expected_pixel_bytes(ds, rows, cols, frames)
-    if isinstance(elem, RawDataElement):
-        declared = elem.length
-        if elem.value is not None:
-            available = len(elem.value)
-        elif syntax.is_deflated:
-            available = declared
-        else:
-            available = path.stat().st_size - int(elem.value_tell or 0)
-    else:
-        value = elem.value
-        declared = available = len(value) if isinstance(value, (bytes, bytearray)) else 0
-    if declared == _UNDEFINED_LENGTH or declared < expected or available < declared:
-        raise _Skip(SkipCode.TRUNCATED)
+        raise Skip(SkipCode.UNSUPPORTED_TRANSFER_SYNTAX)
+
+
+def _decode(path: Path, noise: PydicomNoise | None) -> None:
+    try:
+        read_pixels(path, noise=noise)
+    except PixelDecodeError as exc:
+        raise Skip(SkipCode.UNDECODABLE, str(exc)) from exc
+
+
+def _classify(
+    path: Path,
+    relpath: str,
+    *,
+    require_deidentified: bool,
+    decode_pixels: bool,
+    noise: PydicomNoise | None,
+) -> InstanceRecord:
+    if not _has_dicm_prefix(path):
+        raise Skip(SkipCode.NOT_DICOM)
+    with quiet_pydicom() as captured:
+        try:
+            ds = _read_header(path, captured)
+            _check_stream(path)
+            ids = _check_ids(ds)
+            options: tuple[str, ...] = ()
+            if require_deidentified:
+                verdict = check_deidentified(ds)
+                if not verdict.deidentified:
+                    raise Skip(SkipCode.PHI, verdict.reason)
+                options = tuple(o.value for o in verdict.declared_options)
+            if ds.get_item(PIXEL_DATA, keep_deferred=True) is None:
+                raise Skip(SkipCode.NO_PIXELS)
+            _check_decoder(ds)
+            geometry = read_geometry(ds)
+            check_pixel_layout(ds, path, geometry)
+            instance_number = _int_attr(ds, "InstanceNumber")
+            modality = str(ds.get("Modality", "") or "")
+        finally:
+            if noise is not None:
+                noise.add(captured.kinds())
+    if decode_pixels:
+        _decode(path, noise)
+    return InstanceRecord(
+        path=path,
+        relpath=relpath,
+        file_size=path.stat().st_size,
+        patient_id=ids["PatientID"],
+        study_instance_uid=ids["StudyInstanceUID"],
+        series_instance_uid=ids["SeriesInstanceUID"],
+        sop_instance_uid=ids["SOPInstanceUID"],
+        instance_number=instance_number,
+        rows=geometry.rows,
+        columns=geometry.columns,
+        number_of_frames=geometry.frames,
+        modality=modality,
+        deidentification_options=options,
+    )
 
 
 def classify_file(
-    path: Path, relpath: str, *, require_deidentified: bool
+    path: Path,
+    relpath: str,
+    *,
+    require_deidentified: bool,
+    decode_pixels: bool = False,
+    noise: PydicomNoise | None = None,
 ) -> InstanceRecord | SkippedFile:
-    """Classify one file from its header; never raises on a bad file.
+    """Classify one file; never raises on a bad file.
 
     Checks, in order: the 'DICM' prefix after the 128-byte preamble (PS3.10 7.1), a parsable
-    header, the identifiers (0010,0020) Patient ID, (0020,000D) Study Instance UID,
-    (0020,000E) Series Instance UID and (0008,0018) SOP Instance UID, de-identification
-    (when required; see :mod:`client.dicom.phi`), presence of (7FE0,0010) Pixel Data, a
-    decoder for the (0002,0010) Transfer Syntax UID, single-sample greyscale geometry, and
-    for native syntaxes that the pixel data is as long as the header announces.
+    header with a (0002,0010) Transfer Syntax UID, no element occurring twice in the raw
+    element stream and a dataset encoded in the declared byte order
+    (:mod:`client.dicom.elements`), the identifiers (0010,0020) Patient ID, (0020,000D)
+    Study Instance UID, (0020,000E) Series Instance UID and (0008,0018) SOP Instance UID,
+    de-identification (when required; see :mod:`client.dicom.phi`), presence of (7FE0,0010)
+    Pixel Data, a decoder for the transfer syntax, valid IS/DS values and single-sample
+    greyscale geometry (:mod:`client.dicom.geometry`), pixel data consistent with the
+    syntax and geometry (:mod:`client.dicom.layout`) and, with ``decode_pixels``, one
+    decode of the pixels (:func:`client.dicom.pixels.read_pixels`).
+
+    Parameters
+    ----------
+    path : Path
+        The file.
+    relpath : str
+        Its path relative to the data directory (kept in the result only).
+    require_deidentified : bool, keyword-only
+        Skip files failing :func:`client.dicom.phi.check_deidentified` (code ``phi``).
+    decode_pixels : bool, keyword-only
+        Decode the pixels of a file that passes every header check.
+    noise : PydicomNoise | None, keyword-only
+        Receives the kinds of the pydicom messages captured (counts only).
 
     Returns
     -------
@@ -230,38 +309,17 @@ def classify_file(
         The record of a usable file, or the skip with its reason.
     """
     try:
-        if not _has_dicm_prefix(path):
-            raise _Skip(SkipCode.NOT_DICOM)
-        ds, ended_early = _read_header(path)
-        if not str(ds.file_meta.get("TransferSyntaxUID", "") or ""):
-            raise _Skip(SkipCode.NOT_DICOM, "file meta has no (0002,0010) Transfer Syntax UID")
-        if ended_early:
-            raise _Skip(SkipCode.TRUNCATED, "file ends inside a data element")
-        ids = _check_ids(ds)
-        if require_deidentified and not check_deidentified(ds).deidentified:
-            raise _Skip(SkipCode.PHI)
-        if ds.get_item(_PIXEL_DATA, keep_deferred=True) is None:
-            raise _Skip(SkipCode.NO_PIXELS)
-        rows, cols, frames = _check_image(ds)
-        _check_pixel_data(ds, path, rows, cols, frames)
-        return InstanceRecord(
-            path=path,
-            relpath=relpath,
-            file_size=path.stat().st_size,
-            patient_id=ids["PatientID"],
-            study_instance_uid=ids["StudyInstanceUID"],
-            series_instance_uid=ids["SeriesInstanceUID"],
-            sop_instance_uid=ids["SOPInstanceUID"],
-            instance_number=_int_attr(ds, "InstanceNumber"),
-            rows=rows,
-            columns=cols,
-            number_of_frames=frames,
-            modality=str(ds.get("Modality", "") or ""),
+        return _classify(
+            path,
+            relpath,
+            require_deidentified=require_deidentified,
+            decode_pixels=decode_pixels,
+            noise=noise,
         )
-    except _Skip as skip:
+    except Skip as skip:
         return SkippedFile(relpath=relpath, code=skip.code, detail=skip.detail)
     except Exception as exc:  # noqa: BLE001 - the scanner must never raise on a bad file
-        logger.debug("unexpected error while scanning %s: %s", relpath, type(exc).__name__)
+        logger.debug("unexpected error while scanning a file: %s", type(exc).__name__)
         return SkippedFile(relpath=relpath, code=SkipCode.NOT_DICOM, detail="unreadable file")
 
 
@@ -271,8 +329,9 @@ def scan_directory(
     require_deidentified: bool = True,
     progress: ProgressCallback | None = None,
     exclude: Collection[str] = (),
+    decode_pixels: bool = False,
 ) -> ScanOutcome:
-    """Scan every candidate file under ``data_dir`` (headers only).
+    """Scan every candidate file under ``data_dir``.
 
     Parameters
     ----------
@@ -284,6 +343,9 @@ def scan_directory(
         Called as ``progress(done, total)`` after each file (the CLI draws a bar with it).
     exclude : Collection[str], keyword-only
         Relative paths not to scan (the labels CSV).
+    decode_pixels : bool, keyword-only
+        Decode every otherwise usable file's pixels once; a failure is skipped as
+        ``undecodable``. Off by default: the scan is then header-only.
 
     Returns
     -------
@@ -297,8 +359,15 @@ def scan_directory(
     records: list[InstanceRecord] = []
     skipped: list[SkippedFile] = []
     seen_uids: set[str] = set()
+    noise = PydicomNoise()
     for done, (path, rel) in enumerate(files, start=1):
-        result = classify_file(path, rel, require_deidentified=require_deidentified)
+        result = classify_file(
+            path,
+            rel,
+            require_deidentified=require_deidentified,
+            decode_pixels=decode_pixels,
+            noise=noise,
+        )
         if isinstance(result, InstanceRecord) and result.sop_instance_uid in seen_uids:
             result = SkippedFile(relpath=rel, code=SkipCode.DUPLICATE)
         if isinstance(result, InstanceRecord):
@@ -308,5 +377,17 @@ def scan_directory(
             skipped.append(result)
         if progress is not None:
             progress(done, total)
-    logger.info("scanned %d files: %d usable, %d skipped", total, len(records), len(skipped))
-    return ScanOutcome(records=tuple(records), skipped=tuple(skipped), files_seen=total)
+    logger.info(
+        "scanned %d files (%s): %d usable, %d skipped",
+        total,
+        "pixels decoded" if decode_pixels else "headers only",
+        len(records),
+        len(skipped),
+    )
+    noise.log("scan")
+    return ScanOutcome(
+        records=tuple(records),
+        skipped=tuple(skipped),
+        files_seen=total,
+        pixels_decoded=decode_pixels,
+    )

@@ -27,6 +27,7 @@ import pytest
 from pydicom.pixels import apply_modality_lut
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
+from client.dicom.scan import scan_directory
 from client.dicom.synth import (
     LABELS_HEADER,
     SiteProfile,
@@ -148,6 +149,19 @@ def test_no_phi(federation: tuple[Path, list[SiteSummary]]) -> None:
         assert ds.DeidentificationMethod
         assert str(ds.PatientName) == ds.PatientID
         assert ds.PatientID.startswith(("S1-P", "S2-P", "S3-P"))
+
+
+def test_every_synthetic_file_passes_the_deidentification_gate(
+    federation: tuple[Path, list[SiteSummary]],
+) -> None:
+    # Prepare
+    out, summaries = federation
+    # Execute
+    outcomes = [scan_directory(s.path, exclude=("labels.csv",)) for s in summaries]
+    # Assert
+    assert all(not o.skipped for o in outcomes), [s.text for o in outcomes for s in o.skipped]
+    assert sum(len(o.records) for o in outcomes) == len(list(_files(out)))
+    assert all(r.deidentification_options == ("113100", "113105") for o in outcomes for r in o.records)
 
 
 def test_deterministic_by_seed(tmp_path: Path) -> None:
