@@ -141,7 +141,22 @@ def simulate(config: RunConfig, data_root: Path, *, epsilon_cap: float, allow_no
     with run_view(total, enabled=show_progress, verbose=verbose) as view:
         report = run_simulation(config, nodes, on_round=lambda e: view.on_round(round_dict(e)),
                                 on_progress=view.on_progress, verbose=verbose)
-    return report.to_dict()
+    doc = report.to_dict()
+    hint_if_budget_refused(doc, ledgers)
+    return doc
+
+
+def hint_if_budget_refused(doc: Mapping[str, Any], ledger_root: Path) -> None:
+    """After a refusal for budget: where the spend is recorded and how to get a fresh budget."""
+    reasons = [str(row.get("reason", "")) for row in doc.get("excluded") or []]
+    reasons += [str(err.get("reason", "")) for entry in doc.get("rounds") or []
+                for err in entry.get("errors") or []]
+    if any("epsilon cap" in reason or "budget" in reason for reason in reasons):
+        err_console.print(
+            f"[yellow]a simulated hospital refused for its privacy budget: earlier runs on this "
+            f"data already spent it (ledgers in {ledger_root}). That is the privacy model "
+            "working; for a fresh budget use new synthetic data (`vesalius synth --out DIR`) or "
+            "another --ledger-dir.[/yellow]", highlight=False)
 
 
 def _connection_hint(output: list[str], superlink: str) -> str | None:
