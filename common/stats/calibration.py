@@ -27,7 +27,13 @@ import numpy.typing as npt
 from common.errors import DataError
 from common.stats._checks import as_labels, as_scores, count, counts_array, require_keys
 from common.stats.bins import bin_index, check_edges, uniform_edges
-from common.stats.glm import StatsFn, fit_logistic, LogisticFit, logistic_node_stats
+from common.stats.glm import (
+    ConstantCovariateError,
+    LogisticFit,
+    StatsFn,
+    fit_logistic,
+    logistic_node_stats,
+)
 
 CALIBRATION_BINS = 10
 CALIBRATION_KEYS = ("count", "score_sum", "label_sum", "sq_error_sum")
@@ -165,8 +171,22 @@ def fit_calibration(stats_fn: StatsFn, **kwargs: Any) -> LogisticFit:
 
     A perfectly calibrated model has intercept 0 and slope 1; slope < 1 signals over-fitting
     (predictions too extreme). ``kwargs`` go to :func:`common.stats.glm.fit_logistic`.
+
+    Raises
+    ------
+    DataError
+        The pooled scores are all equal (``logit(score)`` is constant, so the slope is
+        undefined): detected on the first query round, before any Newton step. Separation
+        and the other failures of :func:`~common.stats.glm.fit_logistic` as there.
     """
-    return fit_logistic(stats_fn, 2, names=["intercept", "slope"], **kwargs)
+    try:
+        return fit_logistic(stats_fn, 2, names=["intercept", "slope"], **kwargs)
+    except ConstantCovariateError as exc:
+        raise DataError(
+            "every pooled score is the same (after clipping to [1e-12, 1 - 1e-12]), so "
+            "logit(score) is constant: the calibration slope is undefined; a calibration "
+            "fit needs scores that vary",
+            safe_reason="calibration slope undefined: the scores are constant") from exc
 
 
 def total_count(sums: Mapping[str, Any]) -> int:

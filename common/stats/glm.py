@@ -13,6 +13,10 @@ that it can query the nodes once per iteration (in a simulation, a local functio
 sites). The intercept-only (null) model is fitted the same way by evaluating ``stats_fn`` at
 coefficients that are zero except for the intercept, which gives the likelihood-ratio test.
 
+Before the first step the summed information matrix is checked for a constant covariate or
+collinear covariates, and along the path for complete or quasi-complete separation, from the
+summed statistics alone and whatever the covariates' scales (:mod:`common.stats.separation`).
+
 Written here because statsmodels fits need the rows in one place. Privacy caveat: with fewer
 rows than parameters at a node, its gradient/Hessian can reveal rows; apply the node's release
 rules (minimum counts).
@@ -32,6 +36,17 @@ from scipy.stats import chi2, norm
 from common.errors import ConfigError, DataError
 from common.stats._checks import alpha_level, as_labels, require_keys
 from common.stats.pooling import sum_stats
+from common.stats.separation import (
+    DECREMENT_CONVERGED,
+    ConstantCovariateError,
+    SeparationError,
+    SeparationMonitor,
+    check_information,
+    separation_error,
+)
+
+__all__ = ["ConstantCovariateError", "LogisticFit", "SeparationError", "add_intercept",
+           "fit_logistic", "logistic_node_stats", "summing_stats_fn"]
 
 GLM_KEYS = ("grad", "hessian", "loglik", "n")
 StatsFn = Callable[[np.ndarray], Mapping[str, Any]]
@@ -158,21 +173,36 @@ def _checked(stats: Mapping[str, Any], p: int) -> tuple[np.ndarray, np.ndarray, 
 
 def _newton(
     stats_fn: StatsFn, beta0: np.ndarray, free: np.ndarray, *, tol: float, max_iter: int,
-    max_abs_coef: float,
+    max_abs_coef: float | None = None, intercept_index: int | None = None,
+    names: Sequence[str] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, float, int, int]:
-    """Newton-Raphson over the coordinates ``free`` (others fixed); step-halving on ll drops."""
+    """Newton-Raphson over the coordinates ``free`` (others fixed); step-halving on ll drops.
+
+    Before the first step the information matrix is checked for constant or collinear
+    covariates (:func:`~common.stats.separation.check_information`); along the way the path
+    is checked for separation (:class:`~common.stats.separation.SeparationMonitor`).
+    """
     p = beta0.size
     beta = beta0.copy()
     g, h, ll, n = _checked(stats_fn(beta), p)
+    check_information(h, free, intercept_index, names)
+    sep = SeparationMonitor()
+    step = np.zeros(free.size)
     for it in range(1, max_iter + 1):
         hf = h[np.ix_(free, free)]
         try:
             step = np.linalg.solve(hf, g[free])
         except np.linalg.LinAlgError as exc:
+            if sep.streak > 0:  # the separated rows' weights have underflowed
+                raise separation_error(sep, free, ll, it, names) from exc
             raise DataError(
                 "the information matrix is singular: collinear covariates, a constant "
                 "column or perfect separation; drop or combine covariates",
                 safe_reason="logistic regression did not converge") from exc
+        decrement = float(g[free] @ step)
+        if decrement <= DECREMENT_CONVERGED * max(1.0, abs(ll)):
+            return beta, h, ll, n, it - 1  # ll cannot rise further in double precision
+        full = True
         for _ in range(30):  # step halving keeps the log-likelihood increasing
             cand = beta.copy()
             cand[free] += step
@@ -180,15 +210,18 @@ def _newton(
             if ll2 >= ll - 1e-12 * max(1.0, abs(ll)):
                 break
             step = step / 2
+            full = False
         beta, g, h, ll = cand, g2, h2, ll2
-        if np.max(np.abs(beta)) > max_abs_coef:
+        if max_abs_coef is not None and np.max(np.abs(beta)) > max_abs_coef:
             raise DataError(
-                f"coefficients exceed {max_abs_coef:g} in absolute value: the outcome is "
-                "(quasi-)perfectly separated by the covariates; maximum-likelihood estimates "
-                "do not exist (consider fewer covariates or penalised regression)",
-                safe_reason="logistic regression did not converge")
+                f"coefficients exceed max_abs_coef = {max_abs_coef:g} in absolute value (a "
+                "bound set by the caller)", safe_reason="logistic regression did not converge")
         if np.max(np.abs(step)) < tol:
             return beta, h, ll, n, it
+        if not full:
+            sep.reset()
+        elif sep.update(step, decrement):
+            raise separation_error(sep, free, ll, it, names)
     raise DataError(f"Newton-Raphson did not converge in {max_iter} iterations (last max "
                     f"|step| {np.max(np.abs(step)):.3g}); possible separation",
                     safe_reason="logistic regression did not converge")
@@ -204,7 +237,7 @@ def fit_logistic(
     tol: float = 1e-10,
     max_iter: int = 100,
     alpha: float = 0.05,
-    max_abs_coef: float = 50.0,
+    max_abs_coef: float | None = None,
 ) -> LogisticFit:
     """Coordinator: fit a logistic regression from summed node statistics.
 
@@ -223,14 +256,17 @@ def fit_logistic(
     beta0
         Starting coefficients (default zeros).
     tol
-        Convergence when the largest absolute Newton step is below ``tol``.
+        Convergence when the largest absolute Newton step is below ``tol`` (or when the
+        Newton decrement ``g' H^-1 g`` falls below ``1e-20 max(1, |loglik|)``: the
+        log-likelihood cannot rise further in double precision).
     max_iter
         Iteration cap; reaching it raises :class:`DataError`.
     alpha
         1 - confidence level of the Wald intervals.
     max_abs_coef
-        A coefficient beyond this is taken as a sign of separation (raises :class:`DataError`);
-        raise it for covariates measured on very small scales (or standardise them).
+        Optional bound on the coefficients' absolute values (default ``None``: no bound);
+        exceeding it raises :class:`DataError`. Separation is detected from the data
+        without it (see Notes), whatever the covariates' scales.
 
     Returns
     -------
@@ -240,11 +276,28 @@ def fit_logistic(
 
     Raises
     ------
+    ConstantCovariateError
+        A covariate takes one value in every row (checked on the first statistics, before
+        any Newton step).
+    SeparationError
+        The outcome is completely or quasi-completely separated by the covariates, so the
+        maximum-likelihood estimates do not exist (Albert & Anderson, Biometrika 1984;
+        71:1-10).
     DataError
-        Separation, a singular information matrix, or no convergence within ``max_iter``.
+        Collinear covariates (a singular information matrix), or no convergence within
+        ``max_iter``.
 
     Notes
     -----
+    Separation is recognised from the summed statistics alone (the rows never leave the
+    nodes): along the Newton path the log-likelihood levels off (Newton decrement below
+    ``1e-5`` nats) while the coefficients keep moving by the same step in the same direction
+    (successive steps within a factor 2 of each other, cosine >= 0.99) for three
+    consecutive iterations; that happens when the separated rows' fitted probabilities go to
+    0 or 1 (complete separation: the log-likelihood itself goes to 0). A converging fit's
+    steps shrink quadratically instead. The test is invariant to the covariates' scales, as
+    Newton's method is; detecting separation takes about 15-30 iterations.
+
     Each Newton iteration costs one call of ``stats_fn`` (one round trip to the nodes), plus
     one per step halving (rare: only when a full step lowers the log-likelihood); the null
     fit costs as many again. Typical fits converge in 5-8 iterations.
@@ -261,8 +314,11 @@ def fit_logistic(
     start = np.zeros(p) if beta0 is None else np.asarray(beta0, dtype=np.float64).copy()
     if start.shape != (p,):
         raise ConfigError(f"beta0 must have shape ({p},)")
+    if intercept_index is not None and not 0 <= intercept_index < p:
+        raise ConfigError(f"intercept_index {intercept_index} out of range")
     beta, h, ll, n, iters = _newton(stats_fn, start, np.arange(p), tol=tol, max_iter=max_iter,
-                                    max_abs_coef=max_abs_coef)
+                                    max_abs_coef=max_abs_coef, intercept_index=intercept_index,
+                                    names=labels)
     if n <= 0:
         raise DataError("no rows in the summed statistics", safe_reason="no data")
     cov = np.linalg.inv(h)
@@ -272,13 +328,12 @@ def fit_logistic(
     q = float(norm.ppf(1 - a / 2))
     null_ll, lr, lr_df, lr_p = math.nan, math.nan, p - 1, math.nan
     if intercept_index is not None:
-        if not 0 <= intercept_index < p:
-            raise ConfigError(f"intercept_index {intercept_index} out of range")
         if p == 1:
             null_ll, lr, lr_p = ll, 0.0, 1.0
         else:
             _, _, null_ll, _, _ = _newton(stats_fn, np.zeros(p), np.array([intercept_index]),
-                                          tol=tol, max_iter=max_iter, max_abs_coef=max_abs_coef)
+                                          tol=tol, max_iter=max_iter, max_abs_coef=max_abs_coef,
+                                          intercept_index=intercept_index, names=labels)
             lr = max(2.0 * (ll - null_ll), 0.0)
             lr_p = float(chi2.sf(lr, lr_df))
     return LogisticFit(

@@ -87,3 +87,27 @@ def test_calibration_input_checks() -> None:
     with pytest.raises(DataError):
         expected_calibration_error({"count": [2, -1], "score_sum": [0.5, 0.5],
                                     "label_sum": [1, 0], "sq_error_sum": 0.1})
+
+
+@pytest.mark.parametrize("value", [0.3, 0.5, 1.0])
+def test_constant_scores_are_named_on_the_first_round(value: float) -> None:
+    # Prepare: a model that gives every patient the same score (0.5: logit 0; 1.0: clipped)
+    rng = np.random.default_rng(5)
+    y = rng.integers(0, 2, size=300)
+    s = np.full(300, value)
+    parts = split_indices(rng, 300, 3)
+    calls = [0]
+    sites = summing_stats_fn([lambda b, i=i: calibration_glm_stats(s[i], y[i], b)
+                              for i in parts])
+
+    def fn(beta: np.ndarray) -> dict[str, object]:
+        calls[0] += 1
+        return sites(beta)
+
+    # Execute
+    with pytest.raises(DataError, match="logit\\(score\\) is constant") as info:
+        fit_calibration(fn)
+    # Assert: said so on the first query round, not after every Newton round; the reason
+    # that may leave the coordinator says the same
+    assert calls[0] == 1
+    assert "constant" in info.value.safe_reason and "separat" not in str(info.value)

@@ -9,7 +9,16 @@ import pytest
 import statsmodels.api as sm
 
 from common.errors import ConfigError, DataError
-from common.stats.glm import add_intercept, fit_logistic, logistic_node_stats, summing_stats_fn
+from scipy.optimize import linprog
+
+from common.stats.glm import (
+    ConstantCovariateError,
+    SeparationError,
+    add_intercept,
+    fit_logistic,
+    logistic_node_stats,
+    summing_stats_fn,
+)
 from common.stats.selection import aic, bic
 from tests.common.stats.sites import split_indices
 
@@ -61,14 +70,121 @@ def test_node_stats_add_up_to_pooled_stats() -> None:
     assert summed["loglik"] == pytest.approx(pooled["loglik"], abs=1e-9)
 
 
-def test_separation_raises_clear_error() -> None:
+def _counting(x: np.ndarray, y: np.ndarray, parts: list[np.ndarray] | None = None,
+              ) -> tuple[list[int], object]:
+    """A summing stats_fn over sites that counts its calls (query rounds)."""
+    calls = [0]
+    site_fn = summing_stats_fn([lambda b, i=i: logistic_node_stats(x[i], y[i], b)
+                                for i in (parts or [np.arange(y.size)])])
+
+    def fn(beta: np.ndarray) -> dict[str, object]:
+        calls[0] += 1
+        return site_fn(beta)
+
+    return calls, fn
+
+
+def _separable(x: np.ndarray, y: np.ndarray) -> bool:
+    """LP check (reference only): is there d != 0 with (2y - 1) x'd >= 0 for every row?
+
+    Maximises sum_i (2y_i - 1) x_i'd over the box |d| <= 1 subject to those constraints; a
+    positive optimum means a (quasi-)separating direction exists (Albert & Anderson 1984).
+    """
+    s = (2 * y - 1)[:, None] * (x / np.abs(x).max(axis=0))
+    res = linprog(-s.sum(axis=0), A_ub=-s, b_ub=np.zeros(y.size),
+                  bounds=[(-1, 1)] * x.shape[1])
+    return bool(res.status == 0 and -res.fun > 1e-9)
+
+
+@pytest.mark.parametrize("scale", [1e-2, 1e-4])
+def test_small_scale_covariate_is_fitted_like_statsmodels(scale: float) -> None:
+    # Prepare: a covariate measured on a 0.01 (0.0001) scale with coefficient 85 / 0.85e4:
+    # an ordinary fit (linear predictor SD 0.85), not separation
+    rng = np.random.default_rng(11)
+    z = rng.normal(size=1200) * scale
+    x = add_intercept(np.column_stack([z, rng.normal(size=1200)]))
+    y = (rng.random(1200) < 1 / (1 + np.exp(-(0.2 + 0.85 / scale * z - 0.5 * x[:, 2])))
+         ).astype(int)
+    parts = split_indices(rng, y.size, 3)
+    _, fn = _counting(x, y, parts)
+    # Execute
+    fit = fit_logistic(fn, 3)
+    # Assert: statsmodels on the pooled rows (and on the rescaled covariate, which statsmodels
+    # fits with the same relative accuracy)
+    ref = sm.Logit(y, x).fit(disp=0, tol=1e-12, maxiter=100)
+    assert 0.5 / scale < fit.coef[1] < 1.2 / scale
+    np.testing.assert_allclose(fit.coef, ref.params, rtol=1e-8)
+    np.testing.assert_allclose(fit.se, ref.bse, rtol=1e-8)
+    assert fit.loglik == pytest.approx(ref.llf, abs=1e-8)
+    assert not _separable(x, y)
+
+
+def test_complete_separation_is_called_separation() -> None:
+    # Prepare
     rng = np.random.default_rng(0)
     z = rng.normal(size=200)
     x = add_intercept(z)
     y = (z > 0).astype(int)  # perfectly separated
-    fn = summing_stats_fn([lambda b: logistic_node_stats(x, y, b)])
-    with pytest.raises(DataError, match="separat"):
-        fit_logistic(fn, 2)
+    calls, fn = _counting(x, y, split_indices(rng, 200, 3))
+    # Execute
+    with pytest.raises(SeparationError, match="complete separation") as info:
+        fit_logistic(fn, 2, names=["const", "z"])
+    # Assert: the rows are separable (LP), every fitted probability went to its outcome, the
+    # separating covariate is named, and it took far fewer rounds than the iteration cap
+    assert _separable(x, y)
+    assert info.value.complete and 1 in info.value.diverging and "'z'" in str(info.value)
+    assert calls[0] < 40
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-3])
+def test_quasi_complete_separation_is_called_separation_at_any_scale(scale: float) -> None:
+    # Prepare: a binary covariate whose every "1" row has outcome 1 (the classic
+    # quasi-complete separation); the other covariate is ordinary
+    rng = np.random.default_rng(3)
+    a = rng.normal(size=500)
+    b = (rng.random(500) < 0.1).astype(float)
+    y = (rng.random(500) < 1 / (1 + np.exp(-a))).astype(int)
+    y[b == 1] = 1
+    x = add_intercept(np.column_stack([a, b * scale]))
+    calls, fn = _counting(x, y, split_indices(rng, 500, 4))
+    # Execute
+    with pytest.raises(SeparationError, match="quasi-complete separation") as info:
+        fit_logistic(fn, 3, names=["const", "a", "b"])
+    # Assert
+    assert _separable(x, y)
+    assert not info.value.complete and info.value.diverging == [2]
+    assert calls[0] < 40
+
+
+def test_nearly_separated_data_with_a_finite_mle_are_fitted() -> None:
+    # Prepare: separated except for two crossed rows near the boundary: the MLE exists,
+    # with a large slope (about 14)
+    z = np.linspace(-3, 3, 301)
+    y = (z > 0).astype(int)
+    y[np.argmin(np.abs(z - 0.2))], y[np.argmin(np.abs(z + 0.2))] = 0, 1
+    x = add_intercept(z)
+    _, fn = _counting(x, y)
+    # Execute
+    fit = fit_logistic(fn, 2)
+    # Assert
+    ref = sm.Logit(y, x).fit(disp=0, tol=1e-12, maxiter=100)
+    assert not _separable(x, y)
+    assert fit.coef[1] > 10
+    np.testing.assert_allclose(fit.coef, ref.params, rtol=1e-8)
+    np.testing.assert_allclose(fit.se, ref.bse, rtol=1e-8)
+
+
+def test_constant_covariate_is_named_before_any_newton_step() -> None:
+    # Prepare
+    rng = np.random.default_rng(2)
+    x = add_intercept(np.column_stack([rng.normal(size=120), np.full(120, 3.0)]))
+    y = rng.integers(0, 2, size=120)
+    calls, fn = _counting(x, y)
+    # Execute
+    with pytest.raises(ConstantCovariateError, match="'age'.*same value in every row") as info:
+        fit_logistic(fn, 3, names=["const", "bmi", "age"])
+    # Assert: found on the first query round
+    assert info.value.index == 2 and calls[0] == 1
 
 
 def test_collinear_design_raises() -> None:
@@ -76,9 +192,17 @@ def test_collinear_design_raises() -> None:
     z = rng.normal(size=100)
     x = np.column_stack([np.ones(100), z, 2 * z])
     y = rng.integers(0, 2, size=100)
-    fn = summing_stats_fn([lambda b: logistic_node_stats(x, y, b)])
-    with pytest.raises(DataError, match="singular|separat|converge"):
+    calls, fn = _counting(x, y)
+    with pytest.raises(DataError, match="'x1', 'x2' are collinear"):
         fit_logistic(fn, 3)
+    assert calls[0] == 1
+
+
+def test_explicit_coefficient_bound_is_still_honoured() -> None:
+    x, y, parts = _sites(0)
+    _, fn = _counting(x, y, parts)
+    with pytest.raises(DataError, match="max_abs_coef = 0.5"):
+        fit_logistic(fn, 4, max_abs_coef=0.5)
 
 
 def test_input_validation() -> None:
