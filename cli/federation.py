@@ -11,6 +11,7 @@ from typing import Any
 
 import click
 import typer
+from rich.markup import escape
 
 from cli.console import console, err_console, setup_logging
 from cli.flower import APP_DIR, CONNECTION, executable, flower_env, toml_value, write_connection
@@ -338,7 +339,8 @@ def print_cv_report(doc: Mapping[str, Any]) -> None:
     for row in cv["folds"]:
         detail = details.get(row["fold"], {})
         errors = detail.get("errors", [])
-        issues = "; ".join(f"{e['site']} ({e['phase']}): {e['reason']}" for e in errors[:2])
+        issues = "; ".join(f"{e['site']} ({e['phase']}): {escape(str(e['reason']))}"
+                           for e in errors[:2])
         if len(errors) > 2:
             issues += f"; +{len(errors) - 2} more"
         t.add_row(str(row["fold"]), str(row["held_out"]), str(row.get("n", 0)),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from rich.markup import escape
+
 from cli.console import console, fmt, table
 from common import messages as k
 
@@ -40,7 +42,7 @@ def print_inference(section: Any) -> None:
                 t.add_row(name, fmt(metrics[name]))
         console.print(t)
     for fail in section.get("failures", []):
-        console.print(f"  [yellow]{fail.get('query')}: {fail.get('reason')}[/yellow]")
+        console.print(f"  [yellow]{fail.get('query')}: {escape(str(fail.get('reason')))}[/yellow]")
     if section.get("metrics_note"):
         console.print(f"  [yellow]{section['metrics_note']}[/yellow]")
     if section.get("auc_note"):
@@ -68,7 +70,7 @@ def print_report(doc: dict[str, Any]) -> None:
                       fmt(s["noise_multiplier"], ".3f"))
     console.print(sites)
     for row in doc.get("excluded", []):
-        console.print(f"[yellow]excluded node {row['node_id']}: {row['reason']}[/yellow]")
+        console.print(f"[yellow]excluded node {row['node_id']}: {escape(str(row['reason']))}[/yellow]")
     final = doc.get("final")
     if final:
         per_site = ", ".join(f"{s['site']} {fmt(s.get(k.AUC))}" for s in final.get("sites", []))
@@ -81,4 +83,4 @@ def print_report(doc: dict[str, Any]) -> None:
     print_inference(doc.get("inference"))
     status = doc.get("status")
     if status != "completed":
-        console.print(f"[red]run {status}: {doc.get('reason', '')}[/red]")
+        console.print(f"[red]run {status}: {escape(str(doc.get('reason', '')))}[/red]")

@@ -14,6 +14,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     Progress,
@@ -42,7 +43,9 @@ def round_line(summary: Mapping[str, Any], total: int) -> str:
             f"acc {fmt(m.get(k.ACCURACY))}  loss {fmt(m.get(k.LOSS), '.4f')}  |  "
             f"{eps or 'no site trained'}")
     for err in summary.get("errors") or []:
-        line += f"\n  [yellow]{err.get('site')} ({err.get('phase')}): {err.get('reason')}[/yellow]"
+        site, reason = str(err.get("site")), str(err.get("reason"))
+        reason = reason.removeprefix(f"[{site}] ")  # the node's own prefix, shown once
+        line += f"\n  [yellow]{escape(site)} ({err.get('phase')}): {escape(reason)}[/yellow]"
     return line
 
 

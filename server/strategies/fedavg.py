@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +63,19 @@ def _site(msg: Message) -> str:
     if isinstance(info, ConfigRecord) and k.SITE in info:
         return str(info[k.SITE])
     return f"node-{msg.metadata.src_node_id}"
+
+
+_SITE_PREFIX = re.compile(r"^\[([\w .\-]{1,64})\] ")
+
+
+def site_of_error(msg: Message) -> str:
+    """The site that sent an error reply: nodes prefix their reasons with ``[site-name]``.
+
+    An error reply carries no records, so the prefix is the only place the site is named;
+    without one the node is named by its Flower node id.
+    """
+    match = _SITE_PREFIX.match(msg.error.reason or "")
+    return match.group(1) if match else f"node-{msg.metadata.src_node_id}"
 
 
 def _ledger_head(msg: Message) -> str:
@@ -159,7 +173,7 @@ class VesaliusFedAvg(FedAvg):
         for msg in replies:
             if msg.has_error():
                 row: dict[str, object] = {
-                    "site": f"node-{msg.metadata.src_node_id}",
+                    "site": site_of_error(msg),
                     "node_id": msg.metadata.src_node_id,
                     "phase": phase,
                     "reason": msg.error.reason,

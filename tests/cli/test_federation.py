@@ -146,3 +146,12 @@ def test_run_view_places_phases_on_one_bar() -> None:
     assert positions == [2.25, 6.0, 6.5, 8.0]
     assert bar.updates[0]["description"] == "fold 1/2 round 2/3 training: 1/4 nodes answered"
     assert str(bar.updates[-1]["description"]).startswith("fold 2/2 round 1/3")
+
+
+def test_round_line_names_the_site_once_and_shows_bracketed_text() -> None:
+    from cli.run_progress import round_line
+
+    line = round_line({"round": 1, "metrics": {}, "train": [], "errors": [
+        {"site": "site-2", "phase": "train", "reason": "[site-2] refused: [cap] reached"}]}, 2)
+    assert "site-2 (train): refused: \\[cap] reached" in line  # escaped for rich markup
+    assert "[site-2] refused" not in line
