@@ -128,7 +128,8 @@ def read_geometry(ds: Dataset) -> Geometry:
     client.dicom.reasons.Skip
         ``invalid-value`` for an invalid IS/DS value (see :func:`numeric_value_problem`);
         ``unsupported-image`` for missing or implausible (0028,0010) Rows, (0028,0011)
-        Columns, (0028,0100) Bits Allocated, (0028,0101) Bits Stored, (0028,0103) Pixel Representation, or an image that is not single-sample greyscale
+        Columns, (0028,0100) Bits Allocated, (0028,0101) Bits Stored, (0028,0103) Pixel
+        Representation, or an image that is not single-sample greyscale
         ((0028,0002) Samples per Pixel 1, (0028,0004) MONOCHROME1/MONOCHROME2).
     """
     problem = numeric_value_problem(ds)

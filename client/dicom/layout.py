@@ -3,9 +3,11 @@
 Checks, from the header and (for the byte order) a small sample of the pixel bytes:
 
 * encapsulation: pixel data is encapsulated (undefined length, PS3.5 A.4) if and only if the
-  (0002,0010) Transfer Syntax UID is a compressed one;
-* length, native syntaxes: the value is exactly Rows x Columns x frames x samples x
-  Bits Allocated / 8 bytes (plus one padding byte when that is odd) and lies inside the file;
+  (0002,0010) Transfer Syntax UID is a compressed one; native pixel data of the wrong length
+  that starts with an (FFFE,E000) Item tag is encapsulated data relabelled as native;
+* length, native syntaxes: the value holds at least Rows x Columns x frames x samples x
+  Bits Allocated / 8 bytes and lies inside the file (trailing padding is tolerated, as
+  pydicom tolerates it: the decoder reads the announced bytes only);
 * byte order, native 16- and 32-bit data: a file relabelled between little and big endian
   with its pixel bytes left as they were decodes to noise. Natural images are smooth: the
   mean absolute difference between horizontal neighbours is far smaller in the true byte
@@ -33,6 +35,8 @@ UNDEFINED_LENGTH = 0xFFFFFFFF
 SAMPLE_BYTES = 64 * 1024
 #: Declared-order roughness above this multiple of the swapped-order roughness is refused.
 SWAP_FACTOR = 8.0
+_ITEM_LE = b"\xfe\xff\x00\xe0"
+_ITEM_BE = b"\xff\xfe\xe0\x00"
 
 
 def _mismatch(detail: str) -> Skip:
@@ -72,6 +76,19 @@ def byte_order_swapped(sample: bytes, geometry: Geometry, *, little_endian: bool
     return rough_declared > SWAP_FACTOR * rough_swapped
 
 
+def _starts_with_item(path: Path, offset: int, value: object) -> bool:
+    """``True`` when the value starts with an (FFFE,E000) Item tag (encapsulated fragments)."""
+    if offset >= 0:
+        with path.open("rb") as fh:
+            fh.seek(offset)
+            head = fh.read(4)
+    elif isinstance(value, (bytes, bytearray)):
+        head = bytes(value[:4])
+    else:
+        return False
+    return head in (_ITEM_LE, _ITEM_BE)
+
+
 def _sample(path: Path, offset: int, geometry: Geometry, length: int) -> bytes:
     """Whole rows around the middle of the first frame, at most :data:`SAMPLE_BYTES`."""
     row_bytes = geometry.columns * geometry.bits_allocated // 8
@@ -99,7 +116,7 @@ def check_pixel_layout(ds: Dataset, path: Path, geometry: Geometry) -> None:
     Raises
     ------
     client.dicom.reasons.Skip
-        ``no-pixels``, ``truncated``, ``transfer-syntax-mismatch`` or ``unsupported-image``.
+        ``no-pixels``, ``truncated`` or ``transfer-syntax-mismatch``.
     """
     elem = ds.get_item(PIXEL_DATA, keep_deferred=True)
     if elem is None:
@@ -133,14 +150,14 @@ def check_pixel_layout(ds: Dataset, path: Path, geometry: Geometry) -> None:
         available = path.stat().st_size - offset
     else:
         available = declared
+    if declared != expected and _starts_with_item(path, offset, elem.value):
+        raise _mismatch(
+            "(7FE0,0010) Pixel Data holds encapsulated (compressed) fragments although "
+            "(0002,0010) Transfer Syntax UID declares a native syntax; re-export the file "
+            "from its source"
+        )
     if declared < expected or available < declared:
         raise Skip(SkipCode.TRUNCATED)
-    if declared > expected + (expected % 2):
-        raise Skip(
-            SkipCode.UNSUPPORTED_IMAGE,
-            "(7FE0,0010) Pixel Data is longer than (0028,0010) Rows x (0028,0011) Columns x "
-            "(0028,0008) Number of Frames x (0028,0100) Bits Allocated announce",
-        )
     if offset >= 0:
         sample = _sample(path, offset, geometry, declared)
     elif isinstance(elem.value, (bytes, bytearray)):
