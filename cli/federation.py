@@ -128,9 +128,6 @@ def simulate(config: RunConfig, data_root: Path, *, epsilon_cap: float, allow_no
              verbose: bool, ledger_root: Path | None = None,
              min_release_count: int = 10, show_progress: bool = True) -> dict[str, object]:
     """Run a simulated federation over the ``site-*`` folders of ``data_root``."""
-    from server.report import round_dict
-    from server.simulation import run_simulation
-
     ledgers = ledger_root if ledger_root is not None else default_ledger_root(data_root)
     nodes = simulated_hospitals(data_root, epsilon_cap=epsilon_cap,
                                 allow_non_private=allow_non_private,
@@ -140,6 +137,10 @@ def simulate(config: RunConfig, data_root: Path, *, epsilon_cap: float, allow_no
                   f"({'DP-SGD, target ε=%g' % config.plan.target_epsilon if config.plan.private else 'non-private'})")
     announce_ledgers(ledgers)
     with run_view(total, enabled=show_progress, verbose=verbose) as view:
+        # Imported under the bar: torch, Flower and Ray take seconds to load.
+        from server.report import round_dict
+        from server.simulation import run_simulation
+
         report = run_simulation(config, nodes, on_round=lambda e: view.on_round(round_dict(e)),
                                 on_progress=view.on_progress, verbose=verbose)
     doc = report.to_dict()

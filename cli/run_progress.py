@@ -151,5 +151,5 @@ def run_view(num_rounds: int, num_folds: int = 1, *, enabled: bool = True,
                   TextColumn("ETA"), TimeRemainingColumn(), console=console,
                   transient=True) as bar:
         view = RunView(bar, None, num_rounds, num_folds, verbose=verbose)
-        view._task = bar.add_task("starting the federation", total=view.steps_per_fold * num_folds)
+        view._task = bar.add_task("starting the federation (loading torch, Flower, Ray)", total=view.steps_per_fold * num_folds)
         yield view
