@@ -15,7 +15,7 @@ from tests.hostile._mutate import COMPRESSED_BASES, NATIVE_BASES, Planted, build
 
 #: Reproducible, modest hypothesis runs (CI-stable: derandomised, no example database).
 HOSTILE = settings(
-    max_examples=25,
+    max_examples=20,
     deadline=None,
     derandomize=True,
     database=None,
