@@ -20,13 +20,16 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import pydicom
+from pydicom.datadict import dictionary_description, tag_for_keyword
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.pixels import get_decoder
 from pydicom.uid import UID
 
@@ -57,6 +60,9 @@ _IDENTIFYING = {
     0x0020000E: "(0020,000E) Series Instance UID",
     0x00080018: "(0008,0018) SOP Instance UID",
 }
+
+_MAX_ID_CHARS = 64
+_UID_CHARS = re.compile(r"[0-9.]+")
 
 ProgressCallback = Callable[[int, int], None]
 
@@ -180,11 +186,50 @@ def _int_attr(ds: Dataset, keyword: str, default: int | None = None) -> int | No
 def _check_ids(ds: Dataset) -> dict[str, str]:
     ids: dict[str, str] = {}
     for keyword in _REQUIRED_IDS:
-        value = str(ds.get(keyword, "") or "").strip()
+        raw = ds.get(keyword, "")
+        if isinstance(raw, (list, tuple, MultiValue)):
+            tag = tag_for_keyword(keyword) or 0
+            raise Skip(
+                SkipCode.INVALID_VALUE,
+                f"{tag_text(tag)} {dictionary_description(tag)} holds several values "
+                "where one is expected; fix the file at its source",
+            )
+        value = str(raw or "").strip()
         if not value:
             raise Skip(SkipCode.MISSING_UID, f"{keyword} is missing or empty")
+        problem = _identifier_problem(keyword, value, extended="SpecificCharacterSet" in ds)
+        if problem:
+            tag = tag_for_keyword(keyword) or 0
+            raise Skip(
+                SkipCode.INVALID_VALUE,
+                f"{tag_text(tag)} {dictionary_description(tag)} {problem}; "
+                "fix the file at its source",
+            )
         ids[keyword] = value
     return ids
+
+
+def _identifier_problem(keyword: str, value: str, *, extended: bool) -> str:
+    """Why an identifier value is invalid for its VR (never quoting it), or ``""``.
+
+    (0010,0020) Patient ID is LO: at most 64 characters, no control character, and only
+    the default repertoire (printable ASCII) unless (0008,0005) Specific Character Set is
+    present. The UIDs are UI: at most 64 characters, digits and dots only (PS3.5 9.1).
+    """
+    if len(value) > _MAX_ID_CHARS:
+        return f"is longer than {_MAX_ID_CHARS} characters"
+    if keyword == "PatientID":
+        if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
+            return "holds control or NUL characters"
+        if not extended and any(ord(ch) > 0x7E for ch in value):
+            return (
+                "holds characters outside the default repertoire and (0008,0005) Specific "
+                "Character Set is absent"
+            )
+        return ""
+    if not _UID_CHARS.fullmatch(value):
+        return "holds characters other than digits and dots (not a valid UID)"
+    return ""
 
 
 def expected_pixel_bytes(ds: Dataset, rows: int, cols: int, frames: int) -> int:

@@ -116,6 +116,35 @@ def test_any_duplicated_element_is_refused(tmp_path: Path) -> None:
     assert "(0008,0060)" in _skip(path).text
 
 
+@pytest.mark.parametrize(
+    ("value", "words"),
+    [
+        (b"PID-aaaaaaaa01\\PID-bbbbbbbb02", "several values"),
+        (b"PID-cccccccc03\x00PID-dd", "control or NUL"),
+        (b"PID-ffffffff05\xff\xfe", "default repertoire"),
+        (b"PID-" + b"9" * 80, "longer than 64"),
+    ],
+)
+def test_malformed_patient_id_is_refused_not_re_filed(
+    tmp_path: Path, value: bytes, words: str
+) -> None:
+    # Prepare: the (0010,0020) value bytes replaced (pad to even length)
+    path = tmp_path / "pid.dcm"
+    write_image(path, patient_id="PSEUDO-001")
+    raw = path.read_bytes()
+    padded = value + b" " * (len(value) % 2)
+    path.write_bytes(
+        raw.replace(_element((0x0010, 0x0020), b"LO", b"PSEUDO-001"),
+                    _element((0x0010, 0x0020), b"LO", padded))
+    )
+    # Execute
+    skipped = _skip(path, require=False)
+    # Assert
+    assert skipped.code is SkipCode.INVALID_VALUE
+    assert "(0010,0020) Patient ID" in skipped.text and words in skipped.text
+    assert "PID-" not in skipped.text
+
+
 # --- byte order and encapsulation ------------------------------------------------------
 
 
