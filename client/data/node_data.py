@@ -177,13 +177,14 @@ def _build_split(
     labels: list[int] = []
     owners: list[int] = []
     kept = 0
+    undecodable = 0
     for pid in patients:
         count = 0
         for rec, label in records[pid]:
             try:
                 pixels = read_pixels(rec.path)
             except DataError:
-                logger.warning("could not decode %s; image left out", rec.relpath)
+                undecodable += 1  # counted, never named: a file name can identify a patient
                 continue
             images.append(torch.as_tensor(transform(pixels), dtype=torch.float32))
             labels.append(label)
@@ -191,6 +192,9 @@ def _build_split(
             count += 1
         if count:
             kept += 1
+    if undecodable:
+        logger.warning("%d image(s) could not be decoded and were left out; "
+                       "`vesalius node check` lists which", undecodable)
     if not images:
         return _empty_split(image_size)
     return SplitArrays(

@@ -115,22 +115,22 @@ def _pair_masks(index: DicomIndex) -> tuple[list[InstanceRecord], dict[str, Inst
         try:
             header = pydicom.dcmread(rec.path, stop_before_pixels=True)
         except Exception as exc:  # noqa: BLE001 - the scanner read it; any failure is data
-            raise _mask_error(f"cannot read mask header {rec.relpath}: {exc}") from exc
+            raise _mask_error(f"cannot read a mask header ({type(exc).__name__}); `vesalius node check` lists the files") from exc
         target = _referenced_uid(header)
         if target is None:
             raise _mask_error(
-                f"mask {rec.relpath} has no (0008,1140) Referenced Image Sequence item with a "
+                "a mask has no (0008,1140) Referenced Image Sequence item with a "
                 "(0008,1155) Referenced SOP Instance UID; cannot tell which image it labels"
             )
         if target in masks:
             raise _mask_error(
-                f"image {target} has two masks: {masks[target].relpath} and {rec.relpath}"
+                "an image has two masks (two mask instances reference the same SOP Instance UID)"
             )
         masks[target] = rec
     known = {rec.sop_instance_uid for rec in images}
     for target, rec in masks.items():
         if target not in known:
-            logger.warning("mask %s references no usable image; ignored", rec.relpath)
+            logger.warning("a mask references no usable image; ignored")
     return images, masks
 
 
@@ -139,11 +139,11 @@ def _read_mask(rec: InstanceRecord, rows: int, cols: int) -> npt.NDArray[np.uint
         pixels = np.asarray(pydicom.dcmread(rec.path).pixel_array)
     except Exception as exc:  # noqa: BLE001 - any decoder failure is a data problem
         raise _mask_error(
-            f"cannot decode mask {rec.relpath}: {type(exc).__name__}: {exc}"
+            f"cannot decode a mask ({type(exc).__name__}); `vesalius node check` lists the files"
         ) from exc
     if pixels.shape != (rows, cols):
         raise _mask_error(
-            f"mask {rec.relpath} has shape {pixels.shape}, its image has {(rows, cols)}"
+            f"a mask has shape {pixels.shape}, its image has {(rows, cols)}"
         )
     return (pixels > 0).astype(np.uint8)
 
@@ -233,14 +233,14 @@ def load_segmentation_data(
         mask = masks.get(rec.sop_instance_uid)
         if mask is None:
             raise _mask_error(
-                f"image {rec.relpath} has no lesion mask: no usable mask instance references "
-                f"its SOP Instance UID ({len(outcome.skipped)} file(s) under {root} were "
+                "an image has no lesion mask: no usable mask instance references "
+                f"its SOP Instance UID ({len(outcome.skipped)} file(s) in the data folder were "
                 "skipped by the scanner, e.g. truncated or not DICOM; see `vesalius node check`)"
             )
         by_patient.setdefault(rec.patient_id, []).append((rec, mask))
     if not by_patient:
         raise DataError(
-            f"no usable image/mask pair under {root}",
+            "no usable image/mask pair in the data folder",
             safe_reason="the node has no usable segmentation data",
         )
     arrays = build_patient_splits(
