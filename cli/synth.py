@@ -18,6 +18,10 @@ def synth(
     """Write synthetic, PHI-free DICOM studies and a labels CSV for each hospital."""
     from client.dicom.synth import synthesize_federation
 
+    if not str(out).strip() or str(out) == ".":
+        raise typer.BadParameter("give --out a new folder to write the hospitals into",
+                                 param_hint="--out")
+
     with progress_bar("writing DICOM") as progress:
         summaries = synthesize_federation(
             out, n_sites=sites, patients_per_site=patients, seed=seed, progress=progress

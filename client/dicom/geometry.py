@@ -128,7 +128,8 @@ def read_geometry(ds: Dataset) -> Geometry:
     client.dicom.reasons.Skip
         ``invalid-value`` for an invalid IS/DS value (see :func:`numeric_value_problem`);
         ``unsupported-image`` for missing or implausible (0028,0010) Rows, (0028,0011)
-        Columns, (0028,0100) Bits Allocated, (0028,0101) Bits Stored, (0028,0103) Pixel
+        Columns, (0028,0100) Bits Allocated, (0028,0101) Bits Stored, (0028,0102) High Bit
+        (one less than Bits Stored, PS3.3 C.7.6.3.1.1), (0028,0103) Pixel
         Representation, or an image that is not single-sample greyscale
         ((0028,0002) Samples per Pixel 1, (0028,0004) MONOCHROME1/MONOCHROME2).
     """
@@ -145,6 +146,13 @@ def read_geometry(ds: Dataset) -> Geometry:
         raise Skip(
             SkipCode.UNSUPPORTED_IMAGE,
             "(0028,0101) Bits Stored is not between 1 and (0028,0100) Bits Allocated",
+        )
+    high_bit = _us(ds, "HighBit")
+    if high_bit is not None and high_bit != stored - 1:
+        # PS3.3 C.7.6.3.1.1: (0028,0102) High Bit shall be one less than Bits Stored.
+        raise Skip(
+            SkipCode.UNSUPPORTED_IMAGE,
+            "(0028,0102) High Bit is not one less than (0028,0101) Bits Stored",
         )
     if representation not in (0, 1):
         raise Skip(SkipCode.UNSUPPORTED_IMAGE, "(0028,0103) Pixel Representation is not 0 or 1")

@@ -374,3 +374,23 @@ def test_report_counts_declared_deidentification_options(tmp_path: Path) -> None
         "Clean Descriptors Option": 1,
     }
     assert "Retain UIDs Option" in doc["deidentification_rule"]["assumed_options"]
+
+
+@pytest.mark.parametrize("high_bit", [40, 3, 16])
+def test_high_bit_must_be_one_less_than_bits_stored(tmp_path: Path, high_bit: int) -> None:
+    # Prepare: a valid 16-bit image whose (0028,0102) High Bit contradicts Bits Stored 16
+    ds = make_dataset()
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, high_bit
+    write_dataset(ds, tmp_path / "bad.dcm")
+    # Execute
+    skipped = _skip(tmp_path / "bad.dcm")
+    # Assert: refused, the tag named
+    assert skipped.code is SkipCode.UNSUPPORTED_IMAGE and "(0028,0102) High Bit" in skipped.text
+
+
+def test_a_consistent_high_bit_is_accepted(tmp_path: Path) -> None:
+    ds = make_dataset()
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
+    write_dataset(ds, tmp_path / "ok.dcm")
+    result = classify_file(tmp_path / "ok.dcm", "ok.dcm", require_deidentified=True)
+    assert not isinstance(result, SkippedFile), result
