@@ -20,11 +20,14 @@ The coordinator's address, which the operator typed, may be shown; file paths ne
 from __future__ import annotations
 
 import errno
+import os
+import queue
 import re
 import signal
 import socket
 import ssl
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -283,6 +286,7 @@ class FlowerOutput:
         self.attempts = 0
         self.problem: LinkProblem | None = None
         self._in_traceback = False
+        self._gave_up = False
 
     def line(self, raw: str) -> str | None:
         """The text to show for one output line (``None``: show nothing)."""
@@ -299,7 +303,11 @@ class FlowerOutput:
             return None
         if not text:
             return None
+        if "Giving up reconnection" in text or "Exit Code:" in text:
+            self._gave_up = True
         retry = _FLOWER_RETRY.search(text)
+        if retry is not None and self._gave_up:
+            return None  # a helper (SuperExec) retrying its local link to the ended SuperNode
         if retry is not None:
             self.attempts += 1
             problem = self.diagnose() or _unreachable("the connection dropped")
@@ -315,14 +323,26 @@ class FlowerOutput:
         return redact(text)
 
 
+def _stop_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
 def supervise(
     cmd: list[str],
     env: dict[str, str],
     *,
     output: FlowerOutput,
     say: Say,
+    grace_s: float = 5.0,
 ) -> int:
     """Run ``cmd`` as a child, forward SIGINT/SIGTERM to it, show its translated output.
+
+    The child runs in its own process group with its helpers (Flower's SuperExec and
+    ClientApp processes): a signal to this process is forwarded once to the whole group,
+    and helpers still running when the SuperNode itself has ended are stopped.
 
     Returns
     -------
@@ -335,19 +355,40 @@ def supervise(
         The child ended after a recognised connection, TLS or authentication failure.
     """
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, encoding="utf-8", errors="replace", bufsize=1)
+                            text=True, encoding="utf-8", errors="replace", bufsize=1,
+                            start_new_session=True)
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            lines.put(raw)
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
     stopping = False
 
     def forward(signum: int, _frame: FrameType | None) -> None:
         nonlocal stopping
         stopping = True
-        if proc.poll() is None:
-            proc.send_signal(signum)
+        _stop_group(proc.pid, signum)
 
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        assert proc.stdout is not None
-        for raw in proc.stdout:
+        deadline: float | None = None
+        while True:
+            if deadline is None and proc.poll() is not None:
+                deadline = time.monotonic() + 1.0  # the last lines still in the pipe
+            try:
+                raw = lines.get(timeout=0.2)
+            except queue.Empty:
+                if deadline is not None and time.monotonic() > deadline:
+                    break
+                continue
+            if raw is None:
+                break
             shown = output.line(raw)
             if shown is not None:
                 say(shown)
@@ -356,8 +397,13 @@ def supervise(
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         if proc.poll() is None:
-            proc.terminate()
-            proc.wait(timeout=15)
+            _stop_group(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                _stop_group(proc.pid, signal.SIGKILL)
+                proc.wait()
+        _stop_group(proc.pid, signal.SIGTERM)  # helpers that outlived the SuperNode
     if stopping:
         return 0
     if code != 0 and output.problem is not None:

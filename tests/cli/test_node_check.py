@@ -32,7 +32,8 @@ DECODES = "decode_pixels" in inspect.signature(scan_directory).parameters
 
 
 def _flat(text: str) -> str:
-    return " ".join(text.split())
+    """The output as one line: rich's panel borders and line wrapping removed."""
+    return " ".join(text.translate({ord(c): " " for c in "│╭╮╰╯─"}).split())
 
 
 def _check(*args: str) -> Result:
