@@ -303,7 +303,8 @@ def import_plan(plan: ImportPlan, out: str | Path, options: ImportOptions, *,
     logger.info("imported %d patients, %d files into %d node folder(s)",
                 plan.patients, sum(files), len(sites))
     return ImportSummary(source_kind=plan.source_kind, kind=plan.kind, out=root, sites=sites,
-                         colour_converted=converted, notes=summary_notes(plan, options.pixel_spacing_mm, converted))
+                         colour_converted=converted,
+                         notes=summary_notes(plan, options.pixel_spacing_mm, converted))
 
 
 def import_dataset(source: str | Path, out: str | Path, *, labels_csv: str | Path | None = None,
