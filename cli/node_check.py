@@ -13,7 +13,6 @@ which the operator asked for and which never leaves the node.
 
 from __future__ import annotations
 
-import inspect
 import json
 from dataclasses import dataclass
 from enum import Enum
@@ -97,19 +96,6 @@ class DataInspection:
         }
 
 
-def _scan(root: Path, *, require_deidentified: bool, decode_pixels: bool,
-          progress: ProgressCallback | None) -> tuple[Any, bool]:
-    """Scan files; ask for the full pixel decode where the scanner offers it."""
-    kwargs: dict[str, Any] = {}
-    decoded = False
-    if decode_pixels and "decode_pixels" in inspect.signature(scan_directory).parameters:
-        kwargs["decode_pixels"] = True
-        decoded = True
-    outcome = scan_directory(root, require_deidentified=require_deidentified, progress=progress,
-                             exclude=(LABELS_FILENAME,), **kwargs)
-    return outcome, decoded
-
-
 def _blocking(report: IngestionReport, labels: LabelTable, trainable: int) -> list[str]:
     """One sentence per reason why training cannot use the folder."""
     if report.files_seen == 0:
@@ -161,12 +147,13 @@ def inspect_data(
     DataInspection
         The report, the used files, every label problem and the blocking reasons.
     """
-    outcome, decoded = _scan(root, require_deidentified=require_deidentified,
-                             decode_pixels=decode_pixels, progress=progress)
+    outcome = scan_directory(root, require_deidentified=require_deidentified, progress=progress,
+                             exclude=(LABELS_FILENAME,), decode_pixels=decode_pixels)
     index = DicomIndex.from_records(outcome.records)
     labels = parse_labels(root / LABELS_FILENAME)
     report = build_report(files_seen=outcome.files_seen, skipped=outcome.skipped, index=index,
-                          labels=labels.labels, require_deidentified=require_deidentified)
+                          labels=labels.labels, require_deidentified=require_deidentified,
+                          pixels_decoded=outcome.pixels_decoded)
     keys = [(rec.patient_id, rec.study_instance_uid) for rec in index.instances()]
     problems = labels.problems + match_problems(labels, keys)
     if not labels.exists:
@@ -178,7 +165,7 @@ def inspect_data(
         label_problems=problems,
         trainable_images=trainable,
         blocking=tuple(_blocking(report, labels, trainable)),
-        pixels_decoded=decoded,
+        pixels_decoded=outcome.pixels_decoded,
     )
 
 
@@ -201,7 +188,6 @@ def _print_table(found: DataInspection) -> None:
         elif not isinstance(value, (list, dict)):
             summary.add_row(key.replace("_", " "), str(value))
     summary.add_row("trainable images (label 0/1)", str(found.trainable_images))
-    summary.add_row("pixel data decoded", "yes" if found.pixels_decoded else "no (headers only)")
     for key, value in doc.items():
         if isinstance(value, dict):
             summary.add_row(key.replace("_", " "),

@@ -38,6 +38,7 @@ from flwr.clientapp import ClientApp
 from client.budget import PrivacyDecision, decide
 from client.data import NodeData, PatientRecordDataset, load_node_data
 from client.data.folds import cv_splits
+from client.data.labels import BINARY_LABELS
 from client.data.node_data import SplitArrays
 from client.mods import sanitize_errors_mod
 from client.queries.handler import handle_query
@@ -102,7 +103,7 @@ def _load(node: NodeConfig, plan: TrainPlan) -> NodeData:
         seed=0,  # the split is the hospital's, not the run's: fixed so it never moves
     )
     for split in (data.train, data.val, data.test):
-        if len(split) and int(split.labels.max()) > 1:
+        if len(split) and not set(split.labels.unique().tolist()) <= BINARY_LABELS:
             raise DataError(
                 "labels other than 0/1 in labels.csv",
                 safe_reason="the node's labels are not binary (0/1), which this model needs",
