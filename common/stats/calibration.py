@@ -13,18 +13,39 @@ coordinator-side results equal the pooled computation:
   on ``logit(score)``, fitted by :func:`common.stats.glm.fit_logistic` on
   :func:`calibration_glm_stats`; calibration-in-the-large is the intercept with ``logit(score)``
   as an offset (:func:`calibration_in_the_large_stats`).
+
+Recalibration (post-hoc, fitted on validation patients; :class:`ScoreCalibration`) maps a score
+``s`` to ``expit(a + b logit(s))``:
+
+* *Platt scaling* (Platt 1999, "Probabilistic outputs for support vector machines"): both
+  ``a`` and ``b``, i.e. the calibration regression above used as a recalibration map. It is
+  the default here: it corrects a shift of every score (calibration-in-the-large, e.g. a
+  model trained with DP-SGD whose probabilities all lie below 0.5 although 40 % of the
+  patients are positive) as well as over- or under-confidence. Temperature scaling cannot
+  correct a shift: ``expit(logit(s) / T)`` keeps every score on its side of 0.5.
+* *Temperature scaling* (Guo et al., "On calibration of modern neural networks", ICML 2017):
+  ``a = 0`` and ``b = 1 / T`` only (:func:`fit_temperature`); one parameter, the safer choice
+  with very few validation patients.
+
+With ``b > 0`` both maps are strictly increasing, so the ranking of the patients, the ROC
+curve and the AUC are unchanged; a fitted ``b <= 0`` would reverse the ranking and is refused
+by the caller. Both fits are the Newton-Raphson of :func:`common.stats.glm.fit_logistic` on
+summed :func:`calibration_glm_stats` (temperature on its ``b`` coordinate alone, through
+:func:`temperature_stats_fn`), so nodes answer the same query for either.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from scipy.special import expit, logit
 
-from common.errors import DataError
+from common.errors import ConfigError, DataError
 from common.stats._checks import as_labels, as_scores, count, counts_array, require_keys
 from common.stats.bins import bin_index, check_edges, uniform_edges
 from common.stats.glm import (
@@ -193,3 +214,111 @@ def total_count(sums: Mapping[str, Any]) -> int:
     """Number of patients in calibration sums."""
     require_keys(sums, ("count",), "calibration sums")
     return count(np.sum(counts_array(sums["count"], "count")), "count")
+
+
+CALIBRATION_METHODS = ("platt", "temperature", "none")
+
+
+@dataclass(frozen=True)
+class ScoreCalibration:
+    """A recalibration map ``p = expit(intercept + slope * logit(score))`` (module docstring).
+
+    Attributes
+    ----------
+    method : str
+        ``"platt"``, ``"temperature"`` (intercept 0) or ``"none"`` (the identity).
+    intercept, slope : float
+        The map's coefficients; ``slope`` must be > 0 (a strictly increasing map).
+    """
+
+    method: str = "none"
+    intercept: float = 0.0
+    slope: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.method not in CALIBRATION_METHODS:
+            raise ConfigError(f"calibration method must be one of {CALIBRATION_METHODS}, "
+                              f"got {self.method!r}")
+        if not (math.isfinite(self.intercept) and math.isfinite(self.slope) and self.slope > 0):
+            raise ConfigError("a calibration map needs a finite intercept and a finite slope > 0 "
+                              f"(got {self.intercept!r}, {self.slope!r})")
+        if self.method == "temperature" and self.intercept != 0.0:
+            raise ConfigError("temperature scaling has no intercept")
+
+    @property
+    def temperature(self) -> float:
+        """``1 / slope`` (the temperature T of temperature scaling)."""
+        return 1.0 / self.slope
+
+    @property
+    def coefficients(self) -> list[float]:
+        """``[intercept, slope]`` (what the nodes are sent)."""
+        return [float(self.intercept), float(self.slope)]
+
+    def apply(self, scores: npt.ArrayLike) -> np.ndarray:
+        """Calibrated probabilities of ``scores`` (:func:`apply_calibration`)."""
+        return apply_calibration(scores, self.intercept, self.slope)
+
+    def score_for(self, probability: float) -> float:
+        """The uncalibrated score whose calibrated probability is ``probability``."""
+        p = min(max(float(probability), LOGIT_CLIP), 1.0 - LOGIT_CLIP)
+        return float(expit((float(logit(p)) - self.intercept) / self.slope))
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready: method, intercept, slope, temperature."""
+        return {"method": self.method, "intercept": self.intercept, "slope": self.slope,
+                "temperature": self.temperature}
+
+
+def apply_calibration(scores: npt.ArrayLike, intercept: float, slope: float) -> np.ndarray:
+    """``expit(intercept + slope * logit(score))``, scores clipped to ``[1e-12, 1 - 1e-12]``.
+
+    The clipping is that of :func:`calibration_glm_stats`, so the map applied is exactly the
+    one fitted.
+    """
+    a, b = float(intercept), float(slope)
+    if not (math.isfinite(a) and math.isfinite(b)):
+        raise ConfigError("calibration coefficients must be finite")
+    return np.asarray(expit(a + b * _logit_scores(scores)), dtype=np.float64)
+
+
+def temperature_stats_fn(stats_fn: StatsFn) -> StatsFn:
+    """Restrict summed :func:`calibration_glm_stats` to the slope: ``beta = (0, b)``.
+
+    ``stats_fn((a, b))`` returns the statistics of ``logit P = a + b logit(score)``; on the
+    line ``a = 0`` the score and information of ``b`` alone are the second entry of the
+    gradient and the lower-right entry of the information matrix (the log-likelihood and the
+    count are the same), so the nodes answer one query for both fits.
+    """
+
+    def fn(theta: np.ndarray) -> dict[str, Any]:
+        t = np.asarray(theta, dtype=np.float64).reshape(-1)
+        if t.shape != (1,):
+            raise ConfigError("temperature scaling has one coefficient")
+        stats = stats_fn(np.array([0.0, float(t[0])]))
+        require_keys(stats, ("grad", "hessian", "loglik", "n"), "calibration statistics")
+        g = np.asarray(stats["grad"], dtype=np.float64).reshape(-1)
+        h = np.asarray(stats["hessian"], dtype=np.float64).reshape(2, 2)
+        return {"grad": g[1:], "hessian": h[1:, 1:], "loglik": stats["loglik"],
+                "n": stats["n"]}
+
+    return fn
+
+
+def fit_temperature(stats_fn: StatsFn, **kwargs: Any) -> LogisticFit:
+    """Temperature scaling from summed :func:`calibration_glm_stats` (two-coefficient queries).
+
+    Maximises the pooled log-likelihood of ``P(y=1) = expit(logit(score) / T)`` by Newton-
+    Raphson on ``b = 1 / T`` (:func:`temperature_stats_fn`), starting from ``T = 1``. The one
+    coefficient is named ``slope``; ``T = 1 / slope``. ``kwargs`` go to
+    :func:`common.stats.glm.fit_logistic` (no intercept, so no null-model test).
+    """
+    kwargs.setdefault("beta0", [1.0])
+    try:
+        return fit_logistic(temperature_stats_fn(stats_fn), 1, names=["slope"],
+                            intercept_index=None, **kwargs)
+    except ConstantCovariateError as exc:
+        raise DataError(
+            "every pooled score is the same, so logit(score) is constant: a temperature "
+            "cannot be fitted", safe_reason="temperature undefined: the scores are constant"
+        ) from exc
