@@ -2,8 +2,11 @@
 
 Per round: every sampled node trains with DP-SGD on its own data, FedAvg aggregates the
 weights, every node evaluates the new global model on its validation split, and the global
-model is checkpointed. After the last round the nodes evaluate the final model on their test
-splits and release per-class score histograms, from which the pooled test AUC is computed.
+model is checkpointed. After the last round the final model is the checkpoint of the round
+with the best pooled validation AUC (:mod:`server.final_model`); the nodes evaluate it on
+their test splits and release per-class score histograms, from which the pooled test AUC is
+computed, and answer the statistics queries that calibrate it and choose its operating point
+on validation and report its test metrics there.
 ``report.json`` and ``summary.txt`` are rewritten after every round, so a crash loses nothing
 that was already learned.
 """
@@ -16,6 +19,7 @@ import secrets
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
@@ -102,23 +106,30 @@ def run_federation(
             num_rounds=config.plan.num_rounds,
             timeout=config.round_timeout,
             train_config=ConfigRecord(dict(plan_record)),
-            evaluate_config=ConfigRecord({**plan_record, k.SPLIT: k.SPLIT_VAL}),
+            # Histograms (where nodes consent) give each round's pooled validation AUC, on
+            # which the final model is chosen (server/final_model.py).
+            evaluate_config=ConfigRecord(
+                {**plan_record, k.SPLIT: k.SPLIT_VAL, k.WITH_HISTOGRAMS: True}
+            ),
         )
         if not any(entry.train for entry in report.rounds):
             report.status = "failed"
             report.reason = "no node trained in any round (see the errors of each round)"
         else:
+            arrays, report.extra["model_selection"] = final_model(
+                report.rounds, out_dir / "checkpoints", result.arrays
+            )
             final_cfg = ConfigRecord(
                 {**plan_record, k.SPLIT: k.SPLIT_TEST, k.WITH_HISTOGRAMS: True}
             )
             report.final = strategy.evaluate_everywhere(
-                grid, result.arrays, final_cfg, timeout=config.round_timeout
+                grid, arrays, final_cfg, timeout=config.round_timeout
             )
             (out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-            torch.save(result.arrays.to_torch_state_dict(), out_dir / "checkpoints" / "final.pt")
+            torch.save(arrays.to_torch_state_dict(), out_dir / "checkpoints" / "final.pt")
             report.extra["inference"] = final_inference(
-                grid, result.arrays, config, [n for n in grid.get_node_ids()
-                                              if n not in strategy.excluded]
+                grid, arrays, config, [n for n in grid.get_node_ids()
+                                       if n not in strategy.excluded]
             )
             if report.final.evaluate_metrics:
                 report.status = "completed"
@@ -147,20 +158,48 @@ def run_federation(
     return report
 
 
+def final_model(
+    rounds: list[RoundLog], checkpoint_dir: Path, last: ArrayRecord
+) -> tuple[ArrayRecord, dict[str, Any]]:
+    """The final model: the checkpoint of the round with the best validation AUC.
+
+    :func:`server.final_model.select_final_round` picks the round; its checkpoint
+    (``round-<r>.pt``) is loaded. Without a usable round or checkpoint the last round's model
+    is kept, and the returned selection (``report.json``'s ``model_selection``) says so.
+    """
+    from server.final_model import load_checkpoint, select_final_round
+
+    selection = select_final_round(rounds)
+    last_round = max((r.round for r in rounds if r.train), default=0)
+    if selection is None:
+        return last, {"final_round": last_round, "selection": "last round",
+                      "note": "no round has validation metrics"}
+    arrays = load_checkpoint(checkpoint_dir, int(selection["final_round"]))
+    if arrays is None:
+        return last, {**selection, "final_round": last_round, "selection": "last round",
+                      "note": f"no checkpoint of round {selection['final_round']}"}
+    selection["checkpoint"] = f"checkpoints/round-{selection['final_round']}.pt"
+    return arrays, selection
+
+
 def final_inference(
     grid: Grid, arrays: ArrayRecord, config: RunConfig, node_ids: list[int]
 ) -> dict[str, object]:
     """Pooled inference on the final model over the nodes' test splits (statistics queries).
 
-    Metrics with confidence intervals, the pooled AUC with its DeLong interval, calibration and
-    a between-site meta-analysis, all from sums the nodes release under their own release
-    rules (:mod:`client.release`). A failure here never fails the run: the report says why.
+    The scores are recalibrated and the decision threshold chosen on the validation patients
+    (:func:`server.final_model.calibrated_inference`; Youden's J, or the run's target
+    sensitivity); metrics with confidence intervals at that operating point, the pooled AUC
+    with its DeLong interval, calibration before and after and a between-site meta-analysis
+    come from sums the nodes release under their own release rules (:mod:`client.release`).
+    A failure here never fails the run: the report says why.
     """
-    from server.inference import pooled_metrics
+    from server.final_model import calibrated_inference
 
     try:
-        section = pooled_metrics(grid, node_ids, arrays, config.plan, split=k.SPLIT_TEST,
-                                 timeout=config.round_timeout)
+        section = calibrated_inference(grid, node_ids, arrays, config.plan,
+                                       timeout=config.round_timeout,
+                                       target_sensitivity=config.target_sensitivity)
     except Exception as exc:  # noqa: BLE001 - inference is an extra; the run already completed
         log.warning("pooled inference failed: %s", exc)
         return {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"}

@@ -34,6 +34,7 @@ from flwr.serverapp import Grid
 from common import messages as k
 from common.config import TrainPlan
 from common.errors import VesaliusError
+from common.stats.glm import LogisticFit
 from common.stats.pooling import sum_stats
 
 __all__ = [
@@ -46,6 +47,7 @@ __all__ = [
     "pooled_metrics",
     "predictive_entropy_summary",
     "query_nodes",
+    "score_calibration",
 ]
 
 log = logging.getLogger(__name__)
@@ -247,6 +249,68 @@ def calibration_regression(
                        max_iter=max_iter)
 
 
+def score_calibration(
+    grid: Grid,
+    node_ids: Sequence[int],
+    arrays: ArrayRecord,
+    plan: TrainPlan,
+    *,
+    method: str = "platt",
+    split: str = k.SPLIT_VAL,
+    timeout: float,
+    tol: float = 1e-10,
+    max_iter: int = 50,
+) -> dict[str, Any]:
+    """Fit a recalibration map of the model's scores on the nodes' ``split`` (validation).
+
+    Platt scaling ``expit(a + b logit(score))`` or temperature scaling ``expit(logit(score) /
+    T)`` (:mod:`common.stats.calibration` says why Platt is the default), by Newton-Raphson on
+    the pooled log-likelihood: every step is one ``calibration-glm`` query round, whose
+    gradient and information sums at ``(a, b)`` serve both fits (temperature uses the ``b``
+    coordinate, :func:`common.stats.calibration.fit_temperature`). The result equals
+    maximum likelihood on the pooled validation scores (``scipy.optimize.minimize``).
+
+    Returns
+    -------
+    dict
+        As :func:`calibration_regression`, plus ``method`` and ``calibration``
+        (:meth:`common.stats.calibration.ScoreCalibration.as_dict`: the identity, with the
+        reason in ``reason``, when the fit failed or its slope is not positive, which would
+        reverse the ranking). ``status`` is "completed", "failed" or "none" (not asked).
+    """
+    from common.stats.calibration import ScoreCalibration, fit_calibration, fit_temperature
+
+    if method == "none":
+        return {"status": "none", "reason": "", "method": "none", "failures": [],
+                "calibration": ScoreCalibration().as_dict(), "query_rounds": 0}
+    base = {**plan.to_record(), k.SPLIT: split}
+    start = {"beta0": [0.0, 1.0]} if method == "platt" else {}
+    fitter = fit_temperature if method == "temperature" else fit_calibration
+
+    def fit(stats_fn: Callable[..., Any], **kwargs: Any) -> LogisticFit:
+        # Start at the identity map; the null (intercept-only) fit is not needed here.
+        extra = {"intercept_index": None} if method == "platt" else {}
+        return fitter(stats_fn, **start, **extra, **kwargs)
+
+    out = _newton_fit(grid, node_ids, "calibration-glm", base, names=["intercept", "slope"],
+                      records={k.ARRAYS: arrays}, timeout=timeout, alpha=0.05, tol=tol,
+                      max_iter=max_iter, fit=fit)
+    out["method"] = method
+    identity = ScoreCalibration().as_dict()
+    if out["status"] != "completed":
+        out["calibration"] = identity
+        return out
+    coef = {row["name"]: row["coef"] for row in out["fit"]["coefficients"]}
+    slope, intercept = coef.get("slope"), coef.get("intercept", 0.0)
+    if slope is None or intercept is None or not slope > 0:
+        out.update(status="failed", calibration=identity,
+                   reason="the fitted calibration slope is not positive: the map would "
+                   "reverse the ranking of the patients; scores are left uncalibrated")
+        return out
+    out["calibration"] = ScoreCalibration(method, float(intercept), float(slope)).as_dict()
+    return out
+
+
 def _newton_fit(
     grid: Grid,
     node_ids: Sequence[int],
@@ -259,8 +323,15 @@ def _newton_fit(
     tol: float,
     max_iter: int,
     records: Mapping[str, Record] | None = None,
+    fit: Callable[..., LogisticFit] | None = None,
 ) -> dict[str, Any]:
-    """Newton-Raphson on summed GLM statistics, one ``query`` round per step."""
+    """Newton-Raphson on summed GLM statistics, one ``query`` round per step.
+
+    ``names`` are the coefficients the nodes' query takes (``beta``). ``fit`` replaces
+    :func:`common.stats.glm.fit_logistic` (called as ``fit(stats_fn, alpha=, tol=,
+    max_iter=)``) for fits on part of them, e.g.
+    :func:`common.stats.calibration.fit_temperature`.
+    """
     from common.stats.glm import fit_logistic
 
     p = len(names)
@@ -294,8 +365,11 @@ def _newton_fit(
                        sites=[], query_rounds=rounds, noised=noised)
             return out
         try:
-            fit = fit_logistic(stats_fn, p, names=names, alpha=alpha, tol=tol,
-                               max_iter=max_iter)
+            if fit is None:
+                result = fit_logistic(stats_fn, p, names=names, alpha=alpha, tol=tol,
+                                      max_iter=max_iter)
+            else:
+                result = fit(stats_fn, alpha=alpha, tol=tol, max_iter=max_iter)
         except _Dropped:
             continue
         except VesaliusError as exc:
@@ -304,7 +378,7 @@ def _newton_fit(
                        query_rounds=rounds, noised=noised)
             return out
         out.update(status="completed", reason="", sites=[sites[i] for i in participants],
-                   query_rounds=rounds, noised=noised, fit=fit.as_dict())
+                   query_rounds=rounds, noised=noised, fit=result.as_dict())
         return out
 
 
@@ -350,11 +424,20 @@ def _placement_estimate(
 
 
 def _metrics_config(
-    plan: TrainPlan, *, split: str, threshold: float, calibration_bins: int
+    plan: TrainPlan, *, split: str, threshold: float, calibration_bins: int,
+    calibration: Sequence[float] | None = None, with_histograms: bool = True,
 ) -> dict[str, Any]:
-    """Config of a ``metrics`` (and ``placements``) round: histograms requested."""
-    return {**plan.to_record(), k.SPLIT: split, k.THRESHOLD: float(threshold),
-            k.CALIBRATION_BINS: int(calibration_bins), k.WITH_HISTOGRAMS: True}
+    """Config of a ``metrics`` (and ``placements``) round.
+
+    ``calibration`` = ``[intercept, slope]``: the nodes score with the calibrated
+    probabilities ``expit(intercept + slope logit(score))`` (:mod:`client.queries.metrics`).
+    """
+    out: dict[str, Any] = {**plan.to_record(), k.SPLIT: split, k.THRESHOLD: float(threshold),
+                           k.CALIBRATION_BINS: int(calibration_bins),
+                           k.WITH_HISTOGRAMS: bool(with_histograms)}
+    if calibration is not None:
+        out[k.BETA] = [float(c) for c in calibration]
+    return out
 
 
 def _metrics_round(
@@ -498,6 +581,7 @@ def pooled_metrics(
     threshold: float = 0.5,
     calibration_bins: int = 10,
     ci_method: str = "wilson",
+    calibration: Sequence[float] | None = None,
 ) -> dict[str, Any]:
     """Pooled inference on one model over the nodes' held-out patients (two query rounds).
 
@@ -526,6 +610,10 @@ def pooled_metrics(
         Equal-width calibration bins.
     ci_method
         ``"wilson"`` or ``"beta"`` (Clopper-Pearson) for the proportions.
+    calibration
+        ``[intercept, slope]`` of a recalibration map
+        (:class:`common.stats.calibration.ScoreCalibration`): every statistic, the threshold
+        included, is then on the calibrated probabilities. ``None``: the model's own scores.
 
     Returns
     -------
@@ -550,7 +638,7 @@ def pooled_metrics(
     from common.stats.metrics import classification_metrics
 
     base = _metrics_config(plan, split=split, threshold=threshold,
-                           calibration_bins=calibration_bins)
+                           calibration_bins=calibration_bins, calibration=calibration)
     first = _metrics_round(grid, node_ids, base, arrays, timeout=timeout)
     out: dict[str, Any] = {"split": split, "threshold": float(threshold), "alpha": alpha,
                            "failures": list(first.failures),

@@ -1,5 +1,10 @@
 """Queries ``metrics`` (pass 1) and ``placements`` (pass 2) on one or two scored models.
 
+Both take an optional recalibration map ``beta = [a, b]`` (the coordinator's Platt or
+temperature scaling, fitted with ``calibration-glm`` on validation patients): every patient's
+score is then ``expit(a + b logit(score))`` before anything is counted, so threshold,
+histograms, calibration sums and placements are on the calibrated probabilities.
+
 ``metrics``
     At the coordinator's ``threshold``: confusion counts (:func:`common.stats.metrics.
     confusion_counts`), calibration-bin sums and the Brier sum (:func:`common.stats.
@@ -29,7 +34,7 @@ import numpy as np
 from flwr.app import MetricRecord
 
 from client.queries.registry import Query, QueryRequest, register_query
-from client.queries.scoring import patient_scores
+from client.queries.scoring import calibrated_scores, calibration_coefficients, patient_scores
 from client.release import Statistic
 from common import messages as k
 from common.errors import BudgetExceededError, ConfigError, DataError
@@ -84,6 +89,7 @@ class MetricsQuery(Query):
 
     def statistics(self, req: QueryRequest) -> list[Statistic]:
         threshold(req)
+        calibration_coefficients(req)
         bins = int_param(req, k.CALIBRATION_BINS, CALIBRATION_BINS, hi=1000)
         stats = [Statistic(k.NUM_EXAMPLES, 1.0, integer=True)]
         stats += [Statistic(key, 1.0, small_cells=True, integer=True)
@@ -103,6 +109,7 @@ class MetricsQuery(Query):
 
     def compute(self, req: QueryRequest, data: Any) -> dict[str, Any]:
         scores, labels = patient_scores(req, data, k.ARRAYS)
+        scores = calibrated_scores(req, scores)
         bins = int_param(req, k.CALIBRATION_BINS, CALIBRATION_BINS, hi=1000)
         cm = confusion_counts(scores, labels, threshold(req))
         cal = calibration_bin_sums(scores, labels, edges=uniform_edges(bins))
@@ -182,6 +189,7 @@ class PlacementsQuery(Query):
     def statistics(self, req: QueryRequest) -> list[Statistic]:
         m = len(_model_keys(req))
         _pooled_hists(req, m)
+        calibration_coefficients(req)
         stats = [
             Statistic(k.NUM_POSITIVE, 1.0, integer=True),
             Statistic(k.NUM_NEGATIVE, 1.0, integer=True),
@@ -201,7 +209,7 @@ class PlacementsQuery(Query):
         keys = _model_keys(req)
         scored = [patient_scores(req, data, key) for key in keys]
         labels = scored[0][1]
-        scores = [s for s, _ in scored]
+        scores = [calibrated_scores(req, s) for s, _ in scored]
         exact = req.node.stats_noise_multiplier == 0
         n_pos, n_neg = int(labels.sum()), int((labels == 0).sum())
         if exact and min(n_pos, n_neg) < req.node.min_release_count:

@@ -17,13 +17,16 @@ from flwr.app import ArrayRecord
 
 from client.queries.registry import QueryRequest
 from client.training import evaluate as evaluate_model
+from common import messages as k
 from common.errors import ConfigError, DataError
+from common.stats.calibration import apply_calibration
 from common.models import build_model
 
 if TYPE_CHECKING:
     from client.data import SplitArrays
 
-__all__ = ["HeldOutImages", "model_arrays", "patient_samples", "patient_scores"]
+__all__ = ["HeldOutImages", "calibrated_scores", "calibration_coefficients", "model_arrays",
+           "patient_samples", "patient_scores"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -95,3 +98,36 @@ def patient_samples(
     if not np.all(np.isfinite(out)):
         raise DataError("non-finite scores", safe_reason="the model produced non-finite scores")
     return out
+
+
+MAX_CALIBRATION_COEF = 1e6
+
+
+def calibration_coefficients(req: QueryRequest) -> tuple[float, float] | None:
+    """The recalibration map ``[intercept, slope]`` a ``metrics``/``placements`` query carries.
+
+    Sent in the config's ``beta`` (the coefficients of the calibration GLM the coordinator
+    fitted with ``calibration-glm``); ``None`` when absent (the model's own scores).
+    """
+    raw = req.config.get(k.BETA)
+    if raw is None:
+        return None
+    values = np.asarray(raw if isinstance(raw, list) else [], dtype=np.float64)
+    if (values.shape != (2,) or not np.all(np.isfinite(values))
+            or np.any(np.abs(values) > MAX_CALIBRATION_COEF)):
+        raise ConfigError(
+            "calibration coefficients must be two finite numbers",
+            safe_reason="malformed query: 'beta' (calibration intercept and slope) must hold "
+            f"two finite numbers of magnitude <= {MAX_CALIBRATION_COEF:g}",
+        )
+    return float(values[0]), float(values[1])
+
+
+def calibrated_scores(req: QueryRequest, scores: np.ndarray) -> np.ndarray:
+    """``scores`` through the query's recalibration map, if it carries one.
+
+    The map ``expit(a + b logit(s))`` keeps every score a probability in [0, 1], so the
+    per-patient sensitivities a query declares for scores hold unchanged.
+    """
+    coef = calibration_coefficients(req)
+    return scores if coef is None else apply_calibration(scores, *coef)
