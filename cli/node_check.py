@@ -169,10 +169,13 @@ def inspect_data(
     )
 
 
-def require_data_folder(data: Path) -> Path:
-    """Resolve ``--data``; a usage error (naming the option, not the path) when it is no folder."""
-    folder = data.expanduser()
-    if not folder.is_dir():
+def require_data_folder(data: str | Path) -> Path:
+    """Resolve ``--data``; a usage error (naming the option, not the path) when it is no folder.
+
+    Taken as text: an empty ``--data ""`` must be refused, not read as the current folder.
+    """
+    folder = Path(data).expanduser()
+    if not str(data).strip() or not folder.is_dir():
         raise typer.BadParameter("the --data folder does not exist or is not a folder; give "
                                  "the folder holding the DICOM files and labels.csv",
                                  param_hint="'--data'")
@@ -207,7 +210,7 @@ def _print_table(found: DataInspection) -> None:
 
 
 def check(
-    data: Path = typer.Option(..., "--data", help="The node's data folder (DICOM + labels.csv)."),
+    data: str = typer.Option(..., "--data", help="The node's data folder (DICOM + labels.csv)."),
     output_format: OutputFormat = typer.Option(
         OutputFormat.TABLE, "--format", case_sensitive=False, help="Output format."
     ),

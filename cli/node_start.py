@@ -74,7 +74,7 @@ def _check_data(root: Path, *, allow_identified: bool) -> None:
 
 
 def start(
-    data: Path = typer.Option(..., "--data", help="The node's data folder (DICOM + labels.csv)."),
+    data: str = typer.Option(..., "--data", help="The node's data folder (DICOM + labels.csv)."),
     superlink: str = typer.Option("127.0.0.1:9092", "--superlink", callback=_address,
                                   help="SuperLink Fleet address, HOST:PORT."),
     epsilon_cap: float = typer.Option(8.0, "--epsilon-cap", callback=_positive,
