@@ -9,6 +9,7 @@ import typer
 
 from cli.console import console, progress_bar
 from cli.federation import build_run_config, simulate
+from cli.options import POSITIVE
 from cli.report_view import print_report
 
 
@@ -17,13 +18,19 @@ def demo(
     sites: int = typer.Option(3, "--sites", min=2, max=10),
     patients: int = typer.Option(500, "--patients", min=20, help="Patients per hospital."),
     rounds: int = typer.Option(6, "--rounds", min=1),
-    epsilon: float = typer.Option(8.0, "--epsilon", help="Target patient-level ε per hospital."),
+    epsilon: float = typer.Option(8.0, "--epsilon", click_type=POSITIVE,
+                                  help="Target patient-level ε per hospital (> 0)."),
     seed: int = typer.Option(0, "--seed"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Synthesise DICOM hospitals, train with DP-SGD under Flower, and report AUC and ε."""
     from client.dicom.synth import synthesize_federation
 
+    config = build_run_config(  # checked before anything is written
+        rounds=rounds, local_epochs=1, batch_size=32, learning_rate=0.05, epsilon=epsilon,
+        noise_multiplier=0.0, max_grad_norm=1.0, private=True, model="cnn", image_size=32,
+        seed=seed, out=out, min_nodes=sites,
+    )
     data_root = out / "data"
     if not any(data_root.glob("site-*")):
         with progress_bar("writing synthetic DICOM studies") as progress:
@@ -32,11 +39,6 @@ def demo(
         console.print(f"wrote {sites} hospitals' DICOM studies to {data_root}")
     else:
         console.print(f"reusing the DICOM studies in {data_root}")
-    config = build_run_config(
-        rounds=rounds, local_epochs=1, batch_size=32, learning_rate=0.05, epsilon=epsilon,
-        noise_multiplier=0.0, max_grad_norm=1.0, private=True, model="cnn", image_size=32,
-        seed=seed, out=out, min_nodes=sites,
-    )
     ledgers = out / "ledgers"
     if ledgers.exists():
         # The demo's data are synthetic and regenerated identically, so an earlier demo's spend

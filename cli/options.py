@@ -6,6 +6,7 @@ path (a folder name can itself identify a patient or a hospital's internal layou
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -14,8 +15,20 @@ import click
 import typer
 
 OUTPUT_FORMATS = ("table", "json")
-POSITIVE = click.FloatRange(min=0.0, min_open=True)
-NON_NEGATIVE = click.FloatRange(min=0.0)
+
+
+class FiniteRange(click.FloatRange):
+    """A :class:`click.FloatRange` that also refuses NaN and infinities (they pass comparisons)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
+POSITIVE = FiniteRange(min=0.0, min_open=True)
+NON_NEGATIVE = FiniteRange(min=0.0)
 
 
 class LazyChoice(click.Choice):
