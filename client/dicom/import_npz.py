@@ -21,6 +21,7 @@ shape), so a large volume collection is never held in memory whole.
 from __future__ import annotations
 
 import zipfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,8 @@ __all__ = ["NPZ_SPLITS", "read_npz"]
 #: The splits read, in this order.
 NPZ_SPLITS: tuple[str, ...] = ("train", "val", "test")
 _PIXEL_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16))
+#: What a damaged archive member raises while it is read.
+_ARCHIVE_ERRORS = (OSError, EOFError, zipfile.BadZipFile, zlib.error)
 
 
 @dataclass(frozen=True)
@@ -78,10 +81,13 @@ def _member_header(archive: zipfile.ZipFile, key: str) -> _ArrayHeader:
     try:
         with archive.open(f"{key}.npy") as handle:
             return _read_header(handle)
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+    except _ARCHIVE_ERRORS as exc:
+        raise _error(f"the array {key} of the .npz file is damaged; download or save the file "
+                     "again") from exc
+    except ValueError as exc:
         raise _error(
-            f"the array {key} of the .npz file is unreadable, Fortran-ordered or holds Python "
-            "objects; save it again with numpy.savez as a plain C-ordered array"
+            f"the array {key} of the .npz file is not a plain NumPy array (Fortran-ordered, "
+            "Python objects or an unknown format); save it again with numpy.savez"
         ) from exc
 
 
@@ -127,7 +133,7 @@ def _labels(archive: zipfile.ZipFile, key: str, count: int) -> NDArray[np.int64]
     try:
         with archive.open(f"{key}.npy") as handle:
             raw = np.lib.format.read_array(handle, allow_pickle=False)
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+    except (*_ARCHIVE_ERRORS, ValueError) as exc:
         raise _error(f"the array {key} of the .npz file cannot be read; save it again with "
                      "numpy.savez") from exc
     values = np.asarray(raw)
@@ -162,7 +168,11 @@ def _iter_items(archive: zipfile.ZipFile, key: str, header: _ArrayHeader,
     with archive.open(f"{key}.npy") as handle:
         _read_header(handle)
         for _ in range(limit):
-            chunk = handle.read(item_bytes)
+            try:
+                chunk = handle.read(item_bytes)
+            except _ARCHIVE_ERRORS as exc:
+                raise _error(f"the array {key} of the .npz file is damaged; download or save "
+                             "the file again") from exc
             if len(chunk) != item_bytes:
                 raise _error(f"the array {key} of the .npz file ends early (truncated file); "
                              "download or save it again")

@@ -226,6 +226,32 @@ def _replace(out: Path, stage: Path, old: list[str], new: list[str],
     os.replace(marker, out / MARKER)
 
 
+def _write_patients(
+    plan: ImportPlan, folders: list[Path], site_of: list[int], options: ImportOptions,
+    progress: ProgressCallback | None,
+) -> tuple[list[list[tuple[str, str, int]]], list[int], int]:
+    """Decode and write every patient; return the label rows and file count per site and the
+    number of colour images converted."""
+    volume = None
+    if plan.kind is ImageKind.VOLUME_3D:
+        volume = VolumeGeometry(options.slice_thickness_mm or options.pixel_spacing_mm)
+    rows: list[list[tuple[str, str, int]]] = [[] for _ in folders]
+    files = [0] * len(folders)
+    converted = done = 0
+    for item in plan.decode():
+        site = site_of[item.patient]
+        ids = new_study_ids(pseudonym(item.patient))
+        study_dir = folders[site] / "dicom" / ids.patient_id / "ST1"
+        files[site] += write_study(study_dir, ids, item.images,
+                                   pixel_spacing_mm=options.pixel_spacing_mm, volume=volume)
+        rows[site].append((ids.patient_id, ids.study_uid, plan.labels[item.patient]))
+        converted += item.converted_from_colour
+        done += len(item.images)
+        if progress is not None:
+            progress(done, plan.total_images)
+    return rows, files, converted
+
+
 def import_plan(plan: ImportPlan, out: str | Path, options: ImportOptions, *,
                 progress: ProgressCallback | None = None) -> ImportSummary:
     """Write a planned source into ``out`` (see the module docstring).
@@ -259,40 +285,31 @@ def import_plan(plan: ImportPlan, out: str | Path, options: ImportOptions, *,
     n_sites = options.sites or 1
     names = [f"site-{k + 1}" for k in range(n_sites)] if options.sites else [None]
     created = not root.exists()
-    root.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=".vesalius-import-", dir=root))
-    folders = [stage / name if name else stage for name in names]
-    volume = None
-    if plan.kind is ImageKind.VOLUME_3D:
-        volume = VolumeGeometry(options.slice_thickness_mm or options.pixel_spacing_mm)
-    rows: list[list[tuple[str, str, int]]] = [[] for _ in names]
-    files = [0] * n_sites
-    converted = done = 0
     try:
-        for item in plan.decode():
-            site = site_of[item.patient]
-            ids = new_study_ids(pseudonym(item.patient))
-            study_dir = folders[site] / "dicom" / ids.patient_id / "ST1"
-            files[site] += write_study(study_dir, ids, item.images,
-                                       pixel_spacing_mm=options.pixel_spacing_mm, volume=volume)
-            rows[site].append((ids.patient_id, ids.study_uid, plan.labels[item.patient]))
-            converted += item.converted_from_colour
-            done += len(item.images)
-            if progress is not None:
-                progress(done, plan.total_images)
+        root.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=".vesalius-import-", dir=root))
+    except OSError as exc:
+        raise ConfigError("the --out folder cannot be created; give a folder you may write "
+                          "to, not under a file") from exc
+    folders = [stage / name if name else stage for name in names]
+    try:
+        rows, files, converted = _write_patients(plan, folders, site_of, options, progress)
         for folder, site_rows in zip(folders, rows, strict=True):
             _write_labels(folder, site_rows)
         new = list(names) if options.sites else ["dicom", LABELS_FILENAME]
         _replace(root, stage, old, [str(n) for n in new],
                  {"source": plan.source_kind, "kind": plan.kind.value, "patients": plan.patients,
                   "files": sum(files)})
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(stage, ignore_errors=True)
         if created:
             try:
                 root.rmdir()
             except OSError:
                 pass
+        if isinstance(exc, OSError):
+            raise ConfigError("the output could not be written (no permission, disk full or "
+                              "a file in the way); free space or choose another --out") from exc
         raise
     shutil.rmtree(stage, ignore_errors=True)
     sites = tuple(

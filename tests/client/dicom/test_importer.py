@@ -450,3 +450,34 @@ def test_more_sites_than_patients_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="needs at least 5 patients"):
         import_dataset(folder, tmp_path / "node", options=ImportOptions(sites=5))
     assert not (tmp_path / "node").exists()
+
+
+def test_a_damaged_archive_is_a_data_error_and_leaves_no_output(tmp_path: Path) -> None:
+    # Prepare: a valid compressed file with bytes flipped inside its first member.
+    rng = np.random.default_rng(0)
+    splits = ("train", "val", "test")
+    arrays = {f"{s}_images": rng.integers(0, 256, (20, 16, 16), dtype=np.uint8) for s in splits}
+    arrays.update({f"{s}_labels": np.zeros((20, 1), np.uint8) for s in splits})
+    path = tmp_path / "damaged.npz"
+    np.savez_compressed(path, **arrays)  # type: ignore[arg-type]
+    data = bytearray(path.read_bytes())
+    data[600:900] = bytes(b ^ 0x5A for b in data[600:900])
+    path.write_bytes(bytes(data))
+    # Execute
+    with pytest.raises(DataError, match="damaged|ends early") as caught:
+        import_dataset(path, tmp_path / "node")
+    # Assert
+    assert str(tmp_path) not in str(caught.value)
+    assert not (tmp_path / "node").exists()
+
+
+def test_an_output_folder_under_a_file_is_a_config_error(tmp_path: Path) -> None:
+    # Prepare
+    folder, _ = _png_folder(tmp_path / "src")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    # Execute / Assert
+    with pytest.raises(ConfigError, match="cannot be created"):
+        import_dataset(folder, blocker / "node")
+    with pytest.raises(ConfigError, match="names a file"):
+        import_dataset(folder, blocker)
