@@ -9,7 +9,6 @@ and no figure outlives the call that renders it.
 
 from __future__ import annotations
 
-import html
 import io
 import math
 from collections.abc import Mapping, Sequence
@@ -22,6 +21,10 @@ from matplotlib.figure import Figure
 
 from common.errors import DataError
 from common.stats.histogram import auc_from_histograms
+from server.report_text import cv_table_html, format_cell
+
+__all__ = ["cv_table_html", "figure_png", "format_cell", "plot_calibration", "plot_epsilon",
+           "plot_forest", "plot_roc", "plot_training", "roc_from_histograms"]
 
 _SIZE = (5.0, 4.2)
 _DPI = 100
@@ -90,29 +93,110 @@ def plot_roc(roc: Mapping[str, Any], *, title: str = "ROC") -> Figure:
     return fig
 
 
-def plot_calibration(cal: Mapping[str, Any], *, title: str = "Calibration") -> Figure:
-    """Reliability diagram: observed frequency vs mean predicted probability per bin.
-
-    ``cal`` is :func:`common.stats.calibration.reliability_diagram` output (``mean_score``,
-    ``observed``, ``count``; empty bins are ``None``). Marker area grows with the bin count.
-    """
+def _reliability_points(cal: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mean score, observed frequency, count) of the non-empty bins of a reliability diagram."""
     ms, ob, ct = cal.get("mean_score"), cal.get("observed"), cal.get("count")
     if ms is None or ob is None or ct is None or not len(ms) == len(ob) == len(ct):
         raise DataError("calibration needs mean_score, observed and count lists of equal length",
                         safe_reason="invalid report data")
     keep = [i for i in range(len(ms)) if ms[i] is not None and ob[i] is not None and ct[i]]
-    x = np.array([ms[i] for i in keep], dtype=float)
-    y = np.array([ob[i] for i in keep], dtype=float)
-    c = np.array([ct[i] for i in keep], dtype=float)
+    return (np.array([ms[i] for i in keep], dtype=float),
+            np.array([ob[i] for i in keep], dtype=float),
+            np.array([ct[i] for i in keep], dtype=float))
+
+
+def plot_calibration(cal: Mapping[str, Any], *, title: str = "Calibration",
+                     before: Mapping[str, Any] | None = None) -> Figure:
+    """Reliability diagram: observed frequency vs mean predicted probability per bin.
+
+    ``cal`` is :func:`common.stats.calibration.reliability_diagram` output (``mean_score``,
+    ``observed``, ``count``; empty bins are ``None``). Marker area grows with the bin count.
+    With ``before`` (the same for the scores before recalibration), both curves are drawn:
+    ``before`` in orange, ``cal`` (after) in blue.
+    """
+    curves = [(cal, "after recalibration" if before else "bins", "tab:blue")]
+    if before:
+        curves.insert(0, (before, "before recalibration", "tab:orange"))
+    points = [(_reliability_points(c), name, colour) for c, name, colour in curves]
     fig = Figure(figsize=_SIZE)
     ax = fig.add_subplot()
     ax.plot([0, 1], [0, 1], ls=":", color="grey", lw=0.8, label="perfect calibration")
-    if x.size:
-        ax.plot(x, y, color="tab:blue", lw=1.2)
-        ax.scatter(x, y, s=20 + 200 * c / c.max(), color="tab:blue", zorder=3, label="bins")
+    top = max((c.max() for (_, _, c), _, _ in points if c.size), default=1.0)
+    for (x, y, c), name, colour in points:
+        if x.size:
+            ax.plot(x, y, color=colour, lw=1.2)
+            ax.scatter(x, y, s=20 + 200 * c / top, color=colour, zorder=3, label=name,
+                       alpha=0.85)
     ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="mean predicted probability",
-           ylabel="observed frequency", title=title)
+           ylabel="observed frequency of the disease", title=title)
     ax.legend(loc="upper left", fontsize=7)
+    return fig
+
+
+def plot_epsilon(series: Mapping[str, Sequence[tuple[int, float]]], *, xlabel: str = "round",
+                 target: float | None = None, cap: float | None = None,
+                 title: str = "Privacy spent (ε) per hospital") -> Figure:
+    """ε against round (or fold) for each site, with the run's target and the cap as lines.
+
+    Parameters
+    ----------
+    series
+        Site name -> ``[(round, epsilon), ...]`` (this run's ε after that round).
+    target, cap
+        Horizontal reference lines (drawn when given; the cap only when it is within twice
+        the largest ε, so that a loose cap does not flatten the curves).
+    """
+    fig = Figure(figsize=(5.0, 3.4))
+    ax = fig.add_subplot()
+    top = 0.0
+    for i, (name, points) in enumerate(sorted(series.items())):
+        if not points:
+            continue
+        xs, ys = zip(*sorted(points), strict=True)
+        top = max(top, max(ys))
+        # Sites often spend the same ε: distinct markers and dashes keep overlaps visible.
+        ax.plot(xs, ys, marker="osD^v<>"[i % 7], markersize=7 - (i % 3) * 1.5, lw=1.4,
+                ls=("-", "--", ":", "-.")[i % 4], label=str(name), alpha=0.9)
+    if target is not None and math.isfinite(target):
+        ax.axhline(target, color="grey", ls="--", lw=0.8, label=f"target ε = {target:g}")
+        top = max(top, target)
+    if cap is not None and math.isfinite(cap) and cap <= 2 * max(top, 1e-9):
+        ax.axhline(cap, color="tab:red", ls=":", lw=1.0, label=f"cap ε = {cap:g}")
+        top = max(top, cap)
+    ax.set(xlabel=xlabel, ylabel="ε (patient level)", title=title, ylim=(0, 1.1 * top or 1))
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    return fig
+
+
+def plot_training(rounds: Sequence[Mapping[str, Any]]) -> Figure:
+    """Per-round curves: training and validation loss (left), validation AUC (right).
+
+    ``rounds`` are ``{"round", "train_loss", "val_loss", "val_auc"}`` rows (``None`` where
+    a value is missing).
+    """
+    fig = Figure(figsize=(9.0, 3.4))
+    left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+
+    def line(ax: Any, key: str, name: str, colour: str) -> None:
+        pts = [(r["round"], r[key]) for r in rounds
+               if r.get(key) is not None and math.isfinite(r[key])]
+        if pts:
+            xs, ys = zip(*pts, strict=True)
+            ax.plot(xs, ys, marker="o", markersize=4, color=colour, label=name)
+
+    line(left, "train_loss", "training loss", "tab:blue")
+    line(left, "val_loss", "validation loss", "tab:orange")
+    line(right, "val_auc", "validation AUC", "tab:green")
+    left.set(xlabel="round", ylabel="cross-entropy loss", title="Loss")
+    right.set(xlabel="round", ylabel="AUC", title="Validation AUC", ylim=(0, 1.02))
+    for ax in (left, right):
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
     return fig
 
 
@@ -143,62 +227,13 @@ def plot_forest(meta: Mapping[str, Any], *, title: str = "Forest plot") -> Figur
     if pe is not None and pl is not None and pu is not None:
         ax.fill([pl, pe, pu, pe], [1, 1.25, 1, 0.75], color="tab:red")
         ax.axvline(pe, color="tab:red", ls="--", lw=0.7)
-    labels = [str(r.get("site", "")) for r in sites] + ["pooled (RE)"]
+    labels = [str(r.get("site", "")) for r in sites] + ["pooled (random effects)"]
     ax.set_yticks(list(ys) + [1], labels)
     ax.set_ylim(0.4, k + 1.6)
     tau2, i2 = meta.get("tau2"), meta.get("i2")
     sub = ""
     if tau2 is not None and i2 is not None:
-        sub = f"  (tau2 {tau2:.2g}, I2 {100 * i2:.0f}%)"
+        sub = f"  (τ² {tau2:.2g}, I² {100 * i2:.0f}%)"
     ax.set_title(title + sub, fontsize=9)
     ax.set_xlabel("estimate (95% CI)" if meta.get("alpha", 0.05) == 0.05 else "estimate")
     return fig
-
-
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "&ndash;"
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    if isinstance(v, float):
-        return "&ndash;" if not math.isfinite(v) else f"{v:.4g}"
-    return html.escape(str(v))
-
-
-def format_cell(v: Any) -> str:
-    """A value or an interval dict ``{"value", "lower", "upper"}`` as table-cell HTML."""
-    if isinstance(v, Mapping) and "value" in v:
-        lo, hi = v.get("lower"), v.get("upper")
-        ci = f" [{_fmt(lo)}, {_fmt(hi)}]" if lo is not None and hi is not None else ""
-        return f"{_fmt(v.get('value'))}{ci}"
-    if isinstance(v, Mapping):
-        return ", ".join(f"{html.escape(str(a))}: {format_cell(b)}" for a, b in v.items())
-    if isinstance(v, (list, tuple)):
-        return ", ".join(format_cell(x) for x in v)
-    return _fmt(v)
-
-
-def cv_table_html(cv: Mapping[str, Any]) -> str:
-    """HTML table of cross-validation results: one row per fold and a pooled row.
-
-    ``cv = {"folds": [{"fold": 1, "auc": {"value", "lower", "upper"}, "n": ..., ...}],
-    "pooled": {"auc": {...}, ...}}``; columns are the union of keys over rows (``fold`` first),
-    intervals render as ``value [lower, upper]``. All text is HTML-escaped.
-    """
-    folds: Sequence[Mapping[str, Any]] = cv.get("folds") or []
-    pooled: Mapping[str, Any] = cv.get("pooled") or {}
-    cols: list[str] = []
-    for row in [*folds, pooled]:
-        for key in row:
-            if key != "fold" and key not in cols:
-                cols.append(key)
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in ["fold", *cols])
-    body = []
-    for row in folds:
-        cells = "".join(f"<td>{format_cell(row.get(c))}</td>" for c in cols)
-        body.append(f"<tr><td>{_fmt(row.get('fold'))}</td>{cells}</tr>")
-    if pooled:
-        cells = "".join(f"<td>{format_cell(pooled.get(c))}</td>" for c in cols)
-        body.append(f'<tr class="pooled"><td>pooled</td>{cells}</tr>')
-    return (f'<table class="cv"><thead><tr>{head}</tr></thead>'
-            f"<tbody>{''.join(body)}</tbody></table>")

@@ -10,6 +10,7 @@
                   "noise_multiplier": ..., "sample_rate": ...}],
       "final":  {"split": "test", "auc_pooled": ..., "metrics": {...}, "sites": [...]},
       "privacy": {"unit": "patient", "mechanism": ..., "accountant": "rdp", ...},
+      "excluded": [{"node_id": ..., "site": ... (when the node named itself), "reason": ...}],
       "config": {...run config...},
       "status": "completed" | "failed", "reason": ...
     }
@@ -130,6 +131,34 @@ class RunReport:
             )
         return sorted(rows, key=lambda row: str(row["site"]))
 
+    def site_names(self) -> dict[int, str]:
+        """Node id -> the site name it gave (in a reply, or as its error reasons' prefix).
+
+        Lets people read ``excluded`` by hospital rather than by Flower node id; a node that
+        never named itself is absent.
+        """
+        names: dict[int, str] = {}
+        for entry in self.rounds:
+            for row in [*entry.refusals, *entry.errors]:
+                site, node_id = str(row.get("site", "")), row.get("node_id")
+                if isinstance(node_id, int) and site and site != f"node-{node_id}":
+                    names.setdefault(node_id, site)
+            for reply in [*entry.train, *entry.evaluate]:
+                if reply.site and reply.site != f"node-{reply.node_id}":
+                    names[reply.node_id] = reply.site
+        return names
+
+    def _excluded_rows(self) -> list[dict[str, Any]]:
+        """``excluded``: node id, the site name where the node gave one, and its reason."""
+        names = self.site_names()
+        rows = []
+        for node_id, reason in sorted(self.excluded.items()):
+            row: dict[str, Any] = {"node_id": node_id, "reason": reason}
+            if names.get(node_id):
+                row["site"] = names[node_id]
+            rows.append(row)
+        return rows
+
     def to_dict(self) -> dict[str, Any]:
         """The JSON document described in the module docstring."""
         rounds = [round_dict(entry) for entry in self.rounds]
@@ -160,10 +189,7 @@ class RunReport:
                 "its minimum release count, with small cells suppressed",
             },
             "run_id": plan.run_id,
-            "excluded": [
-                {"node_id": node_id, "reason": reason}
-                for node_id, reason in sorted(self.excluded.items())
-            ],
+            "excluded": self._excluded_rows(),
             "config": self.config.to_dict(),
         }
         if self.final is not None:
@@ -191,8 +217,9 @@ class RunReport:
             )
             for err in entry.errors:
                 lines.append(f"       ! {err['site']} ({err['phase']}): {err['reason']}")
+        names = self.site_names()
         for node_id, why in sorted(self.excluded.items()):
-            lines.append(f"excluded node {node_id}: {why}")
+            lines.append(f"excluded {names.get(node_id) or f'node {node_id}'}: {why}")
         lines.append("site          patients  epsilon    delta")
         for row in self.sites():
             eps, delta = row["epsilon"], row["delta"]

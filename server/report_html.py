@@ -36,25 +36,33 @@ unknown parts are shown as a plain key/value table)::
       "conformal": {...}, "uncertainty": {...}, "power": {...}
     }
 
-Besides ``inference`` the page shows ``status``, ``run_id`` and, if present, ``final.auc_pooled``.
-All text from the report is HTML-escaped.
+The calibration part may also hold ``before`` and ``after`` reliability diagrams (both are
+plotted) and ``inference.operating_point`` the decision threshold (method, threshold,
+temperature, validation counts); both are optional.
+
+Besides ``inference`` the page has, in this order (:data:`SECTION_IDS`, each a ``<section
+id=...>`` with an ``<h2>``): the headline (one pooled AUC with how it was pooled, and every
+other AUC labelled with what it estimates, :mod:`server.report_sections`), the privacy section
+(ε per hospital and per round, δ, σ, cap, dataset ε, accountants, ledger heads, hospital-level
+DP; :mod:`server.report_privacy`), training curves per round and the final model's selection
+(``model_selection``), test performance, ROC and calibration, results by hospital, the
+between-hospital meta-analyses, cross-validation, problems (refusals and errors by site name)
+and the run configuration. No internal key and no Flower node id is shown
+(:mod:`server.report_text`); all text from the report is HTML-escaped.
 """
 
 from __future__ import annotations
 
-import base64
 import html
 import logging
 import os
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy.typing as npt
-from matplotlib.figure import Figure
 
-from common.errors import VesaliusError
 from common.stats.calibration import (
     brier_from_sums,
     expected_calibration_error,
@@ -62,150 +70,82 @@ from common.stats.calibration import (
 )
 from common.stats.glm import LogisticFit
 from common.stats.histogram import compress_histograms
-from server.plots import (
-    format_cell,
-    cv_table_html,
-    figure_png,
-    plot_calibration,
-    plot_forest,
-    plot_roc,
+from server import report_tables as tables
+from server.plots import plot_roc
+from server.report_privacy import privacy_section
+from server.report_sections import (
+    calibration_section_html,
+    headline_section,
+    problems_section,
+    selection_section,
+    site_results_section,
+    training_section,
 )
+from server.report_text import fmt, label, site_label
 
 log = logging.getLogger(__name__)
 
 REPORT_HTML = "report.html"
 
+SECTION_IDS = {
+    "result": "Result", "privacy": "Privacy", "training": "Training",
+    "performance": "Test performance (pooled over hospitals)", "figures": "ROC and calibration",
+    "sites": "Results by hospital", "heterogeneity": "Differences between hospitals",
+    "cv": "Cross-validation", "problems": "Problems during the run",
+    "configuration": "Run configuration",
+}
+"""Anchor id -> heading of the page's fixed sections (in page order; absent parts are
+skipped)."""
+
+# Keys of ``inference`` that are shown by a dedicated part of the page, or are internal
+# (log-likelihoods, noise flags, node ids, notes rendered as sentences).
+_HANDLED = frozenset({
+    "split", "auc", "metrics", "roc", "calibration", "meta", "cv", "glm", "operating_point",
+    "auc_sites", "sites", "failures", "ledger_heads", "status", "reason", "n", "alpha",
+    "threshold", "auc_note", "metrics_note", "noised", "suppressed_cells", "confusion",
+    "loglik", "mean_loglik",
+})
 _CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:2em auto;max-width:1000px;
-color:#222;padding:0 1em}
+color:#222;padding:0 1em;line-height:1.4}
 h1{font-size:1.5em}h2{font-size:1.2em;border-bottom:1px solid #ccc;margin-top:1.6em}
+h3{font-size:1.02em;margin-top:1.2em}
 table{border-collapse:collapse;margin:.6em 0;font-size:.9em}
-th,td{border:1px solid #ccc;padding:.25em .6em;text-align:left}
+th,td{border:1px solid #ccc;padding:.25em .6em;text-align:left;vertical-align:top}
 th{background:#f3f3f3}tr.pooled{font-weight:bold;background:#f8f8ff}
-img{max-width:100%;height:auto}.figs{display:flex;flex-wrap:wrap;gap:1em}
+img{max-width:100%;height:auto}.figs{display:flex;flex-wrap:wrap;gap:1em;align-items:flex-start}
 .note{color:#666;font-size:.85em}pre{background:#f6f6f6;padding:.5em;overflow-x:auto}
+.headline{font-size:1.25em}code{font-size:.85em;word-break:break-all}
+.numbers td{white-space:nowrap}.figs>div{flex:1 1 440px;min-width:0}
 """
 
 
-def _img(fig: Figure, alt: str) -> str:
-    data = base64.b64encode(figure_png(fig)).decode("ascii")
-    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">'
+def _section(key: str, body: str, title: str | None = None) -> str:
+    heading = title or SECTION_IDS.get(key, key)
+    return f'<section id="{html.escape(key)}"><h2>{html.escape(heading)}</h2>{body}</section>'
 
 
-def _kv_table(d: Mapping[str, Any]) -> str:
-    rows = []
-    for key, v in d.items():
-        if isinstance(v, (list, tuple)) and len(v) > 20:
-            v = f"({len(v)} values)"
-        elif isinstance(v, (list, tuple)):
-            v = ", ".join(str(x) for x in v)
-        rows.append(f"<tr><th>{html.escape(str(key))}</th><td>{format_cell(v)}</td></tr>")
-    return f"<table>{''.join(rows)}</table>"
-
-
-def _section(title: str, body: str) -> str:
-    return f"<section><h2>{html.escape(title)}</h2>{body}</section>"
-
-
-def _safe(render: Callable[[], str], what: str) -> str:
-    """Render one part; a malformed part becomes a note instead of failing the whole page."""
-    try:
-        return render()
-    except (VesaliusError, ValueError, TypeError, KeyError) as exc:
-        log.warning("report.html: %s not rendered: %s", what, exc)
-        return f'<p class="note">{html.escape(what)} could not be rendered.</p>'
-
-
-def _metrics(m: Mapping[str, Any]) -> str:
-    head = "<tr><th>metric</th><th>estimate [95% CI]</th><th>n</th><th>method</th></tr>"
-    rows = []
-    for name, v in m.items():
-        if isinstance(v, Mapping):
-            rows.append(f"<tr><td>{html.escape(name)}</td><td>{format_cell(v)}</td>"
-                        f"<td>{format_cell(v.get('n'))}</td>"
-                        f"<td>{format_cell(v.get('method'))}</td></tr>")
-        else:
-            rows.append(f"<tr><td>{html.escape(name)}</td><td>{format_cell(v)}</td><td></td>"
-                        "<td></td></tr>")
-    return f'<table class="metrics">{head}{"".join(rows)}</table>'
-
-
-def _calibration(cal: Mapping[str, Any]) -> str:
-    extras = {k: cal[k] for k in ("brier", "ece", "intercept", "slope") if k in cal}
-    return _img(plot_calibration(cal), "calibration plot") + (_kv_table(extras) if extras else "")
-
-
-def _meta(name: str, meta: Mapping[str, Any]) -> str:
-    """Forest plot plus the same numbers as a table (site, estimate [CI], weight)."""
-    rows = ""
-    for r in meta.get("sites") or []:
-        if isinstance(r, Mapping):
-            ci = {"value": r.get("estimate"), "lower": r.get("lower"), "upper": r.get("upper")}
-            rows += (f"<tr><td>{html.escape(str(r.get('site')))}</td><td>{format_cell(ci)}</td>"
-                     f"<td>{format_cell(r.get('weight'))}</td></tr>")
-    pooled = meta.get("pooled") or {}
-    rows += (f'<tr class="pooled"><td>pooled (RE)</td>'
-             f"<td>{format_cell({'value': pooled.get('estimate'), **pooled})}</td><td>1</td></tr>")
-    stats = {k: meta.get(k) for k in ("tau2", "i2", "q", "q_pvalue", "k", "scale")
-             if k in meta}
-    head = "<tr><th>site</th><th>estimate [CI]</th><th>weight</th></tr>"
-    scale = " (logit scale, back-transformed)" if meta.get("scale") == "logit" else ""
-    return (f"<div><h3>{html.escape(name)} by site{scale}</h3>"
-            + _img(plot_forest(meta, title=f"{name} by site"), f"forest plot {name}")
-            + f"<table>{head}{rows}</table>{_kv_table(stats)}</div>")
-
-
-def _glm(g: Mapping[str, Any]) -> str:
-    rows = "".join(
-        f"<tr><td>{html.escape(str(c.get('name')))}</td><td>{format_cell(c.get('coef'))}</td>"
-        f"<td>{format_cell(c.get('se'))}</td><td>{format_cell(c.get('ci_lower'))}, "
-        f"{format_cell(c.get('ci_upper'))}</td><td>{format_cell(c.get('p'))}</td></tr>"
-        for c in g.get("coefficients", []))
-    head = "<tr><th>term</th><th>coef</th><th>SE</th><th>Wald CI</th><th>p</th></tr>"
-    rest = {k: v for k, v in g.items() if k != "coefficients"}
-    return f"<table>{head}{rows}</table>{_kv_table(rest)}"
-
-
-def _is_meta(v: Any) -> bool:
-    return isinstance(v, Mapping) and "pooled" in v and "sites" in v
-
-
-def _is_estimate(v: Any) -> bool:
-    return isinstance(v, Mapping) and "value" in v and "lower" in v
-
-
-def _rows_table(rows: list[Mapping[str, Any]]) -> str:
-    """A list of dicts as one table (columns: union of keys, in order of appearance)."""
-    cols: list[str] = []
-    for r in rows:
-        cols += [str(c) for c in r if str(c) not in cols]
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
-    body = "".join("<tr>" + "".join(f"<td>{format_cell(r.get(c))}</td>" for c in cols)
-                   + "</tr>" for r in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
-
-
-def _generic(value: Any) -> str:
-    """Any JSON value as HTML: tables for dicts and lists of dicts, escaped text otherwise."""
-    if isinstance(value, Mapping):
-        flat = {k: v for k, v in value.items()
-                if not (isinstance(v, Mapping) and not _is_estimate(v))
-                and not (isinstance(v, list) and v and isinstance(v[0], Mapping))}
-        nested = [(k, v) for k, v in value.items() if k not in flat]
-        return ((_kv_table(flat) if flat else "")
-                + "".join(f"<h3>{html.escape(str(k))}</h3>{_generic(v)}" for k, v in nested))
-    if isinstance(value, list) and value and all(isinstance(r, Mapping) for r in value):
-        return _rows_table(value)
-    return f"<p>{format_cell(value)}</p>"
-
-
-def _cv(cv: Mapping[str, Any]) -> str:
-    rest = {k: v for k, v in cv.items() if k not in ("folds", "pooled", "fold_details")}
-    out = cv_table_html(cv) + (_kv_table(rest) if rest else "")
-    for d in cv.get("fold_details") or []:
-        if isinstance(d, Mapping):
-            out += (f"<details><summary>fold {format_cell(d.get('fold'))} details</summary>"
-                    f"{_generic(d)}</details>")
+def _intro(report: Mapping[str, Any], inf: Mapping[str, Any]) -> str:
+    is_cv = report.get("kind") == "cross-validation"
+    title = "Vesalius report: federated cross-validation" if is_cv else \
+        "Vesalius report: federated training run"
+    bits = [f"status: {fmt(report.get('status'))}"]
+    if report.get("run_id"):
+        bits.append(f"run: {fmt(report.get('run_id'))}")
+    names = sorted({site_label(r.get("site")) for r in report.get("sites") or []
+                    if isinstance(r, Mapping)})
+    if not names and isinstance(inf.get("sites"), list):
+        names = sorted(site_label(s) for s in inf["sites"])
+    if names:
+        bits.append(f"{len(names)} hospitals: {html.escape(', '.join(names))}")
+    if inf.get("split") and not is_cv:
+        bits.append(f"held-out split: {fmt(inf.get('split'))}")
+    out = f"<h1>{title}</h1><p>{' &middot; '.join(bits)}</p>"
+    if report.get("reason"):
+        out += f'<p class="note">{fmt(report.get("reason"))}</p>'
+    if inf.get("status") == "failed" and inf.get("reason"):
+        out += (f'<p class="note">The pooled statistics could not be computed: '
+                f"{fmt(inf.get('reason'))}</p>")
     return out
 
 
@@ -215,76 +155,74 @@ def build_html(report: Mapping[str, Any]) -> str:
     Also accepted, as produced by the coordinator's pooled-metrics flow: a top-level ``auc``
     interval (shown first in the metrics table), ``calibration.bins`` holding the reliability
     diagram, and ``meta_<name>`` meta-analysis results beside ``meta``. Any other part is shown
-    as tables.
+    as tables with human labels; internal keys and node ids are never shown.
     """
     inf: Mapping[str, Any] = report.get("inference") or {}
-    parts = [f"<h1>Vesalius report</h1><p>status: {format_cell(report.get('status'))}"
-             f" &middot; run: {format_cell(report.get('run_id'))}"
-             + (f" &middot; held-out split: {format_cell(inf.get('split'))}"
-                if inf.get("split") else "")
-             + "</p>"]
-    final = report.get("final") or {}
-    if isinstance(final, Mapping) and final.get("auc_pooled") is not None:
-        parts.append(f"<p>final pooled AUC: {format_cell(final.get('auc_pooled'))}</p>")
+    if not isinstance(inf, Mapping):
+        inf = {}
+    parts = [_intro(report, inf)]
+    parts.append(_section("result", tables.safe(lambda: headline_section(report), "headline")))
+    if report.get("privacy") or report.get("sites"):
+        parts.append(_section("privacy", tables.safe(
+            lambda: privacy_section(report, tables.img), "privacy section")))
+    training = tables.safe(lambda: training_section(report, tables.img), "training curves")
+    selection = tables.safe(lambda: selection_section(report), "model selection")
+    if training or selection:
+        parts.append(_section("training", training + selection))
     if not inf:
         parts.append('<p class="note">This report has no inference section.</p>')
-    handled = {"split"}
-    metrics: dict[str, Any] = {}
-    if _is_estimate(inf.get("auc")):
-        metrics["auc"] = inf["auc"]
-        handled.add("auc")
-    if isinstance(inf.get("metrics"), Mapping):
-        metrics.update(inf["metrics"])
-        handled.add("metrics")
-    if metrics:
-        parts.append(_section("Metrics (pooled over sites)",
-                              _safe(lambda: _metrics(metrics), "metrics")))
+    performance = tables.performance(inf)
+    if performance:
+        parts.append(_section("performance", performance))
     figs = []
     roc = inf.get("roc")
-    if isinstance(roc, Mapping):
-        handled.add("roc")
-        if roc.get("pooled") or roc.get("sites"):
-            figs.append(_safe(lambda: _img(plot_roc(roc), "ROC curves"), "ROC curves"))
+    if isinstance(roc, Mapping) and (roc.get("pooled") or roc.get("sites")):
+        who = "held-out" if report.get("kind") == "cross-validation" else "test"
+        figs.append(tables.safe(lambda: tables.img(
+            plot_roc(roc, title=f"ROC ({who} patients)"), "ROC curves"), "ROC curves"))
     cal = inf.get("calibration")
-    if isinstance(cal, Mapping):
-        handled.add("calibration")
-        if isinstance(cal.get("bins"), Mapping):
-            cal = {**cal["bins"], **{k: v for k, v in cal.items() if k != "bins"}}
-        figs.append(_safe(lambda: _calibration(cal), "calibration plot"))
+    if isinstance(cal, Mapping) and cal:
+        figs.append(tables.safe(lambda: calibration_section_html(cal, tables.img),
+                                "calibration plot"))
     if figs:
-        parts.append(_section("ROC and calibration", f'<div class="figs">{"".join(figs)}</div>'))
-    metas = {str(n): m for n, m in (inf.get("meta") or {}).items() if _is_meta(m)}
-    handled.add("meta")
+        parts.append(_section("figures", f'<div class="figs">{"".join(figs)}</div>'))
+    by_site = tables.safe(lambda: site_results_section(report), "per-hospital results")
+    if by_site:
+        parts.append(_section("sites", by_site))
+    metas = {str(n): m for n, m in (inf.get("meta") or {}).items() if tables.is_meta(m)}
     for key, value in inf.items():
-        if key.startswith("meta_"):
-            handled.add(key)
-            if _is_meta(value):
-                metas[key[len("meta_"):]] = value
+        if key.startswith("meta_") and tables.is_meta(value):
+            metas[key[len("meta_"):]] = value
     if metas:
-        forest = [_safe(lambda meta=meta, name=name: _meta(name, meta), f"forest plot {name}")
-                  for name, meta in metas.items()]
-        parts.append(_section("Between-site heterogeneity (random effects, DerSimonian-Laird)",
+        forest = [tables.safe(lambda meta=meta, name=name: tables.meta(name, meta),
+                              f"forest plot {name}") for name, meta in metas.items()]
+        parts.append(_section("heterogeneity",
+                              "<p>Random-effects meta-analysis (DerSimonian–Laird) of each "
+                              "hospital's own estimate: the pooled value is the average "
+                              "hospital's, and τ² and I² measure how much hospitals differ.</p>"
                               f'<div class="figs">{"".join(forest)}</div>'))
     if isinstance(inf.get("cv"), Mapping):
-        metric = inf["cv"].get("metric")
-        title = "Cross-validation" + (f" ({metric})" if metric else "")
-        parts.append(_section(title, _safe(lambda: _cv(inf["cv"]), "CV table")))
-        handled.add("cv")
+        parts.append(_section("cv", tables.safe(lambda: tables.cv(inf["cv"]), "CV table")))
     if isinstance(inf.get("glm"), Mapping):
-        parts.append(_section("Logistic regression (federated Newton-Raphson)",
-                              _safe(lambda: _glm(inf["glm"]), "GLM table")))
-        handled.add("glm")
-    scalars = {k: v for k, v in inf.items() if k not in handled
-               and not isinstance(v, (Mapping, list))}
+        parts.append(_section("glm", tables.safe(lambda: tables.glm(inf["glm"]), "GLM table"),
+                              "Logistic regression (federated Newton–Raphson)"))
+    rest = [(key, v) for key, v in inf.items() if key not in _HANDLED
+            and not key.startswith("meta_") and not tables.empty(v)]
+    scalars = {key: v for key, v in rest if not isinstance(v, (Mapping, list))}
     if scalars:
-        parts.append(_section("Details", _kv_table(scalars)))
-    for key, value in inf.items():
-        if key in handled or key in scalars or value in (None, [], {}):
-            continue
-        parts.append(_section(key.replace("_", " ").capitalize(),
-                              _safe(lambda value=value: _generic(value), key)))
+        parts.append(_section("details", tables.kv_table(scalars), "Details"))
+    for key, value in rest:
+        if key not in scalars:
+            parts.append(_section(key, tables.safe(lambda value=value: tables.generic(value),
+                                                   key), html.unescape(label(key))))
+    problems = tables.safe(lambda: problems_section(report), "problems")
+    if problems:
+        parts.append(_section("problems", problems))
+    config = tables.config(report)
+    if config:
+        parts.append(_section("configuration", config))
     parts.append('<p class="note">All figures and numbers come from statistics released by the '
-                 "sites (sums and counts); no per-patient value is included.</p>")
+                 "hospitals (sums and counts); no per-patient value is included.</p>")
     return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
             "<title>Vesalius report</title>"
             f"<style>{_CSS}</style></head><body>{''.join(parts)}</body></html>")

@@ -149,7 +149,8 @@ def test_coordinator_shaped_sections_render(tmp_path: Path) -> None:
     # Assert: calibration plot + two forest plots (no ROC: the roc part is empty)
     assert text.count('<img src="data:image/png;base64,') == 3
     for snippet in ("0.0421", "0.7512", "timeout", "alpha: 1.25", "a node refused",
-                    "sensitivity by site", "kfold"):
+                    "Sensitivity by hospital", "k-fold"):
         assert snippet in text
-    assert text.index("<td>auc</td>") < text.index("<td>accuracy</td>")
+    assert text.index("<td>AUC (area under the ROC curve)</td>") < text.index(
+        "<td>Accuracy</td>")
     assert "could not be rendered" not in text
