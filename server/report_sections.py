@@ -223,7 +223,8 @@ def selection_section(report: Mapping[str, Any]) -> str:
         text += f'<p class="note">{fmt(sel["note"])}.</p>'
     cands = [c for c in sel.get("candidates") or [] if isinstance(c, Mapping)]
     if cands:
-        metric = label(str(sel.get("metric") or "value"))
+        metric = ("Validation loss" if "loss" in str(sel.get("metric"))
+                  else "Validation AUC")
         text += (f"<table><tr><th>Round</th><th>{metric}</th></tr>"
                  + "".join(f"<tr><td>{fmt(c.get('round'))}</td><td>{fmt(c.get('value'))}</td>"
                            "</tr>" for c in cands) + "</table>")
