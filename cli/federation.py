@@ -63,6 +63,10 @@ _FLWR_HOME = typer.Option(None, "--flwr-home", callback=resolved, help="FLWR_HOM
 _OUTPUT_FORMAT = typer.Option("table", "--format", click_type=click.Choice(list(OUTPUT_FORMATS)),
                               help="table or json.")
 _VERBOSE = typer.Option(False, "--verbose", "-v", help="Show Flower's own log lines too.")
+_TARGET_SENSITIVITY = typer.Option(
+    None, "--target-sensitivity", click_type=click.FloatRange(0.0, 1.0, min_open=True),
+    help="Operating point: the highest threshold whose validation sensitivity reaches S "
+    "(0 < S <= 1). Default: Youden's J on the validation patients.")
 
 
 def build_run_config(
@@ -70,6 +74,7 @@ def build_run_config(
     noise_multiplier: float, max_grad_norm: float, private: bool, model: str, image_size: int,
     seed: int, out: Path, min_nodes: int, on_refusal: str = "exclude", model_phase: str = "",
     hospital_dp_noise: float = 0.0, hospital_dp_clip: float = 0.0,
+    target_sensitivity: float | None = None,
 ) -> RunConfig:
     """Typed run config from CLI options (validated on construction)."""
     plan = TrainPlan(
@@ -80,7 +85,8 @@ def build_run_config(
     )
     return RunConfig(plan=plan, out_dir=str(out.resolve()), min_nodes=min_nodes,
                      on_refusal=on_refusal, hospital_dp_noise=hospital_dp_noise,
-                     hospital_dp_clip=hospital_dp_clip)
+                     hospital_dp_clip=hospital_dp_clip,
+                     target_sensitivity=target_sensitivity or 0.0)
 
 
 def site_dirs(data_root: Path) -> list[Path]:
@@ -243,6 +249,7 @@ def run(
     model_phase: str = typer.Option("", "--model-phase", help="DBN/DBM training phase: finetune, pretrain or pretrain:<layer>."),
     hospital_dp_noise: float = typer.Option(0.0, "--hospital-dp-noise", click_type=NON_NEGATIVE, help="Hospital-level DP on top of patient-level DP: noise multiplier on the clipped model updates (0 = off)."),
     hospital_dp_clip: float = typer.Option(0.0, "--hospital-dp-clip", click_type=NON_NEGATIVE, help="Hospital-level DP: L2 bound of each hospital's model update."),
+    target_sensitivity: float | None = _TARGET_SENSITIVITY,
     insecure: bool = _INSECURE,
     root_certificates: Path | None = _ROOT_CERTIFICATES,
     flwr_home: Path | None = _FLWR_HOME,
@@ -259,6 +266,7 @@ def run(
             image_size=image_size, seed=seed, out=out, min_nodes=min_nodes,
             on_refusal=on_refusal, model_phase=model_phase,
             hospital_dp_noise=hospital_dp_noise, hospital_dp_clip=hospital_dp_clip,
+            target_sensitivity=target_sensitivity,
         )
     except ConfigError as exc:
         raise typer.BadParameter(str(exc)) from None
@@ -415,6 +423,7 @@ def cv(
     on_refusal: str = _ON_REFUSAL,
     min_release_count: int = _MIN_RELEASE,
     ledger_dir: Path | None = _LEDGER_DIR,
+    target_sensitivity: float | None = _TARGET_SENSITIVITY,
     insecure: bool = _INSECURE,
     root_certificates: Path | None = _ROOT_CERTIFICATES,
     flwr_home: Path | None = _FLWR_HOME,
@@ -431,7 +440,7 @@ def cv(
             learning_rate=learning_rate, epsilon=epsilon, noise_multiplier=noise_multiplier,
             max_grad_norm=max_grad_norm, private=not non_private, model=model,
             image_size=image_size, seed=seed, out=out, min_nodes=min_nodes,
-            on_refusal=on_refusal,
+            on_refusal=on_refusal, target_sensitivity=target_sensitivity,
         )
     except ConfigError as exc:
         raise typer.BadParameter(str(exc)) from None

@@ -25,8 +25,46 @@ def _estimate(value: Any) -> str:
     return f"{fmt(value['value'])}{ci}"
 
 
+def operating_point_line(point: Any) -> str:
+    """One sentence: the threshold the test metrics are computed at, and where it came from."""
+    if not isinstance(point, dict):
+        return ""
+    method = point.get("method")
+    if method == "youden":
+        rule = "Youden's J"
+    elif method == "target-sensitivity":
+        rule = f"target sensitivity {fmt(point.get('target_sensitivity'), 'g')}"
+    else:
+        rule = str(method)
+    cal = point.get("calibration")
+    scale = "calibrated probability" if cal and cal != "none" else "score"
+    text = (f"Operating point: {scale} ≥ {fmt(point.get('calibrated_threshold'), '.4f')} "
+            f"(model score ≥ {fmt(point.get('threshold'), '.4f')}), {rule}, chosen on "
+            f"{point.get('chosen_on', 'validation')}")
+    val = point.get("validation")
+    if isinstance(val, dict):
+        text += (f": sensitivity {fmt(val.get('sensitivity'))}, specificity "
+                 f"{fmt(val.get('specificity'))}, J {fmt(val.get('youden_j'))}")
+    if cal and cal != "none":
+        text += (f"; {cal} scaling (T = {fmt(point.get('temperature'))}, intercept "
+                 f"{fmt(point.get('intercept'))})")
+    return text
+
+
+def _calibration_rows(section: dict[str, Any]) -> list[tuple[str, str]]:
+    """ECE and Brier before and after recalibration (or the plain values)."""
+    cal = section.get("calibration")
+    metrics = section.get("metrics") or {}
+    if isinstance(cal, dict) and isinstance(cal.get("before"), dict) and cal.get("after"):
+        before, after = cal["before"], cal["after"]
+        return [(name, f"{fmt(after.get(name))} (uncalibrated {fmt(before.get(name))})")
+                for name in ("brier", "ece")]
+    return [(name, fmt(metrics[name])) for name in ("brier", "ece")
+            if isinstance(metrics.get(name), (int, float))]
+
+
 def print_inference(section: Any) -> None:
-    """Pooled test metrics with 95% confidence intervals (the report's ``inference``)."""
+    """Pooled test metrics with 95% confidence intervals at the operating point (``inference``)."""
     if not isinstance(section, dict):
         return
     metrics = section.get("metrics") or {}
@@ -37,10 +75,15 @@ def print_inference(section: Any) -> None:
         for name in names:
             if name in metrics:
                 t.add_row(name, _estimate(metrics[name]))
-        for name in ("brier", "ece"):
-            if isinstance(metrics.get(name), (int, float)):
-                t.add_row(name, fmt(metrics[name]))
+        for name, text in _calibration_rows(section):
+            t.add_row(name, text)
         console.print(t)
+    line = operating_point_line(section.get("operating_point"))
+    if line:
+        console.print(line, highlight=False)
+    note = (section.get("operating_point") or {}).get("note")
+    if note:
+        console.print(f"  [yellow]{escape(str(note))}[/yellow]")
     for fail in section.get("failures", []):
         console.print(f"  [yellow]{fail.get('query')}: {escape(str(fail.get('reason')))}[/yellow]")
     if section.get("metrics_note"):
@@ -53,12 +96,20 @@ def print_inference(section: Any) -> None:
 
 def print_report(doc: dict[str, Any]) -> None:
     """Per-round metrics, per-site privacy spend and the final pooled test AUC."""
+    selection = doc.get("model_selection") or {}
+    final_round = selection.get("final_round")
     rounds = table("Federated evaluation (validation splits)", ["round", "AUC", "accuracy", "loss", "train loss"])
     for r in doc.get("rounds", []):
         m = r["metrics"]
-        rounds.add_row(str(r["round"]), fmt(m.get(k.AUC)), fmt(m.get(k.ACCURACY)),
+        auc = m.get(k.AUC_POOLED, m.get(k.AUC))
+        mark = " ◀ final" if r["round"] == final_round else ""
+        rounds.add_row(f"{r['round']}{mark}", fmt(auc), fmt(m.get(k.ACCURACY)),
                        fmt(m.get(k.LOSS), ".4f"), fmt(m.get(k.TRAIN_LOSS), ".4f"))
     console.print(rounds)
+    if final_round is not None:
+        console.print(f"Final model: round {final_round} ({selection.get('selection')}"
+                      + (f"; {escape(str(selection['note']))}" if selection.get("note") else "")
+                      + ")", highlight=False)
     sites = table("Privacy spent per hospital (patient-level DP)",
                   ["site", "patients", "ε run (RDP)", "ε run (PRV)", "ε dataset / cap", "δ",
                    "noise σ"])

@@ -25,6 +25,9 @@ Scalar = bool | int | float | str
 
 CV_MODES = ("none", "kfold", "loso")
 ON_REFUSAL = ("exclude", "stop")
+# Coordinator-only run-config key of RunConfig.target_sensitivity. It belongs beside the other
+# run-config keys in common/messages.py (and in pyproject.toml's [tool.flwr.app.config]).
+TARGET_SENSITIVITY = getattr(k, "TARGET_SENSITIVITY", "target-sensitivity")
 
 
 def _get(values: Mapping[str, Any], key: str, default: Any, kind: type) -> Any:
@@ -221,6 +224,10 @@ class RunConfig:
         L2 bound of each hospital's model update when hospital-level DP is on.
     hospital_dp_delta : float
         Delta at which hospital-level epsilon is reported.
+    target_sensitivity : float
+        Operating point of the final model's test metrics, chosen on the validation
+        patients: 0 means Youden's J; a value in (0, 1] the highest threshold whose
+        validation sensitivity reaches it (:mod:`common.stats.operating_point`).
     """
 
     plan: TrainPlan = TrainPlan()
@@ -233,8 +240,12 @@ class RunConfig:
     hospital_dp_noise: float = 0.0
     hospital_dp_clip: float = 0.0
     hospital_dp_delta: float = 1e-3
+    target_sensitivity: float = 0.0
 
     def __post_init__(self) -> None:
+        if not (math.isfinite(self.target_sensitivity) and 0 <= self.target_sensitivity <= 1):
+            raise ConfigError("target-sensitivity must lie in (0, 1], or be 0 for Youden's J, "
+                              f"got {self.target_sensitivity}")
         if not (math.isfinite(self.hospital_dp_noise) and self.hospital_dp_noise >= 0):
             raise ConfigError("hospital-dp-noise must be a finite number >= 0 (0 = off)")
         if self.hospital_dp_noise > 0 and not (
@@ -266,6 +277,7 @@ class RunConfig:
             hospital_dp_noise=_get(values, k.HOSPITAL_DP_NOISE, 0.0, float),
             hospital_dp_clip=_get(values, k.HOSPITAL_DP_CLIP, 0.0, float),
             hospital_dp_delta=_get(values, k.HOSPITAL_DP_DELTA, 1e-3, float),
+            target_sensitivity=_get(values, TARGET_SENSITIVITY, 0.0, float),
         )
 
     def to_dict(self) -> dict[str, Scalar]:
@@ -284,6 +296,9 @@ class RunConfig:
                 k.HOSPITAL_DP_DELTA: self.hospital_dp_delta,
             }
         )
+        if self.target_sensitivity:
+            # Only when set: a SuperLink refuses run-config keys its app config does not list.
+            out[TARGET_SENSITIVITY] = self.target_sensitivity
         return out
 
 

@@ -42,6 +42,8 @@ from common.errors import VesaliusError
 from server.inference import (
     _METRICS_REQUIRED,
     _calibration,
+    _calibration_sums_from_histograms,
+    _flags,
     _histograms,
     _metrics_config,
     _metrics_round,
@@ -142,6 +144,35 @@ def _curve(cal: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _uncalibrated_curve(raw: Any, bins: int) -> dict[str, Any]:
+    """Reliability diagram, ECE and Brier score of a ``metrics`` round on the model's scores.
+
+    From the calibration-bin sums, or, where small cells were suppressed and every node
+    released its fine histograms, counted from those (as :func:`pooled_metrics` does).
+    """
+    noised, suppressed = _flags(raw)
+    pooled = raw.pooled(_METRICS_REQUIRED)
+    counts = np.maximum(np.rint(pooled[k.CAL_COUNT]), 0.0)
+    sq = float(np.clip(pooled[k.BRIER_SUM], 0.0, max(float(pooled[k.NUM_EXAMPLES]), 0.0)))
+    sums = {"count": counts, "score_sum": np.clip(pooled[k.CAL_SCORE_SUM], 0.0, counts),
+            "label_sum": np.clip(pooled[k.CAL_LABEL_SUM], 0.0, counts), "sq_error_sum": sq}
+    hists = _histograms(raw)
+    note = ""
+    if suppressed and not noised and hists and len(hists) == len(raw.values):
+        pos = np.sum([h[0] for h in hists.values()], axis=0)
+        neg = np.sum([h[1] for h in hists.values()], axis=0)
+        sums = _calibration_sums_from_histograms(pos, neg, bins, sq)
+        note = ("small calibration cells were suppressed at some node: counted from the "
+                "released score histograms (scores at their fine bins' centres)")
+    elif suppressed:
+        note = f"{suppressed} small cell(s) were suppressed (released as 0)"
+    out = _curve(_calibration(sums, bins))
+    out["sites"] = [raw.sites[i] for i in raw.values]
+    if note:
+        out["note"] = note
+    return out
+
+
 def calibrated_inference(
     grid: Grid,
     node_ids: Sequence[int],
@@ -153,6 +184,7 @@ def calibrated_inference(
     calibration: str = "platt",
     alpha: float = 0.05,
     calibration_bins: int = 10,
+    test_split: str = k.SPLIT_TEST,
 ) -> dict[str, Any]:
     """Steps 2-4 of the module docstring for the final model ``arrays``.
 
@@ -175,6 +207,9 @@ def calibrated_inference(
         1 - confidence level of every interval.
     calibration_bins
         Equal-width bins of the test reliability diagrams.
+    test_split
+        Where the metrics are reported: ``"test"``, or ``"heldout"`` for a cross-validation
+        fold (whose plan gives each node's validation part of the training folds).
 
     Returns
     -------
@@ -241,26 +276,17 @@ def calibrated_inference(
     }
 
     # 4. Test: metrics at the operating point on the calibrated probabilities ...
-    section = pooled_metrics(grid, node_ids, arrays, plan, split=k.SPLIT_TEST,
+    section = pooled_metrics(grid, node_ids, arrays, plan, split=test_split,
                              timeout=timeout, alpha=alpha, threshold=threshold,
                              calibration_bins=calibration_bins, calibration=coef)
     heads.update(section.get("ledger_heads", {}))
     # ... and the uncalibrated scores' calibration (no histograms needed).
-    raw_cfg = _metrics_config(plan, split=k.SPLIT_TEST, threshold=0.5,
-                              calibration_bins=calibration_bins, with_histograms=False)
+    raw_cfg = _metrics_config(plan, split=test_split, threshold=0.5,
+                              calibration_bins=calibration_bins)
     raw = _metrics_round(grid, node_ids, raw_cfg, arrays, timeout=timeout)
     heads.update(raw.heads)
     failures.extend(raw.failures)
-    before: dict[str, Any] = {}
-    if raw.values:
-        pooled = raw.pooled(_METRICS_REQUIRED)
-        counts = np.maximum(np.rint(pooled[k.CAL_COUNT]), 0.0)
-        before = _curve(_calibration({
-            "count": counts, "score_sum": np.clip(pooled[k.CAL_SCORE_SUM], 0.0, counts),
-            "label_sum": np.clip(pooled[k.CAL_LABEL_SUM], 0.0, counts),
-            "sq_error_sum": float(np.clip(pooled[k.BRIER_SUM], 0.0, counts.sum()))},
-            calibration_bins))
-        before["sites"] = [raw.sites[i] for i in raw.values]
+    before = _uncalibrated_curve(raw, calibration_bins) if raw.values else {}
     section["failures"] = [*failures, *section.get("failures", [])]
     section["ledger_heads"] = heads
     section["operating_point"] = operating

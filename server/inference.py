@@ -527,6 +527,28 @@ def _calibration(cal: Mapping[str, Any], bins: int) -> dict[str, Any]:
         return {"bins": None, "ece": None, "brier": None, "note": str(exc)}
 
 
+def _calibration_sums_from_histograms(
+    pos: np.ndarray, neg: np.ndarray, bins: int, sq_error_sum: float
+) -> dict[str, Any]:
+    """Calibration-bin sums counted from pooled fine score histograms.
+
+    Used where small calibration cells were suppressed at some node (released as 0) but every
+    node released its (unsuppressed, consented) fine histograms: counts and label sums per
+    calibration bin are then exact, score sums take each fine bin's centre (off by at most
+    half a fine bin, 1e-4, per patient). Every fine bin lies inside one calibration bin when
+    ``bins`` divides 5000 (the fine grid's uniform part). The Brier sum is released whole.
+    """
+    from common.stats.bins import bin_centres, bin_index, fine_score_edges, uniform_edges
+
+    centres = bin_centres(fine_score_edges())
+    coarse = bin_index(centres, uniform_edges(bins))
+    both = pos + neg
+    return {"count": np.bincount(coarse, weights=both, minlength=bins).round(),
+            "score_sum": np.bincount(coarse, weights=both * centres, minlength=bins),
+            "label_sum": np.bincount(coarse, weights=pos, minlength=bins),
+            "sq_error_sum": float(sq_error_sum)}
+
+
 def _report_schema(raw: dict[str, Any]) -> dict[str, Any]:
     """Reshape to the ``inference`` schema of :mod:`server.report_html`."""
     from common.stats.histogram import compress_histograms
@@ -701,6 +723,14 @@ def pooled_metrics(
         return out
     pos = np.sum([h[0] for h in hists.values()], axis=0)
     neg = np.sum([h[1] for h in hists.values()], axis=0)
+    if suppressed and not noised and len(hists) == len(ids):
+        out["calibration"] = _calibration(
+            _calibration_sums_from_histograms(pos, neg, calibration_bins, cal["sq_error_sum"]),
+            calibration_bins)
+        out["calibration"]["note"] = (
+            "small calibration cells were suppressed at some node: the reliability diagram "
+            "and ECE are counted from the released score histograms (scores at their fine "
+            "bins' centres)")
     out["roc"] = {
         "pooled": {"pos": pos.astype(int).tolist(), "neg": neg.astype(int).tolist()},
         "sites": {first.sites[i]: {"pos": h[0].astype(int).tolist(),

@@ -245,3 +245,24 @@ def test_a_slope_that_would_reverse_the_ranking_leaves_the_scores_uncalibrated(r
     assert res["fit"]["coefficients"][0]["coef"] <= 0
     assert res["calibration"] == {"method": "none", "intercept": 0.0, "slope": 1.0,
                                   "temperature": 1.0}
+
+
+def test_suppressed_calibration_cells_are_counted_from_the_fine_histograms(root: Path) -> None:
+    # Prepare: cells of 1-3 patients are released as 0 at each node
+    nodes = image_nodes(root, min_release_count=4)
+    a = _centred()
+    st, yt = _pooled(nodes, a, k.SPLIT_TEST)
+    # Execute
+    sec = calibrated_inference(InProcessGrid(nodes), list(nodes), a, PLAN, timeout=5,
+                               calibration_bins=10)
+    # Assert: every patient is in the diagrams; ECE as on the pooled scores up to the fine
+    # bins' width; Brier exact (its sum is released whole).
+    assert sec["suppressed_cells"] > 0
+    op = sec["operating_point"]
+    pt = ScoreCalibration(op["calibration"], op["intercept"], op["slope"]).apply(st)
+    for name, scores in (("before", st), ("after", pt)):
+        curve = sec["calibration"][name]
+        assert sum(curve["count"]) == st.size and "fine bins' centres" in curve["note"]
+        assert curve["count"] == np.histogram(scores, bins=np.linspace(0, 1, 11))[0].tolist()
+        assert curve["ece"] == pytest.approx(_ece(scores, yt.astype(float), 10), abs=2e-4)
+        assert curve["brier"] == pytest.approx(brier_score_loss(yt, scores), rel=1e-9)
