@@ -614,6 +614,14 @@ class CVResult:
             return {}
         return {"auc": res.as_dict()}
 
+    def sites(self) -> list[dict[str, Any]]:
+        """Each hospital's latest train release over the folds (its ε for the whole CV so far)."""
+        latest: dict[str, dict[str, Any]] = {}
+        for outcome in self.folds:  # in fold order: a later fold's row supersedes
+            for row in outcome.sites:
+                latest[str(row.get("site"))] = row
+        return [latest[name] for name in sorted(latest)]
+
     def to_dict(self) -> dict[str, Any]:
         """The JSON document (see the module docstring of :mod:`server.cv`)."""
         pooled = self.pooled()
@@ -625,10 +633,12 @@ class CVResult:
             "reason": self.reason,
             "config": {**self.config.to_dict(), k.CV_FOLDS: self.num_folds if self.mode == "kfold" else 0,
                        k.CV_LEAVE_ONE_SITE_OUT: self.mode == "loso"},
+            "sites": self.sites(),
             "privacy": {
                 "unit": "patient",
                 "mechanism": "DP-SGD (Opacus), Poisson sampling of patients" if plan.private
                 else "none (non-private baseline)",
+                "max_grad_norm": plan.max_grad_norm if plan.private else None,
                 "accountant": "rdp",
                 "target_epsilon": plan.target_epsilon if plan.private else None,
                 "scope": "per hospital, for the whole cross-validation: nodes plan and account "

@@ -257,6 +257,12 @@ def test_leave_one_site_out_folds_are_sites_and_heldout_site_does_not_train(tmp_
     assert [m["estimate"] for m in meta["sites"]] == [f["auc"]["value"] for f in cv["folds"]]
     trains = nodes[5].calls("train")
     assert {(c[k.CV_MODE], c[k.HOLDOUT_SITE]) for c in trains} == {("loso", "site-a"), ("loso", "site-b")}
+    # Every hospital's latest spend over the folds, by name (each trained in two of three folds)
+    last = {f["held_out"]: f["epsilon_by_site"] for f in cv["folds"]}
+    assert [s["site"] for s in doc["sites"]] == ["site-a", "site-b", "site-c"]
+    assert {s["site"]: s["epsilon"] for s in doc["sites"]} == {
+        "site-a": last["site-c"]["site-a"], "site-b": last["site-c"]["site-b"],
+        "site-c": last["site-b"]["site-c"]}
 
 
 def test_spec_parsing_and_validation() -> None:
