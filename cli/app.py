@@ -10,6 +10,7 @@ from cli.audit import audit_app
 from cli.demo import demo
 from cli.errors import SafeGroup
 from cli.federation import federation_app
+from cli.import_data import import_data
 from cli.models import models_app
 from cli.node import node_app
 from cli.stats import stats_app
@@ -26,6 +27,7 @@ app = typer.Typer(
 )
 app.command("synth")(synth)
 app.command("demo")(demo)
+app.command("import")(import_data)
 app.add_typer(node_app, name="node")
 app.add_typer(federation_app, name="federation")
 app.add_typer(audit_app, name="audit")

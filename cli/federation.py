@@ -123,6 +123,29 @@ def simulated_hospitals(data_root: Path, *, epsilon_cap: float, allow_non_privat
     ]
 
 
+def check_simulation(nodes: list[NodeConfig], config: RunConfig, *, folds: int = 0) -> None:
+    """Refuse, before anything starts, a simulation its hospitals cannot run.
+
+    ``--min-nodes`` above the number of ``site-*`` folders, or (cross-validation) more folds
+    than a hospital has labelled patients, would otherwise fail only once Ray has started.
+    """
+    if len(nodes) < config.min_nodes:
+        raise typer.BadParameter(
+            f"{config.min_nodes} nodes are required but --data-root holds {len(nodes)} "
+            "site-* folder(s); lower --min-nodes or add hospitals", param_hint="'--min-nodes'")
+    if folds < 2:
+        return
+    from client.data.labels import LABELS_FILENAME, parse_labels
+
+    for node in nodes:
+        patients = {pid for pid, _ in parse_labels(Path(node.data_dir) / LABELS_FILENAME).labels}
+        if len(patients) < folds:
+            raise typer.BadParameter(
+                f"{node.site_name} has {len(patients)} labelled patient(s), fewer than the "
+                f"{folds} folds (each fold holds out patients at every hospital); lower --folds",
+                param_hint="'--folds'")
+
+
 def announce_ledgers(ledger_root: Path) -> None:
     """Say where the simulated hospitals' budgets live, and how to start a fresh one."""
     console.print(f"privacy ledgers: {ledger_root}/<site> (each simulated hospital's ε spent on "
@@ -138,6 +161,7 @@ def simulate(config: RunConfig, data_root: Path, *, epsilon_cap: float, allow_no
     nodes = simulated_hospitals(data_root, epsilon_cap=epsilon_cap,
                                 allow_non_private=allow_non_private,
                                 min_release_count=min_release_count, ledger_root=ledgers)
+    check_simulation(nodes, config)
     total = config.plan.num_rounds
     console.print(f"simulating {len(nodes)} hospitals x {total} rounds "
                   f"({'DP-SGD, target ε=%g' % config.plan.target_epsilon if config.plan.private else 'non-private'})")
@@ -379,6 +403,7 @@ def simulate_cv(config: RunConfig, data_root: Path, *, folds: int, leave_one_sit
     nodes = simulated_hospitals(data_root, epsilon_cap=epsilon_cap,
                                 allow_non_private=allow_non_private,
                                 min_release_count=min_release_count, ledger_root=ledgers)
+    check_simulation(nodes, config, folds=0 if leave_one_site_out else folds)
     num_folds = len(nodes) if leave_one_site_out else folds
     rounds = config.plan.num_rounds
     console.print(f"cross-validating over {len(nodes)} simulated hospitals: "

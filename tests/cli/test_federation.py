@@ -155,3 +155,24 @@ def test_round_line_names_the_site_once_and_shows_bracketed_text() -> None:
         {"site": "site-2", "phase": "train", "reason": "[site-2] refused: [cap] reached"}]}, 2)
     assert "site-2 (train): refused: \\[cap] reached" in line  # escaped for rich markup
     assert "[site-2] refused" not in line
+
+
+def test_more_nodes_or_folds_than_the_data_allows_are_refused_before_starting(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    for site in ("site-1", "site-2"):
+        (root / site).mkdir(parents=True)
+        rows = "".join(f"P{site}-{i},1.2.3.{i},{i % 2}\n" for i in range(4))
+        (root / site / "labels.csv").write_text("patient_id,study_uid,label\n" + rows)
+    run = CliRunner().invoke(app, ["federation", "run", "--data-root", str(root), "--min-nodes", "5",
+                                   "--out", str(tmp_path / "o")])
+    flat = " ".join((run.output + cv_output(root, tmp_path)).replace("│", " ").split())
+    assert run.exit_code == 2 and "holds 2 site-* folder(s)" in flat
+    assert "site-1 has 4 labelled patient(s), fewer than the 5 folds" in flat
+    assert "simulating" not in flat and not (tmp_path / "o").exists()
+
+
+def cv_output(root: Path, tmp_path: Path) -> str:
+    cv = CliRunner().invoke(app, ["federation", "cv", "--data-root", str(root), "--folds", "5",
+                                  "--out", str(tmp_path / "o")])
+    assert cv.exit_code == 2
+    return cv.output
