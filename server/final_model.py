@@ -25,7 +25,6 @@ release through their release rules (:mod:`client.release`, on their ledgers).
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -54,8 +53,6 @@ from server.strategies.fedavg import RoundLog
 
 __all__ = ["SELECTION_AUC", "SELECTION_LOSS", "calibrated_inference", "load_checkpoint",
            "select_final_round"]
-
-log = logging.getLogger(__name__)
 
 SELECTION_AUC = "best validation AUC"
 SELECTION_LOSS = "lowest validation loss"

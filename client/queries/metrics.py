@@ -3,7 +3,8 @@
 Both take an optional recalibration map ``beta = [a, b]`` (the coordinator's Platt or
 temperature scaling, fitted with ``calibration-glm`` on validation patients): every patient's
 score is then ``expit(a + b logit(score))`` before anything is counted, so threshold,
-histograms, calibration sums and placements are on the calibrated probabilities.
+histograms, calibration sums and placements are on the calibrated probabilities (with two
+models, ``placements`` maps both).
 
 ``metrics``
     At the coordinator's ``threshold``: confusion counts (:func:`common.stats.metrics.
