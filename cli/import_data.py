@@ -29,9 +29,9 @@ HELP = "\n\n".join([
     "Colour images are converted to greyscale (the node reads MONOCHROME2 only). A 3-D volume "
     "becomes one patient's series of slices; the node trains on 2-D images today, so each "
     "slice is one image of that patient's study (volume training comes with the task layer).",
-    "Pseudonyms (IMP-000001, ...) and UIDs are new; no source file name or id is written. A "
-    "re-import gets new UIDs, so the node sees a new dataset with its own privacy budget: "
-    "import a collection once per node.",
+    "Pseudonyms (IMP-000001, ...) and hashed UIDs; no source file name or id is written. "
+    "The UIDs are derived from the images, so re-importing the same collection gives the same "
+    "dataset and the node's ledger keeps counting the same privacy budget.",
     "The output passes `vesalius node check` in full; with --sites, `vesalius federation run "
     "--data-root OUT` trains on it.",
 ])

@@ -9,8 +9,9 @@ de-identified Patient module) and completed here:
   Identity Removed ``YES``; (0012,0063) De-identification Method :data:`IMPORT_METHOD`;
   (0012,0064) the Basic Profile and the Clean Descriptors Option (the study and series
   descriptions are fixed, generic text);
-* General Study, General Series and SC Equipment modules: fresh UIDs from
-  :func:`pydicom.uid.generate_uid`, (0008,0060) Modality ``OT``, (0008,0064) Conversion Type
+* General Study, General Series and SC Equipment modules: UIDs from
+  :func:`pydicom.uid.generate_uid`, derived from the content (a re-import repeats them),
+  (0008,0060) Modality ``OT``, (0008,0064) Conversion Type
   ``WSD``; the type 2 attributes (dates, times, (0008,0090) Referring Physician's Name,
   (0008,0050) Accession Number, (0010,0030) Patient's Birth Date) are present and empty;
 * Image Pixel module: (0028,0004) Photometric Interpretation MONOCHROME2, one sample per
@@ -48,7 +49,7 @@ __all__ = [
 ]
 
 #: Text written to (0012,0063) De-identification Method (a Long String: at most 64 characters).
-IMPORT_METHOD = "vesalius import: source pixels only; pseudonym ids; new UIDs"
+IMPORT_METHOD = "vesalius import: source pixels only; pseudonym ids; hashed UIDs"
 #: (0002,0013) Implementation Version Name of the files written.
 IMPLEMENTATION_VERSION = "VESALIUS_IMPORT"
 _STUDY_DESCRIPTION = "Imported image collection"
@@ -76,15 +77,20 @@ def pseudonym(patient: int) -> str:
     return f"IMP-{patient + 1:06d}"
 
 
-def new_study_ids(patient_id: str) -> StudyIds:
-    """Fresh study, series and frame-of-reference UIDs for one patient's study."""
-    return StudyIds(
-        patient_id=patient_id,
-        study_uid=str(generate_uid()),
-        series_uid=str(generate_uid()),
-        frame_uid=str(generate_uid()),
-        study_id="1",
-    )
+def new_study_ids(patient_id: str, content_key: str) -> StudyIds:
+    """Study, series and frame-of-reference UIDs for one patient's study.
+
+    Derived (:func:`pydicom.uid.generate_uid` with ``entropy_srcs``) from the pseudonym and a
+    digest of the patient's pixels and label, so that importing the same source again gives
+    the same UIDs, hence the same dataset fingerprint, and the node's ledger goes on counting
+    the same privacy budget instead of starting a fresh one. The UIDs reveal nothing of the
+    source: they are hashes under pydicom's UID root.
+    """
+    def uid(part: str) -> str:
+        return str(generate_uid(entropy_srcs=["vesalius-import", content_key, patient_id, part]))
+
+    return StudyIds(patient_id=patient_id, study_uid=uid("study"), series_uid=uid("series"),
+                    frame_uid=uid("frame"), study_id="1")
 
 
 def _decimal(value: float) -> str:
@@ -122,7 +128,7 @@ def image_dataset(
     """
     ds = synthetic_instance(
         SecondaryCaptureImageStorage,
-        str(generate_uid()),
+        str(generate_uid(entropy_srcs=[ids.series_uid, str(instance_number)])),
         image_type=["DERIVED", "SECONDARY"],
         modality="OT",
         patient_id=ids.patient_id,

@@ -27,15 +27,18 @@ deleted. Everything is written into a hidden staging folder inside ``OUT`` first
 place at the end, so a failed import leaves ``OUT`` as it was.
 
 Privacy: no source file name, source patient id or date is written; pseudonyms
-(``IMP-000001``, in source order) and UIDs are new. Because the UIDs are new on every import,
-the node sees a re-imported collection as a new dataset, with a budget of its own in the
-privacy ledger: import a collection once per node and keep the folder. Identifiers burned
-into the pixels (text on an image) are not detected.
+(``IMP-000001``, in source order) and UIDs derived from a digest of each patient's pixels and
+label. Importing the same collection again therefore writes the same UIDs and the node sees
+the same dataset fingerprint: its ledger goes on counting the same privacy budget rather than
+starting a fresh one (a different subset, e.g. another ``--max-images``, is a different
+dataset, as with any change to a node's data). Identifiers burned into the pixels (text on an
+image) are not detected.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import math
@@ -44,7 +47,7 @@ import re
 import shutil
 import tempfile
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -226,6 +229,15 @@ def _replace(out: Path, stage: Path, old: list[str], new: list[str],
     os.replace(marker, out / MARKER)
 
 
+def _content_key(images: Sequence[np.ndarray], label: int) -> str:
+    """A digest of one patient's pixels and label (what the derived UIDs depend on)."""
+    digest = hashlib.sha256(str(label).encode())
+    for image in images:
+        digest.update(str(image.shape).encode())
+        digest.update(np.ascontiguousarray(image).tobytes())
+    return digest.hexdigest()
+
+
 def _write_patients(
     plan: ImportPlan, folders: list[Path], site_of: list[int], options: ImportOptions,
     progress: ProgressCallback | None,
@@ -240,7 +252,8 @@ def _write_patients(
     converted = done = 0
     for item in plan.decode():
         site = site_of[item.patient]
-        ids = new_study_ids(pseudonym(item.patient))
+        ids = new_study_ids(pseudonym(item.patient), _content_key(item.images,
+                                                                   plan.labels[item.patient]))
         study_dir = folders[site] / "dicom" / ids.patient_id / "ST1"
         files[site] += write_study(study_dir, ids, item.images,
                                    pixel_spacing_mm=options.pixel_spacing_mm, volume=volume)

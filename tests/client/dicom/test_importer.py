@@ -158,10 +158,10 @@ def test_sites_split_patients_disjointly_and_each_site_is_a_node_folder(
     assert all(members)
     for site in ("site-1", "site-2", "site-3"):
         _assert_node_accepts(tmp_path / "a" / site)
-    # the split depends on the seed only; UIDs are new on every import
+    # the split depends on the seed only; the UIDs on the content: a re-import is identical
     assert [s.label_counts for s in summary.sites] == [s.label_counts for s in again.sites]
     first, second = _labels_csv(tmp_path / "a" / "site-1"), _labels_csv(tmp_path / "b" / "site-1")
-    assert set(first) == set(second) and first != second
+    assert first == second
 
 
 def _write_npz(path: Path, images: dict[str, np.ndarray], labels: dict[str, np.ndarray]) -> Path:
@@ -481,3 +481,21 @@ def test_an_output_folder_under_a_file_is_a_config_error(tmp_path: Path) -> None
         import_dataset(folder, blocker / "node")
     with pytest.raises(ConfigError, match="names a file"):
         import_dataset(folder, blocker)
+
+
+def test_reimporting_the_same_source_gives_the_same_dataset_fingerprint(tmp_path: Path) -> None:
+    # Prepare: one source imported twice into two folders, and once with one label changed
+    from client.dicom.ingest import scan_data_dir
+
+    folder, _ = _png_folder(tmp_path / "src")
+    import_dataset(folder, tmp_path / "first")
+    import_dataset(folder, tmp_path / "second")
+    csv_path = folder / "labels.csv"
+    csv_path.write_text(csv_path.read_text().replace("c.png,MRN 1234567,0", "c.png,MRN 1234567,1"))
+    import_dataset(folder, tmp_path / "relabelled")
+    # Execute
+    prints = [scan_data_dir(tmp_path / name)[1].fingerprint
+              for name in ("first", "second", "relabelled")]
+    # Assert: the same data is the same dataset for the ledger (its budget goes on counting)
+    assert prints[0] == prints[1]
+    assert prints[2] != prints[0]
