@@ -25,9 +25,6 @@ Scalar = bool | int | float | str
 
 CV_MODES = ("none", "kfold", "loso")
 ON_REFUSAL = ("exclude", "stop")
-# Coordinator-only run-config key of RunConfig.target_sensitivity. It belongs beside the other
-# run-config keys in common/messages.py (and in pyproject.toml's [tool.flwr.app.config]).
-TARGET_SENSITIVITY = getattr(k, "TARGET_SENSITIVITY", "target-sensitivity")
 
 
 def _get(values: Mapping[str, Any], key: str, default: Any, kind: type) -> Any:
@@ -277,7 +274,7 @@ class RunConfig:
             hospital_dp_noise=_get(values, k.HOSPITAL_DP_NOISE, 0.0, float),
             hospital_dp_clip=_get(values, k.HOSPITAL_DP_CLIP, 0.0, float),
             hospital_dp_delta=_get(values, k.HOSPITAL_DP_DELTA, 1e-3, float),
-            target_sensitivity=_get(values, TARGET_SENSITIVITY, 0.0, float),
+            target_sensitivity=_get(values, k.TARGET_SENSITIVITY, 0.0, float),
         )
 
     def to_dict(self) -> dict[str, Scalar]:
@@ -294,11 +291,9 @@ class RunConfig:
                 k.HOSPITAL_DP_NOISE: self.hospital_dp_noise,
                 k.HOSPITAL_DP_CLIP: self.hospital_dp_clip,
                 k.HOSPITAL_DP_DELTA: self.hospital_dp_delta,
+                k.TARGET_SENSITIVITY: self.target_sensitivity,
             }
         )
-        if self.target_sensitivity:
-            # Only when set: a SuperLink refuses run-config keys its app config does not list.
-            out[TARGET_SENSITIVITY] = self.target_sensitivity
         return out
 
 

@@ -14,7 +14,8 @@ from cli.app import app
 from cli.console import console
 from cli.federation import build_run_config
 from cli.report_view import print_inference, print_report
-from common.config import TARGET_SENSITIVITY, RunConfig
+from common.config import RunConfig
+from common.messages import TARGET_SENSITIVITY
 from common.errors import ConfigError
 
 
@@ -31,7 +32,7 @@ def test_target_sensitivity_reaches_the_run_config_and_back() -> None:
     # Execute
     default, target = _config(), _config(target_sensitivity=0.85)
     # Assert
-    assert default.target_sensitivity == 0.0 and TARGET_SENSITIVITY not in default.to_dict()
+    assert default.target_sensitivity == 0.0 and default.to_dict()[TARGET_SENSITIVITY] == 0.0
     assert target.target_sensitivity == 0.85 and target.to_dict()[TARGET_SENSITIVITY] == 0.85
     assert RunConfig.from_user_config(target.to_dict()).target_sensitivity == 0.85
 

@@ -38,6 +38,14 @@ def test_demo_reaches_auc_with_epsilon_at_most_8(demo_dir: Path) -> None:
         assert 0 < site["epsilon"] <= 8.0
     assert doc["config"]["target-epsilon"] == 8.0
     assert doc["final"]["auc_pooled"] >= 0.85
+    # The acceptance line of the first numbers a clinician reads: the operating point chosen on
+    # validation gives sensitivity and specificity >= 0.80, with a pooled test AUC >= 0.90.
+    inference = doc["inference"]
+    assert inference["operating_point"]["chosen_on"] == "validation"
+    assert inference["metrics"]["auc"]["value"] >= 0.90
+    assert inference["metrics"]["sensitivity"]["value"] >= 0.80
+    assert inference["metrics"]["specificity"]["value"] >= 0.80
+    assert doc["model_selection"]["final_round"] in [r["round"] for r in doc["rounds"]]
 
 
 def test_task_is_not_trivial_for_a_non_private_model_after_one_round(demo_dir: Path) -> None:
