@@ -77,6 +77,23 @@ def round_dict(entry: RoundLog) -> dict[str, Any]:
     }
 
 
+def _operating_point_lines(extra: dict[str, Any]) -> list[str]:
+    """The operating point and the test metrics at it, for ``summary.txt``."""
+    inference = extra.get("inference")
+    point = inference.get("operating_point") if isinstance(inference, dict) else None
+    if not isinstance(point, dict) or point.get("calibrated_threshold") is None:
+        return []
+    lines = [f"operating point (chosen on {point.get('chosen_on', 'validation')}, "
+             f"{point.get('method')}): calibrated probability >= "
+             f"{float(point['calibrated_threshold']):.4f}"]
+    metrics = inference.get("metrics") or {}
+    for name in ("sensitivity", "specificity"):
+        est = metrics.get(name)
+        if isinstance(est, dict) and est.get("value") is not None:
+            lines.append(f"test {name} at it: {float(est['value']):.3f}")
+    return lines
+
+
 @dataclass
 class RunReport:
     """Accumulates what a run learned; written atomically after every round."""
@@ -234,6 +251,7 @@ class RunReport:
                 lines.append(f"final test AUC (pooled over sites): {fm[k.AUC_POOLED]:.3f}")
             elif k.AUC in fm:
                 lines.append(f"final test AUC (mean of sites, weighted): {fm[k.AUC]:.3f}")
+        lines.extend(_operating_point_lines(self.extra))
         return "\n".join(lines)
 
     def write(self, out_dir: Path) -> Path:

@@ -156,3 +156,17 @@ def test_stopped_and_excluded_runs_say_why_in_the_report(tmp_path: Path) -> None
     assert doc["status"] == "stopped" and "refused" in doc["reason"]
     assert doc["excluded"] == [{"node_id": 12, "reason": "refused: over cap"}]
     assert "excluded node 12" in (tmp_path / "summary.txt").read_text()
+
+
+def test_summary_states_the_operating_point_and_the_metrics_at_it(tmp_path: Path) -> None:
+    cfg = RunConfig(plan=TrainPlan(num_rounds=1), out_dir=str(tmp_path))
+    report = RunReport(config=cfg, status="completed")
+    report.extra["inference"] = {
+        "operating_point": {"chosen_on": "validation", "method": "youden",
+                            "calibrated_threshold": 0.4966},
+        "metrics": {"sensitivity": {"value": 0.908}, "specificity": {"value": 0.949}},
+    }
+    text = report.summary()
+    assert "operating point (chosen on validation, youden): calibrated probability >= 0.4966" in text
+    assert "test sensitivity at it: 0.908" in text and "test specificity at it: 0.949" in text
+    assert "operating point" not in RunReport(config=cfg).summary()
