@@ -20,6 +20,23 @@ from client.dicom.reasons import Skip, SkipCode
 
 _GREYSCALE = ("MONOCHROME1", "MONOCHROME2")
 _BITS_ALLOCATED = (1, 8, 16, 32)
+#: Three-sample colour models read with ``accept_color`` (PS3.3 C.7.6.3.1.2).
+COLOR_THREE_SAMPLE = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_RCT", "YBR_ICT")
+PALETTE_COLOR = "PALETTE COLOR"
+#: Irreversible / reversible colour transforms, defined for JPEG 2000 only (PS3.5 8.2.4).
+_J2K_ONLY = ("YBR_RCT", "YBR_ICT")
+_J2K_SYNTAXES = (
+    "1.2.840.10008.1.2.4.90",
+    "1.2.840.10008.1.2.4.91",
+    "1.2.840.10008.1.2.4.201",
+    "1.2.840.10008.1.2.4.202",
+    "1.2.840.10008.1.2.4.203",
+)
+_PALETTE_DESCRIPTORS = (
+    "RedPaletteColorLookupTableDescriptor",
+    "GreenPaletteColorLookupTableDescriptor",
+    "BluePaletteColorLookupTableDescriptor",
+)
 
 #: Text-encoded numbers the node reads: (keyword, "(gggg,eeee) Name", is_integer).
 NUMERIC_ELEMENTS: tuple[tuple[str, str, bool], ...] = (
@@ -46,6 +63,8 @@ class Geometry:
         (0028,0100) Bits Allocated and (0028,0101) Bits Stored (= allocated when absent).
     signed : bool
         (0028,0103) Pixel Representation is 1.
+    photometric : str
+        (0028,0004) Photometric Interpretation, upper case ("" when not read).
     """
 
     rows: int
@@ -55,14 +74,24 @@ class Geometry:
     bits_allocated: int
     bits_stored: int
     signed: bool
+    photometric: str = ""
+
+    @property
+    def is_color(self) -> bool:
+        """``True`` for a colour image (three samples or PALETTE COLOR)."""
+        return self.samples != 1 or self.photometric == PALETTE_COLOR
 
     @property
     def expected_bytes(self) -> int:
         """Native pixel data length: Rows x Columns x frames x samples x Bits Allocated / 8.
 
-        1-bit data is packed, so the bit count is rounded up to whole bytes.
+        1-bit data is packed, so the bit count is rounded up to whole bytes. Native
+        YBR_FULL_422 keeps two samples per pixel (Y Y Cb Cr for two pixels, PS3.3
+        C.7.6.3.1.2), two thirds of the three-sample size.
         """
         bits = self.rows * self.columns * self.frames * self.samples * self.bits_allocated
+        if self.photometric == "YBR_FULL_422" and self.samples == 3:
+            bits = bits * 2 // 3
         return (bits + 7) // 8
 
 
@@ -120,8 +149,46 @@ def _us(ds: Dataset, keyword: str) -> int | None:
         return None
 
 
-def read_geometry(ds: Dataset) -> Geometry:
+def _color_problem(ds: Dataset, samples: int, photometric: str, bits: int) -> str:
+    """Why a colour image cannot be read (naming tags, never values), or ``""``."""
+    if bits not in (8, 16):
+        return "a colour image whose (0028,0100) Bits Allocated is not 8 or 16"
+    if photometric == PALETTE_COLOR:
+        if samples != 1:
+            return "PALETTE COLOR with (0028,0002) Samples per Pixel other than 1"
+        if any(keyword not in ds for keyword in _PALETTE_DESCRIPTORS):
+            return "PALETTE COLOR without the (0028,1101)-(0028,1103) palette descriptors"
+        return ""
+    if samples != 3 or photometric not in COLOR_THREE_SAMPLE:
+        return (
+            "(0028,0004) Photometric Interpretation and (0028,0002) Samples per Pixel "
+            "are not a supported colour model (RGB, YBR_FULL, YBR_FULL_422, YBR_RCT, "
+            "YBR_ICT or PALETTE COLOR)"
+        )
+    planar = _us(ds, "PlanarConfiguration")
+    if planar not in (None, 0, 1):
+        return "(0028,0006) Planar Configuration is not 0 or 1"
+    syntax = str(getattr(ds, "file_meta", Dataset()).get("TransferSyntaxUID", "") or "")
+    if photometric in _J2K_ONLY and syntax not in _J2K_SYNTAXES:
+        return (
+            "(0028,0004) YBR_RCT/YBR_ICT is defined only for JPEG 2000 (0002,0010) "
+            "Transfer Syntax UIDs"
+        )
+    return ""
+
+
+def read_geometry(ds: Dataset, *, accept_color: bool = False) -> Geometry:
     """Check the image geometry and photometry; return the values.
+
+    Parameters
+    ----------
+    ds : Dataset
+        The header.
+    accept_color : bool, keyword-only
+        Also accept colour images: three samples per pixel with (0028,0004) RGB, YBR_FULL,
+        YBR_FULL_422, YBR_RCT or YBR_ICT (the last two under a JPEG 2000 syntax only), or
+        PALETTE COLOR with its (0028,1101)-(0028,1103) descriptors; 8 or 16 bits
+        allocated. Off by default: training's 2-D path reads greyscale only.
 
     Raises
     ------
@@ -159,11 +226,16 @@ def read_geometry(ds: Dataset) -> Geometry:
     samples = _us(ds, "SamplesPerPixel")
     samples = 1 if samples is None else samples
     photometric = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
-    if samples != 1 or photometric not in _GREYSCALE:
+    greyscale = samples == 1 and photometric in _GREYSCALE
+    if not greyscale and not accept_color:
         raise Skip(
             SkipCode.UNSUPPORTED_IMAGE,
             "not greyscale: more than one sample per pixel or a colour photometric interpretation",
         )
+    if not greyscale:
+        problem = _color_problem(ds, samples, photometric, bits)
+        if problem:
+            raise Skip(SkipCode.UNSUPPORTED_IMAGE, problem)
     frames_value = _text_value(ds, "NumberOfFrames")
     frames = int(float(str(frames_value))) if frames_value not in (None, "") else 1
     return Geometry(
@@ -174,4 +246,5 @@ def read_geometry(ds: Dataset) -> Geometry:
         bits_allocated=bits,
         bits_stored=stored,
         signed=representation == 1,
+        photometric=photometric,
     )

@@ -39,6 +39,7 @@ from client.dicom.index import InstanceRecord
 from client.dicom.layout import PIXEL_DATA, check_pixel_layout
 from client.dicom.phi import check_deidentified
 from client.dicom.pixels import PixelDecodeError, read_pixels
+from client.dicom.pixels_color import read_frames
 from client.dicom.quiet import Captured, PydicomNoise, quiet_pydicom
 from client.dicom.reasons import Skip, SkipCode, SkippedFile
 
@@ -257,9 +258,12 @@ def _check_decoder(ds: Dataset) -> None:
         raise Skip(SkipCode.UNSUPPORTED_TRANSFER_SYNTAX)
 
 
-def _decode(path: Path, noise: PydicomNoise | None) -> None:
+def _decode(path: Path, noise: PydicomNoise | None, *, color: bool) -> None:
     try:
-        read_pixels(path, noise=noise)
+        if color:
+            read_frames(path, noise=noise)
+        else:
+            read_pixels(path, noise=noise)
     except PixelDecodeError as exc:
         raise Skip(SkipCode.UNDECODABLE, str(exc)) from exc
 
@@ -271,6 +275,7 @@ def _classify(
     require_deidentified: bool,
     decode_pixels: bool,
     noise: PydicomNoise | None,
+    accept_color: bool = False,
 ) -> InstanceRecord:
     if not _has_dicm_prefix(path):
         raise Skip(SkipCode.NOT_DICOM)
@@ -288,7 +293,7 @@ def _classify(
             if ds.get_item(PIXEL_DATA, keep_deferred=True) is None:
                 raise Skip(SkipCode.NO_PIXELS)
             _check_decoder(ds)
-            geometry = read_geometry(ds)
+            geometry = read_geometry(ds, accept_color=accept_color)
             check_pixel_layout(ds, path, geometry)
             instance_number = _int_attr(ds, "InstanceNumber")
             modality = str(ds.get("Modality", "") or "")
@@ -296,7 +301,7 @@ def _classify(
             if noise is not None:
                 noise.add(captured.kinds())
     if decode_pixels:
-        _decode(path, noise)
+        _decode(path, noise, color=geometry.is_color)
     return InstanceRecord(
         path=path,
         relpath=relpath,
@@ -321,6 +326,7 @@ def classify_file(
     require_deidentified: bool,
     decode_pixels: bool = False,
     noise: PydicomNoise | None = None,
+    accept_color: bool = False,
 ) -> InstanceRecord | SkippedFile:
     """Classify one file; never raises on a bad file.
 
@@ -333,7 +339,12 @@ def classify_file(
     Pixel Data, a decoder for the transfer syntax, valid IS/DS values and single-sample
     greyscale geometry (:mod:`client.dicom.geometry`), pixel data consistent with the
     syntax and geometry (:mod:`client.dicom.layout`) and, with ``decode_pixels``, one
-    decode of the pixels (:func:`client.dicom.pixels.read_pixels`).
+    decode of the pixels (:func:`client.dicom.pixels.read_pixels`; for a colour image
+    :func:`client.dicom.pixels_color.read_frames`).
+
+    Multi-frame files ((0028,0008) Number of Frames > 1) are accepted, as before: training's
+    2-D path reads their middle frame, :func:`~client.dicom.pixels_color.read_frames` the
+    whole stack.
 
     Parameters
     ----------
@@ -347,6 +358,10 @@ def classify_file(
         Decode the pixels of a file that passes every header check.
     noise : PydicomNoise | None, keyword-only
         Receives the kinds of the pydicom messages captured (counts only).
+    accept_color : bool, keyword-only
+        Also accept colour images (RGB, YBR_FULL, YBR_FULL_422, YBR_RCT, YBR_ICT,
+        PALETTE COLOR; see :func:`client.dicom.geometry.read_geometry`). Off by default:
+        training's 2-D path reads greyscale only.
 
     Returns
     -------
@@ -360,6 +375,7 @@ def classify_file(
             require_deidentified=require_deidentified,
             decode_pixels=decode_pixels,
             noise=noise,
+            accept_color=accept_color,
         )
     except Skip as skip:
         return SkippedFile(relpath=relpath, code=skip.code, detail=skip.detail)
@@ -375,6 +391,7 @@ def scan_directory(
     progress: ProgressCallback | None = None,
     exclude: Collection[str] = (),
     decode_pixels: bool = False,
+    accept_color: bool = False,
 ) -> ScanOutcome:
     """Scan every candidate file under ``data_dir``.
 
@@ -391,6 +408,9 @@ def scan_directory(
     decode_pixels : bool, keyword-only
         Decode every otherwise usable file's pixels once; a failure is skipped as
         ``undecodable``. Off by default: the scan is then header-only.
+    accept_color : bool, keyword-only
+        Also accept colour images (see :func:`classify_file`); for the task layer. Off by
+        default, so what training's greyscale path receives is unchanged.
 
     Returns
     -------
@@ -412,6 +432,7 @@ def scan_directory(
             require_deidentified=require_deidentified,
             decode_pixels=decode_pixels,
             noise=noise,
+            accept_color=accept_color,
         )
         if isinstance(result, InstanceRecord) and result.sop_instance_uid in seen_uids:
             result = SkippedFile(relpath=rel, code=SkipCode.DUPLICATE)
