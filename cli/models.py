@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import click
 import typer
 
 from cli.console import console, table
@@ -16,6 +17,7 @@ def _describe(image_size: int) -> list[dict[str, Any]]:
     """One row per registered model; parameters counted on a 1-channel, 2-class build."""
     from common.errors import ConfigError
     from common.models import build_model, count_parameters, list_models
+    from common.tasks import sample_kinds, tasks_of
 
     rows: list[dict[str, Any]] = []
     for spec in list_models():
@@ -32,7 +34,9 @@ def _describe(image_size: int) -> list[dict[str, Any]]:
                 "family": spec.family,
                 "parameters": params,
                 "dims": list(spec.spatial_dims),
-                "tasks": list(spec.tasks),
+                "tasks": tasks_of(spec.name),
+                "samples": [kind.value for kind in sample_kinds(spec)],
+                "heads": list(spec.tasks),
                 "grad_sample_mode": spec.grad_sample_mode,
                 "description": spec.description,
             }
@@ -42,17 +46,17 @@ def _describe(image_size: int) -> list[dict[str, Any]]:
 
 @models_app.command("list")
 def list_command(
-    output_format: str = typer.Option("table", "--format", help="table or json."),
+    output_format: str = typer.Option("table", "--format", click_type=click.Choice(["table", "json"]),
+                                      help="table or json."),
     image_size: int = typer.Option(
         32, "--image-size", min=4, help="Side length used to count parameters."
     ),
 ) -> None:
-    """List registered models: name, family, parameters, spatial dims, tasks, Opacus mode.
+    """List registered models: name, family, parameters, spatial dims, the tasks each serves
+    (common/tasks), DP mode.
 
-    The JSON output adds each model's one-line description.
+    The JSON output adds each model's sample kinds, output heads and one-line description.
     """
-    if output_format not in ("table", "json"):
-        raise typer.BadParameter("use 'table' or 'json'", param_hint="--format")
     rows = _describe(image_size)
     if output_format == "json":
         console.print_json(json.dumps(rows))
@@ -67,7 +71,7 @@ def list_command(
             row["family"],
             "-" if row["parameters"] is None else f"{row['parameters']:,}",
             ",".join(f"{d}D" for d in row["dims"]),
-            ",".join(row["tasks"]),
+            ", ".join(row["tasks"]),  # wraps at the spaces in a narrow terminal
             row["grad_sample_mode"],
         )
     console.print(t)

@@ -271,8 +271,9 @@ def build_model(
         )
     if in_channels < 1:
         raise ConfigError(f"in_channels must be >= 1, got {in_channels}")
-    if num_classes < 2:
-        raise ConfigError(f"num_classes must be >= 2 (binary tasks use 2 logits), got {num_classes}")
+    if num_classes < 1:
+        raise ConfigError(f"num_classes (the model's outputs per sample) must be >= 1, got "
+                          f"{num_classes}; a task's num_outputs() says how many it needs")
     if image_size < 1:
         raise ConfigError(f"image_size must be >= 1, got {image_size}")
     model = spec.builder(

@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 from cli.app import app
 from common.models import build_model, count_parameters, list_models
+from common.tasks import tasks_of
 
 REQUIRED = {
     "mlp", "cnn", "resnet", "densenet", "cnn3d", "lstm", "gru",
@@ -34,7 +35,8 @@ def test_json_lists_every_registered_model_with_its_fields(
     for row, spec in zip(rows, list_models(), strict=True):
         assert row["family"] == spec.family
         assert row["dims"] == list(spec.spatial_dims)
-        assert row["tasks"] == list(spec.tasks)
+        assert row["heads"] == list(spec.tasks)
+        assert row["tasks"] == tasks_of(spec.name) and row["tasks"]  # every model serves a task
         assert row["grad_sample_mode"] == spec.grad_sample_mode
     cnn = next(r for r in rows if r["name"] == "cnn")
     assert cnn["parameters"] == count_parameters(build_model("cnn", image_size=32)) == 14_274

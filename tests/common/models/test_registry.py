@@ -58,7 +58,7 @@ def test_unknown_name_lists_known_models() -> None:
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"num_classes": 1}, {"in_channels": 0}, {"image_size": 8}, {"spatial_dims": 3}],
+    [{"num_classes": 0}, {"in_channels": 0}, {"image_size": 8}, {"spatial_dims": 3}],
 )
 def test_invalid_build_arguments_raise(kwargs: dict[str, int]) -> None:
     with pytest.raises(ConfigError):
