@@ -83,10 +83,12 @@ _SAFE = "invalid statistics input"
 def score_matrix(scores: npt.ArrayLike, name: str = "scores") -> np.ndarray:
     """``(patients, labels)`` finite float scores with at least one of each."""
     s = np.asarray(scores, dtype=np.float64)
-    if s.ndim != 2 or s.shape[0] == 0 or s.shape[1] == 0:
+    if s.ndim == 2 and s.shape[0] == 0:
+        raise DataError(f"{name} is empty: no held-out patients at this site",
+                        safe_reason="no held-out patients at this site")
+    if s.ndim != 2 or s.shape[1] == 0:
         raise DataError(f"{name} must have shape (patients, labels), got {s.shape}",
-                        safe_reason="no held-out patients at this site" if s.size == 0
-                        else _SAFE)
+                        safe_reason=_SAFE)
     if not np.all(np.isfinite(s)):
         raise DataError(f"{name} contains NaN or infinite values", safe_reason=_SAFE)
     return s
