@@ -204,3 +204,142 @@ def test_parse_survives_arbitrary_text(tmp_path_factory: pytest.TempPathFactory,
     # Assert: either labels or problems explain the file; nothing raised
     assert all(isinstance(p.code, LabelIssue) for p in table.problems)
     assert table.exists
+
+
+# --- parse_targets: one column per target kind, the task's rules, the same row machinery ---
+
+from client.data.labels import (  # noqa: E402
+    TARGET_COLUMNS,
+    parse_targets,
+    read_targets,
+)
+from common.errors import ConfigError  # noqa: E402
+from common.tasks import list_tasks  # noqa: E402
+
+
+def test_every_registered_task_has_a_column_or_needs_none() -> None:
+    # Prepare
+    names = {task.info.name for task in list_tasks()}
+    # Execute
+    without = names - set(TARGET_COLUMNS)
+    # Assert: only the mask and self-supervised tasks read no column
+    assert without == {"segmentation", "reconstruction"}
+    assert set(TARGET_COLUMNS) <= names
+
+
+@pytest.mark.parametrize(
+    ("task", "k", "body", "expected", "problems"),
+    [
+        ("multiclass", 3, "QX1,9.1,0\nQX2,9.2,2\nQX3,9.3,3\nQX4,9.4,x\n",
+         {("QX1", "9.1"): 0, ("QX2", "9.2"): 2, ("QX3", "9.3"): 3},
+         [(4, LabelIssue.CLASS_OUT_OF_RANGE), (5, LabelIssue.NOT_INTEGER)]),
+        ("ordinal", 5, "QX1,9.1,4\nQX2,9.2,-1\nQX1,9.1,3\n", {},
+         [(3, LabelIssue.NEGATIVE), (4, LabelIssue.CONFLICT)]),
+        ("binary", None, "QX1,9.1,1\nQX2,9.2,2\n", {("QX1", "9.1"): 1, ("QX2", "9.2"): 2},
+         [(3, LabelIssue.NOT_BINARY)]),
+    ],
+)
+def test_label_column_follows_the_task(tmp_path: Path, task: str, k: int | None, body: str,
+                                       expected: dict[tuple[str, str], int],
+                                       problems: list[tuple[int, LabelIssue]]) -> None:
+    # Prepare
+    path = _write(tmp_path, HEADER + body)
+    # Execute
+    table = parse_targets(path, task, k)
+    # Assert
+    assert table.column == "label" and table.targets == expected
+    assert [(p.line, p.code) for p in table.problems] == problems
+    assert table.malformed == table.problems  # every problem makes the task refuse the CSV
+
+
+def test_findings_are_sets_of_indices_and_bad_lists_are_named_by_line(tmp_path: Path) -> None:
+    # Prepare
+    path = _write(tmp_path, "patient_id,study_uid,findings\n"
+                  "QX1,9.1,\n"          # 2: no finding
+                  "QX2,9.2,2; 0\n"      # 3: findings 0 and 2
+                  "QX3,9.3,0;;1\n"      # 4: empty item
+                  "QX4,9.4,1;1\n"       # 5: repeated
+                  "QX5,9.5,0;3\n"       # 6: finding 3 >= K
+                  "QX6,9.6,pneumo\n"    # 7: not numbers
+                  "QX2,9.2,0;2\n")      # 8: the same set as line 3, in another order
+    # Execute
+    table = parse_targets(path, "multilabel", 3)
+    # Assert
+    assert table.targets == {("QX1", "9.1"): (), ("QX2", "9.2"): (0, 2), ("QX5", "9.5"): (0, 3)}
+    assert [(p.line, p.code) for p in table.problems] == [
+        (4, LabelIssue.BAD_FINDINGS), (5, LabelIssue.BAD_FINDINGS),
+        (6, LabelIssue.FINDING_OUT_OF_RANGE), (7, LabelIssue.BAD_FINDINGS)]
+    assert all("pneumo" not in p.text and "QX" not in p.text for p in table.problems)
+
+
+def test_values_must_be_finite_decimal_numbers(tmp_path: Path) -> None:
+    # Prepare
+    path = _write(tmp_path, "patient_id,study_uid,value\n"
+                  "QX1,9.1,12.5\nQX2,9.2,-3e-2\nQX3,9.3,nan\nQX4,9.4,Inf\nQX5,9.5,1e999\n"
+                  "QX6,9.6,12 mm\nQX7,9.7,1_0\nQX8,9.8,\nQX1,9.1,12.6\n")
+    # Execute
+    table = parse_targets(path, "regression")
+    # Assert
+    assert table.targets == {("QX2", "9.2"): -0.03}
+    assert [(p.line, p.code) for p in table.problems] == [
+        (4, LabelIssue.NOT_FINITE), (5, LabelIssue.NOT_FINITE), (6, LabelIssue.NOT_FINITE),
+        (7, LabelIssue.NOT_NUMBER), (8, LabelIssue.NOT_NUMBER), (9, LabelIssue.NOT_NUMBER),
+        (10, LabelIssue.CONFLICT)]
+    assert table.num_classes is None
+
+
+def test_missing_task_column_is_named_and_no_column_tasks_read_nothing(tmp_path: Path) -> None:
+    # Prepare
+    path = _write(tmp_path, HEADER + "QX1,9.1,1\n")
+    # Execute
+    regression = parse_targets(path, "regression")
+    segmentation = parse_targets(path, "segmentation")
+    # Assert
+    assert [(p.line, p.code) for p in regression.problems] == [(1, LabelIssue.MISSING_COLUMN)]
+    assert "value" in regression.problems[0].text
+    assert segmentation.column is None and segmentation.targets == {} and segmentation.exists
+
+
+def test_unknown_k_is_fitted_and_bad_k_or_task_is_refused(tmp_path: Path) -> None:
+    # Prepare
+    path = _write(tmp_path, "patient_id,study_uid,findings\nQX1,9.1,0;4\nQX2,9.2,\n")
+    # Execute
+    table = parse_targets(path, "multilabel")
+    # Assert
+    assert table.num_classes == 5 and table.problems == ()
+    with pytest.raises(DataError):
+        parse_targets(path, "multilabel", 1)
+    with pytest.raises(ConfigError):
+        parse_targets(path, "no-such-task")
+
+
+def test_read_targets_raises_on_the_first_problem_with_a_safe_reason(tmp_path: Path) -> None:
+    # Prepare
+    bad = _write(tmp_path, "patient_id,study_uid,value\nQX1,9.1,1.5\nQX2,9.2,nan\n")
+    # Execute
+    with pytest.raises(DataError) as info:
+        read_targets(bad, "regression")
+    # Assert
+    assert "line 3" in str(info.value)
+    assert info.value.safe_reason == "the labels CSV is malformed: a NaN or infinite value"
+    assert read_targets(tmp_path / "none.csv", "regression") == {}
+
+
+@settings(max_examples=40, deadline=None)
+@given(task=st.sampled_from(["multiclass", "ordinal", "multilabel", "regression"]),
+       rows=st.lists(st.lists(_CELL, min_size=0, max_size=4), max_size=10))
+def test_parse_targets_never_raises_on_data_and_never_echoes_a_cell(
+    tmp_path_factory: pytest.TempPathFactory, task: str, rows: list[list[str]]
+) -> None:
+    # Prepare
+    folder = tmp_path_factory.mktemp("fuzz-targets")
+    header = f"patient_id,study_uid,{TARGET_COLUMNS[task]}"
+    path = _write(folder, header + "\n" + "\n".join(",".join(c) for c in rows) + "\n")
+    ids = {cell for cells in rows for cell in cells if cell.startswith("Z")}
+    # Execute
+    table = parse_targets(path, task, 3)
+    # Assert
+    for problem in table.problems:
+        assert problem.line is not None and problem.line >= 2
+        assert not any(value in problem.message() for value in ids)
+    assert set(table.targets) <= set(table.lines)
