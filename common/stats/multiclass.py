@@ -29,6 +29,7 @@ Coordinator side
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -132,7 +133,7 @@ class ConfusionMatrix:
         return {"classes": self.n_classes, "confusion": int_list(self.counts)}
 
     @classmethod
-    def from_record(cls, record: Record) -> ConfusionMatrix:
+    def from_record(cls, record: Mapping[str, Any]) -> ConfusionMatrix:
         """Inverse of :meth:`to_record`."""
         k = get_count(record, "classes")
         return cls(counts=get_array(record, "confusion", (k, k), counts=True))

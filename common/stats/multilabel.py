@@ -51,6 +51,7 @@ release rules (minimum counts, small cells suppressed) apply to every label's co
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
@@ -61,7 +62,15 @@ from statsmodels.stats.multitest import multipletests
 
 from common.errors import ConfigError, DataError
 from common.stats._checks import alpha_level
-from common.stats._records import Record, as_array, float_list, get_array, get_count, int_list, same
+from common.stats._records import (
+    Record,
+    as_array,
+    float_list,
+    get_array,
+    get_count,
+    int_list,
+    same,
+)
 from common.stats.auc import _placements, auc_ci, delong_from_sums, node_placement_sums
 from common.stats.bins import check_edges, fine_score_edges, score_bin_index
 from common.stats.estimate import Estimate
@@ -160,7 +169,7 @@ class LabelHistograms:
                 "hist_pos": int_list(self.positive), "hist_neg": int_list(self.negative)}
 
     @classmethod
-    def from_record(cls, record: Record) -> LabelHistograms:
+    def from_record(cls, record: Mapping[str, Any]) -> LabelHistograms:
         """Inverse of :meth:`to_record`."""
         shape = (get_count(record, "labels"), get_count(record, "bins"))
         return cls(positive=get_array(record, "hist_pos", shape, counts=True),
@@ -243,7 +252,7 @@ class LabelPlacementSums:
         return out
 
     @classmethod
-    def from_record(cls, record: Record) -> LabelPlacementSums:
+    def from_record(cls, record: Mapping[str, Any]) -> LabelPlacementSums:
         """Inverse of :meth:`to_record`."""
         k = get_count(record, "labels")
         vec = {name: get_array(record, name, (k,), counts=False) for name in cls._VECTORS}

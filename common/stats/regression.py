@@ -37,6 +37,7 @@ about 1e6; subtract a fixed, configured offset from targets and predictions firs
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
@@ -156,7 +157,7 @@ class RegressionSums:
         return out
 
     @classmethod
-    def from_record(cls, record: Record) -> RegressionSums:
+    def from_record(cls, record: Mapping[str, Any]) -> RegressionSums:
         """Inverse of :meth:`to_record`."""
         hist = record.get("abs_error_hist")
         if not isinstance(hist, list):

@@ -223,7 +223,7 @@ class SegmentationSums:
         return out
 
     @classmethod
-    def from_record(cls, record: Record) -> SegmentationSums:
+    def from_record(cls, record: Mapping[str, Any]) -> SegmentationSums:
         """Inverse of :meth:`to_record`."""
         return cls(**{name: get_count(record, name) for name in cls._COUNTS},
                    **{name: get_float(record, name) for name in cls._SUMS})

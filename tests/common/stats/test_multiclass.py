@@ -176,7 +176,7 @@ def test_merging_site_matrices_equals_the_union(
                        for s in range(sites) if np.any(site_of == s))
     # Assert
     np.testing.assert_array_equal(merged.counts, confusion_matrix(y, pred, labels=range(4)))
-    again = ConfusionMatrix.from_record(MetricRecord(merged.to_record()))  # type: ignore[arg-type]
+    again = ConfusionMatrix.from_record(MetricRecord(merged.to_record()))
     np.testing.assert_array_equal(again.counts, merged.counts)
 
 
@@ -188,8 +188,8 @@ def test_records_round_trip_through_a_flower_metric_record() -> None:
     hists = ovr_histograms(p, y, edges=edges)
     sums = ovr_placement_sums(p, y, hists, edges=edges)
     # Execute: what a node would put in a MetricRecord, and what the coordinator reads back
-    h2 = LabelHistograms.from_record(dict(MetricRecord(hists.to_record())))  # type: ignore[arg-type]
-    s2 = LabelPlacementSums.from_record(dict(MetricRecord(sums.to_record())))  # type: ignore[arg-type]
+    h2 = LabelHistograms.from_record(dict(MetricRecord(hists.to_record())))
+    s2 = LabelPlacementSums.from_record(dict(MetricRecord(sums.to_record())))
     # Assert
     np.testing.assert_array_equal(h2.positive, hists.positive)
     np.testing.assert_array_equal(h2.negative, hists.negative)

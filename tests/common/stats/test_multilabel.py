@@ -47,8 +47,10 @@ def test_per_label_and_macro_auc_match_sklearn(seed: int) -> None:
     rng = np.random.default_rng(seed)
     s, y = findings(rng, 1200, [2.0, 1.0, 0.5, 0.0])
     # Execute
-    res = label_aucs(*federated(s, y, split_indices(rng, y.shape[0], 3)))
+    hists, sums = federated(s, y, split_indices(rng, y.shape[0], 3))
+    res = label_aucs(hists, sums)
     # Assert: within bin resolution of sklearn on the raw pooled scores
+    np.testing.assert_allclose(hists.aucs(), [e.value for e in res.per_label], atol=1e-12)
     np.testing.assert_allclose([e.value for e in res.per_label],
                                roc_auc_score(y, s, average=None), atol=1e-4)
     assert res.macro.value == pytest.approx(roc_auc_score(y, s, average="macro"), abs=1e-4)

@@ -101,7 +101,7 @@ def test_merging_sites_equals_the_union(pairs: list[tuple[float, float]],
     assert merged.n == union.n and merged.abs_error_overflow == union.abs_error_overflow
     for name in RegressionSums._SUMS:
         assert getattr(merged, name) == pytest.approx(getattr(union, name), rel=1e-9, abs=1e-9)
-    back = RegressionSums.from_record(dict(MetricRecord(merged.to_record())))  # type: ignore[arg-type]
+    back = RegressionSums.from_record(dict(MetricRecord(merged.to_record())))
     assert back.to_record() == merged.to_record()
 
 

@@ -161,7 +161,7 @@ def test_merging_sites_equals_the_union(
         assert getattr(merged, name) == getattr(union, name)
     for name in SegmentationSums._SUMS:
         assert getattr(merged, name) == pytest.approx(getattr(union, name), rel=1e-9, abs=1e-9)
-    back = SegmentationSums.from_record(dict(MetricRecord(merged.to_record())))  # type: ignore[arg-type]
+    back = SegmentationSums.from_record(dict(MetricRecord(merged.to_record())))
     assert back == merged
 
 
