@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from pydicom.dataset import Dataset
-from pydicom.uid import JPEGLSLossless, generate_uid
+from pydicom.uid import JPEGLosslessSV1, generate_uid
 
 from client.dicom.reasons import SkipCode, SkippedFile
 from client.dicom.scan import classify_file, expected_pixel_bytes, scan_directory
@@ -60,7 +60,7 @@ def _truncate(path: Path, keep: int) -> None:
         ("nopix.dcm", lambda p: _write_without_pixels(p), "no-pixels"),
         ("phi.dcm", lambda p: write_image(p, deidentified=False), "phi"),
         ("nouid.dcm", lambda p: _write_without_study_uid(p), "missing-uid"),
-        ("j2k.dcm", lambda p: copy_testdata("MR_small_jpeg_ls_lossless.dcm", p), "unsupported-transfer-syntax"),
+        ("jpeg-ll.dcm", lambda p: copy_testdata("JPEG-LL.dcm", p), "unsupported-transfer-syntax"),
         ("rgb.dcm", lambda p: copy_testdata("SC_rgb_small_odd.dcm", p), "unsupported-image"),
     ],
 )
@@ -89,10 +89,11 @@ def _write_without_study_uid(path: Path) -> None:
     write_dataset(ds, path)
 
 
-def test_jpeg_ls_syntax_declared_on_factory_file_is_unsupported(tmp_path: Path) -> None:
-    # Prepare: encapsulated-looking pixel data under JPEG-LS (no decoder plugin installed)
+def test_jpeg_lossless_syntax_declared_on_factory_file_is_unsupported(tmp_path: Path) -> None:
+    # Prepare: encapsulated-looking pixel data under JPEG Lossless (no decoder installed here;
+    # JPEG-LS decodes since highdicom brought pyjpegls)
     ds = make_dataset()
-    ds.file_meta.TransferSyntaxUID = JPEGLSLossless
+    ds.file_meta.TransferSyntaxUID = JPEGLosslessSV1
     from pydicom.encaps import encapsulate
 
     ds.PixelData = encapsulate([b"\xff\x4f\xff\x51" + b"\0" * 60])
@@ -177,7 +178,7 @@ def test_pydicom_examples_mixed_with_junk(tmp_path: Path) -> None:
         copy_testdata(name, tmp_path / "good" / name)
     expected_bad = {
         "bad/MR_truncated.dcm": "truncated",
-        "bad/MR_small_jpeg_ls_lossless.dcm": "unsupported-transfer-syntax",
+        "bad/JPEG-LL.dcm": "unsupported-transfer-syntax",  # JPEG Lossless: no decoder here
         "bad/rtplan.dcm": "no-pixels",
         "bad/no_meta.dcm": "not-dicom",
         "bad/SC_rgb_small_odd.dcm": "unsupported-image",
