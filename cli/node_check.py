@@ -5,6 +5,16 @@ labels rules of :func:`client.data.labels.parse_labels` (training reads labels t
 :func:`~client.data.labels.read_labels`, built on the same function). It never stops on a bad
 row: it lists every problem with its CSV line number and what to fix.
 
+``--task`` (default ``binary``, which keeps the original checks) picks the task's rules:
+``multiclass``, ``ordinal``, ``multilabel`` and ``regression`` validate their column of
+``labels.csv`` with :func:`client.data.labels.parse_targets` (``--num-classes`` K bounds the
+classes, grades or findings; without it the smallest K that fits is reported);
+``reconstruction`` needs no labels (every usable image is trainable); ``segmentation`` needs
+no labels but mask instances: usable files with (0008,0060) Modality ``SEG`` or the
+project's mask modality (:data:`client.dicom.synth_seg.MASK_MODALITY`, as
+:mod:`client.data.segmentation` reads them), or (0008,0016) SOP Class UID Segmentation
+Storage. Masks are counted per study, not yet paired image by image (the loader pairs them).
+
 Privacy: every sentence it prints names line numbers, column names and counts only, never a
 patient id, a study UID, a label text or a path. The JSON output lists the used and skipped
 files by their path *relative to* the ``--data`` folder: the hospital's own local inventory,
@@ -14,26 +24,35 @@ which the operator asked for and which never leaves the node.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Mapping
+from collections import Counter
+from dataclasses import dataclass, replace
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
+import pydicom
 import typer
+from pydicom.uid import SegmentationStorage
 
 from cli.console import console, err_console, progress_bar, table
+from cli.options import LazyChoice
 from client.data.labels import (
     BINARY_LABELS,
     LABELS_FILENAME,
+    TARGET_COLUMNS,
     LabelIssue,
     LabelProblem,
     LabelTable,
+    StudyKey,
+    TargetTable,
     match_problems,
     parse_labels,
+    parse_targets,
 )
-from client.dicom.index import DicomIndex
-from client.dicom.report import IngestionReport, build_report
-from client.dicom.scan import ProgressCallback, scan_directory
+from client.dicom.index import DicomIndex, InstanceRecord
+from client.dicom.report import UNLABELLED, IngestionReport, build_report
+from client.dicom.scan import ProgressCallback, ScanOutcome, scan_directory
 from common.errors import DataError
 
 
@@ -69,6 +88,12 @@ class DataInspection:
         Why the folder cannot be trained on (empty when it can), one sentence each.
     pixels_decoded : bool
         Whether every used file's pixel data was decoded (not only its header read).
+    task : str
+        The task whose rules were applied.
+    num_classes : int | None
+        K checked (or fitted) for the classification tasks; ``None`` for the others.
+    masks : int | None
+        Mask instances found (``segmentation`` only).
     """
 
     report: IngestionReport
@@ -77,6 +102,9 @@ class DataInspection:
     trainable_images: int
     blocking: tuple[str, ...]
     pixels_decoded: bool
+    task: str = "binary"
+    num_classes: int | None = None
+    masks: int | None = None
 
     @property
     def usable(self) -> bool:
@@ -93,18 +121,33 @@ class DataInspection:
             "label_problems": [p.to_dict() for p in self.label_problems],
             "usable": self.usable,
             "problems": list(self.blocking),
+            "task": self.task,
+            **({} if self.num_classes is None else {"num_classes": self.num_classes}),
+            **({} if self.masks is None else {"masks": self.masks}),
         }
 
 
-def _blocking(report: IngestionReport, labels: LabelTable, trainable: int) -> list[str]:
-    """One sentence per reason why training cannot use the folder."""
+_NONE_LABELLED = ("no usable image has a label; make the patient_id and study_uid of each "
+                  "labels.csv row match the images' (0010,0020) Patient ID and (0020,000D) "
+                  "Study Instance UID")
+
+
+def _files_blocking(report: IngestionReport, *, labels: bool = True) -> list[str]:
+    """The reasons that concern the files alone (no file, no usable image)."""
     if report.files_seen == 0:
-        return ["the --data folder holds no file; copy the node's DICOM studies and "
-                "labels.csv into it"]
-    reasons: list[str] = []
+        return ["the --data folder holds no file; copy the node's DICOM studies"
+                + (" and labels.csv" if labels else "") + " into it"]
     if report.files_used == 0:
-        reasons.append(f"none of the {report.files_seen} file(s) in the --data folder is a "
-                       "usable DICOM image; see the reason given for each skipped file")
+        return [f"none of the {report.files_seen} file(s) in the --data folder is a "
+                "usable DICOM image; see the reason given for each skipped file"]
+    return []
+
+
+def _blocking(report: IngestionReport, labels: LabelTable, trainable: int) -> list[str]:
+    """One sentence per reason why training cannot use the folder (binary task)."""
+    reasons = _files_blocking(report)
+    if report.files_seen == 0:
+        return reasons
     if not labels.exists:
         reasons.append(_NO_LABELS_FILE.text)
     malformed = labels.malformed
@@ -115,15 +158,154 @@ def _blocking(report: IngestionReport, labels: LabelTable, trainable: int) -> li
         reasons.append("labels.csv has labels other than 0 and 1, which the binary task cannot "
                        "train on; relabel those rows 0 or 1")
     if not reasons and trainable == 0:
-        reasons.append("no usable image has a label; make the patient_id and study_uid of "
-                       "each labels.csv row match the images' (0010,0020) Patient ID and "
-                       "(0020,000D) Study Instance UID")
+        reasons.append(_NONE_LABELLED)
     return reasons
+
+
+def _missing_file(column: str) -> LabelProblem:
+    return LabelProblem(
+        code=LabelIssue.MISSING_FILE,
+        text=f"the --data folder has no labels.csv; add one with the columns patient_id, "
+        f"study_uid, {column} and one row per study")
+
+
+def _label_counts(table: TargetTable, keys: list[StudyKey]) -> dict[str, int]:
+    """Usable images per target as the report shows them: classes as they are, ``finding k``
+    per finding and ``no finding`` (multilabel), ``value`` (regression), then ``unlabelled``."""
+    counts: Counter[str] = Counter()
+    for key in keys:
+        target = table.targets.get(key)
+        if target is None:
+            counts[UNLABELLED] += 1
+        elif isinstance(target, tuple):
+            counts.update([f"finding {f}" for f in target] or ["no finding"])
+        elif isinstance(target, float):
+            counts["value"] += 1
+        else:
+            counts[str(target)] += 1
+    shown = {k: counts[k] for k in sorted(counts, key=_count_order) if k != UNLABELLED}
+    return {**shown, UNLABELLED: counts[UNLABELLED]}
+
+
+def _count_order(key: str) -> tuple[int, str]:
+    digits = key.rsplit(" ", 1)[-1]
+    return (int(digits), key) if digits.isdigit() else (1 << 30, key)
+
+
+def _is_mask(rec: InstanceRecord) -> bool:
+    """A segmentation mask: (0008,0060) Modality SEG or the project's mask modality, or
+    (0008,0016) SOP Class UID Segmentation Storage (read from the header)."""
+    from client.dicom.synth_seg import MASK_MODALITY
+
+    if rec.modality.strip().upper() in ("SEG", MASK_MODALITY):
+        return True
+    try:
+        header = pydicom.dcmread(rec.path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
+    except Exception:  # noqa: BLE001 - the scanner read it; a failure here means "not a mask"
+        return False
+    return str(header.get("SOPClassUID", "")) == SegmentationStorage
+
+
+@dataclass(frozen=True)
+class _Scan:
+    """One scan of the folder, shared by the per-task checks."""
+
+    root: Path
+    outcome: ScanOutcome
+    index: DicomIndex
+    require_deidentified: bool
+
+    def report(self, labels: Mapping[StudyKey, int]) -> IngestionReport:
+        return build_report(files_seen=self.outcome.files_seen, skipped=self.outcome.skipped,
+                            index=self.index, labels=labels,
+                            require_deidentified=self.require_deidentified,
+                            pixels_decoded=self.outcome.pixels_decoded)
+
+    @property
+    def keys(self) -> list[StudyKey]:
+        return [(rec.patient_id, rec.study_instance_uid) for rec in self.index.instances()]
+
+    @property
+    def used_files(self) -> tuple[str, ...]:
+        return tuple(sorted(rec.relpath for rec in self.index.instances()))
+
+
+def _inspect_binary(scan: _Scan) -> DataInspection:
+    labels = parse_labels(scan.root / LABELS_FILENAME)
+    report = scan.report(labels.labels)
+    keys = scan.keys
+    problems = labels.problems + match_problems(labels, keys)
+    if not labels.exists:
+        problems = (_NO_LABELS_FILE, *problems)
+    trainable = sum(1 for key in keys if labels.labels.get(key) in BINARY_LABELS)
+    return DataInspection(
+        report=report,
+        used_files=scan.used_files,
+        label_problems=problems,
+        trainable_images=trainable,
+        blocking=tuple(_blocking(report, labels, trainable)),
+        pixels_decoded=scan.outcome.pixels_decoded,
+    )
+
+
+def _inspect_targets(scan: _Scan, task: str, num_classes: int | None) -> DataInspection:
+    """A task with a target column: its rules on labels.csv, then the join with the images."""
+    table = parse_targets(scan.root / LABELS_FILENAME, task, num_classes)
+    column = table.column or "label"
+    keys = scan.keys
+    report = replace(scan.report(dict.fromkeys(table.targets, 0)),
+                     label_counts=_label_counts(table, keys))
+    problems = table.problems + match_problems(table, keys, column=column)
+    if not table.exists:
+        problems = (_missing_file(column), *problems)
+    trainable = sum(1 for key in keys if key in table.targets)
+    reasons = _files_blocking(report)
+    if report.files_seen:
+        if not table.exists:
+            reasons.append(_missing_file(column).text)
+        if table.problems:
+            reasons.append(f"labels.csv has {len(table.problems)} row(s) or header problem(s) "
+                           f"that the {task} task cannot use, so training would refuse it; fix "
+                           "each line listed under label problems")
+        if not reasons and trainable == 0:
+            reasons.append(_NONE_LABELLED)
+    return DataInspection(
+        report=report, used_files=scan.used_files, label_problems=problems,
+        trainable_images=trainable, blocking=tuple(reasons),
+        pixels_decoded=scan.outcome.pixels_decoded, task=task, num_classes=table.num_classes)
+
+
+def _inspect_without_labels(scan: _Scan, task: str) -> DataInspection:
+    """Reconstruction (every usable image is a target) or segmentation (masks needed)."""
+    report = scan.report({})
+    reasons = _files_blocking(report, labels=False)
+    masks: int | None = None
+    trainable = report.files_used
+    if task == "segmentation":
+        records = scan.index.instances()
+        flagged = [_is_mask(rec) for rec in records]
+        masks = sum(flagged)
+        masked = {(r.patient_id, r.study_instance_uid) for r, m in zip(records, flagged) if m}
+        trainable = sum(1 for r, m in zip(records, flagged)
+                        if not m and (r.patient_id, r.study_instance_uid) in masked)
+        if not reasons and masks == 0:
+            reasons.append("the --data folder has no segmentation mask; add one mask instance "
+                           "per image ((0008,0060) Modality SEG, or the mask series that "
+                           "`vesalius synth --task segmentation` writes)")
+        elif not reasons and trainable == 0:
+            reasons.append("no image shares a study with a mask; give each mask the (0010,0020) "
+                           "Patient ID and (0020,000D) Study Instance UID of its image")
+    return DataInspection(
+        report=report, used_files=scan.used_files, label_problems=(),
+        trainable_images=trainable, blocking=tuple(reasons),
+        pixels_decoded=scan.outcome.pixels_decoded, task=task, masks=masks)
 
 
 def inspect_data(
     root: Path,
     *,
+    task: str = "binary",
+    num_classes: int | None = None,
     require_deidentified: bool = True,
     decode_pixels: bool = True,
     progress: ProgressCallback | None = None,
@@ -134,6 +316,10 @@ def inspect_data(
     ----------
     root : Path
         The node's data folder (must exist).
+    task : str, keyword-only
+        The task whose rules apply (a registered name; ``binary`` keeps the original checks).
+    num_classes : int | None, keyword-only
+        K for ``multiclass``, ``ordinal`` and ``multilabel`` (``None``: fitted and reported).
     require_deidentified : bool, keyword-only
         Skip files failing the de-identification check (code ``phi``).
     decode_pixels : bool, keyword-only
@@ -149,24 +335,19 @@ def inspect_data(
     """
     outcome = scan_directory(root, require_deidentified=require_deidentified, progress=progress,
                              exclude=(LABELS_FILENAME,), decode_pixels=decode_pixels)
-    index = DicomIndex.from_records(outcome.records)
-    labels = parse_labels(root / LABELS_FILENAME)
-    report = build_report(files_seen=outcome.files_seen, skipped=outcome.skipped, index=index,
-                          labels=labels.labels, require_deidentified=require_deidentified,
-                          pixels_decoded=outcome.pixels_decoded)
-    keys = [(rec.patient_id, rec.study_instance_uid) for rec in index.instances()]
-    problems = labels.problems + match_problems(labels, keys)
-    if not labels.exists:
-        problems = (_NO_LABELS_FILE, *problems)
-    trainable = sum(1 for key in keys if labels.labels.get(key) in BINARY_LABELS)
-    return DataInspection(
-        report=report,
-        used_files=tuple(sorted(rec.relpath for rec in index.instances())),
-        label_problems=problems,
-        trainable_images=trainable,
-        blocking=tuple(_blocking(report, labels, trainable)),
-        pixels_decoded=outcome.pixels_decoded,
-    )
+    scan = _Scan(root=root, outcome=outcome, index=DicomIndex.from_records(outcome.records),
+                 require_deidentified=require_deidentified)
+    if task == "binary":
+        return _inspect_binary(scan)
+    if task in TARGET_COLUMNS:
+        return _inspect_targets(scan, task, num_classes)
+    return _inspect_without_labels(scan, task)
+
+
+def _task_names() -> list[str]:
+    from common.tasks import list_tasks
+
+    return [t.info.name for t in list_tasks()]
 
 
 def require_data_folder(data: str | Path) -> Path:
@@ -190,7 +371,12 @@ def _print_table(found: DataInspection) -> None:
             summary.add_row("dataset fingerprint", f"{str(value)[:16]}…")
         elif not isinstance(value, (list, dict)):
             summary.add_row(key.replace("_", " "), str(value))
-    summary.add_row("trainable images (label 0/1)", str(found.trainable_images))
+    what = "label 0/1" if found.task == "binary" else found.task
+    summary.add_row(f"trainable images ({what})", str(found.trainable_images))
+    if found.num_classes is not None:
+        summary.add_row("classes (K)", str(found.num_classes))
+    if found.masks is not None:
+        summary.add_row("segmentation masks", str(found.masks))
     for key, value in doc.items():
         if isinstance(value, dict):
             summary.add_row(key.replace("_", " "),
@@ -221,6 +407,16 @@ def check(
         False, "--header-only",
         help="Read DICOM headers only (quick look); by default every image's pixels are decoded.",
     ),
+    task: str = typer.Option(
+        "binary", "--task", click_type=LazyChoice(_task_names),
+        help="The task whose label rules apply (reconstruction needs no labels.csv, "
+        "segmentation needs mask files instead).",
+    ),
+    num_classes: int | None = typer.Option(
+        None, "--num-classes", min=2,
+        help="K: classes (multiclass), grades (ordinal) or findings (multilabel); "
+        "by default the smallest K that fits the labels is reported.",
+    ),
 ) -> None:
     """Check the data folder: files used, files skipped (with reasons), every label problem.
 
@@ -229,7 +425,8 @@ def check(
     root = require_data_folder(data)
     as_json = output_format is OutputFormat.JSON
     with progress_bar("checking files", enabled=not as_json) as progress:
-        found = inspect_data(root, require_deidentified=not allow_identified,
+        found = inspect_data(root, task=task, num_classes=num_classes,
+                             require_deidentified=not allow_identified,
                              decode_pixels=not header_only, progress=progress)
     if as_json:
         console.print_json(json.dumps(found.to_dict()))

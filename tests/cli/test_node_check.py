@@ -21,11 +21,12 @@ from client.dicom.scan import scan_directory
 from tests.client.dicom._factory import write_image, write_labels
 
 VALID = ["CT_small.dcm", "MR_small.dcm"]  # plain, decodable, greyscale, distinct SOP UIDs
-# JPEG-LS: no decoder plugin is installed (JPEG 2000 is decodable here through Pillow, which
+# JPEG Lossless (Process 14): no decoder plugin is installed (JPEG-LS decodes through pyjpegls,
+# which highdicom brings in; JPEG 2000 is decodable here through Pillow, which
 # matplotlib brings in, so it no longer serves as the unsupported example).
 BROKEN = {
     "MR_truncated.dcm": "truncated",
-    "MR_small_jpeg_ls_lossless.dcm": "unsupported-transfer-syntax",
+    "JPEG-LL.dcm": "unsupported-transfer-syntax",  # JPEG Lossless, Process 14: no decoder
     "rtplan.dcm": "no-pixels",
 }
 DECODES = "decode_pixels" in inspect.signature(scan_directory).parameters
@@ -252,3 +253,87 @@ def test_help_lists_the_formats() -> None:
     # Assert
     assert result.exit_code == 0
     assert "table" in result.output and "json" in result.output and "--header-only" in result.output
+
+
+# --- --task: each task's rules ------------------------------------------------------------
+
+
+def test_task_choices_are_the_registry_names() -> None:
+    # Prepare
+    import typer
+
+    from common.tasks import list_tasks
+
+    command = typer.main.get_command(app).commands["node"].commands["check"]  # type: ignore[attr-defined]
+    # Execute
+    param = next(p for p in command.params if p.name == "task")
+    # Assert
+    assert list(param.type.choices) == [task.info.name for task in list_tasks()]
+    assert param.default == "binary"
+
+
+def test_unknown_task_is_a_usage_error(site: Site) -> None:
+    # Execute
+    result = _check("--data", str(site.root), "--task", "detection")
+    # Assert
+    assert result.exit_code == 2
+    assert "Ingestion report" not in result.output
+
+
+def test_multiclass_accepts_classes_below_k_and_names_the_rows_above(site: Site) -> None:
+    # Prepare: classes 0..3 on the four studies
+    write_labels(site.root, [(pid, st, p) for p, (pid, st)
+                             in enumerate(zip(site.patients, site.studies, strict=True))])
+    # Execute
+    fitted = _check("--data", str(site.root), "--format", "json", "--task", "multiclass")
+    too_few = _check("--data", str(site.root), "--format", "json", "--task", "multiclass",
+                     "--num-classes", "3")
+    # Assert
+    assert fitted.exit_code == 0, fitted.output
+    doc = json.loads(fitted.stdout)
+    assert doc["num_classes"] == 4 and doc["trainable_images"] == 8 and doc["task"] == "multiclass"
+    assert too_few.exit_code == 4
+    rows = json.loads(too_few.stdout)["label_problems"]
+    assert [(r["line"], r["code"]) for r in rows] == [(5, "class-out-of-range")]
+    assert "the multiclass task cannot use" in _flat(too_few.output)
+    _assert_clean(too_few, *site.secrets)
+
+
+def test_regression_needs_its_value_column_and_finite_values(site: Site) -> None:
+    # Prepare
+    p, s = site.patients, site.studies
+    site.write_csv("patient_id,study_uid,value\n"
+                   f"{p[0]},{s[0]},1.5\n{p[1]},{s[1]},-inf\n{p[2]},{s[2]},2\n{p[3]},{s[3]},0\n")
+    labels_only = site.root.parent / "other"
+    shutil.copytree(site.root, labels_only)
+    (labels_only / "labels.csv").write_text(f"patient_id,study_uid,label\n{p[0]},{s[0]},1\n")
+    # Execute
+    result = _check("--data", str(site.root), "--format", "json", "--task", "regression")
+    no_column = _check("--data", str(labels_only), "--task", "regression")
+    # Assert
+    assert result.exit_code == 4
+    doc = json.loads(result.stdout)
+    assert [(r["line"], r["code"]) for r in doc["label_problems"]] == [
+        (3, "non-finite-value"), (None, "unlabelled-images")]
+    assert doc["trainable_images"] == 6 and "num_classes" not in doc
+    assert no_column.exit_code == 4 and "lacks the column(s) value" in _flat(no_column.output)
+    _assert_clean(result, *site.secrets, "-inf")
+
+
+def test_reconstruction_needs_no_labels_file(site: Site) -> None:
+    # Execute
+    result = _check("--data", str(site.root), "--format", "json", "--task", "reconstruction")
+    # Assert
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["trainable_images"] == 8 and doc["label_problems"] == []
+
+
+def test_segmentation_without_masks_is_unusable(site: Site) -> None:
+    # Execute
+    result = _check("--data", str(site.root), "--format", "json", "--task", "segmentation")
+    # Assert
+    assert result.exit_code == 4
+    assert json.loads(result.stdout)["masks"] == 0
+    assert "no segmentation mask" in _flat(result.output)
+    _assert_clean(result, *site.secrets)
