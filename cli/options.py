@@ -68,32 +68,26 @@ def model_choice() -> LazyChoice:
     return LazyChoice(federated_models)
 
 
-def existing_folder(option: str) -> Callable[[Any], Path | None]:
-    """A callback that resolves a folder option and refuses one that does not exist."""
-
+def _existing(option: str, kind: str, test: Callable[[Path], bool]) -> Callable[[Any], Path | None]:
     def check(value: Path | None) -> Path | None:
         if value is None:
             return None
         path = Path(value).expanduser()
-        if not path.is_dir():
-            raise typer.BadParameter(f"the {option} folder does not exist (or is not a folder)")
+        if not str(value).strip() or not test(path):
+            raise typer.BadParameter(f"the {option} {kind} does not exist (or is not a {kind})")
         return path.resolve()
 
     return check
+
+
+def existing_folder(option: str) -> Callable[[Any], Path | None]:
+    """A callback that resolves a folder option and refuses one that does not exist."""
+    return _existing(option, "folder", Path.is_dir)
 
 
 def existing_file(option: str) -> Callable[[Any], Path | None]:
     """A callback that resolves a file option and refuses one that does not exist."""
-
-    def check(value: Path | None) -> Path | None:
-        if value is None:
-            return None
-        path = Path(value).expanduser()
-        if not path.is_file():
-            raise typer.BadParameter(f"the {option} file does not exist (or is not a file)")
-        return path.resolve()
-
-    return check
+    return _existing(option, "file", Path.is_file)
 
 
 def resolved(value: Path | None) -> Path | None:
