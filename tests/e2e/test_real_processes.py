@@ -121,8 +121,8 @@ def test_superlink_two_supernodes_two_rounds(tmp_path: Path, procs: Processes) -
     run = subprocess.run(
         _vesalius("federation", "run", "--superlink", f"127.0.0.1:{link}", "--root-certificates", ca,
                   "--rounds", "2", "--batch-size", "8", "--out", str(out),
-                  "--flwr-home", str(tmp_path / "operator-home"), "--format", "json"),
-        env=procs.env, capture_output=True, text=True, timeout=420,
+                  "--flwr-home", str(tmp_path / "operator-home")),
+        env=procs.env, capture_output=True, text=True, timeout=600,
     )
     # Assert
     logs = "\n".join(p.read_text(errors="replace")[-3000:] for p in (tmp_path / "logs").glob("*.log"))
@@ -135,3 +135,10 @@ def test_superlink_two_supernodes_two_rounds(tmp_path: Path, procs: Processes) -
     # The accountant survives the per-message ClientApp processes: epsilon composes over rounds
     by_round = [{row["site"]: row["epsilon"] for row in r["train"]} for r in doc["rounds"]]
     assert all(0 < by_round[0][site] < by_round[1][site] for site in by_round[0])
+    # The operator saw one summary line per round, streamed from the deployed ServerApp, and
+    # the pooled table; no traceback, no Flower line twice
+    shown = run.stdout + run.stderr
+    assert shown.count("round 1/2: val AUC") == 1 and shown.count("round 2/2: val AUC") == 1
+    assert "Traceback" not in shown and "Pooled test inference" in shown
+    flower_lines = [line for line in shown.splitlines() if line.startswith(("WARNING", "ERROR"))]
+    assert len(flower_lines) == len(set(flower_lines))
