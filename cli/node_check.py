@@ -282,7 +282,7 @@ def _inspect_without_labels(scan: _Scan, task: str) -> DataInspection:
     masks: int | None = None
     trainable = report.files_used
     if task == "segmentation":
-        records = scan.index.instances()
+        records = list(scan.index.instances())
         flagged = [_is_mask(rec) for rec in records]
         masks = sum(flagged)
         masked = {(r.patient_id, r.study_instance_uid) for r, m in zip(records, flagged) if m}
@@ -344,7 +344,8 @@ def inspect_data(
     return _inspect_without_labels(scan, task)
 
 
-def _task_names() -> list[str]:
+def task_names() -> list[str]:
+    """The registered task names, in registry order (the choices of ``--task``)."""
     from common.tasks import list_tasks
 
     return [t.info.name for t in list_tasks()]
@@ -408,7 +409,7 @@ def check(
         help="Read DICOM headers only (quick look); by default every image's pixels are decoded.",
     ),
     task: str = typer.Option(
-        "binary", "--task", click_type=LazyChoice(_task_names),
+        "binary", "--task", click_type=LazyChoice(task_names),
         help="The task whose label rules apply (reconstruction needs no labels.csv, "
         "segmentation needs mask files instead).",
     ),

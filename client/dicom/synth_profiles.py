@@ -153,7 +153,11 @@ def default_profiles(n_sites: int) -> list[SiteProfile]:
 
     The first three are fixed (prevalence 0.30 / 0.45 / 0.55, three rescale conventions,
     increasing noise and field of view). Further sites reuse those conventions with shifted
-    calibration, noise and prevalence, so every profile differs from every other.
+    calibration, noise and prevalence, so every profile differs from every other. Sites 4-21
+    (cycles 1-6) shift by their cycle number; from site 22 on, the shift is a bounded,
+    never-repeating fraction of the sixth cycle's (:data:`_LAST_LINEAR_CYCLE`; the golden-ratio
+    sequence), so a federation of a thousand sites keeps plausible scanners: a field of view
+    of at most 500 mm, noise SD at most 42, an intensity scale at most 1.28.
 
     Parameters
     ----------
@@ -174,24 +178,36 @@ def default_profiles(n_sites: int) -> list[SiteProfile]:
         if cycle == 0:
             profiles.append(base)
             continue
+        shift = float(cycle) if cycle <= _LAST_LINEAR_CYCLE else _bounded_shift(cycle)
         profiles.append(
             SiteProfile(
                 name=f"site-{index + 1}",
-                intensity_scale=base.intensity_scale * (1.0 + 0.03 * cycle),
-                intensity_offset=base.intensity_offset + 5.0 * cycle,
-                noise_sd=base.noise_sd + 2.0 * cycle,
-                lesion_contrast=base.lesion_contrast + 2.0 * cycle,
-                prevalence=min(0.7, base.prevalence + 0.05 * cycle),
+                intensity_scale=base.intensity_scale * (1.0 + 0.03 * shift),
+                intensity_offset=base.intensity_offset + 5.0 * shift,
+                noise_sd=base.noise_sd + 2.0 * shift,
+                lesion_contrast=base.lesion_contrast + 2.0 * shift,
+                prevalence=min(0.7, base.prevalence + 0.05 * shift),
                 rescale_slope=base.rescale_slope,
                 rescale_intercept=base.rescale_intercept,
                 bits_stored=base.bits_stored,
                 pixel_representation=base.pixel_representation,
                 manufacturer=base.manufacturer,
                 model_name=f"{base.model_name} rev {cycle + 1}",
-                field_of_view_mm=base.field_of_view_mm + 10.0 * cycle,
+                field_of_view_mm=base.field_of_view_mm + 10.0 * shift,
             )
         )
     return profiles
+
+
+#: The last cycle of sites whose shift grows with the cycle (sites up to 21).
+_LAST_LINEAR_CYCLE = 6
+_GOLDEN = (5**0.5 - 1) / 2
+
+
+def _bounded_shift(cycle: int) -> float:
+    """A shift in ``[1, 6)`` for cycles past :data:`_LAST_LINEAR_CYCLE`, distinct per cycle
+    (fractional parts of multiples of the golden ratio never repeat) and never an integer."""
+    return 1.0 + 5.0 * ((cycle * _GOLDEN) % 1.0)
 
 
 def physical_to_stored(physical: NDArray[np.float64], profile: SiteProfile) -> NDArray[np.int64]:

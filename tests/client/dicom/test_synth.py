@@ -262,3 +262,17 @@ def test_progress_counts_every_patient(tmp_path: Path) -> None:
         progress=lambda done, total: calls.append((done, total)),
     )
     assert calls == [(1, 4), (2, 4), (3, 4), (4, 4)]
+
+
+def test_a_thousand_site_profiles_stay_plausible_and_distinct() -> None:
+    # Prepare
+    first = default_profiles(21)
+    # Execute
+    profiles = default_profiles(1000)
+    # Assert: the first 21 (vesalius synth's old maximum was 20) as before; then bounded
+    assert profiles[:21] == first
+    assert len({(p.intensity_scale, p.noise_sd, p.field_of_view_mm) for p in profiles}) == 1000
+    assert max(p.field_of_view_mm for p in profiles) <= 500.0
+    assert max(p.noise_sd for p in profiles) <= 42.0
+    assert max(p.intensity_scale for p in profiles) < 1.3
+    assert all(0.0 < p.prevalence <= 0.7 for p in profiles)
