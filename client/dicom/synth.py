@@ -14,6 +14,11 @@ conspicuity, disease prevalence, (0028,0030) Pixel Spacing, (0028,0101) Bits Sto
 (0028,0103) Pixel Representation and the modality LUT, (0028,1052) Rescale Intercept and
 (0028,1053) Rescale Slope.
 
+This module writes the binary task's data (``vesalius synth``'s default). The other tasks'
+demo data (multi-class lesion types, ordinal grades, multi-label findings, regression,
+segmentation, reconstruction) come from :mod:`client.dicom.synth_tasks`, on the same
+phantom, profiles and CT header.
+
 Privacy: no value is derived from a real person. Patient Name (0010,0010) and Patient ID
 (0010,0020) hold the same pseudonym, (0012,0062) Patient Identity Removed is ``YES`` and
 (0012,0063) De-identification Method says the data are synthetic. Birth date, address,
