@@ -16,7 +16,15 @@ train
 evaluate
     Evaluate the received model on the node's validation, test or CV held-out split: loss,
     accuracy, AUC (patient level) and the number of patients; optionally per-class score
-    histograms.
+    histograms (binary task only).
+
+Tasks
+-----
+The plan names the learning task (``task``, ``num-classes``; :mod:`common.tasks`): the node
+checks its labels with the task's target check, builds the model with the task's number of
+outputs and evaluates through the task's predictions (:func:`client.training.evaluate`).
+Only the tasks of :data:`common.tasks.federated.FEDERATED_TASKS` are served; a plan naming
+another is refused before any data is read.
 
 The outermost mod, :func:`client.mods.sanitize_errors_mod`, replaces every exception text with
 a reason safe to leave the hospital.
@@ -38,7 +46,6 @@ from flwr.clientapp import ClientApp
 from client.budget import PrivacyDecision, decide
 from client.data import NodeData, PatientRecordDataset, load_node_data
 from client.data.folds import cv_splits
-from client.data.labels import BINARY_LABELS
 from client.data.node_data import SplitArrays
 from client.mods import sanitize_errors_mod
 from client.queries.handler import handle_query
@@ -49,6 +56,8 @@ from common import messages as k
 from common.config import NodeConfig, TrainPlan
 from common.errors import BudgetExceededError, ConfigError, DataError, VesaliusError
 from common.models import build_model
+from common.tasks import Task
+from common.tasks.federated import federated_task
 from common.ledger import LedgerEntry, Mechanism
 from common.privacy import AccountantState, default_delta, epsilon, planned_epsilon
 from common.stats.histogram import score_histograms
@@ -88,8 +97,19 @@ def _arrays(msg: Message) -> ArrayRecord:
     return record
 
 
+def plan_task(plan: TrainPlan) -> Task:
+    """The plan's learning task, when a federation serves it with the plan's model."""
+    return federated_task(plan.task, plan.model)
+
+
 def _load(node: NodeConfig, plan: TrainPlan) -> NodeData:
-    """The node's data at the plan's image size; refuse sizes and labels the node can't serve."""
+    """The node's data at the plan's image size; refuse sizes and labels the node can't serve.
+
+    The labels of every split must fit the plan's task (:meth:`common.tasks.Task.
+    check_targets`: classes ``0 .. num-classes - 1``); otherwise a :class:`DataError` whose
+    safe reason names the task, never a label value.
+    """
+    task = plan_task(plan)
     if plan.image_size > node.max_image_size:
         raise ConfigError(
             f"image-size {plan.image_size} > max-image-size {node.max_image_size}",
@@ -103,11 +123,8 @@ def _load(node: NodeConfig, plan: TrainPlan) -> NodeData:
         seed=0,  # the split is the hospital's, not the run's: fixed so it never moves
     )
     for split in (data.train, data.val, data.test):
-        if len(split) and not set(split.labels.unique().tolist()) <= BINARY_LABELS:
-            raise DataError(
-                "labels other than 0/1 in labels.csv",
-                safe_reason="the node's labels are not binary (0/1), which this model needs",
-            )
+        if len(split):
+            task.check_targets(split.labels.reshape(-1), plan.num_classes)
     return data
 
 
@@ -149,9 +166,23 @@ def _prior(context: Context) -> AccountantState | None:
     return AccountantState.from_record(dict(context.state[k.STATE_PRIVACY]))
 
 
+def build_plan_model(plan: TrainPlan) -> torch.nn.Module:
+    """A fresh model of the plan: ``task.num_outputs(num-classes)`` outputs, 1 channel."""
+    outputs = plan_task(plan).num_outputs(plan.num_classes)
+    return build_model(plan.model, in_channels=1, num_classes=outputs,
+                       image_size=plan.image_size)
+
+
 def _model(plan: TrainPlan, arrays: ArrayRecord) -> torch.nn.Module:
-    model = build_model(plan.model, in_channels=1, num_classes=2, image_size=plan.image_size)
-    model.load_state_dict(arrays.to_torch_state_dict())
+    model = build_plan_model(plan)
+    try:
+        model.load_state_dict(arrays.to_torch_state_dict())
+    except RuntimeError:  # e.g. weights of another number of classes than the plan's
+        raise ConfigError(
+            "model weights do not fit the plan's model",
+            safe_reason=f"refused: the weights sent do not fit model {plan.model!r} with "
+            f"{plan.task} outputs for {plan.num_classes} classes",
+        ) from None
     if plan.model_phase:
         set_phase = getattr(model, "set_phase", None)
         if set_phase is None:
@@ -404,7 +435,8 @@ def handle_evaluate(msg: Message, context: Context, node: NodeConfig) -> Message
         )
     model = _model(plan, _arrays(msg))
     res = evaluate_model(
-        model, split.images, split.labels, patient_index=split.patient_index, device=device
+        model, split.images, split.labels, patient_index=split.patient_index, device=device,
+        task=plan_task(plan), num_classes=plan.num_classes,
     )
     if not (np.isfinite(res.scores).all() and math.isfinite(res.loss)):
         raise DataError("non-finite scores", safe_reason="the model produced non-finite scores")
@@ -417,7 +449,9 @@ def handle_evaluate(msg: Message, context: Context, node: NodeConfig) -> Message
     }
     # Histograms only where the hospital allows them (see NodeConfig.release_histograms); a
     # node that does not simply leaves them out and the coordinator pools what it gets.
-    if bool(config.get(k.WITH_HISTOGRAMS, False)) and node.release_histograms:
+    # (Binary only: a multi-class model's pooled AUC comes from its statistics queries.)
+    if (bool(config.get(k.WITH_HISTOGRAMS, False)) and node.release_histograms
+            and res.scores.ndim == 1):
         pos, neg = score_histograms(res.scores, res.labels)
         values[k.HIST_POSITIVE] = [int(v) for v in pos]
         values[k.HIST_NEGATIVE] = [int(v) for v in neg]
@@ -499,8 +533,10 @@ app = build_client_app()
 __all__ = [
     "app",
     "build_client_app",
+    "build_plan_model",
     "heldout_split",
     "node_config_from_context",
+    "plan_task",
     "simulated_nodes",
     "training_split",
 ]

@@ -92,6 +92,11 @@ class TrainPlan:
         Training phase of models that have several (deep belief / Boltzmann machines):
         "" (the model's default), "finetune", "pretrain" or "pretrain:<layer>" (greedy
         layer-wise pretraining of one RBM of a DBN).
+    task : str
+        Learning task (:mod:`common.tasks`): "binary" or "multiclass" in a federation today
+        (:data:`common.tasks.federated.FEDERATED_TASKS`); the node refuses the others.
+    num_classes : int
+        Classes of the task (labels ``0 .. num_classes - 1``); always 2 for "binary".
     """
 
     num_rounds: int = 5
@@ -112,8 +117,16 @@ class TrainPlan:
     num_folds: int = 1
     holdout_site: str = ""
     model_phase: str = ""
+    task: str = "binary"
+    num_classes: int = 2
 
     def __post_init__(self) -> None:
+        if not self.task:
+            raise ConfigError("task must be a task name (e.g. 'binary')")
+        if self.num_classes < 2:
+            raise ConfigError(f"num-classes must be >= 2, got {self.num_classes}")
+        if self.task == "binary" and self.num_classes != 2:
+            raise ConfigError(f"the binary task has 2 classes, got num-classes={self.num_classes}")
         phase, _, layer = self.model_phase.partition(":")
         if phase not in ("", "finetune", "pretrain") or (layer and not layer.isdigit()):
             raise ConfigError(
@@ -176,6 +189,8 @@ class TrainPlan:
         "num_folds": k.NUM_FOLDS,
         "holdout_site": k.HOLDOUT_SITE,
         "model_phase": k.MODEL_PHASE,
+        "task": k.TASK,
+        "num_classes": k.NUM_CLASSES,
     }
 
     @classmethod

@@ -39,6 +39,8 @@ NUM_FOLDS: Final = "num-folds"
 HOLDOUT_SITE: Final = "holdout-site"
 MODEL_PHASE: Final = "model-phase"  # "", "finetune", "pretrain" or "pretrain:<layer>" (DBN/DBM)
 WITH_HISTOGRAMS: Final = "with-histograms"  # evaluate: also release per-class score histograms
+TASK: Final = "task"  # learning task (common/tasks/federated.py: binary, multiclass)
+NUM_CLASSES: Final = "num-classes"  # classes of a multi-class task (2 for binary)
 
 SPLIT_VAL: Final = "val"
 SPLIT_TEST: Final = "test"
@@ -158,6 +160,19 @@ GRAD: Final = "grad"
 HESSIAN: Final = "hessian"
 NOISED: Final = "noised"  # 1 when the node added Gaussian noise (ledger-charged)
 SUPPRESSED_CELLS: Final = "suppressed-cells"  # cells released as 0 (small-count rule)
+
+# --- Multi-class pooled inference (client/queries/multiclass.py, server/inference_multiclass.py)
+# Node -> coordinator; K = num-classes, B = fine score bins; arrays flattened row-major.
+CONFUSION: Final = "confusion"  # K x K patients by (true class, arg-max class)
+OVR_HIST_POSITIVE: Final = "ovr-hist-positive"  # K x B: class k's score of class-k patients
+OVR_HIST_NEGATIVE: Final = "ovr-hist-negative"  # K x B: class k's score of the other patients
+OVR_NUM_POSITIVE: Final = "ovr-num-positive"  # K: patients of each class
+OVR_NUM_NEGATIVE: Final = "ovr-num-negative"  # K: patients of the other classes
+OVR_V10_SUM: Final = "ovr-v10-sum"  # K: DeLong placement sums of each class's positives
+OVR_V10_SQ: Final = "ovr-v10-sq"  # K: sums of their squares
+OVR_V01_SUM: Final = "ovr-v01-sum"  # K: placement sums of each class's negatives
+OVR_V01_SQ: Final = "ovr-v01-sq"
+OVR_CROSS: Final = "ovr-cross"  # K x K: cross-products of scaled placements (macro AUC CI)
 
 # --- DC-ELM closed-form readout (client/queries/elm.py, server/inference.py) -------------------
 ELM_CLIP: Final = "elm-clip"  # per-patient L2 bound of the feature rows

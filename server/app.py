@@ -9,6 +9,12 @@ computed, and answer the statistics queries that calibrate it and choose its ope
 on validation and report its test metrics there.
 ``report.json`` and ``summary.txt`` are rewritten after every round, so a crash loses nothing
 that was already learned.
+
+The run's task (``task``, ``num-classes``; :mod:`common.tasks.federated`) sets the model's
+outputs and the final inference: the binary path above, or for ``multiclass`` the pooled
+confusion matrix and one-vs-rest AUCs at the arg-max class
+(:func:`server.inference_multiclass.multiclass_inference`: no recalibration, no threshold).
+``report.json`` records ``config.task``/``num-classes`` and ``inference.task``.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from flwr.serverapp import Grid, ServerApp
 from common import messages as k
 from common.config import RunConfig
 from common.models import build_model
+from common.tasks.federated import federated_task
 from server.cv import CVSpec, run_cross_validation
 from server.progress import ProgressCallback, emit_marker, emit_round_marker, track_progress
 from server.report import RunReport, round_dict
@@ -40,10 +47,16 @@ RoundCallback = Callable[[RoundLog], None]
 
 
 def initial_arrays(config: RunConfig) -> ArrayRecord:
-    """The global model before round 1, seeded by the run config."""
+    """The global model before round 1, seeded by the run config.
+
+    It has ``task.num_outputs(num-classes)`` outputs; a task or model a federation cannot
+    train is refused (:class:`~common.errors.ConfigError`) before any node is asked.
+    """
     plan = config.plan
+    outputs = federated_task(plan.task, plan.model).num_outputs(plan.num_classes)
     torch.manual_seed(plan.seed)
-    model = build_model(plan.model, in_channels=1, num_classes=2, image_size=plan.image_size)
+    model = build_model(plan.model, in_channels=1, num_classes=outputs,
+                        image_size=plan.image_size)
     return ArrayRecord(model.state_dict())
 
 
@@ -193,17 +206,27 @@ def final_inference(
     with its DeLong interval, calibration before and after and a between-site meta-analysis
     come from sums the nodes release under their own release rules (:mod:`client.release`).
     A failure here never fails the run: the report says why.
+
+    A multi-class run reports at the arg-max class instead
+    (:func:`server.inference_multiclass.multiclass_inference`). The section's ``task`` names
+    the run's task.
     """
     from server.final_model import calibrated_inference
+    from server.inference_multiclass import multiclass_inference
 
+    task = config.plan.task
     try:
-        section = calibrated_inference(grid, node_ids, arrays, config.plan,
-                                       timeout=config.round_timeout,
-                                       target_sensitivity=config.target_sensitivity)
+        if task == "multiclass":
+            section = multiclass_inference(grid, node_ids, arrays, config.plan,
+                                           split=k.SPLIT_TEST, timeout=config.round_timeout)
+        else:
+            section = calibrated_inference(grid, node_ids, arrays, config.plan,
+                                           timeout=config.round_timeout,
+                                           target_sensitivity=config.target_sensitivity)
     except Exception as exc:  # noqa: BLE001 - inference is an extra; the run already completed
         log.warning("pooled inference failed: %s", exc)
-        return {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"}
-    return section
+        return {"task": task, "status": "failed", "reason": f"{type(exc).__name__}: {exc}"}
+    return {"task": task, **section}
 
 
 def build_server_app(

@@ -6,7 +6,14 @@ ClientApp's ``query`` handler is :func:`client.queries.handler.handle_query`.
 
 from __future__ import annotations
 
-from client.queries import elm, logistic, metrics, paired, uncertainty  # noqa: F401  (registration)
+from client.queries import (  # noqa: F401  (registration)
+    elm,
+    logistic,
+    metrics,
+    multiclass,
+    paired,
+    uncertainty,
+)
 from client.queries.registry import Query, QueryRequest, get_query, list_queries, register_query
 
 __all__ = ["Query", "QueryRequest", "get_query", "list_queries", "register_query"]

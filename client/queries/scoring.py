@@ -3,6 +3,10 @@
 A patient's score is the mean of its images' class-1 probabilities and its label the maximum
 of its images' labels (:func:`client.training.evaluate`). Scores never leave the node: queries
 turn them into sums.
+
+The binary queries (:func:`patient_scores`, :func:`patient_samples`) serve plans of the
+``binary`` task and refuse others; multi-class queries read the K class probabilities per
+patient (:func:`patient_probabilities`).
 """
 
 from __future__ import annotations
@@ -20,13 +24,12 @@ from client.training import evaluate as evaluate_model
 from common import messages as k
 from common.errors import ConfigError, DataError
 from common.stats.calibration import apply_calibration
-from common.models import build_model
 
 if TYPE_CHECKING:
     from client.data import SplitArrays
 
 __all__ = ["HeldOutImages", "calibrated_scores", "calibration_coefficients", "model_arrays",
-           "patient_samples", "patient_scores"]
+           "patient_probabilities", "patient_samples", "patient_scores"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -55,22 +58,49 @@ def model_arrays(req: QueryRequest, key: str) -> ArrayRecord:
 
 
 def _model(req: QueryRequest, arrays: ArrayRecord) -> torch.nn.Module:
-    plan = req.plan
-    model = build_model(plan.model, in_channels=1, num_classes=2, image_size=plan.image_size)
+    # Imported here: client.app imports the query handler, which imports this module.
+    from client.app import build_plan_model
+
+    model = build_plan_model(req.plan)
     model.load_state_dict(arrays.to_torch_state_dict())
     return model
+
+
+def _require_task(req: QueryRequest, task: str) -> None:
+    if req.plan.task != task:
+        raise ConfigError(
+            f"query {req.name!r} serves the {task} task, not {req.plan.task}",
+            safe_reason=f"malformed query: {req.name!r} serves the {task} task, the plan "
+            f"names {req.plan.task}",
+        )
+
+
+def _evaluated(req: QueryRequest, data: HeldOutImages, key: str) -> tuple[np.ndarray, np.ndarray]:
+    from client.app import plan_task
+
+    split, device = data.split, data.device
+    res = evaluate_model(_model(req, model_arrays(req, key)), split.images, split.labels,
+                         patient_index=split.patient_index, device=device,
+                         task=plan_task(req.plan), num_classes=req.plan.num_classes)
+    if not (np.all(np.isfinite(res.scores)) and math.isfinite(res.loss)):
+        raise DataError("non-finite scores", safe_reason="the model produced non-finite scores")
+    return res.scores, res.labels
 
 
 def patient_scores(
     req: QueryRequest, data: HeldOutImages, key: str
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``(scores, labels)`` per held-out patient for the model in record ``key``."""
-    split, device = data.split, data.device
-    res = evaluate_model(_model(req, model_arrays(req, key)), split.images, split.labels,
-                         patient_index=split.patient_index, device=device)
-    if not (np.all(np.isfinite(res.scores)) and math.isfinite(res.loss)):
-        raise DataError("non-finite scores", safe_reason="the model produced non-finite scores")
-    return res.scores, res.labels
+    """``(scores, labels)`` per held-out patient for the model in record ``key`` (binary)."""
+    _require_task(req, "binary")
+    return _evaluated(req, data, key)
+
+
+def patient_probabilities(
+    req: QueryRequest, data: HeldOutImages, key: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(probabilities (patients, K), labels)`` for the model in ``key`` (multi-class)."""
+    _require_task(req, "multiclass")
+    return _evaluated(req, data, key)
 
 
 def patient_samples(
@@ -78,6 +108,7 @@ def patient_samples(
 ) -> np.ndarray:
     """``(T, n_patients)`` class-1 probabilities: ``passes`` stochastic (MC-dropout) forward
     passes of each model in ``keys`` (``passes=1`` for a deep ensemble)."""
+    _require_task(req, "binary")
     split, device = data.split, data.device
     index = split.patient_index.reshape(-1).cpu().numpy()
     _, inverse = np.unique(index, return_inverse=True)

@@ -1,9 +1,16 @@
-"""Evaluation of a classifier on held-out images, per image or per patient.
+"""Evaluation of a classifier on held-out images, per image or per patient, through its task.
 
-Binary tasks only for AUC and accuracy: the score of an image is the softmax probability of
-class 1. With a ``patient_index`` the metrics are computed per patient (the unit of privacy and
-of clinical decision): a patient's score is the mean of its images' scores and its label is the
-maximum of its images' labels (a patient is positive if any image is).
+The task (:mod:`common.tasks`; binary by default) gives each image's prediction
+(:meth:`~common.tasks.Task.predict`), its loss (:meth:`~common.tasks.Task.per_sample_loss`)
+and the per-patient aggregation (:meth:`~common.tasks.Task.patient_prediction`: the mean of
+a patient's image predictions, the maximum of its labels). With a ``patient_index`` the
+metrics are per patient (the unit of privacy and of clinical decision).
+
+* ``binary``: the score of a unit is P(class 1); accuracy at ``score >= 0.5``; the AUC of
+  the scores (``sklearn.metrics.roc_auc_score``).
+* ``multiclass``: the scores of a unit are its K class probabilities; accuracy of the
+  arg-max class (no threshold); the macro one-vs-rest AUC (``roc_auc_score(...,
+  multi_class="ovr", average="macro")``), undefined (NaN) unless every class is present.
 """
 
 from __future__ import annotations
@@ -16,17 +23,20 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 from torch import nn
-from torch.nn import functional as F
 
 from client.training.trainer import select_device
 from common.errors import ConfigError
+from common.tasks import BINARY, Task
 
 __all__ = ["EvalResult", "evaluate"]
 
 logger = logging.getLogger(__name__)
 
 THRESHOLD = 0.5
-"""Score threshold for accuracy."""
+"""Score threshold for accuracy (binary task)."""
+
+SCORED_TASKS = ("binary", "multiclass")
+"""Tasks :func:`evaluate` scores (accuracy and AUC)."""
 
 
 @dataclass(frozen=True)
@@ -36,15 +46,18 @@ class EvalResult:
     Attributes
     ----------
     loss : float
-        Mean cross-entropy over images (not patients).
+        Mean per-sample loss of the task (cross-entropy) over images (not patients).
     accuracy : float
-        Fraction of units (images or patients) with ``(score >= 0.5) == label``.
+        Fraction of units (images or patients) classified correctly: ``(score >= 0.5) ==
+        label`` (binary), arg-max class ``== label`` (multi-class).
     auc : float
-        ROC AUC over units; ``nan`` when only one class is present (AUC is undefined).
+        ROC AUC over units (binary), macro one-vs-rest AUC (multi-class); ``nan`` when a
+        class is absent (AUC is undefined).
     num_examples : int
         Units evaluated: images, or patients when a ``patient_index`` was given.
     scores : numpy.ndarray
-        Per-unit score (probability of class 1), float64, shape ``(num_examples,)``.
+        Per-unit prediction, float64: shape ``(num_examples,)``, the probability of class 1
+        (binary), or ``(num_examples, K)`` class probabilities (multi-class).
     labels : numpy.ndarray
         Per-unit label, int64, shape ``(num_examples,)``.
     """
@@ -57,14 +70,15 @@ class EvalResult:
     labels: np.ndarray
 
 
-def _image_scores(
-    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, device: torch.device, batch_size: int
+def _image_predictions(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, device: torch.device,
+    batch_size: int, task: Task, outputs: int,
 ) -> tuple[float, np.ndarray]:
-    """Return (mean image cross-entropy, class-1 probabilities)."""
+    """Return (mean image loss, per-image predictions of the task)."""
     was_training = model.training
     model.eval()
     loss_sum = 0.0
-    scores: list[torch.Tensor] = []
+    preds: list[torch.Tensor] = []
     try:
         with torch.no_grad():
             for start in range(0, len(images), batch_size):
@@ -73,32 +87,39 @@ def _image_scores(
                 logits = model(x)
                 if logits.ndim != 2:
                     raise ConfigError(
-                        f"evaluate scores classifiers ([B, 2] logits); this model returns "
-                        f"shape {tuple(logits.shape)} (a segmentation model is scored with "
-                        "Dice, see common.models.unet)"
+                        f"evaluate scores classifiers ([B, {outputs}] logits); this model "
+                        f"returns shape {tuple(logits.shape)} (a segmentation model is scored "
+                        "with Dice, see common.models.unet)"
                     )
-                if logits.shape[1] != 2:
+                if logits.shape[1] != outputs:
                     raise ConfigError(
-                        f"evaluate supports binary classifiers (2 logits), got {logits.shape[1]}"
+                        f"the {task.info.name} task needs {outputs} logits, got {logits.shape[1]}"
                     )
-                loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
-                scores.append(torch.softmax(logits, dim=1)[:, 1].cpu())
+                loss_sum += float(task.per_sample_loss(logits, y).sum())
+                preds.append(task.predict(logits).cpu())
     finally:
         model.train(was_training)
-    return loss_sum / len(images), torch.cat(scores).double().numpy()
+    return loss_sum / len(images), torch.cat(preds).double().numpy()
 
 
-def _per_patient(
-    scores: np.ndarray, labels: np.ndarray, patient_index: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Aggregate image scores/labels to patients: mean score, max label; sorted patient ids."""
-    _, inverse = np.unique(patient_index, return_inverse=True)
-    n = int(inverse.max()) + 1
-    counts = np.bincount(inverse, minlength=n)
-    p_scores = np.bincount(inverse, weights=scores, minlength=n) / counts
-    p_labels = np.zeros(n, dtype=np.int64)
-    np.maximum.at(p_labels, inverse, labels)
-    return p_scores, p_labels
+def _accuracy_auc(task: Task, scores: np.ndarray, labels: np.ndarray,
+                  num_classes: int) -> tuple[float, float]:
+    """Accuracy and AUC of per-unit scores (see the module docstring)."""
+    if task.info.name == "binary":
+        accuracy = float(np.mean((scores >= THRESHOLD).astype(np.int64) == labels))
+        if len(np.unique(labels)) < 2:
+            logger.info("only one class present: AUC is undefined (nan)")
+            return accuracy, math.nan
+        return accuracy, float(roc_auc_score(labels, scores))
+    accuracy = float(np.mean(scores.argmax(axis=1) == labels))
+    if len(np.unique(labels)) < num_classes:
+        logger.info("a class is absent: the macro one-vs-rest AUC is undefined (nan)")
+        return accuracy, math.nan
+    if num_classes == 2:  # sklearn scores two classes as binary; both one-vs-rest AUCs agree
+        return accuracy, float(roc_auc_score(labels, scores[:, 1]))
+    auc = roc_auc_score(labels, scores, multi_class="ovr", average="macro",
+                        labels=list(range(num_classes)))
+    return accuracy, float(auc)
 
 
 def evaluate(
@@ -109,17 +130,20 @@ def evaluate(
     patient_index: torch.Tensor | None = None,
     device: str | torch.device | None = None,
     batch_size: int = 256,
+    task: Task | None = None,
+    num_classes: int = 2,
 ) -> EvalResult:
-    """Evaluate a binary classifier on images, optionally aggregated per patient.
+    """Evaluate a classifier on images, optionally aggregated per patient.
 
     Parameters
     ----------
     model : torch.nn.Module
-        Classifier returning ``[B, 2]`` logits; left in its original train/eval mode.
+        Classifier returning ``[B, task.num_outputs(num_classes)]`` logits; left in its
+        original train/eval mode.
     images : torch.Tensor
         ``[N, C, ...]`` images.
     labels : torch.Tensor
-        ``[N]`` (or ``[N, 1]``) integer labels in {0, 1}.
+        ``[N]`` (or ``[N, 1]``) integer labels in ``0 .. num_classes - 1``.
     patient_index : torch.Tensor, optional
         ``[N]`` patient id of each image; metrics are then per patient.
     device : str or torch.device, optional
@@ -127,6 +151,10 @@ def evaluate(
         model is moved there.
     batch_size : int, optional
         Images per forward pass.
+    task : common.tasks.Task, optional
+        The learning task (default binary); ``binary`` or ``multiclass``.
+    num_classes : int, optional
+        Classes of the task (2 for binary).
 
     Returns
     -------
@@ -136,8 +164,13 @@ def evaluate(
     Raises
     ------
     ConfigError
-        For empty or mismatched inputs, or a non-binary model.
+        For empty or mismatched inputs, a task it does not score, or a model whose outputs
+        do not fit the task.
     """
+    task = BINARY if task is None else task
+    if task.info.name not in SCORED_TASKS:
+        raise ConfigError(f"evaluate scores the {' and '.join(SCORED_TASKS)} tasks, "
+                          f"not {task.info.name}")
     labels = labels.reshape(-1).long()
     if len(images) == 0:
         raise ConfigError("nothing to evaluate: no images")
@@ -145,21 +178,18 @@ def evaluate(
         raise ConfigError(f"{len(images)} images but {len(labels)} labels")
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    outputs = task.num_outputs(num_classes)
     dev = device if isinstance(device, torch.device) else select_device(device)
     model.to(dev)
-    loss, scores = _image_scores(model, images, labels, dev, batch_size)
+    loss, scores = _image_predictions(model, images, labels, dev, batch_size, task, outputs)
     unit_labels = labels.cpu().numpy().astype(np.int64)
     if patient_index is not None:
         index = patient_index.reshape(-1).cpu().numpy()
         if len(index) != len(labels):
             raise ConfigError(f"patient_index has {len(index)} entries for {len(labels)} images")
-        scores, unit_labels = _per_patient(scores, unit_labels, index)
-    accuracy = float(np.mean((scores >= THRESHOLD).astype(np.int64) == unit_labels))
-    if len(np.unique(unit_labels)) < 2:
-        logger.info("only one class present: AUC is undefined (nan)")
-        auc = math.nan
-    else:
-        auc = float(roc_auc_score(unit_labels, scores))
+        scores, unit_labels = task.patient_prediction(scores, unit_labels, index)
+        unit_labels = unit_labels.astype(np.int64)
+    accuracy, auc = _accuracy_auc(task, scores, unit_labels, num_classes)
     return EvalResult(
         loss=loss,
         accuracy=accuracy,

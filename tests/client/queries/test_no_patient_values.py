@@ -70,12 +70,17 @@ def test_image_flows_release_no_per_patient_vector(tmp_path: Path) -> None:
     inference.federated_elm_readout(grid, ids, ArrayRecord(elm.state_dict()), elm_plan,
                                     ridge=1.0, timeout=5)
     d = int(elm.readout.weight.shape[1])  # type: ignore[union-attr]
+    # The multi-class queries, on these (two-class) labels as a K = 2 multiclass plan.
+    from server.inference_multiclass import multiclass_inference
+
+    mc_plan = dataclasses.replace(PLAN, task="multiclass", num_classes=2)
+    assert multiclass_inference(grid, ids, a, mc_plan, timeout=5)["status"] == "completed"
     counts |= {training_split(n, elm_plan, _load(n, elm_plan)).num_patients
                for n in nodes.values()}
     nb = fine_score_edges().size - 1
     # bins; models M and M*M (also the calibration GLM's p and p*p); conformal set sizes;
-    # the DC-ELM readout's d x d and d x 2 sums
-    allowed = {nb, CAL_BINS, VALUE_BINS, CONFORMAL_BINS, 1, 2, 4, 3, d * d, d * 2}
+    # the DC-ELM readout's d x d and d x 2 sums; K x bins one-vs-rest histograms (K = 2)
+    allowed = {nb, CAL_BINS, VALUE_BINS, CONFORMAL_BINS, 1, 2, 4, 3, d * d, d * 2, 2 * nb}
     assert not allowed & counts, "fixture: pick bin counts that differ from patient counts"
     asked = {str(m.content[k.CONFIG][k.QUERY]) for m in grid.sent}
     assert asked == set(list_queries()) - {"logistic"}

@@ -1,0 +1,220 @@
+"""Coordinator side of pooled multi-class inference: the final model at the arg-max class.
+
+Two query rounds over the nodes' held-out patients (:mod:`client.queries.multiclass`):
+
+1. ``multiclass-metrics``: every node releases its ``K x K`` confusion matrix (rows = true
+   class, columns = arg-max class), its patient count, its log-likelihood sum and, where the
+   hospital consents, its one-vs-rest score histograms. The pooled confusion matrix gives the
+   accuracy (Wilson interval), the balanced accuracy (stratified Wald interval) and each
+   class's sensitivity (recall) and precision (Wilson intervals)
+   (:func:`common.stats.multiclass.confusion_metrics`).
+2. ``multiclass-placements`` (to the nodes whose histograms were pooled): one-vs-rest DeLong
+   placement sums against the pooled histograms, from which each class's AUC with its DeLong
+   interval and the macro AUC with its label-covariance interval follow
+   (:func:`common.stats.multiclass.ovr_auc`).
+
+The predicted class is the arg-max of the class probabilities: no operating point is chosen
+and no recalibration is fitted (the binary path, :mod:`server.final_model`, does both). Every
+estimate equals the same computation on the pooled patients (scikit-learn's
+``confusion_matrix``, ``accuracy_score``, ``balanced_accuracy_score``, ``recall_score``,
+``precision_score``; ``roc_auc_score(multi_class="ovr")`` on the binned scores), unless a node
+suppressed small confusion cells (the section then says so) or noised its release.
+
+The result is the report's ``inference`` section for a multi-class run; its schema is in
+:func:`multiclass_inference`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, MetricRecord
+from flwr.serverapp import Grid
+
+from common import messages as k
+from common.config import TrainPlan
+from common.errors import VesaliusError
+from common.stats.multiclass import ConfusionMatrix, confusion_metrics, ovr_auc
+from common.stats.multilabel import LabelHistograms, LabelPlacementSums
+from server.inference import QueryRound, query_nodes
+
+__all__ = ["multiclass_inference"]
+
+log = logging.getLogger(__name__)
+
+_METRICS_REQUIRED = (k.NUM_EXAMPLES, k.CONFUSION, k.LOGLIK)
+_PLACEMENT_KEYS = (k.OVR_NUM_POSITIVE, k.OVR_NUM_NEGATIVE, k.OVR_V10_SUM, k.OVR_V10_SQ,
+                   k.OVR_V01_SUM, k.OVR_V01_SQ, k.OVR_CROSS)
+
+
+def _flags(res: QueryRound) -> tuple[bool, int]:
+    noised = any(bool(v.get(k.NOISED, 0)) for v in res.values.values())
+    suppressed = int(sum(int(v.get(k.SUPPRESSED_CELLS, 0)) for v in res.values.values()))
+    return noised, suppressed
+
+
+def _counts(values: Any, shape: tuple[int, ...]) -> np.ndarray:
+    return np.maximum(np.rint(np.asarray(values, dtype=np.float64)), 0).reshape(shape)
+
+
+def _node_histograms(res: QueryRound, K: int) -> dict[int, LabelHistograms]:
+    out = {}
+    for nid, v in res.values.items():
+        if k.OVR_HIST_POSITIVE in v and k.OVR_HIST_NEGATIVE in v:
+            pos = _counts(v[k.OVR_HIST_POSITIVE], (K, -1))
+            out[nid] = LabelHistograms(positive=pos,
+                                       negative=_counts(v[k.OVR_HIST_NEGATIVE], pos.shape))
+    return out
+
+
+def _pooled_record(hists: LabelHistograms) -> MetricRecord:
+    return MetricRecord({k.OVR_HIST_POSITIVE: [int(x) for x in hists.positive.ravel()],
+                         k.OVR_HIST_NEGATIVE: [int(x) for x in hists.negative.ravel()]})
+
+
+def _placement_sums(res: QueryRound, K: int) -> LabelPlacementSums:
+    pooled = res.pooled(_PLACEMENT_KEYS)
+    return LabelPlacementSums(
+        n_pos=_counts(pooled[k.OVR_NUM_POSITIVE], (K,)),
+        n_neg=_counts(pooled[k.OVR_NUM_NEGATIVE], (K,)),
+        v10_sum=np.asarray(pooled[k.OVR_V10_SUM]).reshape(K),
+        v10_sq=np.asarray(pooled[k.OVR_V10_SQ]).reshape(K),
+        v01_sum=np.asarray(pooled[k.OVR_V01_SUM]).reshape(K),
+        v01_sq=np.asarray(pooled[k.OVR_V01_SQ]).reshape(K),
+        cross=np.asarray(pooled[k.OVR_CROSS]).reshape(K, K))
+
+
+def _histogram_aucs(hists: LabelHistograms) -> dict[str, Any]:
+    """Per-class and macro AUC of the binned scores, without intervals."""
+    aucs = hists.aucs()
+
+    def est(v: float) -> dict[str, Any]:
+        return {"value": float(v) if math.isfinite(v) else None, "lower": None,
+                "upper": None, "se": None, "n": int(hists.positive[0].sum()
+                                                    + hists.negative[0].sum()),
+                "method": "histogram"}
+
+    return {"macro": est(float(np.mean(aucs))), "per_class": [est(float(a)) for a in aucs],
+            "p_values": None, "p_holm": None}
+
+
+def _auc_part(grid: Grid, arrays: ArrayRecord, base: dict[str, Any], first: QueryRound,
+              out: dict[str, Any], *, K: int, alpha: float, timeout: float) -> None:
+    """Round 2 and the AUCs (into ``out["multiclass"]["auc"]`` and ``out["auc_note"]``)."""
+    node_hists = _node_histograms(first, K)
+    mc = out["multiclass"]
+    if not node_hists:
+        out["auc_note"] = "no node released score histograms (release-histograms is off)"
+        return
+    hists = sum(node_hists.values(), start=LabelHistograms(
+        positive=np.zeros_like(next(iter(node_hists.values())).positive),
+        negative=np.zeros_like(next(iter(node_hists.values())).negative)))
+    if len(node_hists) < len(first.values):
+        out["auc_note"] = (f"AUC pools the {len(node_hists)} of {len(first.values)} sites that "
+                           "release score histograms")
+    if np.any(hists.positive.sum(axis=1) == 0) or np.any(hists.negative.sum(axis=1) == 0):
+        out["auc_note"] = "AUC undefined: some class is absent from the pooled patients"
+        return
+    second = query_nodes(grid, list(node_hists), "multiclass-placements", base, timeout=timeout,
+                         records={k.ARRAYS: arrays, k.POOLED: _pooled_record(hists)},
+                         required=_PLACEMENT_KEYS)
+    out["failures"].extend(second.failures)
+    out["ledger_heads"].update(second.heads)
+    if second.failures or not second.values:
+        mc["auc"] = _histogram_aucs(hists)
+        out["auc_note"] = ("DeLong CIs unavailable: not every node whose histograms were pooled "
+                           "returned its placement sums")
+        return
+    noised, _ = _flags(second)
+    try:
+        res = ovr_auc(hists, _placement_sums(second, K), alpha=alpha,
+                      consistency_tol=None if noised else 1e-9)
+    except VesaliusError as exc:
+        mc["auc"] = _histogram_aucs(hists)
+        out["auc_note"] = f"DeLong CIs unavailable: {exc}"
+        return
+    d = res.as_dict()
+    mc["auc"] = {"macro": d["macro"], "per_class": d["per_label"], "p_values": d["p_values"],
+                 "p_holm": d["p_holm"]}
+
+
+def multiclass_inference(
+    grid: Grid,
+    node_ids: Sequence[int],
+    arrays: ArrayRecord,
+    plan: TrainPlan,
+    *,
+    split: str = k.SPLIT_TEST,
+    timeout: float,
+    alpha: float = 0.05,
+    ci_method: str = "wilson",
+) -> dict[str, Any]:
+    """Pooled multi-class inference on one model over the nodes' held-out patients.
+
+    Parameters
+    ----------
+    grid, node_ids
+        Flower grid and the nodes to ask.
+    arrays
+        The model's weights (``num-classes`` outputs).
+    plan
+        Run plan (task ``multiclass``, ``num-classes``, model, image size, CV fields).
+    split
+        ``"val"``, ``"test"`` or ``"heldout"``.
+    timeout
+        Seconds per query round.
+    alpha
+        1 - confidence level of every interval.
+    ci_method
+        ``"wilson"`` or ``"beta"`` (Clopper-Pearson) for the proportions.
+
+    Returns
+    -------
+    dict
+        ``task`` ("multiclass"), ``status``, ``reason``, ``split``, ``alpha``, ``decision``
+        ("argmax": no threshold), ``classes`` (K), ``n``, ``sites``, ``failures``,
+        ``ledger_heads``, ``noised``, ``suppressed_cells``, ``metrics_note``, ``auc_note`` and
+        ``multiclass``: ``confusion`` (K x K, rows = true class), ``class_counts`` (patients
+        per true class), ``accuracy``, ``balanced_accuracy`` (estimate dicts: ``value``,
+        ``lower``, ``upper``, ``se``, ``n``, ``method``), ``sensitivity`` and ``precision``
+        (one estimate per class), ``loglik``, ``mean_loglik`` and ``auc`` (``macro``,
+        ``per_class`` estimates with DeLong intervals, ``p_values``/``p_holm`` of AUC = 0.5;
+        ``None`` when no histograms were released or a class is absent).
+    """
+    K = plan.num_classes
+    base: dict[str, Any] = {**plan.to_record(), k.SPLIT: split, k.WITH_HISTOGRAMS: True}
+    first = query_nodes(grid, node_ids, "multiclass-metrics", base, timeout=timeout,
+                        records={k.ARRAYS: arrays}, required=_METRICS_REQUIRED)
+    out: dict[str, Any] = {"task": "multiclass", "split": split, "alpha": alpha,
+                           "decision": "argmax", "classes": K,
+                           "failures": list(first.failures), "ledger_heads": dict(first.heads)}
+    if not first.values:
+        out.update(status="failed", reason="no node answered the multiclass-metrics query")
+        return out
+    ids = list(first.values)
+    noised, suppressed = _flags(first)
+    pooled = first.pooled(_METRICS_REQUIRED)
+    cm = ConfusionMatrix(counts=_counts(pooled[k.CONFUSION], (K, K)))
+    n = int(round(float(pooled[k.NUM_EXAMPLES])))
+    metrics_note = ""
+    if suppressed and not noised:
+        metrics_note = (f"{suppressed} small confusion cell(s) were suppressed (released as 0): "
+                        "the confusion-matrix metrics are computed on suppressed counts and "
+                        "differ from the pooled-data values")
+    try:
+        cmetrics = confusion_metrics(cm, alpha=alpha, method=ci_method).as_dict()
+    except VesaliusError as exc:
+        out.update(status="failed", reason=f"confusion metrics: {exc}")
+        return out
+    loglik = float(pooled[k.LOGLIK])
+    out.update(status="completed", reason="", n=n, sites=[first.sites[i] for i in ids],
+               noised=noised, suppressed_cells=suppressed, metrics_note=metrics_note,
+               auc_note="")
+    out["multiclass"] = {**cmetrics, "class_counts": [int(v) for v in cm.counts.sum(axis=1)],
+                         "loglik": loglik, "mean_loglik": loglik / max(n, 1), "auc": None}
+    _auc_part(grid, arrays, base, first, out, K=K, alpha=alpha, timeout=timeout)
+    return out
