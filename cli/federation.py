@@ -28,6 +28,7 @@ from cli.report_view import print_report
 from cli.run_progress import run_view
 from common.config import NodeConfig, RunConfig, TrainPlan
 from common.errors import ConfigError, ConnectionProblem
+from common.tasks.federated import FEDERATED_TASKS, federated_task
 
 federation_app = typer.Typer(help="Start and follow federated runs.", no_args_is_help=True)
 
@@ -63,6 +64,14 @@ _FLWR_HOME = typer.Option(None, "--flwr-home", callback=resolved, help="FLWR_HOM
 _OUTPUT_FORMAT = typer.Option("table", "--format", click_type=click.Choice(list(OUTPUT_FORMATS)),
                               help="table or json.")
 _VERBOSE = typer.Option(False, "--verbose", "-v", help="Show Flower's own log lines too.")
+_TASK = typer.Option(
+    "binary", "--task", click_type=click.Choice(list(FEDERATED_TASKS)),
+    help="Learning task: binary (labels 0/1; pooled AUC and an operating point) or "
+    "multiclass (labels 0..K-1 with --num-classes K; reported at the arg-max class). The "
+    "other tasks of `vesalius models list` are not yet trained by a federation.")
+_NUM_CLASSES = typer.Option(
+    None, "--num-classes", min=2,
+    help="Classes K of a multiclass task (labels 0..K-1; default 2). The binary task has 2.")
 _TARGET_SENSITIVITY = typer.Option(
     None, "--target-sensitivity", click_type=click.FloatRange(0.0, 1.0, min_open=True),
     help="Operating point: the highest threshold whose validation sensitivity reaches S "
@@ -74,14 +83,22 @@ def build_run_config(
     noise_multiplier: float, max_grad_norm: float, private: bool, model: str, image_size: int,
     seed: int, out: Path, min_nodes: int, on_refusal: str = "exclude", model_phase: str = "",
     hospital_dp_noise: float = 0.0, hospital_dp_clip: float = 0.0,
-    target_sensitivity: float | None = None,
+    target_sensitivity: float | None = None, task: str = "binary",
+    num_classes: int | None = None,
 ) -> RunConfig:
-    """Typed run config from CLI options (validated on construction)."""
+    """Typed run config from CLI options (validated on construction).
+
+    The task must be one a federation trains and the model one that serves it
+    (:func:`common.tasks.federated.federated_task`); otherwise a :class:`ConfigError` that
+    names the models serving the task.
+    """
+    federated_task(task, model)
     plan = TrainPlan(
         num_rounds=rounds, local_epochs=local_epochs, batch_size=batch_size,
         learning_rate=learning_rate, private=private, target_epsilon=epsilon,
         noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, model=model,
-        image_size=image_size, seed=seed, model_phase=model_phase,
+        image_size=image_size, seed=seed, model_phase=model_phase, task=task,
+        num_classes=2 if num_classes is None else num_classes,
     )
     return RunConfig(plan=plan, out_dir=str(out.resolve()), min_nodes=min_nodes,
                      on_refusal=on_refusal, hospital_dp_noise=hospital_dp_noise,
@@ -274,6 +291,8 @@ def run(
     hospital_dp_noise: float = typer.Option(0.0, "--hospital-dp-noise", click_type=NON_NEGATIVE, help="Hospital-level DP on top of patient-level DP: noise multiplier on the clipped model updates (0 = off)."),
     hospital_dp_clip: float = typer.Option(0.0, "--hospital-dp-clip", click_type=NON_NEGATIVE, help="Hospital-level DP: L2 bound of each hospital's model update."),
     target_sensitivity: float | None = _TARGET_SENSITIVITY,
+    task: str = _TASK,
+    num_classes: int | None = _NUM_CLASSES,
     insecure: bool = _INSECURE,
     root_certificates: Path | None = _ROOT_CERTIFICATES,
     flwr_home: Path | None = _FLWR_HOME,
@@ -290,7 +309,7 @@ def run(
             image_size=image_size, seed=seed, out=out, min_nodes=min_nodes,
             on_refusal=on_refusal, model_phase=model_phase,
             hospital_dp_noise=hospital_dp_noise, hospital_dp_clip=hospital_dp_clip,
-            target_sensitivity=target_sensitivity,
+            target_sensitivity=target_sensitivity, task=task, num_classes=num_classes,
         )
     except ConfigError as exc:
         raise typer.BadParameter(str(exc)) from None
@@ -449,6 +468,8 @@ def cv(
     min_release_count: int = _MIN_RELEASE,
     ledger_dir: Path | None = _LEDGER_DIR,
     target_sensitivity: float | None = _TARGET_SENSITIVITY,
+    task: str = _TASK,
+    num_classes: int | None = _NUM_CLASSES,
     insecure: bool = _INSECURE,
     root_certificates: Path | None = _ROOT_CERTIFICATES,
     flwr_home: Path | None = _FLWR_HOME,
@@ -465,10 +486,16 @@ def cv(
             learning_rate=learning_rate, epsilon=epsilon, noise_multiplier=noise_multiplier,
             max_grad_norm=max_grad_norm, private=not non_private, model=model,
             image_size=image_size, seed=seed, out=out, min_nodes=min_nodes,
-            on_refusal=on_refusal, target_sensitivity=target_sensitivity,
+            on_refusal=on_refusal, target_sensitivity=target_sensitivity, task=task,
+            num_classes=num_classes,
         )
     except ConfigError as exc:
         raise typer.BadParameter(str(exc)) from None
+    if task != "binary":
+        # The per-fold pooled inference (server/cv.py) is binary so far.
+        raise typer.BadParameter(
+            f"cross-validation pools binary results only so far; run the {task} task with "
+            "`vesalius federation run`", param_hint="'--task'")
     if superlink is None:
         if data_root is None:
             raise typer.BadParameter("give --data-root for a simulation, or --superlink ADDRESS")

@@ -63,9 +63,49 @@ def _calibration_rows(section: dict[str, Any]) -> list[tuple[str, str]]:
             if isinstance(metrics.get(name), (int, float))]
 
 
+def print_multiclass_inference(section: dict[str, Any]) -> None:
+    """Pooled multi-class test metrics with 95% CIs at the arg-max class (``inference``)."""
+    mc = section.get("multiclass") or {}
+    if mc:
+        auc = mc.get("auc") or {}
+        t = table(f"Pooled test inference (multiclass, {section.get('classes', '?')} classes, "
+                  f"arg-max class) over {len(section.get('sites', []))} site(s), "
+                  f"n={section.get('n', 0)} (95% CI)", ["metric", "estimate (95% CI)"])
+        t.add_row("macro AUC (one-vs-rest)", _estimate(auc.get("macro")))
+        t.add_row("accuracy", _estimate(mc.get("accuracy")))
+        t.add_row("balanced accuracy", _estimate(mc.get("balanced_accuracy")))
+        console.print(t)
+        per_class = auc.get("per_class") or []
+        c = table("Per class (one-vs-rest, 95% CI)",
+                  ["class", "patients", "AUC", "sensitivity", "precision"])
+        for i, (sens, prec) in enumerate(zip(mc.get("sensitivity") or [],
+                                             mc.get("precision") or [], strict=False)):
+            counts = mc.get("class_counts") or []
+            c.add_row(str(i), str(counts[i]) if i < len(counts) else "-",
+                      _estimate(per_class[i]) if i < len(per_class) else "-",
+                      _estimate(sens), _estimate(prec))
+        console.print(c)
+        console.print("Decision: the arg-max class (no threshold, no recalibration).",
+                      highlight=False)
+    for fail in section.get("failures", []):
+        console.print(f"  [yellow]{fail.get('query')}: {escape(str(fail.get('reason')))}[/yellow]")
+    for key in ("metrics_note", "auc_note"):
+        if section.get(key):
+            console.print(f"  [yellow]{escape(str(section[key]))}[/yellow]")
+    if section.get("status") == "failed":
+        console.print(f"  [yellow]pooled inference failed: {section.get('reason')}[/yellow]")
+
+
 def print_inference(section: Any) -> None:
-    """Pooled test metrics with 95% confidence intervals at the operating point (``inference``)."""
+    """Pooled test metrics with 95% confidence intervals at the operating point (``inference``).
+
+    A multi-class run's section (``task`` "multiclass") is shown by
+    :func:`print_multiclass_inference` instead.
+    """
     if not isinstance(section, dict):
+        return
+    if section.get("task") == "multiclass":
+        print_multiclass_inference(section)
         return
     metrics = section.get("metrics") or {}
     if metrics:
@@ -126,7 +166,11 @@ def print_report(doc: dict[str, Any]) -> None:
     if final:
         per_site = ", ".join(f"{s['site']} {fmt(s.get(k.AUC))}" for s in final.get("sites", []))
         pooled = final.get("auc_pooled")
-        if pooled is not None:
+        multiclass = (doc.get("config") or {}).get(k.TASK) == "multiclass"
+        if multiclass:
+            headline = ("Final test macro AUC (one-vs-rest), weighted mean of sites: "
+                        f"{fmt(final['metrics'].get(k.AUC))}")
+        elif pooled is not None:
             headline = f"Final test AUC pooled over hospitals: {fmt(pooled)}"
         else:  # some node declined to release score histograms
             headline = f"Final test AUC, weighted mean of sites: {fmt(final['metrics'].get(k.AUC))}"
