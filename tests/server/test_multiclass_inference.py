@@ -128,3 +128,40 @@ def test_binary_queries_refuse_a_multiclass_plan_and_vice_versa(root: Path) -> N
     # Assert: a refusal naming the task, nothing released
     assert sec["status"] == "failed"
     assert all("multiclass" in f["reason"] for f in sec["failures"])
+
+
+def test_every_multiclass_release_reaches_the_ledger(root: Path, tmp_path: Path) -> None:
+    # Prepare
+    from client.app import _load
+    from client.privacy_guard import NodeBudget
+
+    nodes = multiclass_nodes(root, ledger_dir=tmp_path / "ledger")
+    # Execute
+    sec = multiclass_inference(InProcessGrid(nodes), list(nodes), multiclass_arrays(0), PLAN,
+                               timeout=5)
+    # Assert: both queries of each node are on its ledger's record (exact level)
+    assert sec["status"] == "completed"
+    for node in nodes.values():
+        ledger = NodeBudget.for_node(node).ledger
+        releases = [e.release for e in ledger.entries(_load(node, PLAN).fingerprint,
+                                                      level="exact")]
+        assert releases == ["query:multiclass-metrics", "query:multiclass-placements"]
+
+
+def test_noised_multiclass_releases_are_charged_and_still_pooled(root: Path,
+                                                                 tmp_path: Path) -> None:
+    # Prepare: hospitals that noise every statistic (and charge it to their ledgers)
+    from client.app import _load
+    from client.privacy_guard import NodeBudget
+
+    nodes = multiclass_nodes(root, stats_noise_multiplier=2.0, epsilon_cap=50.0,
+                             ledger_dir=tmp_path / "ledger")
+    # Execute
+    sec = multiclass_inference(InProcessGrid(nodes), list(nodes), multiclass_arrays(0), PLAN,
+                               timeout=5)
+    # Assert
+    assert sec["status"] == "completed" and sec["noised"] and sec["suppressed_cells"] == 0
+    assert sum(map(sum, sec["multiclass"]["confusion"])) > 0
+    for node in nodes.values():
+        charged = NodeBudget.for_node(node).ledger.entries(_load(node, PLAN).fingerprint)
+        assert [e.release for e in charged][:1] == ["query:multiclass-metrics"]
