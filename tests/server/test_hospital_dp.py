@@ -48,10 +48,12 @@ def test_hospital_level_dp_is_applied_accounted_and_reported(root: Path, tmp_pat
     assert hospital["epsilon"] == pytest.approx(acc.get_epsilon(1e-3), rel=1e-6)
     # Patient-level DP is still reported per site, beside it.
     assert all(0 < s["epsilon"] <= 8.0 + 1e-6 for s in doc["sites"])
-    # Checkpoints hold the noised model: the final checkpoint is the last round's.
-    last = torch.load(tmp_path / "dp" / "checkpoints" / "round-2.pt")
+    # Checkpoints hold the noised model: the final checkpoint is the selected round's (the
+    # best validation AUC, which the noise makes round 1 or 2).
+    chosen = doc["model_selection"]["final_round"]  # type: ignore[index]
+    picked = torch.load(tmp_path / "dp" / "checkpoints" / f"round-{chosen}.pt")
     final = torch.load(tmp_path / "dp" / "checkpoints" / "final.pt")
-    assert all(torch.equal(last[name], final[name]) for name in last)
+    assert all(torch.equal(picked[name], final[name]) for name in picked)
 
 
 def test_without_hospital_dp_the_report_says_none(root: Path, tmp_path: Path) -> None:
