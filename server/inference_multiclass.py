@@ -88,6 +88,26 @@ def _placement_sums(res: QueryRound, K: int) -> LabelPlacementSums:
         cross=np.asarray(pooled[k.OVR_CROSS]).reshape(K, K))
 
 
+def _site_rows(first: QueryRound, K: int) -> list[dict[str, Any]]:
+    """Per site: patients, accuracy at the arg-max (its released confusion matrix) and the
+    macro one-vs-rest AUC of its histograms (``None`` where a class is absent there)."""
+    hists = _node_histograms(first, K)
+    rows = []
+    for nid, values in first.values.items():
+        cm = _counts(values[k.CONFUSION], (K, K))
+        total = int(cm.sum())
+        row: dict[str, Any] = {"site": first.sites[nid],
+                               "n": int(round(float(values[k.NUM_EXAMPLES]))),
+                               "class_counts": [int(v) for v in cm.sum(axis=1)],
+                               "accuracy": float(np.trace(cm)) / total if total else None,
+                               "macro_auc": None}
+        if nid in hists:
+            aucs = hists[nid].aucs()
+            row["macro_auc"] = float(np.mean(aucs)) if np.all(np.isfinite(aucs)) else None
+        rows.append(row)
+    return rows
+
+
 def _histogram_aucs(hists: LabelHistograms) -> dict[str, Any]:
     """Per-class and macro AUC of the binned scores, without intervals."""
     aucs = hists.aucs()
@@ -183,7 +203,9 @@ def multiclass_inference(
         ``lower``, ``upper``, ``se``, ``n``, ``method``), ``sensitivity`` and ``precision``
         (one estimate per class), ``loglik``, ``mean_loglik`` and ``auc`` (``macro``,
         ``per_class`` estimates with DeLong intervals, ``p_values``/``p_holm`` of AUC = 0.5;
-        ``None`` when no histograms were released or a class is absent).
+        ``None`` when no histograms were released or a class is absent) and ``per_site``
+        (``site``, ``n``, ``class_counts``, ``accuracy`` from the site's released confusion
+        matrix, ``macro_auc`` of its histograms or ``None``).
     """
     K = plan.num_classes
     base: dict[str, Any] = {**plan.to_record(), k.SPLIT: split, k.WITH_HISTOGRAMS: True}
@@ -215,6 +237,7 @@ def multiclass_inference(
                noised=noised, suppressed_cells=suppressed, metrics_note=metrics_note,
                auc_note="")
     out["multiclass"] = {**cmetrics, "class_counts": [int(v) for v in cm.counts.sum(axis=1)],
-                         "loglik": loglik, "mean_loglik": loglik / max(n, 1), "auc": None}
+                         "loglik": loglik, "mean_loglik": loglik / max(n, 1), "auc": None,
+                         "per_site": _site_rows(first, K)}
     _auc_part(grid, arrays, base, first, out, K=K, alpha=alpha, timeout=timeout)
     return out

@@ -93,6 +93,15 @@ def test_pooled_multiclass_metrics_equal_sklearn_on_the_pooled_patients(root: Pa
     assert mc["auc"]["macro"]["value"] == pytest.approx(np.mean(aucs), abs=1e-12)
     macro = mc["auc"]["macro"]
     assert macro["lower"] < macro["value"] < macro["upper"]
+    sites = [reference_probabilities(n, arrays, k.SPLIT_TEST) for n in nodes.values()]
+    assert [row["site"] for row in mc["per_site"]] == ["m1", "m2"]
+    for row, (p_site, y_site) in zip(mc["per_site"], sites, strict=True):
+        assert row["n"] == y_site.size
+        assert row["accuracy"] == pytest.approx(accuracy_score(y_site, p_site.argmax(axis=1)))
+        if len(np.unique(y_site)) == 3:
+            b = np.stack([score_bin_index(p_site[:, c], fine_score_edges()) for c in range(3)], 1)
+            assert row["macro_auc"] == pytest.approx(
+                np.mean([roc_auc_score(y_site == c, b[:, c]) for c in range(3)]), abs=1e-12)
     assert mc["mean_loglik"] == pytest.approx(
         np.mean(np.log(np.clip(probs[np.arange(y.size), y], 1e-7, 1))))
 
