@@ -10,10 +10,10 @@ row: it lists every problem with its CSV line number and what to fix.
 ``labels.csv`` with :func:`client.data.labels.parse_targets` (``--num-classes`` K bounds the
 classes, grades or findings; without it the smallest K that fits is reported);
 ``reconstruction`` needs no labels (every usable image is trainable); ``segmentation`` needs
-no labels but mask instances: usable files with (0008,0060) Modality ``SEG`` or the
-project's mask modality (:data:`client.dicom.synth_seg.MASK_MODALITY`, as
-:mod:`client.data.segmentation` reads them), or (0008,0016) SOP Class UID Segmentation
-Storage. Masks are counted per study, not yet paired image by image (the loader pairs them).
+no labels but a mask for every image: DICOM SEG files (Segmentation Storage) matched to their
+source images by :func:`client.dicom.seg.match_segmentations`, or derived mask images
+((0008,0060) Modality :data:`client.dicom.synth_seg.MASK_MODALITY`) whose (0008,1140)
+Referenced Image Sequence names the image, as :mod:`client.data.segmentation` pairs them.
 
 Privacy: every sentence it prints names line numbers, column names and counts only, never a
 patient id, a study UID, a label text or a path. The JSON output lists the used and skipped
@@ -33,7 +33,6 @@ from typing import Any
 
 import pydicom
 import typer
-from pydicom.uid import SegmentationStorage
 
 from cli.console import console, err_console, progress_bar, table
 from cli.options import LazyChoice
@@ -93,7 +92,10 @@ class DataInspection:
     num_classes : int | None
         K checked (or fitted) for the classification tasks; ``None`` for the others.
     masks : int | None
-        Mask instances found (``segmentation`` only).
+        Mask files found (``segmentation`` only): DICOM SEG files and derived mask images.
+    mask_problems : tuple[dict[str, object], ...]
+        Mask files that label no usable image (``segmentation`` only): path relative to the
+        data folder, code (:class:`client.dicom.seg.MaskCode`), sentence.
     """
 
     report: IngestionReport
@@ -105,6 +107,7 @@ class DataInspection:
     task: str = "binary"
     num_classes: int | None = None
     masks: int | None = None
+    mask_problems: tuple[dict[str, object], ...] = ()
 
     @property
     def usable(self) -> bool:
@@ -123,7 +126,8 @@ class DataInspection:
             "problems": list(self.blocking),
             "task": self.task,
             **({} if self.num_classes is None else {"num_classes": self.num_classes}),
-            **({} if self.masks is None else {"masks": self.masks}),
+            **({} if self.masks is None else {"masks": self.masks,
+                                              "mask_problems": list(self.mask_problems)}),
         }
 
 
@@ -192,18 +196,47 @@ def _count_order(key: str) -> tuple[int, str]:
     return (int(digits), key) if digits.isdigit() else (1 << 30, key)
 
 
-def _is_mask(rec: InstanceRecord) -> bool:
-    """A segmentation mask: (0008,0060) Modality SEG or the project's mask modality, or
-    (0008,0016) SOP Class UID Segmentation Storage (read from the header)."""
+def _referenced_image(rec: InstanceRecord) -> str | None:
+    """(0008,1155) Referenced SOP Instance UID of a derived mask's first (0008,1140) item."""
+    try:
+        header = pydicom.dcmread(rec.path, stop_before_pixels=True)
+    except Exception:  # noqa: BLE001 - the scanner read it; a failure here means "no reference"
+        return None
+    seq = header.get("ReferencedImageSequence")
+    return str(seq[0].get("ReferencedSOPInstanceUID", "") or "") or None if seq else None
+
+
+@dataclass(frozen=True)
+class _Masks:
+    """Masks of a folder: DICOM SEG files (matched by :mod:`client.dicom.seg`) and derived
+    mask images (:mod:`client.data.segmentation`'s convention), and the images they label."""
+
+    count: int
+    masked: frozenset[str]
+    images: tuple[InstanceRecord, ...]
+    problems: tuple[dict[str, object], ...]
+
+
+def _find_masks(records: list[InstanceRecord]) -> _Masks:
+    from client.dicom.seg import MaskCode, match_segmentations
     from client.dicom.synth_seg import MASK_MODALITY
 
-    if rec.modality.strip().upper() in ("SEG", MASK_MODALITY):
-        return True
-    try:
-        header = pydicom.dcmread(rec.path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
-    except Exception:  # noqa: BLE001 - the scanner read it; a failure here means "not a mask"
-        return False
-    return str(header.get("SOPClassUID", "")) == SegmentationStorage
+    seg = match_segmentations(records)
+    derived = [r for r in seg.images if r.modality.strip().upper() == MASK_MODALITY]
+    images = tuple(r for r in seg.images if r.modality.strip().upper() != MASK_MODALITY)
+    known = {r.sop_instance_uid for r in images}
+    masked = {m.image.sop_instance_uid for m in seg.matched}
+    problems = [r.to_dict() for r in seg.reports if r.code is not MaskCode.MATCHED]
+    for rec in derived:
+        target = _referenced_image(rec)
+        if target in known:
+            masked.add(str(target))
+        else:
+            problems.append({"path": rec.relpath, "code": "missing-image", "images_matched": 0,
+                             "text": "the mask's (0008,1140) Referenced Image Sequence names "
+                             "no usable image by (0008,1155) Referenced SOP Instance UID"})
+    return _Masks(count=len(seg.reports) + len(derived), masked=frozenset(masked),
+                  images=images, problems=tuple(problems))
 
 
 @dataclass(frozen=True)
@@ -279,26 +312,27 @@ def _inspect_without_labels(scan: _Scan, task: str) -> DataInspection:
     """Reconstruction (every usable image is a target) or segmentation (masks needed)."""
     report = scan.report({})
     reasons = _files_blocking(report, labels=False)
-    masks: int | None = None
-    trainable = report.files_used
-    if task == "segmentation":
-        records = list(scan.index.instances())
-        flagged = [_is_mask(rec) for rec in records]
-        masks = sum(flagged)
-        masked = {(r.patient_id, r.study_instance_uid) for r, m in zip(records, flagged) if m}
-        trainable = sum(1 for r, m in zip(records, flagged)
-                        if not m and (r.patient_id, r.study_instance_uid) in masked)
-        if not reasons and masks == 0:
-            reasons.append("the --data folder has no segmentation mask; add one mask instance "
-                           "per image ((0008,0060) Modality SEG, or the mask series that "
-                           "`vesalius synth --task segmentation` writes)")
-        elif not reasons and trainable == 0:
-            reasons.append("no image shares a study with a mask; give each mask the (0010,0020) "
-                           "Patient ID and (0020,000D) Study Instance UID of its image")
+    if task != "segmentation":
+        return DataInspection(
+            report=report, used_files=scan.used_files, label_problems=(),
+            trainable_images=report.files_used, blocking=tuple(reasons),
+            pixels_decoded=scan.outcome.pixels_decoded, task=task)
+    found = _find_masks(list(scan.index.instances()))
+    trainable = sum(1 for r in found.images if r.sop_instance_uid in found.masked)
+    unmasked = len(found.images) - trainable
+    if not reasons and found.count == 0:
+        reasons.append("the --data folder has no segmentation mask; add a DICOM SEG "
+                       "(Segmentation Storage) per series, or the mask series that "
+                       "`vesalius synth --task segmentation` writes")
+    elif not reasons and unmasked:
+        reasons.append(f"{unmasked} usable image(s) have no mask that references them by "
+                       "(0008,0018) SOP Instance UID, and segmentation training needs one per "
+                       "image; add their masks or move those images out of the --data folder")
     return DataInspection(
         report=report, used_files=scan.used_files, label_problems=(),
         trainable_images=trainable, blocking=tuple(reasons),
-        pixels_decoded=scan.outcome.pixels_decoded, task=task, masks=masks)
+        pixels_decoded=scan.outcome.pixels_decoded, task=task, masks=found.count,
+        mask_problems=found.problems)
 
 
 def inspect_data(
@@ -388,6 +422,11 @@ def _print_table(found: DataInspection) -> None:
         for problem in found.label_problems:
             line = "-" if problem.line is None else str(problem.line)
             t.add_row(line, problem.code.value, problem.text)
+        console.print(t)
+    if found.mask_problems:
+        t = table("Mask problems", ["file", "code", "why"])
+        for row in found.mask_problems:
+            t.add_row(str(row["path"]), str(row["code"]), str(row["text"]))
         console.print(t)
     if found.report.skipped:
         t = table("Skipped files", ["file", "reason code", "why"])

@@ -337,3 +337,45 @@ def test_segmentation_without_masks_is_unusable(site: Site) -> None:
     assert json.loads(result.stdout)["masks"] == 0
     assert "no segmentation mask" in _flat(result.output)
     _assert_clean(result, *site.secrets)
+
+
+@pytest.mark.filterwarnings("ignore:The string .* is unlikely:UserWarning")
+@pytest.mark.parametrize(("covered", "exit_code"), [(3, 0), (2, 4)])
+def test_segmentation_matches_dicom_seg_masks_to_every_image(
+    tmp_path: Path, covered: int, exit_code: int
+) -> None:
+    # Prepare: three CT slices and a DICOM SEG over the first `covered` of them
+    from tests.client.dicom.test_seg import _two_segment_masks, _write_ct_slices, _write_seg
+
+    folder = tmp_path / "seg-site"
+    folder.mkdir()
+    slices = _write_ct_slices(folder, 3)
+    _write_seg(folder, slices[:covered], _two_segment_masks(covered))
+    # Execute
+    result = _check("--data", str(folder), "--format", "json", "--task", "segmentation")
+    # Assert
+    assert result.exit_code == exit_code, result.output
+    doc = json.loads(result.stdout)
+    assert doc["masks"] == 1 and doc["trainable_images"] == covered
+    assert doc["mask_problems"] == []
+    if exit_code:
+        assert "1 usable image(s) have no mask" in _flat(result.output)
+    _assert_clean(result, str(folder), *(str(s.StudyInstanceUID) for s in slices[:1]))
+
+
+def test_a_derived_mask_without_its_image_is_listed_not_blocking(tmp_path: Path) -> None:
+    # Prepare: the synthetic mask series convention; one CT image removed
+    from client.dicom.synth_seg import synthesize_segmentation_federation
+
+    synthesize_segmentation_federation(tmp_path / "d", n_sites=1, patients_per_site=4,
+                                       image_size=16, seed=2)
+    site = tmp_path / "d" / "site-1"
+    next(iter(sorted(site.rglob("SE1/IM1.dcm")))).unlink()
+    # Execute
+    result = _check("--data", str(site), "--format", "json", "--task", "segmentation")
+    # Assert: training ignores a mask without its image, the check names the file
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert [row["code"] for row in doc["mask_problems"]] == ["missing-image"]
+    assert doc["trainable_images"] == doc["files_used"] - doc["masks"]
+    _assert_clean(result, str(tmp_path))
