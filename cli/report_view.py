@@ -85,6 +85,13 @@ def print_multiclass_inference(section: dict[str, Any]) -> None:
                       _estimate(per_class[i]) if i < len(per_class) else "-",
                       _estimate(sens), _estimate(prec))
         console.print(c)
+        confusion = mc.get("confusion") or []
+        if confusion:
+            m = table("Confusion matrix (rows: true class, columns: arg-max class)",
+                      ["true \\ predicted", *[str(j) for j in range(len(confusion))]])
+            for i, row in enumerate(confusion):
+                m.add_row(str(i), *[str(v) for v in row])
+            console.print(m)
         console.print("Decision: the arg-max class (no threshold, no recalibration).",
                       highlight=False)
     for fail in section.get("failures", []):
@@ -138,7 +145,10 @@ def print_report(doc: dict[str, Any]) -> None:
     """Per-round metrics, per-site privacy spend and the final pooled test AUC."""
     selection = doc.get("model_selection") or {}
     final_round = selection.get("final_round")
-    rounds = table("Federated evaluation (validation splits)", ["round", "AUC", "accuracy", "loss", "train loss"])
+    multiclass = (doc.get("config") or {}).get(k.TASK) == "multiclass"
+    rounds = table("Federated evaluation (validation splits)",
+                   ["round", "macro AUC (one-vs-rest)" if multiclass else "AUC", "accuracy",
+                    "loss", "train loss"])
     for r in doc.get("rounds", []):
         m = r["metrics"]
         auc = m.get(k.AUC_POOLED, m.get(k.AUC))
@@ -166,7 +176,6 @@ def print_report(doc: dict[str, Any]) -> None:
     if final:
         per_site = ", ".join(f"{s['site']} {fmt(s.get(k.AUC))}" for s in final.get("sites", []))
         pooled = final.get("auc_pooled")
-        multiclass = (doc.get("config") or {}).get(k.TASK) == "multiclass"
         if multiclass:
             headline = ("Final test macro AUC (one-vs-rest), weighted mean of sites: "
                         f"{fmt(final['metrics'].get(k.AUC))}")

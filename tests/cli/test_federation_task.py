@@ -133,13 +133,17 @@ def test_the_terminal_shows_the_multiclass_table_instead_of_the_binary_one() -> 
     with console.capture() as cap:
         print_inference(SECTION)
         print_report({"config": {k.TASK: "multiclass"}, "status": "completed",
-                      "final": {"metrics": {k.AUC: 0.8}, "sites": []}, "rounds": []})
+                      "final": {"metrics": {k.AUC: 0.8}, "sites": []},
+                      "rounds": [{"round": 1, "metrics": {k.AUC: 0.75}}]})
     text = " ".join(cap.get().split())
     # Assert
     assert "macro AUC (one-vs-rest) │ 0.812 (0.751–0.873)" in text
     assert "balanced accuracy" in text and "arg-max class" in text
     assert "Operating point" not in text and "specificity" not in text
     assert "Final test macro AUC (one-vs-rest), weighted mean of sites: 0.800" in text
+    assert "rows: true class, columns: arg-max class" in text
+    assert "│ 1 │ 4 │ 22 │ 4 │" in text  # the confusion matrix's second row
+    assert "┃ round ┃ macro AUC (one-vs-rest) ┃" in text
 
 
 # --- end to end: a simulated three-class federation through the CLI ----------------------------
