@@ -125,14 +125,33 @@ def make_node_folder(
 PYDICOM_TEST_FILES = Path(pydicom.data.__file__).resolve().parent / "test_files"
 
 
+def _corpus_dir() -> Path | None:
+    """The ``pydicom-data`` corpus (a dev dependency: installed files, never downloaded)."""
+    try:
+        import data_store
+    except ImportError:
+        return None
+    return Path(data_store.__file__).resolve().parent / "data"
+
+
 def testdata_path(name: str) -> Path:
-    """Path of a bundled pydicom example; ``pytest.skip`` when this install lacks it."""
+    """Path of a pydicom example: bundled with pydicom, or in the ``pydicom-data`` corpus.
+
+    Skips when neither has it; fails in CI (``CI=true``), where the dev dependencies are
+    always installed.
+    """
+    import os
+
     import pytest
 
-    path = PYDICOM_TEST_FILES / name
-    if not path.is_file():
-        pytest.skip(f"pydicom example {name} is not bundled with this pydicom install")
-    return path
+    corpus = _corpus_dir()
+    for folder in (PYDICOM_TEST_FILES, corpus):
+        if folder is not None and (folder / name).is_file():
+            return folder / name
+    why = f"pydicom example {name} is neither bundled with pydicom nor in pydicom-data"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(why + " (CI installs the dev dependencies: `pip install -e .[dev]`)")
+    pytest.skip(why)
 
 
 def copy_testdata(name: str, dest: Path) -> Path:
