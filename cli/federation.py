@@ -183,7 +183,8 @@ def simulate(config: RunConfig, data_root: Path, *, epsilon_cap: float, allow_no
     console.print(f"simulating {len(nodes)} hospitals x {total} rounds "
                   f"({'DP-SGD, target ε=%g' % config.plan.target_epsilon if config.plan.private else 'non-private'})")
     announce_ledgers(ledgers)
-    with run_view(total, enabled=show_progress, verbose=verbose) as view:
+    with run_view(total, enabled=show_progress, verbose=verbose,
+                  learning_task=config.plan.task) as view:
         # Imported under the bar: torch, Flower and Ray take seconds to load.
         from server.report import round_dict
         from server.simulation import run_simulation
@@ -244,7 +245,7 @@ def run_on_superlink(config: RunConfig, superlink: str, *, insecure: bool,
     console.print(f"submitting run to SuperLink {superlink}")
     output: list[str] = []
     with run_view(config.plan.num_rounds, num_folds, enabled=show_progress,
-                  verbose=verbose) as view:
+                  verbose=verbose, learning_task=config.plan.task) as view:
         proc = subprocess.Popen(cmd, env=flower_env(home), stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, errors="replace")
         assert proc.stdout is not None

@@ -147,8 +147,8 @@ def print_report(doc: dict[str, Any]) -> None:
     final_round = selection.get("final_round")
     multiclass = (doc.get("config") or {}).get(k.TASK) == "multiclass"
     rounds = table("Federated evaluation (validation splits)",
-                   ["round", "macro AUC (one-vs-rest)" if multiclass else "AUC", "accuracy",
-                    "loss", "train loss"])
+                   ["round", "macro AUC (one-vs-rest)" if multiclass else "AUC",
+                    "accuracy" if multiclass else "accuracy at 0.5", "loss", "train loss"])
     for r in doc.get("rounds", []):
         m = r["metrics"]
         auc = m.get(k.AUC_POOLED, m.get(k.AUC))

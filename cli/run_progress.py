@@ -34,13 +34,16 @@ _PHASES = {"train": "training", "evaluate": "validating", "test": "final test",
            "query": "pooled statistics"}
 
 
-def round_line(summary: Mapping[str, Any], total: int) -> str:
+def round_line(summary: Mapping[str, Any], total: int, *, task: str = "binary") -> str:
     """One line per finished round: validation AUC, accuracy, loss and each site's ε so far."""
     m = summary.get("metrics") or {}
     trained = sorted(summary.get("train") or [], key=lambda row: str(row.get("site")))
     eps = ", ".join(f"{row.get('site')} ε={fmt_epsilon(row.get(k.EPSILON), '.2f')}" for row in trained)
-    line = (f"round {summary.get('round')}/{total}: val AUC {fmt(m.get(k.AUC))}  "
-            f"acc {fmt(m.get(k.ACCURACY))}  loss {fmt(m.get(k.LOSS), '.4f')}  |  "
+    # The pooled AUC when the nodes released histograms (the table and the model selection use
+    # it too), else the patient-weighted mean of the sites' AUCs.
+    auc = m.get(k.AUC_POOLED, m.get(k.AUC))
+    line = (f"round {summary.get('round')}/{total}: val AUC {fmt(auc)}  "
+            f"{'acc' if task == 'multiclass' else 'acc@0.5'} {fmt(m.get(k.ACCURACY))}  loss {fmt(m.get(k.LOSS), '.4f')}  |  "
             f"{eps or 'no site trained'}")
     for err in summary.get("errors") or []:
         site, reason = str(err.get("site")), str(err.get("reason"))
@@ -57,9 +60,10 @@ class RunView:
     """
 
     def __init__(self, progress: Progress | None, task: TaskID | None, num_rounds: int,
-                 num_folds: int = 1, *, verbose: bool = False) -> None:
+                 num_folds: int = 1, *, verbose: bool = False, learning_task: str = "binary") -> None:
         self._progress = progress
         self._task = task
+        self.learning_task = learning_task
         self.num_rounds = num_rounds
         self.num_folds = num_folds
         self.fold = 0
@@ -115,7 +119,7 @@ class RunView:
     def on_round(self, summary: Mapping[str, Any]) -> None:
         """A round finished: print its summary line."""
         self.rounds_printed += 1
-        self.print(round_line(summary, self.num_rounds))
+        self.print(round_line(summary, self.num_rounds, task=self.learning_task))
 
     def feed_line(self, line: str) -> None:
         """One line of ``flwr run --stream`` output (deployment).
@@ -141,15 +145,17 @@ class RunView:
 
 @contextmanager
 def run_view(num_rounds: int, num_folds: int = 1, *, enabled: bool = True,
-             verbose: bool = False) -> Iterator[RunView]:
+             verbose: bool = False, learning_task: str = "binary") -> Iterator[RunView]:
     """A :class:`RunView` with a live bar on the terminal (none when ``enabled`` is false)."""
     if not enabled:
-        yield RunView(None, None, num_rounds, num_folds, verbose=verbose)
+        yield RunView(None, None, num_rounds, num_folds, verbose=verbose,
+                      learning_task=learning_task)
         return
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(),
                   TextColumn("{task.percentage:>3.0f}%"), TimeElapsedColumn(),
                   TextColumn("ETA"), TimeRemainingColumn(), console=console,
                   transient=True) as bar:
-        view = RunView(bar, None, num_rounds, num_folds, verbose=verbose)
+        view = RunView(bar, None, num_rounds, num_folds, verbose=verbose,
+                       learning_task=learning_task)
         view._task = bar.add_task("starting the federation (loading torch, Flower, Ray)", total=view.steps_per_fold * num_folds)
         yield view

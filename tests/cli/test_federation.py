@@ -176,3 +176,14 @@ def cv_output(root: Path, tmp_path: Path) -> str:
                                   "--out", str(tmp_path / "o")])
     assert cv.exit_code == 2
     return cv.output
+
+
+def test_round_line_shows_the_pooled_auc_the_table_shows_and_names_the_threshold() -> None:
+    from cli.run_progress import round_line
+
+    summary = {"round": 2, "metrics": {"auc": 0.905, "auc-pooled": 0.892, "accuracy": 0.545},
+               "train": [], "errors": []}
+    assert "val AUC 0.892  acc@0.5 0.545" in round_line(summary, 6)
+    assert "val AUC 0.892  acc 0.545" in round_line(summary, 6, task="multiclass")
+    del summary["metrics"]["auc-pooled"]  # a node declined histograms: the sites' mean
+    assert "val AUC 0.905" in round_line(summary, 6)
