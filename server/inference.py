@@ -656,7 +656,7 @@ def pooled_metrics(
     # reshapes it to the report schema.
     from common.stats.auc import auc_ci, delong_from_sums
     from common.stats.histogram import auc_from_histograms
-    from common.stats.meta import logit_proportion_effects, random_effects
+    from common.stats.meta import logit_auc_effects, logit_proportion_effects, random_effects
     from common.stats.metrics import classification_metrics
 
     base = _metrics_config(plan, split=split, threshold=threshold,
@@ -768,6 +768,7 @@ def pooled_metrics(
     site_rows: list[dict[str, Any]] = []
     est: list[float] = []
     var: list[float] = []
+    sizes: list[int] = []
     site_names: list[str] = []
     for nid in hist_ids:
         values = second.values.get(nid, {})
@@ -786,13 +787,15 @@ def pooled_metrics(
                 if v > 0:
                     est.append(a)
                     var.append(v)
+                    sizes.append(int(p_.sum() + n_.sum()))
                     site_names.append(first.sites[nid])
         site_rows.append(row)
     out["auc_sites"] = site_rows
     if len(est) >= 2:
         try:
-            out["meta_auc"] = random_effects(est, var, alpha=alpha,
-                                             site_names=site_names).as_dict()
+            logit_est, logit_var = logit_auc_effects(est, var, sizes)
+            out["meta_auc"] = random_effects(logit_est, logit_var, alpha=alpha,
+                                             site_names=site_names, scale="logit").as_dict()
         except VesaliusError as exc:
             log.info("AUC meta-analysis skipped: %s", exc)
     return out

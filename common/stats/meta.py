@@ -161,6 +161,30 @@ def logit_proportion_effects(
     return np.array(est), np.array(var)
 
 
+def logit_auc_effects(
+    aucs: Sequence[float], variances: Sequence[float], sizes: Sequence[int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-site ``logit(AUC)`` and its delta-method variance ``var / (AUC (1 - AUC))^2``.
+
+    Pooling AUCs on the logit scale keeps the pooled value and its interval inside (0, 1)
+    (on the raw scale a site AUC near 1 with a symmetric CI pushes the bound past 1). An AUC
+    of exactly 0 or 1 is moved half a patient inside the interval, ``1 / (2 n)`` for a site of
+    ``n`` patients, as a continuity correction, so that its logit and variance are finite.
+    """
+    if not len(aucs) == len(variances) == len(sizes) or len(aucs) == 0:
+        raise DataError("one AUC, variance and size per site", safe_reason="invalid statistics input")
+    est, var = [], []
+    for auc, v, n in zip(aucs, variances, sizes, strict=True):
+        if not (0.0 <= auc <= 1.0 and v >= 0 and n >= 1):
+            raise DataError("AUCs must lie in [0, 1] with variances >= 0 and sizes >= 1",
+                            safe_reason="invalid statistics input")
+        edge = 1.0 / (2.0 * n)
+        a = edge if auc <= 0.0 else (1.0 - edge if auc >= 1.0 else float(auc))
+        est.append(math.log(a / (1.0 - a)))
+        var.append(max(float(v), edge * (1.0 - edge) / n) / (a * (1.0 - a)) ** 2)
+    return np.array(est), np.array(var)
+
+
 def site_auc_effects(
     results: Sequence[tuple[float, float]]
 ) -> tuple[np.ndarray, np.ndarray]:

@@ -11,7 +11,12 @@ from common.errors import DataError
 from common.stats import sum_stats
 from common.stats.auc import delong_from_sums, node_placement_sums
 from common.stats.bins import class_histograms
-from common.stats.meta import logit_proportion_effects, random_effects, site_auc_effects
+from common.stats.meta import (
+    logit_auc_effects,
+    logit_proportion_effects,
+    random_effects,
+    site_auc_effects,
+)
 from tests.common.stats.sites import scored_labels
 
 
@@ -80,3 +85,34 @@ def test_meta_validation() -> None:
         logit_proportion_effects([5], [0])
     y, v = logit_proportion_effects([0, 10], [10, 10])  # Haldane-Anscombe correction
     assert np.all(np.isfinite(y)) and v[0] == pytest.approx(1 / 0.5 + 1 / 10.5)
+
+
+def test_site_aucs_pooled_on_the_logit_scale_stay_inside_zero_one() -> None:
+    # Prepare: three sites, one with an AUC near 1 whose raw-scale CI would pass 1
+    aucs, variances, sizes = [0.9935, 0.9707, 0.9408], [4.0e-4, 6.0e-4, 9.5e-4], [74, 76, 74]
+    # Execute
+    est, var = logit_auc_effects(aucs, variances, sizes)
+    meta = random_effects(est, var, site_names=["a", "b", "c"], scale="logit")
+    doc = meta.as_dict()
+    reference = combine_effects(est, var, method_re="dl")
+    # Assert: the delta method, DerSimonian-Laird as statsmodels, bounds back inside (0, 1)
+    a = np.array(aucs)
+    np.testing.assert_allclose(est, np.log(a / (1 - a)))
+    np.testing.assert_allclose(var, np.array(variances) / (a * (1 - a)) ** 2)
+    assert meta.fixed_estimate == pytest.approx(reference.mean_effect_fe, rel=1e-10)
+    assert meta.q == pytest.approx(reference.q, rel=1e-10)
+    # Q < k - 1 here: DerSimonian-Laird truncates tau^2 at 0 (statsmodels 0.15 reports the
+    # negative moment estimate, -0.51), so the random-effects mean is the fixed-effect one.
+    assert reference.q < 2 and meta.tau2 == 0 and meta.estimate == meta.fixed_estimate
+    assert 0 < doc["pooled"]["lower"] < doc["pooled"]["estimate"] < doc["pooled"]["upper"] < 1
+    assert all(0 < s["lower"] <= s["upper"] < 1 for s in doc["sites"])
+    assert doc["pooled"]["estimate"] == pytest.approx(expit(meta.estimate))
+
+
+def test_a_perfect_site_auc_gets_a_half_patient_correction() -> None:
+    est, var = logit_auc_effects([1.0, 0.5], [0.0, 0.01], [20, 20])
+    edge = 1 / 40
+    assert est[0] == pytest.approx(np.log((1 - edge) / edge)) and np.isfinite(var).all()
+    assert var[0] > 0
+    with pytest.raises(DataError):
+        logit_auc_effects([1.2], [0.01], [10])
