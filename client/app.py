@@ -54,7 +54,7 @@ from client.training import evaluate as evaluate_model
 from client.training import select_device, train_dp
 from common import messages as k
 from common.config import NodeConfig, TrainPlan
-from common.errors import BudgetExceededError, ConfigError, DataError, VesaliusError
+from common.errors import BudgetExceededError, ConfigError, DataError, VesaliusError, safe_reason
 from common.models import build_model
 from common.tasks import Task
 from common.tasks.federated import federated_task
@@ -494,13 +494,20 @@ def _site_named_errors(node: NodeConfig) -> Iterator[None]:
     """Prefix the safe reason of a node error with the site name the node reports anyway.
 
     An error reply carries no records, so without this the coordinator could only name the
-    node by its Flower node id in its report.
+    node by its Flower node id in its report. An unexpected exception becomes a
+    :class:`VesaliusError` whose reason is :func:`~common.errors.safe_reason` of it (its type
+    only) with the prefix; the original stays chained for the node's local log.
     """
     try:
         yield
     except VesaliusError as exc:
         exc.safe_reason = f"[{node.site_name}] {exc.safe_reason}"
         raise
+    except Exception as exc:  # unexpected: still named, still no text of the exception
+        raise VesaliusError(
+            f"unexpected {type(exc).__name__} while handling a message",
+            safe_reason=f"[{node.site_name}] {safe_reason(exc)}",
+        ) from exc
 
 
 def build_client_app(resolve_node: NodeConfigResolver = node_config_from_context) -> ClientApp:

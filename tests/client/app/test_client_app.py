@@ -150,3 +150,20 @@ def test_misconfigured_node_replies_with_safe_error(tmp_path: Path) -> None:
     assert no_dir.has_error() and "SECRET" not in no_dir.error.reason
     no_cfg = app(_train_msg(), node_context({}))
     assert no_cfg.has_error() and "data-dir" in no_cfg.error.reason
+
+
+def test_an_unexpected_error_is_named_by_site_without_its_text(
+        site_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: the evaluation crashes with an exception whose text holds a patient id
+    def broken(*_: object, **__: object) -> None:
+        raise TypeError("PID-SECRET-42 in /data/site-1/img.dcm")
+
+    monkeypatch.setattr("client.app.evaluate_model", broken)
+    app = build_client_app()
+    # Execute
+    reply = app(_eval_msg(), node_context({"data-dir": str(site_dir), "site-name": "h7",
+                                          "min-release-count": 1}))
+    # Assert: the coordinator can name the hospital (not node-<id>); no text of the exception
+    assert reply.has_error()
+    assert reply.error.reason.startswith("[h7] internal error at the node (TypeError)")
+    assert "SECRET" not in reply.error.reason and "/data" not in reply.error.reason
