@@ -77,6 +77,22 @@ def round_dict(entry: RoundLog) -> dict[str, Any]:
     }
 
 
+def _multiclass_lines(extra: dict[str, Any]) -> list[str]:
+    """A multi-class run's pooled macro AUC, accuracy and balanced accuracy."""
+    inference = extra.get("inference")
+    section = inference.get("multiclass") if isinstance(inference, dict) else None
+    if not isinstance(section, dict):
+        return []
+    lines = []
+    macro = (section.get("auc") or {}).get("macro") if isinstance(section.get("auc"), dict) else None
+    for label, est in (("pooled test macro one-vs-rest AUC", macro),
+                       ("test accuracy at the most probable class", section.get("accuracy")),
+                       ("test balanced accuracy", section.get("balanced_accuracy"))):
+        if isinstance(est, dict) and est.get("value") is not None:
+            lines.append(f"{label}: {float(est['value']):.3f}")
+    return lines
+
+
 def _operating_point_lines(extra: dict[str, Any]) -> list[str]:
     """The operating point and the test metrics at it, for ``summary.txt``."""
     inference = extra.get("inference")
@@ -251,6 +267,7 @@ class RunReport:
                 lines.append(f"final test AUC (pooled over sites): {fm[k.AUC_POOLED]:.3f}")
             elif k.AUC in fm:
                 lines.append(f"final test AUC (mean of sites, weighted): {fm[k.AUC]:.3f}")
+        lines.extend(_multiclass_lines(self.extra))
         lines.extend(_operating_point_lines(self.extra))
         return "\n".join(lines)
 

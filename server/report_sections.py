@@ -112,9 +112,40 @@ def _other_aucs(report: Mapping[str, Any], head: float | None) -> list[tuple[str
     return rows
 
 
+def _multiclass_headline(inf: Mapping[str, Any]) -> str | None:
+    """The headline of a multi-class run: the pooled macro one-vs-rest AUC, or None."""
+    section = inf.get("multiclass") if isinstance(inf.get("multiclass"), Mapping) else None
+    auc = (section or {}).get("auc") if section else None
+    macro = auc.get("macro") if isinstance(auc, Mapping) else None
+    if not (_is_estimate(macro) and _num(macro.get("value")) is not None):
+        return None
+    sites = inf.get("sites") if isinstance(inf.get("sites"), list) else []
+    n = inf.get("n")
+    ci = (f" (95% CI {fmt(macro.get('lower'), 3)}&ndash;{fmt(macro.get('upper'), 3)})"
+          if macro.get("lower") is not None else "")
+    extra = []
+    for key, label in (("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy")):
+        est = section.get(key)
+        if _is_estimate(est) and _num(est.get("value")) is not None:
+            extra.append(f"{label} {fmt(est.get('value'), 3)}")
+    return (f'<p class="headline">Pooled test macro one-vs-rest AUC: '
+            f'<strong>{fmt(macro.get("value"), 3)}</strong>{ci}'
+            + (f" on {fmt(n)} test patients" if n else "")
+            + (f" from {len(sites)} hospitals" if len(sites) > 1 else "") + ".</p>"
+            + (f"<p>At the most probable class: {', '.join(extra)}.</p>" if extra else "")
+            + "<p>How it was pooled: each hospital scored its own test patients with the final "
+            "model and released only its confusion counts and, per class, counts of the "
+            "one-vs-rest scores on fixed fine bins; the counts were added over hospitals. Each "
+            "class's AUC and DeLong interval come from the summed histograms and placement "
+            "sums; the macro AUC is their mean, its interval from their DeLong covariance.</p>")
+
+
 def headline_section(report: Mapping[str, Any]) -> str:
     """One pooled AUC with its interval and how it was pooled; other AUCs labelled below."""
     inf = _inf(report)
+    multiclass = _multiclass_headline(inf) if inf.get("task") == "multiclass" else None
+    if multiclass is not None:
+        return multiclass
     est = headline_auc(report)
     is_cv = report.get("kind") == "cross-validation"
     head = _num(est.get("value")) if est is not None else None

@@ -268,3 +268,27 @@ def test_report_written_from_a_run_names_excluded_sites(tmp_path: Path) -> None:
     assert "site-9</td><td>refused: over cap" in text and ">12<" not in text
     assert "excluded site-9:" in (tmp_path / "summary.txt").read_text()
     assert str(NODE_IDS[0]) not in text
+
+
+def test_a_multiclass_run_leads_with_its_macro_auc() -> None:
+    # Prepare: a binary fixture turned into a multi-class report (the pooled section's schema)
+    report = run_report()
+    inf = report["inference"]
+    for key in ("metrics", "auc", "meta", "operating_point"):
+        inf.pop(key, None)
+    report.pop("final", None)
+    inf["task"] = "multiclass"
+    inf["n"] = 120
+    inf["multiclass"] = {
+        "auc": {"macro": {"value": 0.8123, "lower": 0.7611, "upper": 0.8635, "n": 120,
+                          "method": "delong"}},
+        "accuracy": {"value": 0.7, "lower": 0.61, "upper": 0.77, "n": 120, "method": "wilson"},
+        "balanced_accuracy": {"value": 0.66, "lower": 0.58, "upper": 0.74, "n": 120,
+                              "method": "wald"},
+    }
+    # Execute
+    page = _page(report)
+    # Assert
+    assert "Pooled test macro one-vs-rest AUC: 0.812 (95% CI 0.761–0.864) on 120" in page.visible
+    assert "accuracy 0.7, balanced accuracy 0.66" in page.visible
+    assert "No pooled AUC is available" not in page.visible

@@ -170,3 +170,15 @@ def test_summary_states_the_operating_point_and_the_metrics_at_it(tmp_path: Path
     assert "operating point (chosen on validation, youden): calibrated probability >= 0.4966" in text
     assert "test sensitivity at it: 0.908" in text and "test specificity at it: 0.949" in text
     assert "operating point" not in RunReport(config=cfg).summary()
+
+
+def test_summary_of_a_multiclass_run_gives_its_pooled_macro_auc(tmp_path: Path) -> None:
+    cfg = RunConfig(plan=TrainPlan(num_rounds=1), out_dir=str(tmp_path))
+    report = RunReport(config=cfg, status="completed")
+    report.extra["inference"] = {"task": "multiclass", "multiclass": {
+        "auc": {"macro": {"value": 0.8123}}, "accuracy": {"value": 0.7},
+        "balanced_accuracy": {"value": 0.66}}}
+    text = report.summary()
+    assert "pooled test macro one-vs-rest AUC: 0.812" in text
+    assert "test accuracy at the most probable class: 0.700" in text
+    assert "test balanced accuracy: 0.660" in text
