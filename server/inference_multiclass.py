@@ -230,7 +230,13 @@ def multiclass_inference(
     try:
         cmetrics = confusion_metrics(cm, alpha=alpha, method=ci_method).as_dict()
     except VesaliusError as exc:
-        out.update(status="failed", reason=f"confusion metrics: {exc}")
+        reason = f"confusion metrics: {exc}"
+        if suppressed and not noised and int(cm.counts.sum()) == 0:
+            reason = (f"every confusion cell held fewer test patients than the hospitals' "
+                      f"minimum release count and was suppressed ({n} test patients over {K} "
+                      "classes): give each hospital more test patients per class, or lower the "
+                      "nodes' --min-release-count (a simulation's --min-release-count)")
+        out.update(status="failed", reason=reason, n=n, suppressed_cells=suppressed)
         return out
     loglik = float(pooled[k.LOGLIK])
     out.update(status="completed", reason="", n=n, sites=[first.sites[i] for i in ids],

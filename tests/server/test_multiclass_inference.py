@@ -174,3 +174,16 @@ def test_noised_multiclass_releases_are_charged_and_still_pooled(root: Path,
     for node in nodes.values():
         charged = NodeBudget.for_node(node).ledger.entries(_load(node, PLAN).fingerprint)
         assert [e.release for e in charged][:1] == ["query:multiclass-metrics"]
+
+
+def test_a_fully_suppressed_confusion_matrix_says_what_to_do(root: Path) -> None:
+    # Prepare: a minimum release count (12) below each hospital's test patients (14-16) but
+    # above every confusion cell, so every released cell is suppressed
+    nodes = multiclass_nodes(root / "all-suppressed", min_release_count=12)
+    # Execute
+    sec = multiclass_inference(InProcessGrid(nodes), list(nodes), multiclass_arrays(1), PLAN,
+                               timeout=5)
+    # Assert: a failed section that names the cause and the fix, not "matrix is empty"
+    assert sec["status"] == "failed" and sec["suppressed_cells"] > 0
+    assert "minimum release count and was suppressed" in sec["reason"]
+    assert "--min-release-count" in sec["reason"] and "empty" not in sec["reason"]
