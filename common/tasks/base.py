@@ -14,7 +14,6 @@ couple patients and break the guarantee. The contract tests check this on every 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Protocol, runtime_checkable
@@ -143,8 +142,3 @@ def max_by_patient(values: np.ndarray, patient_index: np.ndarray) -> np.ndarray:
     np.maximum.at(out, inverse, flat.astype(np.int64))
     return out.reshape((n, *values.shape[1:]))
 
-
-def names(kinds: Sequence[Enum]) -> str:
-    """``"a, b and c"`` from enum members' values."""
-    values = [str(k.value) for k in kinds]
-    return values[0] if len(values) == 1 else ", ".join(values[:-1]) + " and " + values[-1]
