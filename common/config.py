@@ -24,6 +24,8 @@ from common.errors import ConfigError
 Scalar = bool | int | float | str
 
 CV_MODES = ("none", "kfold", "loso")
+SAMPLE_KINDS = ("image-2d", "volume-3d", "series")
+"""What one sample of a plan is (the values of :class:`common.tasks.base.SampleKind`)."""
 ON_REFUSAL = ("exclude", "stop")
 
 
@@ -93,10 +95,15 @@ class TrainPlan:
         "" (the model's default), "finetune", "pretrain" or "pretrain:<layer>" (greedy
         layer-wise pretraining of one RBM of a DBN).
     task : str
-        Learning task (:mod:`common.tasks`): "binary" or "multiclass" in a federation today
-        (:data:`common.tasks.federated.FEDERATED_TASKS`); the node refuses the others.
+        Learning task (:mod:`common.tasks`; the ones a federation trains are
+        :data:`common.tasks.federated.FEDERATED_TASKS`).
     num_classes : int
         Classes of the task (labels ``0 .. num_classes - 1``); always 2 for "binary".
+    samples : str
+        What one sample is (:class:`common.tasks.base.SampleKind`): "image-2d" (one record
+        per image), "volume-3d" (one study assembled into a cubic volume of side
+        ``image_size``) or "series" (the same volume, read slice by slice by a recurrent
+        model).
     """
 
     num_rounds: int = 5
@@ -119,8 +126,12 @@ class TrainPlan:
     model_phase: str = ""
     task: str = "binary"
     num_classes: int = 2
+    samples: str = "image-2d"
 
     def __post_init__(self) -> None:
+        if self.samples not in SAMPLE_KINDS:
+            raise ConfigError(f"samples must be one of {', '.join(SAMPLE_KINDS)}, "
+                              f"got {self.samples!r}")
         if not self.task:
             raise ConfigError("task must be a task name (e.g. 'binary')")
         if self.num_classes < 2:
@@ -191,6 +202,7 @@ class TrainPlan:
         "model_phase": k.MODEL_PHASE,
         "task": k.TASK,
         "num_classes": k.NUM_CLASSES,
+        "samples": k.SAMPLES,
     }
 
     @classmethod

@@ -39,8 +39,9 @@ NUM_FOLDS: Final = "num-folds"
 HOLDOUT_SITE: Final = "holdout-site"
 MODEL_PHASE: Final = "model-phase"  # "", "finetune", "pretrain" or "pretrain:<layer>" (DBN/DBM)
 WITH_HISTOGRAMS: Final = "with-histograms"  # evaluate: also release per-class score histograms
-TASK: Final = "task"  # learning task (common/tasks/federated.py: binary, multiclass)
+TASK: Final = "task"  # learning task (common/tasks/federated.py: FEDERATED_TASKS)
 NUM_CLASSES: Final = "num-classes"  # classes of a multi-class task (2 for binary)
+SAMPLES: Final = "samples"  # what a sample is: image-2d, volume-3d, series (common/config.py)
 
 SPLIT_VAL: Final = "val"
 SPLIT_TEST: Final = "test"

@@ -28,8 +28,9 @@ from common.stats.calibration import apply_calibration
 if TYPE_CHECKING:
     from client.data import SplitArrays
 
-__all__ = ["HeldOutImages", "calibrated_scores", "calibration_coefficients", "model_arrays",
-           "patient_probabilities", "patient_samples", "patient_scores"]
+__all__ = ["HeldOutImages", "calibrated_scores", "calibration_coefficients", "load_model", "model_arrays",
+           "patient_outputs", "patient_probabilities", "patient_samples",
+           "patient_scores"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -64,6 +65,41 @@ def _model(req: QueryRequest, arrays: ArrayRecord) -> torch.nn.Module:
     model = build_plan_model(req.plan)
     model.load_state_dict(arrays.to_torch_state_dict())
     return model
+
+
+def load_model(req: QueryRequest, key: str) -> torch.nn.Module:
+    """The plan's model (task outputs, sample kind) with the weights of record ``key``."""
+    return _model(req, model_arrays(req, key))
+
+
+def patient_outputs(
+    req: QueryRequest, data: HeldOutImages, key: str, *, batch_size: int = 64,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(predictions, targets)`` per held-out patient for the model in ``key``, any task.
+
+    Each sample's prediction is :meth:`common.tasks.Task.predict` of the model's outputs
+    (run in eval mode, no gradient); :meth:`common.tasks.Task.patient_prediction` then
+    aggregates samples to patients (patients in sorted order): e.g. mean probabilities and
+    maximum labels (classification), mean value and mean target (regression). Non-finite
+    predictions are refused.
+    """
+    from client.app import plan_task
+
+    task = plan_task(req.plan)
+    split, device = data.split, data.device
+    model = load_model(req, key).to(device)
+    model.eval()
+    preds = []
+    with torch.no_grad():
+        for start in range(0, len(split.images), batch_size):
+            out = model(split.images[start:start + batch_size].to(device))
+            preds.append(task.predict(out).double().cpu())
+    predictions = torch.cat(preds).numpy()
+    if not np.all(np.isfinite(predictions)):
+        raise DataError("non-finite predictions",
+                        safe_reason="the model produced non-finite predictions")
+    return task.patient_prediction(predictions, split.labels.cpu().numpy(),
+                                   split.patient_index.reshape(-1).cpu().numpy())
 
 
 def _require_task(req: QueryRequest, task: str) -> None:

@@ -15,7 +15,8 @@ from common.tasks import Task, check_pair, get_task
 
 __all__ = ["FEDERATED_TASKS", "federated_task"]
 
-FEDERATED_TASKS: tuple[str, ...] = ("binary", "multiclass")
+FEDERATED_TASKS: tuple[str, ...] = ("binary", "multiclass", "ordinal", "multilabel",
+                                    "regression", "segmentation", "reconstruction")
 """Tasks a federated run trains end to end (the CLI's ``--task`` choices)."""
 
 
