@@ -179,3 +179,17 @@ OVR_CROSS: Final = "ovr-cross"  # K x K: cross-products of scaled placements (ma
 ELM_CLIP: Final = "elm-clip"  # per-patient L2 bound of the feature rows
 ELM_HTH: Final = "elm-hth"  # sum of H^T H over the node's training patients ([d, d])
 ELM_HTY: Final = "elm-hty"  # sum of H^T Y ([d, k])
+
+# ordinal / multilabel queries (client/queries/ordinal.py, multilabel.py)
+# ordinal-metrics releases NUM_EXAMPLES and CONFUSION (K x K: true grade x predicted grade).
+# multilabel-*: K = num-classes findings, B = fine score bins; arrays flattened row-major.
+LABEL_CONFUSION: Final = "label-confusion"  # K x 4: per finding tp, fp, fn, tn at 0.5
+LABEL_HIST_POSITIVE: Final = "label-hist-positive"  # K x B: finding k's score, its positives
+LABEL_HIST_NEGATIVE: Final = "label-hist-negative"  # K x B: finding k's score, its negatives
+LABEL_NUM_POSITIVE: Final = "label-num-positive"  # K: patients positive for each finding
+LABEL_NUM_NEGATIVE: Final = "label-num-negative"  # K: patients negative for each finding
+LABEL_V10_SUM: Final = "label-v10-sum"  # K: DeLong placement sums of each finding's positives
+LABEL_V10_SQ: Final = "label-v10-sq"  # K: sums of their squares
+LABEL_V01_SUM: Final = "label-v01-sum"  # K: placement sums of each finding's negatives
+LABEL_V01_SQ: Final = "label-v01-sq"
+LABEL_CROSS: Final = "label-cross"  # K x K: cross-products of scaled placements (macro AUC CI)
