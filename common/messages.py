@@ -193,3 +193,27 @@ LABEL_V10_SQ: Final = "label-v10-sq"  # K: sums of their squares
 LABEL_V01_SUM: Final = "label-v01-sum"  # K: placement sums of each finding's negatives
 LABEL_V01_SQ: Final = "label-v01-sq"
 LABEL_CROSS: Final = "label-cross"  # K x K: cross-products of scaled placements (macro AUC CI)
+
+# regression / segmentation queries (client/queries/regression.py, segmentation.py)
+# Coordinator -> node (config record of regression-metrics / segmentation-metrics)
+VALUE_LOWER: Final = "value-lower"  # regression: lower clip of targets and predictions (target units)
+VALUE_UPPER: Final = "value-upper"  # regression: upper clip of targets and predictions (target units)
+ABS_ERROR_BINS: Final = "abs-error-bins"  # regression: |error| bins over [0, upper - lower]
+SLICE_SPACING: Final = "slice-spacing"  # segmentation: slice distance, in-plane pixels (HD95)
+# Node -> coordinator (sums over held-out patients; clipped values)
+REG_SUM_Y: Final = "reg-sum-y"  # sum of targets
+REG_SUM_PRED: Final = "reg-sum-pred"  # sum of predictions
+REG_SUM_Y2: Final = "reg-sum-y2"  # sum of squared targets
+REG_SUM_PRED2: Final = "reg-sum-pred2"  # sum of squared predictions
+REG_SUM_Y_PRED: Final = "reg-sum-y-pred"  # sum of target x prediction
+REG_SUM_ABS_ERROR: Final = "reg-sum-abs-error"  # sum of |prediction - target|
+REG_SUM_SQ_ERROR: Final = "reg-sum-sq-error"  # sum of (prediction - target)^2
+REG_SUM_ERROR: Final = "reg-sum-error"  # sum of prediction - target (Bland-Altman bias)
+REG_ABS_ERROR_HIST: Final = "reg-abs-error-hist"  # patients per |error| bin (small cells)
+SEG_SUM_DICE: Final = "seg-sum-dice"  # sum of per-patient Dice
+SEG_SUM_DICE_SQ: Final = "seg-sum-dice-sq"  # sum of squared Dice
+SEG_NUM_HD95: Final = "seg-num-hd95"  # patients with a defined HD95
+SEG_SUM_HD95: Final = "seg-sum-hd95"  # sum of HD95 (clipped to the image diagonal, pixels)
+SEG_SUM_HD95_SQ: Final = "seg-sum-hd95-sq"  # sum of squared HD95
+SEG_EMPTY_BOTH: Final = "seg-empty-both"  # patients with both masks empty (small cells)
+SEG_EMPTY_ONE: Final = "seg-empty-one"  # patients with exactly one mask empty (small cells)
