@@ -147,9 +147,10 @@ def _auc_part(grid: Grid, arrays: ArrayRecord, base: dict[str, Any], first: Quer
         negative=np.zeros((K, next(iter(node_hists.values())).n_bins), dtype=np.int64)))
     n_pos, n_all = hists.positive.sum(axis=1), hists.positive.sum(axis=1) \
         + hists.negative.sum(axis=1)
-    ml["positives"] = [int(v) for v in n_pos]
-    ml["prevalence"] = [float(p) / float(t) if t else None for p, t in zip(n_pos, n_all,
-                                                                         strict=True)]
+    if len(node_hists) == len(first.values):  # exact counts of every answering site
+        ml["positives"] = [int(v) for v in n_pos]
+        ml["prevalence"] = [float(p) / float(t) if t else None
+                            for p, t in zip(n_pos, n_all, strict=True)]
     ml["roc"] = _roc(hists)
     notes = []
     if len(node_hists) < len(first.values):
@@ -226,8 +227,8 @@ def multilabel_inference(
         ``alpha``, ``decision`` ("threshold-0.5": a finding is called at probability >= 0.5),
         ``labels`` (K), ``n``, ``sites``, ``failures``, ``ledger_heads``, ``noised``,
         ``suppressed_cells``, ``metrics_note``, ``auc_note`` and ``multilabel``:
-        ``positives`` (pooled positive patients per finding; from the histograms when pooled,
-        else from the 2 x 2 tables), ``prevalence`` (per finding, ``None`` without patients),
+        ``positives`` (pooled positive patients per finding; from the histograms when every
+        answering site released them, else from the 2 x 2 tables), ``prevalence`` (per finding, ``None`` without patients),
         ``sensitivity`` and ``specificity`` at 0.5 (one estimate dict per finding: ``value``,
         ``lower``, ``upper``, ``se``, ``n``, ``method``), ``auc`` (``macro`` and
         ``per_label`` estimates with DeLong intervals, ``p_values`` and Holm-adjusted

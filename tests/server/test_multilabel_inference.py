@@ -143,6 +143,8 @@ def test_a_node_without_histogram_consent_is_left_out_of_the_aucs(
     # Assert: the AUCs pool s1 and s3 (with DeLong CIs), the note says so, n counts all three
     assert sec["status"] == "completed" and sec["failures"] == []
     assert "2 of 3 sites" in sec["auc_note"] and sec["n"] == 155
+    _, y_all = _pooled(splits, arrays, ["s1", "s2", "s3"])
+    assert sec["multilabel"]["positives"] == y_all.sum(axis=0).tolist()  # all three sites
     np.testing.assert_allclose([e["value"] for e in sec["multilabel"]["auc"]["per_label"]],
                                [roc_auc_score(y[:, j], b[:, j]) for j in range(K)],
                                atol=1e-12)
@@ -201,3 +203,23 @@ def test_forged_pooled_histograms_are_refused(tmp_path: Path,
     # Assert
     assert res.values == {} and len(res.failures) == 3
     assert all("not pooled counts that include" in f["reason"] for f in res.failures)
+
+
+def test_noised_multilabel_releases_are_charged_and_still_pooled(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: hospitals that noise every statistic (and charge it to their ledgers)
+    from client.privacy_guard import NodeBudget
+
+    _serve(monkeypatch)
+    nodes = make_nodes(tmp_path, stats_noise_multiplier=2.0, epsilon_cap=50.0)
+    # Execute
+    sec = multilabel_inference(InProcessGrid(nodes), list(nodes), model_arrays(PLAN, 2), PLAN,
+                               timeout=5)
+    # Assert: both rounds are noised, charged at patient level, and still give AUCs in [0, 1]
+    assert sec["status"] == "completed" and sec["noised"] and sec["failures"] == []
+    values = [e["value"] for e in sec["multilabel"]["auc"]["per_label"]]
+    assert len(values) == K and all(0.0 <= v <= 1.0 for v in values)
+    for node in nodes.values():
+        entries = NodeBudget.for_node(node).ledger.entries(f"fp-{node.site_name}")
+        assert [(e.release, e.level) for e in entries] == [
+            ("query:multilabel-metrics", "patient"), ("query:multilabel-placements", "patient")]
