@@ -14,7 +14,9 @@ Training objective (:meth:`DeepAutoencoder.dp_loss`, the model contract's hook, 
 
 Each term depends on sample ``i`` only, so Opacus's per-sample clipping is valid; the terms
 are exposed by :meth:`DeepAutoencoder.dp_loss_per_sample`, which lets the trainer use Opacus
-ghost clipping. The
+ghost clipping. The first two terms, without the label term, are the model's self-supervised
+objective for the ``reconstruction`` task (:meth:`DeepAutoencoder.reconstruction_loss_per_sample`;
+it trains :meth:`~DeepAutoencoder.reconstruction_modules`, the encoder and decoder). The
 denoising variant corrupts inputs with Gaussian noise during training (Vincent et al.,
 "Extracting and composing robust features with denoising autoencoders", ICML 2008); the sparse
 variant adds the L1 penalty on the code (a common relaxation of the KL sparsity target of Ng's
@@ -142,6 +144,30 @@ class DeepAutoencoder(nn.Module):
 
     def dp_loss_per_sample(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Per-sample objective ``[B]`` (lets the trainer use Opacus ghost clipping)."""
+        return self._objective(inputs, targets if self.label_weight > 0 else None)
+
+    def reconstruction_loss_per_sample(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Per-sample self-supervised objective ``[B]``: the module docstring's objective
+        without its label term (denoising corruption and sparsity penalty included).
+
+        Parameters
+        ----------
+        inputs : torch.Tensor
+            ``[B, C, *spatial]`` images.
+
+        Returns
+        -------
+        torch.Tensor
+            ``[B]``: row ``i`` depends only on sample ``i``.
+        """
+        return self._objective(inputs, None)
+
+    def reconstruction_modules(self) -> list[nn.Module]:
+        """What :meth:`reconstruction_loss_per_sample` trains: the encoder and the decoder."""
+        return [self.encoder, self.decoder]
+
+    def _objective(self, inputs: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor:
+        """Per-sample objective; the label term only when ``targets`` is given."""
         corrupted = inputs
         if self.variant == "denoising" and self.training:
             corrupted = inputs + self.noise_std * torch.randn_like(inputs)
@@ -150,10 +176,11 @@ class DeepAutoencoder(nn.Module):
         per_sample = (recon - inputs.flatten(1)).pow(2).mean(dim=1)
         if self.sparsity_weight > 0:
             per_sample = per_sample + self.sparsity_weight * code.abs().mean(dim=1)
-        if self.label_weight > 0:
+        if targets is not None:
             ce = F.cross_entropy(self.head(code), targets.reshape(-1).long(), reduction="none")
             per_sample = per_sample + self.label_weight * ce
         return per_sample
+
 
 class EncoderClassifier(nn.Module):
     """A classifier on the code of a (pretrained) :class:`DeepAutoencoder`.

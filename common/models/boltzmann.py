@@ -25,6 +25,31 @@ is a *surrogate* whose gradient is the usual estimate of the log-likelihood grad
   so each sample's term depends only on that sample (persistent chains would couple
   records across steps and break per-sample clipping).
 
+Reconstruction task (self-supervised pretraining, :mod:`common.tasks.reconstruction`). Both
+models expose ``reconstruction_loss_per_sample(inputs) -> [B]``, the per-sample terms of the
+surrogates above (row ``i`` depends only on sample ``i``; in phase ``"pretrain"`` its mean
+is ``dp_loss``), and ``reconstruction_modules()``, the sub-modules that objective trains (the task
+freezes every other parameter before DP training, since Opacus needs a per-sample gradient for
+each trainable parameter):
+
+* DBN: by default the *joint layer-wise* objective ``sum_l [F_l(v_l) - F_l(v_l_model)]``: every
+  RBM ``l`` takes its CD-k term on the deterministic up-pass ``v_l = p(h_{l-1} | v_{l-1})`` of
+  the data, computed without gradient, so RBM ``l``'s gradient is exactly its CD-k update
+  (Hinton 2002) on the current representation of the layers below, and one federated run
+  pretrains every layer (the simultaneous variant of greedy layer-wise training: Hinton,
+  Osindero and Teh, Neural Computation 18, 2006; Bengio et al., NIPS 2007). The head is not
+  trained. In phase ``("pretrain", layer=i)`` (``--model-phase pretrain:<i>``) the objective is
+  RBM ``i``'s term only: classic greedy training, one run per layer.
+* DBM: the per-sample mean-field / CD surrogate of its ``"pretrain"`` phase
+  (``E(v, mu1, mu2) - E(v_model, h1_model, h2_model)``, Salakhutdinov and Hinton 2009), training
+  both layers and the visible bias jointly; the head is not trained.
+
+Neither value is a reconstruction error: it is a surrogate whose *gradient* is the
+contrastive-divergence estimate, and its value need not fall during training (it is a
+difference of energies of the data and of samples that follow the model);
+:meth:`DBN.reconstruction_error` and :meth:`DBM.reconstruction_error` are the quantities to
+monitor.
+
 Phases (``set_phase``). ``dp_loss(x, y)`` implements the phase the module is in:
 
 * ``set_phase("pretrain", layer=i)`` (DBN): CD-k of RBM ``i`` on the up-pass of the layers
@@ -109,10 +134,19 @@ class RBM(nn.Module):
                 v = self.visible_prob(h)
         return v.detach()
 
-    def cd_loss(self, v: torch.Tensor, steps: int = 1) -> torch.Tensor:
-        """CD-k surrogate: batch mean of ``F(v) - F(v_model)``; see the module docstring."""
+    def cd_per_sample(self, v: torch.Tensor, steps: int = 1) -> torch.Tensor:
+        """Per-sample CD-k surrogate ``F(v_i) - F(v_model_i)``, ``[B]`` (Hinton 2002).
+
+        ``v_model`` ends a ``steps``-step Gibbs chain started at ``v`` (per sample, detached),
+        so row ``i`` depends only on ``v_i``; the gradient of the row is sample ``i``'s CD-k
+        update, negated.
+        """
         v_model = self.gibbs(v, steps)
-        return (self.free_energy(v) - self.free_energy(v_model)).mean()
+        return self.free_energy(v) - self.free_energy(v_model)
+
+    def cd_loss(self, v: torch.Tensor, steps: int = 1) -> torch.Tensor:
+        """CD-k surrogate: batch mean of :meth:`cd_per_sample`; see the module docstring."""
+        return self.cd_per_sample(v, steps).mean()
 
     def reconstruction_error(self, v: torch.Tensor) -> torch.Tensor:
         """Mean squared error of the mean-field reconstruction ``p(v | p(h | v))``, ``[B]``."""
@@ -213,10 +247,45 @@ class DBN(nn.Module):
     def dp_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Loss of the current phase: CD-k of one RBM, or cross-entropy (batch mean)."""
         if self.phase == "pretrain" and self.layer is not None:
-            with torch.no_grad():
-                v = self.up(_visible(inputs), self.layer)
-            return self.rbm(self.layer).cd_loss(v, self.cd_steps)
+            return self.reconstruction_loss_per_sample(inputs).mean()  # RBM `layer`'s CD-k
         return F.cross_entropy(self(inputs), targets.long().reshape(-1))
+
+    def reconstruction_modules(self) -> list[nn.Module]:
+        """The RBMs :meth:`reconstruction_loss_per_sample` trains: RBM ``i`` in phase
+        ``("pretrain", layer=i)``, otherwise every RBM (never the head)."""
+        if self.phase == "pretrain" and self.layer is not None:
+            return [self.rbm(self.layer)]
+        return list(self.rbms)
+
+    def reconstruction_loss_per_sample(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Per-sample self-supervised pretraining objective, ``[B]`` (see the module docstring).
+
+        The sum over the RBMs of :meth:`reconstruction_modules` of their CD-k surrogates
+        (:meth:`RBM.cd_per_sample`), each on the deterministic up-pass of the data through the
+        layers below it, computed without gradient (lower layers get no gradient from an
+        upper layer's term). Targets are not used.
+
+        Parameters
+        ----------
+        inputs : torch.Tensor
+            ``[B, C, *spatial]`` images with intensities in [0, 1].
+
+        Returns
+        -------
+        torch.Tensor
+            ``[B]``: row ``i`` depends only on sample ``i`` (per-sample, non-persistent chains).
+        """
+        trained = {id(m) for m in self.reconstruction_modules()}
+        layers = [i for i in range(len(self.rbms)) if id(self.rbms[i]) in trained]
+        v = _visible(inputs)
+        total = torch.zeros(v.shape[0], dtype=v.dtype, device=v.device)
+        for layer in range(layers[-1] + 1):
+            rbm = self.rbm(layer)
+            if layer in layers:
+                total = total + rbm.cd_per_sample(v, self.cd_steps)
+            with torch.no_grad():  # the next layer's data: no gradient to this one
+                v = rbm.hidden_prob(v)
+        return total
 
     def reconstruction_error(self, inputs: torch.Tensor, layer: int = 0) -> torch.Tensor:
         """Per-sample reconstruction error of RBM ``layer`` on its input, ``[B]``."""
@@ -354,12 +423,38 @@ class DBM(nn.Module):
     def dp_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Loss of the current phase (batch mean of per-sample terms)."""
         if self.phase == "pretrain":
-            v = _visible(inputs)
-            mu1, mu2 = self.mean_field(v)
-            v_m, h1_m, h2_m = self.gibbs(v, torch.bernoulli(mu2))
-            data_term = self.negative_energy(v, mu1, mu2)
-            return (self.negative_energy(v_m, h1_m, h2_m) - data_term).mean()
+            return self.reconstruction_loss_per_sample(inputs).mean()
         return F.cross_entropy(self(inputs), targets.long().reshape(-1))
+
+    def reconstruction_modules(self) -> list[nn.Module]:
+        """What :meth:`reconstruction_loss_per_sample` trains: both layers and the visible
+        bias (the parameters of phase ``"pretrain"``), never the head."""
+        return [self.layer1, self.layer2, self.visible_bias]
+
+    def reconstruction_loss_per_sample(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Per-sample pretraining objective ``E(v, mu1, mu2) - E(v_m, h1_m, h2_m)``, ``[B]``.
+
+        ``(mu1, mu2)`` is the data's mean-field posterior (data-dependent statistics) and
+        ``(v_m, h1_m, h2_m)`` the end of a short block-Gibbs chain started at the data and a
+        sample of ``mu2`` (model statistics), both per sample and without gradient
+        (Salakhutdinov and Hinton, AISTATS 2009, with non-persistent chains so that row ``i``
+        depends only on sample ``i``). Targets are not used.
+
+        Parameters
+        ----------
+        inputs : torch.Tensor
+            ``[B, C, *spatial]`` images with intensities in [0, 1].
+
+        Returns
+        -------
+        torch.Tensor
+            ``[B]`` surrogate terms whose gradients are the samples' DBM updates, negated.
+        """
+        v = _visible(inputs)
+        mu1, mu2 = self.mean_field(v)
+        v_m, h1_m, h2_m = self.gibbs(v, torch.bernoulli(mu2))
+        data_term = self.negative_energy(v, mu1, mu2)
+        return self.negative_energy(v_m, h1_m, h2_m) - data_term
 
     def reconstruction_error(self, inputs: torch.Tensor) -> torch.Tensor:
         """Per-sample squared error of ``p(v | mu1)`` after mean-field inference, ``[B]``."""
@@ -382,7 +477,7 @@ def _n_visible(in_channels: int, image_size: int, spatial_dims: int) -> int:
     "dbn",
     family="boltzmann",
     spatial_dims=(2, 3),
-    tasks=("classification", "pretraining"),
+    tasks=("classification", "reconstruction", "pretraining"),
     description="DBN: 2 stacked Bernoulli RBMs (128-64), CD-1 layer-wise, then fine-tuning",
     # Vesalius's per-sample engine (client.training.per_sample) halves the DP cost of Opacus's
     # "hooks" here; per-mode DP/non-DP ratios are in bench/RESULTS.md (--timing-only).
@@ -399,7 +494,7 @@ def build_dbn(
     "dbm",
     family="boltzmann",
     spatial_dims=(2, 3),
-    tasks=("classification", "pretraining"),
+    tasks=("classification", "reconstruction", "pretraining"),
     description="DBM: 2 hidden layers (128-64), joint mean-field + Gibbs training, head on h2",
     # Vesalius's per-sample engine (client.training.per_sample) halves the DP cost of Opacus's
     # "hooks" here; per-mode DP/non-DP ratios are in bench/RESULTS.md (--timing-only).
