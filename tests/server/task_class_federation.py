@@ -17,6 +17,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord
 
+import client.queries
 import client.queries.handler as handler
 from client.app import build_plan_model
 from client.data.node_data import SplitArrays
@@ -24,6 +25,24 @@ from client.queries.scoring import HeldOutImages
 from common.config import NodeConfig, TrainPlan
 
 NODE_IDS = (31, 32, 33)
+
+# The ordinal and multi-label queries are registered here only for the tests that use them
+# (``task_queries``), so that other tests' view of the registry (``list_queries()``) does not
+# depend on whether this module was collected. Once ``client.queries`` imports both modules
+# itself, they are registered before this point and nothing is removed.
+_BEFORE = set(client.queries.registry._REGISTRY)
+import client.queries.multilabel  # noqa: E402
+import client.queries.ordinal  # noqa: E402
+
+TASK_QUERIES = {name: client.queries.registry._REGISTRY.pop(name)
+                for name in set(client.queries.registry._REGISTRY) - _BEFORE}
+
+
+@pytest.fixture
+def task_queries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Register the ordinal and multi-label queries for one test."""
+    for name, query in TASK_QUERIES.items():
+        monkeypatch.setitem(client.queries.registry._REGISTRY, name, query)
 
 
 def make_split(rng: np.random.Generator, patient_labels: np.ndarray, *,

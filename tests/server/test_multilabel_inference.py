@@ -18,7 +18,6 @@ from sklearn.metrics import recall_score, roc_auc_score
 from statsmodels.stats.multitest import multipletests
 from statsmodels.stats.proportion import proportion_confint
 
-import client.queries.multilabel  # noqa: F401  (registers the multilabel queries)
 from common import messages as k
 from common.config import TrainPlan
 from common.stats.bins import fine_score_edges, score_bin_index
@@ -28,6 +27,7 @@ from tests.client.queries.fake_grid import InProcessGrid
 from tests.server.task_class_federation import (
     make_nodes,
     make_split,
+    task_queries,  # noqa: F401  (fixture)
     model_arrays,
     reference_outputs,
     serve_splits,
@@ -39,7 +39,7 @@ Z = float(norm.ppf(0.975))
 
 
 @pytest.fixture(autouse=True)
-def _home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, task_queries: None) -> None:
     monkeypatch.setenv("VESALIUS_HOME", str(tmp_path / "home"))
 
 

@@ -24,8 +24,6 @@ from statsmodels.stats.inter_rater import cohens_kappa
 from statsmodels.stats.proportion import proportion_confint
 from statsmodels.stats.weightstats import DescrStatsW
 
-import client.queries.ordinal  # noqa: F401  (registers ordinal-metrics)
-from client.queries.ordinal import predicted_grades
 from common import messages as k
 from common.config import TrainPlan
 from common.stats.multiclass import ConfusionMatrix
@@ -35,6 +33,7 @@ from tests.client.queries.fake_grid import InProcessGrid
 from tests.server.task_class_federation import (
     make_nodes,
     make_split,
+    task_queries,  # noqa: F401  (fixture)
     model_arrays,
     reference_outputs,
     serve_splits,
@@ -45,7 +44,7 @@ GRADES = [0, 1, 2, 3]
 
 
 @pytest.fixture(autouse=True)
-def _home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, task_queries: None) -> None:
     monkeypatch.setenv("VESALIUS_HOME", str(tmp_path / "home"))
 
 
@@ -69,6 +68,8 @@ def _grades(splits: dict, arrays: object) -> dict[str, tuple[np.ndarray, np.ndar
 
 def test_predicted_grade_counts_thresholds_at_or_above_one_half() -> None:
     # Prepare: monotone, non-monotone and boundary probabilities P(grade > k)
+    from client.queries.ordinal import predicted_grades
+
     exceed = np.array([[0.9, 0.6, 0.2], [0.4, 0.7, 0.1], [0.5, 0.5, 0.49], [0.1, 0.0, 0.0]])
     # Execute / Assert
     assert predicted_grades(exceed).tolist() == [2, 1, 2, 0]
