@@ -71,14 +71,23 @@ def _count(value: Any) -> int:
 
 def _sums(values: dict[str, Any], width: float) -> RegressionSums:
     """:class:`RegressionSums` of released values; the histogram is replaced by one bin of
-    ``n`` patients (the moment estimators do not read it, and noised counts need not add up)."""
+    ``n`` patients (the moment estimators do not read it, and noised counts need not add up).
+
+    Sums of non-negative terms (squares, ``|e|``) are clipped at 0: a noised release can make
+    them negative, and clipping is post-processing (it costs no privacy). Exact releases are
+    never negative, so they are unchanged.
+    """
     n = _count(values[k.NUM_EXAMPLES])
+
+    def nonneg(key: str) -> float:
+        return max(float(values[key]), 0.0)
+
     return RegressionSums(
         n=n, sum_y=float(values[k.REG_SUM_Y]), sum_pred=float(values[k.REG_SUM_PRED]),
-        sum_y2=float(values[k.REG_SUM_Y2]), sum_pred2=float(values[k.REG_SUM_PRED2]),
+        sum_y2=nonneg(k.REG_SUM_Y2), sum_pred2=nonneg(k.REG_SUM_PRED2),
         sum_y_pred=float(values[k.REG_SUM_Y_PRED]),
-        sum_abs_error=float(values[k.REG_SUM_ABS_ERROR]),
-        sum_sq_error=float(values[k.REG_SUM_SQ_ERROR]), sum_error=float(values[k.REG_SUM_ERROR]),
+        sum_abs_error=nonneg(k.REG_SUM_ABS_ERROR), sum_sq_error=nonneg(k.REG_SUM_SQ_ERROR),
+        sum_error=float(values[k.REG_SUM_ERROR]),
         abs_error_hist=np.array([n]), abs_error_overflow=0, abs_error_upper=width)
 
 
@@ -194,7 +203,7 @@ def regression_inference(
     pooled = _sums(res.pooled(_SUMS), width)
     try:
         metrics = regression_metrics(pooled, alpha=alpha).as_dict()
-    except VesaliusError as exc:
+    except (VesaliusError, ValueError, ZeroDivisionError) as exc:  # noised sums: never raise
         out.update(status="failed", reason=f"regression metrics: {exc}", n=pooled.n,
                    noised=noised)
         return out

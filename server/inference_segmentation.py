@@ -57,13 +57,19 @@ def _sums(values: Mapping[str, Any]) -> SegmentationSums:
     The estimators read ``n``, ``n_hd95`` and the sums only. Suppressed (exact) or noised
     empty-case counts need not add up to ``n``, so every patient without a defined HD95 is
     counted here as ``n_empty_both`` (the section reports the released counts as they are).
+    Sums of non-negative values are clipped at 0 (a noised release can make them negative;
+    post-processing costs no privacy, and exact releases are unchanged).
     """
     n = _count(values[k.NUM_EXAMPLES])
     n_hd95 = min(_count(values[k.SEG_NUM_HD95]), n)
-    return SegmentationSums(n=n, sum_dice=float(values[k.SEG_SUM_DICE]),
-                            sum_dice_sq=float(values[k.SEG_SUM_DICE_SQ]), n_hd95=n_hd95,
-                            sum_hd95=float(values[k.SEG_SUM_HD95]),
-                            sum_hd95_sq=float(values[k.SEG_SUM_HD95_SQ]),
+
+    def nonneg(key: str) -> float:
+        return max(float(values[key]), 0.0)
+
+    return SegmentationSums(n=n, sum_dice=nonneg(k.SEG_SUM_DICE),
+                            sum_dice_sq=nonneg(k.SEG_SUM_DICE_SQ), n_hd95=n_hd95,
+                            sum_hd95=nonneg(k.SEG_SUM_HD95),
+                            sum_hd95_sq=nonneg(k.SEG_SUM_HD95_SQ),
                             n_empty_both=n - n_hd95, n_empty_one=0)
 
 
@@ -131,7 +137,7 @@ def segmentation_inference(
         pooled = segmentation_summary(_sums(pooled_values), alpha=alpha).as_dict()
         sites = per_site_summaries({str(i): _sums(v) for i, v in res.values.items()},
                                    alpha=alpha)
-    except VesaliusError as exc:
+    except (VesaliusError, ValueError, ZeroDivisionError) as exc:  # noised sums: never raise
         out.update(status="failed", reason=f"segmentation metrics: {exc}", noised=noised)
         return out
     if pooled["n"] == 0:

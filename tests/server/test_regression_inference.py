@@ -248,3 +248,23 @@ def test_a_malformed_range_is_refused_with_a_safe_reason(config: dict[str, objec
     with pytest.raises(ConfigError) as info:
         regression_query.value_range(_request(config))
     assert info.value.safe_reason.startswith("malformed query")
+
+
+def test_noised_releases_are_charged_and_still_pooled(arrays: ArrayRecord,
+                                                       tmp_path: Path) -> None:
+    # Prepare: hospitals that noise every statistic (and charge it to their ledgers)
+    from client.privacy_guard import NodeBudget
+
+    nodes = _nodes(tmp_path, stats_noise_multiplier=1.0, epsilon_cap=50.0)
+    # Execute
+    sec = regression_inference(InProcessGrid(nodes), list(nodes), arrays, PLAN, timeout=5,
+                               value_lower=LOWER, value_upper=UPPER, abs_error_bins=BINS)
+    # Assert: flagged noised, charged at patient level, the estimates still computed
+    assert sec["status"] == "completed" and sec["noised"] and sec["failures"] == []
+    reg = sec["regression"]
+    assert reg["mae"]["value"] is not None and reg["bland_altman"]["bias"]["value"] is not None
+    assert reg["abs_error_histogram"] is not None
+    for node in nodes.values():
+        entries = NodeBudget.for_node(node).ledger.entries(f"fingerprint-{node.site_name}")
+        assert [(e.release, e.level) for e in entries] == [
+            ("query:regression-metrics", "patient")]

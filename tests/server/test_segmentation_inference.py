@@ -237,3 +237,20 @@ def test_hd95_is_clipped_to_the_diagonal() -> None:
                                                spacing=(2.0, 1.0, 1.0), clip=CLIP)
     # Assert
     assert case.hd95 == pytest.approx(CLIP) and case.dice == 0.0
+
+
+def test_noised_releases_are_charged_and_still_pooled(arrays: ArrayRecord,
+                                                       tmp_path: Path) -> None:
+    # Prepare: hospitals that noise every statistic (and charge it to their ledgers)
+    from client.privacy_guard import NodeBudget
+
+    nodes = _nodes(tmp_path, stats_noise_multiplier=1.0, epsilon_cap=50.0)
+    # Execute
+    sec = segmentation_inference(InProcessGrid(nodes), list(nodes), arrays, PLAN, timeout=5)
+    # Assert: flagged noised, charged at patient level, a pooled Dice still computed
+    assert sec["status"] == "completed" and sec["noised"] and sec["failures"] == []
+    assert sec["segmentation"]["dice"]["value"] is not None
+    for node in nodes.values():
+        entries = NodeBudget.for_node(node).ledger.entries(f"fingerprint-{node.site_name}")
+        assert [(e.release, e.level) for e in entries] == [
+            ("query:segmentation-metrics", "patient")]
