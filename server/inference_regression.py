@@ -176,9 +176,9 @@ def regression_inference(
         ``alpha``, ``value_range`` (``lower``, ``upper``, ``units`` = "target units"),
         ``n``, ``sites``, ``failures``, ``ledger_heads``, ``noised``, ``suppressed_cells``,
         ``note`` and ``regression``: ``mae`` (estimate dict: ``value``, ``lower``, ``upper``,
-        ``se``, ``n``, ``method``), ``mse``, ``rmse``, ``r2``, ``pearson_r`` (Fisher z
-        interval), ``bias``, ``loa_lower``, ``loa_upper`` (Bland-Altman, estimate dicts),
-        ``sd_difference``, ``median_abs_error`` (``lower``/``upper`` of its bin, or ``None``),
+        ``se``, ``n``, ``method``; the t interval cut at 0), ``mse``, ``rmse``, ``r2``,
+        ``pearson_r`` (Fisher z interval), ``bias``, ``loa_lower``, ``loa_upper``
+        (Bland-Altman, estimate dicts), ``sd_difference``, ``median_abs_error`` (``lower``/``upper`` of its bin, or ``None``),
         ``bland_altman`` (``bias``, ``loa_lower``, ``loa_upper``, ``sd_difference``, ``z``,
         ``difference``), ``abs_error_histogram`` (``edges``, ``counts``, ``sites``,
         ``median``; ``None`` when no node released one) and ``per_site`` (``site``, ``n``,
@@ -207,6 +207,9 @@ def regression_inference(
         out.update(status="failed", reason=f"regression metrics: {exc}", n=pooled.n,
                    noised=noised)
         return out
+    mae = metrics["mae"]
+    if mae.get("lower") is not None and mae["lower"] < 0:  # |e| >= 0: the t interval is cut at 0
+        mae["lower"] = 0.0
     notes = []
     if res.failures:
         notes.append(f"pooled over the {len(res.values)} of {len(node_ids)} sites that answered")
