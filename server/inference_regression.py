@@ -178,7 +178,8 @@ def regression_inference(
         ``note`` and ``regression``: ``mae`` (estimate dict: ``value``, ``lower``, ``upper``,
         ``se``, ``n``, ``method``; the t interval cut at 0), ``mse``, ``rmse``, ``r2``,
         ``pearson_r`` (Fisher z interval), ``bias``, ``loa_lower``, ``loa_upper``
-        (Bland-Altman, estimate dicts), ``sd_difference``, ``median_abs_error`` (``lower``/``upper`` of its bin, or ``None``),
+        (Bland-Altman, estimate dicts), ``sd_difference``, ``median_abs_error``
+        (``lower``/``upper`` of its bin, or ``None``),
         ``bland_altman`` (``bias``, ``loa_lower``, ``loa_upper``, ``sd_difference``, ``z``,
         ``difference``), ``abs_error_histogram`` (``edges``, ``counts``, ``sites``,
         ``median``; ``None`` when no node released one) and ``per_site`` (``site``, ``n``,
