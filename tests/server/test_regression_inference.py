@@ -20,7 +20,7 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from scipy import stats
 from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
 
-import client.queries.regression as regression_query
+import client.queries
 from client.app import build_plan_model, plan_task
 from client.data.node_data import SplitArrays
 from client.queries import handler
@@ -30,6 +30,16 @@ from common import messages as k
 from common.config import NodeConfig, TrainPlan
 from server.inference_regression import regression_inference
 from tests.client.queries.fake_grid import InProcessGrid
+
+# The regression query is registered only for this module's tests (by the autouse fixture
+# ``_held_out``), so that other tests' view of the registry (``list_queries()``) does not
+# depend on whether this module was collected. Once ``client.queries`` imports the module
+# itself, it is registered before this point and nothing is removed.
+_BEFORE = set(client.queries.registry._REGISTRY)
+import client.queries.regression as regression_query  # noqa: E402
+
+_QUERIES = {name: client.queries.registry._REGISTRY.pop(name)
+            for name in set(client.queries.registry._REGISTRY) - _BEFORE}
 
 PLAN = TrainPlan(task="regression", image_size=16, model="cnn", run_id="t")
 LOWER, UPPER, BINS = 0.0, 60.0, 20
@@ -84,6 +94,8 @@ def splits(arrays: ArrayRecord) -> dict[str, SplitArrays]:
 def _held_out(splits: dict[str, SplitArrays], tmp_path: Path,
               monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setenv("VESALIUS_HOME", str(tmp_path / "home"))
+    for name, query in _QUERIES.items():
+        monkeypatch.setitem(client.queries.registry._REGISTRY, name, query)
 
     def images(req: QueryRequest) -> tuple[HeldOutImages, str]:
         return (HeldOutImages(split=splits[req.node.site_name], device=torch.device("cpu")),

@@ -21,7 +21,7 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from monai.metrics import compute_dice, compute_hausdorff_distance
 from scipy import ndimage, stats
 
-import client.queries.segmentation as segmentation_query
+import client.queries
 from client.app import build_plan_model
 from client.data.node_data import SplitArrays
 from client.queries import handler
@@ -31,6 +31,16 @@ from common import messages as k
 from common.config import NodeConfig, TrainPlan
 from server.inference_segmentation import segmentation_inference
 from tests.client.queries.fake_grid import InProcessGrid
+
+# The segmentation query is registered only for this module's tests (by the autouse fixture
+# ``_held_out``), so that other tests' view of the registry (``list_queries()``) does not
+# depend on whether this module was collected. Once ``client.queries`` imports the module
+# itself, it is registered before this point and nothing is removed.
+_BEFORE = set(client.queries.registry._REGISTRY)
+import client.queries.segmentation as segmentation_query  # noqa: E402
+
+_QUERIES = {name: client.queries.registry._REGISTRY.pop(name)
+            for name in set(client.queries.registry._REGISTRY) - _BEFORE}
 
 PLAN = TrainPlan(task="segmentation", num_classes=2, image_size=16, model="unet", run_id="t")
 SITES = {41: "s1", 42: "s2"}
@@ -86,6 +96,8 @@ def splits(arrays: ArrayRecord) -> dict[str, SplitArrays]:
 def _held_out(splits: dict[str, SplitArrays], tmp_path: Path,
               monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setenv("VESALIUS_HOME", str(tmp_path / "home"))
+    for name, query in _QUERIES.items():
+        monkeypatch.setitem(client.queries.registry._REGISTRY, name, query)
     current = dict(splits)
 
     def images(req: QueryRequest) -> tuple[HeldOutImages, str]:
