@@ -1046,11 +1046,20 @@ def federated_elm_readout(
     ``beta = (sum H^T H + ridge I)^-1 sum H^T Y`` once, which is the ridge solution on the
     pooled rows (exactly, when no node adds noise).
 
+    Noised sums: Gaussian noise on ``H^T H`` is symmetric but not positive semi-definite, and
+    its negative eigenvalues (about ``-sqrt(2 d)`` times the pooled noise std) would make a
+    small ``ridge`` give an indefinite, meaningless system. The coordinator does not know the
+    nodes' noise, so it reads the scale off the pooled matrix: when any node noised, the ridge
+    used is ``ridge + 2 max(0, -lambda_min)`` (post-processing of released values: no privacy
+    cost), which keeps the system's smallest eigenvalue at least ``ridge + |lambda_min|``.
+
     Returns
     -------
     tuple
         The model's arrays with the fitted readout (None when no node answered) and a summary:
-        ``status``, ``sites``, ``failures``, ``noised``, ``ridge``, ``clip``.
+        ``status``, ``sites``, ``failures``, ``noised``, ``ridge`` (requested), ``ridge_used``,
+        ``min_eigenvalue`` (of the pooled symmetrised ``H^T H``), ``features`` (``d``, bias
+        column included), ``clip``.
     """
     import torch
 
@@ -1064,7 +1073,11 @@ def federated_elm_readout(
     if not res.values:
         summary.update(status="failed", reason="no node answered the elm-readout query")
         return None, summary
-    model = build_model(plan.model, in_channels=1, num_classes=2, image_size=plan.image_size)
+    from common.tasks.federated import federated_task
+
+    # The plan's outputs (2 for binary, K for multiclass), as the coordinator built the model.
+    outputs = federated_task(plan.task, plan.model).num_outputs(plan.num_classes)
+    model = build_model(plan.model, in_channels=1, num_classes=outputs, image_size=plan.image_size)
     model.load_state_dict(arrays.to_torch_state_dict())
     readout: Any = getattr(model, "readout")  # noqa: B009 - a DC-ELM's linear readout
     d, classes = int(readout.weight.shape[1]), int(readout.weight.shape[0])
@@ -1072,8 +1085,11 @@ def federated_elm_readout(
     hth = torch.as_tensor(np.asarray(pooled[k.ELM_HTH], dtype=np.float64).reshape(d, d))
     hty = torch.as_tensor(np.asarray(pooled[k.ELM_HTY], dtype=np.float64).reshape(d, classes))
     hth = (hth + hth.T) / 2  # noised sums need not be symmetric; the mean is (post-processing)
-    beta = model.solve_readout(hth, hty, ridge)  # type: ignore[operator]
-    model.set_readout(beta)  # type: ignore[operator]
     noised, _ = _flags(res)
-    summary.update(status="completed", reason="", noised=noised)
+    min_eig = float(torch.linalg.eigvalsh(hth)[0])
+    ridge_used = float(ridge) + (2.0 * max(0.0, -min_eig) if noised else 0.0)
+    beta = model.solve_readout(hth, hty, ridge_used)  # type: ignore[operator]
+    model.set_readout(beta)  # type: ignore[operator]
+    summary.update(status="completed", reason="", noised=noised, ridge_used=ridge_used,
+                   min_eigenvalue=min_eig, features=d)
     return ArrayRecord(model.state_dict()), summary

@@ -12,6 +12,12 @@ the derivation is in :func:`common.models.dcelm.noisy_statistics`). Those are th
 sensitivities: with ``stats-noise-multiplier > 0`` the node adds Gaussian noise and charges its
 ledger; otherwise the release is exact and recorded at level "exact" (:mod:`client.release`).
 The row count is not released (its sensitivity is a patient's number of images, unbounded).
+
+Unlike the held-out statistics, these are sums over the patients a *private* plan promises to
+protect: an exact release is refused when the plan is private, and for a non-private plan only
+where the node consents to baselines (``allow-non-private``), as for non-private training
+(:func:`client.budget.decide`). The feature filters and that policy are checked before
+any image is read.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from client.queries.registry import Query, QueryRequest, register_query
 from client.queries.scoring import _model, model_arrays
 from client.release import Statistic
 from common import messages as k
-from common.errors import ConfigError
+from common.errors import BudgetExceededError, ConfigError
 
 __all__ = ["ElmReadoutQuery", "readout_dimensions"]
 
@@ -68,6 +74,31 @@ def _check_fixed_features(req: QueryRequest, model: Any) -> None:
             )
 
 
+def _check_release_policy(req: QueryRequest) -> None:
+    """Refuse an exact (un-noised) release of training sums the node has not consented to.
+
+    ``H^T H`` and ``H^T Y`` over the training patients are what a private plan's guarantee
+    covers; released exactly they carry no DP guarantee at all. A node that does not noise its
+    statistics (``stats-noise-multiplier = 0``) therefore answers only a non-private plan, and
+    only when it allows non-private baselines.
+    """
+    if req.node.stats_noise_multiplier > 0:
+        return
+    if req.plan.private:
+        raise BudgetExceededError(
+            "exact elm-readout of training patients requested under a private plan",
+            safe_reason="refused: this node would release its training sums without noise "
+            "(stats-noise-multiplier = 0), which no private plan allows; set "
+            "stats-noise-multiplier > 0 in its node config",
+        )
+    if not req.node.allow_non_private:
+        raise BudgetExceededError(
+            "exact elm-readout of training patients but the node requires DP",
+            safe_reason="refused: this node only releases training statistics with differential "
+            "privacy (set stats-noise-multiplier > 0, or allow-non-private=true for baselines)",
+        )
+
+
 @register_query("elm-readout")
 class ElmReadoutQuery(Query):
     """Sums ``H^T H`` and ``H^T Y`` over the node's training patients (split "train")."""
@@ -81,12 +112,15 @@ class ElmReadoutQuery(Query):
                               safe_reason="malformed query: 'elm-readout' uses split 'train'")
         d, classes = readout_dimensions(req)
         clip = _clip(req)
+        # Before any image is read: crafted filters and unconsented exact releases.
+        _check_fixed_features(req, _model(req, model_arrays(req, k.ARRAYS)))
+        _check_release_policy(req)
         return [Statistic(k.ELM_HTH, clip * clip, (d, d)),
                 Statistic(k.ELM_HTY, clip, (d, classes))]
 
     def compute(self, req: QueryRequest, data: Any) -> dict[str, Any]:
         model = _model(req, model_arrays(req, k.ARRAYS))
-        _check_fixed_features(req, model)
+        _check_fixed_features(req, model)  # cheap; the arrays are the ones checked above
         model = model.to(data.device)
         split = data.split
         hth, hty, _ = model.readout_statistics(  # type: ignore[operator]

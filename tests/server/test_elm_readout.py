@@ -19,6 +19,7 @@ from tests.client.queries.fake_grid import InProcessGrid
 from tests.client.queries.federation import PLAN, image_nodes
 
 ELM_PLAN = dataclasses.replace(PLAN, model="dc-elm")
+BASELINE_PLAN = dataclasses.replace(ELM_PLAN, private=False)
 CLIP = 1e6  # no effective clipping: the federated fit must equal plain pooled ridge
 
 
@@ -34,10 +35,12 @@ def _model_arrays() -> ArrayRecord:
 
 
 def test_federated_readout_equals_pooled_ridge(root: Path) -> None:
-    nodes = image_nodes(root)
+    # An exact release of training sums: only for a non-private plan the nodes consent to.
+    nodes = image_nodes(root, allow_non_private=True)
     arrays = _model_arrays()
     fitted, summary = inference.federated_elm_readout(
-        InProcessGrid(nodes), list(nodes), arrays, ELM_PLAN, ridge=0.5, clip=CLIP, timeout=5)
+        InProcessGrid(nodes), list(nodes), arrays, BASELINE_PLAN, ridge=0.5, clip=CLIP,
+        timeout=5)
     assert summary["status"] == "completed" and summary["failures"] == []
     assert fitted is not None and not summary["noised"]
     # Reference: features of every node's training images, pooled, ridge without intercept.
@@ -45,7 +48,7 @@ def test_federated_readout_equals_pooled_ridge(root: Path) -> None:
     model.load_state_dict(arrays.to_torch_state_dict())
     feats, labels = [], []
     for node in nodes.values():
-        split = training_split(node, ELM_PLAN, _load(node, ELM_PLAN))
+        split = training_split(node, BASELINE_PLAN, _load(node, BASELINE_PLAN))
         with torch.no_grad():
             feats.append(model.features(split.images).double().numpy())  # type: ignore[operator]
         labels.append(split.labels.numpy())
@@ -96,3 +99,22 @@ def test_crafted_feature_filters_are_refused(root: Path) -> None:
                                 {**ELM_PLAN.to_record(), k.SPLIT: k.SPLIT_TRAIN},
                                 timeout=5, records={k.ARRAYS: ArrayRecord(state)})
     assert not res.values and all("seeded" in f["reason"] for f in res.failures)
+
+
+@pytest.mark.parametrize(("private", "allow_non_private"), [(True, True), (False, False)])
+def test_exact_training_sums_are_refused_without_consent(
+    root: Path, tmp_path: Path, private: bool, allow_non_private: bool
+) -> None:
+    from common import messages as k
+
+    # Prepare: nodes that do not noise their statistics (stats-noise-multiplier = 0)
+    nodes = image_nodes(root, allow_non_private=allow_non_private, ledger_dir=tmp_path)
+    plan = dataclasses.replace(ELM_PLAN, private=private)
+    # Execute
+    res = inference.query_nodes(InProcessGrid(nodes), list(nodes), "elm-readout",
+                                {**plan.to_record(), k.SPLIT: k.SPLIT_TRAIN},
+                                timeout=5, records={k.ARRAYS: _model_arrays()})
+    # Assert: refused before anything was released, and nothing reached the ledgers
+    assert not res.values and all("refused:" in f["reason"] for f in res.failures)
+    for node in nodes.values():
+        assert NodeBudget.for_node(node).ledger.entries(_load(node, plan).fingerprint) == []
