@@ -26,9 +26,11 @@ from cli.options import (
 )
 from cli.report_view import print_report
 from cli.run_progress import run_view
-from common.config import NodeConfig, RunConfig, TrainPlan
+from common.config import SAMPLE_KINDS, NodeConfig, RunConfig, TrainPlan
 from common.errors import ConfigError, ConnectionProblem
-from common.tasks.federated import FEDERATED_TASKS, federated_task
+from common.models.registry import get_spec
+from common.tasks.federated import FEDERATED_TASKS, federated_task, plan_samples
+from common.tasks.registry import serves
 
 federation_app = typer.Typer(help="Start and follow federated runs.", no_args_is_help=True)
 
@@ -66,12 +68,23 @@ _OUTPUT_FORMAT = typer.Option("table", "--format", click_type=click.Choice(list(
 _VERBOSE = typer.Option(False, "--verbose", "-v", help="Show Flower's own log lines too.")
 _TASK = typer.Option(
     "binary", "--task", click_type=click.Choice(list(FEDERATED_TASKS)),
-    help="Learning task: binary (labels 0/1; pooled AUC and an operating point) or "
-    "multiclass (labels 0..K-1 with --num-classes K; reported at the arg-max class). The "
-    "other tasks of `vesalius models list` are not yet trained by a federation.")
+    help="Learning task: binary (labels 0/1; pooled AUC and an operating point), multiclass "
+    "(labels 0..K-1), ordinal (grades 0..K-1), multilabel (findings 0..K-1), regression "
+    "(a value), segmentation (masks; U-Net) or reconstruction (self-supervised pretraining, "
+    "no labels). `vesalius models list` shows which models serve which task.")
 _NUM_CLASSES = typer.Option(
     None, "--num-classes", min=2,
-    help="Classes K of a multiclass task (labels 0..K-1; default 2). The binary task has 2.")
+    help="K: classes (multiclass), grades (ordinal), findings (multilabel) or mask classes "
+    "with background (segmentation); default 2. The binary task has 2.")
+_SAMPLES = typer.Option(
+    None, "--samples", click_type=click.Choice(list(SAMPLE_KINDS)),
+    help="What one sample is: image-2d (one record per image), volume-3d (a study's series as "
+    "one volume, for cnn3d, resnet, densenet, ...) or series (the volume read slice by slice: "
+    "lstm, gru). Default: the first kind the model serves for the task.")
+_INIT_FROM = typer.Option(
+    None, "--init-from", callback=existing_file("--init-from"),
+    help="Checkpoint (e.g. an earlier run's checkpoints/final.pt, such as a reconstruction "
+    "pretraining) whose tensors of matching name and shape initialise the model.")
 _TARGET_SENSITIVITY = typer.Option(
     None, "--target-sensitivity", click_type=click.FloatRange(0.0, 1.0, min_open=True),
     help="Operating point: the highest threshold whose validation sensitivity reaches S "
@@ -84,7 +97,7 @@ def build_run_config(
     seed: int, out: Path, min_nodes: int, on_refusal: str = "exclude", model_phase: str = "",
     hospital_dp_noise: float = 0.0, hospital_dp_clip: float = 0.0,
     target_sensitivity: float | None = None, task: str = "binary",
-    num_classes: int | None = None,
+    num_classes: int | None = None, samples: str | None = None, init_from: Path | None = None,
 ) -> RunConfig:
     """Typed run config from CLI options (validated on construction).
 
@@ -92,18 +105,22 @@ def build_run_config(
     (:func:`common.tasks.federated.federated_task`); otherwise a :class:`ConfigError` that
     names the models serving the task.
     """
-    federated_task(task, model)
+    chosen = federated_task(task, model)
+    if samples is None:
+        samples = serves(chosen, get_spec(model))[0].value
+    plan_samples(chosen, model, samples)
     plan = TrainPlan(
         num_rounds=rounds, local_epochs=local_epochs, batch_size=batch_size,
         learning_rate=learning_rate, private=private, target_epsilon=epsilon,
         noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, model=model,
         image_size=image_size, seed=seed, model_phase=model_phase, task=task,
-        num_classes=2 if num_classes is None else num_classes,
+        num_classes=2 if num_classes is None else num_classes, samples=samples,
     )
     return RunConfig(plan=plan, out_dir=str(out.resolve()), min_nodes=min_nodes,
                      on_refusal=on_refusal, hospital_dp_noise=hospital_dp_noise,
                      hospital_dp_clip=hospital_dp_clip,
-                     target_sensitivity=target_sensitivity or 0.0)
+                     target_sensitivity=target_sensitivity or 0.0,
+                     init_from=str(init_from) if init_from is not None else "")
 
 
 def site_dirs(data_root: Path) -> list[Path]:
@@ -294,6 +311,8 @@ def run(
     target_sensitivity: float | None = _TARGET_SENSITIVITY,
     task: str = _TASK,
     num_classes: int | None = _NUM_CLASSES,
+    samples: str | None = _SAMPLES,
+    init_from: Path | None = _INIT_FROM,
     insecure: bool = _INSECURE,
     root_certificates: Path | None = _ROOT_CERTIFICATES,
     flwr_home: Path | None = _FLWR_HOME,
@@ -311,6 +330,7 @@ def run(
             on_refusal=on_refusal, model_phase=model_phase,
             hospital_dp_noise=hospital_dp_noise, hospital_dp_clip=hospital_dp_clip,
             target_sensitivity=target_sensitivity, task=task, num_classes=num_classes,
+            samples=samples, init_from=init_from,
         )
     except ConfigError as exc:
         raise typer.BadParameter(str(exc)) from None
@@ -471,6 +491,8 @@ def cv(
     target_sensitivity: float | None = _TARGET_SENSITIVITY,
     task: str = _TASK,
     num_classes: int | None = _NUM_CLASSES,
+    samples: str | None = _SAMPLES,
+    init_from: Path | None = _INIT_FROM,
     insecure: bool = _INSECURE,
     root_certificates: Path | None = _ROOT_CERTIFICATES,
     flwr_home: Path | None = _FLWR_HOME,
@@ -488,7 +510,7 @@ def cv(
             max_grad_norm=max_grad_norm, private=not non_private, model=model,
             image_size=image_size, seed=seed, out=out, min_nodes=min_nodes,
             on_refusal=on_refusal, target_sensitivity=target_sensitivity, task=task,
-            num_classes=num_classes,
+            num_classes=num_classes, samples=samples, init_from=init_from,
         )
     except ConfigError as exc:
         raise typer.BadParameter(str(exc)) from None

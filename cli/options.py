@@ -55,12 +55,12 @@ class LazyChoice(click.Choice):
 
 
 def federated_models() -> list[str]:
-    """Models the federation can train today: 2D image classifiers of the registry."""
+    """Models the federation can train: image models of the registry that serve a task."""
     from common.models import list_models
+    from common.tasks import tasks_of
 
     return [spec.name for spec in list_models()
-            if 2 in spec.spatial_dims and "classification" in spec.tasks
-            and spec.input_kind == "image"]
+            if spec.input_kind == "image" and tasks_of(spec.name)]
 
 
 def model_choice() -> LazyChoice:

@@ -44,7 +44,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from client.budget import PrivacyDecision, decide
-from client.data import NodeData, PatientRecordDataset, load_node_data
+from client.data import NodeData, PatientRecordDataset
+from client.data.task_data import load_task_data
 from client.data.folds import cv_splits
 from client.data.node_data import SplitArrays
 from client.mods import sanitize_errors_mod
@@ -57,7 +58,13 @@ from common.config import NodeConfig, TrainPlan
 from common.errors import BudgetExceededError, ConfigError, DataError, VesaliusError, safe_reason
 from common.models import build_model
 from common.tasks import Task
-from common.tasks.federated import federated_task
+from common.tasks.federated import (
+    federated_task,
+    plan_samples,
+    prepare_for_training,
+    spatial_dims,
+    train_losses,
+)
 from common.ledger import LedgerEntry, Mechanism
 from common.privacy import AccountantState, default_delta, epsilon, planned_epsilon
 from common.stats.histogram import score_histograms
@@ -98,8 +105,11 @@ def _arrays(msg: Message) -> ArrayRecord:
 
 
 def plan_task(plan: TrainPlan) -> Task:
-    """The plan's learning task, when a federation serves it with the plan's model."""
-    return federated_task(plan.task, plan.model)
+    """The plan's learning task, when a federation serves it with the plan's model on the
+    plan's sample kind (``samples``)."""
+    task = federated_task(plan.task, plan.model)
+    plan_samples(task, plan.model, plan.samples)
+    return task
 
 
 def _load(node: NodeConfig, plan: TrainPlan) -> NodeData:
@@ -116,15 +126,19 @@ def _load(node: NodeConfig, plan: TrainPlan) -> NodeData:
             safe_reason=f"refused: image-size {plan.image_size} exceeds this node's maximum "
             f"of {node.max_image_size}",
         )
-    data = load_node_data(
+    data = load_task_data(
         node.data_dir,
+        task=plan.task,
+        num_classes=plan.num_classes,
+        samples=plan.samples,
         image_size=plan.image_size,
         require_deidentified=node.require_deidentified,
         seed=0,  # the split is the hospital's, not the run's: fixed so it never moves
     )
     for split in (data.train, data.val, data.test):
         if len(split):
-            task.check_targets(split.labels.reshape(-1), plan.num_classes)
+            labels = split.labels if split.labels.ndim > 1 else split.labels.reshape(-1)
+            task.check_targets(labels, plan.num_classes)
     return data
 
 
@@ -167,10 +181,11 @@ def _prior(context: Context) -> AccountantState | None:
 
 
 def build_plan_model(plan: TrainPlan) -> torch.nn.Module:
-    """A fresh model of the plan: ``task.num_outputs(num-classes)`` outputs, 1 channel."""
+    """A fresh model of the plan: ``task.num_outputs(num-classes)`` outputs, 1 channel, 2D
+    for images and 3D for volumes and series."""
     outputs = plan_task(plan).num_outputs(plan.num_classes)
     return build_model(plan.model, in_channels=1, num_classes=outputs,
-                       image_size=plan.image_size)
+                       image_size=plan.image_size, spatial_dims=spatial_dims(plan.samples))
 
 
 def _model(plan: TrainPlan, arrays: ArrayRecord) -> torch.nn.Module:
@@ -319,7 +334,8 @@ def handle_train(msg: Message, context: Context, node: NodeConfig) -> Message:
         plan, node, num_patients=train_split.num_patients, prior=history,
         server_round=server_round,
     )
-    model = _model(plan, arrays)  # a bad model or phase fails here, before any spend
+    # a bad model or phase fails here, before any spend
+    model = prepare_for_training(plan_task(plan), _model(plan, arrays))
     expected = math.inf
     if budget is not None and history is not None:
         # Refused here (BudgetExceededError) before any training step when over the cap.
@@ -340,6 +356,7 @@ def handle_train(msg: Message, context: Context, node: NodeConfig) -> Message:
         device=device,
         # DP noise must not be predictable by the coordinator: never seed it from the plan.
         seed=None if plan.private else plan.seed * 1000 + server_round,
+        **train_losses(plan_task(plan)),
     )
     run = _run_history(context)
     if plan.private:
@@ -446,12 +463,13 @@ def handle_evaluate(msg: Message, context: Context, node: NodeConfig) -> Message
         k.LOSS: float(res.loss),
         k.ACCURACY: float(res.accuracy),
         k.AUC: float(res.auc),
+        **{name: float(value) for name, value in res.extra.items()},
     }
     # Histograms only where the hospital allows them (see NodeConfig.release_histograms); a
     # node that does not simply leaves them out and the coordinator pools what it gets.
     # (Binary only: a multi-class model's pooled AUC comes from its statistics queries.)
     if (bool(config.get(k.WITH_HISTOGRAMS, False)) and node.release_histograms
-            and res.scores.ndim == 1):
+            and res.binary_scores):
         pos, neg = score_histograms(res.scores, res.labels)
         values[k.HIST_POSITIVE] = [int(v) for v in pos]
         values[k.HIST_NEGATIVE] = [int(v) for v in neg]

@@ -252,6 +252,10 @@ class RunConfig:
         Operating point of the final model's test metrics, chosen on the validation
         patients: 0 means Youden's J; a value in (0, 1] the highest threshold whose
         validation sensitivity reaches it (:mod:`common.stats.operating_point`).
+    init_from : str
+        A checkpoint (``torch.save`` of a state dict, e.g. an earlier run's
+        ``checkpoints/final.pt``) whose tensors of matching name and shape initialise the
+        global model (:func:`server.app.initial_arrays`); "" starts from the seed.
     """
 
     plan: TrainPlan = TrainPlan()
@@ -265,6 +269,7 @@ class RunConfig:
     hospital_dp_clip: float = 0.0
     hospital_dp_delta: float = 1e-3
     target_sensitivity: float = 0.0
+    init_from: str = ""
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.target_sensitivity) and 0 <= self.target_sensitivity <= 1):
@@ -302,6 +307,7 @@ class RunConfig:
             hospital_dp_clip=_get(values, k.HOSPITAL_DP_CLIP, 0.0, float),
             hospital_dp_delta=_get(values, k.HOSPITAL_DP_DELTA, 1e-3, float),
             target_sensitivity=_get(values, k.TARGET_SENSITIVITY, 0.0, float),
+            init_from=_get(values, k.INIT_FROM, "", str),
         )
 
     def to_dict(self) -> dict[str, Scalar]:
@@ -319,6 +325,7 @@ class RunConfig:
                 k.HOSPITAL_DP_CLIP: self.hospital_dp_clip,
                 k.HOSPITAL_DP_DELTA: self.hospital_dp_delta,
                 k.TARGET_SENSITIVITY: self.target_sensitivity,
+                k.INIT_FROM: self.init_from,
             }
         )
         return out

@@ -87,6 +87,7 @@ MIN_NODES: Final = "min-nodes"
 OUT_DIR: Final = "out-dir"
 ROUND_TIMEOUT: Final = "round-timeout"
 TARGET_SENSITIVITY: Final = "target-sensitivity"  # operating point: 0 = Youden's J
+INIT_FROM: Final = "init-from"  # checkpoint initialising the global model ("" = seed)
 HOSPITAL_DP_NOISE: Final = "hospital-dp-noise"  # client-level DP noise multiplier (0 = off)
 HOSPITAL_DP_CLIP: Final = "hospital-dp-clip"  # client-level DP: L2 bound of a model update
 HOSPITAL_DP_DELTA: Final = "hospital-dp-delta"  # client-level DP: delta of the report
@@ -217,3 +218,8 @@ SEG_SUM_HD95: Final = "seg-sum-hd95"  # sum of HD95 (clipped to the image diagon
 SEG_SUM_HD95_SQ: Final = "seg-sum-hd95-sq"  # sum of squared HD95
 SEG_EMPTY_BOTH: Final = "seg-empty-both"  # patients with both masks empty (small cells)
 SEG_EMPTY_ONE: Final = "seg-empty-one"  # patients with exactly one mask empty (small cells)
+
+# evaluate replies: one task metric per task without accuracy/AUC (client/training/evaluate.py)
+EVAL_DICE: Final = "dice"  # segmentation: mean per-patient foreground Dice
+EVAL_MAE: Final = "mae"  # regression: mean absolute error per patient
+EVAL_MAE_GRADE: Final = "mae-grade"  # ordinal: mean absolute grade error per patient

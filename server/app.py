@@ -34,7 +34,8 @@ from flwr.serverapp import Grid, ServerApp
 from common import messages as k
 from common.config import RunConfig
 from common.models import build_model
-from common.tasks.federated import federated_task
+from common.models.registry import get_spec
+from common.tasks.federated import federated_task, plan_samples, spatial_dims
 from server.cv import CVSpec, run_cross_validation
 from server.progress import ProgressCallback, emit_marker, emit_round_marker, track_progress
 from server.report import RunReport, round_dict
@@ -49,14 +50,23 @@ RoundCallback = Callable[[RoundLog], None]
 def initial_arrays(config: RunConfig) -> ArrayRecord:
     """The global model before round 1, seeded by the run config.
 
-    It has ``task.num_outputs(num-classes)`` outputs; a task or model a federation cannot
-    train is refused (:class:`~common.errors.ConfigError`) before any node is asked.
+    It has ``task.num_outputs(num-classes)`` outputs and the plan's sample dimensionality; a
+    task, model or sample kind a federation cannot train is refused
+    (:class:`~common.errors.ConfigError`) before any node is asked. With ``init-from`` the
+    checkpoint's tensors of matching name and shape replace the seeded ones
+    (:func:`common.models.transfer.init_from`).
     """
     plan = config.plan
-    outputs = federated_task(plan.task, plan.model).num_outputs(plan.num_classes)
+    task = federated_task(plan.task, plan.model)
+    plan_samples(task, plan.model, plan.samples)
+    outputs = task.num_outputs(plan.num_classes)
     torch.manual_seed(plan.seed)
     model = build_model(plan.model, in_channels=1, num_classes=outputs,
-                        image_size=plan.image_size)
+                        image_size=plan.image_size, spatial_dims=spatial_dims(plan.samples))
+    if config.init_from:
+        from common.models.transfer import init_from
+
+        init_from(model, config.init_from)
     return ArrayRecord(model.state_dict())
 
 
@@ -70,6 +80,10 @@ def run_federation(
     crash interrupts, what the nodes already released (their epsilon included) is on disk.
     ``on_progress`` hears of every reply as it arrives (:mod:`server.progress`).
     """
+    if get_spec(config.plan.model).family == "elm":  # closed-form readout, not SGD rounds
+        from server.elm_workflow import run_elm_workflow
+
+        return run_elm_workflow(grid, config, on_round=on_round, on_progress=on_progress)
     grid = track_progress(grid, on_progress)
     if not config.plan.run_id:
         # Nodes record the run id in their privacy ledgers; make one that never repeats.
@@ -207,22 +221,14 @@ def final_inference(
     come from sums the nodes release under their own release rules (:mod:`client.release`).
     A failure here never fails the run: the report says why.
 
-    A multi-class run reports at the arg-max class instead
-    (:func:`server.inference_multiclass.multiclass_inference`). The section's ``task`` names
-    the run's task.
+    The other tasks get their own pooled inference (:mod:`server.inference_tasks`). The
+    section's ``task`` names the run's task.
     """
-    from server.final_model import calibrated_inference
-    from server.inference_multiclass import multiclass_inference
+    from server.inference_tasks import task_inference
 
     task = config.plan.task
     try:
-        if task == "multiclass":
-            section = multiclass_inference(grid, node_ids, arrays, config.plan,
-                                           split=k.SPLIT_TEST, timeout=config.round_timeout)
-        else:
-            section = calibrated_inference(grid, node_ids, arrays, config.plan,
-                                           timeout=config.round_timeout,
-                                           target_sensitivity=config.target_sensitivity)
+        section = task_inference(task)(grid, node_ids, arrays, config)
     except Exception as exc:  # noqa: BLE001 - inference is an extra; the run already completed
         log.warning("pooled inference failed: %s", exc)
         return {"task": task, "status": "failed", "reason": f"{type(exc).__name__}: {exc}"}

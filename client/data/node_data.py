@@ -305,6 +305,10 @@ def clear_cache() -> None:
     """Forget every cached :class:`NodeData` (tests, or after the data changed in place)."""
     with _cache_lock:
         _cache.clear()
+    from client.data import task_data  # imported here: it imports this module
+
+    with task_data._cache_lock:
+        task_data._cache.clear()
 
 
 def load_node_data(

@@ -11,7 +11,11 @@ from client.queries import (  # noqa: F401  (registration)
     logistic,
     metrics,
     multiclass,
+    multilabel,
+    ordinal,
     paired,
+    regression,
+    segmentation,
     uncertainty,
 )
 from client.queries.registry import Query, QueryRequest, get_query, list_queries, register_query

@@ -11,13 +11,27 @@ metrics are per patient (the unit of privacy and of clinical decision).
 * ``multiclass``: the scores of a unit are its K class probabilities; accuracy of the
   arg-max class (no threshold); the macro one-vs-rest AUC (``roc_auc_score(...,
   multi_class="ovr", average="macro")``), undefined (NaN) unless every class is present.
+
+The other tasks have no accuracy or AUC here (NaN); their per-round metric is the loss, and
+:attr:`EvalResult.extra` carries one task metric (their pooled inference with intervals is
+the coordinator's, from statistics queries):
+
+* ``ordinal``: the grade is the number of thresholds whose mean P(grade > k) is at least
+  0.5; ``accuracy`` is exact-grade agreement and ``extra[k.EVAL_MAE_GRADE]`` the mean absolute
+  grade error;
+* ``multilabel``: ``auc`` is the macro AUC over findings (NaN unless every finding has
+  positives and negatives), ``accuracy`` the fraction of correct finding decisions at 0.5;
+* ``regression``: ``extra[k.EVAL_MAE]``, the mean absolute error per unit;
+* ``segmentation``: ``extra[k.EVAL_DICE]``, the mean per-patient Dice of the foreground (every
+  slice of a patient together);
+* ``reconstruction``: the loss alone (the voxel-mean reconstruction error).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -25,8 +39,10 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from client.training.trainer import select_device
+from common import messages as k
 from common.errors import ConfigError
 from common.tasks import BINARY, Task
+from common.tasks.base import TargetKind
 
 __all__ = ["EvalResult", "evaluate"]
 
@@ -60,6 +76,10 @@ class EvalResult:
         (binary), or ``(num_examples, K)`` class probabilities (multi-class).
     labels : numpy.ndarray
         Per-unit label, int64, shape ``(num_examples,)``.
+    extra : dict[str, float]
+        One task metric of the tasks without accuracy or AUC (see the module docstring).
+    task : str
+        The task evaluated.
     """
 
     loss: float
@@ -68,6 +88,13 @@ class EvalResult:
     num_examples: int
     scores: np.ndarray
     labels: np.ndarray
+    extra: dict[str, float] = field(default_factory=dict)
+    task: str = "binary"
+
+    @property
+    def binary_scores(self) -> bool:
+        """Whether ``scores`` are one P(class 1) per unit (binary histograms apply)."""
+        return self.task == "binary"
 
 
 def _image_predictions(
@@ -84,7 +111,16 @@ def _image_predictions(
             for start in range(0, len(images), batch_size):
                 x = images[start : start + batch_size].to(device)
                 y = labels[start : start + batch_size].to(device)
+                if task.info.target is TargetKind.SELF:  # reconstruction: the loss alone
+                    losses = task.model_loss(model, x)  # type: ignore[attr-defined]
+                    loss_sum += float(losses.sum())
+                    preds.append(losses.detach().cpu())
+                    continue
                 logits = model(x)
+                if task.info.target is TargetKind.MASK:
+                    loss_sum += float(task.per_sample_loss(logits, y).sum())
+                    preds.append(logits.argmax(dim=1).cpu())
+                    continue
                 if logits.ndim != 2:
                     raise ConfigError(
                         f"evaluate scores classifiers ([B, {outputs}] logits); this model "
@@ -168,10 +204,8 @@ def evaluate(
         do not fit the task.
     """
     task = BINARY if task is None else task
-    if task.info.name not in SCORED_TASKS:
-        raise ConfigError(f"evaluate scores the {' and '.join(SCORED_TASKS)} tasks, "
-                          f"not {task.info.name}")
-    labels = labels.reshape(-1).long()
+    if task.info.name in SCORED_TASKS:
+        labels = labels.reshape(-1).long()
     if len(images) == 0:
         raise ConfigError("nothing to evaluate: no images")
     if len(images) != len(labels):
@@ -182,6 +216,8 @@ def evaluate(
     dev = device if isinstance(device, torch.device) else select_device(device)
     model.to(dev)
     loss, scores = _image_predictions(model, images, labels, dev, batch_size, task, outputs)
+    if task.info.name not in SCORED_TASKS:
+        return _task_result(task, loss, scores, labels, patient_index)
     unit_labels = labels.cpu().numpy().astype(np.int64)
     if patient_index is not None:
         index = patient_index.reshape(-1).cpu().numpy()
@@ -197,4 +233,51 @@ def evaluate(
         num_examples=len(unit_labels),
         scores=scores,
         labels=unit_labels,
+        task=task.info.name,
     )
+
+
+def _dice_per_patient(masks: np.ndarray, truth: np.ndarray, patients: np.ndarray) -> np.ndarray:
+    """Foreground Dice per patient over all its slices (1 when both masks are empty)."""
+    out = []
+    for pid in np.unique(patients):
+        pred = masks[patients == pid] > 0
+        true = truth[patients == pid] > 0
+        total = int(pred.sum()) + int(true.sum())
+        out.append(1.0 if total == 0 else 2.0 * float((pred & true).sum()) / total)
+    return np.asarray(out)
+
+
+def _task_result(task: Task, loss: float, scores: np.ndarray, labels: torch.Tensor,
+                 patient_index: torch.Tensor | None) -> EvalResult:
+    """Metrics of the tasks :func:`evaluate` does not score by accuracy and AUC alone."""
+    name, target = task.info.name, task.info.target
+    truth = labels.cpu().numpy()
+    index = (np.arange(len(truth)) if patient_index is None
+             else patient_index.reshape(-1).cpu().numpy())
+    accuracy = auc = math.nan
+    extra: dict[str, float] = {}
+    if target is TargetKind.MASK:
+        dice = _dice_per_patient(scores, truth, index)
+        extra[k.EVAL_DICE] = float(dice.mean())
+        return EvalResult(loss, accuracy, auc, len(dice), dice, np.zeros(len(dice), np.int64),
+                          extra, name)
+    if target is TargetKind.SELF:
+        units = np.unique(index).size
+        per_unit = np.asarray([scores[index == pid].mean() for pid in np.unique(index)])
+        return EvalResult(loss, accuracy, auc, units, per_unit, np.zeros(units, np.int64),
+                          extra, name)
+    unit_scores, unit_labels = task.patient_prediction(scores, truth, index)
+    if target is TargetKind.GRADE:
+        grades = (unit_scores >= THRESHOLD).sum(axis=1)
+        accuracy = float(np.mean(grades == unit_labels))
+        extra[k.EVAL_MAE_GRADE] = float(np.mean(np.abs(grades - unit_labels)))
+    elif target is TargetKind.CLASSES:
+        accuracy = float(np.mean((unit_scores >= THRESHOLD) == (unit_labels > 0)))
+        present = [j for j in range(unit_labels.shape[1]) if len(np.unique(unit_labels[:, j])) == 2]
+        if len(present) == unit_labels.shape[1]:
+            auc = float(roc_auc_score(unit_labels, unit_scores, average="macro"))
+    elif target is TargetKind.VALUE:
+        extra[k.EVAL_MAE] = float(np.mean(np.abs(unit_scores - unit_labels)))
+    return EvalResult(loss, accuracy, auc, len(unit_labels), unit_scores, unit_labels, extra,
+                      name)

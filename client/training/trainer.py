@@ -82,6 +82,15 @@ module's layers directly is not seen by them. "ghost" works with a model that al
 ProgressFn = Callable[[int, int], None]
 """Called as ``progress(steps_done, steps_total)`` after every optimiser step."""
 
+OutputLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""A task's per-sample loss of ``(outputs, targets)``: a ``[B]`` tensor whose row ``i``
+depends on row ``i`` only (:meth:`common.tasks.Task.per_sample_loss`)."""
+
+InputLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+"""A per-sample loss computed from the model and its inputs, ``(model, inputs, targets) ->
+[B]`` (self-supervised reconstruction: :meth:`common.tasks.reconstruction.ReconstructionTask.
+model_loss`)."""
+
 
 @dataclass(frozen=True)
 class TrainResult:
@@ -209,8 +218,8 @@ class _PerSampleLoss:
     ``(inputs, targets)`` and honours ``reduction``.
     """
 
-    def __init__(self, model: nn.Module) -> None:
-        self._per_sample = model.dp_loss_per_sample
+    def __init__(self, per_sample: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+        self._per_sample = per_sample
         self.reduction = "mean"
 
     def __call__(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -218,6 +227,24 @@ class _PerSampleLoss:
         if self.reduction == "none":
             return per_sample
         return per_sample.sum() if self.reduction == "sum" else per_sample.mean()
+
+
+class _OutputCriterion:
+    """Criterion over a task's per-sample loss of the outputs, honouring ``reduction``.
+
+    Opacus's ghost clipping sets ``reduction = "none"`` on the criterion it wraps to get the
+    per-sample losses; the other paths use the batch mean (or the "direct" engine's sum).
+    """
+
+    def __init__(self, per_sample: OutputLoss) -> None:
+        self._per_sample = per_sample
+        self.reduction = "mean"
+
+    def __call__(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        losses: torch.Tensor = self._per_sample(outputs, targets)
+        if self.reduction == "none":
+            return losses
+        return losses.sum() if self.reduction == "sum" else losses.mean()
 
 
 class _ModelLoss:
@@ -246,10 +273,12 @@ class _ModelLoss:
     """
 
     def __init__(
-        self, model: nn.Module, criterion: Any, pad_multiple: int = 1, reduction: str = "mean"
+        self, model: nn.Module, criterion: Any, pad_multiple: int = 1, reduction: str = "mean",
+        *, own_loss: bool = True,
     ) -> None:
         inner = getattr(model, "_module", model)
-        self._dp_loss = getattr(inner, "dp_loss", None)
+        # A task's loss (own_loss=False) replaces the model's own dp_loss.
+        self._dp_loss = getattr(inner, "dp_loss", None) if own_loss else None
         self._model = model
         self._criterion = criterion
         # Ghost clipping wraps the criterion; a _PerSampleLoss criterion takes the inputs.
@@ -261,7 +290,8 @@ class _ModelLoss:
         """The real samples of the last batch (the first rows of a padded one)."""
         self._sum = reduction == "sum"
         cross_entropy = (not self._inputs_criterion and not callable(self._dp_loss)
-                         and isinstance(criterion, nn.CrossEntropyLoss) and criterion.reduction == "mean")
+                         and isinstance(criterion, (nn.CrossEntropyLoss, _OutputCriterion))
+                         and criterion.reduction == "mean")
         if reduction not in ("mean", "sum") or (self._sum and not cross_entropy):
             raise ValueError("a summed loss needs the cross-entropy criterion path")
         if pad_multiple > 1 and not self._sum:
@@ -336,6 +366,8 @@ def train_dp(
     grad_sample_mode: str | None = None,
     progress: ProgressFn | None = None,
     momentum: float = 0.9,
+    output_loss: OutputLoss | None = None,
+    input_loss: InputLoss | None = None,
 ) -> TrainResult:
     """Train a copy of ``model`` with DP-SGD (or plain SGD) and return its weights.
 
@@ -385,6 +417,14 @@ def train_dp(
         ``progress(steps_done, steps_total)`` after each step.
     momentum : float, optional
         SGD momentum.
+    output_loss : callable, optional
+        The task's per-sample loss of ``(outputs, targets)`` (:data:`OutputLoss`); replaces
+        cross-entropy and the model's own ``dp_loss``.
+    input_loss : callable, optional
+        A per-sample loss of ``(model, inputs, targets)`` (:data:`InputLoss`, e.g.
+        reconstruction); replaces cross-entropy and the model's own ``dp_loss``. At most one
+        of ``output_loss`` and ``input_loss``; with neither, the model's ``dp_loss`` or
+        cross-entropy (the classification default).
 
     Returns
     -------
@@ -397,6 +437,9 @@ def train_dp(
         For invalid arguments.
     """
     grad_sample_mode = resolve_grad_sample_mode(model, grad_sample_mode)
+    if output_loss is not None and input_loss is not None:
+        raise ConfigError("give train_dp an output_loss or an input_loss, not both")
+    task_loss = output_loss is not None or input_loss is not None
     if not isinstance(dataset, Sized):
         raise ConfigError("dataset must be a map-style dataset with a length")
     num_records = len(dataset)
@@ -411,12 +454,15 @@ def train_dp(
         grad_sample_mode=grad_sample_mode,
     )
     ghost_per_sample = (
-        private and grad_sample_mode == "ghost"
+        private and grad_sample_mode == "ghost" and not task_loss
         and callable(getattr(model, "dp_loss_per_sample", None))
     )
+    if private and grad_sample_mode == "ew" and input_loss is not None:
+        raise ConfigError("grad_sample_mode='ew' cannot train on a loss of the model's inputs; "
+                          "use 'hooks', 'functorch', 'ghost' or 'direct'")
     if (
         private and grad_sample_mode in _WRAPPER_FORWARD_MODES and not ghost_per_sample
-        and callable(getattr(model, "dp_loss", None))
+        and not task_loss and callable(getattr(model, "dp_loss", None))
     ):
         raise ConfigError(
             f"grad_sample_mode={grad_sample_mode!r} cannot train a model with its own dp_loss "
@@ -430,14 +476,26 @@ def train_dp(
     net = copy.deepcopy(model).to(dev)
     net.train()
     optimizer = torch.optim.SGD(net.parameters(), lr=learning_rate, momentum=momentum)
-    criterion: Any = _PerSampleLoss(net) if ghost_per_sample else nn.CrossEntropyLoss()
+    criterion: Any
+    if input_loss is not None:
+        def on_inputs(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            return input_loss(net, inputs, targets)
+
+        criterion = _PerSampleLoss(on_inputs)
+    elif output_loss is not None:
+        criterion = _OutputCriterion(output_loss)
+    elif ghost_per_sample:
+        criterion = _PerSampleLoss(net.dp_loss_per_sample)
+    else:
+        criterion = nn.CrossEntropyLoss()
+    own_loss = not task_loss
     loader: DataLoader[Any] = DataLoader(
         dataset, batch_size=batch_size, shuffle=True, generator=_generator(seed, 0)
     )
 
     if not private:
         loss, steps = _run_epochs(
-            _ModelLoss(net, criterion), optimizer, loader, dev, epochs, progress,
+            _ModelLoss(net, criterion, own_loss=own_loss), optimizer, loader, dev, epochs, progress,
             skip_empty_forward=False,
         )
         logger.warning("non-private training: the released weights carry no DP guarantee")
@@ -460,7 +518,8 @@ def train_dp(
     direct = None
     # the direct engine, for a model without dp_loss, back-propagates the summed loss (its
     # per-sample gradients need no scaling) over padded batches (see _ModelLoss)
-    summed_loss = grad_sample_mode == "direct" and not callable(getattr(net, "dp_loss", None))
+    summed_loss = grad_sample_mode == "direct" and input_loss is None and (
+        output_loss is not None or not callable(getattr(net, "dp_loss", None)))
     if grad_sample_mode == "direct":  # our per-sample engine, Opacus's optimizer and loader
         direct, dp_optimizer, dp_loader = make_private_direct(
             engine, module=net, optimizer=optimizer, data_loader=loader,
@@ -487,9 +546,10 @@ def train_dp(
             dp_model, dp_optimizer, dp_loader = wrapped
     rate = float(dp_loader.sample_rate)  # type: ignore[attr-defined]  # DPDataLoader
     if summed_loss:
-        batch_loss = _ModelLoss(dp_model, criterion, pad_multiple=DIRECT_PAD_MULTIPLE, reduction="sum")
+        batch_loss = _ModelLoss(dp_model, criterion, pad_multiple=DIRECT_PAD_MULTIPLE,
+                                reduction="sum", own_loss=own_loss)
     else:
-        batch_loss = _ModelLoss(dp_model, criterion)
+        batch_loss = _ModelLoss(dp_model, criterion, own_loss=own_loss)
     after_backward: Callable[[], None] | None = None
     if direct is not None:
         hooks = direct

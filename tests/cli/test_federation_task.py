@@ -65,17 +65,23 @@ def test_a_model_that_does_not_serve_the_task_is_refused_naming_those_that_do() 
         _config(model="unet", task="multiclass", num_classes=3)
 
 
-def test_tasks_not_yet_federated_are_refused() -> None:
-    assert FEDERATED_TASKS == ("binary", "multiclass")
-    with pytest.raises(ConfigError, match="not yet trained by a federation") as info:
-        federated_task("ordinal", "cnn")
-    assert "not served by federated runs" in info.value.safe_reason
+def test_every_registered_task_is_federated_and_unknown_ones_are_refused() -> None:
+    from common.tasks import list_tasks
+
+    assert set(FEDERATED_TASKS) == {t.info.name for t in list_tasks()}
     with pytest.raises(ConfigError, match="unknown task"):
         federated_task("nonsense")
 
 
+def test_a_sample_kind_the_model_does_not_read_is_refused_naming_those_it_does() -> None:
+    with pytest.raises(ConfigError, match="it serves it on: volume-3d"):
+        _config(model="cnn3d", task="binary", samples="image-2d")
+    with pytest.raises(ConfigError, match="image-2d, volume-3d, series"):
+        _config(model="lstm", task="binary", samples="nonsense")
+
+
 @pytest.mark.parametrize(("args", "expected"), [
-    (["--task", "ordinal"], "--task"),
+    (["--task", "clustering"], "--task"),
     (["--task", "binary", "--num-classes", "3"], "binary task has 2 classes"),
     (["--task", "multiclass", "--num-classes", "1"], "--num-classes"),
 ])
@@ -106,7 +112,7 @@ def test_cross_validation_of_a_multiclass_task_is_refused_before_starting(tmp_pa
 @pytest.mark.parametrize("command", ["run", "cv"])
 def test_help_lists_the_federated_tasks(command: str) -> None:
     result = CliRunner().invoke(app, ["federation", command, "--help"], terminal_width=200)
-    assert result.exit_code == 0 and "[binary|multiclass]" in result.output
+    assert result.exit_code == 0 and "multiclass|ordinal|multilabel|regression" in result.output
     assert "--num-classes" in result.output
 
 

@@ -95,9 +95,9 @@ def test_labels_that_do_not_fit_the_task_are_refused_with_a_safe_reason(
     assert reply.error.reason.startswith("[h1]")
 
 
-def test_a_task_not_yet_federated_is_refused_before_reading_data(tmp_path: Path) -> None:
-    # Prepare: a node whose data folder does not even exist
-    plan = dataclasses.replace(PLAN, task="ordinal")
+def test_a_task_the_model_does_not_serve_is_refused_before_reading_data(tmp_path: Path) -> None:
+    # Prepare: a node whose data folder does not even exist; the cnn has no segmentation head
+    plan = dataclasses.replace(PLAN, task="segmentation")
     ctx = node_context({"data-dir": str(tmp_path / "none"), "site-name": "h1"})
     config = ConfigRecord({**plan.to_record(), k.SPLIT: k.SPLIT_VAL})
     msg = incoming(RecordDict({k.ARRAYS: multiclass_arrays(0), k.CONFIG: config}),
@@ -105,7 +105,7 @@ def test_a_task_not_yet_federated_is_refused_before_reading_data(tmp_path: Path)
     # Execute
     reply = build_client_app()(msg, ctx)
     # Assert
-    assert reply.has_error() and "ordinal task is not served by federated runs" in reply.error.reason
+    assert reply.has_error() and "does not serve the task" in reply.error.reason
 
 
 def test_weights_of_another_class_count_are_refused(site: Path) -> None:

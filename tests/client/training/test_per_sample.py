@@ -915,7 +915,7 @@ def test_padding_and_summing_are_only_for_the_cross_entropy_path() -> None:
         trainer_module._ModelLoss(model, nn.CrossEntropyLoss(), reduction="sum")
     cnn = build_model("cnn", in_channels=1, num_classes=2, image_size=16)
     autoencoder = build_model("autoencoder", in_channels=1, num_classes=2, image_size=16)
-    for criterion in (trainer_module._PerSampleLoss(autoencoder), nn.MSELoss(),
+    for criterion in (trainer_module._PerSampleLoss(autoencoder.dp_loss_per_sample), nn.MSELoss(),
                       nn.CrossEntropyLoss(reduction="sum")):
         with pytest.raises(ValueError, match="cross-entropy"):
             trainer_module._ModelLoss(cnn, criterion, reduction="sum")
