@@ -103,6 +103,26 @@ def print_multiclass_inference(section: dict[str, Any]) -> None:
         console.print(f"  [yellow]pooled inference failed: {section.get('reason')}[/yellow]")
 
 
+def print_task_inference(section: dict[str, Any], view: Any) -> None:
+    """A task's pooled test inference as ``(metric, value)`` rows (:mod:`server.report_tasks`)."""
+    rows = view.rows(section)
+    if rows:
+        t = table(f"Pooled test inference ({section.get('task')}) over "
+                  f"{len(section.get('sites', []))} site(s), n={section.get('n', 0)} (95% CI)",
+                  ["metric", "estimate (95% CI)"])
+        for name, value in rows:
+            t.add_row(escape(str(name)), escape(str(value)))
+        console.print(t)
+    for fail in section.get("failures", []):
+        console.print(f"  [yellow]{fail.get('query')}: {escape(str(fail.get('reason')))}[/yellow]")
+    for key in ("note", "metrics_note", "auc_note"):
+        if section.get(key):
+            console.print(f"  [yellow]{escape(str(section[key]))}[/yellow]")
+    if section.get("status") in ("failed", "not applicable") and section.get("reason"):
+        console.print(f"  [yellow]pooled inference {section['status']}: "
+                      f"{escape(str(section.get('reason')))}[/yellow]")
+
+
 def print_inference(section: Any) -> None:
     """Pooled test metrics with 95% confidence intervals at the operating point (``inference``).
 
@@ -113,6 +133,12 @@ def print_inference(section: Any) -> None:
         return
     if section.get("task") == "multiclass":
         print_multiclass_inference(section)
+        return
+    from server.report_tasks import task_view
+
+    view = task_view(section.get("task"))
+    if view is not None:
+        print_task_inference(section, view)
         return
     metrics = section.get("metrics") or {}
     if metrics:
@@ -145,15 +171,20 @@ def print_report(doc: dict[str, Any]) -> None:
     """Per-round metrics, per-site privacy spend and the final pooled test AUC."""
     selection = doc.get("model_selection") or {}
     final_round = selection.get("final_round")
-    multiclass = (doc.get("config") or {}).get(k.TASK) == "multiclass"
+    from server.report_tasks import round_metrics, round_value
+
+    task = (doc.get("config") or {}).get(k.TASK, "binary")
+    multiclass = task == "multiclass"
+    shown = round_metrics(task)
+    titles = {"binary": ["AUC", "accuracy at 0.5"],
+              "multiclass": ["macro AUC (one-vs-rest)", "accuracy"]}.get(
+                  task, [name.removeprefix("val ") for name, _ in shown])
     rounds = table("Federated evaluation (validation splits)",
-                   ["round", "macro AUC (one-vs-rest)" if multiclass else "AUC",
-                    "accuracy" if multiclass else "accuracy at 0.5", "loss", "train loss"])
+                   ["round", *titles, "loss", "train loss"])
     for r in doc.get("rounds", []):
         m = r["metrics"]
-        auc = m.get(k.AUC_POOLED, m.get(k.AUC))
         mark = " ◀ final" if r["round"] == final_round else ""
-        rounds.add_row(f"{r['round']}{mark}", fmt(auc), fmt(m.get(k.ACCURACY)),
+        rounds.add_row(f"{r['round']}{mark}", *[fmt(round_value(m, key)) for _, key in shown],
                        fmt(m.get(k.LOSS), ".4f"), fmt(m.get(k.TRAIN_LOSS), ".4f"))
     console.print(rounds)
     if final_round is not None:
@@ -173,7 +204,7 @@ def print_report(doc: dict[str, Any]) -> None:
     for row in doc.get("excluded", []):
         console.print(f"[yellow]excluded node {row['node_id']}: {escape(str(row['reason']))}[/yellow]")
     final = doc.get("final")
-    if final:
+    if final and task in ("binary", "multiclass"):
         per_site = ", ".join(f"{s['site']} {fmt(s.get(k.AUC))}" for s in final.get("sites", []))
         pooled = final.get("auc_pooled")
         if multiclass:

@@ -41,9 +41,10 @@ def round_line(summary: Mapping[str, Any], total: int, *, task: str = "binary") 
     eps = ", ".join(f"{row.get('site')} ε={fmt_epsilon(row.get(k.EPSILON), '.2f')}" for row in trained)
     # The pooled AUC when the nodes released histograms (the table and the model selection use
     # it too), else the patient-weighted mean of the sites' AUCs.
-    auc = m.get(k.AUC_POOLED, m.get(k.AUC))
-    line = (f"round {summary.get('round')}/{total}: val AUC {fmt(auc)}  "
-            f"{'acc' if task == 'multiclass' else 'acc@0.5'} {fmt(m.get(k.ACCURACY))}  loss {fmt(m.get(k.LOSS), '.4f')}  |  "
+    from server.report_tasks import round_metrics, round_value
+
+    shown = "".join(f"{name} {fmt(round_value(m, key))}  " for name, key in round_metrics(task))
+    line = (f"round {summary.get('round')}/{total}: {shown}loss {fmt(m.get(k.LOSS), '.4f')}  |  "
             f"{eps or 'no site trained'}")
     for err in summary.get("errors") or []:
         site, reason = str(err.get("site")), str(err.get("reason"))

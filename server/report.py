@@ -93,6 +93,20 @@ def _multiclass_lines(extra: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _task_lines(extra: dict[str, Any]) -> list[str]:
+    """A task's own summary lines (:mod:`server.report_tasks`), when it has a view."""
+    from server.report_tasks import task_view
+
+    inference = extra.get("inference")
+    view = task_view(inference.get("task")) if isinstance(inference, dict) else None
+    if view is None or not isinstance(inference, dict):
+        return []
+    try:
+        return list(view.summary(inference))
+    except Exception as exc:  # noqa: BLE001 - a summary line must never lose the report
+        return [f"(the {view.key} summary could not be written: {type(exc).__name__})"]
+
+
 def _operating_point_lines(extra: dict[str, Any]) -> list[str]:
     """The operating point and the test metrics at it, for ``summary.txt``."""
     inference = extra.get("inference")
@@ -268,6 +282,7 @@ class RunReport:
             elif k.AUC in fm:
                 lines.append(f"final test AUC (mean of sites, weighted): {fm[k.AUC]:.3f}")
         lines.extend(_multiclass_lines(self.extra))
+        lines.extend(_task_lines(self.extra))
         lines.extend(_operating_point_lines(self.extra))
         return "\n".join(lines)
 

@@ -149,7 +149,40 @@ def _intro(report: Mapping[str, Any], inf: Mapping[str, Any]) -> str:
     return out
 
 
-def build_html(report: Mapping[str, Any]) -> str:
+def _overlays(report: Mapping[str, Any], path: Path) -> str:
+    """Segmentation overlays of the final model on synthetic phantoms (no patient image)."""
+    from common.config import TrainPlan
+    from server.report_task_measures import segmentation_overlays_html
+
+    inf = report.get("inference") or {}
+    checkpoint = path.parent / "checkpoints" / "final.pt"
+    if not (isinstance(inf, Mapping) and inf.get("task") == "segmentation"
+            and checkpoint.is_file()):
+        return ""
+    import torch
+
+    plan = TrainPlan.from_record(dict(report.get("config") or {}))
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    return tables.safe(lambda: segmentation_overlays_html(state, plan), "overlays")
+
+
+def _task_parts(report: Mapping[str, Any], inf: Mapping[str, Any],
+                overlays_html: str) -> tuple[str | None, str]:
+    """``(headline, section)`` of a task with its own view (:mod:`server.report_tasks`)."""
+    from server.report_tasks import task_view
+
+    view = task_view(inf.get("task"))
+    if view is None:
+        return None, ""
+    lines = tables.safe(lambda: "\n".join(view.summary(inf)), "summary")
+    head, _, rest = lines.partition("\n")
+    headline = (f'<p class="headline">{html.escape(head)}</p>'
+                + "".join(f"<p>{html.escape(line)}</p>" for line in rest.split("\n") if line))
+    body = tables.safe(lambda: view.html(inf, overlays_html), view.title)
+    return headline, _section(view.key, body, view.title)
+
+
+def build_html(report: Mapping[str, Any], *, overlays_html: str = "") -> str:
     """The full HTML page for ``report`` (see the module docstring for the schema).
 
     Also accepted, as produced by the coordinator's pooled-metrics flow: a top-level ``auc``
@@ -161,7 +194,9 @@ def build_html(report: Mapping[str, Any]) -> str:
     if not isinstance(inf, Mapping):
         inf = {}
     parts = [_intro(report, inf)]
-    parts.append(_section("result", tables.safe(lambda: headline_section(report), "headline")))
+    task_headline, task_section = _task_parts(report, inf, overlays_html)
+    parts.append(_section("result", task_headline if task_headline is not None else
+                          tables.safe(lambda: headline_section(report), "headline")))
     if report.get("privacy") or report.get("sites"):
         parts.append(_section("privacy", tables.safe(
             lambda: privacy_section(report, tables.img), "privacy section")))
@@ -174,7 +209,13 @@ def build_html(report: Mapping[str, Any]) -> str:
     performance = tables.performance(inf)
     if performance:
         parts.append(_section("performance", performance))
+    if task_section:
+        parts.append(task_section)
     figs = []
+    if inf.get("task") == "multiclass" and isinstance(inf.get("multiclass"), Mapping):
+        from server.report_task_classes import multiclass_plots_html
+
+        figs.append(tables.safe(lambda: multiclass_plots_html(inf), "multiclass plots"))
     roc = inf.get("roc")
     if isinstance(roc, Mapping) and (roc.get("pooled") or roc.get("sites")):
         who = "held-out" if report.get("kind") == "cross-validation" else "test"
@@ -206,7 +247,8 @@ def build_html(report: Mapping[str, Any]) -> str:
     if isinstance(inf.get("glm"), Mapping):
         parts.append(_section("glm", tables.safe(lambda: tables.glm(inf["glm"]), "GLM table"),
                               "Logistic regression (federated Newton–Raphson)"))
-    rest = [(key, v) for key, v in inf.items() if key not in _HANDLED
+    own = {inf.get("task")} if task_section else set()
+    rest = [(key, v) for key, v in inf.items() if key not in _HANDLED and key not in own
             and not key.startswith("meta_") and not tables.empty(v)]
     scalars = {key: v for key, v in rest if not isinstance(v, (Mapping, list))}
     if scalars:
@@ -280,7 +322,7 @@ def render_report_html(report: Mapping[str, Any], path: Path) -> Path:
         ``path``.
     """
     path = Path(path)
-    page = build_html(report)
+    page = build_html(report, overlays_html=_overlays(report, path))
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".report-", suffix=".html.tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:

@@ -1,0 +1,104 @@
+"""What the report shows for each task's pooled inference (a small registry).
+
+``report.html``, ``summary.txt`` and the terminal look a run's task up here instead of
+branching on its name. A task's :class:`TaskView` names the inference sub-section its
+module writes (``inference[<key>]``) and the functions that render it: an HTML section
+(:mod:`server.report_task_classes`, :mod:`server.report_task_measures`), plain-text summary
+lines, and ``(label, value)`` rows for the terminal. The binary task keeps its own, richer
+report (operating point, calibration); the multi-class one adds its plots to the generic
+tables.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from server import report_task_classes as classes
+from server import report_task_measures as measures
+
+__all__ = ["ROUND_METRICS", "TaskView", "round_metrics", "round_value", "task_view"]
+
+Section = Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class TaskView:
+    """How one task's inference section is shown.
+
+    Attributes
+    ----------
+    key : str
+        The sub-section of ``inference`` the task writes (``"ordinal"``, ...).
+    title : str
+        The report section's title.
+    html : callable
+        ``html(section, overlays_html) -> str``: the section's HTML.
+    summary : callable
+        ``summary(section) -> list[str]``: lines for ``summary.txt`` (the first is the
+        headline).
+    rows : callable
+        ``rows(section) -> list[tuple[str, str]]``: the terminal's table rows.
+    """
+
+    key: str
+    title: str
+    html: Callable[[Section, str], str]
+    summary: Callable[[Section], list[str]]
+    rows: Callable[[Section], list[tuple[str, str]]]
+
+
+def _ignore_overlays(render: Callable[[Section], str]) -> Callable[[Section, str], str]:
+    def html(section: Section, overlays_html: str) -> str:
+        return render(section)
+
+    return html
+
+
+_VIEWS = {
+    "ordinal": TaskView("ordinal", "Ordinal grading (pooled test patients)",
+                        _ignore_overlays(classes.ordinal_section_html),
+                        classes.ordinal_summary_lines, classes.ordinal_rows),
+    "multilabel": TaskView("multilabel", "Findings (pooled test patients)",
+                           _ignore_overlays(classes.multilabel_section_html),
+                           classes.multilabel_summary_lines, classes.multilabel_rows),
+    "regression": TaskView("regression", "Agreement with the reference (pooled test patients)",
+                           _ignore_overlays(measures.regression_section_html),
+                           measures.regression_summary_lines, measures.regression_rows),
+    "segmentation": TaskView("segmentation", "Segmentation (pooled test patients)",
+                             measures.segmentation_section_html,
+                             measures.segmentation_summary_lines,
+                             measures.segmentation_rows),
+}
+
+
+def task_view(task: Any) -> TaskView | None:
+    """The view of ``task``'s inference section, or None (binary, multi-class, others)."""
+    return _VIEWS.get(str(task)) if task is not None else None
+
+
+ROUND_METRICS: dict[str, tuple[tuple[str, str], ...]] = {
+    "binary": (("val AUC", "auc"), ("acc@0.5", "accuracy")),
+    "multiclass": (("val macro AUC", "auc"), ("acc", "accuracy")),
+    "ordinal": (("exact grade", "accuracy"), ("grade MAE", "mae-grade")),
+    "multilabel": (("val macro AUC", "auc"), ("finding acc@0.5", "accuracy")),
+    "regression": (("val MAE", "mae"),),
+    "segmentation": (("val Dice", "dice"),),
+    "reconstruction": (),
+}
+"""Per task, the validation metrics a round shows beside its loss: ``(label, metric key)``
+(``auc`` reads the pooled AUC when the round has one; keys of
+:mod:`client.training.evaluate`'s replies)."""
+
+
+def round_metrics(task: Any) -> tuple[tuple[str, str], ...]:
+    """``ROUND_METRICS`` of ``task`` (the binary ones for an unknown task)."""
+    return ROUND_METRICS.get(str(task), ROUND_METRICS["binary"])
+
+
+def round_value(metrics: Mapping[str, Any], key: str) -> Any:
+    """A round's value of ``key``: the pooled AUC (where released) for ``auc``."""
+    if key == "auc":
+        return metrics.get("auc-pooled", metrics.get("auc"))
+    return metrics.get(key)
