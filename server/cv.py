@@ -90,13 +90,13 @@ from flwr.serverapp import Grid, ServerApp
 from common import messages as k
 from common.config import RunConfig, _get
 from common.errors import ConfigError, VesaliusError
-from common.models import build_model
 from common.stats.auc import auc_ci, delong_from_sums, node_placement_sums
 from common.stats.bins import fine_score_edges, uniform_edges
 from common.stats.estimate import Estimate
 from common.stats.histogram import auc_from_histograms
 from common.stats.meta import random_effects
 from common.stats.metrics import classification_metrics
+from server import cv_tasks
 from server.inference import QueryRound, query_nodes
 from server.progress import DelegatingGrid, ProgressCallback, track_progress
 from server.report import RunReport, atomic_write, json_safe
@@ -108,6 +108,13 @@ REPORT_JSON = "report.json"
 REPORT_HTML = "report.html"
 ALPHA = 0.05
 THRESHOLD_METRICS = ("accuracy", "sensitivity", "specificity")
+_NOT_COVERED = {
+    "binary": "held-out score histograms are released without noise",
+    "reconstruction": "held-out evaluate metrics (each node's loss) are released without noise",
+    **{task: "held-out statistics are released under each node's release rules (noise only "
+       "where the node adds it)"
+       for task in ("multiclass", "ordinal", "multilabel", "regression", "segmentation")},
+}
 
 
 # --- what to run ------------------------------------------------------------------------------
@@ -270,6 +277,8 @@ class FoldOutcome:
     summary: dict[str, Any] = field(default_factory=dict)
     sites: list[dict[str, Any]] = field(default_factory=list)
     query_failures: list[dict[str, Any]] = field(default_factory=list)
+    task: str = "binary"
+    section: dict[str, Any] | None = None
 
     def errors(self, names: Mapping[int, str]) -> list[dict[str, Any]]:
         """Refusals and failures of the fold, named by site where the coordinator knows it."""
@@ -289,6 +298,8 @@ class FoldOutcome:
 
     def row(self) -> dict[str, Any]:
         """The fold's row of ``inference.cv.folds`` (one line of the CV table)."""
+        if self.task != "binary":
+            return cv_tasks.fold_row(self, self.task)
         s = self.summary
         return {
             "fold": self.fold,
@@ -303,6 +314,8 @@ class FoldOutcome:
 
     def details(self, names: Mapping[int, str]) -> dict[str, Any]:
         """The fold's entry of ``inference.cv.fold_details``: reasons, per-site results."""
+        if self.task != "binary":
+            return cv_tasks.fold_details(self, self.task, names)
         extra = self.summary.get("extra") or {}
         per_site: list[dict[str, Any]] = list(extra.get("auc_sites") or [])
         if self.heldout is not None:
@@ -337,14 +350,16 @@ def _finite(value: object) -> float | None:
 def fold_initial_arrays(config: RunConfig, fold: int) -> ArrayRecord:
     """A fresh global model for ``fold``: seeded by the run seed and the fold number.
 
-    A private generator is used (the global torch RNG is restored afterwards), so folds do not
-    depend on each other's history.
+    The run's own :func:`server.app.initial_arrays` (the task's outputs, the plan's sample
+    dimensionality, ``init-from``) with the seed ``seed * 1009 + 7919 * (fold + 1)``. The
+    global torch RNG is restored afterwards, so folds do not depend on each other's history.
     """
+    from server.app import initial_arrays  # server.app imports this module
+
     plan = config.plan
+    seeded = replace(config, plan=replace(plan, seed=plan.seed * 1009 + 7919 * (fold + 1)))
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(plan.seed * 1009 + 7919 * (fold + 1))
-        model = build_model(plan.model, in_channels=1, num_classes=2, image_size=plan.image_size)
-        return ArrayRecord(model.state_dict())
+        return initial_arrays(seeded)
 
 
 def _histograms(replies_metrics: list[MetricRecord]) -> tuple[np.ndarray, np.ndarray] | None:
@@ -520,7 +535,10 @@ def run_fold(
             (out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
             torch.save(result.arrays.to_torch_state_dict(), out_dir / "checkpoints" / "final.pt")
             eval_grid = grid if heldout_nodes is None else NodeSubsetGrid(grid, heldout_nodes)
-            _evaluate_fold(eval_grid, result.arrays, config, outcome)
+            if config.plan.task == "binary":
+                _evaluate_fold(eval_grid, result.arrays, config, outcome)
+            else:
+                cv_tasks.evaluate_task_fold(eval_grid, result.arrays, config, outcome)
         report.status, report.reason = outcome.status, outcome.reason
     except RunStopped as exc:  # every node refused (or on-refusal=stop): said, not a crash
         log.warning("fold %s stopped: %s", outcome.fold, exc)
@@ -624,7 +642,6 @@ class CVResult:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON document (see the module docstring of :mod:`server.cv`)."""
-        pooled = self.pooled()
         plan = self.config.plan
         return {
             "kind": "cross-validation",
@@ -644,25 +661,35 @@ class CVResult:
                 "scope": "per hospital, for the whole cross-validation: nodes plan and account "
                 "every fold against their cap; a fold's epsilon_by_site is the epsilon each "
                 "node released after that fold's last round",
-                "not_covered": "held-out score histograms are released without noise",
+                "not_covered": _NOT_COVERED.get(plan.task, _NOT_COVERED["binary"]),
             },
-            "inference": {
-                "roc": self.roc(),
-                "meta": self.meta(),
-                "cv": {
-                    "metric": "auc",
-                    "mode": self.mode,
-                    "num_folds": self.num_folds,
-                    "alpha": ALPHA,
-                    "auc_method": "AUC of the pooled per-class score histograms of the "
-                    "held-out patients; 95% CI by DeLong on the binned scores",
-                    "metric_ci_method": "wilson (threshold 0.5)",
-                    "folds": [f.row() for f in self.folds],
-                    "pooled": pooled,
-                    "fold_details": [f.details(self.site_names) for f in self.folds],
-                },
-            },
+            "inference": self._inference(),
             "html": str(self.html) if self.html is not None else None,
+        }
+
+    def _inference(self) -> dict[str, Any]:
+        """``report.json``'s ``inference``: the binary ROC/AUC pooling, or a task's metrics."""
+        task = self.config.plan.task
+        if task != "binary":
+            return {"roc": {}, "meta": {},
+                    "cv": cv_tasks.cv_section(self.folds, task, mode=self.mode,
+                                              num_folds=self.num_folds, alpha=ALPHA,
+                                              names=self.site_names)}
+        return {
+            "roc": self.roc(),
+            "meta": self.meta(),
+            "cv": {
+                "metric": "auc",
+                "mode": self.mode,
+                "num_folds": self.num_folds,
+                "alpha": ALPHA,
+                "auc_method": "AUC of the pooled per-class score histograms of the "
+                "held-out patients; 95% CI by DeLong on the binned scores",
+                "metric_ci_method": "wilson (threshold 0.5)",
+                "folds": [f.row() for f in self.folds],
+                "pooled": self.pooled(),
+                "fold_details": [f.details(self.site_names) for f in self.folds],
+            },
         }
 
     def write(self) -> Path:
@@ -784,7 +811,7 @@ def _run_folds(grid: Grid, config: RunConfig, spec: CVSpec, result: CVResult,
         fold_config = replace(config, plan=plan, out_dir=str(fold_dir))
         label = site if site else f"fold-{fold}"
         outcome = FoldOutcome(fold=fold, label=label, run_id=plan.run_id, directory=fold_dir,
-                              holdout_site=site)
+                              holdout_site=site, task=plan.task)
         result.folds.append(outcome)
         if progress is not None:
             progress(FoldEvent("start", fold, total, label, 0, plan.num_rounds))

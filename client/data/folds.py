@@ -3,12 +3,16 @@
 Every node applies the coordinator's :class:`~common.config.TrainPlan` to its own data:
 
 ``cv_mode == "kfold"``
-    All the node's labelled patients (train, validation and test splits of
+    All the node's patients (train, validation and test splits of
     :class:`~client.data.node_data.NodeData` together) are assigned to ``num_folds``
-    *stratified patient-level* folds: within each class, the class's patients, in their stable
+    *patient-level* folds. Where the task's target is a class or a grade (``binary``,
+    ``multiclass``, ``ordinal``: :attr:`common.tasks.base.TargetKind.CLASS` / ``GRADE``) the
+    folds are *stratified*: within each class, the class's patients, in their stable
     order, are permuted with a generator seeded by ``plan.seed`` and the class and dealt out
     round-robin; each class continues the deal where the previous one stopped, so fold sizes
-    differ by at most one patient overall and by at most one patient of each class. Fold
+    differ by at most one patient overall and by at most one patient of each class. For the
+    other targets (multi-hot findings, real values, masks, the image itself) all patients form
+    one stratum: one seeded permutation dealt round-robin (:func:`patient_folds`). Fold
     ``plan.fold`` is held out, the rest trains. The assignment depends only on the data and
     ``plan.seed`` -- never on ``plan.fold`` -- so the folds of one cross-validation are disjoint
     and cover every patient, and a patient's images never sit in two folds.
@@ -19,7 +23,7 @@ Every node applies the coordinator's :class:`~common.config.TrainPlan` to its ow
     The node's usual ``(train, val)`` splits.
 
 A patient's class, for stratification, is the largest label among its images (binary tasks:
-positive when any image is positive).
+positive when any image is positive; ordinal tasks: its highest grade).
 
 Stable order of patients: the train split, then validation, then test, each in
 (0010,0020) Patient ID order, as :func:`~client.data.node_data.load_node_data` builds them
@@ -36,13 +40,18 @@ import torch
 from client.data.node_data import NodeData, SplitArrays
 from common.config import TrainPlan
 from common.errors import ConfigError
+from common.tasks import get_task
+from common.tasks.base import TargetKind
 
 __all__ = [
     "concat_splits",
     "cv_splits",
     "empty_like",
+    "fold_assignment",
+    "patient_folds",
     "patient_labels",
     "stratified_folds",
+    "stratifies",
     "subset_patients",
 ]
 
@@ -105,7 +114,17 @@ def subset_patients(split: SplitArrays, patients: Sequence[int] | np.ndarray) ->
 
 
 def patient_labels(split: SplitArrays) -> np.ndarray:
-    """Each patient's class: the largest label among its images (int64, one per patient)."""
+    """Each patient's class: the largest label among its images (int64, one per patient).
+
+    Raises
+    ------
+    ValueError
+        The labels are not one integer class per image (multi-hot findings, real values or
+        masks have no class: use :func:`patient_folds` for them), or a patient has no image.
+    """
+    if split.labels.ndim != 1 or split.labels.is_floating_point():
+        raise ValueError("patient classes need one integer label per image, got labels of "
+                         f"shape {tuple(split.labels.shape)} and dtype {split.labels.dtype}")
     out = np.full(split.num_patients, -1, dtype=np.int64)
     np.maximum.at(out, split.patient_index.numpy(), split.labels.numpy())
     if split.num_patients and int(out.min()) < 0:
@@ -148,6 +167,44 @@ def stratified_folds(labels: np.ndarray, *, num_folds: int, seed: int) -> np.nda
     return folds
 
 
+def patient_folds(num_patients: int, *, num_folds: int, seed: int) -> np.ndarray:
+    """Fold number of each of ``num_patients`` patients, without strata.
+
+    One seeded permutation of the patients dealt round-robin (:func:`stratified_folds` with
+    every patient in one stratum), so fold sizes differ by at most one patient. For targets
+    that are no class: multi-hot findings, real values, masks, the image itself.
+    """
+    return stratified_folds(np.zeros(int(num_patients), dtype=np.int64),
+                            num_folds=num_folds, seed=seed)
+
+
+_STRATIFIED_TARGETS = (TargetKind.CLASS, TargetKind.GRADE)
+
+
+def stratifies(task: str) -> bool:
+    """Whether the k-fold folds of ``task`` are stratified (its target is a class or a grade).
+
+    An unknown task name is not stratified (its folds are still patient-level); the node
+    refuses an unknown task anyway when it loads its data.
+    """
+    try:
+        target = get_task(task).info.target
+    except ConfigError:  # an unknown task: plain folds (the data loader refuses it)
+        return False
+    return target in _STRATIFIED_TARGETS
+
+
+def fold_assignment(split: SplitArrays, *, task: str, num_folds: int, seed: int) -> np.ndarray:
+    """Fold number of each patient of ``split`` for a k-fold of ``task``.
+
+    Stratified by the patient's class (:func:`patient_labels`, :func:`stratified_folds`) where
+    :func:`stratifies` says so, else :func:`patient_folds`.
+    """
+    if stratifies(task):
+        return stratified_folds(patient_labels(split), num_folds=num_folds, seed=seed)
+    return patient_folds(split.num_patients, num_folds=num_folds, seed=seed)
+
+
 def _all_patients(data: NodeData) -> SplitArrays:
     return concat_splits([data.train, data.val, data.test])
 
@@ -178,7 +235,8 @@ def cv_splits(data: NodeData, *, plan: TrainPlan, site_name: str) -> tuple[Split
             return empty_like(everyone), everyone
         return everyone, empty_like(everyone)
     if plan.cv_mode == "kfold":
-        folds = stratified_folds(patient_labels(everyone), num_folds=plan.num_folds, seed=plan.seed)
+        folds = fold_assignment(everyone, task=plan.task, num_folds=plan.num_folds,
+                                seed=plan.seed)
         held = np.flatnonzero(folds == plan.fold)
         kept = np.flatnonzero(folds != plan.fold)
         return subset_patients(everyone, kept), subset_patients(everyone, held)
