@@ -47,14 +47,15 @@ log = logging.getLogger(__name__)
 RoundCallback = Callable[[RoundLog], None]
 
 
-def initial_arrays(config: RunConfig) -> ArrayRecord:
-    """The global model before round 1, seeded by the run config.
+def initial_model(config: RunConfig) -> tuple[torch.nn.Module, dict[str, Any] | None]:
+    """The global model before round 1, seeded by the run config, and how it was initialised.
 
     It has ``task.num_outputs(num-classes)`` outputs and the plan's sample dimensionality; a
     task, model or sample kind a federation cannot train is refused
     (:class:`~common.errors.ConfigError`) before any node is asked. With ``init-from`` the
     checkpoint's tensors of matching name and shape replace the seeded ones
-    (:func:`common.models.transfer.init_from`).
+    (:func:`common.models.transfer.init_from`); the second value then records the file's
+    SHA-256 and what was loaded (``report.json``'s ``init_from``), else it is None.
     """
     plan = config.plan
     task = federated_task(plan.task, plan.model)
@@ -63,11 +64,19 @@ def initial_arrays(config: RunConfig) -> ArrayRecord:
     torch.manual_seed(plan.seed)
     model = build_model(plan.model, in_channels=1, num_classes=outputs,
                         image_size=plan.image_size, spatial_dims=spatial_dims(plan.samples))
-    if config.init_from:
-        from common.models.transfer import init_from
+    if not config.init_from:
+        return model, None
+    from common.models.transfer import init_from
 
-        init_from(model, config.init_from)
-    return ArrayRecord(model.state_dict())
+    loaded = init_from(model, config.init_from)
+    return model, {"checkpoint": Path(config.init_from).name, "sha256": loaded.sha256,
+                   "tensors_loaded": loaded.num_loaded, "tensors_skipped": loaded.num_skipped,
+                   "kept_from_seed": list(loaded.kept)}
+
+
+def initial_arrays(config: RunConfig) -> ArrayRecord:
+    """The weights of :func:`initial_model`."""
+    return ArrayRecord(initial_model(config)[0].state_dict())
 
 
 def run_federation(
@@ -91,6 +100,9 @@ def run_federation(
         config = dataclasses.replace(config, plan=dataclasses.replace(config.plan, run_id=run_id))
     out_dir = Path(config.out_dir)
     report = RunReport(config=config)
+    start_model, init = initial_model(config)  # refuses a bad plan or checkpoint first
+    if init is not None:
+        report.extra["init_from"] = init
 
     def updated(entry: RoundLog, phase: str) -> None:
         if entry not in report.rounds:
@@ -129,7 +141,7 @@ def run_federation(
     try:
         result = runner.start(
             grid=grid,
-            initial_arrays=initial_arrays(config),
+            initial_arrays=ArrayRecord(start_model.state_dict()),
             num_rounds=config.plan.num_rounds,
             timeout=config.round_timeout,
             train_config=ConfigRecord(dict(plan_record)),
