@@ -53,6 +53,15 @@ Directory layout::
        "roc": {"pooled": {"pos", "neg"}, "sites": {"fold <k>": {"pos", "neg"}}},
        "meta": {"auc": DerSimonian-Laird over held-out sites (leave-one-site-out only)}}}
 
+Other tasks (:mod:`server.cv_tasks`): step 3 is the task's own pooled inference on the
+held-out split (reconstruction: the held-out loss of an evaluate round), and ``inference.cv``
+is ``{"task", "metric", "metrics": [names], "lower_is_better", "mode", "num_folds", "alpha",
+"folds": [{"fold", "held_out", "status", "n", <metric>: Estimate, "epsilon_by_site",
+"issues"}], "pooled": {"held_out", "n", <metric>: {value = mean over folds},
+"<metric>_mean", "<metric>_sd", "folds_included"}, "by_site": {site: {<metric>: {"mean",
+"sd", "n_folds", "folds", "values"}}}, "fold_details": [{..., "heldout_inference": the
+task's section}]}`` with ``roc`` and ``meta`` empty.
+
 ``Estimate`` is :meth:`common.stats.estimate.Estimate.as_dict` (``value, lower, upper, se, n,
 method``); undefined values are null. This is the ``inference`` schema of
 :mod:`server.report_html`, which renders ``report.html``.

@@ -185,7 +185,7 @@ def _estimate(value: object, *, method: str = "") -> dict[str, Any] | None:
             return None
         return {"value": point, "lower": _finite(value.get("lower")),
                 "upper": _finite(value.get("upper")), "se": _finite(value.get("se")),
-                "n": value.get("n"), "method": value.get("method", method)}
+                "n": value.get("n"), "method": value.get("method") or method}
     point = _finite(value)
     if point is None:
         return None
@@ -261,8 +261,9 @@ def _site_rows(outcome: FoldOutcome, task: str) -> list[dict[str, Any]]:
     for row in rows if isinstance(rows, list) else []:
         if isinstance(row, Mapping):
             out.append({"site": row.get("site"), "n": row.get("n"),
-                        **{m.name: _estimate(row.get(m.site_key)) for m in headline(task)
-                           if m.site_key}})
+                        **{m.name: _estimate(row.get(m.site_key), method="the site's own "
+                                             "released statistics")
+                           for m in headline(task) if m.site_key}})
     return sorted(out, key=lambda r: str(r["site"]))
 
 
