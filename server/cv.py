@@ -21,7 +21,8 @@ For every fold the coordinator
 Across folds: the AUC of all held-out patients' pooled histograms (each patient is held out
 exactly once) with its DeLong interval, and mean +- SD of the per-fold AUCs.
 
-k-fold: every node holds out fold ``k`` of its own stratified patient-level folds.
+k-fold: every node holds out fold ``k`` of its own patient-level folds (stratified for class
+and grade targets: :func:`client.data.folds.fold_assignment`).
 Leave-one-site-out: the coordinator first learns the connected nodes' site names (one
 evaluation of the initial model on their validation splits), then fold ``k`` holds out the
 k-th site (sorted by name): that node is not sent train messages and evaluates on all its

@@ -199,6 +199,48 @@ def test_ordinal_leave_one_site_out_in_a_simulation(tmp_path: Path, ordinal_root
     _assert_pooled_is_mean_of_folds(cv)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(("task", "model", "loso"), [
+    ("multiclass", "cnn", False), ("multilabel", "cnn", False), ("segmentation", "unet", False),
+    ("reconstruction", "autoencoder", True)])
+def test_every_other_task_cross_validates_with_its_own_metric(
+        tmp_path: Path, task: str, model: str, loso: bool) -> None:
+    from tests.client.queries.fake_grid import InProcessGrid
+
+    # Prepare: two hospitals of 40 patients
+    if task == "segmentation":
+        from client.dicom.synth_seg import synthesize_segmentation_federation
+
+        synthesize_segmentation_federation(tmp_path / "data", n_sites=2, patients_per_site=40,
+                                           images_per_patient=(1, 2), image_size=16, seed=3)
+    else:
+        from client.dicom.synth_tasks import synthesize_task_federation
+
+        synthesize_task_federation(tmp_path / "data", task=task,
+                                   num_classes=K if task != "reconstruction" else None,
+                                   n_sites=2, patients_per_site=40, images_per_patient=(1, 2),
+                                   image_size=16, seed=3)
+    nodes = _nodes(tmp_path / "data", tmp_path)
+    plan = TrainPlan(num_rounds=1, image_size=16, batch_size=16, seed=7, run_id=f"cv-{task}",
+                     task=task, model=model, target_epsilon=8.0,
+                     num_classes=K if task in ("multiclass", "multilabel") else 2)
+    config = RunConfig(plan=plan, out_dir=str(tmp_path / "out"), min_nodes=2)
+    # Execute
+    result = run_cross_validation(InProcessGrid(nodes), config, num_folds=None if loso else 2,
+                                  leave_one_site_out=loso)
+    # Assert
+    cv = result.to_dict()["inference"]["cv"]
+    assert result.status == "completed", cv["fold_details"]
+    assert cv["metrics"] == [m.name for m in HEADLINE[task]]
+    for row, detail in zip(cv["folds"], cv["fold_details"], strict=True):
+        section = detail["heldout_inference"]
+        assert section["task"] == task and section["split"] == k.SPLIT_HELDOUT
+        assert row[cv["metric"]]["value"] is not None and detail["errors"] == []
+    _assert_pooled_is_mean_of_folds(cv)
+    assert cv["pooled"]["n"] == sum(row["n"] for row in cv["folds"]) == 80
+    assert set(cv["by_site"]) == {"site-1", "site-2"}
+
+
 # --- unit tests of the summary -----------------------------------------------------------------
 
 
