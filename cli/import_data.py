@@ -27,8 +27,9 @@ HELP = "\n\n".join([
     "1 for the binary task) and optionally patient (or patient_id: one patient's images form "
     "one study with one label; without it each image is its own patient).",
     "Colour images are converted to greyscale (the node reads MONOCHROME2 only). A 3-D volume "
-    "becomes one patient's series of slices; the node trains on 2-D images today, so each "
-    "slice is one image of that patient's study (volume training comes with the task layer).",
+    "becomes one patient's series of slices with its Image Plane attributes: a federation "
+    "trains on it as volumes (`--model cnn3d --samples volume-3d`), or with the default "
+    "`--samples image-2d` each slice is one image of that patient's study.",
     "Pseudonyms (IMP-000001, ...) and hashed UIDs; no source file name or id is written. "
     "The UIDs are derived from the images, so re-importing the same collection gives the same "
     "dataset and the node's ledger keeps counting the same privacy budget.",
@@ -41,7 +42,7 @@ def _print_summary(summary: object) -> None:
     from client.dicom.importer import ImportSummary
 
     assert isinstance(summary, ImportSummary)
-    kind = "3-D volumes as slices" if summary.kind.value == "3d" else "2-D images"
+    kind = "3-D volumes as series of slices" if summary.kind.value == "3d" else "2-D images"
     t = table(f"Imported {summary.source_kind} source ({kind}) into {summary.out}",
               ["node folder", "patients", "files", "label counts"])
     for site in summary.sites:
@@ -52,8 +53,9 @@ def _print_summary(summary: object) -> None:
     console.print(t)
     for note in summary.notes:
         console.print(f"note: {note}", highlight=False, soft_wrap=True)
-    target = (f"vesalius federation run --data-root {summary.out}" if summary.sites[0].site
-              else f"vesalius node check --data {summary.out}")
+    volumes = " --model cnn3d --samples volume-3d" if summary.kind.value == "3d" else ""
+    target = (f"vesalius federation run --data-root {summary.out}{volumes}"
+              if summary.sites[0].site else f"vesalius node check --data {summary.out}")
     console.print(f"next: {target}", highlight=False, soft_wrap=True)
 
 

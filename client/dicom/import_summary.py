@@ -96,9 +96,10 @@ def summary_notes(plan: ImportPlan, pixel_spacing_mm: float, converted: int) -> 
                      "luma): the node reads single-sample MONOCHROME2 images only")
     if plan.kind is ImageKind.VOLUME_3D:
         notes.append("each 3-D volume was written as one series of slices (one patient, one "
-                     "study); the node trains on 2-D images today, so each slice is one image "
-                     "of its patient's study (volume training comes with the task layer)")
+                     "study): train on volumes with --model cnn3d --samples volume-3d (or on "
+                     "slices as 2-D images with the default --samples image-2d)")
     if any(label not in BINARY_LABELS for label in plan.labels):
-        notes.append("some labels are neither 0 nor 1: today's node trains binary tasks only, "
-                     "so vesalius node check refuses these folders until they are relabelled")
+        notes.append("some labels are neither 0 nor 1: train them as a multiclass (or "
+                     "ordinal) task with --task multiclass --num-classes K, and check the "
+                     "folders with vesalius node check --task multiclass --num-classes K")
     return tuple(notes)

@@ -18,8 +18,8 @@ OUT`` trains on them. The files are Secondary Capture images (:mod:`client.dicom
 that ``vesalius node check`` accepts in full.
 
 3-D volumes: each volume is one patient whose study holds one series of slices with their
-Image Plane attributes. The node trains on 2-D images today, so each slice is one image of its
-patient's study; volume training comes with the task layer.
+Image Plane attributes, which the node assembles into one volume per study for 3-D models
+(``--samples volume-3d``; :mod:`client.data.task_data`), or reads slice by slice as 2-D images.
 
 The output folder must be new or empty. ``force`` replaces an earlier import only: a folder
 holding :data:`MARKER` (written by every import, listing what it wrote); nothing else is ever

@@ -183,13 +183,13 @@ def test_bad_choices_and_numbers_are_usage_errors(tmp_path: Path) -> None:
     assert not (tmp_path / "o").exists()
 
 
-def test_help_says_volumes_are_trained_as_slices_and_names_the_csv_columns() -> None:
+def test_help_says_how_volumes_train_and_names_the_csv_columns() -> None:
     # Execute
     code, output = _run("import", "--help")
     # Assert
     assert code == 0
     flat = " ".join(output.split())
-    assert "each slice is one image of that patient's study" in flat
+    assert "--model cnn3d --samples volume-3d" in flat
     assert "image (or file, filename, path" in flat and "patient_id" in flat
     assert "--max-images" in flat and "--sites" in flat and "--force" in flat
 
@@ -221,3 +221,42 @@ def test_a_federation_trains_on_an_imported_breastmnist(
     assert sorted(s["site"] for s in doc["sites"]) == ["site-1", "site-2", "site-3"]
     assert all(0 < s["epsilon"] <= 8.0 for s in doc["sites"])
     assert 0.0 <= doc["final"]["auc_pooled"] <= 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "model_args"), [
+    ("breastmnist.npz", []),
+    ("pneumoniamnist.npz", []),
+    ("adrenalmnist3d.npz", ["--model", "cnn3d", "--samples", "volume-3d"]),
+])
+def test_each_shared_npz_imports_passes_node_check_and_trains(
+    name: str, model_args: list[str], shared_file: Callable[[str], Path], tmp_path: Path
+) -> None:
+    # Prepare: the first 120 images (volumes) of the real collection as two hospitals
+    source = shared_file(f"medmnist/{name}")
+    data = tmp_path / "data"
+    code, output = _run("import", str(source), "--out", str(data), "--sites", "2",
+                        "--max-images", "120", "--seed", "1")
+    assert code == 0, output
+    # Execute: node check on every hospital, then one federated round (3D: on volumes)
+    checks = [_run("node", "check", "--data", str(data / site), "--format", "json")
+              for site in ("site-1", "site-2")]
+    from cli.app import app as vesalius
+
+    run = CliRunner().invoke(vesalius, [
+        "federation", "run", "--data-root", str(data), "--rounds", "1", "--image-size", "16",
+        "--min-release-count", "1", "--ledger-dir", str(tmp_path / "ledgers"),
+        "--out", str(tmp_path / "run"), *model_args], terminal_width=200)
+    # Assert: every file accepted, and a completed run that spent within the cap
+    for check_code, check_output in checks:
+        assert check_code == 0, check_output
+        report = json.loads(check_output)
+        assert report["usable"] and report["files_used"] == report["files_seen"]
+        assert not report["label_problems"]
+    assert run.exit_code == 0, run.output[-3000:]
+    doc = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert doc["status"] == "completed"
+    assert all(0 < s["epsilon"] <= 8.0 for s in doc["sites"])
+    if model_args:  # one record per volume: patients, not slices
+        assert doc["config"]["samples"] == "volume-3d"
+        assert sum(s["num_examples"] for s in doc["sites"]) <= 120
