@@ -167,12 +167,15 @@ def check_simulation(nodes: list[NodeConfig], config: RunConfig, *, folds: int =
         raise typer.BadParameter(
             f"{config.min_nodes} nodes are required but --data-root holds {len(nodes)} "
             "site-* folder(s); lower --min-nodes or add hospitals", param_hint="'--min-nodes'")
-    if folds < 2:
-        return
-    from client.data.labels import LABELS_FILENAME, parse_labels
+    if folds < 2 or config.plan.task in ("segmentation", "reconstruction"):
+        return  # no labels file to count patients from; the nodes refuse too few themselves
+    from client.data.labels import LABELS_FILENAME, parse_targets
 
+    plan = config.plan
     for node in nodes:
-        patients = {pid for pid, _ in parse_labels(Path(node.data_dir) / LABELS_FILENAME).labels}
+        table = parse_targets(Path(node.data_dir) / LABELS_FILENAME, plan.task,
+                              None if plan.task == "regression" else plan.num_classes)
+        patients = {pid for pid, _ in table.targets}
         if len(patients) < folds:
             raise typer.BadParameter(
                 f"{node.site_name} has {len(patients)} labelled patient(s), fewer than the "
@@ -392,10 +395,20 @@ def _eps_by_site(values: object) -> str:
                      for site, eps in sorted(values.items()))
 
 
-def fold_line(row: Mapping[str, object]) -> str:
+def _cv_metrics(task: str) -> list[tuple[str, str]]:
+    """``(label, key)`` of the metrics a task's cross-validation rows hold."""
+    if task == "binary":
+        return [("AUC", "auc")]
+    from server.cv_tasks import headline
+
+    return [(m.name.replace("_", " "), m.name) for m in headline(task)]
+
+
+def fold_line(row: Mapping[str, object], task: str = "binary") -> str:
     """One line per finished fold (printed while the cross-validation runs)."""
     issues = f"  [yellow]{row['issues']} issue(s)[/yellow]" if row.get("issues") else ""
-    return (f"fold {row['fold']} (held out: {row['held_out']}): AUC {_ci(row.get('auc'))}  "
+    shown = "  ".join(f"{name} {_ci(row.get(key))}" for name, key in _cv_metrics(task))
+    return (f"fold {row['fold']} (held out: {row['held_out']}): {shown}  "
             f"n={row.get('n', 0)}  ε {_eps_by_site(row.get('epsilon_by_site'))}{issues}")
 
 
@@ -404,10 +417,12 @@ def print_cv_report(doc: Mapping[str, Any]) -> None:
     from cli.console import fmt, table
 
     cv = doc["inference"]["cv"]
+    task = str(cv.get("task") or "binary")
+    shown = _cv_metrics(task) + ([("accuracy", "accuracy")] if task == "binary" else [])
     kind = "leave one site out" if cv["mode"] == "loso" else f"{cv['num_folds']}-fold"
     t = table(f"Cross-validation ({kind}): held-out patients, pooled over sites",
-              ["fold", "held out", "n", "AUC (95% CI)", "accuracy (95% CI)", "ε per site",
-               "issues"])
+              ["fold", "held out", "n", *[f"{name} (95% CI)" for name, _ in shown],
+               "ε per site", "issues"])
     details = {d["fold"]: d for d in cv.get("fold_details", [])}
     for row in cv["folds"]:
         detail = details.get(row["fold"], {})
@@ -417,16 +432,18 @@ def print_cv_report(doc: Mapping[str, Any]) -> None:
         if len(errors) > 2:
             issues += f"; +{len(errors) - 2} more"
         t.add_row(str(row["fold"]), str(row["held_out"]), str(row.get("n", 0)),
-                  _ci(row.get("auc")), _ci(row.get("accuracy")),
+                  *[_ci(row.get(key)) for _, key in shown],
                   _eps_by_site(row.get("epsilon_by_site")),
                   issues or detail.get("reason") or "-")
     console.print(t)
     pooled = cv["pooled"]
-    spread = ""
-    if pooled.get("auc_mean") is not None:
-        spread = f"; fold AUCs mean ± SD {fmt(pooled['auc_mean'])} ± {fmt(pooled.get('auc_sd'))}"
-    console.print(f"[bold]Pooled over {len(pooled.get('folds_included', []))} folds: AUC "
-                  f"{_ci(pooled.get('auc'))}, n={pooled.get('n', 0)}{spread}[/bold]")
+    for name, key in _cv_metrics(task):
+        spread = ""
+        if pooled.get(f"{key}_mean") is not None:
+            spread = (f"; fold {name} mean ± SD {fmt(pooled[f'{key}_mean'])} ± "
+                      f"{fmt(pooled.get(f'{key}_sd'))}")
+        console.print(f"[bold]Pooled over {len(pooled.get('folds_included', []))} folds: "
+                      f"{name} {_ci(pooled.get(key))}, n={pooled.get('n', 0)}{spread}[/bold]")
     if doc.get("status") != "completed":
         console.print(f"[red]cross-validation {doc.get('status')}: {doc.get('reason', '')}[/red]")
 
@@ -457,7 +474,7 @@ def simulate_cv(config: RunConfig, data_root: Path, *, folds: int, leave_one_sit
             if event.stage == "start":
                 view.start_fold(event.fold)
             elif event.stage == "evaluated" and event.fold_row is not None:
-                view.print(fold_line(event.fold_row))
+                view.print(fold_line(event.fold_row, config.plan.task))
 
         result = simulate_cross_validation(config, nodes, spec, progress=progress, verbose=verbose,
                                            on_progress=view.on_progress)
@@ -514,11 +531,6 @@ def cv(
         )
     except ConfigError as exc:
         raise typer.BadParameter(str(exc)) from None
-    if task != "binary":
-        # The per-fold pooled inference (server/cv.py) is binary so far.
-        raise typer.BadParameter(
-            f"cross-validation pools binary results only so far; run the {task} task with "
-            "`vesalius federation run`", param_hint="'--task'")
     if superlink is None:
         if data_root is None:
             raise typer.BadParameter("give --data-root for a simulation, or --superlink ADDRESS")
