@@ -141,6 +141,9 @@ class ReleaseGuard:
         The coordinator's run id (for the ledger; ``"unknown"`` if empty).
     fold : int or None
         Cross-validation fold, if any (for the ledger).
+    noise_multiplier : float or None
+        Overrides the node's ``stats-noise-multiplier`` for this release: a training release
+        whose noise the plan's epsilon sets (the DC-ELM readout, :mod:`client.queries.elm`).
     """
 
     node: NodeConfig
@@ -150,17 +153,25 @@ class ReleaseGuard:
     fingerprint: str
     run_id: str = ""
     fold: int | None = None
+    noise_multiplier: float | None = None
     _authorized: bool = field(default=False, init=False)
 
     @property
+    def multiplier(self) -> float:
+        """The noise multiplier of every statistic: the override, else the node's own."""
+        if self.noise_multiplier is not None:
+            return float(self.noise_multiplier)
+        return float(self.node.stats_noise_multiplier)
+
+    @property
     def noised(self) -> bool:
-        """Whether this node noises its statistics releases."""
-        return self.node.stats_noise_multiplier > 0
+        """Whether this release is noised."""
+        return self.multiplier > 0
 
     @property
     def mechanism_multiplier(self) -> float:
         """Noise multiplier of the single Gaussian mechanism the release composes to."""
-        return self.node.stats_noise_multiplier / math.sqrt(len(self.statistics))
+        return self.multiplier / math.sqrt(len(self.statistics))
 
     def _mechanisms(self) -> list[Any]:
         from common.ledger.mechanism import Mechanism
@@ -182,7 +193,7 @@ class ReleaseGuard:
             fold=self.fold,
             level="exact" if exact else "patient",
             params={
-                "stats-noise-multiplier": float(self.node.stats_noise_multiplier),
+                "stats-noise-multiplier": self.multiplier,
                 "statistics": len(self.statistics),
                 "suppressed-cells": int(suppressed),
             },
@@ -237,7 +248,7 @@ class ReleaseGuard:
     def _noise(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rng = np.random.default_rng(np.random.SeedSequence())  # OS entropy, never a given seed
         out: dict[str, np.ndarray] = {}
-        m = self.node.stats_noise_multiplier
+        m = self.multiplier
         for s in self.statistics:
             noisy = arrays[s.key] + rng.normal(0.0, m * s.sensitivity, size=s.shape)
             out[s.key] = np.maximum(np.round(noisy), 0.0) if s.integer else noisy

@@ -9,15 +9,18 @@ Privacy: each patient's feature rows are scaled so that the sum of their L2 norm
 ``clip`` (:func:`common.models.dcelm.readout_row_scale`), so adding or removing one patient
 changes ``H^T H`` by at most ``clip**2`` and ``H^T Y`` by at most ``clip`` (Frobenius norm;
 the derivation is in :func:`common.models.dcelm.noisy_statistics`). Those are the declared
-sensitivities: with ``stats-noise-multiplier > 0`` the node adds Gaussian noise and charges its
-ledger; otherwise the release is exact and recorded at level "exact" (:mod:`client.release`).
-The row count is not released (its sensitivity is a patient's number of images, unbounded).
+sensitivities. The row count is not released (its sensitivity is a patient's number of
+images, unbounded).
 
 Unlike the held-out statistics, these are sums over the patients a *private* plan promises to
-protect: an exact release is refused when the plan is private, and for a non-private plan only
-where the node consents to baselines (``allow-non-private``), as for non-private training
-(:func:`client.budget.decide`). The feature filters and that policy are checked before
-any image is read.
+protect, so a private plan sets their noise as it sets DP-SGD's: the plan's noise multiplier,
+or the one whose single Gaussian release meets the plan's target epsilon
+(:meth:`ElmReadoutQuery.noise_multiplier`); the node adds it, charges its ledger and refuses
+a release past its cap (:mod:`client.release`). A non-private plan gets the node's own
+``stats-noise-multiplier``, or an exact release (level "exact" on the ledger) only where the
+node consents to baselines (``allow-non-private``), as for non-private training
+(:func:`client.budget.decide`). The feature filters and that policy are checked before any
+image is read.
 """
 
 from __future__ import annotations
@@ -82,15 +85,8 @@ def _check_release_policy(req: QueryRequest) -> None:
     statistics (``stats-noise-multiplier = 0``) therefore answers only a non-private plan, and
     only when it allows non-private baselines.
     """
-    if req.node.stats_noise_multiplier > 0:
-        return
-    if req.plan.private:
-        raise BudgetExceededError(
-            "exact elm-readout of training patients requested under a private plan",
-            safe_reason="refused: this node would release its training sums without noise "
-            "(stats-noise-multiplier = 0), which no private plan allows; set "
-            "stats-noise-multiplier > 0 in its node config",
-        )
+    if req.plan.private or req.node.stats_noise_multiplier > 0:
+        return  # noised: by the plan's epsilon (ElmReadoutQuery.noise_multiplier) or the node
     if not req.node.allow_non_private:
         raise BudgetExceededError(
             "exact elm-readout of training patients but the node requires DP",
@@ -128,3 +124,25 @@ class ElmReadoutQuery(Query):
             patient_index=split.patient_index,
         )
         return {k.ELM_HTH: hth.cpu().numpy(), k.ELM_HTY: hty.cpu().numpy()}
+
+    def noise_multiplier(self, req: QueryRequest, num_patients: int) -> float | None:
+        """Under a private plan, the noise the plan's epsilon sets for this one release.
+
+        The readout is the run's only training release, so it is calibrated like DP-SGD: the
+        plan's ``noise-multiplier`` when given, else the smallest multiplier whose single
+        Gaussian release (both sums together, one step, every training patient) stays within
+        the plan's ``target-epsilon`` at the node's delta
+        (:func:`common.privacy.plan_noise_multiplier`). The guard then charges the node's
+        ledger and refuses a release past its cap. A non-private plan: the node's own setting.
+        """
+        if not req.plan.private:
+            return None
+        from common.privacy import default_delta, plan_noise_multiplier
+
+        statistics = math.sqrt(2.0)  # two statistics compose to one mechanism of sigma / sqrt 2
+        if req.plan.noise_multiplier > 0:
+            return float(req.plan.noise_multiplier) * statistics
+        delta = req.plan.target_delta or default_delta(max(num_patients, 1))
+        sigma = plan_noise_multiplier(target_epsilon=req.plan.target_epsilon, delta=delta,
+                                      sample_rate=1.0, steps=1)
+        return float(sigma) * statistics

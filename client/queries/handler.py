@@ -93,6 +93,7 @@ def handle_query(msg: Message, context: Context, node: NodeConfig) -> Message:
         node=node, query=req.name, statistics=statistics, num_patients=num_patients,
         fingerprint=fingerprint, run_id=req.plan.run_id,
         fold=req.plan.fold if req.plan.cv_mode != "none" else None,
+        noise_multiplier=query.noise_multiplier(req, num_patients),
     )
     guard.authorize()
     released = guard.release(query.compute(req, data))

@@ -79,6 +79,11 @@ class Query(ABC):
     def compute(self, req: QueryRequest, data: Any) -> dict[str, Any]:
         """The declared statistics, summed over the node's held-out patients."""
 
+    def noise_multiplier(self, req: QueryRequest, num_patients: int) -> float | None:
+        """This release's noise multiplier when the query sets it (a training release under a
+        private plan); ``None``: the node's own ``stats-noise-multiplier``."""
+        return None
+
 
 _REGISTRY: dict[str, Query] = {}
 _Q = TypeVar("_Q", bound=type[Query])
