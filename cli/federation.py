@@ -199,9 +199,12 @@ def simulate(config: RunConfig, data_root: Path, *, epsilon_cap: float, allow_no
                                 allow_non_private=allow_non_private,
                                 min_release_count=min_release_count, ledger_root=ledgers)
     check_simulation(nodes, config)
-    total = config.plan.num_rounds
-    console.print(f"simulating {len(nodes)} hospitals x {total} rounds "
-                  f"({'DP-SGD, target ε=%g' % config.plan.target_epsilon if config.plan.private else 'non-private'})")
+    elm = get_spec(config.plan.model).family == "elm"  # one closed-form readout round
+    total = 1 if elm else config.plan.num_rounds
+    how = "closed-form readout" if elm else f"{total} rounds"
+    dp = ("one Gaussian release" if elm else "DP-SGD") + f", target ε={config.plan.target_epsilon:g}"
+    console.print(f"simulating {len(nodes)} hospitals x {how} "
+                  f"({dp if config.plan.private else 'non-private'}; task {config.plan.task})")
     announce_ledgers(ledgers)
     with run_view(total, enabled=show_progress, verbose=verbose,
                   learning_task=config.plan.task) as view:

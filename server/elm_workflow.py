@@ -129,12 +129,16 @@ def _privacy_section(config: RunConfig) -> dict[str, Any]:
     return {
         "unit": "patient (not image): each patient's feature rows are clipped together",
         "guarantee": "patient-level (epsilon, delta)-DP at each hospital, for its own patients",
+        "training": "Training was one release (no DP-SGD): the Gaussian mechanism on the "
+        "clipped sufficient statistics H^T H and H^T Y of the DC-ELM readout, each patient's "
+        "feature rows clipped together; its noise is set by the plan like DP-SGD's (the plan's "
+        "noise multiplier, or the one meeting the plan's target epsilon in one release) and "
+        "charged to each hospital's ledger as one Gaussian step",
         "mechanism": "Gaussian mechanism on the clipped sufficient statistics H^T H and H^T Y "
-        "of the DC-ELM readout, released once (no DP-SGD); noise multiplier set by each node "
-        "(stats-noise-multiplier m; charged as m / sqrt(2), one step)",
+        "of the DC-ELM readout, released once (no DP-SGD)",
         "accountants": "each node's ledger accountant (RDP) for the charge; epsilon is the "
         "dataset's epsilon after the readout release",
-        "target_epsilon": None,  # the nodes' own noise sets epsilon, not the plan's target
+        "target_epsilon": config.plan.target_epsilon,
         "max_grad_norm": None,
         "scope": "epsilon: the dataset's total after the readout release (this run's epsilon "
         "when the dataset had no earlier patient-level release, else an upper bound on it)",

@@ -101,6 +101,9 @@ _MEANING = (
 
 
 def _mechanism(rows: Sequence[Mapping[str, Any]], privacy: Mapping[str, Any]) -> str:
+    own = privacy.get("training")
+    if isinstance(own, str) and own:  # a workflow that is not DP-SGD says how it trained
+        return f"<p>{html.escape(own)}</p>"
     parts = ["<p>Training used DP-SGD (Opacus): in every step each patient's gradient was "]
     clip = _num(privacy.get("max_grad_norm"))
     parts.append(f"clipped to a norm of at most {fmt(clip)} " if clip is not None else "clipped ")
