@@ -115,8 +115,8 @@ def test_a_private_readout_is_noised_charged_and_reported_per_site(data_root: Pa
     assert all(row["epsilon"] is not None and 0 < row["epsilon"] < 1000 for row in sites.values())
     assert all(row["ledger_head"] for row in sites.values())
     assert "Gaussian mechanism" in doc["privacy"]["mechanism"]
-    assert "no DP-SGD" in html and "one Gaussian step" in html  # the review board reads how
     html = (tmp_path / "run" / "report.html").read_text()
+    assert "no DP-SGD" in html and "one Gaussian step" in html  # the review board reads how
     assert "site-1" in html and "ε" in html
     # Noised sums of ~170 training images still give a usable readout on this easy data.
     assert doc["final"]["auc_pooled"] > 0.6
