@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from common.errors import ConfigError
 from common.models.registry import get_spec
 from common.tasks import Task, check_pair, get_task
@@ -99,9 +101,15 @@ def prepare_for_training(task: Task, model: Any) -> Any:
     A task with a ``prepare_model`` method uses it (reconstruction makes exactly the model's
     ``reconstruction_modules()`` trainable: never a classification head, whose parameters
     would get no per-sample gradient, which Opacus's clipping refuses, while noise alone
-    would move them). Other tasks train every parameter the model leaves trainable.
+    would move them). A task trained on its loss of the model's outputs (grades, findings,
+    values) freezes an autoencoder's ``decoder``, which ``forward`` never runs. Other tasks
+    train every parameter the model leaves trainable.
     """
     prepare = getattr(task, "prepare_model", None)
     if callable(prepare):
         prepare(model)
+    decoder = getattr(model, "decoder", None)
+    if "output_loss" in train_losses(task) and isinstance(decoder, torch.nn.Module):
+        # the task's loss sees forward() only, which never runs an autoencoder's decoder
+        decoder.requires_grad_(False)
     return model
