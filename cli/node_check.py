@@ -31,6 +31,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+import click
 import pydicom
 import typer
 
@@ -52,6 +53,8 @@ from client.data.labels import (
 from client.dicom.index import DicomIndex, InstanceRecord
 from client.dicom.report import UNLABELLED, IngestionReport, build_report
 from client.dicom.scan import ProgressCallback, ScanOutcome, scan_directory
+from client.dicom.series_check import SeriesCheck, check_series
+from common.config import SAMPLE_KINDS
 from common.errors import DataError
 
 
@@ -96,6 +99,8 @@ class DataInspection:
     mask_problems : tuple[dict[str, object], ...]
         Mask files that label no usable image (``segmentation`` only): path relative to the
         data folder, code (:class:`client.dicom.seg.MaskCode`), sentence.
+    series : SeriesCheck | None
+        Which studies assemble into a volume (``--samples volume-3d`` or ``series`` only).
     """
 
     report: IngestionReport
@@ -108,6 +113,7 @@ class DataInspection:
     num_classes: int | None = None
     masks: int | None = None
     mask_problems: tuple[dict[str, object], ...] = ()
+    series: SeriesCheck | None = None
 
     @property
     def usable(self) -> bool:
@@ -128,6 +134,7 @@ class DataInspection:
             **({} if self.num_classes is None else {"num_classes": self.num_classes}),
             **({} if self.masks is None else {"masks": self.masks,
                                               "mask_problems": list(self.mask_problems)}),
+            **({} if self.series is None else {"series": self.series.to_dict()}),
         }
 
 
@@ -343,6 +350,7 @@ def inspect_data(
     require_deidentified: bool = True,
     decode_pixels: bool = True,
     progress: ProgressCallback | None = None,
+    samples: str = "image-2d",
 ) -> DataInspection:
     """Scan a node's data folder and validate its labels with training's rules; never raises on data.
 
@@ -361,6 +369,10 @@ def inspect_data(
         scanner supports it; otherwise read headers only.
     progress : Callable[[int, int], None] | None, keyword-only
         Called as ``progress(done, total)`` while scanning.
+    samples : str, keyword-only
+        ``volume-3d`` or ``series``: also check that each study assembles into a volume
+        (:func:`client.dicom.series_check.check_series`); a folder where none does cannot
+        train on volumes.
 
     Returns
     -------
@@ -372,10 +384,21 @@ def inspect_data(
     scan = _Scan(root=root, outcome=outcome, index=DicomIndex.from_records(outcome.records),
                  require_deidentified=require_deidentified)
     if task == "binary":
-        return _inspect_binary(scan)
-    if task in TARGET_COLUMNS:
-        return _inspect_targets(scan, task, num_classes)
-    return _inspect_without_labels(scan, task)
+        found = _inspect_binary(scan)
+    elif task in TARGET_COLUMNS:
+        found = _inspect_targets(scan, task, num_classes)
+    else:
+        found = _inspect_without_labels(scan, task)
+    if samples == "image-2d":
+        return found
+    series = check_series(scan.index)
+    blocking = found.blocking
+    if not blocking and series.volumes == 0:
+        blocking = ("no study assembles into a volume (see the series problems: each needs "
+                    "single-frame slices with (0020,0037), (0020,0032) and (0028,0030), evenly "
+                    "spaced along the slice normal); train on 2-D images with --samples "
+                    "image-2d instead",)
+    return replace(found, series=series, blocking=blocking)
 
 
 def task_names() -> list[str]:
@@ -423,6 +446,20 @@ def _print_table(found: DataInspection) -> None:
             line = "-" if problem.line is None else str(problem.line)
             t.add_row(line, problem.code.value, problem.text)
         console.print(t)
+    if found.series is not None:
+        summary = table("Volumes (one per study)", ["item", "value"])
+        summary.add_row("studies", str(found.series.studies))
+        summary.add_row("studies that assemble into a volume", str(found.series.volumes))
+        summary.add_row("series by outcome", ", ".join(
+            f"{code}: {n}" for code, n in sorted(found.series.codes.items())) or "-")
+        console.print(summary)
+        if found.series.problems:
+            t = table("Series problems (these series are left out of volume training)",
+                      ["study folder", "code", "slices", "why"])
+            for row in found.series.problems:
+                t.add_row(str(row["folder"]), str(row["code"]), str(row["slices"]),
+                          str(row["text"]))
+            console.print(t)
     if found.mask_problems:
         t = table("Mask problems", ["file", "code", "why"])
         for row in found.mask_problems:
@@ -457,6 +494,11 @@ def check(
         help="K: classes (multiclass), grades (ordinal) or findings (multilabel); "
         "by default the smallest K that fits the labels is reported.",
     ),
+    samples: str = typer.Option(
+        "image-2d", "--samples", click_type=click.Choice(list(SAMPLE_KINDS)),
+        help="volume-3d or series: also check that each study's series assembles into one "
+        "volume (gaps, mixed orientations, inconsistent spacing are reported per series).",
+    ),
 ) -> None:
     """Check the data folder: files used, files skipped (with reasons), every label problem.
 
@@ -467,7 +509,7 @@ def check(
     with progress_bar("checking files", enabled=not as_json) as progress:
         found = inspect_data(root, task=task, num_classes=num_classes,
                              require_deidentified=not allow_identified,
-                             decode_pixels=not header_only, progress=progress)
+                             decode_pixels=not header_only, progress=progress, samples=samples)
     if as_json:
         console.print_json(json.dumps(found.to_dict()))
     else:
