@@ -16,7 +16,8 @@ import typer
 
 from cli.console import err_console
 from cli.flower import executable, flower_env, toml_value
-from cli.node_check import inspect_data, require_data_folder
+from cli.node_check import inspect_data, require_data_folder, task_names
+from cli.options import LazyChoice
 from cli.supernode import FlowerOutput, parse_address, probe, supervise, wait_for_coordinator
 from common import messages as k
 from common.errors import DataError
@@ -57,9 +58,12 @@ def _existing_file(path: Path | None, option: str) -> Path | None:
     return resolved
 
 
-def _check_data(root: Path, *, allow_identified: bool) -> None:
-    """Refuse a folder training cannot use, with the reasons (``node check``'s rules)."""
-    found = inspect_data(root, require_deidentified=not allow_identified, decode_pixels=False)
+def _check_data(root: Path, *, allow_identified: bool, task: str = "binary",
+                num_classes: int | None = None) -> None:
+    """Refuse a folder training cannot use for ``task``, with the reasons (``node check``'s
+    rules)."""
+    found = inspect_data(root, require_deidentified=not allow_identified, decode_pixels=False,
+                         task=task, num_classes=num_classes)
     if not found.usable:
         for reason in found.blocking:
             err_console.print(f"[red]error:[/red] {reason}", highlight=False, soft_wrap=True)
@@ -68,7 +72,8 @@ def _check_data(root: Path, *, allow_identified: bool) -> None:
                         safe_reason="the node's data could not be used")
     report = found.report
     _say(f"data: {report.files_used} usable files ({report.files_seen - report.files_used} "
-         f"skipped), {report.num_patients} patients, {found.trainable_images} labelled images"
+         f"skipped), {report.num_patients} patients, {found.trainable_images} images with "
+         f"{task} targets"
          + (f", {len(found.label_problems)} label problem(s): run `vesalius node check`"
             if found.label_problems else ""))
 
@@ -89,6 +94,13 @@ def start(
     auth_private_key: Path | None = typer.Option(
         None, "--auth-private-key", help="This node's private key for SuperNode authentication "
         "(when the coordinator requires it; TLS only)."),
+    task: str = typer.Option(
+        "binary", "--task", click_type=LazyChoice(task_names),
+        help="The task this hospital's labels serve, checked before joining (a run of another "
+        "task is refused by the node when it reads its labels)."),
+    num_classes: int | None = typer.Option(
+        None, "--num-classes", min=2,
+        help="K of a multiclass, ordinal or multilabel task (default: fitted to the labels)."),
     allow_non_private: bool = typer.Option(False, "--allow-non-private", help="Accept non-DP baselines."),
     allow_identified: bool = typer.Option(False, "--allow-identified", help="Accept PHI-bearing files."),
     release_histograms: bool = typer.Option(
@@ -131,7 +143,7 @@ def start(
     ca_file = _existing_file(root_certificates, "--root-certificates")
     auth_key = _existing_file(auth_private_key, "--auth-private-key")
     tabular_file = _existing_file(tabular, "--tabular")
-    _check_data(root, allow_identified=allow_identified)
+    _check_data(root, allow_identified=allow_identified, task=task, num_classes=num_classes)
 
     node_config: dict[str, object] = {
         k.NODE_DATA_DIR: str(root),

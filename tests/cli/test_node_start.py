@@ -356,3 +356,21 @@ def test_auth_refusal_line_is_translated_and_remembered() -> None:
 def test_parse_address(address: str, parsed: tuple[str, int]) -> None:
     # Execute / Assert
     assert parse_address(address) == parsed
+
+
+def test_graded_labels_are_checked_with_the_task_the_hospital_declares(tmp_path: Path) -> None:
+    # Prepare: a hospital whose labels are grades 0..2 (an ordinal task)
+    from client.dicom.synth_tasks import synthesize_task_federation
+
+    synthesize_task_federation(tmp_path / "d", task="ordinal", num_classes=3, n_sites=1,
+                               patients_per_site=8, images_per_patient=(1, 1), image_size=16)
+    root = tmp_path / "d" / "site-1"
+    # Execute: the default (binary) rules, then the declared task's
+    binary = _start(root, "--insecure", "--max-attempts", "1")
+    ordinal = _start(root, "--insecure", "--max-attempts", "1", "--superlink", "127.0.0.1:1",
+                     "--task", "ordinal", "--num-classes", "3")
+    # Assert: binary refuses the grades with the data exit code; ordinal passes the data check
+    # and goes on to the connection (refused on a closed port: exit 8)
+    assert binary.exit_code == 4 and "other than 0 and 1" in _flat(binary.output)
+    assert ordinal.exit_code == 8, ordinal.output
+    assert "images with ordinal targets" in _flat(ordinal.output)

@@ -4,6 +4,10 @@
 serves TLS, two hospital SuperNodes (``vesalius node start``) run as separate processes with
 their own ports and FLWR_HOME and trust the CA; ``vesalius federation run --superlink``
 submits the run. Every process is stopped by the test.
+
+The run is an ordinal task (three grades): a non-binary task through the whole deployment
+(the plan's task reaches the nodes, their labels are read for it, and the task's pooled
+inference comes back); the binary path runs in ``make demo`` and the simulations.
 """
 
 from __future__ import annotations
@@ -93,10 +97,13 @@ def _vesalius(*args: str) -> list[str]:
     return [str(BIN / "vesalius"), *args]
 
 
-def test_superlink_two_supernodes_two_rounds(tmp_path: Path, procs: Processes) -> None:
-    # Prepare: two hospitals' data, a SuperLink and two SuperNodes on free loopback ports
+def test_superlink_two_supernodes_two_rounds_of_an_ordinal_task(
+    tmp_path: Path, procs: Processes
+) -> None:
+    # Prepare: two hospitals' graded data, a SuperLink and two SuperNodes on free loopback ports
     data = tmp_path / "data"
-    subprocess.run(_vesalius("synth", "--sites", "2", "--patients", "30", "--out", str(data), "--seed", "9"),
+    subprocess.run(_vesalius("synth", "--task", "ordinal", "--num-classes", "3", "--sites", "2",
+                             "--patients", "40", "--out", str(data), "--seed", "9"),
                    env=procs.env, check=True, capture_output=True)
     certs = tmp_path / "certs"
     subprocess.run(_vesalius("federation", "certs", "--out", str(certs)), env=procs.env, check=True,
@@ -114,15 +121,14 @@ def test_superlink_two_supernodes_two_rounds(tmp_path: Path, procs: Processes) -
         procs.start(f"node-{i}", _vesalius(
             "node", "start", "--data", str(data / f"site-{i}"), "--superlink", f"127.0.0.1:{link}",
             "--port", str(_free_port()), "--site-name", f"site-{i}", "--epsilon-cap", "8",
-            "--min-release-count", "1",
+            "--min-release-count", "1", "--task", "ordinal", "--num-classes", "3",
             "--root-certificates", ca, "--flwr-home", str(home)))
     out = tmp_path / "run"
-    # Execute: the operator submits a 2-round run through the CLI. It takes ~7 minutes on 2
-    # quiet cores: each of the ~29 messages per node (24 of them statistics queries: the
-    # metrics, placements and the federated calibration's Newton rounds) starts a fresh
-    # flwr-clientapp process (issue 15's warm worker removes that cost).
+    # Execute: the operator submits a 2-round ordinal run through the CLI. Each message to a
+    # node starts a fresh flwr-clientapp process (issue 15's warm worker removes that cost).
     run = subprocess.run(
         _vesalius("federation", "run", "--superlink", f"127.0.0.1:{link}", "--root-certificates", ca,
+                  "--task", "ordinal", "--num-classes", "3",
                   "--rounds", "2", "--batch-size", "8", "--out", str(out),
                   "--flwr-home", str(tmp_path / "operator-home")),
         env=procs.env, capture_output=True, text=True, timeout=900,
@@ -132,6 +138,10 @@ def test_superlink_two_supernodes_two_rounds(tmp_path: Path, procs: Processes) -
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:] + logs
     doc = json.loads((out / "report.json").read_text())
     assert doc["status"] == "completed"
+    assert doc["config"]["task"] == "ordinal" and doc["config"]["num-classes"] == 3
+    inf = doc["inference"]
+    assert inf["task"] == "ordinal" and inf["status"] == "completed", inf
+    assert sum(inf["ordinal"]["class_counts"]) == inf["n"] > 0
     assert [r["round"] for r in doc["rounds"]] == [1, 2]
     assert sorted(s["site"] for s in doc["sites"]) == ["site-1", "site-2"]
     assert all(0 < s["epsilon"] <= 8 for s in doc["sites"])
@@ -141,7 +151,8 @@ def test_superlink_two_supernodes_two_rounds(tmp_path: Path, procs: Processes) -
     # The operator saw one summary line per round, streamed from the deployed ServerApp, and
     # the pooled table; no traceback, no Flower line twice
     shown = run.stdout + run.stderr
-    assert shown.count("round 1/2: val AUC") == 1 and shown.count("round 2/2: val AUC") == 1
-    assert "Traceback" not in shown and "Pooled test inference" in shown
+    assert shown.count("round 1/2: exact grade") == 1 and shown.count("round 2/2: exact grade") == 1
+    assert "Traceback" not in shown and "Pooled test inference (ordinal)" in shown
+    assert "quadratic-weighted kappa" in " ".join(shown.split())
     flower_lines = [line for line in shown.splitlines() if line.startswith(("WARNING", "ERROR"))]
     assert len(flower_lines) == len(set(flower_lines))
