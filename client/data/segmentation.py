@@ -1,12 +1,26 @@
 """A node's segmentation data: CT images paired with their lesion masks, split by patient.
 
-Masks are single-frame DICOM instances (see :mod:`client.dicom.synth_seg` for the layout)
-recognised by (0008,0060) Modality :data:`~client.dicom.synth_seg.MASK_MODALITY` together
-with a (0008,1140) Referenced Image Sequence; each mask is paired with the image whose
-(0008,0018) SOP Instance UID equals the item's (0008,1155) Referenced SOP Instance UID.
-Every other usable instance is an image. Images are preprocessed exactly as for
-classification (:func:`client.data.transforms.image_transform`); masks are resized with
-area averaging and thresholded at one half, so the mask follows the image's geometry.
+An image's mask comes from either of two conventions (:mod:`client.data.segmentation_masks`
+pairs them; one folder may hold both):
+
+* a **DICOM Segmentation** object (Segmentation Storage, PS3.3 A.51), read with highdicom by
+  :func:`client.dicom.seg.match_segmentations`: each frame labels the image whose
+  (0008,0018) SOP Instance UID its (0008,2112) Source Image Sequence names. The mask is
+  binary (1 where *any* segment is set) unless ``num_classes > 2`` is asked, when a pixel's
+  class is its segment's (0062,0004) Segment Number;
+* a **derived mask instance** (see :mod:`client.dicom.synth_seg` for the layout),
+  recognised by (0008,0060) Modality :data:`~client.dicom.synth_seg.MASK_MODALITY`
+  together with a (0008,1140) Referenced Image Sequence; it labels the image whose
+  (0008,0018) SOP Instance UID equals the item's (0008,1155) Referenced SOP Instance UID.
+
+Every other usable instance is an image, and every image needs exactly one mask. A SEG
+file that matches no usable image, or cannot be read, is logged with its
+:class:`~client.dicom.seg.MaskCode` (never its path) and ignored; its codes are named in
+the :class:`~common.errors.DataError` when an image is left without a mask or nothing
+usable remains. Images are preprocessed exactly as for classification
+(:func:`client.data.transforms.image_transform`); masks are resized with area averaging
+and thresholded at one half (per class, then the most covered class, when
+``num_classes > 2``), so the mask follows the image's geometry.
 
 Splits are patient-level and reuse :func:`client.data.splits.split_patients`, so a patient
 lands in the same split as in the classification loader with the same seed. As there,
@@ -22,16 +36,15 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
-import pydicom
 import torch
 from monai.transforms import Resize
 
 from client.data.node_data import PerPatientDataset, build_patient_splits, require_data_dir
+from client.data.segmentation_masks import MaskSource, pair_images, skipped_summary
 from client.data.transforms import image_transform
 from client.dicom.index import DicomIndex, InstanceRecord
 from client.dicom.pixels import read_pixels
 from client.dicom.scan import scan_directory
-from client.dicom.synth_seg import MASK_MODALITY
 from common.errors import DataError
 
 __all__ = [
@@ -93,82 +106,37 @@ class SegmentationPatientDataset(PerPatientDataset):
         return self.split.images[pick], self.split.masks[pick].long()
 
 
-def _mask_error(message: str) -> DataError:
-    return DataError(message, safe_reason="a lesion mask is missing or unreadable")
+_Pair = tuple[InstanceRecord, MaskSource]
 
 
-def _referenced_uid(ds: pydicom.Dataset) -> str | None:
-    seq = ds.get("ReferencedImageSequence")
-    if not seq:
-        return None
-    return str(seq[0].get("ReferencedSOPInstanceUID", "") or "") or None
-
-
-def _pair_masks(index: DicomIndex) -> tuple[list[InstanceRecord], dict[str, InstanceRecord]]:
-    """Split records into images and masks; return (images, image SOP UID -> mask)."""
-    images: list[InstanceRecord] = []
-    masks: dict[str, InstanceRecord] = {}
-    for rec in index.instances():
-        if rec.modality.strip().upper() != MASK_MODALITY:
-            images.append(rec)
-            continue
-        try:
-            header = pydicom.dcmread(rec.path, stop_before_pixels=True)
-        except Exception as exc:  # noqa: BLE001 - the scanner read it; any failure is data
-            raise _mask_error(f"cannot read a mask header ({type(exc).__name__}); `vesalius node check` lists the files") from exc
-        target = _referenced_uid(header)
-        if target is None:
-            raise _mask_error(
-                "a mask has no (0008,1140) Referenced Image Sequence item with a "
-                "(0008,1155) Referenced SOP Instance UID; cannot tell which image it labels"
-            )
-        if target in masks:
-            raise _mask_error(
-                "an image has two masks (two mask instances reference the same SOP Instance UID)"
-            )
-        masks[target] = rec
-    known = {rec.sop_instance_uid for rec in images}
-    for target, rec in masks.items():
-        if target not in known:
-            logger.warning("a mask references no usable image; ignored")
-    return images, masks
-
-
-def _read_mask(rec: InstanceRecord, rows: int, cols: int) -> npt.NDArray[np.uint8]:
-    try:
-        pixels = np.asarray(pydicom.dcmread(rec.path).pixel_array)
-    except Exception as exc:  # noqa: BLE001 - any decoder failure is a data problem
-        raise _mask_error(
-            f"cannot decode a mask ({type(exc).__name__}); `vesalius node check` lists the files"
-        ) from exc
-    if pixels.shape != (rows, cols):
-        raise _mask_error(
-            f"a mask has shape {pixels.shape}, its image has {(rows, cols)}"
-        )
-    return (pixels > 0).astype(np.uint8)
-
-
-def _resize_mask(mask: npt.NDArray[np.uint8], image_size: int) -> torch.Tensor:
-    resized = Resize((image_size, image_size), mode="area")(
-        torch.as_tensor(mask[None].astype(np.float32)))
-    return (torch.as_tensor(resized)[0] >= 0.5).to(torch.uint8)
+def _resize_mask(mask: npt.NDArray[np.uint8], image_size: int, num_classes: int) -> torch.Tensor:
+    """Area-resize a class map to ``S x S``: threshold one half (binary), or per class
+    fraction then the most covered class (``num_classes > 2``)."""
+    resize = Resize((image_size, image_size), mode="area")
+    if num_classes <= 2:
+        resized = resize(torch.as_tensor(mask[None].astype(np.float32)))
+        return (torch.as_tensor(resized)[0] >= 0.5).to(torch.uint8)
+    onehot = np.stack([mask == k for k in range(num_classes)]).astype(np.float32)
+    fractions = torch.as_tensor(resize(torch.as_tensor(onehot)))
+    return torch.argmax(fractions, dim=0).to(torch.uint8)
 
 
 def _build_split(
     patients: tuple[str, ...],
-    by_patient: dict[str, list[tuple[InstanceRecord, InstanceRecord]]],
+    by_patient: dict[str, list[_Pair]],
     image_size: int,
+    num_classes: int,
 ) -> SegmentationSplit:
     transform = image_transform(image_size)
     images: list[torch.Tensor] = []
     masks: list[torch.Tensor] = []
     owners: list[int] = []
     for number, pid in enumerate(patients):
-        for image_rec, mask_rec in by_patient[pid]:
+        for image_rec, source in by_patient[pid]:
             pixels = read_pixels(image_rec.path)
-            mask = _read_mask(mask_rec, *pixels.shape)
+            mask = source.read(*pixels.shape, num_classes=num_classes)
             images.append(torch.as_tensor(transform(pixels), dtype=torch.float32))
-            masks.append(_resize_mask(mask, image_size))
+            masks.append(_resize_mask(mask, image_size, num_classes))
             owners.append(number)
     if not images:
         return SegmentationSplit(
@@ -185,6 +153,18 @@ def _build_split(
     )
 
 
+def _nothing_usable(skips: tuple[str, str], seg_codes: str) -> DataError:
+    local, safe = skips
+    seg = f"segmentation files not used: {seg_codes}" if seg_codes else ""
+    detail = "; ".join(part for part in (local, seg) if part)
+    safe_detail = "; ".join(part for part in (safe, seg) if part)
+    return DataError(
+        "no usable image/mask pair in the data folder" + (f" ({detail})" if detail else ""),
+        safe_reason="the node has no usable segmentation data"
+        + (f" ({safe_detail})" if safe_detail else ""),
+    )
+
+
 def load_segmentation_data(
     data_dir: str | Path,
     *,
@@ -193,21 +173,25 @@ def load_segmentation_data(
     require_deidentified: bool = True,
     val_fraction: float = 0.15,
     test_fraction: float = 0.15,
+    num_classes: int = 2,
 ) -> SegmentationData:
     """Scan a node's folder, pair images with masks, split by patient and preprocess.
 
     Parameters
     ----------
     data_dir : str or Path
-        The node's data directory (images and mask series, any folder layout).
+        The node's data directory (images, mask series and DICOM SEG files, any layout).
     image_size : int, keyword-only
         Side ``S`` of the preprocessed images and masks.
     seed : int, keyword-only
         Seed of the patient-level split (:func:`client.data.splits.split_patients`).
     require_deidentified : bool, keyword-only
-        Skip files that fail the de-identification check.
+        Skip files that fail the de-identification check (SEG files included).
     val_fraction, test_fraction : float, keyword-only
         Expected proportions of patients in validation and test.
+    num_classes : int, keyword-only
+        2 (default): masks are 0/1, 1 where any segment is set. Above 2: a DICOM SEG
+        pixel's class is its (0062,0004) Segment Number (derived masks stay 0/1).
 
     Returns
     -------
@@ -217,35 +201,31 @@ def load_segmentation_data(
     Raises
     ------
     DataError
-        The folder is missing; an image has no mask (the error names it and how many files
-        the scanner skipped, e.g. a truncated mask); a mask is unreadable, has no reference,
-        duplicates another or does not match its image's size; or nothing usable is left.
+        The folder is missing; an image has no mask (the error names how many files the
+        scanner skipped, e.g. a truncated mask, and the codes of the SEG files that could
+        not be used); a mask is unreadable, has no reference, duplicates another or does
+        not match its image's size; or nothing usable is left (the error names the
+        scanner's reasons, e.g. "(0010,0010) Patient's Name holds a name", and the SEG
+        codes). No error names a path, a UID or a patient value in its ``safe_reason``.
     """
     root = Path(data_dir)
     require_data_dir(root)
     if image_size < 1:
         raise DataError(f"image_size must be >= 1, got {image_size}", safe_reason="bad image size")
+    if num_classes < 2:
+        raise DataError(f"num_classes must be >= 2, got {num_classes}",
+                        safe_reason="bad number of segmentation classes")
     outcome = scan_directory(root, require_deidentified=require_deidentified)
     index = DicomIndex.from_records(outcome.records)
-    images, masks = _pair_masks(index)
-    by_patient: dict[str, list[tuple[InstanceRecord, InstanceRecord]]] = {}
-    for rec in images:
-        mask = masks.get(rec.sop_instance_uid)
-        if mask is None:
-            raise _mask_error(
-                "an image has no lesion mask: no usable mask instance references "
-                f"its SOP Instance UID ({len(outcome.skipped)} file(s) in the data folder were "
-                "skipped by the scanner, e.g. truncated or not DICOM; see `vesalius node check`)"
-            )
-        by_patient.setdefault(rec.patient_id, []).append((rec, mask))
+    paired = pair_images(index.instances(), skipped=len(outcome.skipped))
+    by_patient: dict[str, list[_Pair]] = {}
+    for rec, source in paired.pairs:
+        by_patient.setdefault(rec.patient_id, []).append((rec, source))
     if not by_patient:
-        raise DataError(
-            "no usable image/mask pair in the data folder",
-            safe_reason="the node has no usable segmentation data",
-        )
+        raise _nothing_usable(skipped_summary(outcome.skipped), paired.seg_codes)
     arrays = build_patient_splits(
         by_patient,
-        lambda patients: _build_split(patients, by_patient, image_size),
+        lambda patients: _build_split(patients, by_patient, image_size, num_classes),
         root=root,
         seed=seed,
         val_fraction=val_fraction,
