@@ -38,6 +38,7 @@ from flwr.serverapp import Grid
 from common import messages as k
 from common.config import TrainPlan
 from common.errors import VesaliusError
+from common.stats.histogram import compress_histograms
 from common.stats.multiclass import ConfusionMatrix, confusion_metrics, ovr_auc
 from common.stats.multilabel import LabelHistograms, LabelPlacementSums
 from server.inference import QueryRound, query_nodes
@@ -122,6 +123,15 @@ def _histogram_aucs(hists: LabelHistograms) -> dict[str, Any]:
             "p_values": None, "p_holm": None}
 
 
+def _roc(hists: LabelHistograms) -> list[dict[str, list[int]]]:
+    """Per class, the pooled one-vs-rest histograms without their empty bins (ROC plots)."""
+    out = []
+    for pos, neg in zip(hists.positive, hists.negative, strict=True):
+        p, q = compress_histograms(pos, neg)
+        out.append({"pos": [int(v) for v in p], "neg": [int(v) for v in q]})
+    return out
+
+
 def _auc_part(grid: Grid, arrays: ArrayRecord, base: dict[str, Any], first: QueryRound,
               out: dict[str, Any], *, K: int, alpha: float, timeout: float) -> None:
     """Round 2 and the AUCs (into ``out["multiclass"]["auc"]`` and ``out["auc_note"]``)."""
@@ -136,6 +146,7 @@ def _auc_part(grid: Grid, arrays: ArrayRecord, base: dict[str, Any], first: Quer
     if len(node_hists) < len(first.values):
         out["auc_note"] = (f"AUC pools the {len(node_hists)} of {len(first.values)} sites that "
                            "release score histograms")
+    mc["roc"] = _roc(hists)
     if np.any(hists.positive.sum(axis=1) == 0) or np.any(hists.negative.sum(axis=1) == 0):
         out["auc_note"] = "AUC undefined: some class is absent from the pooled patients"
         return
@@ -205,7 +216,8 @@ def multiclass_inference(
         ``per_class`` estimates with DeLong intervals, ``p_values``/``p_holm`` of AUC = 0.5;
         ``None`` when no histograms were released or a class is absent) and ``per_site``
         (``site``, ``n``, ``class_counts``, ``accuracy`` from the site's released confusion
-        matrix, ``macro_auc`` of its histograms or ``None``).
+        matrix, ``macro_auc`` of its histograms or ``None``) and ``roc`` (per class, the
+        pooled one-vs-rest histograms without their empty bins, for the ROC plots).
     """
     K = plan.num_classes
     base: dict[str, Any] = {**plan.to_record(), k.SPLIT: split, k.WITH_HISTOGRAMS: True}

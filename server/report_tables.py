@@ -27,12 +27,14 @@ __all__ = ["INTERNAL", "config", "cv", "generic", "glm", "img", "is_estimate", "
 log = logging.getLogger("server.report_html")
 
 INTERNAL = frozenset({"loglik", "mean_loglik", "noised", "ledger_heads", "node_id",
-                       "unit-weight", "report", "source", "html"})
+                       "unit-weight", "report", "source", "html",
+                       "roc"})  # per-class histograms: drawn as ROC curves, never tabulated
 
 CONFIG_KEYS = ("model", "num-server-rounds", "local-epochs", "batch-size", "learning-rate",
                 "target-epsilon", "max-grad-norm", "noise-multiplier", "image-size", "seed",
                 "min-nodes", "fraction-train", "fraction-evaluate", "hospital-dp-noise",
-                "hospital-dp-clip", "cv-folds", "cv-leave-one-site-out", "target-sensitivity")
+                "hospital-dp-clip", "cv-folds", "cv-leave-one-site-out", "target-sensitivity",
+                "task", "num-classes", "samples", "init-from")
 CONFIG_LABELS = {
     "model": "Model", "num-server-rounds": "Rounds", "local-epochs": "Local epochs per round",
     "batch-size": "Expected batch size", "learning-rate": "Learning rate",
