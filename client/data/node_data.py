@@ -18,12 +18,12 @@ from typing import Protocol, TypeVar
 import torch
 from torch.utils.data import Dataset
 
+from client.data.frames import image_frames, scan_for_training
+from client.data.labels import LABELS_FILENAME, read_labels
 from client.data.splits import SPLIT_NAMES, SplitName, split_patients
 from client.data.transforms import image_transform
 from client.dicom.index import DicomIndex, InstanceRecord
-from client.dicom.ingest import scan_with_labels
-from client.dicom.pixels import read_pixels
-from client.dicom.report import IngestionReport
+from client.dicom.report import IngestionReport, build_report
 from client.dicom.scan import iter_data_files
 from common.errors import DataError
 
@@ -56,7 +56,8 @@ class SplitArrays:
     Attributes
     ----------
     images : torch.Tensor
-        float32 ``[N, 1, S, S]`` (see :mod:`client.data.transforms`).
+        float32 ``[N, 1, S, S]`` (see :mod:`client.data.transforms`): one image per frame
+        of each file (see :mod:`client.data.frames`).
     labels : torch.Tensor
         int64 ``[N]``.
     patient_index : torch.Tensor
@@ -182,14 +183,15 @@ def _build_split(
         count = 0
         for rec, label in records[pid]:
             try:
-                pixels = read_pixels(rec.path)
+                frames = image_frames(rec.path)
             except DataError:
                 undecodable += 1  # counted, never named: a file name can identify a patient
                 continue
-            images.append(torch.as_tensor(transform(pixels), dtype=torch.float32))
-            labels.append(label)
-            owners.append(kept)
-            count += 1
+            for pixels in frames:  # each frame is one image of the patient's study
+                images.append(torch.as_tensor(transform(pixels), dtype=torch.float32))
+                labels.append(label)
+                owners.append(kept)
+                count += 1
         if count:
             kept += 1
     if undecodable:
@@ -323,6 +325,9 @@ def load_node_data(
 ) -> NodeData:
     """Scan, label, split and preprocess a node's DICOM data.
 
+    The scan accepts colour images, and every frame of a file is one image: see
+    :mod:`client.data.frames` (greyscale single-frame files read exactly as before).
+
     Results are cached in-process (Flower recreates the ClientApp for every message) under
     the resolved directory, the arguments and a signature of the directory (sorted
     relative path, size and mtime of every file), so any file change forces a reload.
@@ -381,9 +386,12 @@ def _load(
     test_fraction: float,
     progress: Callable[[int, int], None] | None,
 ) -> NodeData:
-    index, report, labels = scan_with_labels(
-        root, require_deidentified=require_deidentified, progress=progress
-    )
+    outcome = scan_for_training(root, require_deidentified=require_deidentified,
+                                progress=progress)
+    index = DicomIndex.from_records(outcome.records)
+    labels = read_labels(root / LABELS_FILENAME)
+    report = build_report(files_seen=outcome.files_seen, skipped=outcome.skipped, index=index,
+                          labels=labels, require_deidentified=require_deidentified)
     labelled = _labelled_records(index, labels)
     if not labelled:
         raise DataError(

@@ -15,6 +15,10 @@ reconstruction            int64 ``[N]`` zeros      cube of side ``S``)
 segmentation              int64 ``[N, S, S]`` mask ``[1, S, S]`` image (2D slices only)
 ========================  =======================  =========================================
 
+* What one file gives: :mod:`client.data.frames`. The scan accepts colour images (RGB,
+  YBR, palette), reduced to BT.601 luma because the zoo's models take one channel; every
+  frame of a multi-frame file is one 2D image; greyscale single-frame files read exactly
+  as :func:`client.dicom.pixels.read_pixels` always did.
 * ``binary`` and ``multiclass`` on 2D images go through :func:`client.data.node_data.
   load_node_data` unchanged.
 * Targets come from ``labels.csv`` (:func:`client.data.labels.read_targets`: the task's
@@ -27,7 +31,11 @@ segmentation              int64 ``[N, S, S]`` mask ``[1, S, S]`` image (2D slice
   longest assembled series is its sample; it is resampled to ``S x S x S`` with MONAI's
   ``Resize`` (area averaging; the aspect ratio is not kept, as for 2D images) and scaled to
   [0, 1] by the same robust percentiles as 2D images (:class:`client.data.transforms.
-  RobustScale`).
+  RobustScale`). A study with no assembled single-frame series uses the frames of its
+  multi-frame file with most frames (e.g. an enhanced CT or MR image) as the volume: frames
+  are assumed parallel slices, sorted by their per-frame (0020,0032) Image Position
+  (Patient) when the file has one for every frame, else kept in stored order
+  (:func:`client.data.frames.volume_frames`).
 * ``segmentation`` reads images paired with their masks (:func:`client.data.segmentation.
   load_segmentation_data`).
 
@@ -45,9 +53,11 @@ from collections.abc import Hashable
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 import torch
 from monai.transforms import Resize
 
+from client.data.frames import image_frames, scan_for_training, volume_frames
 from client.data.labels import LABELS_FILENAME, Target, read_targets
 from client.data.node_data import (
     CACHE_SIZE,
@@ -60,7 +70,6 @@ from client.data.node_data import (
 )
 from client.data.transforms import RobustScale, image_transform
 from client.dicom.index import DicomIndex, InstanceRecord
-from client.dicom.pixels import read_pixels
 from client.dicom.report import build_report
 from client.dicom.scan import scan_directory
 from client.dicom.volume import assemble_volumes
@@ -100,13 +109,37 @@ def _empty(task: str, samples: str, image_size: int, num_classes: int) -> SplitA
     )
 
 
+def _multi_frame_volume(records: list[InstanceRecord]) -> npt.NDArray[np.float32] | None:
+    """The frames of the study's multi-frame file with most frames, or None.
+
+    Files are tried by decreasing (0028,0008) Number of Frames (ties by relative path); the
+    first that decodes is the volume (see :func:`client.data.frames.volume_frames`).
+    """
+    candidates = sorted((rec for rec in records if rec.number_of_frames > 1),
+                        key=lambda rec: (-rec.number_of_frames, rec.relpath))
+    for rec in candidates:
+        try:
+            return volume_frames(rec.path)
+        except DataError:
+            continue
+    return None
+
+
 def _volume(records: list[InstanceRecord], image_size: int) -> torch.Tensor | None:
-    """The study's longest assembled series as ``[1, S, S, S]`` in [0, 1], or None."""
+    """The study's volume as ``[1, S, S, S]`` in [0, 1], or None.
+
+    The longest assembled single-frame series; when none assembles, the frames of one
+    multi-frame file (:func:`_multi_frame_volume`).
+    """
     outcome = assemble_volumes([rec.path for rec in records])
-    if not outcome.volumes:
-        return None
-    volume = max(outcome.volumes, key=lambda v: v.array.shape[0])
-    cube = Resize((image_size,) * 3, mode="area")(volume.array[np.newaxis])
+    if outcome.volumes:
+        array = max(outcome.volumes, key=lambda v: v.array.shape[0]).array
+    else:
+        found = _multi_frame_volume(records)
+        if found is None:
+            return None
+        array = found
+    cube = Resize((image_size,) * 3, mode="area")(array[np.newaxis])
     scaled = RobustScale()(torch.as_tensor(np.asarray(cube), dtype=torch.float32))
     return torch.as_tensor(scaled, dtype=torch.float32).contiguous()
 
@@ -126,14 +159,15 @@ def _build_split(
             if samples == "image-2d":
                 for rec in records:
                     try:
-                        pixels = read_pixels(rec.path)
+                        frames = image_frames(rec.path)
                     except DataError:
                         skipped += 1  # counted, never named: a file name can identify
                         continue
-                    images.append(torch.as_tensor(transform(pixels), dtype=torch.float32))
-                    targets.append(target)
-                    owners.append(kept)
-                    count += 1
+                    for pixels in frames:  # one image per frame (client.data.frames)
+                        images.append(torch.as_tensor(transform(pixels), dtype=torch.float32))
+                        targets.append(target)
+                        owners.append(kept)
+                        count += 1
             else:
                 cube = _volume(records, image_size)
                 if cube is None:
@@ -205,8 +239,7 @@ def _load(root: Path, *, task: str, num_classes: int, samples: str, image_size: 
         return _segmentation(root, image_size=image_size,
                              require_deidentified=require_deidentified, seed=seed,
                              val_fraction=val_fraction, test_fraction=test_fraction)
-    outcome = scan_directory(root, require_deidentified=require_deidentified,
-                             exclude=(LABELS_FILENAME,))
+    outcome = scan_for_training(root, require_deidentified=require_deidentified)
     index = DicomIndex.from_records(outcome.records)
     targets = (None if task == "reconstruction"
                else read_targets(root / LABELS_FILENAME, task, num_classes))
