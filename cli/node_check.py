@@ -53,6 +53,7 @@ from client.data.labels import (
 from client.dicom.index import DicomIndex, InstanceRecord
 from client.dicom.report import UNLABELLED, IngestionReport, build_report
 from client.dicom.scan import ProgressCallback, ScanOutcome, scan_directory
+from client.data.frames import scan_for_training
 from client.dicom.series_check import SeriesCheck, check_series
 from common.config import SAMPLE_KINDS
 from common.errors import DataError
@@ -379,8 +380,9 @@ def inspect_data(
     DataInspection
         The report, the used files, every label problem and the blocking reasons.
     """
-    outcome = scan_directory(root, require_deidentified=require_deidentified, progress=progress,
-                             exclude=(LABELS_FILENAME,), decode_pixels=decode_pixels)
+    # the scan training uses: colour and multi-frame images are usable (client/data/frames.py)
+    outcome = scan_for_training(root, require_deidentified=require_deidentified,
+                                progress=progress, decode_pixels=decode_pixels)
     scan = _Scan(root=root, outcome=outcome, index=DicomIndex.from_records(outcome.records),
                  require_deidentified=require_deidentified)
     if task == "binary":
@@ -393,7 +395,8 @@ def inspect_data(
         return found
     series = check_series(scan.index)
     blocking = found.blocking
-    if not blocking and series.volumes == 0:
+    multi_frame = any(r.number_of_frames > 1 for r in scan.index.instances())
+    if not blocking and series.volumes == 0 and not multi_frame:
         blocking = ("no study assembles into a volume (see the series problems: each needs "
                     "single-frame slices with (0020,0037), (0020,0032) and (0028,0030), evenly "
                     "spaced along the slice normal); train on 2-D images with --samples "

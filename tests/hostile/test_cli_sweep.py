@@ -119,7 +119,7 @@ def _cases(r: Path) -> list[tuple[str, list[str]]]:
         ("run lr -1", [*run, "--lr", "-1"]),
         ("run model nope", [*run, "--model", "nope"]),
         ("run model unet", [*run, "--model", "unet"]),
-        ("run model cnn3d", [*run, "--model", "cnn3d"]),
+        ("run model cnn3d on 2-D images", [*run, "--model", "cnn3d", "--samples", "image-2d"]),
         ("run image-size 0", [*run, "--image-size", "0"]),
         ("run image-size -5", [*run, "--image-size", "-5"]),
         ("run on-refusal maybe", [*run, "--on-refusal", "maybe"]),
