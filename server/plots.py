@@ -170,17 +170,20 @@ def plot_epsilon(series: Mapping[str, Sequence[tuple[int, float]]], *, xlabel: s
     return fig
 
 
-def plot_training(rounds: Sequence[Mapping[str, Any]]) -> Figure:
-    """Per-round curves: training and validation loss (left), validation AUC (right).
+def plot_training(rounds: Sequence[Mapping[str, Any]], *, loss_label: str = "cross-entropy loss",
+                  metric_label: str | None = "AUC", bounded: bool = True) -> Figure:
+    """Per-round curves: training and validation loss (left), a validation metric (right).
 
-    ``rounds`` are ``{"round", "train_loss", "val_loss", "val_auc"}`` rows (``None`` where
-    a value is missing).
+    ``rounds`` are ``{"round", "train_loss", "val_loss", "val_metric"}`` rows (``None`` where
+    a value is missing; ``val_auc`` is read when ``val_metric`` is absent). ``metric_label``
+    names the metric (None: the loss panel alone); ``bounded`` puts it on a [0, 1] axis.
     """
-    fig = Figure(figsize=(9.0, 3.4))
-    left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    fig = Figure(figsize=(9.0, 3.4) if metric_label else (4.8, 3.4))
+    left = fig.add_subplot(1, 2, 1) if metric_label else fig.add_subplot(1, 1, 1)
+    right = fig.add_subplot(1, 2, 2) if metric_label else None
 
     def line(ax: Any, key: str, name: str, colour: str) -> None:
-        pts = [(r["round"], r[key]) for r in rounds
+        pts = [(r["round"], r.get(key)) for r in rounds
                if r.get(key) is not None and math.isfinite(r[key])]
         if pts:
             xs, ys = zip(*pts, strict=True)
@@ -188,10 +191,16 @@ def plot_training(rounds: Sequence[Mapping[str, Any]]) -> Figure:
 
     line(left, "train_loss", "training loss", "tab:blue")
     line(left, "val_loss", "validation loss", "tab:orange")
-    line(right, "val_auc", "validation AUC", "tab:green")
-    left.set(xlabel="round", ylabel="cross-entropy loss", title="Loss")
-    right.set(xlabel="round", ylabel="AUC", title="Validation AUC", ylim=(0, 1.02))
-    for ax in (left, right):
+    left.set(xlabel="round", ylabel=loss_label, title="Loss")
+    axes = [left]
+    if right is not None:
+        key = "val_metric" if any("val_metric" in r for r in rounds) else "val_auc"
+        line(right, key, f"validation {metric_label}", "tab:green")
+        right.set(xlabel="round", ylabel=metric_label, title=f"Validation {metric_label}")
+        if bounded:
+            right.set_ylim(0, 1.02)
+        axes.append(right)
+    for ax in axes:
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
         if ax.lines:

@@ -247,7 +247,9 @@ def build_html(report: Mapping[str, Any], *, overlays_html: str = "") -> str:
     if isinstance(inf.get("glm"), Mapping):
         parts.append(_section("glm", tables.safe(lambda: tables.glm(inf["glm"]), "GLM table"),
                               "Logistic regression (federated Newton–Raphson)"))
-    own = {inf.get("task")} if task_section else set()
+    # what a task's own view shows (or what only its view needs), never as generic tables
+    own = ({inf.get("task"), "task", "value_range", "hd95_units", "decision", "classes",
+            "labels", "note"} if task_section else set())
     rest = [(key, v) for key, v in inf.items() if key not in _HANDLED and key not in own
             and not key.startswith("meta_") and not tables.empty(v)]
     scalars = {key: v for key, v in rest if not isinstance(v, (Mapping, list))}

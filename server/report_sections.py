@@ -192,8 +192,16 @@ def headline_section(report: Mapping[str, Any]) -> str:
     return "".join(parts)
 
 
+def _task(report: Mapping[str, Any]) -> str:
+    return str((report.get("config") or {}).get("task") or "binary")
+
+
 def training_rows(report: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Per-round ``round, train_loss, val_loss, val_auc, val_accuracy, trained, problems``."""
+    """Per-round ``round, train_loss, val_loss, val_auc, val_accuracy, trained, problems``,
+    and ``metrics``: the task's validation metrics (:data:`server.report_tasks.ROUND_METRICS`)."""
+    from server.report_tasks import round_metrics, round_value
+
+    shown = round_metrics(_task(report))
     out = []
     for entry in report.get("rounds") or []:
         if not isinstance(entry, Mapping) or not isinstance(entry.get("round"), int):
@@ -204,6 +212,7 @@ def training_rows(report: Mapping[str, Any]) -> list[dict[str, Any]]:
                     "val_loss": _num(m.get("loss")),
                     "val_auc": auc if auc is not None else _num(m.get("auc")),
                     "val_accuracy": _num(m.get("accuracy")),
+                    "metrics": {key: _num(round_value(m, key)) for _, key in shown},
                     "trained": len(entry.get("train") or []),
                     "problems": len(entry.get("errors") or [])})
     return out
@@ -212,26 +221,38 @@ def training_rows(report: Mapping[str, Any]) -> list[dict[str, Any]]:
 def training_section(report: Mapping[str, Any], img: ImgFn) -> str:
     """Train loss, validation loss and validation AUC per round: a plot and a table."""
     from server.plots import plot_training
+    from server.report_tasks import BOUNDED, LOSS_LABELS, round_metrics
 
     rows = training_rows(report)
     if not rows:
         return ""
+    task = _task(report)
+    shown = round_metrics(task)
     pooled = any(_num((e.get("metrics") or {}).get("auc-pooled")) is not None
                  for e in report.get("rounds") or [] if isinstance(e, Mapping))
     auc_what = ("AUC of the validation patients pooled over hospitals" if pooled else
                 "mean of the hospitals' validation AUCs, weighted by their patients")
+    what = (f" the validation AUC is the {auc_what}." if task == "binary" else
+            " the other validation metrics are means over the hospitals' patients.")
+    titles = [name.removeprefix("val ") for name, _ in shown]
     head = ("<tr><th>Round</th><th>Training loss</th><th>Validation loss</th>"
-            "<th>Validation AUC</th><th>Validation accuracy</th><th>Hospitals trained</th>"
-            "<th>Problems</th></tr>")
+            + "".join(f"<th>Validation {html.escape(t)}</th>" for t in titles)
+            + "<th>Hospitals trained</th><th>Problems</th></tr>")
     body = "".join(
         f"<tr><td>{r['round']}</td><td>{fmt(r['train_loss'])}</td><td>{fmt(r['val_loss'])}</td>"
-        f"<td>{fmt(r['val_auc'])}</td><td>{fmt(r['val_accuracy'])}</td><td>{r['trained']}</td>"
-        f"<td>{r['problems'] or ''}</td></tr>" for r in rows)
+        + "".join(f"<td>{fmt(r['metrics'].get(key))}</td>" for _, key in shown)
+        + f"<td>{r['trained']}</td><td>{r['problems'] or ''}</td></tr>" for r in rows)
+    metric = shown[0] if shown else None
+    curves = [{**r, "val_metric": r["metrics"].get(metric[1]) if metric else None}
+              for r in rows]
+    figure = plot_training(curves, loss_label=LOSS_LABELS.get(task, "loss"),
+                           metric_label=metric[0].removeprefix("val ") if metric else None,
+                           bounded=bool(metric and metric[1] in BOUNDED))
     return (f"<p>After each round the hospitals evaluated the new global model on their "
-            f"validation patients. Losses are means over patients, weighted by each hospital's "
-            f"patients; the validation AUC is the {auc_what}. The training loss is measured "
-            "on the noisy, clipped DP-SGD batches.</p>"
-            + img(plot_training(rows), "training and validation loss and validation AUC per round")
+            f"validation patients. Losses ({html.escape(LOSS_LABELS.get(task, 'loss'))}) are "
+            f"means over patients, weighted by each hospital's patients;{what} The training "
+            "loss is measured on the noisy, clipped DP-SGD batches.</p>"
+            + img(figure, "training and validation loss and the validation metric per round")
             + f'<table class="rounds">{head}{body}</table>')
 
 
@@ -347,11 +368,19 @@ def site_results_section(report: Mapping[str, Any]) -> str:
                   key=lambda r: site_label(r.get("site")))
     if not rows:
         return ""
+    from server.report_tasks import round_metrics
+
+    task = _task(report)
+    shown = ([("AUC", "auc"), ("Accuracy", "accuracy")] if task == "binary" else
+             [(name.removeprefix("val "), key) for name, key in round_metrics(task)])
+    if task != "binary":
+        shown.append(("loss", "loss"))
+    head = "".join(f"<th>{html.escape(name[:1].upper() + name[1:])}</th>" for name, _ in shown)
     body = "".join(f"<tr><td>{html.escape(site_label(r.get('site')))}</td>"
-                   f"<td>{fmt(r.get('num-examples'))}</td><td>{fmt(r.get('auc'))}</td>"
-                   f"<td>{fmt(r.get('accuracy'))}</td></tr>" for r in rows)
-    return ("<table><tr><th>Hospital</th><th>Test patients</th><th>AUC</th><th>Accuracy</th>"
-            f"</tr>{body}</table>")
+                   f"<td>{fmt(r.get('num-examples'))}</td>"
+                   + "".join(f"<td>{fmt(r.get(key))}</td>" for _, key in shown)
+                   + "</tr>" for r in rows)
+    return f"<table><tr><th>Hospital</th><th>Test patients</th>{head}</tr>{body}</table>"
 
 
 def _problem_rows(report: Mapping[str, Any]) -> list[tuple[str, str, str]]:

@@ -46,6 +46,8 @@ CONFIG_LABELS = {
     "hospital-dp-noise": "Hospital-level DP noise multiplier",
     "hospital-dp-clip": "Hospital-level DP clipping norm", "cv-folds": "Folds",
     "cv-leave-one-site-out": "Leave one hospital out", "target-sensitivity": "Target sensitivity",
+    "task": "Learning task", "num-classes": "Classes, grades or findings (K)",
+    "samples": "What one sample is", "init-from": "Initialised from checkpoint",
 }
 
 def img(fig: Figure, alt: str) -> str:

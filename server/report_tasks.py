@@ -18,7 +18,8 @@ from typing import Any
 from server import report_task_classes as classes
 from server import report_task_measures as measures
 
-__all__ = ["ROUND_METRICS", "TaskView", "round_metrics", "round_value", "task_view"]
+__all__ = ["BOUNDED", "LOSS_LABELS", "ROUND_METRICS", "TaskView", "round_metrics", "round_value",
+           "task_view"]
 
 Section = Mapping[str, Any]
 
@@ -102,3 +103,18 @@ def round_value(metrics: Mapping[str, Any], key: str) -> Any:
     if key == "auc":
         return metrics.get("auc-pooled", metrics.get("auc"))
     return metrics.get(key)
+
+
+LOSS_LABELS: dict[str, str] = {
+    "binary": "cross-entropy loss",
+    "multiclass": "cross-entropy loss",
+    "ordinal": "cumulative binary cross-entropy",
+    "multilabel": "binary cross-entropy (sum over findings)",
+    "regression": "squared error",
+    "segmentation": "cross-entropy + (1 - Dice)",
+    "reconstruction": "reconstruction error",
+}
+"""Per task, what its per-sample loss is (the training curves' axis)."""
+
+BOUNDED = frozenset({"auc", "accuracy", "dice"})
+"""Round metrics that lie in [0, 1] (plotted on a fixed axis)."""
