@@ -60,14 +60,17 @@ def counts(values: Any, shape: tuple[int, ...]) -> np.ndarray:
     return np.maximum(np.rint(np.asarray(values, dtype=np.float64)), 0).reshape(shape)
 
 
-def _site_kappa(cm: np.ndarray) -> float | None:
+def _site_kappa(cm: np.ndarray) -> tuple[float | None, float | None]:
+    """The site's quadratic kappa and its Fleiss-Cohen-Everitt standard error (or None)."""
     if cm.sum() == 0:
-        return None
+        return None, None
     try:
-        value = weighted_kappa(ConfusionMatrix(counts=cm), weights="quadratic").value
+        est = weighted_kappa(ConfusionMatrix(counts=cm), weights="quadratic")
     except VesaliusError:
-        return None
-    return float(value) if math.isfinite(value) else None
+        return None, None
+    value = float(est.value) if math.isfinite(est.value) else None
+    se = float(est.se) if est.se is not None and math.isfinite(est.se) else None
+    return value, se
 
 
 def _site_rows(first: QueryRound, K: int) -> list[dict[str, Any]]:
@@ -79,7 +82,8 @@ def _site_rows(first: QueryRound, K: int) -> list[dict[str, Any]]:
         rows.append({"site": first.sites[nid],
                      "n": int(round(float(values[k.NUM_EXAMPLES]))),
                      "class_counts": [int(v) for v in cm.sum(axis=1)],
-                     "kappa_quadratic": _site_kappa(cm),
+                     "kappa_quadratic": _site_kappa(cm)[0],
+                     "kappa_quadratic_se": _site_kappa(cm)[1],
                      "accuracy": float(np.trace(cm)) / total if total else None})
     return rows
 
@@ -133,7 +137,8 @@ def ordinal_inference(
         ``None`` where undefined), ``mae`` (mean absolute grade error, method "t"), ``confusion``
         (K x K, rows = true grade), ``class_counts`` (patients per true grade), ``accuracy``,
         ``balanced_accuracy``, ``sensitivity`` and ``precision`` (one estimate per grade) and
-        ``per_site`` (``site``, ``n``, ``class_counts``, ``kappa_quadratic``, ``accuracy``
+        ``per_site`` (``site``, ``n``, ``class_counts``, ``kappa_quadratic`` with its
+        ``kappa_quadratic_se``, ``accuracy``
         from the site's released matrix, ``None`` where undefined).
     """
     K = plan.num_classes

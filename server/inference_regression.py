@@ -120,8 +120,11 @@ def _site_rows(res: QueryRound, width: float) -> list[dict[str, Any]]:
     for nid, values in res.values.items():
         n = _count(values[k.NUM_EXAMPLES])
         s = _sums(values, width)
+        # SE of the site's MAE: sd(|e|) / sqrt(n), sd from sum |e|^2 = sum e^2 (ddof = 1)
+        mae_var = ((s.sum_sq_error - s.sum_abs_error ** 2 / n) / (n - 1) / n) if n > 1 else math.nan
         rows.append({"site": res.sites[nid], "n": n,
                      "mae": _finite(s.sum_abs_error / n) if n else None,
+                     "mae_se": _finite(math.sqrt(mae_var)) if mae_var > 0 else None,
                      "bias": _finite(s.sum_error / n) if n else None,
                      "rmse": _finite(math.sqrt(max(s.sum_sq_error, 0.0) / n)) if n else None})
     return rows
@@ -183,7 +186,7 @@ def regression_inference(
         ``bland_altman`` (``bias``, ``loa_lower``, ``loa_upper``, ``sd_difference``, ``z``,
         ``difference``), ``abs_error_histogram`` (``edges``, ``counts``, ``sites``,
         ``median``; ``None`` when no node released one) and ``per_site`` (``site``, ``n``,
-        ``mae``, ``bias``, ``rmse``).
+        ``mae`` with its ``mae_se``, ``bias``, ``rmse``).
     """
     width = float(value_upper) - float(value_lower)
     base: dict[str, Any] = {**plan.to_record(), k.SPLIT: split, k.WITH_HISTOGRAMS: True,

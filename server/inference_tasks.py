@@ -16,6 +16,7 @@ report's ``inference`` section (a JSON-able dict); the modules are imported when
 from __future__ import annotations
 
 import importlib
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -25,7 +26,7 @@ from flwr.serverapp import Grid
 from common import messages as k
 from common.config import RunConfig
 
-__all__ = ["TaskInference", "task_inference"]
+__all__ = ["META", "TaskInference", "add_meta_analysis", "task_inference"]
 
 TaskInference = Callable[[Grid, list[int], ArrayRecord, RunConfig], dict[str, Any]]
 """``(grid, node_ids, final arrays, run config) -> inference section``."""
@@ -70,6 +71,59 @@ _REGISTRY: dict[str, TaskInference] = {
 }
 
 
+META: dict[str, tuple[str, str]] = {
+    "ordinal": ("ordinal", "kappa_quadratic"),
+    "regression": ("regression", "mae"),
+    "segmentation": ("segmentation", "dice"),
+}
+"""Per task, the per-site metric a between-hospital meta-analysis pools: ``(sub-section,
+key)`` of its ``per_site`` rows (an estimate with ``se``, or a value beside ``<key>_se``)."""
+
+
+def _site_effect(row: Any, key: str) -> tuple[float, float] | None:
+    value, se = row.get(key), row.get(f"{key}_se")
+    if isinstance(value, dict):
+        value, se = value.get("value"), value.get("se")
+    if not isinstance(value, (int, float)) or not isinstance(se, (int, float)):
+        return None
+    if not (math.isfinite(value) and math.isfinite(se) and se > 0):
+        return None
+    return float(value), float(se)
+
+
+def add_meta_analysis(task: str, section: dict[str, Any], *, alpha: float = 0.05) -> None:
+    """Add ``meta_<key>``: DerSimonian-Laird random-effects pooling of the hospitals' own
+    estimates of the task's headline metric (:func:`common.stats.meta.random_effects`), where
+    at least two hospitals have one with a positive standard error. A different estimand from
+    the pooled-patient value: the metric of an average hospital, with tau² and I² measuring
+    how much hospitals differ."""
+    from common.stats.meta import random_effects
+
+    where = META.get(task)
+    part = section.get(where[0]) if where else None
+    if where is None or not isinstance(part, dict):
+        return
+    effects = [(str(row.get("site")), effect) for row in part.get("per_site") or []
+               if isinstance(row, dict) and (effect := _site_effect(row, where[1])) is not None]
+    if len(effects) < 2:
+        return
+    names = [name for name, _ in effects]
+    values = [value for _, (value, _) in effects]
+    variances = [se * se for _, (_, se) in effects]
+    section[f"meta_{where[1]}"] = random_effects(values, variances, alpha=alpha,
+                                                 site_names=names).as_dict()
+
+
 def task_inference(task: str) -> TaskInference:
-    """The pooled inference of ``task`` (a task without one gets a 'not applicable' section)."""
-    return _REGISTRY.get(task, _none)
+    """The pooled inference of ``task`` (a task without one gets a 'not applicable' section),
+    with the between-hospital meta-analysis of its headline metric where it has one."""
+    run = _REGISTRY.get(task, _none)
+
+    def with_meta(grid: Grid, node_ids: list[int], arrays: ArrayRecord,
+                  config: RunConfig) -> dict[str, Any]:
+        section = run(grid, node_ids, arrays, config)
+        if section.get("status") == "completed":
+            add_meta_analysis(task, section)
+        return section
+
+    return with_meta if task in META else run
