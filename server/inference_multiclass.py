@@ -32,70 +32,40 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, MetricRecord
+from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
 
 from common import messages as k
 from common.config import TrainPlan
 from common.errors import VesaliusError
-from common.stats.histogram import compress_histograms
 from common.stats.multiclass import ConfusionMatrix, confusion_metrics, ovr_auc
-from common.stats.multilabel import LabelHistograms, LabelPlacementSums
 from server.inference import QueryRound, query_nodes
+from server.inference_labels import (
+    OVR_KEYS,
+    counts,
+    histogram_aucs,
+    node_histograms,
+    placement_sums,
+    pooled_histograms,
+    pooled_record,
+    release_flags,
+    roc,
+)
 
 __all__ = ["multiclass_inference"]
 
 log = logging.getLogger(__name__)
 
 _METRICS_REQUIRED = (k.NUM_EXAMPLES, k.CONFUSION, k.LOGLIK)
-_PLACEMENT_KEYS = (k.OVR_NUM_POSITIVE, k.OVR_NUM_NEGATIVE, k.OVR_V10_SUM, k.OVR_V10_SQ,
-                   k.OVR_V01_SUM, k.OVR_V01_SQ, k.OVR_CROSS)
-
-
-def _flags(res: QueryRound) -> tuple[bool, int]:
-    noised = any(bool(v.get(k.NOISED, 0)) for v in res.values.values())
-    suppressed = int(sum(int(v.get(k.SUPPRESSED_CELLS, 0)) for v in res.values.values()))
-    return noised, suppressed
-
-
-def _counts(values: Any, shape: tuple[int, ...]) -> np.ndarray:
-    return np.maximum(np.rint(np.asarray(values, dtype=np.float64)), 0).reshape(shape)
-
-
-def _node_histograms(res: QueryRound, K: int) -> dict[int, LabelHistograms]:
-    out = {}
-    for nid, v in res.values.items():
-        if k.OVR_HIST_POSITIVE in v and k.OVR_HIST_NEGATIVE in v:
-            pos = _counts(v[k.OVR_HIST_POSITIVE], (K, -1))
-            out[nid] = LabelHistograms(positive=pos,
-                                       negative=_counts(v[k.OVR_HIST_NEGATIVE], pos.shape))
-    return out
-
-
-def _pooled_record(hists: LabelHistograms) -> MetricRecord:
-    return MetricRecord({k.OVR_HIST_POSITIVE: [int(x) for x in hists.positive.ravel()],
-                         k.OVR_HIST_NEGATIVE: [int(x) for x in hists.negative.ravel()]})
-
-
-def _placement_sums(res: QueryRound, K: int) -> LabelPlacementSums:
-    pooled = res.pooled(_PLACEMENT_KEYS)
-    return LabelPlacementSums(
-        n_pos=_counts(pooled[k.OVR_NUM_POSITIVE], (K,)),
-        n_neg=_counts(pooled[k.OVR_NUM_NEGATIVE], (K,)),
-        v10_sum=np.asarray(pooled[k.OVR_V10_SUM]).reshape(K),
-        v10_sq=np.asarray(pooled[k.OVR_V10_SQ]).reshape(K),
-        v01_sum=np.asarray(pooled[k.OVR_V01_SUM]).reshape(K),
-        v01_sq=np.asarray(pooled[k.OVR_V01_SQ]).reshape(K),
-        cross=np.asarray(pooled[k.OVR_CROSS]).reshape(K, K))
 
 
 def _site_rows(first: QueryRound, K: int) -> list[dict[str, Any]]:
     """Per site: patients, accuracy at the arg-max (its released confusion matrix) and the
     macro one-vs-rest AUC of its histograms (``None`` where a class is absent there)."""
-    hists = _node_histograms(first, K)
+    hists = node_histograms(first, K, OVR_KEYS)
     rows = []
     for nid, values in first.values.items():
-        cm = _counts(values[k.CONFUSION], (K, K))
+        cm = counts(values[k.CONFUSION], (K, K))
         total = int(cm.sum())
         row: dict[str, Any] = {"site": first.sites[nid],
                                "n": int(round(float(values[k.NUM_EXAMPLES]))),
@@ -109,63 +79,38 @@ def _site_rows(first: QueryRound, K: int) -> list[dict[str, Any]]:
     return rows
 
 
-def _histogram_aucs(hists: LabelHistograms) -> dict[str, Any]:
-    """Per-class and macro AUC of the binned scores, without intervals."""
-    aucs = hists.aucs()
-
-    def est(v: float) -> dict[str, Any]:
-        return {"value": float(v) if math.isfinite(v) else None, "lower": None,
-                "upper": None, "se": None, "n": int(hists.positive[0].sum()
-                                                    + hists.negative[0].sum()),
-                "method": "histogram"}
-
-    return {"macro": est(float(np.mean(aucs))), "per_class": [est(float(a)) for a in aucs],
-            "p_values": None, "p_holm": None}
-
-
-def _roc(hists: LabelHistograms) -> list[dict[str, list[int]]]:
-    """Per class, the pooled one-vs-rest histograms without their empty bins (ROC plots)."""
-    out = []
-    for pos, neg in zip(hists.positive, hists.negative, strict=True):
-        p, q = compress_histograms(pos, neg)
-        out.append({"pos": [int(v) for v in p], "neg": [int(v) for v in q]})
-    return out
-
-
 def _auc_part(grid: Grid, arrays: ArrayRecord, base: dict[str, Any], first: QueryRound,
               out: dict[str, Any], *, K: int, alpha: float, timeout: float) -> None:
     """Round 2 and the AUCs (into ``out["multiclass"]["auc"]`` and ``out["auc_note"]``)."""
-    node_hists = _node_histograms(first, K)
+    node_hists = node_histograms(first, K, OVR_KEYS)
     mc = out["multiclass"]
     if not node_hists:
         out["auc_note"] = "no node released score histograms (release-histograms is off)"
         return
-    hists = sum(node_hists.values(), start=LabelHistograms(
-        positive=np.zeros_like(next(iter(node_hists.values())).positive),
-        negative=np.zeros_like(next(iter(node_hists.values())).negative)))
+    hists = pooled_histograms(node_hists)
     if len(node_hists) < len(first.values):
         out["auc_note"] = (f"AUC pools the {len(node_hists)} of {len(first.values)} sites that "
                            "release score histograms")
-    mc["roc"] = _roc(hists)
+    mc["roc"] = roc(hists)
     if np.any(hists.positive.sum(axis=1) == 0) or np.any(hists.negative.sum(axis=1) == 0):
         out["auc_note"] = "AUC undefined: some class is absent from the pooled patients"
         return
     second = query_nodes(grid, list(node_hists), "multiclass-placements", base, timeout=timeout,
-                         records={k.ARRAYS: arrays, k.POOLED: _pooled_record(hists)},
-                         required=_PLACEMENT_KEYS)
+                         records={k.ARRAYS: arrays, k.POOLED: pooled_record(hists, OVR_KEYS)},
+                         required=OVR_KEYS.placements)
     out["failures"].extend(second.failures)
     out["ledger_heads"].update(second.heads)
     if second.failures or not second.values:
-        mc["auc"] = _histogram_aucs(hists)
+        mc["auc"] = histogram_aucs(hists, "per_class")
         out["auc_note"] = ("DeLong CIs unavailable: not every node whose histograms were pooled "
                            "returned its placement sums")
         return
-    noised, _ = _flags(second)
+    noised, _ = release_flags(second)
     try:
-        res = ovr_auc(hists, _placement_sums(second, K), alpha=alpha,
+        res = ovr_auc(hists, placement_sums(second, K, OVR_KEYS), alpha=alpha,
                       consistency_tol=None if noised else 1e-9)
     except VesaliusError as exc:
-        mc["auc"] = _histogram_aucs(hists)
+        mc["auc"] = histogram_aucs(hists, "per_class")
         out["auc_note"] = f"DeLong CIs unavailable: {exc}"
         return
     d = res.as_dict()
@@ -230,9 +175,9 @@ def multiclass_inference(
         out.update(status="failed", reason="no node answered the multiclass-metrics query")
         return out
     ids = list(first.values)
-    noised, suppressed = _flags(first)
+    noised, suppressed = release_flags(first)
     pooled = first.pooled(_METRICS_REQUIRED)
-    cm = ConfusionMatrix(counts=_counts(pooled[k.CONFUSION], (K, K)))
+    cm = ConfusionMatrix(counts=counts(pooled[k.CONFUSION], (K, K)))
     n = int(round(float(pooled[k.NUM_EXAMPLES])))
     metrics_note = ""
     if suppressed and not noised:

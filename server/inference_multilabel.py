@@ -30,17 +30,26 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, MetricRecord
+from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
 
 from common import messages as k
 from common.config import TrainPlan
 from common.errors import VesaliusError
-from common.stats.histogram import compress_histograms
 from common.stats.metrics import proportion_ci
-from common.stats.multilabel import LabelHistograms, LabelPlacementSums, label_aucs
+from common.stats.multilabel import label_aucs
 from server.inference import QueryRound, query_nodes
-from server.inference_ordinal import counts, release_flags
+from server.inference_labels import (
+    LabelKeys,
+    counts,
+    histogram_aucs,
+    node_histograms,
+    placement_sums,
+    pooled_histograms,
+    pooled_record,
+    release_flags,
+    roc,
+)
 
 __all__ = ["multilabel_inference"]
 
@@ -49,35 +58,10 @@ log = logging.getLogger(__name__)
 METRICS_QUERY = "multilabel-metrics"
 PLACEMENTS_QUERY = "multilabel-placements"
 _METRICS_REQUIRED = (k.NUM_EXAMPLES, k.LABEL_CONFUSION)
-_PLACEMENT_KEYS = (k.LABEL_NUM_POSITIVE, k.LABEL_NUM_NEGATIVE, k.LABEL_V10_SUM, k.LABEL_V10_SQ,
-                   k.LABEL_V01_SUM, k.LABEL_V01_SQ, k.LABEL_CROSS)
-
-
-def _node_histograms(res: QueryRound, K: int) -> dict[int, LabelHistograms]:
-    out = {}
-    for nid, v in res.values.items():
-        if k.LABEL_HIST_POSITIVE in v and k.LABEL_HIST_NEGATIVE in v:
-            pos = counts(v[k.LABEL_HIST_POSITIVE], (K, -1))
-            out[nid] = LabelHistograms(positive=pos,
-                                       negative=counts(v[k.LABEL_HIST_NEGATIVE], pos.shape))
-    return out
-
-
-def _pooled_record(hists: LabelHistograms) -> MetricRecord:
-    return MetricRecord({k.LABEL_HIST_POSITIVE: [int(x) for x in hists.positive.ravel()],
-                         k.LABEL_HIST_NEGATIVE: [int(x) for x in hists.negative.ravel()]})
-
-
-def _placement_sums(res: QueryRound, K: int) -> LabelPlacementSums:
-    pooled = res.pooled(_PLACEMENT_KEYS)
-    return LabelPlacementSums(
-        n_pos=counts(pooled[k.LABEL_NUM_POSITIVE], (K,)),
-        n_neg=counts(pooled[k.LABEL_NUM_NEGATIVE], (K,)),
-        v10_sum=np.asarray(pooled[k.LABEL_V10_SUM]).reshape(K),
-        v10_sq=np.asarray(pooled[k.LABEL_V10_SQ]).reshape(K),
-        v01_sum=np.asarray(pooled[k.LABEL_V01_SUM]).reshape(K),
-        v01_sq=np.asarray(pooled[k.LABEL_V01_SQ]).reshape(K),
-        cross=np.asarray(pooled[k.LABEL_CROSS]).reshape(K, K))
+KEYS = LabelKeys(k.LABEL_HIST_POSITIVE, k.LABEL_HIST_NEGATIVE, k.LABEL_NUM_POSITIVE,
+                 k.LABEL_NUM_NEGATIVE, k.LABEL_V10_SUM, k.LABEL_V10_SQ, k.LABEL_V01_SUM,
+                 k.LABEL_V01_SQ, k.LABEL_CROSS)
+"""The multi-label wire keys of the per-finding histograms and placement sums."""
 
 
 def _finite(v: float) -> float | None:
@@ -87,7 +71,7 @@ def _finite(v: float) -> float | None:
 def _site_rows(first: QueryRound, K: int) -> list[dict[str, Any]]:
     """Per site: patients, positives per finding (its 2 x 2 tables) and the macro AUC of its
     histograms (``None`` where a finding lacks positives or negatives there)."""
-    hists = _node_histograms(first, K)
+    hists = node_histograms(first, K, KEYS)
     rows = []
     for nid, values in first.values.items():
         table = counts(values[k.LABEL_CONFUSION], (K, 4))
@@ -112,64 +96,40 @@ def _threshold_metrics(table: np.ndarray, *, alpha: float, method: str) -> dict[
                             .as_dict() for a, b in zip(tn, fp, strict=True)]}
 
 
-def _histogram_aucs(hists: LabelHistograms) -> dict[str, Any]:
-    """Per-finding and macro AUC of the binned scores, without intervals."""
-    aucs = hists.aucs()
-    n = int(hists.positive[0].sum() + hists.negative[0].sum())
-
-    def est(v: float) -> dict[str, Any]:
-        return {"value": _finite(v), "lower": None, "upper": None, "se": None, "n": n,
-                "method": "histogram"}
-
-    return {"macro": est(float(np.mean(aucs))), "per_label": [est(float(a)) for a in aucs],
-            "p_values": None, "p_holm": None}
-
-
-def _roc(hists: LabelHistograms) -> list[dict[str, list[int]]]:
-    """Per finding, the pooled histograms without their empty bins (for ROC plots)."""
-    out = []
-    for pos, neg in zip(hists.positive, hists.negative, strict=True):
-        p, q = compress_histograms(pos, neg)
-        out.append({"pos": [int(v) for v in p], "neg": [int(v) for v in q]})
-    return out
-
-
 def _auc_part(grid: Grid, arrays: ArrayRecord, base: dict[str, Any], first: QueryRound,
               out: dict[str, Any], *, K: int, alpha: float, timeout: float) -> None:
     """Round 2 and the AUCs (into ``out["multilabel"]`` and ``out["auc_note"]``)."""
-    node_hists = _node_histograms(first, K)
+    node_hists = node_histograms(first, K, KEYS)
     ml = out["multilabel"]
     if not node_hists:
         out["auc_note"] = "no node released score histograms (release-histograms is off)"
         return
-    hists = sum(node_hists.values(), start=LabelHistograms(
-        positive=np.zeros((K, next(iter(node_hists.values())).n_bins), dtype=np.int64),
-        negative=np.zeros((K, next(iter(node_hists.values())).n_bins), dtype=np.int64)))
+    hists = pooled_histograms(node_hists)
     n_pos, n_all = hists.positive.sum(axis=1), hists.positive.sum(axis=1) \
         + hists.negative.sum(axis=1)
     if len(node_hists) == len(first.values):  # exact counts of every answering site
         ml["positives"] = [int(v) for v in n_pos]
         ml["prevalence"] = [float(p) / float(t) if t else None
                             for p, t in zip(n_pos, n_all, strict=True)]
-    ml["roc"] = _roc(hists)
+    ml["roc"] = roc(hists)
     notes = []
     if len(node_hists) < len(first.values):
         notes.append(f"AUC pools the {len(node_hists)} of {len(first.values)} sites that "
                      "release score histograms")
     empty = [j for j in range(K) if n_pos[j] == 0 or n_pos[j] == n_all[j]]
     if empty:
-        ml["auc"] = _histogram_aucs(hists)
+        ml["auc"] = histogram_aucs(hists, "per_label")
         notes.append("AUC undefined for finding(s) " + ", ".join(map(str, empty))
                      + ": no pooled positive or no pooled negative patient")
         out["auc_note"] = "; ".join(notes)
         return
     second = query_nodes(grid, list(node_hists), PLACEMENTS_QUERY, base, timeout=timeout,
-                         records={k.ARRAYS: arrays, k.POOLED: _pooled_record(hists)},
-                         required=_PLACEMENT_KEYS)
+                         records={k.ARRAYS: arrays, k.POOLED: pooled_record(hists, KEYS)},
+                         required=KEYS.placements)
     out["failures"].extend(second.failures)
     out["ledger_heads"].update(second.heads)
     if second.failures or not second.values:
-        ml["auc"] = _histogram_aucs(hists)
+        ml["auc"] = histogram_aucs(hists, "per_label")
         notes.append("DeLong CIs unavailable: not every node whose histograms were pooled "
                      "returned its placement sums")
         out["auc_note"] = "; ".join(notes)
@@ -177,10 +137,10 @@ def _auc_part(grid: Grid, arrays: ArrayRecord, base: dict[str, Any], first: Quer
     noised, _ = release_flags(second)
     out["noised"] = bool(out["noised"] or noised)
     try:
-        res = label_aucs(hists, _placement_sums(second, K), alpha=alpha,
+        res = label_aucs(hists, placement_sums(second, K, KEYS), alpha=alpha,
                          consistency_tol=None if noised else 1e-9)
     except VesaliusError as exc:
-        ml["auc"] = _histogram_aucs(hists)
+        ml["auc"] = histogram_aucs(hists, "per_label")
         notes.append(f"DeLong CIs unavailable: {exc.safe_reason}")
         out["auc_note"] = "; ".join(notes)
         return

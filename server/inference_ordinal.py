@@ -39,6 +39,7 @@ from common.errors import VesaliusError
 from common.stats.multiclass import ConfusionMatrix, confusion_metrics
 from common.stats.ordinal import mean_absolute_grade_error, weighted_kappa
 from server.inference import QueryRound, query_nodes
+from server.inference_labels import counts, release_flags
 
 __all__ = ["ordinal_inference"]
 
@@ -46,18 +47,6 @@ log = logging.getLogger(__name__)
 
 QUERY = "ordinal-metrics"
 _REQUIRED = (k.NUM_EXAMPLES, k.CONFUSION)
-
-
-def release_flags(res: QueryRound) -> tuple[bool, int]:
-    """``(any node noised, suppressed cells over all nodes)`` of one query round."""
-    noised = any(bool(v.get(k.NOISED, 0)) for v in res.values.values())
-    suppressed = int(sum(int(v.get(k.SUPPRESSED_CELLS, 0)) for v in res.values.values()))
-    return noised, suppressed
-
-
-def counts(values: Any, shape: tuple[int, ...]) -> np.ndarray:
-    """Released (possibly noised) counts as non-negative integers of ``shape``."""
-    return np.maximum(np.rint(np.asarray(values, dtype=np.float64)), 0).reshape(shape)
 
 
 def _site_kappa(cm: np.ndarray) -> tuple[float | None, float | None]:

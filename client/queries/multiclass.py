@@ -34,14 +34,17 @@ import math
 from typing import Any
 
 import numpy as np
-from flwr.app import MetricRecord
 
+from client.queries.label_release import (
+    check_exact_placements,
+    fine_bins,
+    pooled_label_histograms,
+)
 from client.queries.registry import Query, QueryRequest, register_query
 from client.queries.scoring import patient_probabilities
 from client.release import Statistic
 from common import messages as k
-from common.errors import BudgetExceededError, ConfigError, DataError
-from common.stats.bins import fine_score_edges
+from common.errors import ConfigError
 from common.stats.multiclass import confusion_matrix_counts, ovr_histograms, ovr_placement_sums
 from common.stats.multilabel import LabelHistograms
 
@@ -68,9 +71,6 @@ def num_classes(req: QueryRequest) -> int:
     return K
 
 
-def _bins() -> int:
-    return int(fine_score_edges().size - 1)
-
 
 def _with_histograms(req: QueryRequest) -> bool:
     return bool(req.config.get(k.WITH_HISTOGRAMS, True)) and req.node.release_histograms
@@ -94,8 +94,8 @@ class MulticlassMetricsQuery(Query):
                  Statistic(k.CONFUSION, 1.0, (K, K), small_cells=True, integer=True),
                  Statistic(k.LOGLIK, -math.log(LOGLIK_CLIP))]
         if _with_histograms(req):
-            stats += [Statistic(k.OVR_HIST_POSITIVE, 1.0, (K, _bins()), integer=True),
-                      Statistic(k.OVR_HIST_NEGATIVE, math.sqrt(K - 1), (K, _bins()),
+            stats += [Statistic(k.OVR_HIST_POSITIVE, 1.0, (K, fine_bins()), integer=True),
+                      Statistic(k.OVR_HIST_NEGATIVE, math.sqrt(K - 1), (K, fine_bins()),
                                 integer=True)]
         return stats
 
@@ -113,43 +113,13 @@ class MulticlassMetricsQuery(Query):
 
 def pooled_ovr_histograms(req: QueryRequest, K: int) -> LabelHistograms:
     """The pooled pass-1 histograms the coordinator sent back (``pooled`` record)."""
-    record = req.content.get(k.POOLED)
-    keys = (k.OVR_HIST_POSITIVE, k.OVR_HIST_NEGATIVE)
-    if not isinstance(record, MetricRecord) or any(key not in record for key in keys):
-        raise ConfigError("multiclass-placements without pooled histograms",
-                          safe_reason="malformed query: 'multiclass-placements' needs the pooled "
-                          "one-vs-rest histograms")
-    arrays = [np.asarray(record[key], dtype=np.float64) for key in keys]
-    if any(a.size != K * _bins() for a in arrays):
-        raise ConfigError("pooled histograms of the wrong size",
-                          safe_reason=f"malformed query: pooled histograms need {K} x {_bins()} "
-                          "bins")
-    if any(np.any(a < 0) or np.any(a != np.round(a)) for a in arrays):
-        raise BudgetExceededError(
-            "pooled histograms are not counts",
-            safe_reason="refused: the pooled histograms sent back are not counts")
-    pos, neg = (a.reshape(K, _bins()) for a in arrays)
-    return LabelHistograms(positive=pos, negative=neg)
+    return pooled_label_histograms(req, K, (k.OVR_HIST_POSITIVE, k.OVR_HIST_NEGATIVE),
+                                   what="one-vs-rest")
 
 
 def _check_exact(req: QueryRequest, own: LabelHistograms, pooled: LabelHistograms) -> None:
-    """Exact releases: consent, minimum counts per class, pooled counts containing our own."""
-    if not req.node.release_histograms:
-        raise BudgetExceededError(
-            "multiclass placements without histogram consent",
-            safe_reason="refused: this node does not release score histograms "
-            "(release-histograms), on which DeLong placement sums depend")
-    n_pos, n_neg = own.positive.sum(axis=1), own.negative.sum(axis=1)
-    if min(int(n_pos.min()), int(n_neg.min())) < req.node.min_release_count:
-        raise DataError(
-            "too few patients of a class for placement sums",
-            safe_reason="refused: fewer held-out patients of some class (or of the other "
-            f"classes) than this node's minimum release count ({req.node.min_release_count})")
-    if np.any(pooled.positive < own.positive) or np.any(pooled.negative < own.negative):
-        raise BudgetExceededError(
-            "pooled histograms do not contain this node's histograms",
-            safe_reason="refused: the pooled histograms sent back are not pooled counts that "
-            "include this node's own release")
+    check_exact_placements(req, own, pooled, too_few="fewer held-out patients of some class "
+                           "(or of the other classes)")
 
 
 @register_query("multiclass-placements")

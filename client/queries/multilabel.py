@@ -34,14 +34,17 @@ import math
 from typing import Any
 
 import numpy as np
-from flwr.app import MetricRecord
 
+from client.queries.label_release import (
+    check_exact_placements,
+    fine_bins,
+    pooled_label_histograms,
+)
 from client.queries.registry import Query, QueryRequest, register_query
 from client.queries.scoring import HeldOutImages, patient_outputs
 from client.release import Statistic
 from common import messages as k
-from common.errors import BudgetExceededError, ConfigError, DataError
-from common.stats.bins import fine_score_edges
+from common.errors import ConfigError, DataError
 from common.stats.multilabel import LabelHistograms, label_histograms, label_placement_sums
 
 __all__ = ["DECISION_THRESHOLD", "MAX_LABELS", "MultilabelMetricsQuery",
@@ -67,9 +70,6 @@ def num_labels(req: QueryRequest) -> int:
                           safe_reason=f"malformed query: num-classes must lie in 2..{MAX_LABELS}")
     return K
 
-
-def _bins() -> int:
-    return int(fine_score_edges().size - 1)
 
 
 def _with_histograms(req: QueryRequest) -> bool:
@@ -107,8 +107,8 @@ class MultilabelMetricsQuery(Query):
         stats = [Statistic(k.NUM_EXAMPLES, 1.0, integer=True),
                  Statistic(k.LABEL_CONFUSION, per_row, (K, 4), small_cells=True, integer=True)]
         if _with_histograms(req):
-            stats += [Statistic(k.LABEL_HIST_POSITIVE, per_row, (K, _bins()), integer=True),
-                      Statistic(k.LABEL_HIST_NEGATIVE, per_row, (K, _bins()), integer=True)]
+            stats += [Statistic(k.LABEL_HIST_POSITIVE, per_row, (K, fine_bins()), integer=True),
+                      Statistic(k.LABEL_HIST_NEGATIVE, per_row, (K, fine_bins()), integer=True)]
         return stats
 
     def compute(self, req: QueryRequest, data: Any) -> dict[str, Any]:
@@ -123,45 +123,15 @@ class MultilabelMetricsQuery(Query):
         return out
 
 
-def pooled_label_histograms(req: QueryRequest, K: int) -> LabelHistograms:
+def pooled_finding_histograms(req: QueryRequest, K: int) -> LabelHistograms:
     """The pooled pass-1 histograms the coordinator sent back (``pooled`` record)."""
-    record = req.content.get(k.POOLED)
-    keys = (k.LABEL_HIST_POSITIVE, k.LABEL_HIST_NEGATIVE)
-    if not isinstance(record, MetricRecord) or any(key not in record for key in keys):
-        raise ConfigError("multilabel-placements without pooled histograms",
-                          safe_reason="malformed query: 'multilabel-placements' needs the pooled "
-                          "per-finding histograms")
-    arrays = [np.asarray(record[key], dtype=np.float64) for key in keys]
-    if any(a.size != K * _bins() for a in arrays):
-        raise ConfigError("pooled histograms of the wrong size",
-                          safe_reason=f"malformed query: pooled histograms need {K} x {_bins()} "
-                          "bins")
-    if any(np.any(a < 0) or np.any(a != np.round(a)) for a in arrays):
-        raise BudgetExceededError(
-            "pooled histograms are not counts",
-            safe_reason="refused: the pooled histograms sent back are not counts")
-    pos, neg = (a.reshape(K, _bins()) for a in arrays)
-    return LabelHistograms(positive=pos, negative=neg)
+    return pooled_label_histograms(req, K, (k.LABEL_HIST_POSITIVE, k.LABEL_HIST_NEGATIVE),
+                                   what="per-finding")
 
 
 def _check_exact(req: QueryRequest, own: LabelHistograms, pooled: LabelHistograms) -> None:
-    """Exact releases: consent, minimum counts per finding, pooled counts containing our own."""
-    if not req.node.release_histograms:
-        raise BudgetExceededError(
-            "multilabel placements without histogram consent",
-            safe_reason="refused: this node does not release score histograms "
-            "(release-histograms), on which DeLong placement sums depend")
-    n_pos, n_neg = own.positive.sum(axis=1), own.negative.sum(axis=1)
-    if min(int(n_pos.min()), int(n_neg.min())) < req.node.min_release_count:
-        raise DataError(
-            "too few positives or negatives of a finding for placement sums",
-            safe_reason="refused: fewer held-out patients positive (or negative) for some "
-            f"finding than this node's minimum release count ({req.node.min_release_count})")
-    if np.any(pooled.positive < own.positive) or np.any(pooled.negative < own.negative):
-        raise BudgetExceededError(
-            "pooled histograms do not contain this node's histograms",
-            safe_reason="refused: the pooled histograms sent back are not pooled counts that "
-            "include this node's own release")
+    check_exact_placements(req, own, pooled, too_few="fewer held-out patients positive (or "
+                           "negative) for some finding")
 
 
 @register_query("multilabel-placements")
@@ -172,7 +142,7 @@ class MultilabelPlacementsQuery(Query):
 
     def statistics(self, req: QueryRequest) -> list[Statistic]:
         K = num_labels(req)
-        pooled_label_histograms(req, K)
+        pooled_finding_histograms(req, K)
         per_row = math.sqrt(K)
         return [Statistic(k.LABEL_NUM_POSITIVE, per_row, (K,), integer=True),
                 Statistic(k.LABEL_NUM_NEGATIVE, per_row, (K,), integer=True),
@@ -185,7 +155,7 @@ class MultilabelPlacementsQuery(Query):
     def compute(self, req: QueryRequest, data: Any) -> dict[str, Any]:
         K = num_labels(req)
         probs, labels = patient_findings(req, data, K)
-        pooled = pooled_label_histograms(req, K)
+        pooled = pooled_finding_histograms(req, K)
         if req.node.stats_noise_multiplier == 0:  # noised: protected (and charged) anyway
             _check_exact(req, label_histograms(probs, labels), pooled)
         sums = label_placement_sums(probs, labels, pooled)
