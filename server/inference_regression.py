@@ -45,6 +45,7 @@ from common.stats.regression import (
     regression_metrics,
 )
 from server.inference import QueryRound, query_nodes
+from server.inference_labels import release_flags
 
 __all__ = ["DEFAULT_BINS", "DEFAULT_LOWER", "DEFAULT_UPPER", "regression_inference"]
 
@@ -57,12 +58,6 @@ DEFAULT_BINS = 20
 
 _SUMS = (k.NUM_EXAMPLES, k.REG_SUM_Y, k.REG_SUM_PRED, k.REG_SUM_Y2, k.REG_SUM_PRED2,
          k.REG_SUM_Y_PRED, k.REG_SUM_ABS_ERROR, k.REG_SUM_SQ_ERROR, k.REG_SUM_ERROR)
-
-
-def _flags(res: QueryRound) -> tuple[bool, int]:
-    noised = any(bool(v.get(k.NOISED, 0)) for v in res.values.values())
-    suppressed = int(sum(int(v.get(k.SUPPRESSED_CELLS, 0)) for v in res.values.values()))
-    return noised, suppressed
 
 
 def _count(value: Any) -> int:
@@ -203,7 +198,7 @@ def regression_inference(
         out.update(status="failed", reason="no node answered the regression-metrics query"
                    + (" (every node refused or failed: see failures)" if res.failures else ""))
         return out
-    noised, suppressed = _flags(res)
+    noised, suppressed = release_flags(res)
     pooled = _sums(res.pooled(_SUMS), width)
     try:
         metrics = regression_metrics(pooled, alpha=alpha).as_dict()

@@ -32,6 +32,7 @@ from common.config import TrainPlan
 from common.errors import VesaliusError
 from common.stats.segmentation import SegmentationSums, per_site_summaries, segmentation_summary
 from server.inference import QueryRound, query_nodes
+from server.inference_labels import release_flags
 
 __all__ = ["segmentation_inference"]
 
@@ -39,12 +40,6 @@ log = logging.getLogger(__name__)
 
 _SUMS = (k.NUM_EXAMPLES, k.SEG_SUM_DICE, k.SEG_SUM_DICE_SQ, k.SEG_NUM_HD95, k.SEG_SUM_HD95,
          k.SEG_SUM_HD95_SQ, k.SEG_EMPTY_BOTH, k.SEG_EMPTY_ONE)
-
-
-def _flags(res: QueryRound) -> tuple[bool, int]:
-    noised = any(bool(v.get(k.NOISED, 0)) for v in res.values.values())
-    suppressed = int(sum(int(v.get(k.SUPPRESSED_CELLS, 0)) for v in res.values.values()))
-    return noised, suppressed
 
 
 def _count(value: Any) -> int:
@@ -131,7 +126,7 @@ def segmentation_inference(
         out.update(status="failed", reason="no node answered the segmentation-metrics query"
                    + (" (every node refused or failed: see failures)" if res.failures else ""))
         return out
-    noised, suppressed = _flags(res)
+    noised, suppressed = release_flags(res)
     pooled_values = res.pooled(_SUMS)
     try:
         pooled = segmentation_summary(_sums(pooled_values), alpha=alpha).as_dict()
