@@ -225,7 +225,8 @@ def test_a_federation_trains_on_an_imported_breastmnist(
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("name", "model_args"), [
-    ("breastmnist.npz", []),
+    # breastmnist.npz: test_npz_import_prints_a_summary_and_node_check_accepts_the_output and
+    # test_a_federation_trains_on_an_imported_breastmnist above
     ("pneumoniamnist.npz", []),
     ("adrenalmnist3d.npz", ["--model", "cnn3d", "--samples", "volume-3d"]),
 ])

@@ -1,7 +1,8 @@
 """Federated cross-validation of the non-binary tasks (:mod:`server.cv_tasks`).
 
-Real ClientApps of two tiny synthetic hospitals behind an in-process grid (no Ray), and one
-run through :func:`server.cv.simulate_cross_validation`; plus unit tests of the summary.
+Real ClientApps of two tiny synthetic hospitals behind an in-process grid (no Ray; the CLI and
+its Ray simulation run in tests/cli/test_federation_cv_tasks.py); plus unit tests of the
+summary.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 
 from common import messages as k
 from common.config import NodeConfig, RunConfig, TrainPlan
-from server.cv import CVSpec, FoldOutcome, run_cross_validation, simulate_cross_validation
+from server.cv import FoldOutcome, run_cross_validation
 from server.cv_tasks import HEADLINE, by_site, pooled_over_folds
 from server.strategies.fedavg import RoundLog, SiteReply
 
@@ -176,14 +177,16 @@ def test_regression_kfold_reports_mae_and_r2(tmp_path: Path, regression_root: Pa
     assert cv["by_site"]["site-2"]["mae"]["n_folds"] == 3
 
 
-@pytest.mark.slow
-def test_ordinal_leave_one_site_out_in_a_simulation(tmp_path: Path, ordinal_root: Path) -> None:
-    # Prepare
-    nodes = list(_nodes(ordinal_root, tmp_path).values())
+def test_ordinal_leave_one_site_out(tmp_path: Path, ordinal_root: Path) -> None:
+    from tests.client.queries.fake_grid import InProcessGrid
+
+    # Prepare: the nodes served in process (tests/cli/test_federation_cv_tasks.py runs the
+    # same cross-validation through the CLI and a Ray simulation)
+    nodes = _nodes(ordinal_root, tmp_path)
     config = _config(tmp_path / "out", "ordinal")
     # Execute
-    result = simulate_cross_validation(config, nodes, CVSpec(leave_one_site_out=True),
-                                       num_cpus=2)
+    result = run_cross_validation(InProcessGrid(nodes), config, num_folds=None,
+                                  leave_one_site_out=True)
     # Assert: one fold per site, the held-out site is the only one evaluated
     cv = result.to_dict()["inference"]["cv"]
     assert result.status == "completed", cv["fold_details"]
