@@ -1,7 +1,9 @@
 """``scan_data_dir``: scan (headers, optionally one decode) + index + labels -> (index, report).
 
-This is what ``vesalius node check`` runs; :func:`client.data.node_data.load_node_data`
-builds on it to read pixels.
+The greyscale, binary-labels entry point of the scanner (used by the importer's checks and the
+hostile-input harness). ``vesalius node check`` and the node's loaders scan as training does,
+colour and multi-frame images included (:func:`client.data.frames.scan_for_training`), with
+each task's labels (:mod:`client.data.labels`).
 """
 
 from __future__ import annotations
