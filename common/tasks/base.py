@@ -60,8 +60,9 @@ class ModelHead(str, Enum):
     SEGMENTATION = "segmentation"
     """A ``[B, outputs, *spatial]`` map per sample."""
     RECONSTRUCTION = "reconstruction"
-    """A model that reconstructs its input (``reconstruct``, or its own per-sample
-    reconstruction loss ``dp_loss_per_sample``)."""
+    """A model that reconstructs its input: its own per-sample objective
+    ``reconstruction_loss_per_sample(inputs) -> [B]`` and the modules it trains
+    (``reconstruction_modules()``), or at least ``reconstruct``."""
 
 
 @dataclass(frozen=True)
