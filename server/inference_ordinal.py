@@ -68,11 +68,12 @@ def _site_rows(first: QueryRound, K: int) -> list[dict[str, Any]]:
     for nid, values in first.values.items():
         cm = counts(values[k.CONFUSION], (K, K))
         total = int(cm.sum())
+        kappa, kappa_se = _site_kappa(cm)
         rows.append({"site": first.sites[nid],
                      "n": int(round(float(values[k.NUM_EXAMPLES]))),
                      "class_counts": [int(v) for v in cm.sum(axis=1)],
-                     "kappa_quadratic": _site_kappa(cm)[0],
-                     "kappa_quadratic_se": _site_kappa(cm)[1],
+                     "kappa_quadratic": kappa,
+                     "kappa_quadratic_se": kappa_se,
                      "accuracy": float(np.trace(cm)) / total if total else None})
     return rows
 
