@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import html
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from matplotlib.figure import Figure
@@ -183,6 +183,20 @@ def is_meta(v: Any) -> bool:
 
 def is_estimate(v: Any) -> bool:
     return isinstance(v, Mapping) and "value" in v and "lower" in v
+
+
+def site_table(rows: Any, columns: Sequence[tuple[str, str]]) -> str:
+    """One row per hospital of a task's ``per_site`` list: ``columns`` are ``(key, title)``;
+    estimates with their intervals, missing values as a dash."""
+    if not isinstance(rows, list) or not rows:
+        return ""
+    head = "".join(f"<th>{html.escape(title)}</th>" for _, title in columns)
+    body = "".join(
+        f"<tr><td>{html.escape(site_label(r.get('site')))}</td>"
+        + "".join(f"<td>{format_cell(r.get(key)) if r.get(key) is not None else fmt(None)}"
+                  "</td>" for key, _ in columns) + "</tr>"
+        for r in rows if isinstance(r, Mapping))
+    return f"<table><tr><th>Hospital</th>{head}</tr>{body}</table>"
 
 
 def rows_table(rows: list[Mapping[str, Any]]) -> str:

@@ -28,7 +28,8 @@ from matplotlib.figure import Figure
 
 from server.plots import roc_from_histograms
 from server.report_tables import img
-from server.report_text import fmt, fmt_interval, format_cell, site_label
+from server.report_tables import site_table
+from server.report_text import fmt, fmt_interval, format_cell
 
 __all__ = ["multiclass_plots_html", "multilabel_rows", "multilabel_section_html",
            "multilabel_summary_lines", "ordinal_rows", "ordinal_section_html",
@@ -201,18 +202,6 @@ def _per_grade_table(part: Mapping[str, Any], counts_key: str, what: str) -> str
             f"{body}</table>") if body else ""
 
 
-def _site_table(rows: Any, columns: Sequence[tuple[str, str]]) -> str:
-    if not isinstance(rows, list) or not rows:
-        return ""
-    head = "".join(f"<th>{html.escape(title)}</th>" for _, title in columns)
-    body = "".join(
-        f"<tr><td>{html.escape(site_label(r.get('site')))}</td>"
-        + "".join(f"<td>{format_cell(r.get(key)) if r.get(key) is not None else fmt(None)}"
-                  "</td>" for key, _ in columns) + "</tr>"
-        for r in rows if isinstance(r, Mapping))
-    return f"<table><tr><th>Hospital</th>{head}</tr>{body}</table>"
-
-
 def ordinal_section_html(section: Mapping[str, Any]) -> str:
     """The ordinal task's pooled test results: kappa headline, metrics, confusion, sites."""
     if not isinstance(section, Mapping) or section.get("status") != "completed":
@@ -234,7 +223,7 @@ def ordinal_section_html(section: Mapping[str, Any]) -> str:
                    "confusion matrix of true against predicted grade")
     return (head + _notes(section) + _ordinal_table(od) + plot
             + _per_grade_table(od, "class_counts", "Grade")
-            + _site_table(od.get("per_site"), (("n", "Test patients"),
+            + site_table(od.get("per_site"), (("n", "Test patients"),
                                                ("kappa_quadratic", "Quadratic kappa"),
                                                ("accuracy", "Accuracy"))))
 
@@ -311,7 +300,7 @@ def multilabel_section_html(section: Mapping[str, Any]) -> str:
     curves = [c for c in curves if c[1].size and c[1].sum() > 0 and c[2].sum() > 0]
     if curves:
         parts.append(img(plot_ovr_roc(curves, title="ROC per finding"), "ROC per finding"))
-    parts.append(_site_table(ml.get("per_site"), (("n", "Test patients"),
+    parts.append(site_table(ml.get("per_site"), (("n", "Test patients"),
                                                   ("macro_auc", "Macro AUC"))))
     return "".join(parts)
 

@@ -29,7 +29,8 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from server.report_tables import img
-from server.report_text import fmt, fmt_interval, format_cell, site_label
+from server.report_tables import site_table
+from server.report_text import fmt, fmt_interval
 
 __all__ = ["plot_agreement", "regression_rows", "regression_section_html",
            "regression_summary_lines", "segmentation_overlays_html", "segmentation_rows",
@@ -102,18 +103,6 @@ def _rows_table(rows: Sequence[tuple[str, Any]]) -> str:
     body = "".join(f"<tr><th>{html.escape(name)}</th><td>{_cell(v)}</td></tr>"
                    for name, v in rows if v is not None)
     return f"<table>{body}</table>" if body else ""
-
-
-def _site_table(rows: Any, columns: Sequence[tuple[str, str]]) -> str:
-    if not isinstance(rows, list) or not rows:
-        return ""
-    head = "".join(f"<th>{html.escape(title)}</th>" for _, title in columns)
-    body = "".join(
-        f"<tr><td>{html.escape(site_label(r.get('site')))}</td>"
-        + "".join(f"<td>{format_cell(r.get(key)) if r.get(key) is not None else fmt(None)}"
-                  "</td>" for key, _ in columns) + "</tr>"
-        for r in rows if isinstance(r, Mapping))
-    return f"<table><tr><th>Hospital</th>{head}</tr>{body}</table>"
 
 
 # --- regression ---------------------------------------------------------------------------
@@ -204,7 +193,7 @@ def regression_section_html(section: Mapping[str, Any]) -> str:
         for name, v in _regression_rows_html(reg) if v is not None)
     plot = img(plot_agreement(reg, vr), "Bland-Altman bias and limits of agreement with "
                "their confidence intervals, and the pooled absolute-error histogram")
-    sites_html = _site_table(reg.get("per_site"), (("n", "Test patients"), ("mae", "MAE"),
+    sites_html = site_table(reg.get("per_site"), (("n", "Test patients"), ("mae", "MAE"),
                                                    ("bias", "Bias"), ("rmse", "RMSE")))
     return head + _note(section) + f"<table>{table}</table>" + plot + sites_html
 
@@ -264,7 +253,7 @@ def segmentation_section_html(section: Mapping[str, Any], overlays_html: str = "
         ("Patients with both masks empty (no lesion, none found)", seg.get("n_empty_both")),
         ("Patients with exactly one mask empty (lesion missed or invented)",
          seg.get("n_empty_one"))])
-    sites_html = _site_table(seg.get("per_site"), (
+    sites_html = site_table(seg.get("per_site"), (
         ("n", "Test patients"), ("dice", "Mean Dice [95% CI]"),
         ("hd95", "Mean HD95, px [95% CI]"), ("n_empty_both", "Both empty"),
         ("n_empty_one", "One empty")))
