@@ -223,3 +223,38 @@ SEG_EMPTY_ONE: Final = "seg-empty-one"  # patients with exactly one mask empty (
 EVAL_DICE: Final = "dice"  # segmentation: mean per-patient foreground Dice
 EVAL_MAE: Final = "mae"  # regression: mean absolute error per patient
 EVAL_MAE_GRADE: Final = "mae-grade"  # ordinal: mean absolute grade error per patient
+
+# --- Secure aggregation (common/secagg, client/secagg.py, server/strategies/secure.py) ------
+# Run config
+SECURE_AGGREGATION: Final = "secure-aggregation"  # "auto" | "on" | "off" (auto: on with >= 3 nodes)
+SECAGG_MIN_SURVIVORS: Final = "secagg-min-survivors"  # 0 = default (common/secagg/params.py)
+# RecordDict keys
+SECAGG: Final = "secagg"  # ConfigRecord of a secure-aggregation stage (both directions)
+SECAGG_MASKED: Final = "secagg-masked"  # ArrayRecord: the node's masked uint64 vector
+SECAGG_VECTOR: Final = "vector"  # its one array
+STATE_SECAGG: Final = "secagg-state"  # node-local: keys and seeds of the current session
+# ConfigRecord keys, coordinator -> node
+SECAGG_STAGE: Final = "secagg-stage"  # "advertise" | "share" | "unmask" (query messages)
+SECAGG_SESSION: Final = "secagg-session"  # e.g. "train-3": one session per masked release
+SECAGG_THRESHOLD: Final = "secagg-threshold"
+SECAGG_NODES: Final = "secagg-nodes"  # node ids of the stage's participants
+SECAGG_C_PKS: Final = "secagg-c-pks"  # their box public keys (same order)
+SECAGG_S_PKS: Final = "secagg-s-pks"  # their mask public keys (same order)
+SECAGG_SURVIVORS: Final = "secagg-survivors"  # unmask: nodes whose masked vectors arrived
+SECAGG_DROPPED: Final = "secagg-dropped"  # unmask: nodes that shared secrets, sent no vector
+SECAGG_SENDERS: Final = "secagg-senders"  # unmask: sender of each box (same order)
+SECAGG_BOXES: Final = "secagg-boxes"  # share boxes (AES-GCM), in both directions
+SECAGG_MODEL_BITS: Final = "secagg-model-bits"  # fractional bits of the model segment
+SECAGG_MODEL_BOUND: Final = "secagg-model-bound"  # bound on one coordinate a node encodes
+SECAGG_DP_CLIP: Final = "secagg-dp-clip"  # > 0: clip the update to this L2 norm, unweighted
+SECAGG_WEIGHTED_KEYS: Final = "secagg-weighted-keys"  # metrics sent as num-examples x value
+SECAGG_FLOAT_BITS: Final = "secagg-float-bits"
+SECAGG_FLOAT_BOUND: Final = "secagg-float-bound"
+SECAGG_INT_KEYS: Final = "secagg-int-keys"  # integer metrics (counts, histograms) summed
+SECAGG_INT_LENGTHS: Final = "secagg-int-lengths"
+# ConfigRecord keys, node -> coordinator
+SECAGG_C_PK: Final = "secagg-c-pk"
+SECAGG_S_PK: Final = "secagg-s-pk"
+SECAGG_DEST: Final = "secagg-dest"  # share: recipient of each box (same order)
+SECAGG_OWNERS: Final = "secagg-owners"  # unmask: whose secret each revealed share is
+SECAGG_SHARES: Final = "secagg-shares"
