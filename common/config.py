@@ -256,6 +256,10 @@ class RunConfig:
         A checkpoint (``torch.save`` of a state dict, e.g. an earlier run's
         ``checkpoints/final.pt``) whose tensors of matching name and shape initialise the
         global model (:func:`server.app.initial_arrays`); "" starts from the seed.
+    resume_from : str
+        Output folder of an interrupted run (its ``--out``): the run continues from its last
+        aggregated round's checkpoint, with the same run id, writing to that folder
+        (:mod:`server.resume`); "" starts a new run.
     """
 
     plan: TrainPlan = TrainPlan()
@@ -270,6 +274,7 @@ class RunConfig:
     hospital_dp_delta: float = 1e-3
     target_sensitivity: float = 0.0
     init_from: str = ""
+    resume_from: str = ""
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.target_sensitivity) and 0 <= self.target_sensitivity <= 1):
@@ -308,6 +313,7 @@ class RunConfig:
             hospital_dp_delta=_get(values, k.HOSPITAL_DP_DELTA, 1e-3, float),
             target_sensitivity=_get(values, k.TARGET_SENSITIVITY, 0.0, float),
             init_from=_get(values, k.INIT_FROM, "", str),
+            resume_from=_get(values, k.RESUME_FROM, "", str),
         )
 
     def to_dict(self) -> dict[str, Scalar]:
@@ -326,6 +332,7 @@ class RunConfig:
                 k.HOSPITAL_DP_DELTA: self.hospital_dp_delta,
                 k.TARGET_SENSITIVITY: self.target_sensitivity,
                 k.INIT_FROM: self.init_from,
+                k.RESUME_FROM: self.resume_from,
             }
         )
         return out

@@ -88,6 +88,7 @@ OUT_DIR: Final = "out-dir"
 ROUND_TIMEOUT: Final = "round-timeout"
 TARGET_SENSITIVITY: Final = "target-sensitivity"  # operating point: 0 = Youden's J
 INIT_FROM: Final = "init-from"  # checkpoint initialising the global model ("" = seed)
+RESUME_FROM: Final = "resume-from"  # output folder of an interrupted run to continue ("" = new run)
 HOSPITAL_DP_NOISE: Final = "hospital-dp-noise"  # client-level DP noise multiplier (0 = off)
 HOSPITAL_DP_CLIP: Final = "hospital-dp-clip"  # client-level DP: L2 bound of a model update
 HOSPITAL_DP_DELTA: Final = "hospital-dp-delta"  # client-level DP: delta of the report
