@@ -36,6 +36,7 @@ from common.config import RunConfig
 from common.models import build_model
 from common.models.registry import get_spec
 from common.tasks.federated import federated_task, plan_samples, spatial_dims
+from server import resume as run_records
 from server.cv import CVSpec, run_cross_validation
 from server.progress import ProgressCallback, emit_marker, emit_round_marker, track_progress
 from server.report import RunReport, round_dict
@@ -94,7 +95,15 @@ def run_federation(
 
         return run_elm_workflow(grid, config, on_round=on_round, on_progress=on_progress)
     grid = track_progress(grid, on_progress)
-    if not config.plan.run_id:
+    resume = None
+    if config.resume_from:  # continue an interrupted run in its own folder, with its run id
+        from server.resume import load_state
+
+        resume = load_state(Path(config.resume_from))
+        config = dataclasses.replace(
+            config, out_dir=config.resume_from,
+            plan=dataclasses.replace(config.plan, run_id=resume.run_id))
+    elif not config.plan.run_id:
         # Nodes record the run id in their privacy ledgers; make one that never repeats.
         run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(4)
         config = dataclasses.replace(config, plan=dataclasses.replace(config.plan, run_id=run_id))
@@ -103,11 +112,13 @@ def run_federation(
     start_model, init = initial_model(config)  # refuses a bad plan or checkpoint first
     if init is not None:
         report.extra["init_from"] = init
+    runner_ref: list[Any] = []
 
     def updated(entry: RoundLog, phase: str) -> None:
         if entry not in report.rounds:
             report.rounds.append(entry)
         report.write(out_dir)
+        save_resume_state(out_dir, report, strategy, runner_ref)
         if phase == "evaluate" and on_round is not None:
             on_round(entry)
 
@@ -128,6 +139,11 @@ def run_federation(
     )
     plan_record = config.plan.to_record()
     report.excluded = strategy.excluded  # the same dict: exclusions show in every write
+    report.dropped = strategy.dropped
+    start_arrays = ArrayRecord(start_model.state_dict())
+    done = 0
+    if resume is not None:
+        start_arrays, done = resume_strategy(strategy, report, resume, out_dir)
     runner: VesaliusFedAvg | HospitalLevelDP = strategy
     if hospital_dp:
         runner = HospitalLevelDP(
@@ -138,11 +154,14 @@ def run_federation(
             delta=config.hospital_dp_delta,
         )
         report.hospital_dp = runner.spent
+        if resume is not None:
+            runner.restore(resume.hospital_dp_releases)
+    runner_ref.append(runner)
     try:
         result = runner.start(
             grid=grid,
-            initial_arrays=ArrayRecord(start_model.state_dict()),
-            num_rounds=config.plan.num_rounds,
+            initial_arrays=start_arrays,
+            num_rounds=config.plan.num_rounds - done,
             timeout=config.round_timeout,
             train_config=ConfigRecord(dict(plan_record)),
             # Histograms (where nodes consent) give each round's pooled validation AUC, on
@@ -151,9 +170,11 @@ def run_federation(
                 {**plan_record, k.SPLIT: k.SPLIT_VAL, k.WITH_HISTOGRAMS: True}
             ),
         )
-        if not any(entry.train for entry in report.rounds):
+        failed = [e.round for e in report.rounds if e.status == "failed"]
+        if not any(e.train and e.status == "aggregated" for e in report.rounds):
             report.status = "failed"
-            report.reason = "no node trained in any round (see the errors of each round)"
+            report.reason = ("no round aggregated min-nodes training results (see the "
+                             "errors of each round)")
         else:
             arrays, report.extra["model_selection"] = final_model(
                 report.rounds, out_dir / "checkpoints", result.arrays
@@ -170,7 +191,12 @@ def run_federation(
                 grid, arrays, config, [n for n in grid.get_node_ids()
                                        if n not in strategy.excluded]
             )
-            if report.final.evaluate_metrics:
+            if report.final.evaluate_metrics and failed:
+                report.status = "incomplete"
+                report.reason = (
+                    f"round(s) {', '.join(map(str, failed))} aggregated fewer than min-nodes = "
+                    f"{config.min_nodes} training results; the global model skipped them")
+            elif report.final.evaluate_metrics:
                 report.status = "completed"
                 if strategy.excluded:
                     report.reason = (
@@ -195,6 +221,50 @@ def run_federation(
     write_report_html(report.to_dict(), out_dir / "report.html")
     log.info("run finished: %s", report.summary())
     return report
+
+
+def save_resume_state(out_dir: Path, report: RunReport, strategy: VesaliusFedAvg,
+                      runner: list[Any]) -> None:
+    """Write ``resume-state.json`` beside the report (:mod:`server.resume`)."""
+    from server.resume import ResumeState, save_state
+
+    releases = int(getattr(runner[0], "releases", 0)) if runner else 0
+    save_state(out_dir, ResumeState(
+        run_id=report.config.plan.run_id, rounds=list(report.rounds),
+        excluded=dict(strategy.excluded), dropped=dict(strategy.dropped),
+        sites=dict(strategy.sites), hospital_dp_releases=releases))
+
+
+def resume_strategy(strategy: VesaliusFedAvg, report: RunReport, resume: Any,
+                    out_dir: Path) -> tuple[ArrayRecord, int]:
+    """Restore an interrupted run's state; return the model to continue from and the number
+    of rounds already done.
+
+    Rounds after the last aggregated one with a checkpoint are dropped from the report: they
+    run again (a node asked for a round again with the same model replays its earlier reply,
+    :mod:`client.replay`, so its ledger does not count the round twice).
+    """
+    from server.final_model import load_checkpoint
+
+    done = resume.last_aggregated_round(out_dir / "checkpoints")
+    kept = [e for e in resume.rounds if e.round <= done]
+    report.rounds.extend(kept)
+    strategy.rounds.update({e.round: e for e in kept})
+    strategy.excluded.update(resume.excluded)
+    strategy.dropped.update(resume.dropped)
+    strategy.sites.update(resume.sites)
+    strategy.round_offset = done
+    report.extra.setdefault("resumed", []).append({
+        "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "from_round": done,
+        "rounds_run_again": sorted({e.round for e in resume.rounds if e.round > done}),
+    })
+    arrays = load_checkpoint(out_dir / "checkpoints", done) if done else None
+    if arrays is None:
+        start_model, _ = initial_model(report.config)
+        return ArrayRecord(start_model.state_dict()), 0
+    log.info("resuming run %s after round %d", report.config.plan.run_id, done)
+    return arrays, done
 
 
 def final_model(
@@ -278,7 +348,15 @@ def build_server_app(
         if rounds is None and deployed:
             def rounds(entry: RoundLog) -> None:
                 emit_round_marker(round_dict(entry))
+        state_dir = run_records.coordinator_dir() if deployed else None
+        out = Path(cfg.resume_from or cfg.out_dir)
+        if state_dir is not None:  # `vesalius coordinator start --resume` can continue it
+            run_records.write_active_run(state_dir, out, {
+                key: value for key, value in context.run_config.items()
+                if key != k.RESUME_FROM})
         report = run_federation(grid, cfg, on_round=rounds, on_progress=progress)
+        if state_dir is not None:
+            run_records.finish_active_run(state_dir, out, report.status)
         if on_finish is not None:
             on_finish(report)
 

@@ -74,7 +74,20 @@ def round_dict(entry: RoundLog) -> dict[str, Any]:
         "train": [_site_row(r) for r in entry.train],
         "errors": entry.errors,
         "refusals": entry.refusals,
+        "status": entry.status,
+        **({"failure": entry.failure} if entry.failure else {}),
     }
+
+
+def dropped_lines(rows: Any) -> list[str]:
+    """One line per hospital that stopped answering: when, and whether it came back."""
+    lines = []
+    for row in rows:
+        back = (f"; answered again in round {row['rejoined_round']}"
+                if row.get("rejoined_round") else "")
+        lines.append(f"dropped {row['site']} in round {row['round']} ({row['phase']}) at "
+                     f"{row['at']}: {row['reason']}{back}")
+    return lines
 
 
 def _multiclass_lines(extra: dict[str, Any]) -> list[str]:
@@ -134,6 +147,8 @@ class RunReport:
     status: str = "running"
     reason: str = ""
     excluded: dict[int, str] = field(default_factory=dict)  # node id -> reason it refused
+    #: site -> when it stopped answering (round, phase, UTC time, reason; rejoined_round)
+    dropped: dict[str, dict[str, Any]] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)  # further sections (e.g. "inference")
     hospital_dp: Callable[[], Any] | None = None  # hospital-level DP spend so far, when on
 
@@ -237,6 +252,7 @@ class RunReport:
             },
             "run_id": plan.run_id,
             "excluded": self._excluded_rows(),
+            "dropped": [json_safe(row) for row in self.dropped.values()],
             "config": self.config.to_dict(),
         }
         if self.final is not None:
@@ -264,9 +280,12 @@ class RunReport:
             )
             for err in entry.errors:
                 lines.append(f"       ! {err['site']} ({err['phase']}): {err['reason']}")
+            if entry.status == "failed":
+                lines.append(f"       ! round {entry.round} failed: {entry.failure}")
         names = self.site_names()
         for node_id, why in sorted(self.excluded.items()):
             lines.append(f"excluded {names.get(node_id) or f'node {node_id}'}: {why}")
+        lines.extend(dropped_lines(self.dropped.values()))
         lines.append("site          patients  epsilon    delta")
         for row in self.sites():
             eps, delta = row["epsilon"], row["delta"]

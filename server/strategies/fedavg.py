@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import cast
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
@@ -56,6 +58,16 @@ class RoundLog:
     refusals: list[dict[str, object]] = field(default_factory=list)
     train_metrics: dict[str, float] = field(default_factory=dict)
     evaluate_metrics: dict[str, float] = field(default_factory=dict)
+    #: ``"aggregated"``, or ``"failed"`` when fewer than min-nodes training results arrived
+    #: (the global model is then unchanged); ``failure`` says why.
+    status: str = "aggregated"
+    failure: str = ""
+
+
+#: What an error row says of a node that stopped answering (the SuperLink's own error reply:
+#: no heartbeat), whatever Flower's wording.
+DROPPED_REASON = "the node stopped answering (no heartbeat; it may have crashed or lost its link)"
+TIMEOUT_REASON = "no reply within the round timeout"
 
 
 def _site(msg: Message) -> str:
@@ -63,6 +75,16 @@ def _site(msg: Message) -> str:
     if isinstance(info, ConfigRecord) and k.SITE in info:
         return str(info[k.SITE])
     return f"node-{msg.metadata.src_node_id}"
+
+
+def _trained(msg: Message) -> bool:
+    """A training result that counts towards min-nodes: it carries weights and metrics (the
+    held-out site of leave-one-site-out, which trains nothing, does not count)."""
+    metrics = msg.content.get(k.METRICS)
+    if not isinstance(metrics, MetricRecord) or not isinstance(msg.content.get(k.ARRAYS),
+                                                              ArrayRecord):
+        return False
+    return float(cast(float, metrics.get(k.UNIT_WEIGHT, 1))) > 0
 
 
 _SITE_PREFIX = re.compile(r"^\[([\w .\-]{1,64})\] ")
@@ -161,20 +183,51 @@ class VesaliusFedAvg(FedAvg):
         # False when a DP wrapper noises the aggregate afterwards and checkpoints it itself.
         self.checkpoint_in_aggregate = checkpoint_in_aggregate
         self.latest_arrays: ArrayRecord | None = None
+        #: node id -> site name, learned from the nodes' replies (names dropped nodes).
+        self.sites: dict[int, str] = {}
+        #: site -> when it first stopped answering (round, phase, UTC time, reason) and the
+        #: round it answered again, if it did: each hospital that dropped, once.
+        self.dropped: dict[str, dict[str, object]] = {}
+        #: Rounds already run before this strategy started (a resumed run): Flower counts
+        #: from 1, the report, the checkpoints and the nodes' ledgers continue the count.
+        self.round_offset = 0
+        #: Error replies a wrapper (hospital-level DP) kept from Flower, by round: recorded
+        #: with the round's results.
+        self._pending_errors: dict[int, list[Message]] = {}
 
     def _log(self, server_round: int) -> RoundLog:
         return self.rounds.setdefault(server_round, RoundLog(round=server_round))
 
     @staticmethod
     def _record(
-        entry: RoundLog, replies: list[Message], expected: list[int], *, train: bool
-    ) -> None:
+        entry: RoundLog, replies: list[Message], expected: list[int], *, train: bool,
+        sites: dict[int, str] | None = None,
+    ) -> list[dict[str, object]]:
+        """Add the replies to ``entry``; return the error rows of nodes that did not answer.
+
+        ``sites`` maps node ids to the site names nodes gave earlier; it is updated from these
+        replies and names nodes whose error carries no name. An error the SuperLink sends on a
+        node's behalf (source :data:`SUPERLINK_NODE_ID`: the node stopped sending heartbeats)
+        is not a site: it is counted against the expected node that sent no reply, so one
+        failure makes one row, named by site.
+        """
         phase = "train" if train else "evaluate"
+        sites = {} if sites is None else sites
+        answered: set[int] = set()
+        link_errors: list[Message] = []
         for msg in replies:
+            src = msg.metadata.src_node_id
+            if msg.has_error() and src == SUPERLINK_NODE_ID:
+                link_errors.append(msg)
+                continue
+            answered.add(src)
             if msg.has_error():
+                named = site_of_error(msg)
+                if not named.startswith("node-"):
+                    sites[src] = named
                 row: dict[str, object] = {
-                    "site": site_of_error(msg),
-                    "node_id": msg.metadata.src_node_id,
+                    "site": sites.get(src, named),
+                    "node_id": src,
                     "phase": phase,
                     "reason": msg.error.reason,
                 }
@@ -185,30 +238,56 @@ class VesaliusFedAvg(FedAvg):
             metrics = msg.content.get(k.METRICS)
             if not isinstance(metrics, MetricRecord):
                 continue
-            reply = SiteReply(_site(msg), msg.metadata.src_node_id, _scalars(metrics),
-                              _ledger_head(msg))
+            reply = SiteReply(_site(msg), src, _scalars(metrics), _ledger_head(msg))
+            if not reply.site.startswith("node-"):
+                sites[src] = reply.site
             (entry.train if train else entry.evaluate).append(reply)
-        answered = {msg.metadata.src_node_id for msg in replies}
+        missing: list[dict[str, object]] = []
         for node_id in expected:
-            if node_id not in answered:  # Flower drops what did not arrive within the timeout
-                entry.errors.append(
-                    {
-                        "site": f"node-{node_id}",
-                        "node_id": node_id,
-                        "phase": phase,
-                        "reason": "no reply within the round timeout",
-                    }
-                )
+            if node_id in answered:
+                continue
+            # Flower drops what did not arrive within the timeout; the SuperLink answers for a
+            # node whose heartbeat stopped. Either way: one row for this node.
+            row = {
+                "site": sites.get(node_id, f"node-{node_id}"),
+                "node_id": node_id,
+                "phase": phase,
+                "reason": DROPPED_REASON if link_errors else TIMEOUT_REASON,
+            }
+            if link_errors:
+                link_errors.pop()
+            entry.errors.append(row)
+            missing.append(row)
+        return missing
 
     def _remember(self, server_round: int, phase: str, messages: Iterable[Message]) -> list[Message]:
         messages = [m for m in messages if m.metadata.dst_node_id not in self.excluded]
         self._expected[(server_round, phase)] = [m.metadata.dst_node_id for m in messages]
         return messages
 
+    def _note_drops(
+        self, entry: RoundLog, missing: list[dict[str, object]], phase: str
+    ) -> None:
+        """Record each hospital's first drop (and a later return), once per hospital."""
+        for row in missing:
+            site = str(row["site"])
+            if site not in self.dropped or "rejoined_round" in self.dropped[site]:
+                self.dropped[site] = {
+                    "site": site, "round": entry.round, "phase": phase,
+                    "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "reason": str(row["reason"]),
+                }
+        back = {r.site for r in [*entry.train, *entry.evaluate]}
+        for site, drop in self.dropped.items():
+            if site in back and "rejoined_round" not in drop and entry.round > int(
+                    cast(int, drop["round"])):
+                drop["rejoined_round"] = entry.round
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Flower's sampling; remember whom we asked, to report who did not answer."""
+        server_round += self.round_offset
         messages = super().configure_train(server_round, arrays, config, grid)
         return self._remember(server_round, "train", messages)
 
@@ -216,6 +295,7 @@ class VesaliusFedAvg(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Flower's sampling; remember whom we asked, to report who did not answer."""
+        server_round += self.round_offset
         messages = super().configure_evaluate(server_round, arrays, config, grid)
         return self._remember(server_round, "evaluate", messages)
 
@@ -223,9 +303,26 @@ class VesaliusFedAvg(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Record per-site train replies, aggregate with FedAvg, checkpoint the result."""
-        replies = list(replies)
+        server_round += self.round_offset
+        replies = list(replies) + self._pending_errors.pop(server_round, [])
         entry = self._log(server_round)
-        self._record(entry, replies, self._expected.get((server_round, "train"), []), train=True)
+        missing = self._record(entry, replies, self._expected.get((server_round, "train"), []),
+                               train=True, sites=self.sites)
+        self._note_drops(entry, missing, "train")
+        results = [m for m in replies if not m.has_error() and _trained(m)]
+        if len(results) < self.min_train_nodes:
+            # Flower would aggregate whatever arrived; a run promised min-nodes hospitals.
+            entry.status = "failed"
+            entry.failure = (
+                f"only {len(results)} training result(s) arrived, fewer than min-nodes = "
+                f"{self.min_train_nodes}: round {server_round} was not aggregated and the "
+                "global model is unchanged"
+            )
+            log.warning("round %d failed: %s", server_round, entry.failure)
+            if self.on_update is not None:
+                self.on_update(entry, "train")
+            self._handle_refusals(entry)
+            return None, None
         arrays, metrics = super().aggregate_train(server_round, replies)
         if metrics is not None:
             entry.train_metrics = _scalars(metrics)
@@ -265,11 +362,14 @@ class VesaliusFedAvg(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         """Record per-site evaluate replies and aggregate them."""
+        server_round += self.round_offset
         replies = list(replies)
         entry = self._log(server_round)
-        self._record(
-            entry, replies, self._expected.get((server_round, "evaluate"), []), train=False
+        missing = self._record(
+            entry, replies, self._expected.get((server_round, "evaluate"), []), train=False,
+            sites=self.sites,
         )
+        self._note_drops(entry, missing, "evaluate")
         metrics = super().aggregate_evaluate(server_round, replies)
         if metrics is not None:
             entry.evaluate_metrics = _scalars(metrics)
@@ -294,7 +394,8 @@ class VesaliusFedAvg(FedAvg):
         ]
         replies = list(grid.send_and_receive(messages=messages, timeout=timeout))
         entry = RoundLog(round=0)
-        self._record(entry, replies, node_ids, train=False)
+        missing = self._record(entry, replies, node_ids, train=False, sites=self.sites)
+        self._note_drops(entry, missing, "final evaluation")
         valid, _ = self._check_and_log_replies(replies, is_train=False, validate=False)
         valid = [m for m in valid if isinstance(m.content.get(k.METRICS), MetricRecord)]
         if valid:

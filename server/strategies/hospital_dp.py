@@ -117,15 +117,12 @@ class HospitalLevelDP(DifferentialPrivacyServerSideFixedClipping):
         """
         replies = list(replies)
         good = [m for m in replies if not m.has_error()]
-        if len(good) != len(replies):
-            # The inner strategy logs refusals and excludes (or stops) as configured.
-            entry = self.inner._log(server_round)
-            bad = [m for m in replies if m.has_error()]
-            expected = [m.metadata.src_node_id for m in bad]
-            self.inner._record(entry, bad, expected, train=True)
+        # Flower's wrapper skips a round with any error reply: pass only the good ones on and
+        # let the inner strategy record the errors with them (once, named by site).
+        self.inner._pending_errors[server_round + self.inner.round_offset] = [
+            m for m in replies if m.has_error()]
         if not good:
-            self.inner._handle_refusals(self.inner._log(server_round))
-            return None, None
+            return self.inner.aggregate_train(server_round, [])
         # Noise calibrated to the hospitals that actually answered this round.
         self.num_sampled_clients = len(good)
         arrays, metrics = super().aggregate_train(server_round, good)
@@ -140,8 +137,21 @@ class HospitalLevelDP(DifferentialPrivacyServerSideFixedClipping):
             )
             self.releases += 1
             self.inner.latest_arrays = arrays
-            self.inner.save_checkpoint(server_round, arrays)  # the noised model only
+            self.inner.save_checkpoint(server_round + self.inner.round_offset, arrays)  # the noised model only
         return arrays, metrics
+
+    def restore(self, releases: int) -> None:
+        """Compose the releases of an interrupted run (resume) before continuing it.
+
+        Without amplification by sampling a release's cost does not depend on how many
+        hospitals answered, so each is composed at the full population.
+        """
+        population = self._accounting.config.population_size
+        for _ in range(releases):
+            self._accounting.compose(GaussianPrivacyEvent(
+                noise_multiplier=self.noise_multiplier, sample_size=population,
+                population_size=population))
+        self.releases += releases
 
     def spent(self) -> HospitalDP:
         """Hospital-level epsilon so far, at ``delta``."""
