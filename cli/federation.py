@@ -319,6 +319,12 @@ def run(
     num_classes: int | None = _NUM_CLASSES,
     samples: str | None = _SAMPLES,
     init_from: Path | None = _INIT_FROM,
+    resume: Path | None = typer.Option(
+        None, "--resume", callback=resolved,
+        help="Continue the interrupted run whose output folder (its --out) this is: from its "
+        "last aggregated round's checkpoint, with its own settings and run id (training "
+        "options given here are ignored). A round the nodes already trained is answered "
+        "from the reply they kept, not charged again."),
     insecure: bool = _INSECURE,
     root_certificates: Path | None = _ROOT_CERTIFICATES,
     flwr_home: Path | None = _FLWR_HOME,
@@ -328,7 +334,7 @@ def run(
     """Start a federated run: simulated on this machine, or on a SuperLink."""
     setup_logging(verbose)
     try:
-        config = build_run_config(
+        config = resumed_config(resume) if resume is not None else build_run_config(
             rounds=rounds, local_epochs=local_epochs, batch_size=batch_size,
             learning_rate=learning_rate, epsilon=epsilon, noise_multiplier=noise_multiplier,
             max_grad_norm=max_grad_norm, private=not non_private, model=model,
@@ -357,6 +363,27 @@ def run(
         console.print(f"report: {Path(config.out_dir) / 'report.json'}")
     if doc.get("status") != "completed":
         raise typer.Exit(1)
+
+
+def resumed_config(folder: Path) -> RunConfig:
+    """The run config of the interrupted run in ``folder``, set to resume it there."""
+    try:
+        doc = json.loads((folder / "report.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise typer.BadParameter(f"{folder} holds no readable report.json: give the output "
+                                 "folder (--out) of the run to resume", param_hint="'--resume'"
+                                 ) from None
+    if doc.get("status") == "completed":
+        raise typer.BadParameter(f"the run in {folder} already completed; nothing to resume",
+                                 param_hint="'--resume'")
+    if not (folder / "resume-state.json").is_file():
+        raise typer.BadParameter(f"{folder} holds no resume-state.json (the run stopped before "
+                                 "its first round was recorded): start it again instead",
+                                 param_hint="'--resume'")
+    config = RunConfig.from_user_config(doc.get("config", {}))
+    from dataclasses import replace
+
+    return replace(config, out_dir=str(folder), resume_from=str(folder))
 
 
 @federation_app.command("certs")
