@@ -49,6 +49,9 @@ from client.data.task_data import load_task_data
 from client.data.folds import cv_splits
 from client.data.node_data import SplitArrays
 from client.mods import sanitize_errors_mod
+from client.secagg import handle_stage as handle_secagg_stage
+from client.secagg import is_stage as is_secagg_stage
+from client.secagg import secagg_mod
 from client.queries.handler import handle_query
 from client.privacy_guard import NodeBudget
 from client.training import evaluate as evaluate_model
@@ -530,7 +533,8 @@ def _site_named_errors(node: NodeConfig) -> Iterator[None]:
 
 def build_client_app(resolve_node: NodeConfigResolver = node_config_from_context) -> ClientApp:
     """Build the ClientApp; ``resolve_node`` supplies the node's settings from its Context."""
-    client_app = ClientApp(mods=[sanitize_errors_mod])
+    # secagg_mod masks train/evaluate replies that belong to a secure-aggregation session.
+    client_app = ClientApp(mods=[sanitize_errors_mod, secagg_mod])
 
     @client_app.train()
     def train(msg: Message, context: Context) -> Message:
@@ -548,6 +552,8 @@ def build_client_app(resolve_node: NodeConfigResolver = node_config_from_context
     def query(msg: Message, context: Context) -> Message:
         node = resolve_node(context)
         with _site_named_errors(node):
+            if is_secagg_stage(msg):  # secure-aggregation setup / unmasking (client/secagg.py)
+                return handle_secagg_stage(msg, context, node.site_name)
             return handle_query(msg, context, node)
 
     return client_app

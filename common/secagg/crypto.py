@@ -1,0 +1,125 @@
+"""The cryptography of secure aggregation, composed from vetted primitives only.
+
+* Key agreement: X25519 (``cryptography``), one pair for the share boxes and one for masks.
+* Seeds and box keys: HKDF-SHA256 of the X25519 shared secret, bound to the session.
+* Share boxes: AES-256-GCM with a random 96-bit nonce; the additional data names the session,
+  the sender and the recipient, so a box cannot be replayed in another session or redirected.
+* Mask generator: AES-256-CTR keystream under a 32-byte seed (a PRG), read as ``uint64``.
+* Threshold secret sharing: Flower's Shamir helpers
+  (:mod:`flwr.common.secure_aggregation.crypto.shamir`, over pycryptodome's
+  ``Crypto.Protocol.SecretSharing.Shamir`` in GF(2^128)); Flower depends on pycryptodome, so
+  it is installed with the pinned ``flwr``.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import numpy as np
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from flwr.common.secure_aggregation.crypto.shamir import combine_shares, create_shares
+
+from common.errors import ConfigError
+
+__all__ = [
+    "KeyPair",
+    "combine",
+    "expand",
+    "new_keypair",
+    "open_box",
+    "pairwise_seed",
+    "seal_box",
+    "share",
+]
+
+SEED_BYTES = 32
+_NONCE_BYTES = 12
+_RAW = serialization.Encoding.Raw
+
+
+class KeyPair:
+    """An X25519 key pair, kept as raw bytes so that it fits a Flower ConfigRecord."""
+
+    def __init__(self, private: bytes) -> None:
+        self.private = private
+        key = X25519PrivateKey.from_private_bytes(private)
+        self.public = key.public_key().public_bytes(_RAW, serialization.PublicFormat.Raw)
+
+
+def new_keypair() -> KeyPair:
+    """A fresh X25519 key pair."""
+    raw = X25519PrivateKey.generate().private_bytes(
+        _RAW, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+    )
+    return KeyPair(raw)
+
+
+def _agree(private: bytes, peer_public: bytes, purpose: bytes, session: str) -> bytes:
+    try:
+        shared = X25519PrivateKey.from_private_bytes(private).exchange(
+            X25519PublicKey.from_public_bytes(peer_public)
+        )
+    except ValueError:
+        raise ConfigError("malformed X25519 key",
+                          safe_reason="secure aggregation: a peer's public key is malformed") from None
+    return HKDF(
+        algorithm=hashes.SHA256(), length=SEED_BYTES, salt=None,
+        info=b"vesalius-secagg|" + purpose + b"|" + session.encode(),
+    ).derive(shared)
+
+
+def pairwise_seed(private: bytes, peer_public: bytes, session: str) -> bytes:
+    """The mask seed two nodes share (either side computes it from its own private key)."""
+    return _agree(private, peer_public, b"mask", session)
+
+
+def _aad(session: str, sender: int, recipient: int) -> bytes:
+    return session.encode() + struct.pack(">QQ", sender, recipient)
+
+
+def seal_box(private: bytes, peer_public: bytes, session: str, sender: int, recipient: int,
+             plaintext: bytes) -> bytes:
+    """AES-GCM box from ``sender`` to ``recipient`` under their agreed key (nonce prefixed)."""
+    key = _agree(private, peer_public, b"box", session)
+    nonce = os.urandom(_NONCE_BYTES)
+    return nonce + AESGCM(key).encrypt(nonce, plaintext, _aad(session, sender, recipient))
+
+
+def open_box(private: bytes, peer_public: bytes, session: str, sender: int, recipient: int,
+             box: bytes) -> bytes:
+    """Open a box :func:`seal_box` made; refuse one that was altered or redirected."""
+    from cryptography.exceptions import InvalidTag
+
+    key = _agree(private, peer_public, b"box", session)
+    try:
+        return AESGCM(key).decrypt(box[:_NONCE_BYTES], box[_NONCE_BYTES:],
+                                   _aad(session, sender, recipient))
+    except (InvalidTag, ValueError):
+        raise ConfigError("share box failed authentication",
+                          safe_reason="secure aggregation: a share box failed authentication") from None
+
+
+def expand(seed: bytes, length: int) -> np.ndarray:
+    """``length`` pseudo-random ring elements (uint64) from a 32-byte seed (AES-256-CTR)."""
+    encryptor = Cipher(algorithms.AES(seed), modes.CTR(b"\x00" * 16)).encryptor()
+    stream = encryptor.update(bytes(8 * length)) + encryptor.finalize()
+    return np.frombuffer(stream, dtype="<u8").astype(np.uint64, copy=False)
+
+
+def share(secret: bytes, *, threshold: int, num_shares: int) -> list[bytes]:
+    """``num_shares`` Shamir shares of ``secret``; any ``threshold`` of them recover it."""
+    return create_shares(secret, threshold, num_shares)
+
+
+def combine(shares: list[bytes]) -> bytes:
+    """The secret behind ``shares`` (at least the threshold of them, all distinct)."""
+    try:
+        return combine_shares(shares)
+    except ValueError:
+        raise ConfigError("shares do not combine",
+                          safe_reason="secure aggregation: the shares do not recover a secret") from None

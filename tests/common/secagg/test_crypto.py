@@ -1,0 +1,64 @@
+"""The composed primitives: seeds agree, boxes authenticate, shares need the threshold."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from common.errors import ConfigError
+from common.secagg import crypto
+from common.secagg.params import default_min_survivors, enabled, threshold
+
+
+def test_both_sides_derive_the_same_seed_and_sessions_differ() -> None:
+    a, b = crypto.new_keypair(), crypto.new_keypair()
+    assert crypto.pairwise_seed(a.private, b.public, "s") == crypto.pairwise_seed(b.private, a.public, "s")
+    assert crypto.pairwise_seed(a.private, b.public, "s") != crypto.pairwise_seed(a.private, b.public, "t")
+
+
+def test_a_box_opens_only_for_its_session_sender_and_recipient() -> None:
+    a, b = crypto.new_keypair(), crypto.new_keypair()
+    box = crypto.seal_box(a.private, b.public, "s", 1, 2, b"share")
+    assert crypto.open_box(b.private, a.public, "s", 1, 2, box) == b"share"
+    for session, sender, recipient in (("t", 1, 2), ("s", 3, 2), ("s", 1, 3)):
+        with pytest.raises(ConfigError):
+            crypto.open_box(b.private, a.public, session, sender, recipient, box)
+    tampered = box[:-1] + bytes([box[-1] ^ 1])
+    with pytest.raises(ConfigError):
+        crypto.open_box(b.private, a.public, "s", 1, 2, tampered)
+
+
+def test_any_threshold_shares_recover_the_secret() -> None:
+    secret = os.urandom(32)
+    shares = crypto.share(secret, threshold=3, num_shares=5)
+    assert crypto.combine([shares[4], shares[0], shares[2]]) == secret
+    assert crypto.combine(shares[1:4]) == secret
+    try:  # fewer than the threshold: an error or another value, never the secret
+        assert crypto.combine(shares[:2]) != secret
+    except ConfigError:
+        pass
+
+
+def test_expand_is_deterministic_per_seed() -> None:
+    seed = os.urandom(32)
+    assert (crypto.expand(seed, 100) == crypto.expand(seed, 100)).all()
+    assert (crypto.expand(seed, 100) != crypto.expand(os.urandom(32), 100)).any()
+
+
+@pytest.mark.parametrize(("n", "expected"), [(2, 2), (3, 3), (4, 3), (5, 4), (9, 6), (12, 8)])
+def test_default_minimum_survivors(n: int, expected: int) -> None:
+    assert default_min_survivors(n) == expected
+    assert threshold(n, 0) >= expected
+
+
+def test_threshold_is_a_majority_even_when_the_minimum_is_lowered() -> None:
+    assert threshold(3, 2) == 2 and threshold(10, 2) == 6
+    assert threshold(1, 0) == 2  # one node alone is never aggregated "securely"
+
+
+def test_modes() -> None:
+    assert enabled("auto", 3) and not enabled("auto", 2) and enabled("on", 2)
+    assert not enabled("off", 10)
+    with pytest.raises(ConfigError, match="secure-aggregation"):
+        enabled("maybe", 3)

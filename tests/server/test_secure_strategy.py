@@ -1,0 +1,179 @@
+"""SecureFedAvg against plain FedAvg on a fake federation with fixed updates.
+
+Prepare: five nodes whose train handler adds a fixed update (the real secure-aggregation mod
+and stage handler run on each node). Execute: one round of the secure strategy, with a node
+silenced from a chosen stage on. Assert: the model equals plain FedAvg over the nodes whose
+vectors were summed, within the quantisation bound; nothing per node travels in the clear.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord
+
+from common import messages as k
+from common.secagg.encoding import quantisation_bound
+from server.strategies.fedavg import VesaliusFedAvg
+from server.strategies.secure import SecureFedAvg
+from tests.server.secagg_fakes import DroppingGrid, arrays_of, fixed_update_app
+
+NODES = [11, 12, 13, 14, 15]
+RNG = np.random.default_rng(7)
+START = {"w": RNG.normal(size=(6, 5)), "b": RNG.normal(size=5), "steps": np.array(3, dtype=np.int64)}
+UPDATES = {n: {"w": RNG.normal(scale=0.1, size=(6, 5)), "b": RNG.normal(scale=0.1, size=5),
+               "steps": np.array(2, dtype=np.int64)} for n in NODES}
+EXAMPLES = {11: 40, 12: 13, 13: 100, 14: 7, 15: 55}
+LOSSES = {11: 0.7, 12: 0.2, 13: 0.5, 14: 1.1, 15: 0.9}
+HISTS = {n: ([i + n for i in range(1000)], [3 * i % 7 for i in range(1000)]) for n in NODES}
+
+
+def _grid(drop: dict[int, str] | None = None) -> DroppingGrid:
+    return DroppingGrid(fixed_update_app(UPDATES, EXAMPLES, LOSSES, HISTS), NODES, drop)
+
+
+def _one_round(strategy: VesaliusFedAvg, grid: DroppingGrid
+               ) -> tuple[ArrayRecord | None, dict[str, float]]:
+    arrays = arrays_of(START)
+    messages = strategy.configure_train(1, arrays, ConfigRecord({"seed": 1}), grid)  # type: ignore[arg-type]
+    replies = grid.send_and_receive(messages)
+    new, metrics = strategy.aggregate_train(1, replies)
+    return new, dict(metrics or {})
+
+
+def _secure(**kw: object) -> SecureFedAvg:
+    return SecureFedAvg(min_train_nodes=1, min_available_nodes=1, min_evaluate_nodes=1,
+                        timeout=5, **kw)  # type: ignore[arg-type]
+
+
+def _plain_over(nodes: list[int]) -> tuple[ArrayRecord, dict[str, float]]:
+    drop = {n: "advertise" for n in NODES if n not in nodes}
+    new, metrics = _one_round(VesaliusFedAvg(min_train_nodes=1, min_available_nodes=1), _grid(drop))
+    assert new is not None
+    return new, metrics
+
+
+def _assert_close(secure: ArrayRecord, plain: ArrayRecord, summed: list[int], bits: int) -> None:
+    # |error of sum(n_i d_i)| < nodes * 2^-bits per coordinate, then divided by sum(n_i).
+    bound = quantisation_bound(len(summed), bits) / sum(EXAMPLES[n] for n in summed)
+    for key in START:
+        a, b = secure[key].numpy(), plain[key].numpy()
+        assert a.shape == b.shape and a.dtype == START[key].dtype  # dtypes kept
+        if key == "steps":  # an integer buffer: exact (Flower's FedAvg turns it into a float)
+            assert a == b
+        else:
+            assert np.abs(a - b).max() <= bound + 1e-12
+
+
+@pytest.mark.parametrize(
+    ("drop", "summed"),
+    [
+        ({}, NODES),
+        ({12: "advertise"}, [11, 13, 14, 15]),  # before key advertisement
+        ({12: "share"}, [11, 13, 14, 15]),  # after advertising, before sharing
+        ({12: "train"}, [11, 13, 14, 15]),  # after key sharing, no masked input
+        ({12: "unmask"}, NODES),  # after its masked input: its vector is in the sum
+        ({12: "share", 14: "train"}, [11, 13, 15]),  # two stages, down to the minimum
+    ],
+)
+def test_secure_round_equals_fedavg_over_the_summed_nodes(drop: dict[int, str],
+                                                          summed: list[int]) -> None:
+    strategy = _secure(min_survivors=3)
+    grid = _grid(drop)
+    new, metrics = _one_round(strategy, grid)
+    plain, plain_metrics = _plain_over(summed)
+    assert new is not None
+    bits = int(next(m for m in grid.sent if m.metadata.message_type == "train")
+               .content[k.CONFIG][k.SECAGG_MODEL_BITS])
+    _assert_close(new, plain, summed, bits)
+    assert metrics[k.NUM_EXAMPLES] == sum(EXAMPLES[n] for n in summed)
+    assert metrics[k.TRAIN_LOSS] == pytest.approx(plain_metrics[k.TRAIN_LOSS], abs=1e-6)
+    row = strategy.log_rows[-1]
+    assert row["status"] == "ok" and row["survivors"] == len(summed if drop.get(12) != "unmask" else NODES)
+    # a node silent from the first stage on never named itself in this run: its node id
+    assert {d["site"] for d in row["dropped"]} == {
+        f"node-{n}" if stage == "advertise" else f"h{n}" for n, stage in drop.items()}
+
+
+def test_nothing_per_node_leaves_in_the_clear() -> None:
+    grid = _grid()
+    _one_round(_secure(min_survivors=3), grid)
+    train = [r for r in grid.replies if k.SECAGG_MASKED in r.content]
+    assert len(train) == len(NODES)
+    for reply in train:
+        assert k.ARRAYS not in reply.content
+        metrics = reply.content[k.METRICS]
+        for hidden in (k.NUM_EXAMPLES, k.UNIT_WEIGHT, k.TRAIN_LOSS, k.SAMPLE_RATE, k.STEPS):
+            assert hidden not in metrics
+        assert metrics[k.EPSILON] == 1.5  # the node's own privacy accounting stays visible
+        assert reply.content[k.SECAGG_MASKED][k.SECAGG_VECTOR].numpy().dtype == np.uint64
+
+
+@pytest.mark.parametrize(("drop", "stage"), [
+    ({12: "advertise", 13: "advertise"}, "key advertisement"),
+    ({12: "share", 13: "share"}, "key sharing"),
+    ({12: "train", 13: "train"}, "masked input"),
+    ({12: "unmask", 13: "unmask"}, "unmasking"),
+])
+def test_below_the_minimum_survivors_the_round_is_abandoned(drop: dict[int, str], stage: str) -> None:
+    strategy = _secure()  # default minimum for 5 nodes: 4
+    new, _ = _one_round(strategy, _grid(drop))
+    assert new is None
+    row = strategy.log_rows[-1]
+    assert row["status"] == "abandoned" and row["stage"] == stage
+    assert "fewer than the minimum of 4 survivors" in row["reason"]
+
+
+def test_three_nodes_and_one_dropout_is_abandoned_by_default() -> None:
+    strategy = _secure()
+    grid = DroppingGrid(fixed_update_app(UPDATES, EXAMPLES, LOSSES), NODES[:3], {12: "train"})
+    arrays = arrays_of(START)
+    replies = grid.send_and_receive(strategy.configure_train(1, arrays, ConfigRecord({}), grid))  # type: ignore[arg-type]
+    assert strategy.aggregate_train(1, replies)[0] is None
+    assert strategy.log_rows[-1]["threshold"] == 3
+
+
+def test_hospital_dp_noise_is_z_times_c_over_the_survivors() -> None:
+    # Zero updates: the new model minus the old is the noise alone, divided by the survivors.
+    zero = {n: {"w": np.zeros((200, 100)), "b": np.zeros(5), "steps": np.array(0)} for n in NODES}
+    start = {"w": np.zeros((200, 100)), "b": np.zeros(5), "steps": np.array(3, dtype=np.int64)}
+    grid = DroppingGrid(fixed_update_app(zero, EXAMPLES, LOSSES), NODES, {15: "train"})
+    strategy = _secure(min_survivors=3, dp_noise=0.8, dp_clip=0.5, dp_delta=1e-3, num_hospitals=5)
+    msgs = strategy.configure_train(1, arrays_of(start), ConfigRecord({}), grid)  # type: ignore[arg-type]
+    new, _ = strategy.aggregate_train(1, grid.send_and_receive(msgs))
+    assert new is not None
+    noise = new["w"].numpy().ravel()
+    assert strategy.noise_std() == pytest.approx(0.8 * 0.5)
+    assert noise.std() == pytest.approx(0.8 * 0.5 / 4, rel=0.03)  # 4 survivors of 5
+    spent = strategy.spent()
+    assert spent.releases == 1 and 0 < spent.epsilon < math.inf
+
+
+def test_hospital_dp_clips_each_update_before_masking() -> None:
+    big = {n: {"w": np.full((6, 5), 1.0 * (i + 1)), "b": np.zeros(5), "steps": np.array(0)}
+           for i, n in enumerate(NODES)}
+    grid = DroppingGrid(fixed_update_app(big, EXAMPLES, LOSSES), NODES)
+    strategy = _secure(min_survivors=3, dp_noise=1e-9, dp_clip=2.0, num_hospitals=5)
+    msgs = strategy.configure_train(1, arrays_of(START), ConfigRecord({}), grid)  # type: ignore[arg-type]
+    new, _ = strategy.aggregate_train(1, grid.send_and_receive(msgs))
+    assert new is not None
+    step = new["w"].numpy() - START["w"]
+    # every update is clipped to norm 2 over all arrays (30 equal entries): 2/sqrt(30) each
+    assert np.allclose(step, 2.0 / math.sqrt(30), atol=1e-6)
+
+
+def test_evaluation_histograms_are_summed_securely() -> None:
+    grid = _grid({14: "evaluate"})
+    strategy = _secure(min_survivors=3)
+    msgs = strategy.configure_evaluate(1, arrays_of(START), ConfigRecord(
+        {k.WITH_HISTOGRAMS: True}), grid)  # type: ignore[arg-type]
+    metrics = strategy.aggregate_evaluate(1, grid.send_and_receive(msgs))
+    assert metrics is not None
+    alive = [n for n in NODES if n != 14]
+    assert metrics[k.HIST_POSITIVE] == list(np.sum([HISTS[n][0] for n in alive], axis=0))
+    assert metrics[k.HIST_NEGATIVE] == list(np.sum([HISTS[n][1] for n in alive], axis=0))
+    assert k.AUC_POOLED in metrics
+    assert all(k.HIST_POSITIVE not in r.content.get(k.METRICS, {}) for r in grid.replies
+               if r.metadata.message_type == "evaluate")
