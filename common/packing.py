@@ -26,8 +26,9 @@ A record whose arrays are not all NumPy-serialised (``stype``) is left as it is.
 from __future__ import annotations
 
 import json
-from io import BytesIO
+import os
 from collections.abc import Mapping
+from io import BytesIO
 from typing import Any, Final
 
 import numpy as np
@@ -38,6 +39,7 @@ from flwr.common.constant import SType
 
 __all__ = [
     "BUFFER_PREFIX",
+    "ENV_TRANSPORT",
     "LAYOUT_KEY",
     "LAYOUT_VERSION",
     "MIN_ARRAYS",
@@ -46,6 +48,7 @@ __all__ = [
     "is_marked",
     "is_packed",
     "pack_content",
+    "transport_enabled",
     "pack_record",
     "unpack_content",
     "unpack_record",
@@ -63,6 +66,14 @@ MIN_ARRAYS: Final = 2
 #: mod removes it before any handler sees the message.
 TRANSPORT_KEY: Final = "vesalius.transport"
 _PACKED_FLAG: Final = "packed"
+#: Environment variable of the coordinator's and the nodes' processes: ``stock`` switches
+#: packing (and the coordinator's adaptive polling) off, for comparisons with Flower's own.
+ENV_TRANSPORT: Final = "VESALIUS_TRANSPORT"
+
+
+def transport_enabled() -> bool:
+    """False when :data:`ENV_TRANSPORT` is ``stock`` (any case), else True."""
+    return os.environ.get(ENV_TRANSPORT, "").strip().lower() != "stock"
 
 
 class PackingError(ValueError):
