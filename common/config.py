@@ -27,6 +27,7 @@ CV_MODES = ("none", "kfold", "loso")
 SAMPLE_KINDS = ("image-2d", "volume-3d", "series")
 """What one sample of a plan is (the values of :class:`common.tasks.base.SampleKind`)."""
 ON_REFUSAL = ("exclude", "stop")
+SECURE_AGGREGATION_MODES = ("auto", "on", "off")  # common/secagg/params.py: MODES
 
 
 def _get(values: Mapping[str, Any], key: str, default: Any, kind: type) -> Any:
@@ -260,6 +261,12 @@ class RunConfig:
         Output folder of an interrupted run (its ``--out``): the run continues from its last
         aggregated round's checkpoint, with the same run id, writing to that folder
         (:mod:`server.resume`); "" starts a new run.
+    secure_aggregation : str
+        "auto" (on when at least 3 nodes take part), "on" or "off": the coordinator sees only
+        the sum of the nodes' updates, counts and score histograms (:mod:`common.secagg`).
+    secagg_min_survivors : int
+        Fewest nodes a secure-aggregation round may end with (0 = default,
+        :func:`common.secagg.params.default_min_survivors`); below it the round is abandoned.
     """
 
     plan: TrainPlan = TrainPlan()
@@ -275,8 +282,16 @@ class RunConfig:
     target_sensitivity: float = 0.0
     init_from: str = ""
     resume_from: str = ""
+    secure_aggregation: str = "auto"
+    secagg_min_survivors: int = 0
 
     def __post_init__(self) -> None:
+        if self.secure_aggregation not in SECURE_AGGREGATION_MODES:
+            raise ConfigError("secure-aggregation must be one of "
+                              f"{', '.join(SECURE_AGGREGATION_MODES)}, got {self.secure_aggregation!r}")
+        if self.secagg_min_survivors == 1 or self.secagg_min_survivors < 0:
+            raise ConfigError("secagg-min-survivors must be 0 (default) or at least 2: one "
+                              "survivor's 'sum' is its own update")
         if not (math.isfinite(self.target_sensitivity) and 0 <= self.target_sensitivity <= 1):
             raise ConfigError("target-sensitivity must lie in (0, 1], or be 0 for Youden's J, "
                               f"got {self.target_sensitivity}")
@@ -314,6 +329,8 @@ class RunConfig:
             target_sensitivity=_get(values, k.TARGET_SENSITIVITY, 0.0, float),
             init_from=_get(values, k.INIT_FROM, "", str),
             resume_from=_get(values, k.RESUME_FROM, "", str),
+            secure_aggregation=_get(values, k.SECURE_AGGREGATION, "auto", str),
+            secagg_min_survivors=_get(values, k.SECAGG_MIN_SURVIVORS, 0, int),
         )
 
     def to_dict(self) -> dict[str, Scalar]:
@@ -333,6 +350,8 @@ class RunConfig:
                 k.TARGET_SENSITIVITY: self.target_sensitivity,
                 k.INIT_FROM: self.init_from,
                 k.RESUME_FROM: self.resume_from,
+                k.SECURE_AGGREGATION: self.secure_aggregation,
+                k.SECAGG_MIN_SURVIVORS: self.secagg_min_survivors,
             }
         )
         return out
