@@ -81,6 +81,14 @@ _SAMPLES = typer.Option(
     help="What one sample is: image-2d (one record per image), volume-3d (a study's series as "
     "one volume, for cnn3d, resnet, densenet, ...) or series (the volume read slice by slice: "
     "lstm, gru). Default: the first kind the model serves for the task.")
+_SECURE_AGGREGATION = typer.Option(
+    "auto", "--secure-aggregation", click_type=click.Choice(["auto", "on", "off"]),
+    help="Secure aggregation: the coordinator sees only the sum of the hospitals' updates, "
+    "example counts and score histograms (auto: on when at least 3 hospitals take part).")
+_MIN_SURVIVORS = typer.Option(
+    0, "--min-survivors", min=0,
+    help="Secure aggregation: fewest hospitals a round may end with; below it the round is "
+    "abandoned (0 = max(3, ceil(2n/3)), at most n; 1 is refused).")
 _INIT_FROM = typer.Option(
     None, "--init-from", callback=existing_file("--init-from"),
     help="Checkpoint (e.g. an earlier run's checkpoints/final.pt, such as a reconstruction "
@@ -98,6 +106,7 @@ def build_run_config(
     hospital_dp_noise: float = 0.0, hospital_dp_clip: float = 0.0,
     target_sensitivity: float | None = None, task: str = "binary",
     num_classes: int | None = None, samples: str | None = None, init_from: Path | None = None,
+    secure_aggregation: str = "auto", secagg_min_survivors: int = 0,
 ) -> RunConfig:
     """Typed run config from CLI options (validated on construction).
 
@@ -120,7 +129,9 @@ def build_run_config(
                      on_refusal=on_refusal, hospital_dp_noise=hospital_dp_noise,
                      hospital_dp_clip=hospital_dp_clip,
                      target_sensitivity=target_sensitivity or 0.0,
-                     init_from=str(init_from) if init_from is not None else "")
+                     init_from=str(init_from) if init_from is not None else "",
+                     secure_aggregation=secure_aggregation,
+                     secagg_min_survivors=secagg_min_survivors)
 
 
 def site_dirs(data_root: Path) -> list[Path]:
@@ -319,6 +330,8 @@ def run(
     num_classes: int | None = _NUM_CLASSES,
     samples: str | None = _SAMPLES,
     init_from: Path | None = _INIT_FROM,
+    secure_aggregation: str = _SECURE_AGGREGATION,
+    min_survivors: int = _MIN_SURVIVORS,
     resume: Path | None = typer.Option(
         None, "--resume", callback=resolved,
         help="Continue the interrupted run whose output folder (its --out) this is: from its "
@@ -342,13 +355,19 @@ def run(
             on_refusal=on_refusal, model_phase=model_phase,
             hospital_dp_noise=hospital_dp_noise, hospital_dp_clip=hospital_dp_clip,
             target_sensitivity=target_sensitivity, task=task, num_classes=num_classes,
-            samples=samples, init_from=init_from,
+            samples=samples, init_from=init_from, secure_aggregation=secure_aggregation,
+            secagg_min_survivors=min_survivors,
         )
     except ConfigError as exc:
         raise typer.BadParameter(str(exc)) from None
     if superlink is None:
         if data_root is None:
             raise typer.BadParameter("give --data-root for a simulation, or --superlink ADDRESS")
+        hospitals = len(site_dirs(data_root))
+        if config.secure_aggregation != "off" and config.secagg_min_survivors > hospitals:
+            raise typer.BadParameter(
+                f"{config.secagg_min_survivors} survivors cannot be reached with {hospitals} "
+                "hospitals; lower --min-survivors or add hospitals", param_hint="'--min-survivors'")
         doc = simulate(config, data_root, epsilon_cap=epsilon_cap, allow_non_private=non_private,
                        verbose=verbose, min_release_count=min_release_count,
                        ledger_root=ledger_dir, show_progress=output_format != "json")
