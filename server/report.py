@@ -303,6 +303,9 @@ class RunReport:
         lines.extend(_multiclass_lines(self.extra))
         lines.extend(_task_lines(self.extra))
         lines.extend(_operating_point_lines(self.extra))
+        from server.report_secagg import secagg_lines
+
+        lines.extend(secagg_lines(self.extra))
         return "\n".join(lines)
 
     def write(self, out_dir: Path) -> Path:

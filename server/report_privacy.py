@@ -250,6 +250,10 @@ def privacy_section(report: Mapping[str, Any], img: ImgFn) -> str:
     if isinstance(hospital, Mapping) and hospital:
         parts.append(_hospital_level(hospital))
     parts.append(_ledger_heads(rows))
+    from server.report_secagg import secagg_html
+    from server.report_text import scrub
+
+    parts.append(secagg_html(report.get("secure_aggregation"), scrub))
     caveat = privacy.get("not_covered")
     if caveat:
         parts.append(f'<p class="note"><strong>Not covered by ε:</strong> '
