@@ -108,6 +108,7 @@ class SecureFedAvg(VesaliusFedAvg):
         session = SecAggSession(grid, nodes, f"{phase}-{server_round}",
                                 min_survivors=self.min_survivors, timeout=self.timeout)
         session.sites.update(self._known_sites())
+        session.sites.update(self.sites)
         row = session.record
         row.update(round=server_round, phase=phase)
         self.log_rows.append(row)
@@ -161,6 +162,7 @@ class SecureFedAvg(VesaliusFedAvg):
                         grid: Grid) -> Iterable[Message]:
         """Sample as FedAvg does, run the setup stages, ask the survivors to mask."""
         messages = list(super().configure_train(server_round, arrays, config, grid))
+        server_round += self.round_offset  # a resumed run numbers its rounds on
         self._sent[server_round] = arrays
         length = sum(int(np.prod(a.shape)) for a in arrays.values())
         return self._open(server_round, "train", messages, grid, lambda n: Layout.plan(
@@ -170,14 +172,29 @@ class SecureFedAvg(VesaliusFedAvg):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Unmask the survivors' sum and turn it into the FedAvg (or noised) model."""
-        replies = list(replies)
+        server_round += self.round_offset
+        replies = list(replies) + self._pending_errors.pop(server_round, [])
         entry = self._log(server_round)
-        self._record(entry, replies, self._expected.get((server_round, "train"), []), train=True)
+        missing = self._record(entry, replies, self._expected.get((server_round, "train"), []),
+                               train=True, sites=self.sites)
+        self._note_drops(entry, missing, "train")
         opened = self._close(server_round, "train", replies)
         sent = self._sent.pop(server_round, None)
         arrays = metrics = None
+        row = next((r for r in reversed(self.log_rows)
+                    if r.get("round") == server_round and r.get("phase") == "train"), {})
+        if opened is not None and sent is not None and row.get("survivors", 0) < self.min_train_nodes:
+            opened = None
+            row.update(status="abandoned", reason=(
+                f"only {row.get('survivors', 0)} hospital(s) summed, fewer than min-nodes = "
+                f"{self.min_train_nodes}"))
         if opened is not None and sent is not None:
             arrays, metrics = self._decode_train(server_round, sent, *opened)
+        else:  # abandoned: the model stays as it was, and the round says why
+            entry.status = "failed"
+            entry.failure = (f"{row.get('reason', 'secure aggregation did not complete')}: round "
+                             f"{server_round} was not aggregated and the global model is unchanged")
+            log.warning("round %d failed: %s", server_round, entry.failure)
         if metrics is not None:
             entry.train_metrics = {key: float(v) for key, v in metrics.items()
                                    if not isinstance(v, list)}
@@ -241,7 +258,7 @@ class SecureFedAvg(VesaliusFedAvg):
         messages = list(super().configure_evaluate(server_round, arrays, config, grid))
         if not bool(config.get(k.WITH_HISTOGRAMS, False)) or not messages:
             return messages
-        return self._open(server_round, "evaluate", messages, grid, lambda n: Layout.plan(
+        return self._open(server_round + self.round_offset, "evaluate", messages, grid, lambda n: Layout.plan(
             num_nodes=n, model_length=0, dp_clip=0.0, int_keys=EVAL_INTS,
             int_lengths=[DEFAULT_BINS, DEFAULT_BINS]))
 
@@ -249,13 +266,13 @@ class SecureFedAvg(VesaliusFedAvg):
                            ) -> MetricRecord | None:
         """Pool the clear metrics as FedAvg does, then add the securely summed histograms."""
         replies = list(replies)
-        opened = self._close(server_round, "evaluate", replies)
+        opened = self._close(server_round + self.round_offset, "evaluate", replies)
         on_update, self.on_update = self.on_update, None  # tell listeners once, when complete
         try:
             metrics = super().aggregate_evaluate(server_round, replies)
         finally:
             self.on_update = on_update
-        entry = self._log(server_round)
+        entry = self._log(server_round + self.round_offset)
         if opened is not None and metrics is not None:
             layout, total = opened
             _, _, ints, contributed = layout.split(total)
