@@ -38,8 +38,9 @@ from common.models.registry import get_spec
 from common.tasks.federated import federated_task, plan_samples, spatial_dims
 from server import resume as run_records
 from server.cv import CVSpec, run_cross_validation
-from server.progress import ProgressCallback, emit_marker, emit_round_marker, track_progress
+from server.progress import ProgressCallback, emit_marker, emit_round_marker
 from server.report import RunReport, round_dict
+from server.transport import with_transport
 from server.strategies.fedavg import RoundLog, RunStopped, VesaliusFedAvg
 from server.strategies.hospital_dp import HospitalLevelDP
 
@@ -94,7 +95,7 @@ def run_federation(
         from server.elm_workflow import run_elm_workflow
 
         return run_elm_workflow(grid, config, on_round=on_round, on_progress=on_progress)
-    grid = track_progress(grid, on_progress)
+    grid = with_transport(grid, on_progress)  # packed models, adaptive polling, progress
     resume = None
     if config.resume_from:  # continue an interrupted run in its own folder, with its run id
         from server.resume import load_state
@@ -340,7 +341,7 @@ def build_server_app(
         cv = CVSpec.from_user_config(context.run_config)
         progress = on_progress if on_progress is not None or not deployed else emit_marker
         if cv.enabled:  # `vesalius federation cv --superlink ...`
-            run_cross_validation(track_progress(grid, progress), cfg, num_folds=cv.num_folds,
+            run_cross_validation(with_transport(grid, progress), cfg, num_folds=cv.num_folds,
                                  leave_one_site_out=cv.leave_one_site_out,
                                  out_dir=Path(cfg.out_dir))
             return

@@ -108,7 +108,8 @@ from common.stats.meta import random_effects
 from common.stats.metrics import classification_metrics
 from server import cv_tasks
 from server.inference import QueryRound, query_nodes
-from server.progress import DelegatingGrid, ProgressCallback, track_progress
+from server.progress import DelegatingGrid, ProgressCallback
+from server.transport import with_transport
 from server.report import RunReport, atomic_write, json_safe
 from server.strategies.fedavg import RoundLog, RunStopped, VesaliusFedAvg
 
@@ -868,7 +869,7 @@ def build_cv_server_app(
     def main(grid: Grid, context: Context) -> None:
         cfg = config if config is not None else RunConfig.from_user_config(context.run_config)
         cv = spec if spec is not None else CVSpec.from_user_config(context.run_config)
-        result = run_cross_validation(track_progress(grid, on_progress), cfg, num_folds=cv.num_folds,
+        result = run_cross_validation(with_transport(grid, on_progress), cfg, num_folds=cv.num_folds,
                                       leave_one_site_out=cv.leave_one_site_out,
                                       out_dir=Path(cfg.out_dir), progress=progress)
         if on_finish is not None:

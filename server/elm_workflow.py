@@ -66,7 +66,8 @@ from flwr.serverapp import Grid
 
 from common import messages as k
 from common.config import RunConfig
-from server.progress import DelegatingGrid, ProgressCallback, track_progress
+from server.progress import DelegatingGrid, ProgressCallback
+from server.transport import with_transport
 from server.report import RunReport
 from server.strategies.fedavg import RoundLog, VesaliusFedAvg
 
@@ -245,7 +246,7 @@ def run_elm_workflow(
     report.extra["privacy"] = _privacy_section(config)
     strategy = VesaliusFedAvg(on_refusal=config.on_refusal, min_available_nodes=config.min_nodes)
     report.excluded = strategy.excluded
-    progress_grid = track_progress(grid, on_progress)
+    progress_grid = with_transport(grid, on_progress)
     recorder = _RecordingGrid(progress_grid)
     plan_record = config.plan.to_record()
     try:

@@ -17,6 +17,9 @@
 A FedAvg strategy puts one RecordDict in every message of a round: it is packed once and the
 packed record is shared, so Flower serialises it once.
 
+Only Flower's own grids are wrapped (:func:`with_transport`): in-process stand-ins that hand
+messages straight to handlers, without the node's mods, keep the grid of before.
+
 ``VESALIUS_TRANSPORT=stock`` (the environment of the ServerApp process; in deployment, that of
 ``flower-superlink``) switches both off: :func:`with_transport` then returns what
 :func:`server.progress.track_progress` returns, the grid of before this module.
@@ -149,11 +152,21 @@ class TransportGrid(ProgressGrid):
         return Message(content=done[key], metadata=copy.copy(msg.metadata))
 
 
+def _crosses_processes(grid: Grid) -> bool:
+    """Whether ``grid`` is one of Flower's own grids (``HttpGrid`` in deployment,
+    ``InMemoryGrid`` in simulation), whose messages reach the nodes' ClientApps through
+    their mods. In-process stand-ins that call handlers directly are not."""
+    return type(grid).__module__.startswith("flwr.")
+
+
 def with_transport(grid: Grid, on_progress: ProgressCallback | None) -> Grid:
-    """``grid`` wrapped by :class:`TransportGrid` (reporting to ``on_progress``), or, with
-    ``VESALIUS_TRANSPORT=stock``, by :func:`server.progress.track_progress` alone."""
-    if not transport_enabled():
-        return track_progress(grid, on_progress)
+    """``grid`` wrapped by :class:`TransportGrid` (reporting to ``on_progress``).
+
+    With ``VESALIUS_TRANSPORT=stock``, or for a grid that is not one of Flower's (see
+    :func:`_crosses_processes`), the grid of before: :func:`server.progress.track_progress`.
+    """
     if isinstance(grid, TransportGrid):
         return grid
+    if not transport_enabled() or not _crosses_processes(grid):
+        return track_progress(grid, on_progress)
     return TransportGrid(grid, on_progress)

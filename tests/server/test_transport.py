@@ -319,14 +319,34 @@ def test_poll_schedule_is_validated(bad: dict[str, float]) -> None:
 
 # --- switching off --------------------------------------------------------------------------
 
-def test_stock_switch_gives_the_grid_of_before(monkeypatch: pytest.MonkeyPatch) -> None:
-    fake = NodesGrid(_echo_train)
-    monkeypatch.setenv(ENV_TRANSPORT, "stock")
+class _NoState:
+    def state(self) -> None:
+        return None
+
+
+def _flower_grid() -> object:
+    """Flower's simulation grid (never used here, only wrapped)."""
+    from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+
+    return InMemoryGrid(state_factory=_NoState())  # type: ignore[arg-type]
+
+
+def test_flowers_grids_are_wrapped_unless_stock(monkeypatch: pytest.MonkeyPatch) -> None:
+    grid = _flower_grid()
+    monkeypatch.delenv(ENV_TRANSPORT, raising=False)
+    wrapped = with_transport(grid, None)  # type: ignore[arg-type]
+    assert isinstance(wrapped, TransportGrid)
+    assert with_transport(wrapped, None) is wrapped  # never twice
+    monkeypatch.setenv(ENV_TRANSPORT, "Stock")
+    assert with_transport(grid, None) is grid  # type: ignore[arg-type]
+    assert type(with_transport(grid, lambda _e: None)) is ProgressGrid  # type: ignore[arg-type]
+
+
+def test_in_process_stand_ins_keep_the_grid_of_before(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(ENV_TRANSPORT, raising=False)
+    fake = NodesGrid(_echo_train)  # hands messages to handlers without the node's mods
     assert with_transport(fake, None) is fake  # type: ignore[arg-type]
-    plain = with_transport(fake, lambda _e: None)  # type: ignore[arg-type]
-    assert type(plain) is ProgressGrid
-    monkeypatch.setenv(ENV_TRANSPORT, "")
-    assert isinstance(with_transport(fake, None), TransportGrid)  # type: ignore[arg-type]
+    assert type(with_transport(fake, lambda _e: None)) is ProgressGrid  # type: ignore[arg-type]
 
 
 def test_stock_node_answers_unpacked_but_still_reads_packed(
