@@ -7,6 +7,7 @@ import os
 import typer
 
 from cli.audit import audit_app
+from cli.coordinator import coordinator_app
 from cli.demo import demo
 from cli.errors import SafeGroup
 from cli.federation import federation_app
@@ -30,6 +31,7 @@ app.command("demo")(demo)
 app.command("import")(import_data)
 app.add_typer(node_app, name="node")
 app.add_typer(federation_app, name="federation")
+app.add_typer(coordinator_app, name="coordinator")
 app.add_typer(audit_app, name="audit")
 app.add_typer(models_app, name="models")
 app.add_typer(stats_app, name="stats")
