@@ -22,9 +22,13 @@ from common.secagg.crypto import expand, pairwise_seed
 __all__ = ["mask", "unmask"]
 
 
-def _pair_term(i: int, j: int, seed: bytes, length: int) -> np.ndarray:
-    stream = expand(seed, length)
-    return stream if i < j else np.uint64(0) - stream
+def _add_pair(out: np.ndarray, i: int, j: int, seed: bytes, sign: int = 1) -> None:
+    """``out += sign * sign(i, j) * PRG(seed)`` in place (mod 2^64)."""
+    stream = expand(seed, len(out))
+    if (i < j) == (sign > 0):
+        out += stream
+    else:
+        out -= stream
 
 
 def mask(values: np.ndarray, *, node: int, self_seed: bytes, mask_private: bytes,
@@ -37,7 +41,7 @@ def mask(values: np.ndarray, *, node: int, self_seed: bytes, mask_private: bytes
     out = np.asarray(values, dtype=np.uint64) + expand(self_seed, len(values))
     for peer, public in peer_publics.items():
         if peer != node:
-            out += _pair_term(node, peer, pairwise_seed(mask_private, public, session), len(out))
+            _add_pair(out, node, peer, pairwise_seed(mask_private, public, session))
     return out
 
 
@@ -65,5 +69,5 @@ def unmask(total: np.ndarray, *, self_seeds: Mapping[int, bytes],
     for dropped, private in dropped_privates.items():
         for survivor, public in survivor_publics.items():
             # what survivor i added for dropped j: sign(i, j) * PRG(s_ij)
-            out -= _pair_term(survivor, dropped, pairwise_seed(private, public, session), len(out))
+            _add_pair(out, survivor, dropped, pairwise_seed(private, public, session), sign=-1)
     return out
