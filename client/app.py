@@ -53,6 +53,7 @@ from client.secagg import handle_stage as handle_secagg_stage
 from client.secagg import is_stage as is_secagg_stage
 from client.secagg import secagg_mod
 from client.queries.handler import handle_query
+from client.replay import ReplyStore, request_digest
 from client.privacy_guard import NodeBudget
 from client.training import evaluate as evaluate_model
 from client.training import select_device, train_dp
@@ -223,7 +224,24 @@ def _device(node: NodeConfig) -> torch.device:
     return select_device(None if node.device == "auto" else node.device)
 
 
-def _run_history(context: Context) -> AccountantState:
+def _run_history(context: Context, budget: NodeBudget | None = None,
+                 fingerprint: str = "", plan: TrainPlan | None = None) -> AccountantState:
+    """This run's privacy events at this node.
+
+    With a ledger they come from it: every training spend recorded under the plan's run id
+    (and fold), so the run's epsilon survives a restarted node and a resumed run, whose
+    Flower context starts empty. Without one, from the node's Flower context.
+    """
+    if budget is not None and plan is not None:
+        fold = plan.fold if plan.cv_mode != "none" else None
+        run = AccountantState()
+        for entry in budget.ledger.entries(fingerprint):
+            if entry.release == "train" and entry.run_id == (plan.run_id or "unnamed-run") \
+                    and entry.fold == fold and entry.mechanism.is_gaussian:
+                run = run.with_event(noise_multiplier=entry.mechanism.noise_multiplier,
+                                     sample_rate=entry.mechanism.sample_rate,
+                                     steps=entry.mechanism.steps)
+        return run
     prior = _prior(context)
     return prior if prior is not None else AccountantState()
 
@@ -252,7 +270,8 @@ def _privacy_metrics(
 
 def _holdout_reply(
     msg: Message, context: Context, node: NodeConfig, arrays: ArrayRecord, delta: float,
-    dataset_epsilon: float,
+    dataset_epsilon: float, budget: NodeBudget | None = None, fingerprint: str = "",
+    plan: TrainPlan | None = None,
 ) -> Message:
     """Leave-one-site-out: the held-out site trains nothing and spends nothing."""
     metrics = MetricRecord(
@@ -260,7 +279,8 @@ def _holdout_reply(
             k.NUM_EXAMPLES: 0,
             k.UNIT_WEIGHT: 0,  # trains nothing: no weight, even in an unweighted average
             k.TRAIN_LOSS: math.nan,
-            **_privacy_metrics(node, _run_history(context), delta, dataset_epsilon),
+            **_privacy_metrics(node, _run_history(context, budget, fingerprint, plan), delta,
+                               dataset_epsilon),
             k.DELTA: float(delta),
             k.NOISE_MULTIPLIER: 0.0,
             k.SAMPLE_RATE: 0.0,
@@ -332,7 +352,21 @@ def handle_train(msg: Message, context: Context, node: NodeConfig) -> Message:
         spent = (
             budget.spent(data.fingerprint, prv=False).epsilon_rdp if budget is not None else 0.0
         )
-        return _holdout_reply(msg, context, node, arrays, delta, spent)
+        return _holdout_reply(msg, context, node, arrays, delta, spent, budget,
+                              data.fingerprint, plan)
+    replies = ReplyStore(node.resolved_ledger_dir) if budget is not None else None
+    fold = plan.fold if plan.cv_mode != "none" else None
+    digest = request_digest(arrays, dict(config)) if replies is not None else ""
+    if replies is not None:
+        kept = replies.get(data.fingerprint, plan.run_id, fold, server_round, digest)
+        if kept is not None:  # this round was asked before with this very model: resend it
+            log.warning("round %d was asked again with the same model (a resumed run): the "
+                        "reply already released is sent again, nothing new is spent",
+                        server_round)
+            state, released = kept
+            return Message(content=RecordDict({
+                k.ARRAYS: ArrayRecord(state), k.METRICS: MetricRecord(released),
+                k.NODE_INFO: _node_info(node, budget)}), reply_to=msg)
     decision = decide(
         plan, node, num_patients=train_split.num_patients, prior=history,
         server_round=server_round,
@@ -361,14 +395,18 @@ def handle_train(msg: Message, context: Context, node: NodeConfig) -> Message:
         seed=None if plan.private else plan.seed * 1000 + server_round,
         **train_losses(plan_task(plan)),
     )
-    run = _run_history(context)
-    if plan.private:
-        run = run.with_event(
+    if plan.private and budget is not None:  # the ledger holds this round's spend already
+        run = _run_history(context, budget, data.fingerprint, plan)
+        context.state[k.STATE_PRIVACY] = ConfigRecord(dict(run.to_record()))
+    elif plan.private:
+        run = _run_history(context).with_event(
             noise_multiplier=decision.noise_multiplier,
             sample_rate=result.sample_rate,
             steps=result.steps,
         )
         context.state[k.STATE_PRIVACY] = ConfigRecord(dict(run.to_record()))
+    else:
+        run = _run_history(context)
         if not math.isclose(result.epsilon, expected, rel_tol=1e-9, abs_tol=1e-9):
             log.error("trainer reported epsilon %.12g, ledger recorded %.12g", result.epsilon,
                       expected)
@@ -405,6 +443,9 @@ def handle_train(msg: Message, context: Context, node: NodeConfig) -> Message:
             k.STEPS: int(result.steps),
         }
     )
+    if replies is not None:  # kept: a resumed run asking this round again gets it back
+        replies.put(data.fingerprint, plan.run_id, fold, server_round, digest,
+                    result.state_dict, dict(metrics))
     content = RecordDict(
         {
             k.ARRAYS: ArrayRecord(result.state_dict),
