@@ -49,6 +49,7 @@ from client.data.task_data import load_task_data
 from client.data.folds import cv_splits
 from client.data.node_data import SplitArrays
 from client.mods import sanitize_errors_mod
+from client.transport import transport_mod
 from client.secagg import handle_stage as handle_secagg_stage
 from client.secagg import is_stage as is_secagg_stage
 from client.secagg import secagg_mod
@@ -130,14 +131,20 @@ def _load(node: NodeConfig, plan: TrainPlan) -> NodeData:
             safe_reason=f"refused: image-size {plan.image_size} exceeds this node's maximum "
             f"of {node.max_image_size}",
         )
-    data = load_task_data(
-        node.data_dir,
+    from client.data.cache import LoadParams, SplitCache, cache_dir
+
+    params = LoadParams(
         task=plan.task,
         num_classes=plan.num_classes,
         samples=plan.samples,
         image_size=plan.image_size,
         require_deidentified=node.require_deidentified,
         seed=0,  # the split is the hospital's, not the run's: fixed so it never moves
+    )
+    # Each message may run in a fresh process: the preprocessed splits come from the node's
+    # own disk cache (next to its ledger) unless a file of the data folder changed.
+    data = SplitCache(cache_dir(node.resolved_ledger_dir)).load(
+        node.data_dir, params, lambda: load_task_data(node.data_dir, **params.kwargs())
     )
     for split in (data.train, data.val, data.test):
         if len(split):
@@ -575,7 +582,8 @@ def _site_named_errors(node: NodeConfig) -> Iterator[None]:
 def build_client_app(resolve_node: NodeConfigResolver = node_config_from_context) -> ClientApp:
     """Build the ClientApp; ``resolve_node`` supplies the node's settings from its Context."""
     # secagg_mod masks train/evaluate replies that belong to a secure-aggregation session.
-    client_app = ClientApp(mods=[sanitize_errors_mod, secagg_mod])
+    # transport_mod inside the error mod, outside every other: they all see unpacked records
+    client_app = ClientApp(mods=[sanitize_errors_mod, transport_mod, secagg_mod])
 
     @client_app.train()
     def train(msg: Message, context: Context) -> Message:

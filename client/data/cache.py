@@ -86,6 +86,10 @@ class LoadParams:
     val_fraction: float = 0.15
     test_fraction: float = 0.15
 
+    def kwargs(self) -> dict[str, Any]:
+        """These parameters as keyword arguments of ``load_task_data``."""
+        return asdict(self)
+
 
 def cache_dir(ledger_dir: Path) -> Path:
     """The cache folder of a node whose ledger lives in ``ledger_dir``."""
