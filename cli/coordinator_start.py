@@ -24,6 +24,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import typer
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from cli.console import err_console
 from cli.flower import APP_DIR, executable, flower_env, toml_value, write_connection
@@ -70,13 +72,21 @@ def check_certificates(folder: Path, *, given: bool) -> Path:
         One is missing: the sentence says how to make them.
     """
     missing = [name for name in CERT_FILES if not (folder / name).is_file()]
+    how = (f"make them with `vesalius federation certs --out {folder} --host <this "
+           "coordinator's host name or IP>` (or give --certificates DIR), or use --insecure "
+           "for local development only")
     if missing:
         where = "the --certificates folder" if given else f"{folder}"
-        raise ConfigError(
-            f"no TLS certificates ({', '.join(missing)} missing) in {where}: make them with "
-            f"`vesalius federation certs --out {folder} --host <this coordinator's host name "
-            "or IP>` (or give --certificates DIR), or use --insecure for local development only",
-            safe_reason="TLS certificates missing")
+        raise ConfigError(f"no TLS certificates ({', '.join(missing)} missing) in {where}: {how}",
+                          safe_reason="TLS certificates missing")
+    try:
+        for name in ("ca.crt", "server.crt"):
+            x509.load_pem_x509_certificate((folder / name).read_bytes())
+        serialization.load_pem_private_key((folder / "server.key").read_bytes(), password=None)
+    except (OSError, ValueError, TypeError):
+        raise ConfigError(f"the TLS files in the certificates folder cannot be used (not PEM "
+                          f"certificates and an unencrypted key): {how}",
+                          safe_reason="TLS certificates unusable") from None
     return folder
 
 
@@ -115,8 +125,8 @@ def answers(address: str, ca_cert: Path | None, timeout: float = 2.0) -> bool:
     """Whether the SuperLink at ``address`` answers its ``/health`` route (over TLS with
     ``ca_cert``)."""
     scheme = "http" if ca_cert is None else "https"
-    context = None if ca_cert is None else ssl.create_default_context(cafile=str(ca_cert))
     try:
+        context = None if ca_cert is None else ssl.create_default_context(cafile=str(ca_cert))
         with urllib.request.urlopen(f"{scheme}://{address}/health", timeout=timeout,
                                     context=context) as reply:
             return bool(reply.status == 200)
