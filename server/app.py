@@ -43,6 +43,10 @@ from server.report import RunReport, round_dict
 from server.transport import with_transport
 from server.strategies.fedavg import RoundLog, RunStopped, VesaliusFedAvg
 from server.strategies.hospital_dp import HospitalLevelDP
+from server.strategies.secure import SecureFedAvg
+from common.secagg.params import enabled as secagg_enabled
+from common.secagg.params import threshold as secagg_threshold
+from server.report_secagg import secagg_record
 
 log = logging.getLogger(__name__)
 
@@ -124,14 +128,26 @@ def run_federation(
             on_round(entry)
 
     hospital_dp = config.hospital_dp_noise > 0
-    strategy = VesaliusFedAvg(
+    # Secure aggregation ("auto": on with >= 3 nodes) keeps hospital-level DP inside it.
+    hospitals = max(len(list(grid.get_node_ids())), config.min_nodes)
+    secure = secagg_enabled(config.secure_aggregation, hospitals)
+    strategy_class = VesaliusFedAvg
+    secure_kwargs: dict[str, Any] = {}
+    if secure:
+        strategy_class = SecureFedAvg
+        secure_kwargs = {"min_survivors": config.secagg_min_survivors,
+                         "timeout": config.round_timeout, "dp_noise": config.hospital_dp_noise,
+                         "dp_clip": config.hospital_dp_clip, "dp_delta": config.hospital_dp_delta,
+                         "num_hospitals": hospitals}
+    strategy = strategy_class(
+        **secure_kwargs,
         checkpoint_dir=out_dir / "checkpoints",
         on_update=updated,
         on_refusal=config.on_refusal,
         # Hospital-level DP needs an unweighted average (each site's clipped update counts
         # once) and checkpoints only the noised model (the wrapper writes them).
         weighted_by_key=k.UNIT_WEIGHT if hospital_dp else k.NUM_EXAMPLES,
-        checkpoint_in_aggregate=not hospital_dp,
+        checkpoint_in_aggregate=not hospital_dp or secure,
         fraction_train=config.fraction_train,
         fraction_evaluate=config.fraction_evaluate,
         min_train_nodes=config.min_nodes,
@@ -145,8 +161,16 @@ def run_federation(
     done = 0
     if resume is not None:
         start_arrays, done = resume_strategy(strategy, report, resume, out_dir)
+    report.extra["secure_aggregation"] = secagg_record(
+        enabled=secure, mode=config.secure_aggregation, hospitals=hospitals,
+        min_survivors=secagg_threshold(hospitals, config.secagg_min_survivors),
+        sessions=strategy.log_rows if isinstance(strategy, SecureFedAvg) else [])
     runner: VesaliusFedAvg | HospitalLevelDP = strategy
-    if hospital_dp:
+    if hospital_dp and isinstance(strategy, SecureFedAvg):
+        report.hospital_dp = strategy.spent
+        if resume is not None:
+            strategy.restore(resume.hospital_dp_releases)
+    elif hospital_dp:
         runner = HospitalLevelDP(
             strategy,
             noise_multiplier=config.hospital_dp_noise,

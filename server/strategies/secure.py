@@ -245,6 +245,21 @@ class SecureFedAvg(VesaliusFedAvg):
             population_size=population))
         self.releases += 1
 
+    def restore(self, releases: int) -> None:
+        """Compose the hospital-level DP releases of an interrupted run (resume).
+
+        Without amplification by sampling a release's cost does not depend on how many
+        hospitals were summed, so each is composed at the full population.
+        """
+        if self._accounting is None:
+            return
+        population = self._accounting.config.population_size
+        for _ in range(releases):
+            self._accounting.compose(GaussianPrivacyEvent(
+                noise_multiplier=self.dp_noise, sample_size=population,
+                population_size=population))
+        self.releases += releases
+
     def spent(self) -> SecureHospitalDP:
         """Hospital-level epsilon so far (``report.json["privacy"]["hospital_level"]``)."""
         eps = (self._accounting.get_epsilon(self.dp_delta)
