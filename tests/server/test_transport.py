@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -416,3 +417,54 @@ def test_fedavg_aggregates_the_same_model_packed_and_stock() -> None:
         assert packed[name].dtype == stock[name].dtype
         assert packed[name].tobytes() == stock[name].tobytes(), name
     assert not np.array_equal(stock["conv.bias"], _model(seed=3)["conv.bias"].numpy())
+
+
+# --- a real simulation, packed and stock ----------------------------------------------------
+
+@pytest.mark.slow
+def test_a_simulated_run_aggregates_the_same_model_packed_and_stock(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Non-private plan, fixed seed, two hospitals (a sum of two replies does not depend on
+    their order): the checkpoints of every round are equal bit for bit."""
+    import torch
+
+    import server.transport as transport
+    from client.dicom.synth import synthesize_federation
+    from common.config import NodeConfig, RunConfig, TrainPlan
+    from server.simulation import run_simulation
+
+    # Prepare
+    synthesize_federation(tmp_path / "data", n_sites=2, patients_per_site=24,
+                          images_per_patient=(1, 2), image_size=16, seed=9)
+    packed_calls: list[int] = []
+    real_pack = transport.pack_content
+
+    def counting_pack(*args: object, **kwargs: object) -> RecordDict:
+        packed_calls.append(1)
+        return real_pack(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(transport, "pack_content", counting_pack)
+
+    def run(name: str, mode: str) -> dict[str, torch.Tensor]:
+        monkeypatch.setenv(ENV_TRANSPORT, mode)
+        plan = TrainPlan(num_rounds=2, batch_size=8, private=False, image_size=16, seed=4,
+                         run_id=f"transport-{name}")
+        config = RunConfig(plan=plan, out_dir=str(tmp_path / name), min_nodes=2)
+        nodes = [NodeConfig(data_dir=tmp_path / "data" / f"site-{i}", site_name=f"site-{i}",
+                            allow_non_private=True, device="cpu", min_release_count=1,
+                            ledger_dir=tmp_path / name / "ledgers" / f"site-{i}")
+                 for i in (1, 2)]
+        report = run_simulation(config, nodes, num_cpus=2)
+        assert report.status == "completed", report.reason
+        return {f"{r}/{key}": value for r in (1, 2) for key, value in torch.load(
+            tmp_path / name / "checkpoints" / f"round-{r}.pt").items()}
+
+    # Execute
+    ours = run("ours", "")
+    calls_ours = len(packed_calls)
+    stock = run("stock", "stock")
+    # Assert
+    assert calls_ours > 0 and len(packed_calls) == calls_ours  # packed only in "ours"
+    assert list(ours) == list(stock)
+    for key in stock:
+        assert torch.equal(ours[key], stock[key]), key
