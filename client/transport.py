@@ -13,16 +13,29 @@ outermost), so every other mod and handler sees ordinary ArrayRecords:
 its ClientApp processes inherit) stops the packing of replies; packed messages are still
 unpacked, so the node never fails on them. A malformed packed record raises
 :class:`common.packing.PackingError`, which the outer mod turns into a safe error reply.
+
+Benchmarks only: with ``VESALIUS_TIMINGS_FILE`` set, the mod appends one JSON line per
+message to that file: the message type and the wall-clock start and end (``time.time()``) of
+the node's own work on it (every inner mod and the handler). Nothing else is written: no
+content, no path, no node setting (``bench/deployment.py`` subtracts this compute from the
+round time).
 """
 
 from __future__ import annotations
+
+import json
+import os
+import time
 
 from flwr.app import Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 
 from common.packing import is_marked, is_packed, pack_content, transport_enabled, unpack_content
 
-__all__ = ["transport_mod"]
+__all__ = ["ENV_TIMINGS", "transport_mod"]
+
+#: Environment variable naming a file to which each message's compute span is appended.
+ENV_TIMINGS = "VESALIUS_TIMINGS_FILE"
 
 
 def _has_packed(msg: Message) -> bool:
@@ -39,7 +52,22 @@ def transport_mod(msg: Message, context: Context, call_next: ClientAppCallable) 
     marked = is_marked(msg.content)
     if marked or _has_packed(msg):
         msg.content = unpack_content(msg.content)
+    start = time.time()
     reply = call_next(msg, context)
+    _record_timing(msg.metadata.message_type, start, time.time())
     if marked and transport_enabled() and reply.has_content():
         reply.content = pack_content(reply.content)
     return reply
+
+
+def _record_timing(message_type: str, start: float, end: float) -> None:
+    """Append the span to :data:`ENV_TIMINGS`'s file, when set (benchmarks; never fails)."""
+    target = os.environ.get(ENV_TIMINGS)
+    if not target:
+        return
+    line = json.dumps({"type": message_type, "start": start, "end": end}) + "\n"
+    try:
+        with open(target, "a", encoding="utf-8") as handle:
+            handle.write(line)
+    except OSError:
+        pass

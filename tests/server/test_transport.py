@@ -468,3 +468,23 @@ def test_a_simulated_run_aggregates_the_same_model_packed_and_stock(
     assert list(ours) == list(stock)
     for key in stock:
         assert torch.equal(ours[key], stock[key]), key
+
+
+def test_mod_records_compute_spans_only_when_asked(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    from client.transport import ENV_TIMINGS
+
+    monkeypatch.delenv(ENV_TIMINGS, raising=False)
+    transport_mod(incoming(_content(), "train", node_id=1), node_context({}, node_id=1),
+                  _echo_train)
+    target = tmp_path / "timings.jsonl"
+    assert not target.exists()
+    monkeypatch.setenv(ENV_TIMINGS, str(target))
+    for node in (1, 2):
+        transport_mod(incoming(pack_content(_content(), mark=True), "train", node_id=node),
+                      node_context({}, node_id=node), _echo_train)
+    rows = [json.loads(line) for line in target.read_text().splitlines()]
+    assert [r["type"] for r in rows] == ["train", "train"]
+    assert all(set(r) == {"type", "start", "end"} and r["end"] >= r["start"] for r in rows)
