@@ -3,21 +3,42 @@
 Phases: validate every option (a usage error, exit 2, names the option and never a path);
 check the data folder with the rules of ``vesalius node check`` (exit 4 with the reasons);
 probe the coordinator until it answers, saying why it does not (exit 8 when giving up,
-see :mod:`cli.supernode`); then run Flower's ``flower-supernode`` as a supervised child until
-it stops or this process is asked to stop.
+see :mod:`cli.supernode`); then run Flower's SuperNode as a supervised child until it stops
+or this process is asked to stop.
+
+Process model (``--worker``):
+
+``warm`` (default)
+    ``flower-supernode --isolation process`` (through :mod:`client.warm_worker.supernode`, its
+    idle sleeps capped at ``--poll-interval``) plus the warm worker
+    (:mod:`client.warm_worker`), which imports torch and the ClientApp once and serves every
+    message from a fork of itself. The two share a random SuperExec secret (a file readable by
+    this user only, deleted at the end) and the Runtime API listens on 127.0.0.1 only. A
+    crashed worker is restarted with a visible line; the SuperNode keeps its connection.
+``per-message``
+    Flower's stock behaviour: a fresh ``flwr-clientapp`` process for every message.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import secrets
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import click
 import typer
 
 from cli.console import err_console
 from cli.flower import executable, flower_env, toml_value
 from cli.node_check import inspect_data, require_data_folder, task_names
 from cli.options import LazyChoice
+from cli.node_processes import Child, WorkerOutput
 from cli.supernode import FlowerOutput, parse_address, probe, supervise, wait_for_coordinator
 from common import messages as k
 from common.errors import DataError
@@ -56,6 +77,42 @@ def _existing_file(path: Path | None, option: str) -> Path | None:
         raise typer.BadParameter(f"the {option} file does not exist or is not a file",
                                  param_hint=f"'{option}'")
     return resolved
+
+
+WORKER_MODES = ("warm", "per-message")
+DEFAULT_POLL_S = 0.2
+
+
+def _poll_interval(value: float) -> float:
+    if not math.isfinite(value) or not 0.01 <= value <= 3:
+        raise typer.BadParameter("must be a number of seconds between 0.01 and 3 (e.g. 0.2)")
+    return value
+
+
+@contextmanager
+def _superexec_secret() -> Iterator[Path]:
+    """A random shared secret for the SuperNode and the worker, in a private file."""
+    folder = Path(tempfile.mkdtemp(prefix="vesalius-node-"))  # mode 0700
+    secret = folder / "superexec.secret"
+    try:
+        fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(secrets.token_bytes(32))
+        yield secret
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _warm_commands(supernode_args: list[str], *, port: int, secret: Path
+                   ) -> tuple[list[str], list[str]]:
+    """The SuperNode (capped sleeps, process isolation) and the warm worker command lines."""
+    supernode = [sys.executable, "-m", "client.warm_worker.supernode", *supernode_args,
+                 "--isolation", "process", "--host", "127.0.0.1",
+                 "--superexec-auth-secret-file", str(secret)]
+    worker = [sys.executable, "-m", "client.warm_worker",
+              "--runtime-api-address", f"127.0.0.1:{port}", "--insecure",
+              "--superexec-auth-secret-file", str(secret), "--parent-pid", str(os.getpid())]
+    return supernode, worker
 
 
 def _check_data(root: Path, *, allow_identified: bool, task: str = "binary",
@@ -127,6 +184,16 @@ def start(
         0, "--max-attempts", min=0,
         help="Give up after this many failed attempts to reach the coordinator (0 = never).",
     ),
+    worker: str = typer.Option(
+        "warm", "--worker", click_type=click.Choice(WORKER_MODES),
+        help="warm: one long-lived process serves every message (torch imported once); "
+        "per-message: Flower's stock fresh process per message.",
+    ),
+    poll_interval: float = typer.Option(
+        DEFAULT_POLL_S, "--poll-interval", callback=_poll_interval,
+        help="Warm worker only: longest idle wait of the SuperNode between two requests for "
+        "work, in seconds (0.01-3; Flower's stock wait is 3).",
+    ),
 ) -> None:
     """Start this hospital's Flower SuperNode with its own node config (runs until stopped)."""
     root = require_data_folder(data)
@@ -169,22 +236,32 @@ def start(
     attempt = wait_for_coordinator(superlink, ca_file=ca_file, max_attempts=max_attempts, say=_say)
     if attempt > 1:
         _say(f"attempt {attempt}: the coordinator at {superlink} answers")
-    cmd = [
-        executable("flower-supernode"),
+    args = [
         "--superlink", superlink,
         "--port", str(port),
         "--node-config", " ".join(f"{key}={toml_value(v)}" for key, v in node_config.items()),
     ]
-    cmd += ["--insecure"] if ca_file is None else ["--root-certificates", str(ca_file)]
+    args += ["--insecure"] if ca_file is None else ["--root-certificates", str(ca_file)]
     if auth_key is not None:
-        cmd += ["--auth-supernode-private-key", str(auth_key)]
+        args += ["--auth-supernode-private-key", str(auth_key)]
     if max_attempts > 0:
-        cmd += ["--max-retries", str(max_attempts - 1)]
+        args += ["--max-retries", str(max_attempts - 1)]
     home = flwr_home.expanduser().resolve() if flwr_home is not None else None
-    _say(f"starting SuperNode '{site_name}' -> {superlink} (cap epsilon={epsilon_cap:g})")
+    env = flower_env(home)
+    _say(f"starting SuperNode '{site_name}' -> {superlink} (cap epsilon={epsilon_cap:g}, "
+         f"{worker} worker)")
     host, link_port = parse_address(superlink)
     output = FlowerOutput(superlink, lambda: probe(host, link_port, ca_file=ca_file, timeout=3.0))
-    code = supervise(cmd, flower_env(home), output=output, say=_say)
+    if worker == "per-message":
+        code = supervise([executable("flower-supernode"), *args], env, output=output, say=_say)
+    else:
+        from client.warm_worker.supernode import SLEEP_CAP_ENV
+
+        env[SLEEP_CAP_ENV] = repr(poll_interval)
+        with _superexec_secret() as secret:
+            supernode_cmd, worker_cmd = _warm_commands(args, port=port, secret=secret)
+            code = supervise(supernode_cmd, env, output=output, say=_say, helpers=[
+                Child("the warm worker", worker_cmd, WorkerOutput(), restart=True)])
     if code != 0:
         _say(f"the SuperNode stopped with exit status {code}; see its messages above")
         raise typer.Exit(1)

@@ -8,11 +8,17 @@ therefore:
    then, with TLS, a handshake against the ``--root-certificates`` CA with the host name
    checked), classifies a failure (:class:`LinkProblem`) and retries with exponential back-off
    and a visible attempt count (:func:`wait_for_coordinator`);
-2. runs ``flower-supernode`` as a supervised child (:func:`supervise`): SIGINT/SIGTERM are
-   forwarded to it, its output is read line by line, Flower's retry lines become the same
-   classified, counted sentence (:class:`FlowerOutput`), an authentication refusal is
-   recognised, every other line is shown once (through :func:`common.logsafe.redact`) and a
-   traceback of the child is reduced to one line.
+2. runs ``flower-supernode`` as a supervised child (:func:`supervise`, with the warm worker
+   beside it when there is one: :mod:`cli.node_processes`): SIGINT/SIGTERM are forwarded to
+   it, its output is read line by line, Flower's retry lines become the same classified,
+   counted sentence (:class:`FlowerOutput`), an authentication refusal is recognised, every
+   other line is shown once (through :func:`common.logsafe.redact`) and a traceback of the
+   child is reduced to one line;
+3. once the node has joined, a dropped connection (a network cut, the SuperLink restarting)
+   is one line, ``lost the connection ...; the node reconnects by itself``, and its end
+   another, ``reconnected to the coordinator ... after N s``: Flower's SuperNode retries by
+   itself with exponential back-off (at most 20 s between tries in flwr 1.42), so nothing is
+   restarted and each retry is not shown.
 
 The coordinator's address, which the operator typed, may be shown; file paths never are.
 """
@@ -20,20 +26,15 @@ The coordinator's address, which the operator typed, may be shown; file paths ne
 from __future__ import annotations
 
 import errno
-import os
-import queue
 import re
-import signal
 import socket
 import ssl
-import subprocess
-import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 
+from cli.node_processes import Child, supervise_children
 from common.errors import ConnectionProblem
 from common.logsafe import redact
 
@@ -45,6 +46,11 @@ PROBE_TIMEOUT_S = 5.0
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _FLOWER_RETRY = re.compile(r"Connection attempt failed, retrying in ([0-9.]+) seconds")
+_FLOWER_SUCCESS = re.compile(r"Connection successful after ([0-9.]+) seconds")
+_FLOWER_NODE_ID = re.compile(r"SuperNode ID: \d+")
+#: Flower lines that say nothing the operator can act on (the warm worker's shared secret is
+#: set by ``vesalius node start`` itself).
+_FLOWER_QUIET = re.compile(r"SuperExec authentication is experimental")
 
 
 @dataclass(frozen=True)
@@ -285,6 +291,9 @@ class FlowerOutput:
         self.diagnose = diagnose
         self.attempts = 0
         self.problem: LinkProblem | None = None
+        self.connected = False
+        self.cuts = 0
+        self._reconnecting = False
         self._in_traceback = False
         self._gave_up = False
 
@@ -301,19 +310,26 @@ class FlowerOutput:
         if text.startswith("Traceback (most recent call last)"):
             self._in_traceback = True
             return None
-        if not text:
+        if not text or _FLOWER_QUIET.search(text):
             return None
         if "Giving up reconnection" in text or "Exit Code:" in text:
             self._gave_up = True
         retry = _FLOWER_RETRY.search(text)
         if retry is not None and self._gave_up:
             return None  # a helper (SuperExec) retrying its local link to the ended SuperNode
+        if retry is not None and self.connected:
+            return self._dropped()
         if retry is not None:
             self.attempts += 1
             problem = self.diagnose() or _unreachable("the connection dropped")
             self.problem = problem
             return (f"{problem.sentence(self.address, self.attempts)}; "
                     f"retrying in {float(retry.group(1)):.1f} s")
+        if _FLOWER_NODE_ID.search(text):
+            self.connected = True
+        success = _FLOWER_SUCCESS.search(text)
+        if success is not None:
+            return self._reconnected(float(success.group(1)))
         recognised = classify_text(text)
         if recognised is not None and recognised.kind in ("auth", "tls"):
             self.problem = recognised
@@ -322,12 +338,22 @@ class FlowerOutput:
             self.problem = recognised
         return redact(text)
 
+    def _dropped(self) -> str | None:
+        """A retry after the node had joined: one line per cut, then quiet until it is back."""
+        if self._reconnecting:
+            return None
+        self._reconnecting = True
+        self.cuts += 1
+        problem = self.diagnose() or _unreachable("the connection dropped")
+        return (f"lost the connection to the coordinator at {self.address} ({problem.cause}); "
+                "the node reconnects by itself")
 
-def _stop_group(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
+    def _reconnected(self, after_s: float) -> str:
+        if self._reconnecting:
+            self._reconnecting = False
+            return f"reconnected to the coordinator at {self.address} after {after_s:.0f} s"
+        self.problem = None
+        return f"attempt {self.attempts + 1}: the coordinator at {self.address} answers"
 
 
 def supervise(
@@ -337,73 +363,28 @@ def supervise(
     output: FlowerOutput,
     say: Say,
     grace_s: float = 5.0,
+    helpers: Sequence[Child] = (),
 ) -> int:
-    """Run ``cmd`` as a child, forward SIGINT/SIGTERM to it, show its translated output.
+    """Run the SuperNode ``cmd`` (and ``helpers``) as children until it ends or we are stopped.
 
-    The child runs in its own process group with its helpers (Flower's SuperExec and
-    ClientApp processes): a signal to this process is forwarded once to the whole group,
-    and helpers still running when the SuperNode itself has ended are stopped.
+    The SuperNode runs in its own process group with its helpers (Flower's SuperExec and
+    ClientApp processes); other ``helpers`` (the warm worker) run beside it in theirs, and are
+    restarted when they end unasked (:func:`cli.node_processes.supervise_children`). A signal to
+    this process is forwarded once to every group, and helpers still running when the
+    SuperNode itself has ended are stopped.
 
     Returns
     -------
     int
-        The child's exit status; 0 when it stopped because this process was asked to stop.
+        The SuperNode's exit status; 0 when it stopped because this process was asked to stop.
 
     Raises
     ------
     ConnectionProblem
-        The child ended after a recognised connection, TLS or authentication failure.
+        The SuperNode ended after a recognised connection, TLS or authentication failure.
     """
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, encoding="utf-8", errors="replace", bufsize=1,
-                            start_new_session=True)
-    lines: queue.Queue[str | None] = queue.Queue()
-
-    def pump() -> None:
-        assert proc.stdout is not None
-        for raw in proc.stdout:
-            lines.put(raw)
-        lines.put(None)
-
-    threading.Thread(target=pump, daemon=True).start()
-    stopping = False
-
-    def forward(signum: int, _frame: FrameType | None) -> None:
-        nonlocal stopping
-        stopping = True
-        _stop_group(proc.pid, signum)
-
-    previous = {}
-    if threading.current_thread() is threading.main_thread():
-        previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        deadline: float | None = None
-        while True:
-            if deadline is None and proc.poll() is not None:
-                deadline = time.monotonic() + 1.0  # the last lines still in the pipe
-            try:
-                raw = lines.get(timeout=0.2)
-            except queue.Empty:
-                if deadline is not None and time.monotonic() > deadline:
-                    break
-                continue
-            if raw is None:
-                break
-            shown = output.line(raw)
-            if shown is not None:
-                say(shown)
-        code = proc.wait()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        if proc.poll() is None:
-            _stop_group(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=grace_s)
-            except subprocess.TimeoutExpired:
-                _stop_group(proc.pid, signal.SIGKILL)
-                proc.wait()
-        _stop_group(proc.pid, signal.SIGTERM)  # helpers that outlived the SuperNode
+    code, stopping = supervise_children(Child("the SuperNode", cmd, output), helpers, env,
+                                        say=say, grace_s=grace_s)
     if stopping:
         return 0
     if code != 0 and output.problem is not None:

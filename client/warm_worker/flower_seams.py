@@ -1,0 +1,139 @@
+"""Every Flower 1.42 internal the warm worker relies on, in one place.
+
+Flower has no public hook for "run ClientApp tasks in a process I keep warm", so the warm worker
+uses four internals; each is named here and pinned by ``tests/cli/test_warm_worker_seams.py``
+(which fails loudly when ``flwr`` is not 1.42.0 or a signature changed):
+
+- :func:`run_superexec` (``flwr.supercore.superexec.run_superexec``), the loop behind the
+  ``flower-superexec`` entry point, which looks up its executor through the module-level name
+  ``get_executor`` (:func:`inject_executor` replaces it for this process only);
+- :func:`run_clientapp` (``flwr.supernode.runtime.run_clientapp``), the function behind the
+  ``flwr-clientapp`` entry point;
+- Flower's registry of exit handlers (``flwr.supercore.exit.exit_handler``), which a forked
+  child inherits from the worker and must forget (:func:`forget_inherited_exit_handlers`);
+- the module ``flwr.supernode.start_client_internal``, whose main loop sleeps 3 s after an
+  empty pull and 0.5 s between checks for a reply, through its module-level ``time``
+  (:func:`cap_supernode_sleeps`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from types import ModuleType
+from typing import Any
+
+import flwr
+
+#: The Flower release these seams were read from; anything else is refused.
+PINNED_FLWR = "1.42.0"
+#: Environment variable Flower's SuperExec loop reads for its task poll interval (seconds).
+TASK_POLL_INTERVAL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
+
+
+class FlowerVersionError(RuntimeError):
+    """The installed Flower is not the release the warm worker was built against."""
+
+
+def require_pinned_flower() -> None:
+    """Refuse to touch Flower's internals on any release but :data:`PINNED_FLWR`.
+
+    Raises
+    ------
+    FlowerVersionError
+        Another Flower release is installed.
+    """
+    if flwr.__version__ != PINNED_FLWR:
+        raise FlowerVersionError(
+            f"the warm worker supports flwr {PINNED_FLWR} only (found {flwr.__version__}); "
+            "reinstall Vesalius's pinned dependencies or start the node with --worker per-message")
+
+
+def run_superexec(**kwargs: Any) -> None:
+    """Flower's SuperExec loop (keyword arguments as ``run_superexec`` in flwr 1.42)."""
+    from flwr.supercore.superexec import run_superexec as module
+
+    module.run_superexec(**kwargs)
+
+
+@contextmanager
+def inject_executor(executor: object) -> Iterator[None]:
+    """Make Flower's SuperExec loop in this process use ``executor`` for every task."""
+    from flwr.supercore.superexec import run_superexec as module
+
+    original = module.get_executor
+
+    def get_executor(*_args: object, **_kwargs: object) -> object:
+        return executor
+
+    module.get_executor = get_executor  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        module.get_executor = original
+
+
+def run_clientapp(**kwargs: Any) -> None:
+    """Flower's ClientApp task runner (``flwr-clientapp``'s function); ends with ``SystemExit``."""
+    from flwr.supernode.runtime.run_clientapp import run_clientapp as run
+
+    run(**kwargs)
+
+
+def resolve_root_certificates(path: str | None, insecure: bool) -> bytes | None:
+    """The CA bytes for the Runtime API, read the way ``flwr-clientapp`` reads them."""
+    from flwr.supercore.tls import validate_and_resolve_root_certificates
+
+    return validate_and_resolve_root_certificates(path, insecure)
+
+
+def forget_inherited_exit_handlers() -> None:
+    """Drop the exit handlers a forked child inherited from the worker.
+
+    Flower's ``flwr_exit`` runs every registered handler; in a child those would be the
+    worker's (close its Runtime API client, stop its executor, hence its sibling tasks).
+    """
+    from flwr.supercore.exit import exit_handler
+
+    with exit_handler._lock_handlers:  # noqa: SLF001 - pinned internal, see module docstring
+        exit_handler.registered_exit_handlers.clear()
+
+
+class CappedTime:
+    """Stand-in for the ``time`` module whose :meth:`sleep` never waits longer than a cap.
+
+    Parameters
+    ----------
+    cap_s : float
+        Longest single sleep, in seconds (> 0).
+    clock : ModuleType
+        The module delegated to (the real ``time``).
+    """
+
+    def __init__(self, cap_s: float, clock: ModuleType = time) -> None:
+        if not cap_s > 0:
+            raise ValueError("the sleep cap must be a positive number of seconds")
+        self.cap_s = cap_s
+        self._clock = clock
+        self.sleep_fn: Callable[[float], None] = clock.sleep
+
+    def sleep(self, seconds: float) -> None:
+        """Sleep ``min(seconds, cap_s)``."""
+        self.sleep_fn(min(float(seconds), self.cap_s))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._clock, name)
+
+
+def cap_supernode_sleeps(cap_s: float) -> CappedTime:
+    """Cap the SuperNode main loop's idle sleeps (3 s and 0.5 s in flwr 1.42) at ``cap_s``.
+
+    Only ``flwr.supernode.start_client_internal`` sees the capped clock; everything else in
+    the process (retry back-offs included) keeps the real one.
+    """
+    from flwr.supernode import start_client_internal as module
+
+    capped = CappedTime(cap_s, time)
+    module.time = capped  # type: ignore[assignment]
+    return capped

@@ -1,0 +1,142 @@
+"""The Flower 1.42 internals the warm worker relies on, pinned (:mod:`client.warm_worker.flower_seams`).
+
+Each test fails loudly when Flower changes what the warm worker needs: the release, the
+signatures of the two entry-point functions it calls, the module-level names it replaces,
+the executor protocol it implements and the hard-coded sleeps it caps.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import time
+from dataclasses import fields
+
+import flwr
+import pytest
+
+from client.warm_worker import flower_seams
+from client.warm_worker.flower_seams import CappedTime
+
+
+def test_flower_is_the_pinned_release() -> None:
+    # Assert: a new Flower needs these seams re-read before the warm worker may run on it
+    assert flwr.__version__ == flower_seams.PINNED_FLWR == "1.42.0"
+    flower_seams.require_pinned_flower()
+
+
+def test_refuses_another_flower_release(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare
+    monkeypatch.setattr(flwr, "__version__", "1.43.0")
+    # Execute / Assert
+    with pytest.raises(flower_seams.FlowerVersionError, match="--worker per-message"):
+        flower_seams.require_pinned_flower()
+
+
+def test_run_superexec_signature_and_executor_lookup() -> None:
+    # Prepare
+    from flwr.supercore.superexec import run_superexec as module
+
+    # Assert: the keyword arguments the worker passes, and the module-level name it replaces
+    params = inspect.signature(module.run_superexec).parameters
+    for name in ("runtime_api_address", "insecure", "root_certificates_path",
+                 "superexec_auth_secret", "parent_pid", "runtime_dependency_install"):
+        assert name in params, name
+    assert "get_executor(" in inspect.getsource(module.run_superexec)
+    assert module._TASK_POLL_INTERVAL_ENV == flower_seams.TASK_POLL_INTERVAL_ENV
+
+
+def test_inject_executor_replaces_and_restores_the_lookup() -> None:
+    # Prepare
+    from flwr.supercore.superexec import run_superexec as module
+
+    original = module.get_executor
+    mine = object()
+    # Execute
+    with flower_seams.inject_executor(mine):
+        got = module.get_executor("subprocess", executor_config=None)
+    # Assert
+    assert got is mine
+    assert module.get_executor is original
+
+
+def test_run_clientapp_signature_and_entry_point() -> None:
+    # Prepare
+    from flwr.supernode.runtime.run_clientapp import run_clientapp
+
+    entry = importlib.import_module("flwr.supernode.cli.flwr_clientapp")
+
+    # Assert: the same function the `flwr-clientapp` executable calls, with these keywords
+    assert entry.run_clientapp is run_clientapp
+    assert list(inspect.signature(run_clientapp).parameters) == [
+        "runtime_api_address", "token", "insecure", "certificates", "parent_pid",
+        "runtime_dependency_install"]
+    assert "flwr_exit(" in inspect.getsource(run_clientapp)  # ends with SystemExit
+
+
+def test_executor_protocol_and_execution_spec() -> None:
+    # Prepare
+    from flwr.supercore.superexec.executor import ExecutionSpec, Executor
+
+    from client.warm_worker.fork_executor import ForkExecutor
+
+    # Assert: ForkExecutor has every method of Flower's protocol; the spec fields it reads exist
+    protocol = {n for n, _ in inspect.getmembers(Executor, inspect.isfunction) if not n.startswith("_")}
+    assert protocol == {"get_eligible_capacity", "wait_for_capacity", "launch", "reconcile", "close"}
+    assert all(callable(getattr(ForkExecutor, name)) for name in protocol)
+    names = {f.name for f in fields(ExecutionSpec)}
+    assert {"task_type", "runtime_api_address", "token", "insecure", "root_certificates_path",
+            "parent_pid", "task_id"} <= names
+
+
+def test_forget_inherited_exit_handlers_empties_flowers_registry() -> None:
+    # Prepare
+    from flwr.supercore.exit import exit_handler
+
+    saved = list(exit_handler.registered_exit_handlers)
+    exit_handler.add_exit_handler(lambda: None)
+    try:
+        # Execute
+        flower_seams.forget_inherited_exit_handlers()
+        # Assert
+        assert exit_handler.registered_exit_handlers == []
+    finally:
+        exit_handler.registered_exit_handlers[:] = saved
+
+
+def test_supernode_loop_sleeps_through_its_module_time() -> None:
+    # Prepare
+    from flwr.supernode import start_client_internal as module
+
+    source = inspect.getsource(module)
+    # Assert: the two hard-coded waits the cap is for, reached through `module.time`
+    assert "time.sleep(3)" in inspect.getsource(module.start_client_internal)
+    assert "time.sleep(0.5)" in inspect.getsource(module._push_messages)
+    assert "\nimport time\n" in source and "from time import" not in source
+
+
+def test_capped_time_caps_sleep_and_delegates_the_rest() -> None:
+    # Prepare
+    slept: list[float] = []
+    capped = CappedTime(0.2)
+    capped.sleep_fn = slept.append
+    # Execute
+    capped.sleep(3)
+    capped.sleep(0.05)
+    # Assert
+    assert slept == [0.2, 0.05]
+    assert capped.monotonic is time.monotonic and capped.time is time.time
+    with pytest.raises(ValueError, match="positive"):
+        CappedTime(0)
+
+
+def test_cap_supernode_sleeps_patches_that_module_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare
+    from flwr.supernode import start_client_internal as module
+
+    monkeypatch.setattr(module, "time", module.time)  # restored after the test
+    # Execute
+    capped = flower_seams.cap_supernode_sleeps(0.1)
+    # Assert
+    assert module.time is capped and capped.cap_s == 0.1
+    assert time.sleep is not capped.sleep  # the rest of the process keeps the real clock
