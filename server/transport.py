@@ -28,6 +28,8 @@ messages straight to handlers, without the node's mods, keep the grid of before.
 from __future__ import annotations
 
 import copy
+import json
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -35,10 +37,20 @@ from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
 from common.packing import ENV_TRANSPORT, pack_content, transport_enabled, unpack_content
-from server.progress import ProgressCallback, ProgressGrid, _phase_of, track_progress
+from server.progress import (
+    DelegatingGrid,
+    ProgressCallback,
+    ProgressGrid,
+    _phase_of,
+    track_progress,
+)
 
-__all__ = ["ENV_TRANSPORT", "PollSchedule", "TransportGrid", "transport_enabled",
-           "with_transport"]
+__all__ = ["ENV_TIMINGS", "ENV_TRANSPORT", "PollSchedule", "TimedGrid", "TransportGrid",
+           "transport_enabled", "with_transport"]
+
+#: Benchmarks only: a file to which every ``send_and_receive`` appends its span (phase,
+#: round, wall-clock start and end), in stock and packed mode alike (``bench/deployment.py``).
+ENV_TIMINGS = "VESALIUS_TIMINGS_FILE"
 
 @dataclass(frozen=True)
 class PollSchedule:
@@ -152,6 +164,32 @@ class TransportGrid(ProgressGrid):
         return Message(content=done[key], metadata=copy.copy(msg.metadata))
 
 
+class TimedGrid(DelegatingGrid):
+    """Appends one JSON line per ``send_and_receive`` to ``path``: ``{"type": "server",
+    "phase", "round", "start", "end"}`` (phase names of :mod:`server.progress`; nothing that
+    a node sent). A write that fails is ignored."""
+
+    def __init__(self, inner: Grid, path: str) -> None:
+        super().__init__(inner)
+        self._path = path
+
+    def send_and_receive(self, messages: Iterable[Message], *,
+                         timeout: float | None = None) -> Iterable[Message]:
+        """Delegate, and record when the phase started and when its replies were in."""
+        batch = list(messages)
+        phase, server_round = _phase_of(batch[0]) if batch else ("", 0)
+        start = time.time()
+        replies = list(self._inner.send_and_receive(batch, timeout=timeout))
+        line = json.dumps({"type": "server", "phase": phase, "round": server_round,
+                           "start": start, "end": time.time()})
+        try:
+            with open(self._path, "a", encoding="utf-8") as handle:
+                handle.write(line + "\n")
+        except OSError:
+            pass
+        return replies
+
+
 def _crosses_processes(grid: Grid) -> bool:
     """Whether ``grid`` is one of Flower's own grids (``HttpGrid`` in deployment,
     ``InMemoryGrid`` in simulation), whose messages reach the nodes' ClientApps through
@@ -164,9 +202,13 @@ def with_transport(grid: Grid, on_progress: ProgressCallback | None) -> Grid:
 
     With ``VESALIUS_TRANSPORT=stock``, or for a grid that is not one of Flower's (see
     :func:`_crosses_processes`), the grid of before: :func:`server.progress.track_progress`.
+    With ``VESALIUS_TIMINGS_FILE`` set (benchmarks), a :class:`TimedGrid` wraps either.
     """
-    if isinstance(grid, TransportGrid):
+    if isinstance(grid, (TransportGrid, TimedGrid)):
         return grid
     if not transport_enabled() or not _crosses_processes(grid):
-        return track_progress(grid, on_progress)
-    return TransportGrid(grid, on_progress)
+        wrapped = track_progress(grid, on_progress)
+    else:
+        wrapped = TransportGrid(grid, on_progress)
+    timings = os.environ.get(ENV_TIMINGS)
+    return TimedGrid(wrapped, timings) if timings else wrapped

@@ -488,3 +488,25 @@ def test_mod_records_compute_spans_only_when_asked(tmp_path: Path,
     rows = [json.loads(line) for line in target.read_text().splitlines()]
     assert [r["type"] for r in rows] == ["train", "train"]
     assert all(set(r) == {"type", "start", "end"} and r["end"] >= r["start"] for r in rows)
+
+
+def test_timed_grid_records_each_phase_in_either_mode(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    from server.transport import ENV_TIMINGS, TimedGrid
+
+    target = tmp_path / "server.jsonl"
+    monkeypatch.setenv(ENV_TIMINGS, str(target))
+    for mode in ("", "stock"):
+        monkeypatch.setenv(ENV_TRANSPORT, mode)
+        grid = with_transport(_flower_grid(), None)  # type: ignore[arg-type]
+        assert isinstance(grid, TimedGrid)
+        fake = NodesGrid(_echo_train)
+        timed = TimedGrid(fake, str(target))  # type: ignore[arg-type]
+        assert len(list(timed.send_and_receive(_train_messages(fake, _content(3)), timeout=5))) == 3
+    rows = [json.loads(line) for line in target.read_text().splitlines()]
+    server = [r for r in rows if r["type"] == "server"]
+    assert [(r["phase"], r["round"]) for r in server] == [("train", 3)] * 2
+    assert all(r["end"] >= r["start"] for r in rows)
+    assert [r["type"] for r in rows if r["type"] != "server"] == ["train"] * 6  # the nodes'
