@@ -179,7 +179,8 @@ class RunReport:
             rows.append(
                 {
                     "site": label,
-                    "num_examples": int(m.get(k.NUM_EXAMPLES, 0)),
+                    # None: hidden from the coordinator by secure aggregation
+                    "num_examples": (int(m[k.NUM_EXAMPLES]) if k.NUM_EXAMPLES in m else None),
                     "epsilon": _clean(m.get(k.EPSILON, math.inf)),
                     "epsilon_prv": _clean(m.get(k.EPSILON_PRV, math.nan)),
                     "epsilon_dataset": _clean(m.get(k.EPSILON_DATASET, math.nan)),
@@ -290,7 +291,8 @@ class RunReport:
         for row in self.sites():
             eps, delta = row["epsilon"], row["delta"]
             lines.append(
-                f"{row['site']:<12}  {row['num_examples']:>8}  "
+                f"{row['site']:<12}  "
+                f"{'hidden' if row['num_examples'] is None else row['num_examples']:>8}  "
                 f"{'none' if eps is None else format(eps, '7.3f')}  "
                 f"{'-' if delta is None else format(delta, '.1e')}"
             )
