@@ -251,15 +251,16 @@ def masked_reply(msg: Message, reply: Message, context: Context) -> Message:
 
 
 def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """Client mod: mask the reply of a train or evaluate message that names a session.
+    """Client mod: mask the reply of a train, evaluate or statistics query naming a session.
 
     Place it inside :func:`client.mods.sanitize_errors_mod` (which turns its refusals into
     safe error replies). Messages without a session pass through unchanged.
     """
     reply = call_next(msg, context)
     config = msg.content.get(k.CONFIG)
-    if (msg.metadata.message_type not in (MessageType.TRAIN, MessageType.EVALUATE)
+    if (msg.metadata.message_type not in (MessageType.TRAIN, MessageType.EVALUATE,
+                                          MessageType.QUERY)
             or not isinstance(config, ConfigRecord) or k.SECAGG_SESSION not in config
-            or reply.has_error()):
+            or k.SECAGG_STAGE in config or reply.has_error()):
         return reply
     return masked_reply(msg, reply, context)

@@ -18,11 +18,13 @@ which stage and who dropped; nothing about any node's vector is learned then.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+import secrets
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import numpy as np
-from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from common import messages as k
@@ -32,7 +34,7 @@ from common.secagg.masking import unmask
 from common.secagg.params import threshold as secagg_threshold
 from server.strategies.fedavg import site_of_error
 
-__all__ = ["SecAggSession"]
+__all__ = ["SecAggSession", "SecureSum", "masked_vectors", "secure_sum"]
 
 log = logging.getLogger(__name__)
 
@@ -176,3 +178,73 @@ class SecAggSession:
                      survivor_publics={n: self.keys[n][1] for n in u3}, session=self.session)
         self.record.update(status="ok", survivors=len(u3))
         return out
+
+
+def masked_vectors(replies: Iterable[Message], layout: Layout) -> dict[int, np.ndarray]:
+    """Node id -> its masked vector, for the replies that carry one of the layout's length."""
+    out = {}
+    for msg in replies:
+        record = None if msg.has_error() else msg.content.get(k.SECAGG_MASKED)
+        if isinstance(record, ArrayRecord) and k.SECAGG_VECTOR in record:
+            vector = record[k.SECAGG_VECTOR].numpy()
+            if vector.dtype == np.uint64 and vector.shape == (layout.length,):
+                out[int(msg.metadata.src_node_id)] = vector
+    return out
+
+
+def with_session(messages: Iterable[Message], session: SecAggSession, layout: Layout
+                 ) -> list[Message]:
+    """Copies of ``messages`` to the session's nodes, their config extended with the session.
+
+    Flower's strategies share one RecordDict between the messages of a round: each copy gets
+    its own content and config.
+    """
+    out = []
+    for msg in messages:
+        node = int(msg.metadata.dst_node_id)
+        if node not in session.u2:
+            continue
+        config = ConfigRecord({**dict(cast(ConfigRecord, msg.content[k.CONFIG])),
+                               **session.input_config(layout)})
+        content = RecordDict({key: value for key, value in msg.content.items()
+                              if key != k.CONFIG})
+        content[k.CONFIG] = config
+        out.append(Message(content=content, message_type=msg.metadata.message_type,
+                           dst_node_id=node))
+    return out
+
+
+@dataclass
+class SecureSum:
+    """What :func:`secure_sum` learned: the sums (None when abandoned) and how it went."""
+
+    sums: dict[str, np.ndarray] | None
+    contributors: int
+    record: dict[str, Any]
+    replies: list[Message] = field(default_factory=list)
+
+
+def secure_sum(grid: Grid, messages: Sequence[Message], *, int_keys: Sequence[str],
+               int_lengths: Sequence[int], min_survivors: int = 0, timeout: float = 600.0
+               ) -> SecureSum:
+    """Ask ``messages`` (train, evaluate or statistics queries) and sum integer metrics securely.
+
+    The nodes' replies carry the integer metrics ``int_keys`` (lengths ``int_lengths``:
+    counts, histograms) masked; the coordinator learns only their sum over the survivors,
+    and ``contributors``, how many of them filled all the keys (a node that leaves one out
+    adds zeros). The other metrics of the replies stay as the nodes sent them (``replies``).
+    """
+    nodes = [int(m.metadata.dst_node_id) for m in messages]
+    session = SecAggSession(grid, nodes, f"sum-{secrets.token_hex(6)}",
+                            min_survivors=min_survivors, timeout=timeout)
+    if not session.setup():
+        return SecureSum(None, 0, session.record)
+    layout = Layout.plan(num_nodes=len(session.u2), model_length=0, dp_clip=0.0,
+                         int_keys=int_keys, int_lengths=int_lengths)
+    replies = list(grid.send_and_receive(messages=with_session(messages, session, layout),
+                                         timeout=timeout))
+    total = session.finish(masked_vectors(replies, layout))
+    if total is None:
+        return SecureSum(None, 0, session.record, replies)
+    _, _, sums, contributors = layout.split(total)
+    return SecureSum(sums, contributors, session.record, replies)

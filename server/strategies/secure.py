@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.supercore.privacy_accounting import (
     GaussianPrivacyEvent,
@@ -42,7 +42,7 @@ from common.secagg.layout import Layout
 from common.stats.histogram import DEFAULT_BINS, auc_from_histograms
 from server.strategies.fedavg import VesaliusFedAvg
 from server.strategies.hospital_dp import HospitalDP
-from server.strategies.secagg_session import SecAggSession
+from server.strategies.secagg_session import SecAggSession, masked_vectors, with_session
 
 __all__ = ["SecureFedAvg", "SecureHospitalDP"]
 
@@ -119,18 +119,7 @@ class SecureFedAvg(VesaliusFedAvg):
         layout: Layout = layout_of(len(session.u2))
         self._sessions[(server_round, phase)] = (session, layout)
         self._expected[(server_round, phase)] = list(session.u2)
-        out = []
-        for msg in messages:  # Flower shares one RecordDict between messages: copy it
-            node = int(msg.metadata.dst_node_id)
-            if node not in session.u2:
-                continue
-            config = ConfigRecord({**dict(msg.content[k.CONFIG]), **session.input_config(layout)})
-            content = RecordDict({key: value for key, value in msg.content.items()
-                                  if key != k.CONFIG})
-            content[k.CONFIG] = config
-            out.append(Message(content=content, message_type=msg.metadata.message_type,
-                               dst_node_id=node))
-        return out
+        return with_session(messages, session, layout)
 
     def _known_sites(self) -> dict[int, str]:
         """Site names the nodes gave in earlier rounds (to name a node that drops early)."""
@@ -147,14 +136,7 @@ class SecureFedAvg(VesaliusFedAvg):
         if opened is None:
             return None
         session, layout = opened
-        masked = {}
-        for msg in replies:
-            record = None if msg.has_error() else msg.content.get(k.SECAGG_MASKED)
-            if isinstance(record, ArrayRecord) and k.SECAGG_VECTOR in record:
-                vector = record[k.SECAGG_VECTOR].numpy()
-                if vector.dtype == np.uint64 and vector.shape == (layout.length,):
-                    masked[int(msg.metadata.src_node_id)] = vector
-        total = session.finish(masked)
+        total = session.finish(masked_vectors(replies, layout))
         return None if total is None else (layout, total)
 
     # --- train ------------------------------------------------------------------------------

@@ -61,14 +61,22 @@ def fixed_update_app(updates: Mapping[int, Mapping[str, np.ndarray]], examples: 
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
-        return handle_stage(msg, context, f"h{int(msg.metadata.dst_node_id)}")
+        node = int(msg.metadata.dst_node_id)
+        if k.SECAGG_STAGE in msg.content[k.CONFIG]:
+            return handle_stage(msg, context, f"h{node}")
+        # a statistics query: a confusion table of counts, and the node's patient count
+        counts = [examples[node] % 5, 2, examples[node], 1]
+        return Message(RecordDict({k.METRICS: MetricRecord({k.CONFUSION: counts,
+                                                            k.NUM_EXAMPLES: examples[node]}),
+                                   k.NODE_INFO: info(node)}), reply_to=msg)
 
     return app
 
 
 def stage_of(msg: Message) -> str:
     if msg.metadata.message_type == MessageType.QUERY:
-        return str(msg.content[k.CONFIG][k.SECAGG_STAGE])
+        # a statistics query is the masked input of its session, like a train message
+        return str(msg.content[k.CONFIG].get(k.SECAGG_STAGE, "train"))
     return "train" if msg.metadata.message_type == MessageType.TRAIN else "evaluate"
 
 

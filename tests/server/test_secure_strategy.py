@@ -12,11 +12,12 @@ import math
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
 from common import messages as k
 from common.secagg.encoding import quantisation_bound
 from server.strategies.fedavg import VesaliusFedAvg
+from server.strategies.secagg_session import secure_sum
 from server.strategies.secure import SecureFedAvg
 from tests.server.secagg_fakes import DroppingGrid, arrays_of, fixed_update_app
 
@@ -179,3 +180,31 @@ def test_evaluation_histograms_are_summed_securely() -> None:
     assert k.AUC_POOLED in metrics
     assert all(k.HIST_POSITIVE not in r.content.get(k.METRICS, {}) for r in grid.replies
                if r.metadata.message_type == "evaluate")
+
+
+def _queries() -> list[Message]:
+    content = RecordDict({k.CONFIG: ConfigRecord({"query": "counts"})})
+    return [Message(content=content, message_type=MessageType.QUERY, dst_node_id=n) for n in NODES]
+
+
+@pytest.mark.parametrize("drop", [{}, {13: "train"}, {13: "unmask"}])
+def test_secure_sum_of_a_statistics_query(drop: dict[int, str]) -> None:
+    grid = _grid(drop)
+    result = secure_sum(grid, _queries(), int_keys=[k.CONFUSION, k.NUM_EXAMPLES],
+                        int_lengths=[4, 1], min_survivors=3, timeout=5)
+    summed = [n for n in NODES if drop.get(n) != "train"]
+    assert result.sums is not None and result.contributors == len(summed)
+    assert result.sums[k.CONFUSION].tolist() == [
+        sum(EXAMPLES[n] % 5 for n in summed), 2 * len(summed), sum(EXAMPLES[n] for n in summed),
+        len(summed)]
+    assert result.sums[k.NUM_EXAMPLES].tolist() == [sum(EXAMPLES[n] for n in summed)]
+    for reply in result.replies:  # what the coordinator saw of each node: no count at all
+        assert k.CONFUSION not in reply.content[k.METRICS]
+        assert k.NUM_EXAMPLES not in reply.content[k.METRICS]
+
+
+def test_secure_sum_below_the_minimum_is_abandoned_with_its_reason() -> None:
+    result = secure_sum(_grid({12: "share", 13: "share", 14: "share"}), _queries(),
+                        int_keys=[k.CONFUSION], int_lengths=[4], timeout=5)
+    assert result.sums is None and result.record["status"] == "abandoned"
+    assert result.record["stage"] == "key sharing"
