@@ -17,7 +17,9 @@ unmask
 Masked release (:func:`secagg_mod`): a train or evaluate message whose config names a
 session runs the handler, then replaces the reply's model update, example counts, weighted
 metrics and integer sums by one masked ``uint64`` vector (:mod:`common.secagg.layout`). What
-stays in the clear: the node's own privacy accounting (epsilon, delta, noise) and site name.
+stays in the clear: the node's own privacy accounting (epsilon, delta, noise multiplier) and
+site name. Privacy caveat: a node's delta and noise multiplier are derived from its patient
+count, so they can hint at the count that the masked vector hides.
 Everything is kept in ``Context.state`` (it outlives a ClientApp process between messages).
 """
 

@@ -24,7 +24,9 @@ COVERS = ("model updates", "training example counts", "training loss",
           "per-round validation score histograms")
 NOT_COVERED = ("per-site validation metrics (loss, accuracy, AUC, patients)",
                "the final test evaluation and the pooled-inference statistics queries",
-               "cross-validation runs")
+               "cross-validation runs",
+               "each hospital's privacy accounting (epsilon, delta, noise multiplier), which "
+               "is derived from, and so hints at, its patient count")
 
 
 def secagg_record(*, enabled: bool, mode: str, hospitals: int, min_survivors: int,
