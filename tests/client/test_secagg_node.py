@@ -1,0 +1,74 @@
+"""The node's secure-aggregation stages refuse what would reveal too much."""
+
+from __future__ import annotations
+
+import pytest
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+
+from client.secagg import handle_stage, masked_reply
+from common import messages as k
+from common.errors import ConfigError
+from common.secagg.layout import Layout
+from tests.flower_helpers import incoming, node_context
+
+SESSION = "train-1"
+NODES = [1, 2, 3]
+
+
+def _stage(stage: str, node: int, context: Context, **extra: object) -> ConfigRecord:
+    msg = incoming(RecordDict({k.CONFIG: ConfigRecord(
+        {k.SECAGG_STAGE: stage, k.SECAGG_SESSION: SESSION, **extra})}), MessageType.QUERY,
+        node_id=node)
+    return handle_stage(msg, context, f"h{node}").content[k.SECAGG]  # type: ignore[return-value]
+
+
+@pytest.fixture()
+def shared() -> dict[int, Context]:
+    """Three nodes past key sharing; node 1 has also sent its (empty) masked vector."""
+    contexts = {n: node_context({}, node_id=n) for n in NODES}
+    keys = {n: _stage("advertise", n, contexts[n], **{k.SECAGG_THRESHOLD: 2}) for n in NODES}
+    roster = {k.SECAGG_NODES: NODES, k.SECAGG_C_PKS: [keys[n][k.SECAGG_C_PK] for n in NODES],
+              k.SECAGG_S_PKS: [keys[n][k.SECAGG_S_PK] for n in NODES]}
+    for n in NODES:
+        _stage("share", n, contexts[n], **roster)
+    layout = Layout.plan(num_nodes=3, model_length=0, dp_clip=0.0)
+    msg = incoming(RecordDict({k.CONFIG: ConfigRecord(
+        {k.SECAGG_SESSION: SESSION, k.SECAGG_NODES: NODES, **layout.to_config()})}),
+        MessageType.EVALUATE, node_id=1)
+    masked_reply(msg, Message(RecordDict(), reply_to=msg), contexts[1])
+    return contexts
+
+
+def test_a_node_answers_the_unmasking_once(shared: dict[int, Context]) -> None:
+    lists = {k.SECAGG_SURVIVORS: [1, 2], k.SECAGG_DROPPED: [3]}
+    first = _stage("unmask", 1, shared[1], **lists)
+    assert list(first[k.SECAGG_OWNERS]) == [1]  # no boxes sent: its own share only
+    with pytest.raises(ConfigError, match="already unmasked"):
+        _stage("unmask", 1, shared[1], **{k.SECAGG_SURVIVORS: [1, 2, 3], k.SECAGG_DROPPED: []})
+
+
+@pytest.mark.parametrize("lists", [
+    {k.SECAGG_SURVIVORS: [1, 2], k.SECAGG_DROPPED: [2, 3]},  # 2 both survived and dropped
+    {k.SECAGG_SURVIVORS: [1, 2], k.SECAGG_DROPPED: []},  # 3 left out
+    {k.SECAGG_SURVIVORS: [1], k.SECAGG_DROPPED: [2, 3]},  # below the threshold
+])
+def test_inconsistent_survivor_lists_are_refused(shared: dict[int, Context],
+                                                 lists: dict[str, list[int]]) -> None:
+    with pytest.raises(ConfigError):
+        _stage("unmask", 1, shared[1], **lists)
+
+
+def test_a_node_without_a_masked_vector_reveals_nothing(shared: dict[int, Context]) -> None:
+    with pytest.raises(ConfigError, match="sent no masked vector"):
+        _stage("unmask", 2, shared[2], **{k.SECAGG_SURVIVORS: [1, 2], k.SECAGG_DROPPED: [3]})
+
+
+def test_a_roster_without_the_nodes_own_keys_is_refused() -> None:
+    ctx = node_context({}, node_id=1)
+    _stage("advertise", 1, ctx, **{k.SECAGG_THRESHOLD: 2})
+    other = {n: node_context({}, node_id=n) for n in NODES}
+    keys = {n: _stage("advertise", n, other[n], **{k.SECAGG_THRESHOLD: 2}) for n in NODES}
+    with pytest.raises(ConfigError, match="does not hold this node's keys"):
+        _stage("share", 1, ctx, **{k.SECAGG_NODES: NODES,
+                                   k.SECAGG_C_PKS: [keys[n][k.SECAGG_C_PK] for n in NODES],
+                                   k.SECAGG_S_PKS: [keys[n][k.SECAGG_S_PK] for n in NODES]})
