@@ -40,6 +40,10 @@ MAX_RESTART_DELAY_S = 30.0
 STABLE_UPTIME_S = 60.0
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+#: Worker lines not shown: its retries towards its own SuperNode, Flower's per-task DEBUG
+#: lines and FAB installation notes, and Flower's empty INFO lines.
+_WORKER_QUIET = re.compile(r"Connection attempt failed|Connection successful|^DEBUG\b|"
+                           r"^Successfully installed|^INFO\s*:\s*$")
 
 
 class LineTranslator(Protocol):
@@ -73,7 +77,7 @@ class WorkerOutput:
         if text.startswith("Traceback (most recent call last)"):
             self._in_traceback = True
             return None
-        if not text or "Connection attempt failed" in text or "Connection successful" in text:
+        if not text or _WORKER_QUIET.search(text):
             return None
         return f"warm worker: {redact(text)}"
 

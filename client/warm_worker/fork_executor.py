@@ -62,6 +62,8 @@ def run_task_in_child(spec: ExecutionSpec, *, torch_threads: int,
     preloaded = "client.app" in sys.modules
     log.info("task %d: served by warm worker %d in child %d (ClientApp %s)", spec.task_id,
              os.getppid(), os.getpid(), "already imported" if preloaded else "not preloaded")
+    started = time.perf_counter()
+    code = 0
     try:
         runner(
             runtime_api_address=spec.runtime_api_address,
@@ -73,8 +75,10 @@ def run_task_in_child(spec: ExecutionSpec, *, torch_threads: int,
             runtime_dependency_install=False,
         )
     except SystemExit as done:  # Flower ends every task with flwr_exit -> sys.exit
-        return done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
-    return 0
+        code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+    log.info("task %d: done in %.2f s (status %d)", spec.task_id,
+             time.perf_counter() - started, code)
+    return code
 
 
 class ForkExecutor:

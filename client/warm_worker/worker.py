@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)-8s: %(message)s",
                         stream=sys.stderr)
     logging.getLogger("client.warm_worker").setLevel(logging.INFO)
+    logging.getLogger("flwr").propagate = False  # Flower's logger has its own console handler
     from common.logsafe import install_log_sanitiser
 
     install_log_sanitiser()  # the supervisor redacts too; nothing identifying reaches a log
