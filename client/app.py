@@ -48,6 +48,7 @@ from client.data import NodeData, PatientRecordDataset
 from client.data.task_data import load_task_data
 from client.data.folds import cv_splits
 from client.data.node_data import SplitArrays
+from client.capture import capture_mod
 from client.mods import sanitize_errors_mod
 from client.transport import transport_mod
 from client.secagg import handle_stage as handle_secagg_stage
@@ -583,7 +584,9 @@ def build_client_app(resolve_node: NodeConfigResolver = node_config_from_context
     """Build the ClientApp; ``resolve_node`` supplies the node's settings from its Context."""
     # secagg_mod masks train/evaluate replies that belong to a secure-aggregation session.
     # transport_mod inside the error mod, outside every other: they all see unpacked records
-    client_app = ClientApp(mods=[sanitize_errors_mod, transport_mod, secagg_mod])
+    # capture_mod (outermost; off unless VESALIUS_CAPTURE_DIR is set) keeps a copy of every
+    # reply as it leaves, for auditors (client/capture.py).
+    client_app = ClientApp(mods=[capture_mod, sanitize_errors_mod, transport_mod, secagg_mod])
 
     @client_app.train()
     def train(msg: Message, context: Context) -> Message:
