@@ -203,6 +203,17 @@ def print_report(doc: dict[str, Any]) -> None:
     console.print(sites)
     for row in doc.get("excluded", []):
         console.print(f"[yellow]excluded node {row['node_id']}: {escape(str(row['reason']))}[/yellow]")
+    for r in doc.get("rounds", []):
+        if r.get("status") == "failed":
+            console.print(f"[red]round {r['round']} failed: {escape(str(r.get('failure', '')))}"
+                          "[/red]")
+    from server.report import dropped_lines
+
+    for line in dropped_lines(doc.get("dropped") or []):
+        console.print(f"[yellow]{escape(line)}[/yellow]")
+    for resumed in doc.get("resumed") or []:
+        console.print(f"resumed at {resumed.get('at')} after round {resumed.get('from_round')}",
+                      highlight=False)
     final = doc.get("final")
     if final and task in ("binary", "multiclass"):
         per_site = ", ".join(f"{s['site']} {fmt(s.get(k.AUC))}" for s in final.get("sites", []))

@@ -393,6 +393,16 @@ def _problem_rows(report: Mapping[str, Any]) -> list[tuple[str, str, str]]:
                 rows.append((f"round {entry.get('round')}, {e.get('phase', '')}".strip(", "),
                              site_label(e.get("site"), e.get("reason")),
                              strip_site_prefix(e.get("reason")) or "no reason given"))
+    for entry in report.get("rounds") or []:
+        if isinstance(entry, Mapping) and entry.get("status") == "failed":
+            rows.append((f"round {entry.get('round')}", "all hospitals",
+                         str(entry.get("failure") or "the round failed")))
+    for e in report.get("dropped") or []:
+        if isinstance(e, Mapping):
+            back = (f"; answered again in round {e['rejoined_round']}"
+                    if e.get("rejoined_round") else "")
+            rows.append((f"round {e.get('round')}, {e.get('phase', '')} (at {e.get('at')})",
+                         str(e.get("site")), f"stopped answering{back}"))
     for e in report.get("excluded") or []:
         if isinstance(e, Mapping):
             rows.append(("excluded from the rest of the run",

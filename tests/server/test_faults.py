@@ -204,3 +204,28 @@ def test_the_active_run_record_is_read_until_the_run_finishes(tmp_path: Path) ->
     assert doc["run_config"] == {"num-server-rounds": 3, "model": "cnn"}
     finish_active_run(tmp_path, out, "completed")
     assert read_active_run(tmp_path) is None
+
+
+def test_the_page_and_the_screen_name_the_dropped_hospital_and_the_failed_round(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cli.report_view import print_report
+    from server.report_html import write_report_html
+
+    grid = SilentNodeGrid({33: (2, 2)})
+    strategy = VesaliusFedAvg(min_train_nodes=3, min_evaluate_nodes=2, min_available_nodes=3)
+    _start(strategy, grid, rounds=3)
+    report = RunReport(config=RunConfig(plan=TrainPlan(num_rounds=3), out_dir=str(tmp_path)),
+                       rounds=[strategy.rounds[r] for r in (1, 2, 3)], status="incomplete",
+                       reason="round(s) 2 aggregated fewer than min-nodes = 3 training results")
+    report.dropped = strategy.dropped
+    doc = report.to_dict()
+    write_report_html(doc, tmp_path / "report.html")
+    page = (tmp_path / "report.html").read_text()
+    assert "site-c" in page and "stopped answering; answered again in round 3" in page
+    assert "only 2 training result(s) arrived, fewer than min-nodes = 3" in page
+    print_report(doc)
+    screen = " ".join(capsys.readouterr().out.split())
+    assert "round 2 failed: only 2 training result(s) arrived" in screen
+    assert screen.count("dropped site-c in round 2 (train)") == 1
+    assert "run incomplete" in screen
