@@ -241,7 +241,8 @@ def start(
     cmd = superlink_command(paths, host=host, port=port, certs=certs, node_auth=node_auth)
     say(f"starting the coordinator's SuperLink on {join(host, port)} (state in {paths.root}); "
         "Ctrl-C stops it")
-    output = SuperLinkOutput(address, lambda fp: load_nodes(paths).by_fingerprint(fp))
+    output = SuperLinkOutput(address, lambda fp: load_nodes(paths).by_fingerprint(fp),
+                             lambda node_id: load_nodes(paths).by_node_id(node_id))
     stop = threading.Event()
     watcher = threading.Thread(target=watch, daemon=True, args=(settings,),
                                kwargs={"paths": paths, "resume": resume, "stop": stop,

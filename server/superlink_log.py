@@ -13,7 +13,7 @@ any registered key trying to register itself, e.g. a plain ``flower-supernode`` 
 the CA certificate). Nobody reads a PEM block, so :class:`SuperLinkOutput` turns these into
 ``refused a node whose key is not registered: SHA256:<fingerprint>``, the fingerprint
 ``vesalius node keys`` printed at the hospital, and names the site when the key is one this
-coordinator revoked. A node whose key is revoked while it is connected gets HTTP 401 on its
+coordinator revoked; a hospital that joins or leaves is named by its site. A node whose key is revoked while it is connected gets HTTP 401 on its
 next request; uvicorn's access line (which names no key) becomes one sentence too. Other
 access lines (every poll of every node) are not shown; everything else passes
 :func:`common.logsafe.redact`.
@@ -36,6 +36,8 @@ _API_ERROR = re.compile(
     r"\[(?P<path>/v1/fleet/[\w-]+)\]\[ApiError:(?P<code>\d+)\] Attempted to register SuperNode "
     r"with public key: (?P<key>b'[^']*')")
 _ACCESS = re.compile(r'(?P<client>\S+) - "(?P<method>[A-Z]+) (?P<path>\S+) HTTP/[\d.]+" (?P<status>\d{3})')
+_NODE_EVENT = re.compile(r"\[Fleet\.(?P<event>ActivateNode|DeactivateNode)\] "
+                         r"(?:Activated|Deactivated) node_id=(?P<node_id>\d+)")
 _QUIET = ("ControlServicer.ListNodes", "ControlServicer.ListRuns", "[Fleet.PullMessages]")
 
 #: ApiError codes of a refused SuperNode (``flwr.supercore.error.ApiErrorCode``).
@@ -95,11 +97,15 @@ class SuperLinkOutput:
         The SuperLink's address (shown in messages).
     lookup : Callable[[str], NodeRecord | None]
         The registry record of a fingerprint (read afresh at each refusal).
+    site_of : Callable[[str], NodeRecord | None]
+        The registry record of a Flower node id (to name a hospital that joins or leaves).
     """
 
-    def __init__(self, address: str, lookup: Callable[[str], NodeRecord | None]) -> None:
+    def __init__(self, address: str, lookup: Callable[[str], NodeRecord | None],
+                 site_of: Callable[[str], NodeRecord | None] = lambda node_id: None) -> None:
         self.address = address
         self.lookup = lookup
+        self.site_of = site_of
         self.problem: object | None = None  # never set: the SuperLink has no link problem
         self.refusals: list[Refusal] = []
         self.bind_failed = False
@@ -121,6 +127,9 @@ class SuperLinkOutput:
         if text.startswith("Traceback (most recent call last)"):
             self._in_traceback = True
             return None
+        event = _NODE_EVENT.search(text)
+        if event is not None:
+            return self._node_event(event.group("event"), event.group("node_id"))
         access = _ACCESS.search(text)
         if access is not None:
             return self._access(access)
@@ -130,6 +139,12 @@ class SuperLinkOutput:
         if any(marker in text for marker in _QUIET):
             return None
         return redact(text)
+
+    def _node_event(self, event: str, node_id: str) -> str:
+        record = self.site_of(node_id)
+        who = f"site {record.site}" if record is not None else "a node not registered here"
+        what = "joined" if event == "ActivateNode" else "left"
+        return f"{who} {what} (node id {node_id})"
 
     @staticmethod
     def _access(match: re.Match[str]) -> str | None:

@@ -385,6 +385,20 @@ def test_a_revoked_key_is_named_by_its_site(tmp_path: Path, fake_flwr: FakeFlwr)
     assert shown is not None and keys.fingerprint in shown and "site hosp-a, revoked" in shown
 
 
+def test_a_joining_or_leaving_node_is_named_by_its_site(tmp_path: Path,
+                                                       fake_flwr: FakeFlwr) -> None:
+    state = _state(tmp_path)
+    keys = make_node_keys(tmp_path / "k")
+    _invoke("register", "--site", "hosp-a", "--public-key", str(keys.public_key),
+            "--state-dir", str(state))
+    registry = load_nodes(StatePaths(state.resolve()))
+    output = SuperLinkOutput("h:1", registry.by_fingerprint, registry.by_node_id)
+    assert output.line("\x1b[92mINFO \x1b[0m:      [Fleet.ActivateNode] Activated node_id=1001"
+                       ) == "site hosp-a joined (node id 1001)"
+    assert output.line("INFO :      [Fleet.DeactivateNode] Deactivated node_id=77"
+                       ) == "a node not registered here left (node id 77)"
+
+
 def test_access_lines_are_quiet_except_refused_signatures() -> None:
     output = SuperLinkOutput("h:1", lambda fp: None)
     ok = '2026-12-06T12:36:24.909Z INFO [uvicorn.access] 127.0.0.1:34554 - "POST /v1/fleet/pull-messages HTTP/1.1" 200'

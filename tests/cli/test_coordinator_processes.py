@@ -164,6 +164,7 @@ def test_only_registered_hospitals_join_and_refused_keys_are_named(
                         "site-1 connecting")
     print(f"\nSuperLink ready after {ready_s:.1f} s; site-1 admitted {admitted_s:.1f} s after "
           "`vesalius node start` (including its start-up and data check)")
+    procs.wait_for("coordinator", "site site-1 joined", timeout=30)
     assert unregistered.wait(timeout=150) != 0
     procs.wait_for("coordinator",
                    f"refused a node whose key is not registered: {prints['site-2']}", timeout=30)
