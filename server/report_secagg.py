@@ -21,9 +21,10 @@ from typing import Any
 __all__ = ["COVERS", "NOT_COVERED", "secagg_html", "secagg_lines", "secagg_record"]
 
 COVERS = ("model updates", "training example counts", "training loss",
-          "per-round validation score histograms")
-NOT_COVERED = ("per-site validation metrics (loss, accuracy, AUC, patients)",
-               "the final test evaluation and the pooled-inference statistics queries",
+          "per-round validation score histograms", "the final test score histograms")
+NOT_COVERED = ("per-site validation and test metrics (loss, accuracy, AUC, patients)",
+               "the pooled-inference statistics queries (they release under each hospital's "
+               "own release rules)",
                "cross-validation runs",
                "each hospital's privacy accounting (epsilon, delta, noise multiplier), which "
                "is derived from, and so hints at, its patient count")

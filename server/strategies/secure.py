@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.privacy_accounting import (
     GaussianPrivacyEvent,
@@ -40,9 +40,15 @@ from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 from common import messages as k
 from common.secagg.layout import Layout
 from common.stats.histogram import DEFAULT_BINS, auc_from_histograms
-from server.strategies.fedavg import VesaliusFedAvg
+from server.strategies.fedavg import RoundLog, VesaliusFedAvg
 from server.strategies.hospital_dp import HospitalDP
-from server.strategies.secagg_session import SecAggSession, masked_vectors, with_session
+from server.strategies.secagg_session import (
+    SecAggSession,
+    SecureSum,
+    masked_vectors,
+    secure_sum,
+    with_session,
+)
 
 __all__ = ["SecureFedAvg", "SecureHospitalDP"]
 
@@ -283,3 +289,56 @@ class SecureFedAvg(VesaliusFedAvg):
         if self.on_update is not None:
             self.on_update(entry, "evaluate")
         return metrics
+
+    def evaluate_everywhere(self, grid: Grid, arrays: ArrayRecord, config: ConfigRecord, *,
+                            timeout: float) -> RoundLog:
+        """The final evaluation on every node, its score histograms summed securely.
+
+        When the secure session is abandoned before any node evaluated, the evaluation is
+        asked again without histograms (the pooled AUC is then missing, never per-site
+        histograms in the clear).
+        """
+        if not bool(config.get(k.WITH_HISTOGRAMS, False)):
+            return super().evaluate_everywhere(grid, arrays, config, timeout=timeout)
+        secure = _SecureEvaluationGrid(grid, self.min_survivors)
+        entry = super().evaluate_everywhere(secure, arrays, config, timeout=timeout)  # type: ignore[arg-type]
+        result = secure.result
+        if result is not None:
+            self.log_rows.append({**result.record, "round": "final", "phase": "evaluate"})
+            answered = sum(1 for m in result.replies if not m.has_error())
+            if result.sums is not None and answered and result.contributors == answered:
+                entry.evaluate_metrics[k.AUC_POOLED] = float(auc_from_histograms(
+                    [int(v) for v in result.sums[k.HIST_POSITIVE]],
+                    [int(v) for v in result.sums[k.HIST_NEGATIVE]]))
+        return entry
+
+
+class _SecureEvaluationGrid:
+    """A grid whose ``send_and_receive`` sums the evaluation histograms securely."""
+
+    def __init__(self, grid: Grid, min_survivors: int) -> None:
+        self.grid = grid
+        self.min_survivors = min_survivors
+        self.result: SecureSum | None = None
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.grid.get_node_ids()
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None
+                         ) -> Iterable[Message]:
+        messages = list(messages)
+        wait = 600.0 if timeout is None else timeout
+        self.result = secure_sum(self.grid, messages, int_keys=EVAL_INTS,
+                                 int_lengths=[DEFAULT_BINS, DEFAULT_BINS],
+                                 min_survivors=self.min_survivors, timeout=wait)
+        if self.result.replies:
+            return self.result.replies
+        plain = []  # abandoned before anyone evaluated: ask again, without histograms
+        for msg in messages:
+            content = RecordDict({key: value for key, value in msg.content.items()
+                                  if key != k.CONFIG})
+            content[k.CONFIG] = ConfigRecord({**dict(msg.content[k.CONFIG]),
+                                              k.WITH_HISTOGRAMS: False})
+            plain.append(Message(content=content, message_type=msg.metadata.message_type,
+                                 dst_node_id=msg.metadata.dst_node_id))
+        return self.grid.send_and_receive(messages=plain, timeout=timeout)

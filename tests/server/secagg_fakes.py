@@ -54,7 +54,7 @@ def fixed_update_app(updates: Mapping[int, Mapping[str, np.ndarray]], examples: 
         node = int(msg.metadata.dst_node_id)
         values: dict[str, Any] = {k.NUM_EXAMPLES: examples[node], k.UNIT_WEIGHT: 1,
                                   k.LOSS: losses[node], k.AUC: 0.5, k.ACCURACY: 0.5}
-        if histograms is not None:
+        if histograms is not None and msg.content[k.CONFIG].get(k.WITH_HISTOGRAMS, True):
             values[k.HIST_POSITIVE], values[k.HIST_NEGATIVE] = histograms[node]
         return Message(RecordDict({k.METRICS: MetricRecord(values), k.NODE_INFO: info(node)}),
                        reply_to=msg)

@@ -74,7 +74,9 @@ def test_a_private_secure_run_completes_and_says_so(root: Path, tmp_path: Path) 
     assert doc["status"] == "completed"
     section = doc["secure_aggregation"]
     assert section["enabled"] and section["min_survivors"] == 3
-    assert [s["phase"] for s in section["sessions"]] == ["train", "evaluate"]
+    assert [(s["round"], s["phase"]) for s in section["sessions"]] == [
+        (1, "train"), (1, "evaluate"), ("final", "evaluate")]
+    assert doc["final"]["auc_pooled"] is not None  # from the securely summed test histograms
     assert all(s["status"] == "ok" for s in section["sessions"])
     assert all(0 < row["epsilon"] <= 8.0 + 1e-6 for row in doc["sites"])
     summary = (tmp_path / "dp" / "summary.txt").read_text()

@@ -208,3 +208,30 @@ def test_secure_sum_below_the_minimum_is_abandoned_with_its_reason() -> None:
                         int_keys=[k.CONFUSION], int_lengths=[4], timeout=5)
     assert result.sums is None and result.record["status"] == "abandoned"
     assert result.record["stage"] == "key sharing"
+
+
+def test_the_final_evaluation_pools_histograms_securely() -> None:
+    from common.stats.histogram import auc_from_histograms
+
+    strategy = _secure(min_survivors=3)
+    grid = _grid({15: "evaluate"})
+    entry = strategy.evaluate_everywhere(grid, arrays_of(START), ConfigRecord(  # type: ignore[arg-type]
+        {k.WITH_HISTOGRAMS: True}), timeout=5)
+    alive = [n for n in NODES if n != 15]
+    expected = auc_from_histograms(list(np.sum([HISTS[n][0] for n in alive], axis=0)),
+                                   list(np.sum([HISTS[n][1] for n in alive], axis=0)))
+    assert entry.evaluate_metrics[k.AUC_POOLED] == pytest.approx(expected)
+    assert len(entry.evaluate) == 4
+    assert strategy.log_rows[-1]["round"] == "final" and strategy.log_rows[-1]["status"] == "ok"
+    assert all(k.HIST_POSITIVE not in r.content.get(k.METRICS, {}) for r in grid.replies)
+
+
+def test_an_abandoned_final_evaluation_is_asked_again_without_histograms() -> None:
+    strategy = _secure()  # 4 of 5 needed; two drop while sharing
+    grid = _grid({12: "share", 13: "share"})
+    entry = strategy.evaluate_everywhere(grid, arrays_of(START), ConfigRecord(  # type: ignore[arg-type]
+        {k.WITH_HISTOGRAMS: True}), timeout=5)
+    assert len(entry.evaluate) == 3 and k.LOSS in entry.evaluate_metrics
+    assert k.AUC_POOLED not in entry.evaluate_metrics
+    assert strategy.log_rows[-1]["status"] == "abandoned"
+    assert all(k.HIST_POSITIVE not in r.content.get(k.METRICS, {}) for r in grid.replies)
