@@ -15,13 +15,16 @@ the CA certificate). Nobody reads a PEM block, so :class:`SuperLinkOutput` turns
 ``vesalius node keys`` printed at the hospital, and names the site when the key is one this
 coordinator revoked; a hospital that joins or leaves is named by its site. A node whose key is revoked while it is connected gets HTTP 401 on its
 next request; uvicorn's access line (which names no key) becomes one sentence too. Other
-access lines (every poll of every node) are not shown; everything else passes
+access lines (every poll of every node) are not shown, except a call of the Control API
+(which Flower 1.42 serves unauthenticated on the same port) from another machine, which is a
+warning; everything else passes
 :func:`common.logsafe.redact`.
 """
 
 from __future__ import annotations
 
 import ast
+import ipaddress
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -149,8 +152,20 @@ class SuperLinkOutput:
     @staticmethod
     def _access(match: re.Match[str]) -> str | None:
         status, path = int(match.group("status")), match.group("path")
+        client = match.group("client").rsplit(":", 1)[0].strip("[]")
         if status == 401 and path.startswith("/v1/fleet/"):
-            client = match.group("client").rsplit(":", 1)[0]
             return (f"refused a request from {client} signed by a key that is not registered "
                     "(a node revoked while connected, or a forged identity)")
+        if path.startswith("/v1/control/") and not _loopback(client):
+            return (f"WARNING: the Control API was called from {client} ({path.rsplit('/', 1)[-1]}"
+                    f", HTTP {status}); Flower's Control API has no account authentication, so "
+                    "whoever reaches this port can register nodes and submit runs: expose it "
+                    "only to the hospitals (firewall, VPN, or a proxy passing /v1/fleet/ only)")
         return None
+
+
+def _loopback(client: str) -> bool:
+    try:
+        return ipaddress.ip_address(client).is_loopback
+    except ValueError:
+        return client == "localhost"

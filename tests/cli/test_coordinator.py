@@ -407,6 +407,10 @@ def test_access_lines_are_quiet_except_refused_signatures() -> None:
     shown = output.line(refused)
     assert shown is not None and "refused a request from 127.0.0.1" in shown
     assert output.line("INFO :      ControlServicer.ListNodes") is None
+    local = ok.replace("/v1/fleet/pull-messages", "/v1/control/register-node")
+    assert output.line(local) is None  # the operator's own flwr/vesalius commands
+    remote = output.line(local.replace("127.0.0.1:34554", "10.1.2.3:4000"))
+    assert remote is not None and "WARNING: the Control API was called from 10.1.2.3" in remote
     assert output.line("ERROR: [Errno 98] address already in use") is not None and output.bind_failed
 
 
