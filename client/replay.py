@@ -35,9 +35,14 @@ _META = "__meta__"
 
 
 def request_digest(arrays: ArrayRecord, plan_record: Mapping[str, object]) -> str:
-    """SHA-256 over the plan (sorted keys) and every received tensor (name, dtype, shape, bytes)."""
+    """SHA-256 over the plan (sorted keys) and every received tensor (name, dtype, shape, bytes).
+
+    Secure-aggregation session keys (``secagg-*``) are left out: a resumed run opens a new
+    session, and the resent reply is masked afresh for it by the node's secure-aggregation mod.
+    """
     h = hashlib.sha256()
-    h.update(json.dumps({str(k): str(v) for k, v in plan_record.items()}, sort_keys=True).encode())
+    plan = {str(k): str(v) for k, v in plan_record.items() if not str(k).startswith("secagg")}
+    h.update(json.dumps(plan, sort_keys=True).encode())
     for name, tensor in arrays.to_torch_state_dict().items():
         t = tensor.detach().cpu().contiguous()
         h.update(name.encode())

@@ -89,3 +89,14 @@ def test_a_round_asked_again_with_the_same_model_is_replayed_not_charged(
     assert verify_ledger(tmp_path / "ledger.jsonl").ok
     stored = list((tmp_path / "replies").glob("*.npz"))
     assert stored and all(p.stat().st_mode & 0o077 == 0 for p in stored)
+
+
+def test_the_replay_digest_ignores_secure_aggregation_session_keys() -> None:
+    from client.replay import request_digest
+
+    arrays = ArrayRecord({"w": torch.ones(3)})
+    base = {"model": "cnn", "server-round": 2}
+    same = request_digest(arrays, {**base, "secagg-session": "train-2", "secagg-nodes": [1, 2]})
+    assert same == request_digest(arrays, {**base, "secagg-session": "train-2b"})
+    assert same != request_digest(arrays, {**base, "server-round": 3})
+    assert same != request_digest(ArrayRecord({"w": torch.zeros(3)}), base)
