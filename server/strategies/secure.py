@@ -101,6 +101,7 @@ class SecureFedAvg(VesaliusFedAvg):
         self._sent: dict[int, ArrayRecord] = {}
         self._rng = np.random.default_rng()  # DP noise: never seeded from the plan
         self.releases = 0
+        self._warned_pair = False
         self._accounting = RdpAccountant(PrivacyConfig(
             target_delta=dp_delta, population_size=max(num_hospitals, 1),
             neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
@@ -111,6 +112,10 @@ class SecureFedAvg(VesaliusFedAvg):
     def _open(self, server_round: int, phase: str, messages: list[Message], grid: Grid,
               layout_of: Any) -> list[Message]:
         nodes = [int(m.metadata.dst_node_id) for m in messages]
+        if len(nodes) == 2 and not self._warned_pair:
+            self._warned_pair = True
+            log.warning("secure aggregation over 2 hospitals: each can compute the other's "
+                        "contribution from the released sum")
         session = SecAggSession(grid, nodes, f"{phase}-{server_round}",
                                 min_survivors=self.min_survivors, timeout=self.timeout)
         session.sites.update(self._known_sites())
