@@ -210,6 +210,14 @@ def _print_status(doc: dict[str, Any]) -> None:
         nodes.add_row(row["site"] or "(not registered here)", row["fingerprint"] or "-",
                       row["node_id"], row["status"], "yes" if row["connected"] else "no")
     console.print(nodes)
+    strangers = [row["node_id"] for row in doc["nodes"]
+                 if row["site"] is None and row["status"] != "unregistered"]
+    if strangers:
+        console.print(f"[yellow]{len(strangers)} node(s) were registered with Flower directly, "
+                      "not by `vesalius coordinator register`: if nobody here added them, revoke "
+                      "them with `flwr supernode unregister <node id> vesalius` (FLWR_HOME=<state "
+                      "dir>/flwr-home) and restrict who reaches the SuperLink's port[/yellow]",
+                      highlight=False, soft_wrap=True)
     runs = table("Runs", ["run id", "app", "status", "elapsed", "finished"])
     for run in doc["runs"]:
         runs.add_row(str(run["run_id"]), str(run["fab_name"]), str(run["status"]),

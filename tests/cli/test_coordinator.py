@@ -319,6 +319,7 @@ def test_status_names_flowers_nodes_by_site_and_lists_runs(tmp_path: Path,
     assert doc["runs"][0]["run_id"] == "7" and doc["superlink"]["node_auth"] is True
     code, output = _invoke("status", "--state-dir", str(state))
     assert code == 0 and "(not registered here)" in output and "online" in output
+    assert "1 node(s) were registered with Flower directly" in output
 
 
 def test_flwr_commands_put_the_connection_after_the_arguments() -> None:
