@@ -82,3 +82,23 @@ def test_a_private_secure_run_completes_and_says_so(root: Path, tmp_path: Path) 
     summary = (tmp_path / "dp" / "summary.txt").read_text()
     assert "secure aggregation: on (minimum survivors 3 of 3)" in summary
     assert "round 1 train: 3 survivors of 3; dropped: none" in summary
+
+
+def test_hospital_level_dp_runs_inside_secure_aggregation(root: Path, tmp_path: Path) -> None:
+    import dp_accounting
+
+    plan = TrainPlan(num_rounds=1, batch_size=16, image_size=16, seed=1, target_epsilon=8.0)
+    out = tmp_path / "hdp"
+    config = RunConfig(plan=plan, out_dir=str(out), min_nodes=3, round_timeout=30,
+                       hospital_dp_noise=1.0, hospital_dp_clip=0.5)
+    run_federation(InProcessGrid(_nodes(root, out / "ledgers")), config)
+    doc = json.loads((out / "report.json").read_text())
+    assert doc["status"] == "completed" and doc["secure_aggregation"]["enabled"]
+    hospital = doc["privacy"]["hospital_level"]
+    assert hospital["releases"] == 1 and "securely aggregated" in hospital["mechanism"]
+    acc = dp_accounting.rdp.RdpAccountant()
+    acc.compose(dp_accounting.GaussianDpEvent(1.0), 1)
+    assert hospital["epsilon"] == pytest.approx(acc.get_epsilon(1e-3), rel=1e-6)
+    # the round's checkpoint is written (the noised model) and is finite
+    noised = torch.load(out / "checkpoints" / "round-1.pt")
+    assert all(torch.isfinite(t).all() for t in noised.values() if t.is_floating_point())
