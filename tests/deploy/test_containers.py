@@ -413,3 +413,34 @@ def test_every_vesalius_line_is_checked() -> None:
             command = service.get("command") or []
             assert "vesalius" not in command[1:], command
             assert not any("vesalius " in str(arg) for arg in command), command
+
+
+def _created_dirs(dockerfile: Path) -> set[str]:
+    """Folders the final stage creates with ``mkdir -p`` (a ``for site in ${TRIAL_SITES}``
+    loop expanded with the ARG's default)."""
+    steps = final_stage(dockerfile)
+    args = dict(rest.partition("=")[::2] for keyword, rest in steps
+                if keyword == "ARG" and "=" in rest)
+    sites = shlex.split(args.get("TRIAL_SITES", '""'))[0].split() if args else []
+    made: set[str] = set()
+    for keyword, rest in steps:
+        if keyword != "RUN" or "mkdir" not in rest:
+            continue
+        for token in shlex.split(rest.replace(";", " ; ")):
+            if "${site}" in token:
+                made |= {token.replace("${site}", site) for site in sites}
+            elif token.startswith("/"):
+                made.add(token)
+    return made
+
+
+def test_named_volume_mount_points_exist_in_the_images() -> None:
+    """A fresh named volume takes the owner of its mount point in the image; one missing
+    from the image comes out root-owned and UID 10001 cannot write it (the compose trial's
+    setup failed so: 'cannot write the node key: Permission denied')."""
+    doc = _compose()
+    for name, service in doc["services"].items():
+        made = _created_dirs(ROOT / service["build"]["dockerfile"])
+        for source, target, _ in _volumes(service):
+            if source in doc["volumes"]:
+                assert target in made, f"{name}: {target} is not created in its image"
