@@ -128,6 +128,8 @@ def test_base_images_pinned_by_tag(name: str) -> None:
         repo, _, tag = image.partition("@")[0].rpartition(":")
         assert repo and tag and tag != "latest", image
         assert re.search(r"\d+\.\d+\.\d+", tag), f"{image}: pin a full version"
+    assert re.fullmatch(r"python:3\.11\.\d+-slim-bookworm@sha256:[0-9a-f]{64}",
+                        defaults["PYTHON_IMAGE"]), "the Python base is pinned by digest too"
 
 
 def _torch_pin() -> str:
