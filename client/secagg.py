@@ -107,6 +107,8 @@ def _share(config: ConfigRecord, context: Context, session: str, me: int) -> dic
         raise _refuse("the participant list does not hold this node's keys")
     if len(nodes) < threshold:
         raise _refuse(f"{len(nodes)} participants, fewer than the threshold {threshold}")
+    if threshold < max(2, len(nodes) // 2 + 1):  # a minority could then recover its secrets
+        raise _refuse(f"threshold {threshold} is not a majority of {len(nodes)} participants")
     seed = os.urandom(crypto.SEED_BYTES)
     b_shares = crypto.share(seed, threshold=threshold, num_shares=len(nodes))
     s_shares = crypto.share(cast(bytes, state["s-sk"]), threshold=threshold, num_shares=len(nodes))

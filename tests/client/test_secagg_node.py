@@ -72,3 +72,13 @@ def test_a_roster_without_the_nodes_own_keys_is_refused() -> None:
         _stage("share", 1, ctx, **{k.SECAGG_NODES: NODES,
                                    k.SECAGG_C_PKS: [keys[n][k.SECAGG_C_PK] for n in NODES],
                                    k.SECAGG_S_PKS: [keys[n][k.SECAGG_S_PK] for n in NODES]})
+
+
+def test_a_threshold_below_a_majority_is_refused() -> None:
+    contexts = {n: node_context({}, node_id=n) for n in [1, 2, 3, 4]}
+    keys = {n: _stage("advertise", n, contexts[n], **{k.SECAGG_THRESHOLD: 2}) for n in contexts}
+    roster = {k.SECAGG_NODES: list(contexts),
+              k.SECAGG_C_PKS: [keys[n][k.SECAGG_C_PK] for n in contexts],
+              k.SECAGG_S_PKS: [keys[n][k.SECAGG_S_PK] for n in contexts]}
+    with pytest.raises(ConfigError, match="not a majority of 4"):
+        _stage("share", 1, contexts[1], **roster)
