@@ -103,13 +103,12 @@ def register(
         raise
     registry = load_nodes(paths)
     previous = registry.active(site)
-    if previous is not None:  # --force: the new key is in; revoke the old one
-        _revoke(paths, previous)
-        registry = load_nodes(paths)
     registry.records.append(NodeRecord(site=site, fingerprint=fingerprint,
                                        node_id=str(doc["node-id"]), public_key=line,
                                        registered_at=now_iso()))
-    save_nodes(paths, registry)
+    save_nodes(paths, registry)  # recorded before anything else can fail
+    if previous is not None:  # --force: the new key is in; revoke the old one
+        _revoke(paths, previous)
     console.print(f"registered site {site}: node id {doc['node-id']}, key {fingerprint} (compare "
                   "it with the fingerprint `vesalius node keys` printed at the hospital)",
                   highlight=False, soft_wrap=True)

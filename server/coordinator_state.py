@@ -234,8 +234,8 @@ class NodeRegistry:
     records: list[NodeRecord] = field(default_factory=list)
 
     def active(self, site: str) -> NodeRecord | None:
-        """The admitted node registered as ``site``, if any."""
-        return next((r for r in self.records if r.site == site and r.active), None)
+        """The admitted node registered as ``site`` (the latest), if any."""
+        return next((r for r in reversed(self.records) if r.site == site and r.active), None)
 
     def by_fingerprint(self, value: str) -> NodeRecord | None:
         """The latest record of the key with this fingerprint, if any."""
