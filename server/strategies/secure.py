@@ -40,7 +40,7 @@ from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 from common import messages as k
 from common.secagg.layout import Layout
 from common.stats.histogram import DEFAULT_BINS, auc_from_histograms
-from server.strategies.fedavg import RoundLog, VesaliusFedAvg
+from server.strategies.fedavg import DROPPED_REASON, RoundLog, VesaliusFedAvg
 from server.strategies.hospital_dp import HospitalDP
 from server.strategies.secagg_session import (
     SecAggSession,
@@ -123,7 +123,9 @@ class SecureFedAvg(VesaliusFedAvg):
         row = session.record
         row.update(round=server_round, phase=phase)
         self.log_rows.append(row)
-        if not session.setup():
+        ok = session.setup()
+        self._session_drops(server_round, phase, row, 0)
+        if not ok:
             self._sessions.pop((server_round, phase), None)
             self._expected[(server_round, phase)] = []
             return []
@@ -131,6 +133,26 @@ class SecureFedAvg(VesaliusFedAvg):
         self._sessions[(server_round, phase)] = (session, layout)
         self._expected[(server_round, phase)] = list(session.u2)
         return with_session(messages, session, layout)
+
+    def _session_drops(self, server_round: int, phase: str, record: dict[str, Any],
+                       since: int) -> None:
+        """Hospitals a secure-aggregation stage lost (from the ``since``-th on): one error row
+        each in the round's log, and the report's ``dropped``, named by site."""
+        rows = record.get("dropped", [])[since:]
+        if not rows:
+            return
+        entry = self._log(server_round)
+        known = {(e.get("node_id"), e.get("phase")) for e in entry.errors}
+        missing = []
+        for drop in rows:
+            if (int(drop["node_id"]), phase) in known:  # already a row (no masked input)
+                continue
+            row = {"site": self.sites.get(int(drop["node_id"]), str(drop["site"])),
+                   "node_id": int(drop["node_id"]), "phase": phase,
+                   "reason": f"{DROPPED_REASON} (secure aggregation, {drop['stage']} stage)"}
+            entry.errors.append(row)
+            missing.append(row)
+        self._note_drops(entry, missing, phase)
 
     def _known_sites(self) -> dict[int, str]:
         """Site names the nodes gave in earlier rounds (to name a node that drops early)."""
@@ -147,7 +169,9 @@ class SecureFedAvg(VesaliusFedAvg):
         if opened is None:
             return None
         session, layout = opened
+        before = len(session.record["dropped"])
         total = session.finish(masked_vectors(replies, layout))
+        self._session_drops(server_round, phase, session.record, before)
         return None if total is None else (layout, total)
 
     # --- train ------------------------------------------------------------------------------

@@ -235,3 +235,13 @@ def test_an_abandoned_final_evaluation_is_asked_again_without_histograms() -> No
     assert k.AUC_POOLED not in entry.evaluate_metrics
     assert strategy.log_rows[-1]["status"] == "abandoned"
     assert all(k.HIST_POSITIVE not in r.content.get(k.METRICS, {}) for r in grid.replies)
+
+
+@pytest.mark.parametrize("stage", ["advertise", "share", "train", "unmask"])
+def test_a_hospital_lost_at_any_stage_is_in_the_rounds_errors_and_dropped_once(stage: str) -> None:
+    strategy = _secure(min_survivors=3)
+    strategy.sites[12] = "h12"  # it named itself in an earlier round
+    _one_round(strategy, _grid({12: stage}))
+    entry = strategy.rounds[1]
+    assert [(e["site"], e["phase"]) for e in entry.errors] == [("h12", "train")]
+    assert list(strategy.dropped) == ["h12"] and strategy.dropped["h12"]["round"] == 1
