@@ -209,7 +209,9 @@ def supervise_children(
         stopping = True
         for child in children:
             if child.proc is not None and child.proc.poll() is None:
-                stop_group(child.proc.pid, signum)
+                # Helpers always get SIGTERM: Flower raises SIGINT inside a warm worker for
+                # its own reasons (a refused task heartbeat), which abort a task only.
+                stop_group(child.proc.pid, signum if child is main else signal.SIGTERM)
 
     previous = {}
     if threading.current_thread() is threading.main_thread():

@@ -5,13 +5,14 @@ process for every message, which re-imports torch and the Vesalius ClientApp (ab
 CPU each on the project's machines). With ``--isolation process`` the SuperNode only serves its
 Runtime API and leaves the tasks to an outside process; this package is that process:
 
-- :mod:`client.warm_worker.worker` imports torch, Flower and ``client.app`` once, warms torch
-  up single-threaded, then runs Flower's own SuperExec loop (``run_superexec``: acquire a task,
-  launch it) with an executor of its own;
-- :mod:`client.warm_worker.fork_executor` is that executor: each ClientApp task runs in a
-  ``fork()`` of the warm process, which calls Flower's own ``run_clientapp`` (the function behind
-  ``flwr-clientapp``) with the task's token, so the protocol, heartbeats and task status are
-  Flower's and a crashing task cannot take the worker down;
+- :mod:`client.warm_worker.worker` imports torch, Flower and ``client.app`` once, warms the
+  training path up single-threaded, then runs Flower's own SuperExec loop (``run_superexec``:
+  acquire a task, launch it) with an executor of its own;
+- :mod:`client.warm_worker.executor` is that executor: each ClientApp task runs Flower's own
+  ``run_clientapp`` (the function behind ``flwr-clientapp``) with the task's token, so the
+  protocol, heartbeats and task status are Flower's; by default in the worker itself, so that
+  what the ClientApp caches (loaded splits, the accountant's noise search) lasts from one
+  message to the next, or in a ``fork()`` per task;
 - :mod:`client.warm_worker.supernode` starts ``flower-supernode`` in-process with its hard-coded
   idle sleeps (3 s after an empty pull, 0.5 s waits for a reply) capped;
 - :mod:`client.warm_worker.flower_seams` holds every Flower internal these rely on, in one

@@ -10,7 +10,10 @@ uses four internals; each is named here and pinned by ``tests/cli/test_warm_work
 - :func:`run_clientapp` (``flwr.supernode.runtime.run_clientapp``), the function behind the
   ``flwr-clientapp`` entry point;
 - Flower's registry of exit handlers (``flwr.supercore.exit.exit_handler``), which a forked
-  child inherits from the worker and must forget (:func:`forget_inherited_exit_handlers`);
+  child inherits from the worker and must forget (:func:`forget_inherited_exit_handlers`),
+  and the name ``flwr_exit`` in ``run_clientapp``'s module, which ends every task with
+  ``sys.exit`` plus a thread that calls ``os._exit`` 5 s later: :func:`task_scope` lets a task
+  finish in the worker's own process without ending it;
 - the module ``flwr.supernode.start_client_internal``, whose main loop sleeps 3 s after an
   empty pull and 0.5 s between checks for a reply, through its module-level ``time``
   (:func:`cap_supernode_sleeps`).
@@ -98,6 +101,78 @@ def forget_inherited_exit_handlers() -> None:
 
     with exit_handler._lock_handlers:  # noqa: SLF001 - pinned internal, see module docstring
         exit_handler.registered_exit_handlers.clear()
+
+
+class TaskFinished(Exception):
+    """A task run by :func:`run_clientapp` inside :func:`task_scope` has ended.
+
+    Attributes
+    ----------
+    code : int
+        Flower's exit code for the task (0-99: success).
+    """
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+@contextmanager
+def task_scope() -> Iterator[None]:
+    """Run one ``run_clientapp`` call in this process without letting it end the process.
+
+    Inside the scope, ``flwr_exit`` as seen by ``run_clientapp`` runs the task's own exit
+    handlers (push the task status and context, stop its heartbeat, close its client) and
+    raises :class:`TaskFinished` instead of exiting. ``run_clientapp``'s
+    ``register_signal_handlers`` registers the task's exit handlers but makes SIGINT abort the
+    task only: Flower raises SIGINT in its own process when a task's heartbeat or token is
+    refused, which in a ``flwr-clientapp`` process ends that task's process, and here must not
+    end the worker. SIGTERM keeps the worker's handler: the task reports its end through the
+    task's exit handlers, then the worker stops. The worker's exit and signal handlers are set
+    aside for the task and restored after it; task handlers left over (a task aborted before
+    Flower's own exit) run then.
+    """
+    import signal
+
+    from flwr.supercore.exit import ExitCode, exit_handler
+    from flwr.supernode.runtime import run_clientapp as module
+
+    with exit_handler._lock_handlers:  # noqa: SLF001 - pinned internal
+        saved = list(exit_handler.registered_exit_handlers)
+        exit_handler.registered_exit_handlers.clear()
+    signals = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGQUIT)}
+    real_exit = module.flwr_exit
+
+    def finish_task(code: int, *_args: object, **_kwargs: object) -> None:
+        exit_handler.trigger_exit_handlers(run_before_force_exit=True)
+        exit_handler.trigger_exit_handlers(run_before_force_exit=False)
+        raise TaskFinished(int(code))
+
+    real_register = module.register_signal_handlers
+
+    def abort_task(_signum: int, _frame: object) -> None:
+        raise TaskFinished(int(ExitCode.GRACEFUL_EXIT_SIGINT))
+
+    def task_signal_handlers(*_args: object, exit_handlers: list[Callable[[], None]] | None = None,
+                             **_kwargs: object) -> None:
+        for handler in exit_handlers or []:
+            exit_handler.add_exit_handler(handler)
+        signal.signal(signal.SIGINT, abort_task)
+
+    module.flwr_exit = finish_task  # type: ignore[assignment]
+    module.register_signal_handlers = task_signal_handlers  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        module.flwr_exit = real_exit
+        module.register_signal_handlers = real_register
+        exit_handler.trigger_exit_handlers(run_before_force_exit=True)
+        exit_handler.trigger_exit_handlers(run_before_force_exit=False)
+        for sig, handler in signals.items():
+            if handler is not None:
+                signal.signal(sig, handler)
+        with exit_handler._lock_handlers:  # noqa: SLF001
+            exit_handler.registered_exit_handlers[:] = saved
 
 
 class CappedTime:

@@ -1,8 +1,8 @@
-"""The warm worker process: import once, warm up single-threaded, serve tasks by ``fork()``.
+"""The warm worker process: import once, warm up single-threaded, serve every task.
 
 Run as ``python -m client.warm_worker --runtime-api-address HOST:PORT ...`` beside a
 ``flower-supernode --isolation process`` (``vesalius node start`` does both). It prints
-``warm worker PID ready ...`` once, then one line per task from the task's child.
+``warm worker PID ready ...`` once, then two lines per task (served, done in N s).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from client.warm_worker import flower_seams
@@ -24,24 +25,39 @@ DEFAULT_TASK_POLL_S = 0.1
 
 
 def warm_up() -> int:
-    """Import torch and the ClientApp and run one tiny training step with one torch thread.
+    """Import torch and the ClientApp and run one tiny DP-SGD step with one torch thread.
+
+    The step pays, once, the lazy imports and first-call costs of the training path (torch's
+    optimizer machinery, Opacus's per-sample gradients), which otherwise land on the first
+    message. One thread: no OpenMP pool exists yet if the worker forks per task.
 
     Returns
     -------
     int
-        The intra-op thread count torch would have used, for the task children.
+        The intra-op thread count torch would have used.
     """
     import torch
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # no OpenMP pool may exist when the worker forks
-    import client.app  # noqa: F401 - the point: imported once, inherited by every task
+    torch.set_num_threads(1)
+    import client.app  # noqa: F401 - the point: imported once, serves every task
+    from opacus import PrivacyEngine
+    from torch.utils.data import DataLoader, TensorDataset
+
     from common.models import build_model
 
     model = build_model("cnn", in_channels=1, num_classes=2, image_size=32)
-    loss = torch.nn.functional.cross_entropy(model(torch.zeros(2, 1, 32, 32)),
-                                             torch.zeros(2, dtype=torch.long))
-    loss.backward()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    loader = DataLoader(TensorDataset(torch.zeros(4, 1, 32, 32), torch.zeros(4, dtype=torch.long)),
+                        batch_size=2)
+    model, optimizer, loader = PrivacyEngine().make_private(
+        module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=1.0,
+        max_grad_norm=1.0)
+    for images, targets in loader:
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(images), targets).backward()
+        optimizer.step()
+        break
     return threads
 
 
@@ -66,6 +82,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="Shared secret file also given to the SuperNode.")
     parser.add_argument("--parent-pid", type=int, default=None,
                         help="Stop when this process ends (the node's supervisor).")
+    parser.add_argument("--fork-per-task", action="store_true",
+                        help="Serve each task in a fork of the worker (crash-isolated, nothing "
+                        "cached between messages) instead of in the worker itself.")
     parser.add_argument("--task-poll-interval", type=_poll_interval, default=DEFAULT_TASK_POLL_S,
                         help="Seconds between task polls (0.01-60).")
     return parser.parse_args(argv)
@@ -90,10 +109,16 @@ def main(argv: list[str] | None = None) -> None:
     if args.superexec_auth_secret_file is not None:
         secret = Path(args.superexec_auth_secret_file).read_bytes()
     started = time.perf_counter()
-    threads = warm_up()
-    from client.warm_worker.fork_executor import ForkExecutor
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Opacus's note on its RNG, about the warm-up step only
+        threads = warm_up()
+    from client.warm_worker.executor import WarmExecutor
 
-    executor = ForkExecutor(torch_threads=threads)
+    if not args.fork_per_task:
+        import torch
+
+        torch.set_num_threads(threads)
+    executor = WarmExecutor(fork_per_task=args.fork_per_task, torch_threads=threads)
     log.info("warm worker %d ready: torch and the ClientApp imported once in %.1f s",
              os.getpid(), time.perf_counter() - started)
     with flower_seams.inject_executor(executor):

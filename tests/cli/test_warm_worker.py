@@ -1,8 +1,8 @@
 """The warm worker's parts without a SuperLink: the fork executor, the supervision, the output.
 
-- :class:`client.warm_worker.fork_executor.ForkExecutor` really forks this process; the child
-  runs a fake of Flower's ``run_clientapp`` that records what it was given and what it
-  inherited, so the test sees what a real task would get;
+- :class:`client.warm_worker.executor.WarmExecutor` serves a task in this process (the
+  default) or really forks it; a fake of Flower's ``run_clientapp`` records what it was given
+  and what it inherited, so the test sees what a real task would get;
 - :func:`cli.node_processes.supervise_children` runs tiny Python processes standing in for
   the SuperNode and the worker (crash, restart, stop, signal forwarding);
 - the translation of the SuperNode's lines around a network cut and of the worker's lines.
@@ -24,7 +24,7 @@ from flwr.supercore.superexec.executor import ExecutionSpec, LaunchResult
 
 from cli.node_processes import Child, WorkerOutput, supervise_children
 from cli.supernode import FlowerOutput, LinkProblem
-from client.warm_worker.fork_executor import ForkExecutor, run_task_in_child
+from client.warm_worker.executor import WarmExecutor, run_task_in_child, run_task_in_process
 
 
 def _spec(task_id: int = 7, task_type: TaskType = TaskType.CLIENT_APP) -> ExecutionSpec:
@@ -34,7 +34,7 @@ def _spec(task_id: int = 7, task_type: TaskType = TaskType.CLIENT_APP) -> Execut
                          suppress_output=False, task_id=task_id)
 
 
-def _reap_all(executor: ForkExecutor, timeout: float = 20.0) -> None:
+def _reap_all(executor: WarmExecutor, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while executor.children and time.monotonic() < deadline:
         executor.reconcile()
@@ -42,7 +42,39 @@ def _reap_all(executor: ForkExecutor, timeout: float = 20.0) -> None:
     assert not executor.children, "a forked task child did not end"
 
 
-# --- fork executor ------------------------------------------------------------------------
+# --- the executor ---------------------------------------------------------------------------
+
+def test_client_app_tasks_run_in_the_worker_itself_one_after_the_other() -> None:
+    # Prepare: a fake run_clientapp that ends like Flower's (through flwr_exit) and counts
+    from flwr.supernode.runtime import run_clientapp as module
+
+    calls: list[tuple[int, str]] = []
+
+    def fake_runner(**kwargs: object) -> None:
+        calls.append((os.getpid(), str(kwargs["token"])))
+        assert kwargs["parent_pid"] is None  # no monitor thread per task
+        module.flwr_exit(0)
+
+    executor = WarmExecutor(task_main=lambda spec: run_task_in_process(spec, runner=fake_runner))
+    # Execute
+    first = executor.launch(_spec(task_id=1))
+    second = executor.launch(_spec(task_id=2))
+    # Assert: both served here, in order, and this process is still running normally
+    assert first == second == LaunchResult.accepted()
+    assert calls == [(os.getpid(), "secret-token")] * 2 and executor.served == 2
+    assert executor.children == {}
+
+
+def test_a_task_that_raises_does_not_end_the_worker() -> None:
+    # Prepare
+    def broken(**_kwargs: object) -> None:
+        raise SystemExit(1)  # what flwr_exit does outside a task scope
+
+    # Execute
+    code = run_task_in_process(_spec(), runner=broken)
+    # Assert
+    assert code == 1
+
 
 def test_client_app_task_runs_flowers_runner_in_a_fork(tmp_path: Path) -> None:
     # Prepare: Flower's exit-handler registry holds one of the parent's handlers
@@ -61,7 +93,7 @@ def test_client_app_task_runs_flowers_runner_in_a_fork(tmp_path: Path) -> None:
 
     saved = list(exit_handler.registered_exit_handlers)
     exit_handler.add_exit_handler(lambda: None)
-    executor = ForkExecutor(child_main=lambda spec: run_task_in_child(
+    executor = WarmExecutor(fork_per_task=True, task_main=lambda spec: run_task_in_child(
         spec, torch_threads=1, runner=fake_runner))
     try:
         # Execute
@@ -85,9 +117,9 @@ def test_a_crashing_task_ends_only_its_child(tmp_path: Path, caplog: pytest.LogC
     def crash(_spec: ExecutionSpec) -> int:
         raise RuntimeError("boom in the task")
 
-    executor = ForkExecutor(child_main=crash)
+    executor = WarmExecutor(fork_per_task=True, task_main=crash)
     # Execute
-    with caplog.at_level("WARNING", logger="client.warm_worker.fork_executor"):
+    with caplog.at_level("WARNING", logger="client.warm_worker.executor"):
         executor.launch(_spec(task_id=11))
         _reap_all(executor)
         executor.launch(_spec(task_id=12))  # the worker goes on serving
@@ -127,7 +159,7 @@ def test_other_task_types_go_to_flowers_subprocess_executor() -> None:
     def no_fork() -> int:
         raise AssertionError("must not fork for another task type")
 
-    executor = ForkExecutor(fork=no_fork)
+    executor = WarmExecutor(fork_per_task=True, fork=no_fork)
     executor._fallback = Fallback()  # type: ignore[assignment]
     # Execute
     result = executor.launch(_spec(task_type=TaskType.AGENT_APP))
@@ -140,7 +172,7 @@ def test_a_failed_fork_is_reported_to_flower() -> None:
     def no_memory() -> int:
         raise OSError(12, "Cannot allocate memory")
 
-    executor = ForkExecutor(fork=no_memory)
+    executor = WarmExecutor(fork_per_task=True, fork=no_memory)
     # Execute
     result = executor.launch(_spec())
     # Assert
@@ -153,7 +185,7 @@ def test_close_stops_running_tasks_in_the_worker_only() -> None:
         time.sleep(60)
         return 0
 
-    executor = ForkExecutor(child_main=slow)
+    executor = WarmExecutor(fork_per_task=True, task_main=slow)
     executor.launch(_spec())
     child = next(iter(executor.children))
     # Execute: close() as a forked child would call it (inherited), then as the worker

@@ -71,19 +71,23 @@ def test_run_clientapp_signature_and_entry_point() -> None:
     assert list(inspect.signature(run_clientapp).parameters) == [
         "runtime_api_address", "token", "insecure", "certificates", "parent_pid",
         "runtime_dependency_install"]
-    assert "flwr_exit(" in inspect.getsource(run_clientapp)  # ends with SystemExit
+    module = importlib.import_module("flwr.supernode.runtime.run_clientapp")
+    assert "flwr_exit(" in inspect.getsource(run_clientapp)  # ends through this module's name
+    assert module.flwr_exit.__module__ == "flwr.supercore.exit.exit"
+    assert "register_signal_handlers(" in inspect.getsource(run_clientapp)
+    assert "exit_handlers" in inspect.signature(module.register_signal_handlers).parameters
 
 
 def test_executor_protocol_and_execution_spec() -> None:
     # Prepare
     from flwr.supercore.superexec.executor import ExecutionSpec, Executor
 
-    from client.warm_worker.fork_executor import ForkExecutor
+    from client.warm_worker.executor import WarmExecutor
 
-    # Assert: ForkExecutor has every method of Flower's protocol; the spec fields it reads exist
+    # Assert: WarmExecutor has every method of Flower's protocol; the spec fields it reads exist
     protocol = {n for n, _ in inspect.getmembers(Executor, inspect.isfunction) if not n.startswith("_")}
     assert protocol == {"get_eligible_capacity", "wait_for_capacity", "launch", "reconcile", "close"}
-    assert all(callable(getattr(ForkExecutor, name)) for name in protocol)
+    assert all(callable(getattr(WarmExecutor, name)) for name in protocol)
     names = {f.name for f in fields(ExecutionSpec)}
     assert {"task_type", "runtime_api_address", "token", "insecure", "root_certificates_path",
             "parent_pid", "task_id"} <= names
@@ -140,3 +144,62 @@ def test_cap_supernode_sleeps_patches_that_module_only(monkeypatch: pytest.Monke
     # Assert
     assert module.time is capped and capped.cap_s == 0.1
     assert time.sleep is not capped.sleep  # the rest of the process keeps the real clock
+
+
+def test_task_scope_turns_flowers_exit_into_task_finished_and_restores_the_worker() -> None:
+    # Prepare: the worker's own exit handler and SIGTERM handler
+    import signal
+
+    from flwr.supercore.exit import exit_handler
+    from flwr.supernode.runtime import run_clientapp as module
+
+    ran: list[str] = []
+    saved = list(exit_handler.registered_exit_handlers)
+    exit_handler.registered_exit_handlers.clear()
+    exit_handler.add_exit_handler(lambda: ran.append("worker"))
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        # Execute: a task registers its handler and a signal handler, then exits as Flower does
+        with pytest.raises(flower_seams.TaskFinished) as finished:
+            with flower_seams.task_scope():
+                exit_handler.add_exit_handler(lambda: ran.append("task"))
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                module.flwr_exit(0, event_type=None)
+        # Assert: only the task's handler ran; the worker's handlers are back
+        assert finished.value.code == 0 and ran == ["task"]
+        assert [h.exit_handler() for h in exit_handler.registered_exit_handlers] == [None]
+        assert ran == ["task", "worker"]
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+        assert module.flwr_exit.__module__ == "flwr.supercore.exit.exit"
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        exit_handler.registered_exit_handlers[:] = saved
+
+
+def test_sigint_during_a_task_aborts_the_task_not_the_worker() -> None:
+    # Prepare
+    import signal
+
+    from flwr.supercore.exit import ExitCode, exit_handler
+    from flwr.supernode.runtime import run_clientapp as module
+
+    ran: list[str] = []
+    saved = list(exit_handler.registered_exit_handlers)
+    exit_handler.registered_exit_handlers.clear()
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        # Execute: the task registers its handlers the way run_clientapp does, then Flower
+        # raises SIGINT in its own process (a refused heartbeat)
+        with pytest.raises(flower_seams.TaskFinished) as aborted:
+            with flower_seams.task_scope():
+                module.register_signal_handlers(event_type=None,
+                                                exit_handlers=[lambda: ran.append("on_exit")])
+                signal.raise_signal(signal.SIGINT)
+        # Assert: the task ended and reported (its exit handler ran); this process goes on
+        assert aborted.value.code == int(ExitCode.GRACEFUL_EXIT_SIGINT)
+        assert ran == ["on_exit"]
+        assert signal.getsignal(signal.SIGINT) == previous
+        assert module.register_signal_handlers.__module__ == "flwr.supercore.exit.signal_handler"
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        exit_handler.registered_exit_handlers[:] = saved
