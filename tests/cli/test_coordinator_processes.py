@@ -16,7 +16,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -107,15 +107,6 @@ def _coordinator(*args: str) -> str:
     return done.stdout
 
 
-def _until(check: Callable[[], bool], timeout: float, what: str) -> float:
-    started = time.monotonic()
-    while time.monotonic() - started < timeout:
-        if check():
-            return time.monotonic() - started
-        time.sleep(0.5)
-    raise AssertionError(f"{what} did not happen within {timeout} s")
-
-
 def test_only_registered_hospitals_join_and_refused_keys_are_named(
         tmp_path: Path, procs: Processes) -> None:
     # Prepare: certificates, two hospitals' data and key pairs (`vesalius node keys`)
@@ -160,11 +151,10 @@ def test_only_registered_hospitals_join_and_refused_keys_are_named(
     joined_at = time.monotonic()
     procs.start("site-1", node("site-1"))
     unregistered = procs.start("site-2", node("site-2"))
-    admitted_s = _until(lambda: bool(status().get("site-1", {}).get("connected")), 150,
-                        "site-1 connecting")
+    admitted_s = procs.wait_for("coordinator", "site site-1 joined", timeout=150)
     print(f"\nSuperLink ready after {ready_s:.1f} s; site-1 admitted {admitted_s:.1f} s after "
           "`vesalius node start` (including its start-up and data check)")
-    procs.wait_for("coordinator", "site site-1 joined", timeout=30)
+    assert status()["site-1"]["connected"] is True
     assert unregistered.wait(timeout=150) != 0
     procs.wait_for("coordinator",
                    f"refused a node whose key is not registered: {prints['site-2']}", timeout=30)
