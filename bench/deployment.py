@@ -8,9 +8,11 @@ own work, in two settings:
 
 ``stock``
     ``VESALIUS_TRANSPORT=stock`` for every process: models travel as one Flower ``Array`` per
-    tensor and replies are polled as before (:mod:`server.progress`).
+    tensor and replies are polled as before (:mod:`server.progress`); real nodes run
+    ``--worker per-message`` (a fresh ClientApp process per message, Flower's own way).
 ``ours``
-    Packed models (:mod:`common.packing`) and adaptive polling (:mod:`server.transport`).
+    Packed models (:mod:`common.packing`), adaptive polling (:mod:`server.transport`) and,
+    for real nodes, ``--worker warm`` (:mod:`client.warm_worker`), when the node CLI has it.
 
 How a round is measured: the coordinator's grid appends every phase's span to
 ``VESALIUS_TIMINGS_FILE`` (:class:`server.transport.TimedGrid`) and every node appends the
@@ -150,10 +152,19 @@ def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
             pass
 
 
+def _worker_modes() -> bool:
+    """Whether ``vesalius node start`` has ``--worker`` (the warm worker)."""
+    shown = subprocess.run([str(BIN / "vesalius"), "node", "start", "--help"],
+                           capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
+    return "--worker" in shown.stdout
+
+
 def deployed(work: Path, data: Path, *, mode: str, model: str, secagg: str, sites: int,
              rounds: int, node_args: list[str]) -> dict[str, Any]:
     """One deployment on loopback; the round overheads from the timing files."""
     work.mkdir(parents=True)
+    if "--worker" not in node_args and _worker_modes():
+        node_args = [*node_args, "--worker", "per-message" if mode == "stock" else "warm"]
     timings = work / "timings.jsonl"
     env = _env(work / "home", mode, timings)
     procs: list[subprocess.Popen[bytes]] = []
@@ -190,7 +201,7 @@ def deployed(work: Path, data: Path, *, mode: str, model: str, secagg: str, site
         _stop(procs)
     per_round = round_overheads(_read_rows(timings))
     return {"beyond_compute_s": _summary(per_round), "wall_s": round(wall, 1),
-            "rounds": per_round}
+            "node_args": node_args, "rounds": per_round}
 
 
 # --- 10 simulated nodes -----------------------------------------------------------------------
@@ -249,6 +260,10 @@ def _secagg_available() -> bool:
     return "secure_aggregation" in RunConfig.__dataclass_fields__
 
 
+def _exit_on_term(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
     """Command line."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -266,6 +281,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--simulate-one", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, _exit_on_term)  # `finally` then stops every child group
     if args.simulate_one:
         _simulate_one(json.loads(args.simulate_one))
         return
