@@ -12,7 +12,8 @@ Process model (``--worker``):
     ``flower-supernode --isolation process`` (through :mod:`client.warm_worker.supernode`, its
     idle sleeps capped at ``--poll-interval``) plus the warm worker
     (:mod:`client.warm_worker`), which imports torch and the ClientApp once and serves every
-    message from a fork of itself. The two share a random SuperExec secret (a file readable by
+    message in that same process, so what the ClientApp caches in memory lasts from one
+    message to the next. The two share a random SuperExec secret (a file readable by
     this user only, deleted at the end) and the Runtime API listens on 127.0.0.1 only. A
     crashed worker is restarted with a visible line; the SuperNode keeps its connection.
 ``per-message``

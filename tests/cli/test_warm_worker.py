@@ -327,3 +327,43 @@ def test_worker_output_hides_retries_and_tracebacks_and_redacts() -> None:
                         "traceback is not shown")
     assert shown[4] is not None and "served by warm worker 100" in shown[4]
     assert shown[5] is not None and "/data/site-1" not in shown[5] and "QPAT-001" not in shown[5]
+
+
+@pytest.mark.parametrize(
+    ("args", "option"),
+    [(["--worker", "forked"], "--worker"), (["--poll-interval", "0"], "--poll-interval"),
+     (["--poll-interval", "nan"], "--poll-interval"), (["--poll-interval", "5"], "--poll-interval")],
+)
+def test_worker_options_are_checked_before_anything_starts(
+    tmp_path: Path, args: list[str], option: str
+) -> None:
+    # Prepare
+    from typer.testing import CliRunner
+
+    from cli.app import app
+
+    # Execute
+    result = CliRunner().invoke(app, ["node", "start", "--data", str(tmp_path), "--insecure", *args])
+    # Assert
+    assert result.exit_code == 2 and option in result.output
+    assert "Traceback" not in result.output and str(tmp_path) not in result.output
+
+
+def test_warm_commands_pair_the_supernode_and_the_worker_on_loopback(tmp_path: Path) -> None:
+    # Prepare
+    from cli.node_start import _superexec_secret, _warm_commands
+
+    # Execute
+    with _superexec_secret() as secret:
+        supernode, worker = _warm_commands(["--superlink", "10.0.0.5:9092", "--port", "9201"],
+                                           port=9201, secret=secret)
+        mode = secret.stat().st_mode & 0o777
+        size = secret.stat().st_size
+    # Assert: process isolation, loopback Runtime API, one shared owner-only secret, gone after
+    assert supernode[1:3] == ["-m", "client.warm_worker.supernode"]
+    assert supernode[supernode.index("--isolation") + 1] == "process"
+    assert supernode[supernode.index("--host") + 1] == "127.0.0.1"
+    assert worker[worker.index("--runtime-api-address") + 1] == "127.0.0.1:9201"
+    key = "--superexec-auth-secret-file"
+    assert supernode[supernode.index(key) + 1] == worker[worker.index(key) + 1] == str(secret)
+    assert mode == 0o600 and size == 32 and not secret.exists()
