@@ -1,7 +1,7 @@
 """Container health checks (Dockerfile ``HEALTHCHECK``, compose ``healthcheck``).
 
 ``healthcheck.py node``
-    Healthy while a ``flower-supernode`` process runs in the container and the coordinator
+    Healthy while a SuperNode process runs in the container and the coordinator
     it was started with answers a TLS handshake verified against the CA it was given (both
     read from that process's own command line, so nothing is configured twice). This is the
     check `vesalius node start` makes before joining (``cli.supernode.probe``).
@@ -45,6 +45,22 @@ def find_program(program: str, cmdlines: Sequence[Sequence[str]]) -> list[str] |
     return None
 
 
+def find_supernode(cmdlines: Sequence[Sequence[str]]) -> list[str] | None:
+    """The SuperNode's command line: Flower's ``flower-supernode``, or a Python module named
+    ``...supernode`` run with ``-m`` (the node's warm-worker SuperNode,
+    ``python -m client.warm_worker.supernode``); both take ``--superlink`` and
+    ``--root-certificates``."""
+    found = find_program("flower-supernode", cmdlines)
+    if found is not None:
+        return found
+    for argv in cmdlines:
+        if "-m" in argv[:3]:
+            i = list(argv).index("-m")
+            if i + 1 < len(argv) and argv[i + 1].rsplit(".", 1)[-1] == "supernode":
+                return list(argv)
+    return None
+
+
 def option(argv: Sequence[str], name: str) -> str | None:
     """The value of ``--name VALUE`` or ``--name=VALUE`` in ``argv``, else None."""
     for i, arg in enumerate(argv):
@@ -57,12 +73,12 @@ def option(argv: Sequence[str], name: str) -> str | None:
 
 def check_node(cmdlines: Sequence[Sequence[str]]) -> str | None:
     """None when the SuperNode runs and its coordinator answers; else why not."""
-    argv = find_program("flower-supernode", cmdlines)
+    argv = find_supernode(cmdlines)
     if argv is None:
-        return "no flower-supernode process (still checking the data or waiting for the coordinator?)"
+        return "no SuperNode process (still checking the data or waiting for the coordinator?)"
     superlink = option(argv, "--superlink")
     if superlink is None:
-        return "the flower-supernode process has no --superlink"
+        return "the SuperNode process has no --superlink"
     ca = option(argv, "--root-certificates")
     from cli.supernode import parse_address, probe
 
@@ -86,8 +102,9 @@ def main(args: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("role", choices=["node", "coordinator"])
     parser.add_argument("--port", type=int, default=9093, help="coordinator: its port")
+    parser.add_argument("--proc", type=Path, default=Path("/proc"), help=argparse.SUPPRESS)
     ns = parser.parse_args(args)
-    cmdlines = processes()
+    cmdlines = processes(ns.proc)
     problem = (check_node(cmdlines) if ns.role == "node"
                else check_coordinator(cmdlines, ns.port))
     if problem is not None:

@@ -155,13 +155,28 @@ def test_find_program_through_interpreter() -> None:
     assert healthcheck.find_program("flower-superlink", cmdlines) is None
 
 
+def test_warm_worker_supernode_is_found() -> None:
+    """`node start` may run the SuperNode as ``python -m client.warm_worker.supernode`` (seen
+    in the compose trial); the health check finds it and reads its options."""
+    cmdlines = [["/opt/vesalius/venv/bin/python3", "/opt/vesalius/venv/bin/vesalius", "node",
+                 "start", "--superlink", "coordinator:9093"],
+                ["/opt/vesalius/venv/bin/python3", "-m", "client.warm_worker",
+                 "--runtime-api-address", "127.0.0.1:9094"],
+                ["/opt/vesalius/venv/bin/python3", "-m", "client.warm_worker.supernode",
+                 "--superlink", "coordinator:9093", "--root-certificates", "/ca/ca.crt"]]
+    found = healthcheck.find_supernode(cmdlines)
+    assert found == cmdlines[2]
+    assert healthcheck.option(found, "--root-certificates") == "/ca/ca.crt"
+    assert healthcheck.find_supernode(cmdlines[:2]) is None
+
+
 def test_processes_reads_this_process() -> None:
     mine = healthcheck.processes()
     assert any(Path(argv[0]).name.startswith("python") for argv in mine)
 
 
 def test_node_unhealthy_without_supernode() -> None:
-    assert "no flower-supernode process" in healthcheck.check_node([["vesalius", "node"]])
+    assert "no SuperNode process" in healthcheck.check_node([["vesalius", "node"]])
 
 
 @pytest.fixture
@@ -222,11 +237,16 @@ def test_coordinator_health_needs_process_and_port() -> None:
     assert problem is not None and problem.startswith(f"port {port} does not accept")
 
 
-def test_healthcheck_exit_status() -> None:
-    result = subprocess.run([sys.executable, str(DEPLOY / "healthcheck.py"), "node"],
+def test_healthcheck_exit_status(tmp_path: Path) -> None:
+    """A container whose only process is the health check itself (an empty /proc here: this
+    machine may run other tests' SuperNodes)."""
+    (tmp_path / "1").mkdir()
+    (tmp_path / "1" / "cmdline").write_bytes(b"python\0/opt/vesalius/healthcheck.py\0node\0")
+    result = subprocess.run([sys.executable, str(DEPLOY / "healthcheck.py"), "node",
+                             "--proc", str(tmp_path)],
                             capture_output=True, text=True, timeout=60,
                             cwd=Path(__file__).resolve().parents[2])
-    assert result.returncode == 1 and result.stdout.startswith("unhealthy: no flower-supernode")
+    assert result.returncode == 1 and result.stdout.startswith("unhealthy: no SuperNode")
 
 
 # --- setup.sh init, for real ---------------------------------------------------------------------
