@@ -197,7 +197,8 @@ def print_report(doc: dict[str, Any]) -> None:
     for s in doc.get("sites", []):
         cap = s.get("epsilon_cap")
         dataset = fmt_epsilon(s.get("epsilon_dataset")) + (f" / {fmt(cap, 'g')}" if cap else "")
-        sites.add_row(s["site"], str(s["num_examples"]), fmt_epsilon(s["epsilon"]),
+        patients = "hidden" if s.get("num_examples") is None else str(s["num_examples"])
+        sites.add_row(s["site"], patients, fmt_epsilon(s["epsilon"]),
                       fmt_epsilon(s.get("epsilon_prv")), dataset, fmt(s["delta"], ".1e"),
                       fmt(s["noise_multiplier"], ".3f"))
     console.print(sites)
