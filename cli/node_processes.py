@@ -72,8 +72,7 @@ class WorkerOutput:
             self._in_traceback = False
             name = text.split(":", 1)[0].strip()
             kind = name if re.fullmatch(r"[\w.]+", name) else "error"
-            return f"warm worker: a task stopped on an internal error ({kind}); its traceback " \
-                   "is not shown"
+            return f"warm worker: internal error ({kind}); its traceback is not shown"
         if text.startswith("Traceback (most recent call last)"):
             self._in_traceback = True
             return None

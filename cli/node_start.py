@@ -208,6 +208,13 @@ def start(
     if insecure and auth_private_key is not None:
         raise typer.BadParameter("SuperNode authentication needs TLS: give --root-certificates "
                                  "instead of --insecure", param_hint="'--auth-private-key'")
+    if worker == "warm":
+        from client.warm_worker.flower_seams import FlowerVersionError, require_pinned_flower
+
+        try:
+            require_pinned_flower()
+        except FlowerVersionError as exc:
+            raise typer.BadParameter(str(exc), param_hint="'--worker'") from None
     ca_file = _existing_file(root_certificates, "--root-certificates")
     auth_key = _existing_file(auth_private_key, "--auth-private-key")
     tabular_file = _existing_file(tabular, "--tabular")

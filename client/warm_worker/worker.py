@@ -102,7 +102,10 @@ def main(argv: list[str] | None = None) -> None:
 
     install_log_sanitiser()  # the supervisor redacts too; nothing identifying reaches a log
     args = parse_args(argv)
-    flower_seams.require_pinned_flower()
+    try:
+        flower_seams.require_pinned_flower()
+    except flower_seams.FlowerVersionError as exc:
+        sys.exit(str(exc))
     # Flower's own setting for its SuperExec loop (read once when the loop starts)
     os.environ[flower_seams.TASK_POLL_INTERVAL_ENV] = repr(args.task_poll_interval)
     secret = None

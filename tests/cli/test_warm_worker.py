@@ -323,8 +323,7 @@ def test_worker_output_hides_retries_and_tracebacks_and_redacts() -> None:
     shown = [out.line(text) for text in lines]
     # Assert
     assert shown[:3] == [None, None, None]
-    assert shown[3] == ("warm worker: a task stopped on an internal error (KeyError); its "
-                        "traceback is not shown")
+    assert shown[3] == "warm worker: internal error (KeyError); its traceback is not shown"
     assert shown[4] is not None and "served by warm worker 100" in shown[4]
     assert shown[5] is not None and "/data/site-1" not in shown[5] and "QPAT-001" not in shown[5]
 
@@ -367,3 +366,20 @@ def test_warm_commands_pair_the_supernode_and_the_worker_on_loopback(tmp_path: P
     key = "--superexec-auth-secret-file"
     assert supernode[supernode.index(key) + 1] == worker[worker.index(key) + 1] == str(secret)
     assert mode == 0o600 and size == 32 and not secret.exists()
+
+
+def test_warm_worker_on_another_flower_is_refused_in_one_sentence(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare
+    import flwr
+    from typer.testing import CliRunner
+
+    from cli.app import app
+
+    monkeypatch.setattr(flwr, "__version__", "1.50.0")
+    # Execute
+    result = CliRunner().invoke(app, ["node", "start", "--data", str(tmp_path), "--insecure"])
+    # Assert
+    out = " ".join(result.output.translate({ord(c): " " for c in "│╭╮╰╯─"}).split())
+    assert result.exit_code == 2 and "--worker per-message" in out and "Traceback" not in out
