@@ -27,6 +27,7 @@ def keys(
     console.print(f"public key:  {made.public_key}  fingerprint {made.fingerprint}",
                   highlight=False, soft_wrap=True)
     console.print("next: send node-key.pub to the coordinator operator, who registers it "
-                  "(`flwr supernode register node-key.pub`); compare the fingerprint with them; "
+                  f"(`vesalius coordinator register --site {site_name} --public-key "
+                  "node-key.pub`); compare the fingerprint with them; "
                   f"then `vesalius node start ... --auth-private-key {made.private_key}`",
                   highlight=False, soft_wrap=True)
