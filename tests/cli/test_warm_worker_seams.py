@@ -203,3 +203,45 @@ def test_sigint_during_a_task_aborts_the_task_not_the_worker() -> None:
     finally:
         signal.signal(signal.SIGINT, previous)
         exit_handler.registered_exit_handlers[:] = saved
+
+
+def test_supernode_launcher_caps_then_runs_flowers_entry_point(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: Flower's entry point replaced by a recorder; the patched module restored after
+    import sys
+
+    import flwr.supernode.cli as supernode_cli
+    from flwr.supernode import start_client_internal as module
+
+    from client.warm_worker import supernode
+
+    monkeypatch.setattr(module, "time", module.time)
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    seen: list[tuple[list[str], object]] = []
+    monkeypatch.setattr(supernode_cli, "flower_supernode",
+                        lambda: seen.append((list(sys.argv), module.time)))
+    monkeypatch.setenv(supernode.SLEEP_CAP_ENV, "0.05")
+    # Execute
+    supernode.main(["--superlink", "127.0.0.1:9092", "--isolation", "process"])
+    # Assert: Flower's own program name and arguments, with the capped clock in place
+    argv, clock = seen[0]
+    assert argv == ["flower-supernode", "--superlink", "127.0.0.1:9092", "--isolation", "process"]
+    assert isinstance(clock, CappedTime) and clock.cap_s == 0.05
+
+
+@pytest.mark.parametrize(("raw", "expected"), [("", 0.2), ("0.5", 0.5)])
+def test_sleep_cap_from_env(raw: str, expected: float) -> None:
+    # Execute / Assert
+    from client.warm_worker.supernode import SLEEP_CAP_ENV, sleep_cap_from_env
+
+    assert sleep_cap_from_env({SLEEP_CAP_ENV: raw}) == expected
+
+
+@pytest.mark.parametrize("raw", ["0", "4", "nan", "-1"])
+def test_sleep_cap_out_of_range_is_refused(raw: str) -> None:
+    # Execute / Assert
+    from client.warm_worker.supernode import SLEEP_CAP_ENV, sleep_cap_from_env
+
+    with pytest.raises(ValueError, match="between 0.01 and 3"):
+        sleep_cap_from_env({SLEEP_CAP_ENV: raw})
