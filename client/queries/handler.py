@@ -11,7 +11,9 @@ Flow for one QUERY message (no statistic is computed before step 4):
    (:meth:`client.release.ReleaseGuard.authorize`): a noised release over the node's epsilon
    cap, or an exact release with fewer patients than ``min-release-count``, is refused here.
 4. Compute the sums and release them through the guard (noise and ledger charge, or small-cell
-   suppression), then reply with a MetricRecord of sums and the node's site name.
+   suppression), then reply with a MetricRecord of sums and the node's site name. Inside a
+   secure-aggregation session the released values are re-encoded as exact integers for
+   masking (:mod:`client.queries.secure_release`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import client.queries  # noqa: F401  (registers every query family)
 from client.data.tabular import TabularData, load_tabular
 from client.queries.registry import QueryRequest, get_query
 from client.queries.scoring import HeldOutImages
+from client.queries.secure_release import encode_for_secure_sum, is_secure_release
 from client.release import ReleaseGuard, file_fingerprint
 from common import messages as k
 from common.config import NodeConfig, TrainPlan
@@ -102,6 +105,8 @@ def handle_query(msg: Message, context: Context, node: NodeConfig) -> Message:
     values[k.SUPPRESSED_CELLS] = int(released.suppressed_cells)
     if released.epsilon_after is not None:
         values[k.EPSILON] = float(released.epsilon_after)
+    if is_secure_release(req.config):  # masked next by client.secagg.secagg_mod
+        values = encode_for_secure_sum(values, req.config)
     from client import app as client_app
     from client.privacy_guard import NodeBudget
 
