@@ -48,6 +48,7 @@ __all__ = [
     "predictive_entropy_summary",
     "query_nodes",
     "score_calibration",
+    "secure_note",
 ]
 
 log = logging.getLogger(__name__)
@@ -72,12 +73,34 @@ class QueryRound:
         Node id -> the node's ledger head ``INDEX:HASH`` after its reply (an audit anchor).
     failures : list of dict
         ``{"node_id", "site", "query", "reason"}`` per node that did not answer usably.
+    secure : dict or None
+        Set when the round was summed under secure aggregation
+        (:mod:`server.inference_secure`): ``values`` then holds one pseudo-entry, the pooled
+        sums, and ``secure["members"]`` the nodes summed.
     """
 
     values: dict[int, dict[str, Any]] = field(default_factory=dict)
     sites: dict[int, str] = field(default_factory=dict)
     heads: dict[int, str] = field(default_factory=dict)
     failures: list[dict[str, Any]] = field(default_factory=list)
+    secure: dict[str, Any] | None = None
+
+    def nodes(self, ids: Sequence[int] | None = None) -> list[int]:
+        """The real node ids behind ``ids`` (default: every answering node).
+
+        A secure round's pseudo-entry stands for the nodes it summed.
+        """
+        out: list[int] = []
+        for i in list(self.values) if ids is None else list(ids):
+            if self.secure and int(i) < 0:
+                out += [int(n) for n in self.secure.get("members", [])]
+            else:
+                out.append(int(i))
+        return out
+
+    def site_names(self) -> list[str]:
+        """Names of the sites whose values the round holds (a secure round: all it summed)."""
+        return [self.sites.get(i, f"node-{i}") for i in self.nodes()]
 
     def pooled(self, keys: Sequence[str], nodes: Sequence[int] | None = None) -> dict[str, Any]:
         """Sum ``keys`` over the answering nodes (or the given subset)."""
@@ -121,7 +144,16 @@ def query_nodes(
     required
         Keys a reply must carry to count as an answer.
     """
+    from server.inference_secure import current, secure_round, spec_of
+
+    setting = current()
+    if setting is not None and spec_of(name) is not None:
+        return secure_round(grid, node_ids, name, config, timeout=timeout, records=records,
+                            required=required, setting=setting)
     result = QueryRound()
+    if setting is not None:
+        log.info("query %s is not covered by secure aggregation: asked in the clear", name)
+        result.secure = {"covered": False}
     messages = []
     for node_id in node_ids:
         # One RecordDict per message: records must not be shared between messages.
@@ -350,8 +382,11 @@ def _newton_fit(
         sites.update(res.sites)
         if res.failures:
             failures.extend(res.failures)
-            for f in res.failures:
-                participants.remove(int(f["node_id"]))
+            gone = [int(f["node_id"]) for f in res.failures if int(f["node_id"]) in participants]
+            if not gone:  # a secure sum that failed as a whole (its reason is in failures)
+                raise VesaliusError(str(res.failures[-1]["reason"]))
+            for node in gone:
+                participants.remove(node)
             raise _Dropped
         noised = noised or any(bool(v.get(k.NOISED, 0)) for v in res.values.values())
         pooled = res.pooled(_GLM_REQUIRED)
@@ -377,7 +412,8 @@ def _newton_fit(
                        sites=[sites[i] for i in participants if i in sites],
                        query_rounds=rounds, noised=noised)
             return out
-        out.update(status="completed", reason="", sites=[sites[i] for i in participants],
+        out.update(status="completed", reason="",
+                   sites=[sites.get(i, f"node-{i}") for i in participants],
                    query_rounds=rounds, noised=noised, fit=result.as_dict())
         return out
 
@@ -549,6 +585,24 @@ def _calibration_sums_from_histograms(
             "sq_error_sum": float(sq_error_sum)}
 
 
+_HIDDEN = "hidden by secure aggregation"
+
+
+def secure_note(res: QueryRound) -> dict[str, Any]:
+    """What a round's secure aggregation covered, for the report."""
+    info = res.secure or {}
+    if not info.get("covered"):
+        return {"covered": False, "note": "this query is not covered by secure aggregation: "
+                "its per-hospital sums were received in the clear"}
+    session = info.get("session") or {}
+    return {"covered": True, "sites_summed": len(info.get("members", [])),
+            "threshold": session.get("threshold"), "status": session.get("status"),
+            "dropped": [d.get("site") for d in session.get("dropped", [])],
+            "partial": list(info.get("partial", [])),
+            "note": "the coordinator saw only the sums over the hospitals: per-site values "
+                    "and the between-site meta-analysis are hidden"}
+
+
 def _report_schema(raw: dict[str, Any]) -> dict[str, Any]:
     """Reshape to the ``inference`` schema of :mod:`server.report_html`."""
     from common.stats.histogram import compress_histograms
@@ -670,7 +724,8 @@ def pooled_metrics(
         out.update(status="failed", reason="no node answered the metrics query")
         return out
     ids = list(first.values)
-    names = [first.sites[i] for i in ids]
+    names = first.site_names()
+    secure = first.secure is not None and bool(first.secure.get("covered"))
     noised, suppressed = _flags(first)
     pooled = first.pooled(_METRICS_REQUIRED)
     confusion = {name: int(round(float(pooled[key]))) for name, key in
@@ -707,6 +762,11 @@ def pooled_metrics(
         loglik=float(pooled[k.LOGLIK]), mean_loglik=float(pooled[k.LOGLIK]) / max(n, 1),
         auc=None, auc_note="", auc_sites=[], meta_auc=None, meta_sensitivity=None, roc={},
     )
+    if first.secure is not None:
+        out["secure_aggregation"] = secure_note(first)
+    if secure:
+        # Only the sums over the hospitals were learned: no per-site row, no meta-analysis.
+        out["per_site"] = _HIDDEN
     # Per-site sensitivity meta-analysis (logit scale) from the sites' confusion counts.
     tps = [int(round(float(first.values[i][k.TP]))) for i in ids]
     pos_counts = [tps[j] + int(round(float(first.values[i][k.FN]))) for j, i in enumerate(ids)]
@@ -720,6 +780,9 @@ def pooled_metrics(
     hists = _histograms(first)
     if not hists:
         out["auc_note"] = "no node released score histograms (release-histograms is off)"
+        if secure and (first.secure or {}).get("partial"):
+            out["auc_note"] = ("not every hospital released score histograms, and which did "
+                               "is hidden by secure aggregation: no pooled AUC")
         return out
     pos = np.sum([h[0] for h in hists.values()], axis=0)
     neg = np.sum([h[1] for h in hists.values()], axis=0)
@@ -733,8 +796,9 @@ def pooled_metrics(
             "bins' centres)")
     out["roc"] = {
         "pooled": {"pos": pos.astype(int).tolist(), "neg": neg.astype(int).tolist()},
-        "sites": {first.sites[i]: {"pos": h[0].astype(int).tolist(),
-                                   "neg": h[1].astype(int).tolist()} for i, h in hists.items()},
+        "sites": {} if secure else {
+            first.sites[i]: {"pos": h[0].astype(int).tolist(), "neg": h[1].astype(int).tolist()}
+            for i, h in hists.items()},
     }
     if pos.sum() == 0 or neg.sum() == 0:
         out["auc_note"] = "AUC undefined: one class is absent from the pooled patients"
@@ -743,7 +807,7 @@ def pooled_metrics(
     if len(hist_ids) < len(ids):
         out["auc_note"] = (f"AUC pools the {len(hist_ids)} of {len(ids)} sites that release "
                            "score histograms")
-    second = query_nodes(grid, hist_ids, "placements", base, timeout=timeout,
+    second = query_nodes(grid, first.nodes(hist_ids), "placements", base, timeout=timeout,
                          records={k.ARRAYS: arrays, k.POOLED: _pooled_record([(pos, neg)])},
                          required=_PLACEMENT_KEYS)
     out["failures"].extend(second.failures)
@@ -770,7 +834,7 @@ def pooled_metrics(
     var: list[float] = []
     sizes: list[int] = []
     site_names: list[str] = []
-    for nid in hist_ids:
+    for nid in [] if secure else hist_ids:
         values = second.values.get(nid, {})
         p_, n_ = hists[nid]
         row: dict[str, Any] = {"site": first.sites[nid], "n_pos": int(p_.sum()),
@@ -877,8 +941,9 @@ def paired_comparison(
     if both:
         pooled = [tuple(np.sum([h[i][j] for i in both], axis=0) for j in (0, 1))
                   for h in (ha, hb)]
+        ask = [n for n in firsts[0].nodes(both) if n in firsts[1].nodes(both)]
         second = query_nodes(
-            grid, both, "placements", base, timeout=timeout,
+            grid, ask, "placements", base, timeout=timeout,
             records={k.ARRAYS: arrays_a, k.ARRAYS_B: arrays_b,
                      k.POOLED: _pooled_record(pooled)},  # type: ignore[arg-type]
             required=_PLACEMENT_KEYS,
@@ -900,7 +965,7 @@ def paired_comparison(
     mc = query_nodes(grid, node_ids, "mcnemar", base, timeout=timeout,
                      records={k.ARRAYS: arrays_a, k.ARRAYS_B: arrays_b}, required=keys)
     out["failures"].extend(mc.failures)
-    out["sites"] = [mc.sites[i] for i in mc.values]
+    out["sites"] = mc.site_names()
     if mc.values:
         pooled_mc = mc.pooled(keys)
         b = int(round(float(pooled_mc[k.ONLY_A_CORRECT])))

@@ -39,7 +39,7 @@ from common import messages as k
 from common.config import TrainPlan
 from common.errors import VesaliusError
 from common.stats.multiclass import ConfusionMatrix, confusion_metrics, ovr_auc
-from server.inference import QueryRound, query_nodes
+from server.inference import QueryRound, query_nodes, secure_note
 from server.inference_labels import (
     OVR_KEYS,
     counts,
@@ -51,6 +51,7 @@ from server.inference_labels import (
     release_flags,
     roc,
 )
+from server.inference_secure import HIDDEN, is_secure
 
 __all__ = ["multiclass_inference"]
 
@@ -86,6 +87,9 @@ def _auc_part(grid: Grid, arrays: ArrayRecord, base: dict[str, Any], first: Quer
     mc = out["multiclass"]
     if not node_hists:
         out["auc_note"] = "no node released score histograms (release-histograms is off)"
+        if (first.secure or {}).get("partial"):
+            out["auc_note"] = ("not every hospital released score histograms, and which did "
+                               "is hidden by secure aggregation: no pooled AUC")
         return
     hists = pooled_histograms(node_hists)
     if len(node_hists) < len(first.values):
@@ -95,7 +99,8 @@ def _auc_part(grid: Grid, arrays: ArrayRecord, base: dict[str, Any], first: Quer
     if np.any(hists.positive.sum(axis=1) == 0) or np.any(hists.negative.sum(axis=1) == 0):
         out["auc_note"] = "AUC undefined: some class is absent from the pooled patients"
         return
-    second = query_nodes(grid, list(node_hists), "multiclass-placements", base, timeout=timeout,
+    second = query_nodes(grid, first.nodes(list(node_hists)), "multiclass-placements", base,
+                         timeout=timeout,
                          records={k.ARRAYS: arrays, k.POOLED: pooled_record(hists, OVR_KEYS)},
                          required=OVR_KEYS.placements)
     out["failures"].extend(second.failures)
@@ -174,7 +179,6 @@ def multiclass_inference(
     if not first.values:
         out.update(status="failed", reason="no node answered the multiclass-metrics query")
         return out
-    ids = list(first.values)
     noised, suppressed = release_flags(first)
     pooled = first.pooled(_METRICS_REQUIRED)
     cm = ConfusionMatrix(counts=counts(pooled[k.CONFUSION], (K, K)))
@@ -196,11 +200,13 @@ def multiclass_inference(
         out.update(status="failed", reason=reason, n=n, suppressed_cells=suppressed)
         return out
     loglik = float(pooled[k.LOGLIK])
-    out.update(status="completed", reason="", n=n, sites=[first.sites[i] for i in ids],
+    out.update(status="completed", reason="", n=n, sites=first.site_names(),
                noised=noised, suppressed_cells=suppressed, metrics_note=metrics_note,
                auc_note="")
     out["multiclass"] = {**cmetrics, "class_counts": [int(v) for v in cm.counts.sum(axis=1)],
                          "loglik": loglik, "mean_loglik": loglik / max(n, 1), "auc": None,
-                         "per_site": _site_rows(first, K)}
+                         "per_site": HIDDEN if is_secure(first) else _site_rows(first, K)}
+    if first.secure is not None:
+        out["secure_aggregation"] = secure_note(first)
     _auc_part(grid, arrays, base, first, out, K=K, alpha=alpha, timeout=timeout)
     return out
