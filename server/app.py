@@ -214,7 +214,7 @@ def run_federation(
             torch.save(arrays.to_torch_state_dict(), out_dir / "checkpoints" / "final.pt")
             report.extra["inference"] = final_inference(
                 grid, arrays, config, [n for n in grid.get_node_ids()
-                                       if n not in strategy.excluded]
+                                       if n not in strategy.excluded], secure=secure
             )
             if report.final.evaluate_metrics and failed:
                 report.status = "incomplete"
@@ -317,7 +317,8 @@ def final_model(
 
 
 def final_inference(
-    grid: Grid, arrays: ArrayRecord, config: RunConfig, node_ids: list[int]
+    grid: Grid, arrays: ArrayRecord, config: RunConfig, node_ids: list[int], *,
+    secure: bool = False,
 ) -> dict[str, object]:
     """Pooled inference on the final model over the nodes' test splits (statistics queries).
 
@@ -329,13 +330,16 @@ def final_inference(
     A failure here never fails the run: the report says why.
 
     The other tasks get their own pooled inference (:mod:`server.inference_tasks`). The
-    section's ``task`` names the run's task.
+    section's ``task`` names the run's task. ``secure``: the run's secure aggregation is on,
+    so the statistics queries it covers are summed securely (:mod:`server.inference_secure`).
     """
+    from server.inference_secure import secure_queries
     from server.inference_tasks import task_inference
 
     task = config.plan.task
     try:
-        section = task_inference(task)(grid, node_ids, arrays, config)
+        with secure_queries(secure, min_survivors=config.secagg_min_survivors):
+            section = task_inference(task)(grid, node_ids, arrays, config)
     except Exception as exc:  # noqa: BLE001 - inference is an extra; the run already completed
         log.warning("pooled inference failed: %s", exc)
         return {"task": task, "status": "failed", "reason": f"{type(exc).__name__}: {exc}"}
