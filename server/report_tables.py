@@ -187,7 +187,10 @@ def is_estimate(v: Any) -> bool:
 
 def site_table(rows: Any, columns: Sequence[tuple[str, str]]) -> str:
     """One row per hospital of a task's ``per_site`` list: ``columns`` are ``(key, title)``;
-    estimates with their intervals, missing values as a dash."""
+    estimates with their intervals, missing values as a dash. A note in place of the list
+    (e.g. "hidden by secure aggregation") is shown as such."""
+    if isinstance(rows, str) and rows:
+        return f"<p class=\"note\">Per-hospital rows: {html.escape(rows)}.</p>"
     if not isinstance(rows, list) or not rows:
         return ""
     head = "".join(f"<th>{html.escape(title)}</th>" for _, title in columns)
