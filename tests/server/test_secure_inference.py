@@ -169,3 +169,40 @@ def test_secure_calibration_fit_and_mcnemar_equal_the_plain_path(
     assert secure["mcnemar"] == plain["mcnemar"]
     assert secure["delong"]["se"] == pytest.approx(plain["delong"]["se"], rel=1e-9)
     assert secure["delong"]["diff"] == pytest.approx(plain["delong"]["diff"], abs=1e-9)
+
+
+@pytest.mark.slow  # ~75 s: two full calibrated inferences (GLM rounds, three metrics rounds)
+def test_secure_binary_headline_path_equals_the_plain_path_and_renders(
+        nodes: dict[int, NodeConfig], tmp_path: Path) -> None:
+    from cli.report_view import print_inference
+    from server.final_model import calibrated_inference
+    from server.report_html import render_report_html
+
+    a = model_arrays(0)
+    plain = calibrated_inference(InProcessGrid(nodes), NODES, a, PLAN, timeout=5)
+    grid = StageGrid(nodes)
+    with secure_queries(True, min_survivors=3):
+        sec = calibrated_inference(grid, NODES, a, PLAN, timeout=5)
+    assert _clear_per_site_values(grid) == []
+    assert sec["status"] == "completed" and sec["failures"] == []
+    # recalibration map (Newton on secure GLM sums), operating point and test metrics
+    for key in ("intercept", "slope"):
+        assert sec["calibration"]["map"][key] == pytest.approx(
+            plain["calibration"]["map"][key], rel=1e-7, abs=1e-9)
+    op, op_plain = sec["operating_point"], plain["operating_point"]
+    assert op["calibrated_threshold"] == op_plain["calibrated_threshold"]
+    assert {key: op["validation"][key] for key in ("tp", "fp", "tn", "fn")} == {
+        key: op_plain["validation"][key] for key in ("tp", "fp", "tn", "fn")}
+    assert sec["confusion"] == plain["confusion"]
+    for name in ("accuracy", "sensitivity", "specificity"):
+        assert sec["metrics"][name] == plain["metrics"][name]
+    assert sec["metrics"]["auc"]["value"] == pytest.approx(
+        plain["metrics"]["auc"]["value"], abs=1e-9)
+    assert sec["calibration"]["before"]["count"] == plain["calibration"]["before"]["count"]
+    assert sec["per_site"] == HIDDEN and sec["meta"] == {}
+    assert plain["auc_sites"] and plain["meta"]  # what the secure section leaves out
+    # the report and the CLI view render the secure section
+    text = render_report_html({"status": "completed", "inference": {"task": "binary", **sec}},
+                              tmp_path / "report.html").read_text()
+    assert "data:image/png;base64," in text
+    print_inference({"task": "binary", **sec})
