@@ -274,6 +274,7 @@ def main() -> None:
     parser.add_argument("--patients", type=int, default=None)
     parser.add_argument("--models", nargs="+", default=list(MODELS))
     parser.add_argument("--secagg", nargs="+", default=list(SECAGG), choices=SECAGG)
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--no-simulation", action="store_true")
     parser.add_argument("--no-deployment", action="store_true")
     parser.add_argument("--node-args", default="",
@@ -300,7 +301,7 @@ def main() -> None:
         _synth(work / "data10" / "data", 10, patients)
     for model in args.models:
         for secagg in secaggs:
-            for mode in MODES:
+            for mode in args.modes:
                 cell = f"{model}/secagg-{secagg}/{mode}"
                 if not args.no_deployment:
                     results["deployment_3_nodes"][cell] = deployed(
