@@ -77,7 +77,7 @@ def run_mode(work: Path, data: Path, *, mode: str, sites: int, rounds: int, mode
         if mode == "warm":  # the workers import torch once before serving; not a round cost
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline and sum(
-                    "ready" in (work / f"node-{i}.log").read_text(errors="replace")
+                    " ready:" in (work / f"node-{i}.log").read_text(errors="replace")
                     for i in range(1, sites + 1)) < sites:
                 time.sleep(0.5)
         started = time.monotonic()
