@@ -112,6 +112,7 @@ from server.progress import DelegatingGrid, ProgressCallback
 from server.transport import with_transport
 from server.report import RunReport, atomic_write, json_safe
 from server.strategies.fedavg import RoundLog, RunStopped, VesaliusFedAvg
+from server.strategies.secure import SecureFedAvg
 
 log = logging.getLogger(__name__)
 
@@ -290,6 +291,7 @@ class FoldOutcome:
     query_failures: list[dict[str, Any]] = field(default_factory=list)
     task: str = "binary"
     section: dict[str, Any] | None = None
+    secure_heldout: bool = False  # held-out statistics summed under secure aggregation
 
     def errors(self, names: Mapping[int, str]) -> list[dict[str, Any]]:
         """Refusals and failures of the fold, named by site where the coordinator knows it."""
@@ -328,7 +330,8 @@ class FoldOutcome:
         if self.task != "binary":
             return cv_tasks.fold_details(self, self.task, names)
         extra = self.summary.get("extra") or {}
-        per_site: list[dict[str, Any]] = list(extra.get("auc_sites") or [])
+        hidden = extra.get("auc_sites") if isinstance(extra.get("auc_sites"), str) else None
+        per_site: list[dict[str, Any]] = [] if hidden else list(extra.get("auc_sites") or [])
         if self.heldout is not None:
             per_site = [{"site": r.site, "n": int(r.metrics.get(k.NUM_EXAMPLES, 0)),
                          "auc": {"value": _finite(r.metrics.get(k.AUC)), "lower": None,
@@ -348,7 +351,7 @@ class FoldOutcome:
             "n_neg": self.summary.get("n_neg", 0),
             "confusion": self.summary.get("confusion"),
             "train_patients_by_site": {row["site"]: row["num_examples"] for row in self.sites},
-            "heldout_by_site": sorted(per_site, key=lambda r: str(r["site"])),
+            "heldout_by_site": hidden or sorted(per_site, key=lambda r: str(r["site"])),
             "errors": self.errors(names),
             "report": str(self.directory / REPORT_JSON),
         }
@@ -443,7 +446,15 @@ def _evaluate_fold(grid: Grid, arrays: ArrayRecord, config: RunConfig, outcome: 
     from the histograms (threshold 0.5 is a bin edge); per-site AUCs from each site's own
     histograms.
     """
+    from server.inference_secure import HIDDEN, current, is_secure
+
     res, note = query_heldout(grid, arrays, config)
+    if res is None and current() is not None:
+        # No fallback to evaluate replies: they would carry each hospital's histograms.
+        outcome.status = "incomplete"
+        outcome.reason = ("no pooled held-out statistics: the securely summed statistics "
+                          f"query failed ({note})")
+        return
     if res is not None:
         ids = list(res.values)
         pooled = res.pooled(_QUERY_REQUIRED)
@@ -464,11 +475,12 @@ def _evaluate_fold(grid: Grid, arrays: ArrayRecord, config: RunConfig, outcome: 
         else:
             notes.append(f"{suppressed} confusion cell(s) suppressed by node release rules: "
                          "threshold metrics from the released score histograms")
-        sites = []
-        for nid in ids:
+        sites: list[dict[str, Any]] | str = HIDDEN if is_secure(res) else []
+        for nid in [] if is_secure(res) else ids:
             site = summarise_histograms(res.values[nid][k.HIST_POSITIVE],
                                         res.values[nid][k.HIST_NEGATIVE])
-            sites.append({"site": res.sites[nid], "n": site["n"], "auc": site["auc"]})
+            sites.append({"site": res.sites[nid], "n": site["n"],  # type: ignore[union-attr]
+                          "auc": site["auc"]})
         outcome.summary = {
             "source": "statistics query 'metrics' (server.inference.query_nodes)",
             "source_note": "; ".join(notes) or None,
@@ -493,6 +505,16 @@ def _evaluate_fold(grid: Grid, arrays: ArrayRecord, config: RunConfig, outcome: 
     outcome.status = "completed"
 
 
+def secure_enabled(grid: Grid, config: RunConfig) -> bool:
+    """Whether the run's secure aggregation is on: :func:`server.app.run_federation`'s rule
+    (``secure-aggregation`` "on", or "auto" with at least 3 hospitals, counting the connected
+    nodes and ``min-nodes``)."""
+    from common.secagg.params import enabled
+
+    hospitals = max(len(list(grid.get_node_ids())), config.min_nodes)
+    return enabled(config.secure_aggregation, hospitals)
+
+
 def _stopped_by_refusal(rounds: Sequence[RoundLog]) -> bool:
     # Refusals are recognised by the nodes' error code (RoundLog.refusals), not by wording:
     # real nodes prefix their reasons with the site name.
@@ -502,13 +524,21 @@ def _stopped_by_refusal(rounds: Sequence[RoundLog]) -> bool:
 def run_fold(
     grid: Grid, config: RunConfig, outcome: FoldOutcome, *, train_nodes: Sequence[int] | None,
     heldout_nodes: Sequence[int] | None, progress: CVProgress | None, num_folds: int,
+    secure: bool = False,
 ) -> FoldOutcome:
     """Train a fresh model for one fold, then evaluate it on the held-out parts.
 
     ``config`` is the fold's own run config (plan with the fold's CV fields, ``out_dir`` the
     fold's folder). ``train_nodes``/``heldout_nodes`` restrict which nodes train / evaluate
-    (None: all connected nodes). Never raises for node failures: they are recorded.
+    (None: all connected nodes). ``secure``: the run's secure aggregation is on; the fold
+    trains with :class:`~server.strategies.secure.SecureFedAvg` (the coordinator sees only
+    the sum of the updates) and its held-out statistics are summed securely where they are
+    sums over several hospitals (:mod:`server.inference_secure`; not in leave-one-site-out,
+    whose held-out part is one hospital by design). Never raises for node failures: they
+    are recorded.
     """
+    from server.inference_secure import secure_queries
+
     out_dir = Path(config.out_dir)
     report = RunReport(config=config)
     plan_record = config.plan.to_record()
@@ -524,7 +554,14 @@ def run_fold(
             progress(FoldEvent("round", outcome.fold, num_folds, outcome.label,
                                entry.round, config.plan.num_rounds))
 
-    strategy = VesaliusFedAvg(
+    strategy_class: type[VesaliusFedAvg] = VesaliusFedAvg
+    secure_kwargs: dict[str, Any] = {}
+    if secure:
+        strategy_class = SecureFedAvg
+        secure_kwargs = {"min_survivors": config.secagg_min_survivors,
+                         "timeout": config.round_timeout}
+    strategy = strategy_class(
+        **secure_kwargs,
         checkpoint_dir=out_dir / "checkpoints", on_update=updated,
         on_refusal=config.on_refusal,
         fraction_train=config.fraction_train,
@@ -546,10 +583,13 @@ def run_fold(
             (out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
             torch.save(result.arrays.to_torch_state_dict(), out_dir / "checkpoints" / "final.pt")
             eval_grid = grid if heldout_nodes is None else NodeSubsetGrid(grid, heldout_nodes)
-            if config.plan.task == "binary":
-                _evaluate_fold(eval_grid, result.arrays, config, outcome)
-            else:
-                cv_tasks.evaluate_task_fold(eval_grid, result.arrays, config, outcome)
+            summed = secure and heldout_nodes is None
+            outcome.secure_heldout = summed
+            with secure_queries(summed, min_survivors=config.secagg_min_survivors):
+                if config.plan.task == "binary":
+                    _evaluate_fold(eval_grid, result.arrays, config, outcome)
+                else:
+                    cv_tasks.evaluate_task_fold(eval_grid, result.arrays, config, outcome)
         report.status, report.reason = outcome.status, outcome.reason
     except RunStopped as exc:  # every node refused (or on-refusal=stop): said, not a crash
         log.warning("fold %s stopped: %s", outcome.fold, exc)
@@ -583,6 +623,7 @@ class CVResult:
     status: str = "running"
     reason: str = ""
     html: Path | None = None
+    secure: bool = False  # the run's secure aggregation (fold training, held-out sums)
 
     @property
     def report_path(self) -> Path:
@@ -675,7 +716,25 @@ class CVResult:
                 "not_covered": _NOT_COVERED.get(plan.task, _NOT_COVERED["binary"]),
             },
             "inference": self._inference(),
+            "secure_aggregation": self._secure_record(),
             "html": str(self.html) if self.html is not None else None,
+        }
+
+    def _secure_record(self) -> dict[str, Any]:
+        """What secure aggregation covered in this cross-validation."""
+        if not self.secure:
+            return {"enabled": False, "mode": self.config.secure_aggregation}
+        summed = [f.fold for f in self.folds if f.secure_heldout]
+        return {
+            "enabled": True, "mode": self.config.secure_aggregation,
+            "covers": ["fold training (model updates, example counts, train loss)",
+                       "held-out statistics query sums (counts, histograms, float sums)"
+                       if summed else "no held-out statistics"],
+            "heldout_summed_folds": summed,
+            "note": ("per-hospital held-out values are hidden by secure aggregation"
+                     if self.mode == "kfold" else
+                     "leave-one-site-out: each fold's held-out statistics are one hospital's by "
+                     "design, so they are not summed securely (the site is named in the fold)"),
         }
 
     def _inference(self) -> dict[str, Any]:
@@ -815,6 +874,8 @@ def _run_folds(grid: Grid, config: RunConfig, spec: CVSpec, result: CVResult,
     else:
         holdouts = [("", None)] * spec.num_folds
     total = len(holdouts)
+    secure = secure_enabled(grid, config)
+    result.secure = secure
     for fold, (site, node_id) in enumerate(holdouts):
         plan = replace(config.plan, cv_mode=spec.mode, fold=fold, num_folds=total,
                        holdout_site=site, run_id=f"{base_id}-fold-{fold}")
@@ -831,7 +892,8 @@ def _run_folds(grid: Grid, config: RunConfig, spec: CVSpec, result: CVResult,
             others = [n for n in result.site_names if n != node_id]
             train_nodes, heldout_nodes = others, [node_id]
         run_fold(grid, fold_config, outcome, train_nodes=train_nodes,
-                 heldout_nodes=heldout_nodes, progress=progress, num_folds=total)
+                 heldout_nodes=heldout_nodes, progress=progress, num_folds=total,
+                 secure=secure)
         _learn_names(result.site_names, outcome)
         result.write()
         if progress is not None:

@@ -281,7 +281,10 @@ def fold_details(outcome: FoldOutcome, task: str, names: Mapping[int, str]) -> d
         "noised": extra.get("noised"),
         "suppressed_cells": extra.get("suppressed_cells"),
         "train_patients_by_site": {row["site"]: row["num_examples"] for row in outcome.sites},
-        "heldout_by_site": _site_rows(outcome, task),
+        # a note instead of rows where secure aggregation hides the hospitals' values
+        "heldout_by_site": (hidden if isinstance(hidden := _at(outcome.section or {},
+                                                               (task, "per_site")), str)
+                            else _site_rows(outcome, task)),
         "errors": outcome.errors(names),
         "report": str(outcome.directory / "report.json"),
         "heldout_inference": outcome.section,

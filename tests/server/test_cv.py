@@ -119,9 +119,11 @@ class FakeGrid(Grid):
         return replies
 
 
-def _config(tmp_path: Path, **plan: Any) -> RunConfig:
+def _config(tmp_path: Path, secure_aggregation: str = "off", **plan: Any) -> RunConfig:
+    # The fake nodes do not speak the secure-aggregation protocol: off unless a test asks.
     base = {"num_rounds": 2, "image_size": 16, "seed": 3, "run_id": "study"}
-    return RunConfig(plan=TrainPlan(**{**base, **plan}), out_dir=str(tmp_path), min_nodes=2)
+    return RunConfig(plan=TrainPlan(**{**base, **plan}), out_dir=str(tmp_path), min_nodes=2,
+                     secure_aggregation=secure_aggregation)
 
 
 def test_kfold_plans_folds_fresh_weights_and_report_after_every_fold(tmp_path: Path) -> None:
@@ -367,3 +369,76 @@ def test_real_nodes_in_process_fold_auc_and_ci_equal_direct_delong_on_pooled_sco
     assert cv["pooled"]["n"] == 40 and y.size == 40  # every patient held out exactly once
     _assert_auc_matches_pooled(cv["pooled"]["auc"], s, y)
     assert (tmp_path / "out" / "report.html").exists()
+
+
+@pytest.fixture(scope="module")
+def three_hospitals(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from client.dicom.synth import synthesize_federation
+
+    root = tmp_path_factory.mktemp("cvfed3")
+    synthesize_federation(root, n_sites=3, patients_per_site=20, image_size=16, seed=4)
+    return root
+
+
+@pytest.mark.slow
+def test_secure_cross_validation_trains_masked_and_sums_heldout_statistics(
+    tmp_path: Path, three_hospitals: Path
+) -> None:
+    """Secure aggregation on: SecureFedAvg trains every fold (train replies carry only masked
+    vectors) and the held-out statistics are summed securely; the fold and pooled AUCs still
+    equal DeLong on the pooled binned scores; per-site held-out values are hidden."""
+    from client.data import load_node_data
+    from client.data.folds import cv_splits
+    from client.training import evaluate
+    from common.config import NodeConfig
+    from common.models import build_model
+    from server.inference_secure import HIDDEN
+    from tests.client.queries.fake_grid import InProcessGrid
+
+    # Prepare
+    nodes = {
+        31 + i: NodeConfig(data_dir=three_hospitals / f"site-{i + 1}", site_name=f"site-{i + 1}",
+                           epsilon_cap=8.0, release_histograms=True, min_release_count=0,
+                           ledger_dir=tmp_path / f"ledger-{i}", device="cpu")
+        for i in range(3)
+    }
+    config = _config(tmp_path / "out", secure_aggregation="on", num_rounds=1, batch_size=8,
+                     image_size=16, target_epsilon=4.0)
+    grid = InProcessGrid(nodes)
+    # Execute
+    result = run_cross_validation(grid, config, num_folds=2, leave_one_site_out=False)
+    # Assert
+    doc = json.loads((tmp_path / "out" / "report.json").read_text())
+    cv = doc["inference"]["cv"]
+    assert result.status == "completed", cv["fold_details"]
+    assert doc["secure_aggregation"]["enabled"] and doc["secure_aggregation"][
+        "heldout_summed_folds"] == [0, 1]
+    for reply in grid.replies:  # nothing a hospital trained or released left in the clear
+        if reply.metadata.message_type == "train" and not reply.has_error():
+            assert k.SECAGG_MASKED in reply.content and k.ARRAYS not in reply.content
+        metrics = reply.content.get(k.METRICS) if not reply.has_error() else None
+        assert not set(metrics or {}) & {k.HIST_POSITIVE, k.TP, k.NUM_EXAMPLES}
+    for detail in cv["fold_details"]:
+        assert detail["heldout_by_site"] == HIDDEN and detail["errors"] == []
+        assert detail["source"].startswith("statistics query")
+    pooled_s, pooled_y = [], []
+    for row in cv["folds"]:
+        model = build_model("cnn", in_channels=1, num_classes=2, image_size=16)
+        model.load_state_dict(torch.load(tmp_path / "out" / f"fold-{row['fold']}" / "checkpoints"
+                                         / "final.pt"))
+        plan = TrainPlan(**{**{"num_rounds": 1, "image_size": 16, "seed": 3},
+                            "cv_mode": "kfold", "fold": row["fold"], "num_folds": 2})
+        scores, labels = [], []
+        for node in nodes.values():
+            data = load_node_data(node.data_dir, image_size=16, seed=0)
+            held = cv_splits(data, plan=plan, site_name=node.site_name)[1]
+            res = evaluate(model, held.images, held.labels, patient_index=held.patient_index,
+                           device="cpu")
+            scores.append(res.scores), labels.append(res.labels)
+        s, y = np.concatenate(scores), np.concatenate(labels)
+        assert row["n"] == y.size
+        _assert_auc_matches_pooled(row["auc"], s, y)
+        pooled_s.append(s), pooled_y.append(y)
+    s, y = np.concatenate(pooled_s), np.concatenate(pooled_y)
+    assert cv["pooled"]["n"] == 60
+    _assert_auc_matches_pooled(cv["pooled"]["auc"], s, y)
