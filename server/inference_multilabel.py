@@ -38,7 +38,8 @@ from common.config import TrainPlan
 from common.errors import VesaliusError
 from common.stats.metrics import proportion_ci
 from common.stats.multilabel import label_aucs
-from server.inference import QueryRound, query_nodes
+from server.inference import QueryRound, query_nodes, secure_note
+from server.inference_secure import HIDDEN, is_secure
 from server.inference_labels import (
     LabelKeys,
     counts,
@@ -123,7 +124,8 @@ def _auc_part(grid: Grid, arrays: ArrayRecord, base: dict[str, Any], first: Quer
                      + ": no pooled positive or no pooled negative patient")
         out["auc_note"] = "; ".join(notes)
         return
-    second = query_nodes(grid, list(node_hists), PLACEMENTS_QUERY, base, timeout=timeout,
+    second = query_nodes(grid, first.nodes(list(node_hists)), PLACEMENTS_QUERY, base,
+                         timeout=timeout,
                          records={k.ARRAYS: arrays, k.POOLED: pooled_record(hists, KEYS)},
                          required=KEYS.placements)
     out["failures"].extend(second.failures)
@@ -217,15 +219,16 @@ def multilabel_inference(
         metrics_note = (f"{suppressed} small cell(s) of the per-finding 2 x 2 tables were "
                         "suppressed (released as 0): sensitivity and specificity at 0.5 are "
                         "computed on suppressed counts and differ from the pooled-data values")
-    ids = list(first.values)
     positives = table[:, 0] + table[:, 2]
-    out.update(status="completed", reason="", n=n, sites=[first.sites[i] for i in ids],
+    out.update(status="completed", reason="", n=n, sites=first.site_names(),
                noised=noised, suppressed_cells=suppressed, metrics_note=metrics_note,
                auc_note="")
     out["multilabel"] = {
         "positives": [int(v) for v in positives],
         "prevalence": [float(v) / n if n else None for v in positives],
         **_threshold_metrics(table, alpha=alpha, method=ci_method),
-        "auc": None, "per_site": _site_rows(first, K)}
+        "auc": None, "per_site": HIDDEN if is_secure(first) else _site_rows(first, K)}
+    if first.secure is not None:
+        out["secure_aggregation"] = secure_note(first)
     _auc_part(grid, arrays, base, first, out, K=K, alpha=alpha, timeout=timeout)
     return out

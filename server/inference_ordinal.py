@@ -38,7 +38,8 @@ from common.config import TrainPlan
 from common.errors import VesaliusError
 from common.stats.multiclass import ConfusionMatrix, confusion_metrics
 from common.stats.ordinal import mean_absolute_grade_error, weighted_kappa
-from server.inference import QueryRound, query_nodes
+from server.inference import QueryRound, query_nodes, secure_note
+from server.inference_secure import HIDDEN, is_secure
 from server.inference_labels import counts, release_flags
 
 __all__ = ["ordinal_inference"]
@@ -168,11 +169,12 @@ def ordinal_inference(
         metrics_note = ((metrics_note + "; ") if metrics_note else "") + (
             "weighted kappa undefined: every patient has the same true and the same "
             "predicted grade")
-    ids = list(first.values)
-    out.update(status="completed", reason="", sites=[first.sites[i] for i in ids],
+    out.update(status="completed", reason="", sites=first.site_names(),
                metrics_note=metrics_note)
+    if first.secure is not None:
+        out["secure_aggregation"] = secure_note(first)
     out["ordinal"] = {"kappa_quadratic": quad.as_dict(), "kappa_linear": lin.as_dict(),
                       "mae": mae.as_dict(), **cmetrics,
                       "class_counts": [int(v) for v in cm.counts.sum(axis=1)],
-                      "per_site": _site_rows(first, K)}
+                      "per_site": HIDDEN if is_secure(first) else _site_rows(first, K)}
     return out

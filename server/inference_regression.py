@@ -44,7 +44,8 @@ from common.stats.regression import (
     abs_error_quantile,
     regression_metrics,
 )
-from server.inference import QueryRound, query_nodes
+from server.inference import QueryRound, query_nodes, secure_note
+from server.inference_secure import HIDDEN, is_secure
 from server.inference_labels import release_flags
 
 __all__ = ["DEFAULT_BINS", "DEFAULT_LOWER", "DEFAULT_UPPER", "regression_inference"]
@@ -211,15 +212,18 @@ def regression_inference(
         mae["lower"] = 0.0
     notes = []
     if res.failures:
-        notes.append(f"pooled over the {len(res.values)} of {len(node_ids)} sites that answered")
+        notes.append(f"pooled over the {len(res.nodes())} of {len(node_ids)} sites that answered")
     if suppressed and not noised:
         notes.append(f"{suppressed} small |error| histogram cell(s) were suppressed (released "
                      "as 0): the binned median is located on suppressed counts")
     hist = _histogram(res, int(abs_error_bins), width)
     out.update(status="completed", reason="", n=pooled.n,
-               sites=[res.sites[i] for i in res.values], noised=noised,
+               sites=res.site_names(), noised=noised,
                suppressed_cells=suppressed, note="; ".join(notes))
     out["regression"] = {**metrics, "median_abs_error": (hist or {}).get("median"),
                          "bland_altman": _bland_altman(metrics, BLAND_ALTMAN_Z),
-                         "abs_error_histogram": hist, "per_site": _site_rows(res, width)}
+                         "abs_error_histogram": hist,
+                         "per_site": HIDDEN if is_secure(res) else _site_rows(res, width)}
+    if res.secure is not None:
+        out["secure_aggregation"] = secure_note(res)
     return out

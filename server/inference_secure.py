@@ -169,6 +169,51 @@ def _multiclass_placements(config: Mapping[str, Any]) -> tuple[dict[str, int], t
             k.OVR_V01_SUM: K, k.OVR_V01_SQ: K, k.OVR_CROSS: K * K, **_FLAGS}, ()
 
 
+@register_spec("ordinal-metrics")
+def _ordinal(config: Mapping[str, Any]) -> tuple[dict[str, int], tuple[str, ...]]:
+    K = _classes(config)
+    return {k.NUM_EXAMPLES: 1, k.CONFUSION: K * K, **_FLAGS}, ()
+
+
+@register_spec("multilabel-metrics")
+def _multilabel_metrics(config: Mapping[str, Any]) -> tuple[dict[str, int], tuple[str, ...]]:
+    K = _classes(config)
+    keys = {k.NUM_EXAMPLES: 1, k.LABEL_CONFUSION: K * 4, **_FLAGS}
+    optional: tuple[str, ...] = ()
+    if bool(config.get(k.WITH_HISTOGRAMS, True)):
+        keys.update({k.LABEL_HIST_POSITIVE: K * _fine_bins(),
+                     k.LABEL_HIST_NEGATIVE: K * _fine_bins()})
+        optional = (k.LABEL_HIST_POSITIVE, k.LABEL_HIST_NEGATIVE)
+    return keys, optional
+
+
+@register_spec("multilabel-placements")
+def _multilabel_placements(config: Mapping[str, Any]) -> tuple[dict[str, int], tuple[str, ...]]:
+    K = _classes(config)
+    return {k.LABEL_NUM_POSITIVE: K, k.LABEL_NUM_NEGATIVE: K, k.LABEL_V10_SUM: K,
+            k.LABEL_V10_SQ: K, k.LABEL_V01_SUM: K, k.LABEL_V01_SQ: K, k.LABEL_CROSS: K * K,
+            **_FLAGS}, ()
+
+
+@register_spec("regression-metrics")
+def _regression(config: Mapping[str, Any]) -> tuple[dict[str, int], tuple[str, ...]]:
+    keys = {key: 1 for key in (k.NUM_EXAMPLES, k.REG_SUM_Y, k.REG_SUM_PRED, k.REG_SUM_Y2,
+                               k.REG_SUM_PRED2, k.REG_SUM_Y_PRED, k.REG_SUM_ABS_ERROR,
+                               k.REG_SUM_SQ_ERROR, k.REG_SUM_ERROR)}
+    keys.update(_FLAGS)
+    if bool(config.get(k.WITH_HISTOGRAMS, True)):
+        keys[k.REG_ABS_ERROR_HIST] = int(config.get(k.ABS_ERROR_BINS, 20))
+    return keys, ()
+
+
+@register_spec("segmentation-metrics")
+def _segmentation(config: Mapping[str, Any]) -> tuple[dict[str, int], tuple[str, ...]]:
+    keys = {key: 1 for key in (k.NUM_EXAMPLES, k.SEG_SUM_DICE, k.SEG_SUM_DICE_SQ,
+                               k.SEG_NUM_HD95, k.SEG_SUM_HD95, k.SEG_SUM_HD95_SQ,
+                               k.SEG_EMPTY_BOTH, k.SEG_EMPTY_ONE)}
+    return {**keys, **_FLAGS}, ()
+
+
 def decode_fixed(cells: np.ndarray, present: int) -> np.ndarray:
     """The sum of ``present`` nodes' values from the summed hi/lo cells (see the module)."""
     ints = [int(x) for x in np.asarray(cells, dtype=np.int64)]

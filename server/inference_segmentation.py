@@ -31,7 +31,8 @@ from common import messages as k
 from common.config import TrainPlan
 from common.errors import VesaliusError
 from common.stats.segmentation import SegmentationSums, per_site_summaries, segmentation_summary
-from server.inference import QueryRound, query_nodes
+from server.inference import QueryRound, query_nodes, secure_note
+from server.inference_secure import HIDDEN, is_secure
 from server.inference_labels import release_flags
 
 __all__ = ["segmentation_inference"]
@@ -141,15 +142,17 @@ def segmentation_inference(
         return out
     notes = []
     if res.failures:
-        notes.append(f"pooled over the {len(res.values)} of {len(node_ids)} sites that answered")
+        notes.append(f"pooled over the {len(res.nodes())} of {len(node_ids)} sites that answered")
     if suppressed and not noised:
         notes.append(f"{suppressed} small empty-case count(s) were suppressed (released as 0)")
-    per_site = []
-    for nid, values in res.values.items():
-        per_site.append({"site": res.sites[nid],
+    per_site: list[dict[str, Any]] | str = HIDDEN if is_secure(res) else []
+    for nid, values in [] if is_secure(res) else res.values.items():
+        per_site.append({"site": res.sites[nid],  # type: ignore[union-attr]
                          **_summary(values, sites[str(nid)].as_dict())})
     out.update(status="completed", reason="", n=pooled["n"],
-               sites=[res.sites[i] for i in res.values], noised=noised,
+               sites=res.site_names(), noised=noised,
                suppressed_cells=suppressed, note="; ".join(notes))
     out["segmentation"] = {**_summary(pooled_values, pooled), "per_site": per_site}
+    if res.secure is not None:
+        out["secure_aggregation"] = secure_note(res)
     return out

@@ -223,3 +223,27 @@ def test_noised_multilabel_releases_are_charged_and_still_pooled(
         entries = NodeBudget.for_node(node).ledger.entries(f"fp-{node.site_name}")
         assert [(e.release, e.level) for e in entries] == [
             ("query:multilabel-metrics", "patient"), ("query:multilabel-placements", "patient")]
+
+
+@pytest.mark.parametrize("drop", [{}, {33: "train"}])
+def test_secure_aggregation_gives_the_plain_sections_numbers(
+        tmp_path: Path, drop: dict[int, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from server.inference_secure import HIDDEN, secure_queries
+    from tests.server.test_secure_inference import (
+        StageGrid,
+        _clear_per_site_values,
+        assert_same_section,
+    )
+
+    _serve(monkeypatch)
+    nodes = make_nodes(tmp_path)
+    arrays = model_arrays(PLAN, 2, scale=3.0)
+    summed = [n for n in nodes if n not in drop]
+    plain = multilabel_inference(InProcessGrid(nodes), summed, arrays, PLAN, timeout=5)
+    grid = StageGrid(nodes, drop)
+    with secure_queries(True, min_survivors=2):
+        sec = multilabel_inference(grid, list(nodes), arrays, PLAN, timeout=5)
+    assert sec["status"] == "completed" and [f["node_id"] for f in sec["failures"]] == list(drop)
+    assert_same_section(sec, plain)
+    assert sec["multilabel"]["per_site"] == HIDDEN and sec["secure_aggregation"]["covered"]
+    assert _clear_per_site_values(grid) == []

@@ -280,3 +280,25 @@ def test_noised_releases_are_charged_and_still_pooled(arrays: ArrayRecord,
         entries = NodeBudget.for_node(node).ledger.entries(f"fingerprint-{node.site_name}")
         assert [(e.release, e.level) for e in entries] == [
             ("query:regression-metrics", "patient")]
+
+
+def test_secure_aggregation_gives_the_plain_sections_numbers(tmp_path: Path,
+                                                             arrays: ArrayRecord) -> None:
+    from server.inference_secure import HIDDEN, secure_queries
+    from tests.server.test_secure_inference import (
+        StageGrid,
+        _clear_per_site_values,
+        assert_same_section,
+    )
+
+    nodes = _nodes(tmp_path)
+    plain = regression_inference(InProcessGrid(nodes), list(nodes), arrays, PLAN, timeout=5,
+                   value_lower=LOWER, value_upper=UPPER, abs_error_bins=BINS)
+    grid = StageGrid(nodes)
+    with secure_queries(True, min_survivors=2):  # two hospitals: no dropout can be tolerated
+        sec = regression_inference(grid, list(nodes), arrays, PLAN, timeout=5,
+                   value_lower=LOWER, value_upper=UPPER, abs_error_bins=BINS)
+    assert sec["status"] == "completed" and sec["failures"] == []
+    assert_same_section(sec, plain)
+    assert sec["regression"]["per_site"] == HIDDEN and sec["secure_aggregation"]["covered"]
+    assert _clear_per_site_values(grid) == []

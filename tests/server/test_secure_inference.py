@@ -61,6 +61,31 @@ class StageGrid(InProcessGrid):
         return super().send_and_receive(keep, timeout=timeout)
 
 
+_PER_SITE = {"per_site", "sites", "secure_aggregation", "ledger_heads", "failures", "auc_sites",
+             "meta", "note"}
+
+
+def assert_same_section(secure: Any, plain: Any, path: str = "") -> None:
+    """The secure section equals the plain one: counts (ints) exactly, floats within rel
+    1e-7 (the float sums are within n x 2^-33 of the plain ones; variances from sums of
+    squares amplify that by cancellation); per-site parts are left out (hidden, or absent)."""
+    if isinstance(plain, Mapping):
+        assert isinstance(secure, Mapping), path
+        for key in plain:
+            if key in _PER_SITE or str(key).startswith("meta_"):
+                continue
+            assert key in secure, f"{path}.{key} missing"
+            assert_same_section(secure[key], plain[key], f"{path}.{key}")
+    elif isinstance(plain, (list, tuple)) and not isinstance(plain, str):
+        assert isinstance(secure, (list, tuple)) and len(secure) == len(plain), path
+        for i, (a, b) in enumerate(zip(secure, plain, strict=True)):
+            assert_same_section(a, b, f"{path}[{i}]")
+    elif isinstance(plain, float) and not isinstance(plain, bool):
+        assert secure == pytest.approx(plain, rel=1e-7, abs=1e-9, nan_ok=True), path
+    else:
+        assert secure == plain, path
+
+
 def _pooled(nodes: Mapping[int, NodeConfig], ids: Iterable[int]) -> tuple[np.ndarray, np.ndarray]:
     a = model_arrays(0)
     parts = [reference_scores(nodes[i], a, k.SPLIT_TEST) for i in ids]
