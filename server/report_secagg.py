@@ -21,11 +21,16 @@ from typing import Any
 __all__ = ["COVERS", "NOT_COVERED", "secagg_html", "secagg_lines", "secagg_record"]
 
 COVERS = ("model updates", "training example counts", "training loss",
-          "per-round validation score histograms", "the final test score histograms")
+          "per-round validation score histograms", "the final test score histograms",
+          "the sums the pooled-inference statistics queries release (binary metrics, "
+          "placements, McNemar and calibration/logistic fits; multiclass, ordinal, "
+          "multilabel, regression, segmentation), after each hospital's own release rules",
+          "cross-validation fold training and k-fold held-out statistics")
 NOT_COVERED = ("per-site validation and test metrics (loss, accuracy, AUC, patients)",
-               "the pooled-inference statistics queries (they release under each hospital's "
-               "own release rules)",
-               "cross-validation runs",
+               "per-hospital rows and between-site meta-analyses of the pooled inference "
+               "(not computed: hidden by secure aggregation)",
+               "conformal, predictive-entropy and ELM-readout queries, and leave-one-site-out "
+               "held-out statistics (one hospital's by design)",
                "each hospital's privacy accounting (epsilon, delta, noise multiplier), which "
                "is derived from, and so hints at, its patient count")
 
