@@ -302,3 +302,11 @@ def test_secure_aggregation_gives_the_plain_sections_numbers(tmp_path: Path,
     assert_same_section(sec, plain)
     assert sec["regression"]["per_site"] == HIDDEN and sec["secure_aggregation"]["covered"]
     assert _clear_per_site_values(grid) == []
+    # the HTML report and the CLI view render the section, saying the rows are hidden
+    from cli.report_view import print_inference
+    from server.report_html import render_report_html
+
+    text = render_report_html({"status": "completed", "inference": sec},
+                              tmp_path / "report.html").read_text()
+    assert "hidden by secure aggregation" in text
+    print_inference(sec)

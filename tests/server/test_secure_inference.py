@@ -231,3 +231,29 @@ def test_secure_binary_headline_path_equals_the_plain_path_and_renders(
                               tmp_path / "report.html").read_text()
     assert "data:image/png;base64," in text
     print_inference({"task": "binary", **sec})
+
+
+def test_noised_releases_are_noised_before_masking_and_charged(
+        nodes: dict[int, NodeConfig], tmp_path: Path) -> None:
+    """Node release rules apply first: Gaussian noise (negative values included) is added and
+    charged at each node, then the noised values are masked; the sums stay usable."""
+    from dataclasses import replace
+
+    from client.app import _load
+    from client.privacy_guard import NodeBudget
+
+    noisy = {n: replace(c, stats_noise_multiplier=1.0, epsilon_cap=1e6,
+                        ledger_dir=tmp_path / f"ledger-{n}") for n, c in nodes.items()}
+    grid = StageGrid(noisy)
+    with secure_queries(True, min_survivors=3):
+        res = inference.pooled_metrics(grid, NODES, model_arrays(0), PLAN, split=k.SPLIT_TEST,
+                                       timeout=5)
+    assert res["status"] == "completed" and res["noised"] and res["failures"] == []
+    assert 0.0 <= res["metrics"]["auc"]["value"] <= 1.0 and res["per_site"] == HIDDEN
+    s, _ = _pooled(nodes, NODES)
+    assert abs(res["n"] - s.size) <= 30  # the patient count is noised (sd 1 per node)
+    assert _clear_per_site_values(grid) == []
+    for node in noisy.values():
+        entries = NodeBudget.for_node(node).ledger.entries(_load(node, PLAN).fingerprint)
+        assert [e.release for e in entries] == ["query:metrics", "query:placements"]
+        assert all(e.mechanism.kind == "gaussian" for e in entries)

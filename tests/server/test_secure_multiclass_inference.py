@@ -45,7 +45,7 @@ def _home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.parametrize("drop", [{}, {33: "train"}])
 def test_secure_multiclass_inference_equals_the_plain_path_and_sklearn(
-        nodes: dict[int, NodeConfig], drop: dict[int, str]) -> None:
+        nodes: dict[int, NodeConfig], drop: dict[int, str], tmp_path: Path) -> None:
     arrays = multiclass_arrays(0)
     summed = [n for n in NODES if n not in drop]
     plain = multiclass_inference(InProcessGrid(nodes), summed, arrays, PLAN, timeout=5)
@@ -73,3 +73,8 @@ def test_secure_multiclass_inference_equals_the_plain_path_and_sklearn(
     assert sec["secure_aggregation"]["covered"] and sec["sites"] == [
         f"m{NODES.index(n) + 1}" for n in summed]
     assert _clear_per_site_values(grid) == []
+    from cli.report_view import print_inference
+    from server.report_html import render_report_html
+
+    render_report_html({"status": "completed", "inference": sec}, tmp_path / "report.html")
+    print_inference(sec)
