@@ -106,6 +106,10 @@ class Child:
     restarts: int = 0
     delay_s: float = FIRST_RESTART_DELAY_S
     restart_at: float | None = None
+    #: Asked to stop for a fresh start (after a reconnection): started again at once, quietly;
+    #: killed if it has not ended by ``kill_at``.
+    renewing: bool = False
+    kill_at: float | None = None
 
 
 def stop_group(pgid: int, sig: int) -> None:
@@ -166,6 +170,26 @@ def _schedule_restart(child: Child, code: int, now: float, say: Say) -> None:
     say(f"{child.name} stopped (exit status {code}); restarting it in {child.delay_s:g} s "
         f"(restart {child.restarts}); the node keeps its connection to the coordinator")
     child.delay_s = min(child.delay_s * 2, MAX_RESTART_DELAY_S)
+
+
+#: How the SuperNode's translated output says the link is back (cli/supernode.FlowerOutput).
+RECONNECTED = "reconnected to the coordinator"
+
+
+def _renew(helpers: Sequence[Child], now: float, grace_s: float, say: Say) -> None:
+    """Start restartable helpers afresh after the coordinator link came back.
+
+    A warm worker may still be serving a task of the connection that was lost (e.g. a run the
+    restarted coordinator no longer runs); Flower's task runner retries such a task's requests
+    without end and the worker would serve nothing else. What a task had not yet sent is void
+    after the outage anyway; what it had recorded (the ledger) is on disk.
+    """
+    for helper in helpers:
+        if helper.restart and helper.proc is not None and helper.proc.poll() is None:
+            say(f"starting {helper.name} afresh after the reconnection (a task of the lost "
+                "connection may still hold it)")
+            helper.renewing, helper.kill_at = True, now + max(grace_s, 1.0) * 2
+            stop_group(helper.proc.pid, signal.SIGTERM)
 
 
 def supervise_children(
@@ -231,6 +255,15 @@ def supervise_children(
                 assert helper.proc is not None
                 if stopping or main_done_at is not None:
                     continue
+                if helper.renewing and helper.proc.poll() is None:
+                    if helper.kill_at is not None and now >= helper.kill_at:
+                        stop_group(helper.proc.pid, signal.SIGKILL)
+                        helper.kill_at = None
+                    continue
+                if helper.renewing:  # ended as asked: a fresh one at once
+                    helper.renewing, helper.kill_at = False, None
+                    _start(helper, env, pumps, popen)
+                    continue
                 if helper.restart_at is None and helper.proc.poll() is not None:
                     if helper.restart:
                         _schedule_restart(helper, helper.proc.returncode, now, say)
@@ -248,6 +281,8 @@ def supervise_children(
             shown = child.output.line(raw)
             if shown is not None:
                 say(shown)
+            if child is main and shown is not None and shown.startswith(RECONNECTED):
+                _renew(helpers, time.monotonic(), grace_s, say)
         code = main.proc.wait()
     finally:
         for sig, handler in previous.items():

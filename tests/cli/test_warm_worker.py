@@ -237,6 +237,29 @@ def test_a_crashed_helper_is_restarted_with_a_line_while_main_keeps_running(tmp_
     assert helper.proc is not None and helper.proc.poll() is not None  # stopped at the end
 
 
+def test_a_reconnection_starts_the_worker_afresh_even_one_that_ignores_sigterm(
+        tmp_path: Path) -> None:
+    # Prepare: main reports a reconnection after 1 s; the helper ignores SIGTERM (a task stuck
+    # on a run the restarted coordinator no longer runs) and records each start
+    starts = tmp_path / "starts"
+    main = Child("main", _py("import time; time.sleep(1); print('reconnected to the "
+                             "coordinator at x after 5 s', flush=True); time.sleep(8)"), _Echo())
+    helper = Child("the warm worker", _py(
+        f"import signal, time, pathlib; signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        f"p = pathlib.Path({str(starts)!r}); p.write_text(p.read_text() + 'x' if p.exists() "
+        "else 'x')\ntime.sleep(60)"), _Echo(), restart=True)
+    shown: list[str] = []
+    # Execute
+    code, _ = supervise_children(main, [helper], dict(os.environ), say=shown.append, grace_s=1)
+    # Assert: one line, a second start (the stuck one killed after the grace), no crash line
+    assert code == 0
+    assert [s for s in shown if "afresh" in s] == [
+        "starting the warm worker afresh after the reconnection (a task of the lost connection "
+        "may still hold it)"]
+    assert starts.read_text() == "xx"
+    assert not any("restarting it" in s for s in shown)
+
+
 def test_main_ending_stops_the_helpers_and_returns_its_status() -> None:
     # Prepare
     main = Child("main", _py("import sys, time; time.sleep(1); sys.exit(5)"), _Echo())
