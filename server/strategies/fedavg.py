@@ -299,16 +299,24 @@ class VesaliusFedAvg(FedAvg):
         messages = super().configure_evaluate(server_round, arrays, config, grid)
         return self._remember(server_round, "evaluate", messages)
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Record per-site train replies, aggregate with FedAvg, checkpoint the result."""
+    def _record_train(self, server_round: int, replies: Iterable[Message]
+                      ) -> tuple[int, list[Message], RoundLog]:
+        """A round's train replies in its log: the run's round number (a resumed run's count),
+        the replies with any a wrapper kept back, and the round's log entry, with who did not
+        answer named (and noted as dropped)."""
         server_round += self.round_offset
         replies = list(replies) + self._pending_errors.pop(server_round, [])
         entry = self._log(server_round)
         missing = self._record(entry, replies, self._expected.get((server_round, "train"), []),
                                train=True, sites=self.sites)
         self._note_drops(entry, missing, "train")
+        return server_round, replies, entry
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Record per-site train replies, aggregate with FedAvg, checkpoint the result."""
+        server_round, replies, entry = self._record_train(server_round, replies)
         results = [m for m in replies if not m.has_error() and _trained(m)]
         if len(results) < self.min_train_nodes:
             # Flower would aggregate whatever arrived; a run promised min-nodes hospitals.

@@ -189,12 +189,7 @@ class SecureFedAvg(VesaliusFedAvg):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Unmask the survivors' sum and turn it into the FedAvg (or noised) model."""
-        server_round += self.round_offset
-        replies = list(replies) + self._pending_errors.pop(server_round, [])
-        entry = self._log(server_round)
-        missing = self._record(entry, replies, self._expected.get((server_round, "train"), []),
-                               train=True, sites=self.sites)
-        self._note_drops(entry, missing, "train")
+        server_round, replies, entry = self._record_train(server_round, replies)
         opened = self._close(server_round, "train", replies)
         sent = self._sent.pop(server_round, None)
         arrays = metrics = None
