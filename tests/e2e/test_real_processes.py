@@ -124,8 +124,8 @@ def test_superlink_two_supernodes_two_rounds_of_an_ordinal_task(
             "--min-release-count", "1", "--task", "ordinal", "--num-classes", "3",
             "--root-certificates", ca, "--flwr-home", str(home)))
     out = tmp_path / "run"
-    # Execute: the operator submits a 2-round ordinal run through the CLI. Each message to a
-    # node starts a fresh flwr-clientapp process (issue 15's warm worker removes that cost).
+    # Execute: the operator submits a 2-round ordinal run through the CLI (each node serves
+    # its messages from its warm worker, `vesalius node start`'s default).
     run = subprocess.run(
         _vesalius("federation", "run", "--superlink", f"127.0.0.1:{link}", "--root-certificates", ca,
                   "--task", "ordinal", "--num-classes", "3",
