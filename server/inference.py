@@ -596,7 +596,7 @@ def secure_note(res: QueryRound) -> dict[str, Any]:
                 "its per-hospital sums were received in the clear"}
     session = info.get("session") or {}
     return {"covered": True, "sites_summed": len(info.get("members", [])),
-            "threshold": session.get("threshold"), "status": session.get("status"),
+            "shares_needed": session.get("threshold"), "status": session.get("status"),
             "dropped": [d.get("site") for d in session.get("dropped", [])],
             "partial": list(info.get("partial", [])),
             "note": "the coordinator saw only the sums over the hospitals: per-site values "

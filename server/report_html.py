@@ -228,6 +228,11 @@ def build_html(report: Mapping[str, Any], *, overlays_html: str = "") -> str:
     if figs:
         parts.append(_section("figures", f'<div class="figs">{"".join(figs)}</div>'))
     by_site = tables.safe(lambda: site_results_section(report), "per-hospital results")
+    if by_site and report.get("secure_aggregation"):
+        by_site += ('<p class="note">These per-hospital test figures are each hospital\'s own '
+                    "final evaluation reply, which secure aggregation does not cover: every "
+                    "hospital released them in the clear (exact, on its ledger). The pooled "
+                    "figures above were summed securely.</p>")
     if by_site:
         parts.append(_section("sites", by_site))
     metas = {str(n): m for n, m in (inf.get("meta") or {}).items() if tables.is_meta(m)}

@@ -81,6 +81,8 @@ LABELS: dict[str, str] = {
     "releases": "Releases",
     # operating point and selection
     "threshold": "Decision threshold (on the model's own scores)",
+    "shares_needed": "Hospitals needed to unmask the sum (secret-sharing threshold)",
+    "sites_summed": "Hospitals in the sum",
     "calibrated_threshold": "Decision threshold (on the calibrated probabilities)",
     "target_sensitivity": "Target sensitivity", "calibration": "Recalibration",
     "chosen_on": "Chosen on", "source": "From", "final_round": "Final model from round",
