@@ -97,7 +97,8 @@ _TLS_FIX_PLAIN = ("the coordinator serves plain text: ask its operator to enable
 AUTH_REFUSED = LinkProblem(
     "auth", "authentication refused",
     "ask the coordinator's operator to register this node's public key "
-    "(flwr supernode register), and give its private key with --auth-private-key",
+    "(vesalius coordinator register --site NAME --public-key node-key.pub), and give its "
+    "private key with --auth-private-key",
     retryable=False,
 )
 
@@ -116,7 +117,7 @@ _TEXT_CAUSES: tuple[tuple[tuple[str, ...], LinkProblem], ...] = (
      LinkProblem("tls", "TLS: the server does not speak TLS", _TLS_FIX_PLAIN, False)),
     (("unauthorized", "unauthenticated", "permission_denied", "permission denied",
       "supernode authentication", "must be registered", "authentication failed",
-      "public key already in use", "invalid signature"),
+      "public key already in use", "invalid signature", "failed to activate supernode"),
      AUTH_REFUSED),
     (("connection refused",), _unreachable("connection refused")),
     (("name or service not known", "nodename nor servname", "temporary failure in name",

@@ -374,3 +374,11 @@ def test_graded_labels_are_checked_with_the_task_the_hospital_declares(tmp_path:
     assert binary.exit_code == 4 and "other than 0 and 1" in _flat(binary.output)
     assert ordinal.exit_code == 8, ordinal.output
     assert "images with ordinal targets" in _flat(ordinal.output)
+
+
+def test_flowers_refusal_of_an_unregistered_key_is_an_authentication_problem() -> None:
+    from cli.supernode import classify_text
+
+    problem = classify_text("ERROR :     [code: 2004] Failed to activate SuperNode.")
+    assert problem is not None and problem.kind == "auth" and not problem.retryable
+    assert "vesalius coordinator register" in problem.fix
