@@ -210,5 +210,6 @@ def test_a_multiclass_run_reports_pooled_metrics_equal_to_sklearn(tmp_path: Path
     aucs = [roc_auc_score(y == c, binned[:, c]) for c in range(3)]
     np.testing.assert_allclose([e["value"] for e in mc["auc"]["per_class"]], aucs, atol=1e-12)
     macro = mc["auc"]["macro"]
-    assert macro["value"] == pytest.approx(np.mean(aucs), abs=1e-12)
+    # three hospitals: the sums travel securely, as 32.32 fixed point (error <= n * 2**-33)
+    assert macro["value"] == pytest.approx(np.mean(aucs), abs=1e-9)
     assert macro["lower"] <= macro["value"] <= macro["upper"]
