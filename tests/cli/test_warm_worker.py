@@ -197,7 +197,7 @@ def test_close_stops_running_tasks_in_the_worker_only() -> None:
     executor.close()
     # Assert
     assert still_running == {child: 7}
-    assert executor.children == {} and time.monotonic() - started < 10
+    assert executor.children == {} and time.monotonic() - started < 60  # no hang
     with pytest.raises(ProcessLookupError):
         os.kill(child, 0)
 
@@ -243,7 +243,7 @@ def test_a_reconnection_starts_the_worker_afresh_even_one_that_ignores_sigterm(
     # on a run the restarted coordinator no longer runs) and records each start
     starts = tmp_path / "starts"
     main = Child("main", _py("import time; time.sleep(1); print('reconnected to the "
-                             "coordinator at x after 5 s', flush=True); time.sleep(8)"), _Echo())
+                             "coordinator at x after 5 s', flush=True); time.sleep(20)"), _Echo())
     helper = Child("the warm worker", _py(
         f"import signal, time, pathlib; signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
         f"p = pathlib.Path({str(starts)!r}); p.write_text(p.read_text() + 'x' if p.exists() "
@@ -273,7 +273,7 @@ def test_main_ending_stops_the_helpers_and_returns_its_status() -> None:
     assert (code, stopping) == (5, False)
     assert helper.proc is not None and helper.proc.returncode is not None
     assert not any("restarting" in s for s in shown)
-    assert time.monotonic() - started < 15
+    assert time.monotonic() - started < 60  # no hang (loaded CI)
 
 
 def test_sigterm_is_forwarded_to_every_child_and_counts_as_asked_to_stop(tmp_path: Path) -> None:
