@@ -213,7 +213,11 @@ class WarmExecutor:
             time.sleep(0.1)
         for pid in list(self.children):
             _signal(pid, signal.SIGKILL)
-        self.reconcile()
+        for _ in range(50):  # a killed child still has to be reaped (slower on a busy machine)
+            self.reconcile()
+            if not self.children:
+                return
+            time.sleep(0.1)
 
 
 def _signal(pid: int, sig: int) -> None:
