@@ -39,7 +39,28 @@ MAX_RESTART_DELAY_S = 30.0
 #: A helper that ran this long before ending is restarted after the first delay again.
 STABLE_UPTIME_S = 60.0
 
-_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+class TracebackFolder:
+    """Folds a child's Python traceback into its exception's kind: never its text or frames."""
+
+    def __init__(self) -> None:
+        self.inside = False
+
+    def fold(self, text: str) -> tuple[bool, str | None]:
+        """``(consumed, kind)``: a consumed line is not shown; ``kind`` (e.g. ``ValueError``)
+        comes with the traceback's last line, which is consumed too."""
+        if self.inside:
+            if text.startswith((" ", "\t")) or not text:
+                return True, None
+            self.inside = False
+            name = text.split(":", 1)[0].strip()
+            return True, name if re.fullmatch(r"[\w.]+", name) else "error"
+        if text.startswith("Traceback (most recent call last)"):
+            self.inside = True
+            return True, None
+        return False, None
 #: Worker lines not shown: its retries towards its own SuperNode, Flower's per-task DEBUG
 #: lines and FAB installation notes, and Flower's empty INFO lines.
 _WORKER_QUIET = re.compile(r"Connection attempt failed|Connection successful|^DEBUG\b|"
@@ -61,21 +82,15 @@ class WorkerOutput:
     """
 
     def __init__(self) -> None:
-        self._in_traceback = False
+        self._traceback = TracebackFolder()
 
     def line(self, raw: str) -> str | None:
         """The text to show for one output line of the worker (``None``: nothing)."""
-        text = _ANSI.sub("", raw).rstrip()
-        if self._in_traceback:
-            if text.startswith((" ", "\t")) or not text:
-                return None
-            self._in_traceback = False
-            name = text.split(":", 1)[0].strip()
-            kind = name if re.fullmatch(r"[\w.]+", name) else "error"
-            return f"warm worker: internal error ({kind}); its traceback is not shown"
-        if text.startswith("Traceback (most recent call last)"):
-            self._in_traceback = True
-            return None
+        text = ANSI.sub("", raw).rstrip()
+        folded, kind = self._traceback.fold(text)
+        if folded:
+            return (f"warm worker: internal error ({kind}); its traceback is not shown"
+                    if kind else None)
         if not text or _WORKER_QUIET.search(text):
             return None
         return f"warm worker: {redact(text)}"

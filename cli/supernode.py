@@ -34,7 +34,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from cli.node_processes import Child, supervise_children
+from cli.node_processes import ANSI, Child, TracebackFolder, supervise_children
 from common.errors import ConnectionProblem
 from common.logsafe import redact
 
@@ -44,7 +44,6 @@ FIRST_DELAY_S = 2.0
 MAX_DELAY_S = 60.0
 PROBE_TIMEOUT_S = 5.0
 
-_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _FLOWER_RETRY = re.compile(r"Connection attempt failed, retrying in ([0-9.]+) seconds")
 _FLOWER_SUCCESS = re.compile(r"Connection successful after ([0-9.]+) seconds")
 _FLOWER_NODE_ID = re.compile(r"SuperNode ID: \d+")
@@ -295,22 +294,16 @@ class FlowerOutput:
         self.connected = False
         self.cuts = 0
         self._reconnecting = False
-        self._in_traceback = False
+        self._traceback = TracebackFolder()
         self._gave_up = False
 
     def line(self, raw: str) -> str | None:
         """The text to show for one output line (``None``: show nothing)."""
-        text = _ANSI.sub("", raw).rstrip()
-        if self._in_traceback:
-            if text.startswith((" ", "\t")) or not text:
-                return None
-            self._in_traceback = False
-            name = text.split(":", 1)[0].strip()
-            kind = name if re.fullmatch(r"[\w.]+", name) else "error"
-            return f"the SuperNode stopped on an internal error ({kind}); its traceback is not shown"
-        if text.startswith("Traceback (most recent call last)"):
-            self._in_traceback = True
-            return None
+        text = ANSI.sub("", raw).rstrip()
+        folded, kind = self._traceback.fold(text)
+        if folded:
+            return (f"the SuperNode stopped on an internal error ({kind}); its traceback is not "
+                    "shown" if kind else None)
         if not text or _FLOWER_QUIET.search(text):
             return None
         if "Giving up reconnection" in text or "Exit Code:" in text:
