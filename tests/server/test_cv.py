@@ -13,8 +13,6 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
-from flwr.serverapp import Grid
-from flwr.supercore.task_identity import TaskIdentity
 from scipy.stats import norm
 from sklearn.metrics import roc_auc_score
 from statsmodels.stats.proportion import proportion_confint
@@ -24,6 +22,7 @@ from common.config import RunConfig, TrainPlan
 from common.errors import ConfigError
 from common.stats.histogram import score_histograms
 from server.cv import CVSpec, FoldEvent, run_cross_validation, summarise_histograms
+from tests.flower_helpers import DirectGrid
 
 torch.set_num_threads(1)
 
@@ -79,35 +78,15 @@ class FakeNode:
         return [c for t, c, _ in self.received if t == kind and (split is None or c.get(k.SPLIT) == split)]
 
 
-class FakeGrid(Grid):
+class FakeGrid(DirectGrid):
     """Delivers every message to a FakeNode at once (like Flower's in-memory grid)."""
 
     def __init__(self, nodes: dict[int, FakeNode]) -> None:
         self.nodes = nodes
-        # Outside a running ServerApp, Flower has no task identity to stamp on new messages.
-        for attr in ("_run_id", "_node_id", "_task_id"):
-            if getattr(TaskIdentity, attr) is None:
-                setattr(TaskIdentity, attr, 1 if attr != "_node_id" else 0)
-
-    def set_run(self, run: Any) -> None:
-        pass
-
-    @property
-    def run(self) -> Any:
-        return None
-
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
-                       group_id: str, ttl: float | None = None) -> Message:
-        return Message(content=content, dst_node_id=dst_node_id, message_type=message_type)
+        super().__init__()
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.nodes)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        raise NotImplementedError
 
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> Iterable[Message]:

@@ -19,7 +19,6 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
-from flwr.supercore.task_identity import TaskIdentity
 
 from common import messages as k
 from common.config import RunConfig, TrainPlan
@@ -27,39 +26,21 @@ from server.report import RunReport
 from server.resume import ResumeState, load_state, read_active_run, save_state, write_active_run
 from server.resume import finish_active_run
 from server.strategies.fedavg import DROPPED_REASON, RoundLog, SiteReply, VesaliusFedAvg
+from tests.flower_helpers import DirectGrid
 
 SITES = {11: "site-a", 22: "site-b", 33: "site-c"}
 
 
-class SilentNodeGrid(Grid):
+class SilentNodeGrid(DirectGrid):
     """Three hospitals; ``silent[node] = (first, last)`` rounds in which that node is gone."""
 
     def __init__(self, silent: dict[int, tuple[int, int]] | None = None) -> None:
         self.silent = silent or {}
         self.received: list[tuple[int, str, int]] = []  # (round, type, node)
-        for attr in ("_run_id", "_node_id", "_task_id"):
-            if getattr(TaskIdentity, attr) is None:
-                setattr(TaskIdentity, attr, 1 if attr != "_node_id" else 0)
-
-    def set_run(self, run: Any) -> None:
-        pass
-
-    @property
-    def run(self) -> Any:
-        return None
-
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
-                       group_id: str, ttl: float | None = None) -> Message:
-        return Message(content=content, dst_node_id=dst_node_id, message_type=message_type)
+        super().__init__()
 
     def get_node_ids(self) -> Iterable[int]:
         return list(SITES)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        raise NotImplementedError
 
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> Iterable[Message]:
