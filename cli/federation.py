@@ -93,6 +93,13 @@ _INIT_FROM = typer.Option(
     None, "--init-from", callback=existing_file("--init-from"),
     help="Checkpoint (e.g. an earlier run's checkpoints/final.pt, such as a reconstruction "
     "pretraining) whose tensors of matching name and shape initialise the model.")
+_PARADIGM = typer.Option(
+    "supervised", "--paradigm",
+    help="Learning paradigm: supervised (default) or another one `vesalius federation "
+    "paradigms` lists (self-supervised pretraining, transfer, semi-supervised, ...).")
+_PARADIGM_OPTION = typer.Option(
+    None, "--paradigm-option", "-P", metavar="KEY=VALUE",
+    help="A setting of the paradigm (repeatable); `vesalius federation paradigms` lists them.")
 _TARGET_SENSITIVITY = typer.Option(
     None, "--target-sensitivity", click_type=click.FloatRange(0.0, 1.0, min_open=True),
     help="Operating point: the highest threshold whose validation sensitivity reaches S "
@@ -107,6 +114,7 @@ def build_run_config(
     target_sensitivity: float | None = None, task: str = "binary",
     num_classes: int | None = None, samples: str | None = None, init_from: Path | None = None,
     secure_aggregation: str = "auto", secagg_min_survivors: int = 0,
+    paradigm: str = "supervised", paradigm_options: list[str] | None = None, cv: bool = False,
 ) -> RunConfig:
     """Typed run config from CLI options (validated on construction).
 
@@ -114,6 +122,16 @@ def build_run_config(
     (:func:`common.tasks.federated.federated_task`); otherwise a :class:`ConfigError` that
     names the models serving the task.
     """
+    from common.paradigms import canonical_options, get_paradigm, parse_option_pairs
+
+    chosen_paradigm = get_paradigm(paradigm)
+    if cv and not chosen_paradigm.cv:
+        raise ConfigError(f"paradigm {paradigm!r} cannot run as a cross-validation; use "
+                          "`vesalius federation run --paradigm` instead")
+    if chosen_paradigm.tasks and task not in chosen_paradigm.tasks:
+        raise ConfigError(f"paradigm {paradigm!r} serves the tasks "
+                          f"{', '.join(chosen_paradigm.tasks)}, not {task!r}")
+    options = parse_option_pairs(chosen_paradigm, paradigm_options or [])
     chosen = federated_task(task, model)
     if samples is None:
         samples = serves(chosen, get_spec(model))[0].value
@@ -124,7 +142,10 @@ def build_run_config(
         noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, model=model,
         image_size=image_size, seed=seed, model_phase=model_phase, task=task,
         num_classes=2 if num_classes is None else num_classes, samples=samples,
+        paradigm=paradigm, paradigm_options=canonical_options(options),
     )
+    if chosen_paradigm.check is not None:
+        chosen_paradigm.check(plan, options)
     return RunConfig(plan=plan, out_dir=str(out.resolve()), min_nodes=min_nodes,
                      on_refusal=on_refusal, hospital_dp_noise=hospital_dp_noise,
                      hospital_dp_clip=hospital_dp_clip,
@@ -332,6 +353,8 @@ def run(
     init_from: Path | None = _INIT_FROM,
     secure_aggregation: str = _SECURE_AGGREGATION,
     min_survivors: int = _MIN_SURVIVORS,
+    paradigm: str = _PARADIGM,
+    paradigm_option: list[str] | None = _PARADIGM_OPTION,
     resume: Path | None = typer.Option(
         None, "--resume", callback=resolved,
         help="Continue the interrupted run whose output folder (its --out) this is: from its "
@@ -356,7 +379,8 @@ def run(
             hospital_dp_noise=hospital_dp_noise, hospital_dp_clip=hospital_dp_clip,
             target_sensitivity=target_sensitivity, task=task, num_classes=num_classes,
             samples=samples, init_from=init_from, secure_aggregation=secure_aggregation,
-            secagg_min_survivors=min_survivors,
+            secagg_min_survivors=min_survivors, paradigm=paradigm,
+            paradigm_options=paradigm_option,
         )
     except ConfigError as exc:
         raise typer.BadParameter(str(exc)) from None
@@ -559,6 +583,8 @@ def cv(
     num_classes: int | None = _NUM_CLASSES,
     samples: str | None = _SAMPLES,
     init_from: Path | None = _INIT_FROM,
+    paradigm: str = _PARADIGM,
+    paradigm_option: list[str] | None = _PARADIGM_OPTION,
     insecure: bool = _INSECURE,
     root_certificates: Path | None = _ROOT_CERTIFICATES,
     flwr_home: Path | None = _FLWR_HOME,
@@ -577,6 +603,7 @@ def cv(
             image_size=image_size, seed=seed, out=out, min_nodes=min_nodes,
             on_refusal=on_refusal, target_sensitivity=target_sensitivity, task=task,
             num_classes=num_classes, samples=samples, init_from=init_from,
+            paradigm=paradigm, paradigm_options=paradigm_option, cv=True,
         )
     except ConfigError as exc:
         raise typer.BadParameter(str(exc)) from None
@@ -610,3 +637,27 @@ def cv(
             console.print(f"HTML report: {doc['html']}")
     if doc.get("status") != "completed":
         raise typer.Exit(1)
+
+
+@federation_app.command("paradigms")
+def paradigms(output_format: str = _OUTPUT_FORMAT) -> None:
+    """List the learning paradigms (--paradigm) and their options (--paradigm-option)."""
+    from rich.table import Table
+
+    from common.paradigms import list_paradigms
+
+    rows = list_paradigms()
+    if output_format == "json":
+        console.print_json(json.dumps([{
+            "name": p.name, "summary": p.summary, "cv": p.cv, "tasks": list(p.tasks),
+            "options": [{"name": o.name, "type": o.kind.__name__, "default": o.default,
+                         "help": o.help, "choices": list(o.choices)} for o in p.options],
+        } for p in rows]))
+        return
+    table = Table(title="Learning paradigms (vesalius federation run --paradigm NAME)")
+    for column in ("paradigm", "what it does", "federation cv", "options (-P KEY=VALUE)"):
+        table.add_column(column)
+    for p in rows:
+        opts = "\n".join(f"{o.name}={o.default!r}: {o.help}" for o in p.options) or "-"
+        table.add_row(p.name, p.summary, "yes" if p.cv else "no", opts)
+    console.print(table)

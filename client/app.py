@@ -44,12 +44,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from client.budget import PrivacyDecision, decide
-from client.data import NodeData, PatientRecordDataset
+from client.data import NodeData
 from client.data.task_data import load_task_data
 from client.data.folds import cv_splits
 from client.data.node_data import SplitArrays
 from client.capture import capture_mod
 from client.mods import sanitize_errors_mod
+from client.paradigms import node_training
 from client.transport import transport_mod
 from client.secagg import handle_stage as handle_secagg_stage
 from client.secagg import is_stage as is_secagg_stage
@@ -67,9 +68,7 @@ from common.tasks import Task
 from common.tasks.federated import (
     federated_task,
     plan_samples,
-    prepare_for_training,
     spatial_dims,
-    train_losses,
 )
 from common.ledger import LedgerEntry, Mechanism
 from common.privacy import AccountantState, default_delta, epsilon, planned_epsilon
@@ -375,21 +374,22 @@ def handle_train(msg: Message, context: Context, node: NodeConfig) -> Message:
             return Message(content=RecordDict({
                 k.ARRAYS: ArrayRecord(state), k.METRICS: MetricRecord(released),
                 k.NODE_INFO: _node_info(node, budget)}), reply_to=msg)
+    # The paradigm's training step (client.paradigms): its model, dataset and patient count;
+    # a bad model, phase or paradigm option fails here, before any spend.
+    training = node_training(plan, plan_task(plan), train_split, data, _model(plan, arrays))
     decision = decide(
-        plan, node, num_patients=train_split.num_patients, prior=history,
+        plan, node, num_patients=training.num_patients, prior=history,
         server_round=server_round,
     )
-    # a bad model or phase fails here, before any spend
-    model = prepare_for_training(plan_task(plan), _model(plan, arrays))
     expected = math.inf
     if budget is not None and history is not None:
         # Refused here (BudgetExceededError) before any training step when over the cap.
         expected = _charge_round(
-            budget, data, plan, decision, history, train_split.num_patients, server_round
+            budget, data, plan, decision, history, training.num_patients, server_round
         )
     result = train_dp(
-        model,
-        PatientRecordDataset(train_split),
+        training.model,
+        training.dataset,
         epochs=plan.local_epochs,
         batch_size=plan.batch_size,
         learning_rate=plan.learning_rate,
@@ -401,7 +401,7 @@ def handle_train(msg: Message, context: Context, node: NodeConfig) -> Message:
         device=device,
         # DP noise must not be predictable by the coordinator: never seed it from the plan.
         seed=None if plan.private else plan.seed * 1000 + server_round,
-        **train_losses(plan_task(plan)),
+        **training.losses,
     )
     if plan.private and budget is not None:  # the ledger holds this round's spend already
         run = _run_history(context, budget, data.fingerprint, plan)
@@ -428,7 +428,7 @@ def handle_train(msg: Message, context: Context, node: NodeConfig) -> Message:
         # level "exact": no DP guarantee, listed for auditors, never composed into the cap.
         budget = NodeBudget.for_node(node)
         _record_exact_release(
-            budget, plan, data, release="train", num_patients=train_split.num_patients,
+            budget, plan, data, release="train", num_patients=training.num_patients,
             server_round=server_round,
             params={"model": plan.model, "private": False, "steps": int(result.steps)},
         )

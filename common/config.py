@@ -105,6 +105,11 @@ class TrainPlan:
         per image), "volume-3d" (one study assembled into a cubic volume of side
         ``image_size``) or "series" (the same volume, read slice by slice by a recurrent
         model).
+    paradigm : str
+        Learning paradigm (:mod:`common.paradigms`): "supervised" (default) or a registered one.
+    paradigm_options : str
+        The paradigm's options as one canonical JSON text
+        (:func:`common.paradigms.canonical_options`; "" = its defaults).
     """
 
     num_rounds: int = 5
@@ -128,8 +133,13 @@ class TrainPlan:
     task: str = "binary"
     num_classes: int = 2
     samples: str = "image-2d"
+    paradigm: str = "supervised"
+    paradigm_options: str = ""
 
     def __post_init__(self) -> None:
+        from common.paradigms import get_paradigm, read_options
+
+        read_options(get_paradigm(self.paradigm), self.paradigm_options)  # refuses bad ones
         if self.samples not in SAMPLE_KINDS:
             raise ConfigError(f"samples must be one of {', '.join(SAMPLE_KINDS)}, "
                               f"got {self.samples!r}")
@@ -204,6 +214,8 @@ class TrainPlan:
         "task": k.TASK,
         "num_classes": k.NUM_CLASSES,
         "samples": k.SAMPLES,
+        "paradigm": k.PARADIGM,
+        "paradigm_options": k.PARADIGM_OPTIONS,
     }
 
     @classmethod

@@ -42,6 +42,8 @@ WITH_HISTOGRAMS: Final = "with-histograms"  # evaluate: also release per-class s
 TASK: Final = "task"  # learning task (common/tasks/federated.py: FEDERATED_TASKS)
 NUM_CLASSES: Final = "num-classes"  # classes of a multi-class task (2 for binary)
 SAMPLES: Final = "samples"  # what a sample is: image-2d, volume-3d, series (common/config.py)
+PARADIGM: Final = "paradigm"  # learning paradigm (common/paradigms: "supervised", ...)
+PARADIGM_OPTIONS: Final = "paradigm-options"  # its options, one canonical JSON text
 
 SPLIT_VAL: Final = "val"
 SPLIT_TEST: Final = "test"

@@ -35,6 +35,7 @@ from common import messages as k
 from common.config import RunConfig
 from common.models import build_model
 from common.models.registry import get_spec
+from common.paradigms import get_paradigm, load_path
 from common.tasks.federated import federated_task, plan_samples, spatial_dims
 from server import resume as run_records
 from server.cv import CVSpec, run_cross_validation
@@ -99,6 +100,10 @@ def run_federation(
         from server.elm_workflow import run_elm_workflow
 
         return run_elm_workflow(grid, config, on_round=on_round, on_progress=on_progress)
+    paradigm = get_paradigm(config.plan.paradigm)
+    if paradigm.workflow:  # a paradigm with a workflow of its own (common/paradigms)
+        workflow = load_path(paradigm.workflow)
+        return workflow(grid, config, on_round=on_round, on_progress=on_progress)  # type: ignore[no-any-return]
     grid = with_transport(grid, on_progress)  # packed models, adaptive polling, progress
     resume = None
     if config.resume_from:  # continue an interrupted run in its own folder, with its run id
