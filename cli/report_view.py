@@ -228,6 +228,10 @@ def print_report(doc: dict[str, Any]) -> None:
             headline = f"Final test AUC, weighted mean of sites: {fmt(final['metrics'].get(k.AUC))}"
         console.print(f"[bold]{headline}[/bold]  (per site: {per_site})")
     print_inference(doc.get("inference"))
+    from server.report_paradigm import paradigm_lines
+
+    for line in paradigm_lines(doc.get("paradigm")):
+        console.print(escape(line), highlight=False)
     status = doc.get("status")
     if status != "completed":
         console.print(f"[red]run {status}: {escape(str(doc.get('reason', '')))}[/red]")

@@ -308,6 +308,9 @@ class RunReport:
         from server.report_secagg import secagg_lines
 
         lines.extend(secagg_lines(self.extra))
+        from server.report_paradigm import paradigm_lines
+
+        lines.extend(paradigm_lines(self.extra.get("paradigm")))
         return "\n".join(lines)
 
     def write(self, out_dir: Path) -> Path:

@@ -197,6 +197,13 @@ def build_html(report: Mapping[str, Any], *, overlays_html: str = "") -> str:
     task_headline, task_section = _task_parts(report, inf, overlays_html)
     parts.append(_section("result", task_headline if task_headline is not None else
                           tables.safe(lambda: headline_section(report), "headline")))
+    if isinstance(report.get("paradigm"), Mapping):
+        from server.report_paradigm import paradigm_section_html
+
+        body = tables.safe(lambda: paradigm_section_html(report["paradigm"], tables.img),
+                           "paradigm section")
+        if body:
+            parts.append(_section("paradigm", body, "Learning paradigm"))
     if report.get("privacy") or report.get("sites"):
         parts.append(_section("privacy", tables.safe(
             lambda: privacy_section(report, tables.img), "privacy section")))

@@ -1,0 +1,45 @@
+"""The paradigm section: the same content on the screen, in summary.txt and in report.html."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from common.config import RunConfig, TrainPlan
+from server.report import RunReport
+from server.report_html import write_report_html
+from server.report_paradigm import paradigm_lines
+
+SECTION = {
+    "name": "transfer", "summary": "pretrained encoder, fine-tuned",
+    "options": {"freeze": "trunk"},
+    "notes": ["Both arms spent the same ε at every hospital."],
+    "tables": [{"title": "Transfer vs scratch", "columns": ["arm", "test AUC", "ε"],
+                "rows": [["scratch", 0.7123, 7.99], ["transfer <b>", 0.8, None]]}],
+    "plots": [{"title": "validation AUC", "x_label": "round", "y_label": "AUC", "x": [1, 2],
+               "series": {"scratch": [0.6, 0.7], "transfer": [0.7, None]}}],
+}
+
+
+def test_lines_show_options_notes_and_table_rows() -> None:
+    lines = paradigm_lines(SECTION)
+    assert lines[0] == "paradigm: transfer (pretrained encoder, fine-tuned)"
+    assert "  options: freeze=trunk" in lines
+    assert any("scratch" in line and "0.712" in line and "7.990" in line for line in lines)
+    assert any("transfer <b>" in line and "–" in line for line in lines)
+    assert paradigm_lines(None) == [] and paradigm_lines({"tables": []}) == []
+
+
+def test_summary_and_html_carry_the_section(tmp_path: Path) -> None:
+    report = RunReport(config=RunConfig(plan=TrainPlan(num_rounds=1), out_dir=str(tmp_path)))
+    report.extra["paradigm"] = SECTION
+    report.write(tmp_path)
+    assert "paradigm: transfer" in (tmp_path / "summary.txt").read_text()
+    doc = json.loads((tmp_path / "report.json").read_text())
+    assert doc["paradigm"]["name"] == "transfer"
+    page = write_report_html(doc, tmp_path / "report.html")
+    assert page is not None
+    text = page.read_text()
+    assert 'id="paradigm"' in text and "Learning paradigm" in text
+    assert "transfer &lt;b&gt;" in text and "<b>transfer <b>" not in text  # escaped
+    assert "0.712" in text and "data:image/png;base64," in text
