@@ -100,6 +100,10 @@ _PARADIGM = typer.Option(
 _PARADIGM_OPTION = typer.Option(
     None, "--paradigm-option", "-P", metavar="KEY=VALUE",
     help="A setting of the paradigm (repeatable); `vesalius federation paradigms` lists them.")
+_AUGMENT = typer.Option(
+    "none", "--augment", click_type=click.Choice(["none", "light", "strong", "auto"]),
+    help="Data augmentation of each training record at the hospitals (MONAI transforms chosen "
+    "per task and modality; auto: light where it is safe for the task, none otherwise).")
 _TARGET_SENSITIVITY = typer.Option(
     None, "--target-sensitivity", click_type=click.FloatRange(0.0, 1.0, min_open=True),
     help="Operating point: the highest threshold whose validation sensitivity reaches S "
@@ -115,6 +119,7 @@ def build_run_config(
     num_classes: int | None = None, samples: str | None = None, init_from: Path | None = None,
     secure_aggregation: str = "auto", secagg_min_survivors: int = 0,
     paradigm: str = "supervised", paradigm_options: list[str] | None = None, cv: bool = False,
+    augment: str = "none",
 ) -> RunConfig:
     """Typed run config from CLI options (validated on construction).
 
@@ -142,7 +147,7 @@ def build_run_config(
         noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, model=model,
         image_size=image_size, seed=seed, model_phase=model_phase, task=task,
         num_classes=2 if num_classes is None else num_classes, samples=samples,
-        paradigm=paradigm, paradigm_options=canonical_options(options),
+        paradigm=paradigm, paradigm_options=canonical_options(options), augment=augment,
     )
     if chosen_paradigm.check is not None:
         chosen_paradigm.check(plan, options)
@@ -355,6 +360,7 @@ def run(
     min_survivors: int = _MIN_SURVIVORS,
     paradigm: str = _PARADIGM,
     paradigm_option: list[str] | None = _PARADIGM_OPTION,
+    augment: str = _AUGMENT,
     resume: Path | None = typer.Option(
         None, "--resume", callback=resolved,
         help="Continue the interrupted run whose output folder (its --out) this is: from its "
@@ -380,7 +386,7 @@ def run(
             target_sensitivity=target_sensitivity, task=task, num_classes=num_classes,
             samples=samples, init_from=init_from, secure_aggregation=secure_aggregation,
             secagg_min_survivors=min_survivors, paradigm=paradigm,
-            paradigm_options=paradigm_option,
+            paradigm_options=paradigm_option, augment=augment,
         )
     except ConfigError as exc:
         raise typer.BadParameter(str(exc)) from None
@@ -585,6 +591,7 @@ def cv(
     init_from: Path | None = _INIT_FROM,
     paradigm: str = _PARADIGM,
     paradigm_option: list[str] | None = _PARADIGM_OPTION,
+    augment: str = _AUGMENT,
     insecure: bool = _INSECURE,
     root_certificates: Path | None = _ROOT_CERTIFICATES,
     flwr_home: Path | None = _FLWR_HOME,
@@ -603,7 +610,7 @@ def cv(
             image_size=image_size, seed=seed, out=out, min_nodes=min_nodes,
             on_refusal=on_refusal, target_sensitivity=target_sensitivity, task=task,
             num_classes=num_classes, samples=samples, init_from=init_from,
-            paradigm=paradigm, paradigm_options=paradigm_option, cv=True,
+            paradigm=paradigm, paradigm_options=paradigm_option, cv=True, augment=augment,
         )
     except ConfigError as exc:
         raise typer.BadParameter(str(exc)) from None

@@ -26,6 +26,8 @@ Scalar = bool | int | float | str
 CV_MODES = ("none", "kfold", "loso")
 SAMPLE_KINDS = ("image-2d", "volume-3d", "series")
 """What one sample of a plan is (the values of :class:`common.tasks.base.SampleKind`)."""
+AUGMENT_LEVELS = ("none", "light", "strong", "auto")
+"""Data augmentation at the node (:mod:`client.data.augment`; "auto": chosen per task and sample)."""
 ON_REFUSAL = ("exclude", "stop")
 SECURE_AGGREGATION_MODES = ("auto", "on", "off")  # common/secagg/params.py: MODES
 
@@ -110,6 +112,9 @@ class TrainPlan:
     paradigm_options : str
         The paradigm's options as one canonical JSON text
         (:func:`common.paradigms.canonical_options`; "" = its defaults).
+    augment : str
+        Data augmentation of each training record at the node (:data:`AUGMENT_LEVELS`;
+        :mod:`client.data.augment`).
     """
 
     num_rounds: int = 5
@@ -135,11 +140,15 @@ class TrainPlan:
     samples: str = "image-2d"
     paradigm: str = "supervised"
     paradigm_options: str = ""
+    augment: str = "none"
 
     def __post_init__(self) -> None:
         from common.paradigms import get_paradigm, read_options
 
         read_options(get_paradigm(self.paradigm), self.paradigm_options)  # refuses bad ones
+        if self.augment not in AUGMENT_LEVELS:
+            raise ConfigError(f"augment must be one of {', '.join(AUGMENT_LEVELS)}, "
+                              f"got {self.augment!r}")
         if self.samples not in SAMPLE_KINDS:
             raise ConfigError(f"samples must be one of {', '.join(SAMPLE_KINDS)}, "
                               f"got {self.samples!r}")
@@ -216,6 +225,7 @@ class TrainPlan:
         "samples": k.SAMPLES,
         "paradigm": k.PARADIGM,
         "paradigm_options": k.PARADIGM_OPTIONS,
+        "augment": k.AUGMENT,
     }
 
     @classmethod

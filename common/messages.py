@@ -44,6 +44,7 @@ NUM_CLASSES: Final = "num-classes"  # classes of a multi-class task (2 for binar
 SAMPLES: Final = "samples"  # what a sample is: image-2d, volume-3d, series (common/config.py)
 PARADIGM: Final = "paradigm"  # learning paradigm (common/paradigms: "supervised", ...)
 PARADIGM_OPTIONS: Final = "paradigm-options"  # its options, one canonical JSON text
+AUGMENT: Final = "augment"  # data augmentation at the node: none, light, strong, auto
 
 SPLIT_VAL: Final = "val"
 SPLIT_TEST: Final = "test"
