@@ -36,7 +36,7 @@ import click
 import typer
 
 from cli.console import err_console
-from cli.flower import executable, flower_env, toml_value
+from cli.flower import flower_env, toml_value
 from cli.node_check import inspect_data, require_data_folder, task_names
 from cli.options import LazyChoice
 from cli.node_processes import Child, WorkerOutput
@@ -260,11 +260,14 @@ def start(
          f"{worker} worker)")
     host, link_port = parse_address(superlink)
     output = FlowerOutput(superlink, lambda: probe(host, link_port, ca_file=ca_file, timeout=3.0))
-    if worker == "per-message":
-        code = supervise([executable("flower-supernode"), *args], env, output=output, say=_say)
-    else:
-        from client.warm_worker.supernode import SLEEP_CAP_ENV
+    from client.warm_worker.supernode import PARENT_PID_ENV, SLEEP_CAP_ENV, STOCK_SLEEP_CAP_S
 
+    env[PARENT_PID_ENV] = str(os.getpid())  # the SuperNode ends with this process
+    if worker == "per-message":  # Flower's SuperNode as shipped (its 3 s polls kept)
+        env[SLEEP_CAP_ENV] = repr(STOCK_SLEEP_CAP_S)
+        code = supervise([sys.executable, "-m", "client.warm_worker.supernode", *args], env,
+                         output=output, say=_say)
+    else:
         env[SLEEP_CAP_ENV] = repr(poll_interval)
         with _superexec_secret() as secret:
             supernode_cmd, worker_cmd = _warm_commands(args, port=port, secret=secret)

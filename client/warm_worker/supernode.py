@@ -4,7 +4,9 @@ Flower 1.42's SuperNode sleeps 3 s after every empty pull from the SuperLink and
 checks for a task's reply; a message then waits up to 3 s before the node even sees it. This
 launcher runs Flower's own ``flower-supernode`` entry point in this process after capping those
 two sleeps (:func:`client.warm_worker.flower_seams.cap_supernode_sleeps`). Arguments are
-``flower-supernode``'s; the cap comes from ``VESALIUS_SUPERNODE_SLEEP_CAP_S`` (seconds).
+``flower-supernode``'s; the cap comes from ``VESALIUS_SUPERNODE_SLEEP_CAP_S`` (seconds; 3 s
+keeps Flower's stock polling, as ``node start --worker per-message`` does). With
+``VESALIUS_NODE_PARENT_PID`` set, the SuperNode stops when that process dies.
 
 The cost: an idle node asks the SuperLink for work every cap seconds instead of every 3 s.
 """
@@ -19,6 +21,10 @@ from client.warm_worker import flower_seams
 
 SLEEP_CAP_ENV = "VESALIUS_SUPERNODE_SLEEP_CAP_S"
 DEFAULT_SLEEP_CAP_S = 0.2
+STOCK_SLEEP_CAP_S = 3.0
+"""Flower's own longest idle sleep: with this cap the SuperNode polls exactly as shipped."""
+PARENT_PID_ENV = "VESALIUS_NODE_PARENT_PID"
+"""The ``vesalius node start`` process this SuperNode stops with (:mod:`.orphan_guard`)."""
 
 
 def sleep_cap_from_env(environ: dict[str, str] | None = None) -> float:
@@ -35,6 +41,10 @@ def sleep_cap_from_env(environ: dict[str, str] | None = None) -> float:
 def main(argv: list[str] | None = None) -> None:
     """Cap the SuperNode's sleeps, then run ``flower-supernode`` with ``argv``."""
     flower_seams.require_pinned_flower()
+    if os.environ.get(PARENT_PID_ENV):  # ends with `node start`, even one killed with SIGKILL
+        from client.warm_worker.orphan_guard import exit_with_parent
+
+        exit_with_parent(parent=int(os.environ[PARENT_PID_ENV]))
     flower_seams.cap_supernode_sleeps(sleep_cap_from_env())
     from flwr.supernode.cli import flower_supernode
 

@@ -102,6 +102,10 @@ def main(argv: list[str] | None = None) -> None:
 
     install_log_sanitiser()  # the supervisor redacts too; nothing identifying reaches a log
     args = parse_args(argv)
+    if args.parent_pid is not None:  # ends with `node start`, even one killed with SIGKILL
+        from client.warm_worker.orphan_guard import exit_with_parent
+
+        exit_with_parent(parent=args.parent_pid)
     try:
         flower_seams.require_pinned_flower()
     except flower_seams.FlowerVersionError as exc:
