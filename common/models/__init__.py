@@ -53,6 +53,7 @@ _FAMILY_MODULES = (
     "dcelm",
     "boltzmann",
     "unet",
+    "mil",
 )
 """Family modules imported (and so registered) with the package, in listing order."""
 

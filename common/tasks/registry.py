@@ -2,7 +2,7 @@
 
 A model serves a task when it has the task's head (``ModelSpec.tasks``: ``classification``
 for the classification and regression tasks, ``segmentation``, ``reconstruction``) and supports one of the task's sample kinds (2D images
-need ``spatial_dims`` 2, volumes 3, series a recurrent model).
+need ``spatial_dims`` 2, volumes 3, series a recurrent or multi-instance model).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def sample_kinds(spec: ModelSpec) -> tuple[SampleKind, ...]:
         kinds.append(SampleKind.IMAGE_2D)
     if 3 in spec.spatial_dims:
         kinds.append(SampleKind.VOLUME_3D)
-    if spec.family == "rnn":
+    if spec.family in ("rnn", "mil"):  # recurrent or attention-pooled slices
         kinds.append(SampleKind.SERIES)
     return tuple(kinds)
 
