@@ -48,13 +48,16 @@ class NodeTraining:
 
 def supervised_training(plan: TrainPlan, task: Task, split: SplitArrays, data: NodeData,
                         model: nn.Module, options: dict[str, Any]) -> NodeTraining:
-    """The task's own training on the split's patients (the default paradigm)."""
+    """The task's own training on the split's patients (the default paradigm), each record
+    augmented as the plan's ``augment`` says (:func:`client.data.augment.augment_dataset`)."""
+    from client.data.augment import augment_dataset
     from client.data.node_data import PatientRecordDataset
     from common.tasks.federated import prepare_for_training, train_losses
 
-    return NodeTraining(model=prepare_for_training(task, model),
-                        dataset=PatientRecordDataset(split), num_patients=split.num_patients,
-                        losses=train_losses(task))
+    dataset = augment_dataset(PatientRecordDataset(split), plan.augment, task.info.name,
+                              plan.samples)
+    return NodeTraining(model=prepare_for_training(task, model), dataset=dataset,
+                        num_patients=split.num_patients, losses=train_losses(task))
 
 
 def node_training(plan: TrainPlan, task: Task, split: SplitArrays, data: NodeData,
