@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from client.queries import (  # noqa: F401  (registration)
     elm,
+    ensemble,
     logistic,
     metrics,
     multiclass,

@@ -1,0 +1,165 @@
+"""Query ``ensemble-scores``: a deep ensemble's histograms on the held-out patients.
+
+The message carries the members as ArrayRecords ``member-0``, ``member-1``, ... (member 0 is
+the *single model* the report compares with), their combination weights
+(``ensemble-weights``, default equal), the MC-dropout passes of member 0 (``mc-samples``) and
+the bins (``value-bins`` on [0, 1] for scores, ``uncertainty-bins`` for uncertainties). For
+every held-out patient the node computes, and keeps, each member's probability ``p_i``, the
+ensemble's ``p = sum_i w_i p_i`` and three uncertainties scaled to [0, 1]: the binary entropy
+(in bits) of member 0's mean over MC-dropout passes, the members' weighted variance
+``4 sum_i w_i (p_i - p)^2`` (disagreement) and the entropy of ``p``. It releases only counts:
+
+``ensemble-member-hist`` (M, 2, B)
+    Per member, the positive and the negative patients' score histograms.
+``ensemble-variant-hist`` (2, 2, B)
+    The same for the single model (member 0) and for the ensemble.
+``ensemble-uncertainty-hist`` (3, 2, U)
+    Per uncertainty, its histogram over the patients the model (member 0 for the first, the
+    ensemble for the others) misclassifies at 0.5, and over those it classifies right.
+
+A patient adds 1 to one cell of each histogram row: L2 sensitivities ``sqrt(M)``,
+``sqrt(2)`` and ``sqrt(3)``; the patient count 1. Fine histograms: released only where the
+hospital consents (``release-histograms``) and, like the score histograms, exempt from
+small-cell suppression.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from client.queries.metrics import int_param
+from client.queries.registry import Query, QueryRequest, register_query
+from client.queries.scoring import model_arrays, patient_samples, patient_scores
+from client.release import Statistic
+from common import messages as k
+from common.errors import ConfigError
+from common.paradigms.ensemble import MEMBER_HIST, QUERY, UNCERTAINTY_HIST, VARIANT_HIST, WEIGHTS
+
+__all__ = ["EnsembleScoresQuery", "ensemble_histograms", "UNCERTAINTY_BINS", "SCORE_BINS"]
+
+MAX_MEMBERS = 16
+MAX_PASSES = 100
+SCORE_BINS = 1000
+UNCERTAINTY_BINS = 200
+#: Config key: bins of the uncertainty histograms.
+UNCERTAINTY_BINS_KEY = "uncertainty-bins"
+
+
+def _members(req: QueryRequest) -> list[str]:
+    keys = [key for key in req.content if key.startswith(k.ENSEMBLE_PREFIX)]
+    names = [f"{k.ENSEMBLE_PREFIX}{i}" for i in range(len(keys))]
+    if sorted(keys) != sorted(names) or not 2 <= len(keys) <= MAX_MEMBERS:
+        raise ConfigError("bad ensemble", safe_reason=f"malformed query: 2 to {MAX_MEMBERS} "
+                          f"ensemble members named {k.ENSEMBLE_PREFIX}0, 1, ...")
+    for key in names:
+        model_arrays(req, key)
+    return names
+
+
+def _weights(req: QueryRequest, members: int) -> np.ndarray:
+    raw = req.config.get(WEIGHTS)
+    if raw is None:
+        return np.full(members, 1.0 / members)
+    w = np.asarray(raw if isinstance(raw, list) else [], dtype=np.float64)
+    if w.shape != (members,) or not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
+        raise ConfigError("bad ensemble weights", safe_reason=f"malformed query: {WEIGHTS} "
+                          f"must hold {members} non-negative numbers, not all 0")
+    return w / w.sum()
+
+
+def _binary_entropy_bits(p: np.ndarray) -> np.ndarray:
+    q = np.clip(p, 1e-12, 1.0 - 1e-12)
+    return np.clip(-(q * np.log(q) + (1 - q) * np.log(1 - q)) / math.log(2.0), 0.0, 1.0)
+
+
+def _bin(values: np.ndarray, bins: int) -> np.ndarray:
+    """Bin index of values in [0, 1] on ``bins`` equal bins (1.0 in the last bin)."""
+    return np.clip(np.floor(np.clip(values, 0.0, 1.0) * bins).astype(int), 0, bins - 1)
+
+
+def _class_hist(scores: np.ndarray, labels: np.ndarray, bins: int) -> np.ndarray:
+    idx = _bin(scores, bins)
+    pos = np.bincount(idx[labels == 1], minlength=bins)
+    neg = np.bincount(idx[labels != 1], minlength=bins)
+    return np.stack([pos, neg])
+
+
+def _error_hist(uncertainty: np.ndarray, wrong: np.ndarray, bins: int) -> np.ndarray:
+    idx = _bin(uncertainty, bins)
+    return np.stack([np.bincount(idx[wrong], minlength=bins),
+                     np.bincount(idx[~wrong], minlength=bins)])
+
+
+def ensemble_histograms(member_probs: np.ndarray, labels: np.ndarray, weights: np.ndarray,
+                        mc_probs: np.ndarray, *, bins: int = SCORE_BINS,
+                        uncertainty_bins: int = UNCERTAINTY_BINS) -> dict[str, np.ndarray]:
+    """The query's histograms from per-patient probabilities (kept on the node).
+
+    Parameters
+    ----------
+    member_probs : ndarray, shape (M, n)
+        Each member's class-1 probability per patient (member 0: the single model).
+    labels : ndarray, shape (n,)
+        0/1 patient labels.
+    weights : ndarray, shape (M,)
+        Combination weights summing to 1.
+    mc_probs : ndarray, shape (T, n)
+        Member 0's class-1 probabilities over T MC-dropout passes.
+    """
+    y = np.asarray(labels).astype(int).reshape(-1)
+    p = np.asarray(member_probs, dtype=np.float64)
+    ens = weights @ p
+    single = p[0]
+    disagreement = np.clip(4.0 * (weights @ (p - ens) ** 2), 0.0, 1.0)
+    mc_entropy = _binary_entropy_bits(np.asarray(mc_probs, dtype=np.float64).mean(axis=0))
+    wrong_single = (single >= 0.5).astype(int) != y
+    wrong_ens = (ens >= 0.5).astype(int) != y
+    return {
+        MEMBER_HIST: np.stack([_class_hist(row, y, bins) for row in p]),
+        VARIANT_HIST: np.stack([_class_hist(single, y, bins), _class_hist(ens, y, bins)]),
+        UNCERTAINTY_HIST: np.stack([
+            _error_hist(mc_entropy, wrong_single, uncertainty_bins),
+            _error_hist(disagreement, wrong_ens, uncertainty_bins),
+            _error_hist(_binary_entropy_bits(ens), wrong_ens, uncertainty_bins)]),
+    }
+
+
+@register_query(QUERY)
+class EnsembleScoresQuery(Query):
+    """Score and uncertainty histograms of a deep ensemble (see the module docstring)."""
+
+    source = "images"
+
+    def statistics(self, req: QueryRequest) -> list[Statistic]:
+        members = len(_members(req))
+        _weights(req, members)
+        int_param(req, k.MC_SAMPLES, 10, lo=1, hi=MAX_PASSES)
+        if not req.node.release_histograms:
+            raise ConfigError("ensemble histograms without consent",
+                              safe_reason="refused: this node does not release fine "
+                              "histograms (release-histograms is off)")
+        bins = int_param(req, k.VALUE_BINS, SCORE_BINS, lo=2, hi=100_000)
+        ubins = int_param(req, UNCERTAINTY_BINS_KEY, UNCERTAINTY_BINS, lo=2, hi=10_000)
+        return [Statistic(k.NUM_EXAMPLES, 1.0, integer=True),
+                Statistic(MEMBER_HIST, math.sqrt(members), (members, 2, bins), integer=True),
+                Statistic(VARIANT_HIST, math.sqrt(2.0), (2, 2, bins), integer=True),
+                Statistic(UNCERTAINTY_HIST, math.sqrt(3.0), (3, 2, ubins), integer=True)]
+
+    def compute(self, req: QueryRequest, data: Any) -> dict[str, Any]:
+        members = _members(req)
+        weights = _weights(req, len(members))
+        single, labels = patient_scores(req, data, members[0])
+        probs = patient_samples(req, data, members, passes=1)
+        probs[0] = single
+        passes = int_param(req, k.MC_SAMPLES, 10, lo=1, hi=MAX_PASSES)
+        mc = patient_samples(req, data, [members[0]], passes=passes) if passes > 1 else probs[:1]
+        out: dict[str, Any] = ensemble_histograms(
+            probs, labels, weights, mc, bins=int_param(req, k.VALUE_BINS, SCORE_BINS, lo=2,
+                                                       hi=100_000),
+            uncertainty_bins=int_param(req, UNCERTAINTY_BINS_KEY, UNCERTAINTY_BINS, lo=2,
+                                       hi=10_000))
+        out[k.NUM_EXAMPLES] = int(len(labels))
+        return out
