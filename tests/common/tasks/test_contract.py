@@ -56,7 +56,7 @@ def test_every_task_is_served_by_some_model() -> None:
 def test_per_sample_loss_is_per_sample_and_trains(task: Task, model_name: str,
                                                    kind: SampleKind) -> None:
     # Prepare
-    dims = 3 if kind is SampleKind.VOLUME_3D else 2
+    dims = 2 if kind is SampleKind.IMAGE_2D else 3  # a series is a volume read slice by slice
     torch.manual_seed(0)
     model = build_model(model_name, num_classes=task.num_outputs(CLASSES), image_size=SIZE,
                         spatial_dims=dims)
