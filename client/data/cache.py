@@ -187,6 +187,7 @@ def _report_from(doc: Mapping[str, Any]) -> IngestionReport:
 
 def _to_arrays(data: NodeData, key: Mapping[str, Any]) -> dict[str, npt.NDArray[Any]]:
     meta = {"key": key, "fingerprint": data.fingerprint, "image_size": data.image_size,
+            "root": data.root,
             "report": _report_dict(data.report),
             "num_patients": {name: getattr(data, name).num_patients for name in _SPLITS}}
     arrays: dict[str, npt.NDArray[Any]] = {"meta": _text(json.dumps(meta, sort_keys=True))}
@@ -224,7 +225,8 @@ def _from_file(path: Path, key: Mapping[str, Any]) -> NodeData:
         counts = meta["num_patients"]
         splits = {name: _split_from(files, name, int(counts[name])) for name in _SPLITS}
     return NodeData(report=_report_from(meta["report"]), fingerprint=str(meta["fingerprint"]),
-                    image_size=int(meta["image_size"]), **splits)
+                    image_size=int(meta["image_size"]), root=str(meta.get("root", "")),
+                    **splits)
 
 
 class SplitCache:

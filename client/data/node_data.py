@@ -142,6 +142,9 @@ class NodeData:
         Side ``S`` of the preprocessed images.
     train, val, test : SplitArrays
         Patient-disjoint splits (see :mod:`client.data.splits`).
+    root : str
+        The resolved data folder ("" when unknown): where a paradigm that also trains on the
+        node's unlabelled patients reads them (:func:`client.data.task_data.load_unlabelled`).
     """
 
     report: IngestionReport
@@ -150,6 +153,7 @@ class NodeData:
     train: SplitArrays
     val: SplitArrays
     test: SplitArrays
+    root: str = ""
 
     @property
     def num_classes(self) -> int:
@@ -311,6 +315,7 @@ def clear_cache() -> None:
 
     with task_data._cache_lock:
         task_data._cache.clear()
+        task_data._unlabelled_cache.clear()
 
 
 def load_node_data(
@@ -417,4 +422,5 @@ def _load(
         train=arrays["train"],
         val=arrays["val"],
         test=arrays["test"],
+        root=str(root),
     )

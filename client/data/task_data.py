@@ -58,7 +58,7 @@ import torch
 from monai.transforms import Resize
 
 from client.data.frames import image_frames, scan_for_training, volume_frames
-from client.data.labels import LABELS_FILENAME, Target, read_targets
+from client.data.labels import LABELS_FILENAME, Target, read_labels, read_targets
 from client.data.node_data import (
     CACHE_SIZE,
     NodeData,
@@ -75,7 +75,7 @@ from client.dicom.scan import scan_directory
 from client.dicom.volume import assemble_volumes
 from common.errors import ConfigError, DataError
 
-__all__ = ["load_task_data", "targets_tensor"]
+__all__ = ["load_task_data", "load_unlabelled", "targets_tensor"]
 
 logger = logging.getLogger(__name__)
 
@@ -212,7 +212,8 @@ def _segmentation(root: Path, *, image_size: int, require_deidentified: bool, se
                            num_patients=part.num_patients)  # type: ignore[attr-defined]
 
     return NodeData(report=report, fingerprint=seg.fingerprint, image_size=image_size,
-                    train=arrays(seg.train), val=arrays(seg.val), test=arrays(seg.test))
+                    train=arrays(seg.train), val=arrays(seg.val), test=arrays(seg.test),
+                    root=str(root))
 
 
 def _studies(index: DicomIndex, targets: dict[StudyKey, Target] | None) -> dict[str, list[_Study]]:
@@ -260,7 +261,8 @@ def _load(root: Path, *, task: str, num_classes: int, samples: str, image_size: 
         no_train_detail=f" ({len(studies)} patients)",
     )
     return NodeData(report=report, fingerprint=report.fingerprint, image_size=image_size,
-                    train=arrays["train"], val=arrays["val"], test=arrays["test"])
+                    train=arrays["train"], val=arrays["val"], test=arrays["test"],
+                    root=str(root))
 
 
 def load_task_data(
@@ -309,3 +311,65 @@ def load_task_data(
         while len(_cache) > CACHE_SIZE:
             _cache.popitem(last=False)
     return data
+
+
+def load_unlabelled(
+    data_dir: str | Path,
+    *,
+    task: str = "binary",
+    num_classes: int = 2,
+    samples: str = "image-2d",
+    image_size: int = 32,
+    require_deidentified: bool = True,
+    seed: int = 0,
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.15,
+) -> SplitArrays:
+    """The node's *unlabelled* training patients: what :func:`load_task_data` leaves out.
+
+    Every loader trains on the patients with at least one usable labelled study (a study
+    without a valid row of ``labels.csv`` is dropped; a patient with none is not in any
+    split). This returns the patients with *no* labelled usable study whose patient-level
+    split (:func:`client.data.splits.assign_split`, the same rule and seed as the labelled
+    ones) is *train*, each image (or volume) one item, ``labels`` all 0 (unknown), in the
+    layout of :class:`~client.data.node_data.SplitArrays`. The labelled splits, and so what a
+    supervised run sees, are untouched. Cached in-process like :func:`load_task_data`.
+
+    Raises
+    ------
+    DataError
+        The folder is missing or the labels CSV has a problem for the task.
+    """
+    root = Path(data_dir).resolve()
+    require_data_dir(root)
+    key = ("unlabelled", str(root), task, num_classes, samples, image_size,
+           require_deidentified, seed, val_fraction, test_fraction, _dir_signature(root))
+    with _cache_lock:
+        if key in _unlabelled_cache:
+            return _unlabelled_cache[key]
+    outcome = scan_for_training(root, require_deidentified=require_deidentified)
+    index = DicomIndex.from_records(outcome.records)
+    csv = root / LABELS_FILENAME
+    labels: dict[StudyKey, Target] = (
+        dict(read_labels(csv)) if task in ("binary", "multiclass") and samples == "image-2d"
+        else read_targets(csv, task, num_classes))
+    usable = {(rec.patient_id, rec.study_instance_uid) for rec in index.instances()}
+    labelled = {pid for pid, study in labels if (pid, study) in usable}
+    studies = {pid: found for pid, found in _studies(index, None).items()
+               if pid not in labelled}
+    from client.data.splits import split_patients
+
+    patients = split_patients(studies, seed=seed, val_fraction=val_fraction,
+                              test_fraction=test_fraction).train
+    split = _build_split(patients, studies, task=task, samples=samples, image_size=image_size,
+                         num_classes=num_classes)
+    logger.info("unlabelled training patients: %d (%d %s)", split.num_patients, len(split),
+                "images" if samples == "image-2d" else "volumes")
+    with _cache_lock:
+        _unlabelled_cache[key] = split
+        while len(_unlabelled_cache) > CACHE_SIZE:
+            _unlabelled_cache.popitem(last=False)
+    return split
+
+
+_unlabelled_cache: OrderedDict[Hashable, SplitArrays] = OrderedDict()
