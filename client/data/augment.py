@@ -38,7 +38,8 @@ from torch.utils.data import Dataset
 
 from common.errors import ConfigError
 
-__all__ = ["AugmentedDataset", "augment_dataset", "augment_transform", "resolve_level"]
+__all__ = ["AugmentedDataset", "augment_dataset", "augment_transform", "augment_view",
+           "resolve_level"]
 
 IMAGE_KEY = "image"
 MASK_KEY = "mask"
@@ -153,6 +154,23 @@ def _plain(value: Any) -> torch.Tensor:
     return tensor.contiguous()
 
 
+def augment_view(transform: Transform, image: torch.Tensor, mask: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One augmented view of ``image`` (and of ``mask`` with the same spatial transform).
+
+    ``image`` is ``[C, *spatial]``; ``mask`` ``[*spatial]`` (integer classes). Returns plain
+    tensors of the inputs' dtypes (the mask ``None`` when none was given).
+    """
+    item: dict[str, Any] = {IMAGE_KEY: image}
+    if mask is not None:
+        item[MASK_KEY] = mask.unsqueeze(0).float()
+    out = transform(item)
+    picture = _plain(out[IMAGE_KEY]).to(image.dtype)
+    if mask is None:
+        return picture, None
+    return picture, _plain(out[MASK_KEY])[0].round().to(mask.dtype)
+
+
 class AugmentedDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     """A per-patient dataset whose items are augmented, one record at a time.
 
@@ -176,21 +194,10 @@ class AugmentedDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     def __len__(self) -> int:
         return len(self.base)  # type: ignore[arg-type]
 
-    def view(self, image: torch.Tensor, mask: torch.Tensor | None = None
-             ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One augmented view of ``image`` (and of ``mask`` with the same spatial transform)."""
-        item: dict[str, Any] = {IMAGE_KEY: image}
-        if mask is not None:
-            item[MASK_KEY] = mask.unsqueeze(0).float()
-        out = self.transform(item)
-        picture = _plain(out[IMAGE_KEY]).to(image.dtype)
-        if mask is None:
-            return picture, None
-        return picture, _plain(out[MASK_KEY])[0].round().to(mask.dtype)
-
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image, target = self.base[index]
-        picture, mask = self.view(image, target if self.segmentation else None)
+        picture, mask = augment_view(self.transform, image,
+                                     target if self.segmentation else None)
         return picture, (mask if mask is not None else target)
 
 
