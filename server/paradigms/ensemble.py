@@ -1,0 +1,285 @@
+"""The coordinator's workflow of ``--paradigm ensemble`` (see :mod:`common.paradigms.ensemble`).
+
+Phases:
+
+1. Members: ``members`` sub-runs of :func:`server.app.run_federation` with the supervised
+   plan, seeds ``seed, seed + 1, ...``, run ids ``<run id>-member-<i>``, out dirs
+   ``member-<i>`` and target ε ``ε / members`` each (bagging: on a bootstrap resample of the
+   hospitals, :mod:`server.paradigms.ensemble_bagging`). Member 0, trained with the run's own
+   seed, is the *single model* of the comparison.
+2. Validation: every hospital answers ``ensemble-scores`` (:mod:`client.queries.ensemble`) on
+   its validation patients: the members' pooled AUCs give the weights of
+   ``combine=weighted``; the single model's and the ensemble's histograms give the conformal
+   thresholds (:mod:`server.paradigms.ensemble_stats`).
+3. Test: the same query on the test patients: AUC, accuracy, ECE, conformal coverage and the
+   error-detection AUROC of each uncertainty, into ``report.extra["paradigm"]``.
+
+The run's report keeps member 0's rounds, sites, final evaluation and inference (the single
+model's); its paradigm section adds the comparison, the members and each hospital's ε over
+all members.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord
+from flwr.serverapp import Grid
+
+from common import messages as k
+from common.config import RunConfig
+from common.errors import ConfigError
+from common.paradigms import get_paradigm, read_options
+from common.paradigms.ensemble import (
+    MEMBER_HIST,
+    QUERY,
+    UNCERTAINTY_HIST,
+    UNCERTAINTY_MEASURES,
+    VARIANT_HIST,
+    WEIGHTS,
+    member_epsilon,
+    member_run_id,
+)
+from common.secagg.params import enabled as secagg_enabled
+from server.paradigms import ensemble_stats as st
+from server.paradigms.ensemble_bagging import BaggedGrid, bootstrap_hospitals
+from server.progress import ProgressCallback
+from server.report import RunReport
+from server.transport import with_transport
+
+log = logging.getLogger(__name__)
+
+__all__ = ["run_ensemble"]
+
+SCORE_BINS = 1000
+UNCERTAINTY_BINS = 200
+_NODE_WAIT_S = 30.0
+
+
+def _with_run_id(config: RunConfig) -> RunConfig:
+    if config.plan.run_id:
+        return config
+    run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(4)
+    return dataclasses.replace(config, plan=dataclasses.replace(config.plan, run_id=run_id))
+
+
+def member_config(config: RunConfig, index: int, members: int, *,
+                  min_nodes: int | None = None) -> RunConfig:
+    """The sub-run of member ``index``: supervised plan, own seed, run id, out dir and ε."""
+    plan = dataclasses.replace(
+        config.plan, paradigm="supervised", paradigm_options="", seed=config.plan.seed + index,
+        run_id=member_run_id(config.plan.run_id, index),
+        target_epsilon=member_epsilon(config.plan.target_epsilon, members))
+    return dataclasses.replace(
+        config, plan=plan, out_dir=str(Path(config.out_dir) / f"member-{index}"),
+        resume_from="", min_nodes=config.min_nodes if min_nodes is None else min_nodes)
+
+
+def _nodes(grid: Grid, config: RunConfig) -> list[int]:
+    from server.elm_workflow import _connected_nodes
+
+    return sorted(_connected_nodes(grid, min_nodes=config.min_nodes,
+                                   timeout=min(config.round_timeout, _NODE_WAIT_S)))
+
+
+def _final_arrays(report: RunReport) -> ArrayRecord | None:
+    path = Path(report.config.out_dir) / "checkpoints" / "final.pt"
+    if report.status not in ("completed", "incomplete") or not path.exists():
+        return None
+    return ArrayRecord(torch.load(path, map_location="cpu", weights_only=True))
+
+
+def _query(grid: Grid, node_ids: list[int], config: RunConfig, arrays: list[ArrayRecord],
+           split: str, weights: np.ndarray, mc_samples: int) -> dict[str, Any]:
+    from server.inference import query_nodes
+
+    cfg = {**config.plan.to_record(), k.SPLIT: split, WEIGHTS: [float(w) for w in weights],
+           k.MC_SAMPLES: int(mc_samples), k.VALUE_BINS: SCORE_BINS,
+           "uncertainty-bins": UNCERTAINTY_BINS}
+    res = query_nodes(grid, node_ids, QUERY, cfg, timeout=config.round_timeout,
+                      records={f"{k.ENSEMBLE_PREFIX}{i}": a for i, a in enumerate(arrays)},
+                      required=(MEMBER_HIST, VARIANT_HIST, UNCERTAINTY_HIST))
+    if not res.values:
+        reasons = "; ".join(f"{f['site']}: {f['reason']}" for f in res.failures)
+        raise RuntimeError(f"no hospital answered {QUERY} on {split} ({reasons})")
+    pooled = res.pooled((MEMBER_HIST, VARIANT_HIST, UNCERTAINTY_HIST))
+    m = len(arrays)
+    return {"member": pooled[MEMBER_HIST].reshape(m, 2, SCORE_BINS),
+            "variant": pooled[VARIANT_HIST].reshape(2, 2, SCORE_BINS),
+            "uncertainty": pooled[UNCERTAINTY_HIST].reshape(3, 2, UNCERTAINTY_BINS),
+            "sites": [res.sites[i] for i in res.values], "failures": res.failures,
+            "heads": dict(res.heads)}
+
+
+def _has_dropout(config: RunConfig) -> bool:
+    from server.app import initial_model
+
+    return any(isinstance(mod, torch.nn.modules.dropout._DropoutNd)
+               and float(getattr(mod, "p", 0.0)) > 0
+               for mod in initial_model(config)[0].modules())
+
+
+def _epsilon_rows(members: list[RunReport]) -> tuple[list[str], list[list[Any]]]:
+    per_site: dict[str, list[float | None]] = {}
+    caps: dict[str, Any] = {}
+    for i, rep in enumerate(members):
+        for row in rep.sites():
+            per_site.setdefault(str(row["site"]), [None] * len(members))[i] = row["epsilon"]
+            caps[str(row["site"])] = row.get("epsilon_cap")
+    columns = ["hospital", *(f"member {i} ε" for i in range(len(members))), "total ε", "cap"]
+    rows = [[site, *eps, float(sum(e for e in eps if e is not None)), caps.get(site)]
+            for site, eps in sorted(per_site.items())]
+    return columns, rows
+
+
+def _comparison(val: dict[str, Any], test: dict[str, Any], alpha: float,
+                combine: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Single model vs ensemble rows (test patients) and the uncertainty rows."""
+    names = ["single member (member 0)", f"ensemble ({combine})"]
+    rows = []
+    for v, name in enumerate(names):
+        qhat = st.conformal_qhat(val["variant"][v], alpha=alpha)
+        cov = st.coverage(test["variant"][v], qhat) if math.isfinite(qhat) else None
+        rows.append({"model": name, "auc": st.auc(test["variant"][v]),
+                     "accuracy": st.accuracy(test["variant"][v]),
+                     "ece": st.ece(test["variant"][v]),
+                     "qhat": qhat if math.isfinite(qhat) else None,
+                     "coverage": None if cov is None else cov["coverage"]["value"],
+                     "mean_set_size": None if cov is None else cov["mean_set_size"]})
+    unc = [{"model": names[0 if u == 0 else 1], "uncertainty": measure,
+            "error_auroc": st.error_auroc(test["uncertainty"][u]),
+            "errors": int(np.rint(test["uncertainty"][u][0]).sum())}
+           for u, measure in enumerate(UNCERTAINTY_MEASURES)]
+    return rows, {"rows": unc}
+
+
+def run_ensemble(grid: Grid, config: RunConfig, *, on_round: Any = None,
+                 on_progress: ProgressCallback | None = None) -> RunReport:
+    """Train the members, evaluate the ensemble, and return (and write) the run's report."""
+    from server.app import run_federation
+    from server.report_html import write_report_html
+
+    options = read_options(get_paradigm("ensemble"), config.plan.paradigm_options)
+    m, method, combine = int(options["members"]), str(options["method"]), str(options["combine"])
+    config = _with_run_id(config)
+    out = Path(config.out_dir)
+    grid = with_transport(grid, on_progress)
+    node_ids = _nodes(grid, config)
+    if method == "bagging" and secagg_enabled(config.secure_aggregation,
+                                              max(len(node_ids), config.min_nodes)):
+        raise ConfigError("bagging weights each hospital by the times it was drawn, which "
+                          "secure aggregation cannot see; run it with --secure-aggregation off "
+                          "or use -P method=seeds")
+    members: list[RunReport] = []
+    draws: list[dict[int, int] | None] = []
+    for i in range(m):
+        if method == "bagging":
+            drawn = bootstrap_hospitals(node_ids, seed=config.plan.seed + i)
+            sub = member_config(config, i, m, min_nodes=min(config.min_nodes, len(drawn)))
+            member_grid: Grid = BaggedGrid(grid, drawn)
+        else:
+            drawn, sub, member_grid = None, member_config(config, i, m), grid
+        log.info("ensemble member %d/%d: run %s", i + 1, m, sub.plan.run_id)
+        draws.append(drawn)
+        members.append(run_federation(member_grid, sub, on_round=on_round))
+    report = RunReport(config=config)
+    single = members[0]
+    report.rounds, report.final = list(single.rounds), single.final
+    report.excluded, report.dropped = single.excluded, single.dropped
+    for key in ("inference", "model_selection", "secure_aggregation"):
+        if key in single.extra:
+            report.extra[key] = single.extra[key]
+    section = _section(grid, node_ids, config, options, members, draws)
+    report.extra["paradigm"] = section
+    report.status = "completed" if section.get("status") == "completed" else "incomplete"
+    report.reason = "" if report.status == "completed" else str(section.get("reason", ""))
+    report.write(out)
+    write_report_html(report.to_dict(), out / "report.html")
+    return report
+
+
+def _section(grid: Grid, node_ids: list[int], config: RunConfig, options: dict[str, Any],
+             members: list[RunReport], draws: list[dict[int, int] | None]) -> dict[str, Any]:
+    m, combine = len(members), str(options["combine"])
+    eps_member = member_epsilon(config.plan.target_epsilon, m)
+    columns, eps_rows = _epsilon_rows(members)
+    section: dict[str, Any] = {
+        "name": "ensemble", "summary": get_paradigm("ensemble").summary,
+        "options": dict(options),
+        "notes": [
+            f"{m} members; each member's target ε = ε / {m} = {eps_member:.3f} "
+            f"(run ε {config.plan.target_epsilon:g}): every hospital's total over the members "
+            "is at most one single-model run's ε (table 'ε per hospital', from the ε each "
+            "hospital's ledger reported).",
+            "The rounds, sites, final evaluation and inference of this report are member 0's "
+            "(the single model, trained with the run's seed); each member's own report is in "
+            "member-<i>/report.json.",
+        ],
+        "tables": [], "members": [], "epsilon_per_hospital": {"columns": columns,
+                                                              "rows": eps_rows}}
+    arrays = [_final_arrays(rep) for rep in members]
+    for i, rep in enumerate(members):
+        section["members"].append({
+            "member": i, "run_id": rep.config.plan.run_id, "seed": rep.config.plan.seed,
+            "status": rep.status, "target_epsilon": rep.config.plan.target_epsilon,
+            "hospitals_drawn": None if draws[i] is None else {
+                rep.site_names().get(n, f"node-{n}"): t for n, t in draws[i].items()}})
+    if any(a is None for a in arrays):
+        bad = [i for i, a in enumerate(arrays) if a is None]
+        section.update(status="failed", reason=f"member(s) {bad} have no final model")
+        return section
+    mc = int(options["mc-samples"])
+    try:
+        equal = np.full(m, 1.0 / m)
+        val = _query(grid, node_ids, config, arrays, k.SPLIT_VAL, equal, mc)
+        weights = st.member_weights(val["member"]) if combine == "weighted" else equal
+        if combine == "weighted":
+            val = _query(grid, node_ids, config, arrays, k.SPLIT_VAL, weights, mc)
+        test = _query(grid, node_ids, config, arrays, k.SPLIT_TEST, weights, mc)
+    except Exception as exc:  # noqa: BLE001 - the members' reports are already written
+        log.warning("ensemble evaluation failed: %s", exc)
+        section.update(status="failed", reason=f"{type(exc).__name__}: {exc}")
+        return section
+    for i, row in enumerate(section["members"]):
+        row.update(val_auc=st.auc(val["member"][i]), test_auc=st.auc(test["member"][i]),
+                   weight=float(weights[i]))
+    rows, unc = _comparison(val, test, float(options["alpha"]), combine)
+    alpha = float(options["alpha"])
+    section["comparison"] = {"rows": rows, "uncertainty": unc["rows"], "alpha": alpha,
+                             "target_coverage": 1 - alpha, "weights": [float(w) for w in weights],
+                             "test_sites": test["sites"], "failures": val["failures"]
+                             + test["failures"], "ledger_heads": test["heads"]}
+    if not _has_dropout(config):
+        section["notes"].append(
+            f"The model {config.plan.model!r} has no dropout layer: its MC-dropout passes are "
+            "identical, so the single member's 'MC-dropout entropy' is its predictive entropy.")
+    section["notes"].append(
+        f"Conformal prediction sets at target coverage {1 - alpha:.2f} (α = {alpha:g}), "
+        "calibrated on the validation patients; scores known to 1/1000, nonconformity rounded "
+        "up. Error = misclassified at 0.5.")
+    section["tables"] = [
+        {"title": "Single member vs ensemble (test patients, pooled over hospitals)",
+         "columns": ["model", "AUC", "accuracy", "ECE", f"coverage (target {1 - alpha:.2f})",
+                     "mean set size"],
+         "rows": [[r["model"], r["auc"], r["accuracy"], r["ece"], r["coverage"],
+                   r["mean_set_size"]] for r in rows]},
+        {"title": "Uncertainty for detecting errors (test patients)",
+         "columns": ["model", "uncertainty", "error-detection AUROC", "errors"],
+         "rows": [[u["model"], u["uncertainty"], u["error_auroc"], u["errors"]]
+                  for u in unc["rows"]]},
+        {"title": "Members", "columns": ["member", "seed", "status", "target ε", "val AUC",
+                                         "test AUC", "weight"],
+         "rows": [[r["member"], r["seed"], r["status"], r["target_epsilon"], r["val_auc"],
+                   r["test_auc"], r["weight"]] for r in section["members"]]},
+        {"title": "ε per hospital (all members)", "columns": columns, "rows": eps_rows},
+    ]
+    section.update(status="completed", reason="")
+    return section

@@ -1,0 +1,151 @@
+"""The ensemble's pooled measures from the hospitals' histograms equal the same measures on
+the pooled patients (scikit-learn / SciPy / NumPy) within the binning error; bagging's grid
+hides undrawn hospitals and weighs drawn ones by their draws."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable
+
+import numpy as np
+import pytest
+from flwr.app import Message, MessageType, Metadata, MetricRecord, RecordDict
+from scipy.special import expit
+from sklearn.calibration import calibration_curve
+from sklearn.metrics import accuracy_score, roc_auc_score
+
+from client.queries.ensemble import ensemble_histograms
+from common import messages as k
+from common.paradigms.ensemble import MEMBER_HIST, UNCERTAINTY_HIST, VARIANT_HIST
+from common.stats.conformal import coverage_counts
+from server.paradigms import ensemble_stats as st
+from server.paradigms.ensemble_bagging import BaggedGrid, bootstrap_hospitals
+from tests.flower_helpers import DirectGrid
+
+BINS, UBINS = 1000, 200
+
+
+def _hospital(rng: np.random.Generator, n: int, members: int) -> dict[str, np.ndarray]:
+    y = rng.integers(0, 2, n)
+    signal = 1.2 * (2 * y - 1) + rng.normal(0, 1.0, n)
+    probs = expit(signal + rng.normal(0, 0.6, (members, n)))
+    mc = expit(signal + rng.normal(0, 0.3, (5, n)))
+    return {"y": y, "p": probs, "mc": mc}
+
+
+@pytest.fixture(scope="module")
+def pooled() -> dict[str, object]:
+    # Prepare: three hospitals, three members, unequal weights
+    rng = np.random.default_rng(7)
+    weights = np.array([0.5, 0.3, 0.2])
+    sites = [_hospital(rng, n, 3) for n in (150, 220, 90)]
+    hists = [ensemble_histograms(s["p"], s["y"], weights, s["mc"], bins=BINS,
+                                 uncertainty_bins=UBINS) for s in sites]
+    summed = {key: sum(h[key] for h in hists) for key in hists[0]}
+    y = np.concatenate([s["y"] for s in sites])
+    p = np.concatenate([s["p"] for s in sites], axis=1)
+    mc = np.concatenate([s["mc"] for s in sites], axis=1)
+    return {"h": summed, "y": y, "p": p, "mc": mc, "w": weights}
+
+
+def _ece(y: np.ndarray, p: np.ndarray) -> float:
+    prob_true, prob_pred = calibration_curve(y, p, n_bins=10, strategy="uniform")
+    counts = np.bincount(np.clip((p * 10).astype(int), 0, 9), minlength=10)
+    counts = counts[counts > 0]
+    return float(np.sum(counts / len(y) * np.abs(prob_true - prob_pred)))
+
+
+def test_pooled_auc_accuracy_and_ece_equal_sklearn_on_the_pooled_patients(pooled) -> None:
+    h, y, p, w = pooled["h"], pooled["y"], pooled["p"], pooled["w"]
+    ens = w @ p
+    for v, scores in enumerate((p[0], ens)):
+        hist = h[VARIANT_HIST][v]
+        assert st.auc(hist) == pytest.approx(roc_auc_score(y, scores), abs=2e-3)
+        assert st.accuracy(hist) == pytest.approx(accuracy_score(y, scores >= 0.5), abs=1e-12)
+        assert st.ece(hist) == pytest.approx(_ece(y, scores), abs=1e-3)
+    for i in range(p.shape[0]):
+        assert st.auc(h[MEMBER_HIST][i]) == pytest.approx(roc_auc_score(y, p[i]), abs=2e-3)
+
+
+def test_error_detection_auroc_equals_sklearn_on_the_pooled_uncertainties(pooled) -> None:
+    h, y, p, w, mc = pooled["h"], pooled["y"], pooled["p"], pooled["w"], pooled["mc"]
+    ens = w @ p
+
+    def entropy(q: np.ndarray) -> np.ndarray:
+        return -(q * np.log2(q) + (1 - q) * np.log2(1 - q))
+
+    variance = 4 * (w @ (p - ens) ** 2)
+    cases = [(entropy(mc.mean(axis=0)), (p[0] >= 0.5) != y),
+             (variance, (ens >= 0.5) != y), (entropy(ens), (ens >= 0.5) != y)]
+    for u, (values, wrong) in enumerate(cases):
+        expected = roc_auc_score(wrong, values)
+        assert st.error_auroc(h[UNCERTAINTY_HIST][u]) == pytest.approx(expected, abs=0.01)
+        assert h[UNCERTAINTY_HIST][u][0].sum() == wrong.sum()
+
+
+def test_conformal_threshold_and_coverage_match_the_pooled_scores(pooled) -> None:
+    h, y, p, w = pooled["h"], pooled["y"], pooled["p"], pooled["w"]
+    ens = w @ p
+    half = len(y) // 2  # first half calibrates, second half is "test" (same histograms code)
+    cal = ensemble_histograms(p[:, :half], y[:half], w, p[:1, :half], bins=BINS)[VARIANT_HIST][1]
+    test = ensemble_histograms(p[:, half:], y[half:], w, p[:1, half:], bins=BINS)[VARIANT_HIST][1]
+    alpha = 0.1
+    qhat = st.conformal_qhat(cal, alpha=alpha)
+    scores = np.sort(np.where(y[:half] == 1, 1 - ens[:half], ens[:half]))
+    kth = scores[math.ceil((half + 1) * (1 - alpha)) - 1]
+    assert kth <= qhat <= kth + 1.0 / BINS + 1e-9
+    got = st.coverage(test, qhat)
+    ref = coverage_counts(ens[half:], y[half:], qhat)
+    n = len(y) - half
+    boundary = np.sum(np.abs(np.concatenate([ens[half:], 1 - ens[half:]]) - qhat) < 1.0 / BINS)
+    assert got["coverage"]["value"] == pytest.approx(ref["covered"] / n, abs=boundary / n + 1e-12)
+    assert sum(got["set_sizes"].values()) == n
+
+
+def test_weights_follow_the_members_pooled_validation_auc(pooled) -> None:
+    h, y, p = pooled["h"], pooled["y"], pooled["p"]
+    raw = np.maximum([roc_auc_score(y, row) - 0.5 for row in p], 0.01)
+    assert st.member_weights(h[MEMBER_HIST]) == pytest.approx(raw / raw.sum(), abs=5e-3)
+
+
+class _Hospitals(DirectGrid):
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: list[int] = []
+
+    def get_node_ids(self) -> Iterable[int]:
+        return [11, 12, 13]
+
+    def send_and_receive(self, messages: Iterable[Message], *,
+                         timeout: float | None = None) -> Iterable[Message]:
+        out = []
+        for msg in messages:
+            node = int(msg.metadata.dst_node_id)
+            self.asked.append(node)
+            meta = Metadata(run_id=1, message_id=f"r{node}{time.monotonic_ns()}",
+                            src_node_id=node, dst_node_id=0, reply_to_message_id="",
+                            group_id="", created_at=time.time(), ttl=60.0,
+                            message_type=MessageType.TRAIN)
+            out.append(Message(content=RecordDict({k.METRICS: MetricRecord(
+                {k.NUM_EXAMPLES: 10, k.UNIT_WEIGHT: 1})}), metadata=meta))
+        return out
+
+
+def test_bootstrap_draws_are_reproducible_and_resample_every_hospital_count() -> None:
+    draws = bootstrap_hospitals([13, 11, 12], seed=3)
+    assert draws == bootstrap_hospitals([11, 12, 13], seed=3)
+    assert sum(draws.values()) == 3 and set(draws) <= {11, 12, 13}
+    assert any(len(bootstrap_hospitals([11, 12, 13], seed=s)) < 3 for s in range(10))
+
+
+def test_bagged_grid_hides_undrawn_hospitals_and_counts_a_double_draw_twice() -> None:
+    inner = _Hospitals()
+    grid = BaggedGrid(inner, {11: 2, 13: 1})
+    messages = [Message(content=RecordDict(), dst_node_id=n, message_type=MessageType.TRAIN)
+                for n in (11, 12, 13)]
+    replies = list(grid.send_and_receive(messages))
+    assert list(grid.get_node_ids()) == [11, 13] and inner.asked == [11, 13]
+    weights = {int(r.metadata.src_node_id): r.content[k.METRICS][k.NUM_EXAMPLES] for r in replies}
+    assert weights == {11: 20, 13: 10}
+    assert replies[0].content[k.METRICS][k.UNIT_WEIGHT] == 2
