@@ -1,0 +1,132 @@
+"""Single model vs federated deep ensemble at equal total ε (AUC, ECE, error-detection AUROC).
+
+Real BreastMNIST (``vesalius import``, 3 hospitals, IID), ε = 8 per hospital in total:
+
+* ``single model``: one supervised federation at ε = 8;
+* ``member 0``: the ensemble's first member alone (ε = 8 / 3);
+* ``ensemble``: ``--paradigm ensemble -P members=3`` (each member ε = 8 / 3, averaged).
+
+The ensemble's and member 0's figures are the run's paradigm section (pooled from the
+hospitals' histograms); the single model's AUC is its run's pooled inference and its ECE and
+error-detection AUROC (predictive entropy; the cnn has no dropout) are computed here from its
+final checkpoint on the pooled test patients, with the same binned formulas. ``pooled`` is
+the pooled non-private single model's test AUC (``bench/tasks.py``'s baseline). The two
+federations keep separate ledgers (each spends the hospitals' whole ε = 8).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SEED = 0
+MEMBERS = 3
+
+
+def _row(quick: bool) -> Any:
+    from bench.tasks import QUICK, ROWS
+
+    row = next(r for r in ROWS if r.name == "breastmnist")
+    return dataclasses.replace(row, **QUICK[row.name]) if quick else row
+
+
+def _simulate(row: Any, root: Path, work: Path, *, paradigm: str,
+              options: dict[str, Any]) -> dict[str, Any]:
+    from bench.tasks import EPSILON, _plan
+    from common.config import NodeConfig, RunConfig
+    from common.paradigms import canonical_options
+    from server.simulation import run_simulation
+
+    sites = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("site-"))
+    nodes = [NodeConfig(data_dir=d, epsilon_cap=EPSILON, site_name=d.name,
+                        release_histograms=True, min_release_count=1, torch_threads=1,
+                        device="cpu", ledger_dir=work / "ledgers" / d.name) for d in sites]
+    plan = dataclasses.replace(_plan(row, private=True, seed=SEED, epsilon=EPSILON),
+                               paradigm=paradigm, paradigm_options=canonical_options(options),
+                               run_id=f"bench-paradigm-{paradigm}")
+    config = RunConfig(plan=plan, out_dir=str(work / "run"), min_nodes=len(nodes),
+                       secure_aggregation="off")
+    doc = run_simulation(config, nodes, num_cpus=2).to_dict()
+    if doc.get("status") != "completed":
+        raise RuntimeError(f"{paradigm} federation {doc.get('status')}: {doc.get('reason')}")
+    return doc
+
+
+def _single_measures(row: Any, root: Path, checkpoint: Path) -> dict[str, float]:
+    import torch
+
+    from bench.tasks import _plan
+    from client.data.task_data import load_task_data
+    from client.queries.ensemble import ensemble_histograms
+    from client.training import evaluate
+    from common.config import RunConfig
+    from common.paradigms.ensemble import UNCERTAINTY_HIST, VARIANT_HIST
+    from common.tasks import get_task
+    from server.app import initial_model
+    from server.paradigms import ensemble_stats as st
+
+    plan = _plan(row, private=True, seed=SEED, epsilon=8.0)
+    model = initial_model(RunConfig(plan=plan))[0]
+    model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
+    sites = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("site-"))
+    scores, labels = [], []
+    for d in sites:
+        test = load_task_data(d, task=row.task, num_classes=row.num_classes, samples=row.samples,
+                              image_size=row.image_size, seed=0).test
+        res = evaluate(model, test.images, test.labels, patient_index=test.patient_index,
+                       device="cpu", task=get_task(row.task), num_classes=row.num_classes)
+        scores.append(res.scores)
+        labels.append(res.labels)
+    p = np.concatenate(scores)[None, :]
+    h = ensemble_histograms(np.vstack([p, p]), np.concatenate(labels), np.array([1.0, 0.0]), p)
+    return {"auc": st.auc(h[VARIANT_HIST][0]), "ece": st.ece(h[VARIANT_HIST][0]),
+            "error_auroc": st.error_auroc(h[UNCERTAINTY_HIST][0])}
+
+
+def _num(value: Any) -> float:
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else math.nan
+
+
+def run(work: Path, quick: bool) -> list[dict[str, Any]]:
+    """The comparison's rows (see the module docstring)."""
+    from bench.tasks import EPSILON, _baseline_dicom, _prepare_dicom
+
+    row = _row(quick)
+    root = work / "data"
+    prepared = _prepare_dicom(row, root, SEED)
+    single_doc = _simulate(row, root, work / "single", paradigm="supervised", options={})
+    ens_doc = _simulate(row, root, work / "ensemble", paradigm="ensemble",
+                        options={"members": MEMBERS})
+    pooled = _num(_baseline_dicom(row, root, seed=SEED)["metrics"].get("auc"))
+    single = _single_measures(row, root, work / "single" / "run" / "checkpoints" / "final.pt")
+    section = ens_doc["paradigm"]
+    comp = section["comparison"]
+    unc = {(u["model"], u["uncertainty"]): u["error_auroc"] for u in comp["uncertainty"]}
+    eps_total = max(r[-2] for r in section["epsilon_per_hospital"]["rows"])
+    eps_single = max(_num(s["epsilon"]) for s in single_doc["sites"])
+    base = {"comparison": "single model vs ensemble", "data": "BreastMNIST (real)",
+            "metric": "auc", "pooled": pooled, "hospitals": 3,
+            "how": prepared["how"], "rounds": row.rounds}
+    member0, ens = comp["rows"]
+    return [
+        {**base, "variant": f"single model (ε={EPSILON:g})",
+         "federated": _num(single_doc["inference"]["metrics"]["auc"]),
+         "auc_binned": single["auc"], "ece": single["ece"],
+         "error_auroc": single["error_auroc"], "uncertainty": "predictive entropy",
+         "epsilon_per_hospital": eps_single},
+        {**base, "variant": f"member 0 alone (ε={EPSILON / MEMBERS:.2f})",
+         "federated": _num(member0["auc"]), "ece": _num(member0["ece"]),
+         "error_auroc": _num(unc[(member0["model"], "single MC-dropout entropy")]),
+         "uncertainty": "predictive entropy (no dropout)", "coverage": member0["coverage"],
+         "epsilon_per_hospital": eps_total / MEMBERS},
+        {**base, "variant": f"ensemble of {MEMBERS} (ε={EPSILON / MEMBERS:.2f} each)",
+         "federated": _num(ens["auc"]), "ece": _num(ens["ece"]),
+         "error_auroc": _num(unc[(ens["model"], "ensemble disagreement (variance)")]),
+         "error_auroc_entropy": _num(unc[(ens["model"], "ensemble predictive entropy")]),
+         "uncertainty": "disagreement", "coverage": ens["coverage"],
+         "target_coverage": comp["target_coverage"], "epsilon_per_hospital": eps_total},
+    ]

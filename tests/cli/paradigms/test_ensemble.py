@@ -1,0 +1,85 @@
+"""`vesalius federation run --paradigm ensemble`: members trained as sub-runs sharing the ε,
+each on every hospital's ledger, and the paradigm section comparing a single member with the
+ensemble on the pooled test patients (tiny synthetic hospitals, 1 round)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from cli.app import app
+
+SITES, PATIENTS, SIZE = 2, 40, 16
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from client.dicom.synth import synthesize_federation
+
+    root = tmp_path_factory.mktemp("ensemble-data")
+    synthesize_federation(root, n_sites=SITES, patients_per_site=PATIENTS,
+                          images_per_patient=(1, 2), image_size=SIZE, seed=1)
+    return root
+
+
+def _ledger(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line)["entry"] for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("options", [("members=2",),
+                                     ("members=2", "method=bagging", "combine=weighted")])
+def test_an_ensemble_trains_its_members_and_reports_single_vs_ensemble(
+    options: tuple[str, ...], data: Path, tmp_path: Path
+) -> None:
+    # Prepare
+    out = tmp_path / "out"
+    extra = [arg for opt in options for arg in ("-P", opt)]
+    # Execute
+    result = CliRunner().invoke(app, [
+        "federation", "run", "--data-root", str(data), "--rounds", "1", "--image-size",
+        str(SIZE), "--min-release-count", "1", "--ledger-dir", str(out / "ledgers"),
+        "--out", str(out), "--epsilon", "8", "--paradigm", "ensemble", *extra],
+        env={"COLUMNS": "300"})
+    # Assert: the run, its members' own reports and the paradigm section
+    assert result.exit_code == 0, result.output[-3000:]
+    doc = json.loads((out / "report.json").read_text())
+    assert doc["status"] == "completed", doc.get("reason")
+    section = doc["paradigm"]
+    assert section["name"] == "ensemble" and section["status"] == "completed"
+    run_id = doc["run_id"]
+    members = section["members"]
+    assert [m["run_id"] for m in members] == [f"{run_id}-member-{i}" for i in range(2)]
+    assert [m["target_epsilon"] for m in members] == [4.0, 4.0]
+    for i in range(2):
+        assert json.loads((out / f"member-{i}" / "report.json").read_text())["status"] == "completed"
+    comp = section["comparison"]
+    assert [r["model"] for r in comp["rows"]][0] == "single member (member 0)"
+    for row in comp["rows"]:
+        assert 0.0 <= row["auc"] <= 1.0 and 0.0 <= row["ece"] <= 1.0
+        assert 0.0 <= row["coverage"] <= 1.0 and 0.0 <= row["mean_set_size"] <= 2.0
+    assert comp["target_coverage"] == pytest.approx(0.9)
+    assert len(comp["uncertainty"]) == 3
+    assert sum(comp["weights"]) == pytest.approx(1.0)
+    titles = [t["title"] for t in section["tables"]]
+    assert titles[0].startswith("Single member vs ensemble") and len(section["tables"][0]["rows"]) == 2
+    assert "Single member vs ensemble" in " ".join(result.output.split())
+    # Assert: every hospital's ledger holds each member's training and the ensemble's queries,
+    # and its total ε over the members is the table's and within the run's ε
+    totals = {row[0]: row[-2] for row in section["epsilon_per_hospital"]["rows"]}
+    for site in ("site-1", "site-2"):
+        entries = _ledger(out / "ledgers" / site / "ledger.jsonl")
+        trained = {e["run_id"]: e["epsilon_reported"] for e in entries if e["release"] == "train"}
+        drawn = [m for m in members
+                 if m["hospitals_drawn"] is None or site in m["hospitals_drawn"]]
+        assert set(trained) == {m["run_id"] for m in drawn}
+        assert sum(trained.values()) == pytest.approx(totals[site], abs=1e-9)
+        assert totals[site] <= 8.0
+        assert sum(e["release"] == "query:ensemble-scores" and e["run_id"] == run_id
+                   for e in entries) >= 2  # validation and test
+    if "method=bagging" in options:
+        assert all(sum(m["hospitals_drawn"].values()) == SITES for m in members)
