@@ -4,7 +4,8 @@
 :func:`self_supervised_training` wraps the plan's model in a :class:`PretextModel`: the model's
 own output layer is bypassed (kept, frozen, and sent back unchanged), a fixed seeded pretext
 head reads the penultimate features, and :class:`PretextDataset` gives one record per patient
-of the training split (labels ignored; never the test split). The step then goes through
+of the training split plus the node's unlabelled training patients (labels ignored; never
+the test split; all of them count in ``num_patients``, the accountant's privacy unit). The step then goes through
 :func:`client.training.train_dp` like any other, so DP-SGD, the ledger and the accountant
 apply; :meth:`PretextModel.state_dict` returns the plan model's tensors only, so the
 coordinator averages exactly the model it sent.
@@ -12,6 +13,7 @@ coordinator averages exactly the model it sent.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import OrderedDict
 from typing import Any
@@ -23,11 +25,15 @@ from torch import nn
 from client.data.node_data import NodeData, PerPatientDataset, SplitArrays
 from client.paradigms import NodeTraining
 from common.config import TrainPlan
+from common.errors import DataError
 from common.paradigms.self_supervised import HEAD_LAYERS, check_encoder_model
 from common.tasks.base import Task
 
 __all__ = ["PretextDataset", "PretextModel", "contrastive_loss", "masked_loss",
-           "pretext_outputs", "rotation_loss", "self_supervised_training"]
+           "pretext_outputs", "rotation_loss", "self_supervised_training",
+           "with_unlabelled"]
+
+logger = logging.getLogger(__name__)
 
 PROJECTION = 64
 """Width of the contrastive projection (and of its prediction)."""
@@ -180,10 +186,36 @@ def contrastive_loss(model: nn.Module, views: torch.Tensor, targets: torch.Tenso
     return torch.stack(terms, 0).mean(0)
 
 
+def with_unlabelled(plan: TrainPlan, split: SplitArrays, data: NodeData | None) -> SplitArrays:
+    """``split`` plus the node's unlabelled training patients (same patient-level split rule,
+    :func:`client.data.task_data.load_unlabelled`), outside cross-validation; ``split``
+    alone when the node has none or they cannot be read (logged)."""
+    root = getattr(data, "root", "") if data is not None else ""
+    if plan.cv_mode != "none" or not root:
+        return split
+    from client.data.task_data import load_unlabelled
+
+    try:
+        extra = load_unlabelled(root, task=plan.task, num_classes=plan.num_classes,
+                                samples=plan.samples, image_size=plan.image_size, seed=0)
+    except DataError as exc:
+        logger.warning("unlabelled patients left out of the pretext step: %s", exc)
+        return split
+    if not extra.num_patients:
+        return split
+    return SplitArrays(
+        images=torch.cat([split.images, extra.images]),
+        labels=torch.cat([split.labels.reshape(len(split), -1)[:, 0],
+                          torch.zeros(len(extra), dtype=torch.long)]),
+        patient_index=torch.cat([split.patient_index, extra.patient_index + split.num_patients]),
+        num_patients=split.num_patients + extra.num_patients)
+
+
 def self_supervised_training(plan: TrainPlan, task: Task, split: SplitArrays, data: NodeData,
                              model: nn.Module, options: dict[str, Any]) -> NodeTraining:
     """The pretext step on the training split's patients (the node hook)."""
     check_encoder_model(plan, plan.paradigm)
+    split = with_unlabelled(plan, split, data)
     pretext = str(options["pretext"])
     wrapped = PretextModel(model, HEAD_LAYERS[plan.model],
                            pretext_outputs(pretext, plan.image_size), seed=plan.seed)

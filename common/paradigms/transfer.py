@@ -1,7 +1,7 @@
 """Transfer learning: fine-tune from pretrained weights, compared with training from scratch.
 
 ``--paradigm transfer`` starts the plan's model from pretrained weights, either a local
-checkpoint (``-P pretrained=PATH``, or ``--init-from PATH``; its SHA-256 and the tensors
+checkpoint (``-P pretrained=PATH``; its SHA-256 and the tensors
 loaded go in the report) or a federated self-supervised pretraining run first, in the same
 run (``-P pretrain-rounds=N``, :mod:`common.paradigms.self_supervised`), and fine-tunes it
 with chosen layer groups frozen (``-P freeze=none|trunk|<groups>``, :data:`LAYER_GROUPS`).
@@ -21,6 +21,7 @@ rounds run under the stage paradigm ``fine-tune-rounds`` (node hook
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from common.errors import ConfigError
@@ -81,10 +82,19 @@ def _check(plan: Any, options: Mapping[str, Any]) -> None:
         raise ConfigError(f"--paradigm transfer fine-tunes a classifier: --task binary or "
                           f"multiclass, not {plan.task!r}")
     frozen_prefixes(plan.model, str(options.get("freeze", "none")))
+    pretrained = str(options.get("pretrained", ""))
     if int(options.get("pretrain-rounds", 0)) > 0:
-        if options.get("pretrained"):
+        if pretrained:
             raise ConfigError("give -P pretrained=PATH or -P pretrain-rounds=N, not both")
         check_encoder_model(plan, "transfer")
+    elif not pretrained:
+        raise ConfigError("--paradigm transfer needs pretrained weights: -P pretrained=PATH "
+                          "(a local checkpoint, e.g. checkpoints/encoder.pt of a "
+                          "self-supervised run) or -P pretrain-rounds=N to pretrain "
+                          "self-supervised first in this run")
+    elif not Path(pretrained).is_file():
+        raise ConfigError(f"-P pretrained={pretrained}: no such file; give the path of a "
+                          "checkpoint such as an earlier run's checkpoints/encoder.pt")
 
 
 def _fine_tune_check(plan: Any, options: Mapping[str, Any]) -> None:
@@ -98,7 +108,8 @@ TRANSFER = register_paradigm(Paradigm(
             "training from scratch at the same ε",
     options=(
         ParadigmOption("pretrained", str, "", "local checkpoint to start from (a state dict, "
-                       "e.g. an earlier run's checkpoints/encoder.pt)"),
+                       "e.g. an earlier run's checkpoints/encoder.pt; use it instead of "
+                       "--init-from)"),
         ParadigmOption("pretrain-rounds", int, 0, "rounds of federated self-supervised "
                        "pretraining first, in this run (0: use pretrained)",
                        minimum=0, maximum=1000),
