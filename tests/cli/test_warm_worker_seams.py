@@ -245,3 +245,41 @@ def test_sleep_cap_out_of_range_is_refused(raw: str) -> None:
 
     with pytest.raises(ValueError, match="between 0.01 and 3"):
         sleep_cap_from_env({SLEEP_CAP_ENV: raw})
+
+
+def test_run_clientapp_installs_the_fab_through_its_module_level_name() -> None:
+    # Assert: the name the FAB cache replaces is the one the task runner calls
+    from flwr.supernode.runtime import run_clientapp as module
+
+    assert "install_from_fab(fab.content, skip_prompt=True)" in inspect.getsource(
+        module.run_clientapp)
+
+
+def test_fab_install_cache_installs_the_same_bytes_once(tmp_path) -> None:
+    # Prepare: a stand-in for Flower's installer that makes a folder per call
+    calls: list[bytes] = []
+
+    def install(content: bytes, skip_prompt: bool = False):
+        calls.append(content)
+        folder = tmp_path / f"install-{len(calls)}"
+        folder.mkdir()
+        return folder
+
+    cache = flower_seams.FabInstallCache(install)
+    # Execute / Assert: same bytes -> one install; other bytes -> another install
+    first = cache(b"fab-1", skip_prompt=True)
+    assert cache(b"fab-1", skip_prompt=True) == first and cache.hits == 1
+    assert cache(b"fab-2", skip_prompt=True) != first
+    assert calls == [b"fab-1", b"fab-2"]
+    # ... a folder removed behind its back is installed again
+    first.rmdir()
+    assert cache(b"fab-1", skip_prompt=True) != first and len(calls) == 3
+
+
+def test_install_each_fab_once_patches_the_task_runner_once(monkeypatch) -> None:
+    from flwr.supernode.runtime import run_clientapp as module
+
+    monkeypatch.setattr(module, "install_from_fab", module.install_from_fab)
+    cache = flower_seams.install_each_fab_once()
+    assert module.install_from_fab is cache
+    assert flower_seams.install_each_fab_once() is cache  # idempotent
