@@ -1,0 +1,107 @@
+"""``vesalius federation run --paradigm mil``: a study's volume as a bag of its slices.
+
+One short DP simulation on tiny synthetic hospitals (2 sites, 4-slice studies, 16 px): the
+run completes under the ε cap, its report carries the MIL paradigm section (what the bags
+were, bags per hospital, the pooled test AUC, attention only at the nodes), every node's
+ledger holds the run's releases; then ``vesalius node attention`` draws a hospital's slice
+attention from the final checkpoint into a local folder, with nothing identifying in it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from cli.app import app
+from common import messages as k
+
+pytestmark = pytest.mark.slow
+
+SITES, PATIENTS, SLICES, SIZE = 2, 30, 4, 16
+
+
+@pytest.fixture(scope="module")
+def volumes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A synthetic binary federation of 4-slice studies (one series each)."""
+    from client.dicom.synth import synthesize_federation
+
+    root = tmp_path_factory.mktemp("mil")
+    synthesize_federation(root, n_sites=SITES, patients_per_site=PATIENTS,
+                          images_per_patient=(SLICES, SLICES), image_size=SIZE, seed=3)
+    return root
+
+
+@pytest.fixture(scope="module")
+def mil_run(volumes: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """The MIL run's output folder and its screen text."""
+    out = tmp_path_factory.mktemp("mil-out")
+    result = CliRunner().invoke(app, [
+        "federation", "run", "--data-root", str(volumes), "--rounds", "1", "--image-size",
+        str(SIZE), "--min-release-count", "1", "--ledger-dir", str(out / "ledgers"),
+        "--out", str(out), "--paradigm", "mil", "--model", "mil-attention",
+        "--samples", "series"], terminal_width=200)
+    assert result.exit_code == 0, result.output[-3000:]
+    return out, " ".join(result.output.split())
+
+
+def test_mil_run_reports_its_bags_and_a_pooled_test_auc(mil_run: tuple[Path, str]) -> None:
+    # Prepare
+    out, screen = mil_run
+    # Execute
+    doc: dict[str, Any] = json.loads((out / "report.json").read_text())
+    # Assert: completed under the cap, one bag per patient, the paradigm section
+    assert doc["status"] == "completed", doc.get("reason")
+    assert doc["config"][k.PARADIGM] == "mil" and doc["config"][k.SAMPLES] == "series"
+    assert all(0 < s["epsilon"] <= 8.0 for s in doc["sites"]), doc["sites"]
+    assert all(0 < s["num_examples"] <= PATIENTS for s in doc["sites"])
+    auc = doc["final"]["auc_pooled"]
+    assert auc is not None and 0.0 <= auc <= 1.0
+    section = doc["paradigm"]
+    assert section["name"] == "mil" and section["options"]["model"] == "mil-attention"
+    assert any("bags: one per study" in n for n in section["notes"])
+    assert any("only at each hospital" in n for n in section["notes"])
+    bags = section["tables"][0]
+    assert [row[1] for row in bags["rows"]] == [s["num_examples"] for s in doc["sites"]]
+    assert section["tables"][1]["rows"][0] == ["mil-attention", auc]
+    assert "paradigm: mil" in screen and "attention" in screen
+    assert "paradigm: mil" in (out / "summary.txt").read_text()
+
+
+def test_mil_run_is_on_every_nodes_ledger(mil_run: tuple[Path, str]) -> None:
+    out, _ = mil_run
+    run_id = json.loads((out / "report.json").read_text())["run_id"]
+    ledgers = sorted(p for p in (out / "ledgers").rglob("*") if p.is_file())
+    texts = [p.read_text(errors="replace") for p in ledgers]
+    holding = [p for p, text in zip(ledgers, texts) if run_id in text]
+    assert len({p.parent for p in holding}) >= SITES, ledgers
+
+
+def test_node_attention_writes_local_plots_with_nothing_identifying(
+    volumes: Path, mil_run: tuple[Path, str], tmp_path: Path
+) -> None:
+    # Prepare
+    out, _ = mil_run
+    site = sorted(volumes.glob("site-*"))[0]
+    local = tmp_path / "attention"
+    # Execute
+    result = CliRunner().invoke(app, [
+        "node", "attention", "--data-dir", str(site), "--checkpoint",
+        str(out / "checkpoints" / "final.pt"), "--image-size", str(SIZE), "--out", str(local),
+        "--split", "test"], terminal_width=200)
+    # Assert: one row per test study, weights summing to 1, PNGs, no patient id or UID
+    assert result.exit_code == 0, result.output[-3000:]
+    doc = json.loads((local / "attention.json").read_text())
+    assert doc["studies"] and all(len(s["weights"]) == SIZE for s in doc["studies"])
+    assert all(abs(sum(s["weights"]) - 1.0) < 1e-4 for s in doc["studies"])
+    assert list(local.glob("*.png"))
+    patient_ids = {line.split(",")[0] for line in
+                   (site / "labels.csv").read_text().splitlines()[1:]}
+    written = result.output + (local / "attention.json").read_text()
+    assert not any(pid and pid in written for pid in patient_ids)
+    assert not re.search(r"\d+\.\d+\.\d+\.\d+\.\d+", written), "a UID was written"
+    assert "never sent" in " ".join(result.output.split())
