@@ -128,15 +128,23 @@ def _has_dropout(config: RunConfig) -> bool:
 
 
 def _epsilon_rows(members: list[RunReport]) -> tuple[list[str], list[list[Any]]]:
+    """Per hospital: each member run's ε, their sum (a bound), the ledger's composed total
+    for the hospital's data after the last member (``epsilon_dataset``: every run the node's
+    ledger holds on this data) and the node's cap."""
     per_site: dict[str, list[float | None]] = {}
+    ledger: dict[str, Any] = {}
     caps: dict[str, Any] = {}
     for i, rep in enumerate(members):
         for row in rep.sites():
-            per_site.setdefault(str(row["site"]), [None] * len(members))[i] = row["epsilon"]
-            caps[str(row["site"])] = row.get("epsilon_cap")
-    columns = ["hospital", *(f"member {i} ε" for i in range(len(members))), "total ε", "cap"]
-    rows = [[site, *eps, float(sum(e for e in eps if e is not None)), caps.get(site)]
-            for site, eps in sorted(per_site.items())]
+            site = str(row["site"])
+            per_site.setdefault(site, [None] * len(members))[i] = row["epsilon"]
+            caps[site] = row.get("epsilon_cap")
+            if row.get("epsilon_dataset") is not None:
+                ledger[site] = row["epsilon_dataset"]
+    columns = ["hospital", *(f"member {i} ε" for i in range(len(members))),
+               "sum of members' ε", "ledger total ε (composed)", "cap"]
+    rows = [[site, *eps, float(sum(e for e in eps if e is not None)), ledger.get(site),
+             caps.get(site)] for site, eps in sorted(per_site.items())]
     return columns, rows
 
 
@@ -217,8 +225,9 @@ def _section(grid: Grid, node_ids: list[int], config: RunConfig, options: dict[s
         "notes": [
             f"{m} members; each member's target ε = ε / {m} = {eps_member:.3f} "
             f"(run ε {config.plan.target_epsilon:g}): every hospital's total over the members "
-            "is at most one single-model run's ε (table 'ε per hospital', from the ε each "
-            "hospital's ledger reported).",
+            "is at most one single-model run's ε (table 'ε per hospital': each member's ε "
+            "as the hospital reported it, their sum, and the lower total the hospital's "
+            "ledger composed after the last member).",
             "The rounds, sites, final evaluation and inference of this report are member 0's "
             "(the single model, trained with the run's seed); each member's own report is in "
             "member-<i>/report.json.",
