@@ -176,7 +176,10 @@ def run_ensemble(grid: Grid, config: RunConfig, *, on_round: Any = None,
     from server.report_html import write_report_html
 
     options = read_options(get_paradigm("ensemble"), config.plan.paradigm_options)
-    m, method, combine = int(options["members"]), str(options["method"]), str(options["combine"])
+    m, method = int(options["members"]), str(options["method"])
+    if config.resume_from:
+        raise ConfigError("an ensemble run cannot be resumed; start it again (its members' "
+                          "ledger entries stay on every hospital's ledger)")
     config = _with_run_id(config)
     out = Path(config.out_dir)
     grid = with_transport(grid, on_progress)

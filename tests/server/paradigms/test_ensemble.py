@@ -54,3 +54,9 @@ class _ThreeHospitals(DirectGrid):
 def test_bagging_under_secure_aggregation_is_refused_before_anything_is_sent() -> None:
     with pytest.raises(ConfigError, match="--secure-aggregation off"):
         run_ensemble(_ThreeHospitals(), _config(method="bagging"))
+
+
+def test_resuming_an_ensemble_is_refused() -> None:
+    config = dataclasses.replace(_config(), resume_from="/tmp/some-run")
+    with pytest.raises(ConfigError, match="cannot be resumed"):
+        run_ensemble(_ThreeHospitals(), config)

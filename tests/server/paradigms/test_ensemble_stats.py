@@ -149,3 +149,34 @@ def test_bagged_grid_hides_undrawn_hospitals_and_counts_a_double_draw_twice() ->
     weights = {int(r.metadata.src_node_id): r.content[k.METRICS][k.NUM_EXAMPLES] for r in replies}
     assert weights == {11: 20, 13: 10}
     assert replies[0].content[k.METRICS][k.UNIT_WEIGHT] == 2
+
+
+def _request(release_histograms: bool, **config: object):  # type: ignore[no-untyped-def]
+    import torch
+    from flwr.app import ArrayRecord, ConfigRecord
+
+    from client.queries.registry import QueryRequest
+    from common.config import NodeConfig, TrainPlan
+
+    arrays = ArrayRecord(torch.nn.Linear(1, 1).state_dict())
+    content = RecordDict({f"{k.ENSEMBLE_PREFIX}{i}": arrays for i in range(3)})
+    return QueryRequest(name="ensemble-scores", node=NodeConfig(
+        data_dir="/nonexistent", release_histograms=release_histograms), plan=TrainPlan(),
+        split=k.SPLIT_TEST, config=ConfigRecord(dict(config)), content=content)
+
+
+def test_the_query_declares_its_histograms_with_their_sensitivities_before_reading_data() -> None:
+    from client.queries import get_query
+    from common.errors import ConfigError
+
+    query = get_query("ensemble-scores")
+    declared = {s.key: s for s in query.statistics(_request(True, **{k.VALUE_BINS: 100}))}
+    assert declared[MEMBER_HIST].shape == (3, 2, 100)
+    assert declared[MEMBER_HIST].sensitivity == pytest.approx(math.sqrt(3))
+    assert declared[VARIANT_HIST].sensitivity == pytest.approx(math.sqrt(2))
+    assert declared[UNCERTAINTY_HIST].sensitivity == pytest.approx(math.sqrt(3))
+    assert not any(s.small_cells for s in declared.values())
+    with pytest.raises(ConfigError, match="histograms"):
+        query.statistics(_request(False))
+    with pytest.raises(ConfigError, match="weights"):
+        query.statistics(_request(True, **{"ensemble-weights": [1.0, -1.0, 0.5]}))
