@@ -1,6 +1,7 @@
 """``vesalius federation run --paradigm mil``: a study's volume as a bag of its slices.
 
-One short DP simulation on tiny synthetic hospitals (2 sites, 4-slice studies, 16 px): the
+A plan that is not an MIL model on bags of slices is refused before anything runs. One short
+DP simulation on tiny synthetic hospitals (2 sites, 4-slice studies, 16 px): the
 run completes under the ε cap, its report carries the MIL paradigm section (what the bags
 were, bags per hospital, the pooled test AUC, attention only at the nodes), every node's
 ledger holds the run's releases; then ``vesalius node attention`` draws a hospital's slice
@@ -19,8 +20,6 @@ from typer.testing import CliRunner
 
 from cli.app import app
 from common import messages as k
-
-pytestmark = pytest.mark.slow
 
 SITES, PATIENTS, SLICES, SIZE = 2, 30, 4, 16
 
@@ -49,6 +48,23 @@ def mil_run(volumes: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Pa
     return out, " ".join(result.output.split())
 
 
+@pytest.mark.parametrize(("args", "words"), [
+    (["--model", "cnn3d", "--samples", "volume-3d"], "needs a multi-instance model"),
+    (["--model", "mil-attention", "--samples", "image-2d"], "serves it on: volume-3d, series"),
+    (["--model", "mil-attention", "--task", "regression"], "serves the tasks binary"),
+])
+def test_mil_refuses_a_plan_that_is_not_bags_of_slices(args: list[str], words: str,
+                                                       tmp_path: Path) -> None:
+    (tmp_path / "site-1").mkdir()
+    result = CliRunner().invoke(app, ["federation", "run", "--data-root", str(tmp_path),
+                                      "--paradigm", "mil", "--out", str(tmp_path / "out"),
+                                      *args], terminal_width=300)
+    assert result.exit_code != 0
+    assert words in " ".join(result.output.replace("│", " ").split())
+    assert not (tmp_path / "out" / "report.json").exists()
+
+
+@pytest.mark.slow
 def test_mil_run_reports_its_bags_and_a_pooled_test_auc(mil_run: tuple[Path, str]) -> None:
     # Prepare
     out, screen = mil_run
@@ -72,6 +88,7 @@ def test_mil_run_reports_its_bags_and_a_pooled_test_auc(mil_run: tuple[Path, str
     assert "paradigm: mil" in (out / "summary.txt").read_text()
 
 
+@pytest.mark.slow
 def test_mil_run_is_on_every_nodes_ledger(mil_run: tuple[Path, str]) -> None:
     out, _ = mil_run
     run_id = json.loads((out / "report.json").read_text())["run_id"]
@@ -81,6 +98,7 @@ def test_mil_run_is_on_every_nodes_ledger(mil_run: tuple[Path, str]) -> None:
     assert len({p.parent for p in holding}) >= SITES, ledgers
 
 
+@pytest.mark.slow
 def test_node_attention_writes_local_plots_with_nothing_identifying(
     volumes: Path, mil_run: tuple[Path, str], tmp_path: Path
 ) -> None:
