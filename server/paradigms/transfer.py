@@ -50,6 +50,8 @@ def headline_metric(report: RunReport) -> float | None:
     node: Any = report.extra.get("inference") or {}
     for key in _HEADLINE[report.config.plan.task][1]:
         node = node.get(key) if isinstance(node, dict) else None
+    if isinstance(node, dict):  # a metric with its interval: {"value": ..., "lower": ...}
+        node = node.get("value")
     try:
         value = float(node)  # type: ignore[arg-type]
     except (TypeError, ValueError):

@@ -81,7 +81,8 @@ def test_self_supervised_writes_an_encoder_that_a_transfer_run_loads(
     assert pre["sha256"] == section["encoder"]["sha256"]
     assert pre["tensors_loaded"] == len(tensors) and pre["tensors_skipped"] == 0
     final = torch.load(out2 / "checkpoints" / "final.pt", weights_only=True)
-    assert all(torch.equal(final[name], t) for name, t in tensors.items())
+    # (FedAvg of identical frozen tensors: equal to float rounding; a DP step moves them far more)
+    assert all(torch.allclose(final[name], t, atol=1e-5) for name, t in tensors.items())
     assert [row[0] for row in doc2["paradigm"]["tables"][0]["rows"]] == ["transfer"]
 
 
