@@ -17,7 +17,6 @@ federations keep separate ledgers (each spends the hospitals' whole ε = 8).
 from __future__ import annotations
 
 import dataclasses
-import math
 from pathlib import Path
 from typing import Any
 
@@ -88,12 +87,14 @@ def _single_measures(row: Any, root: Path, checkpoint: Path) -> dict[str, float]
 
 
 def _num(value: Any) -> float:
-    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else math.nan
+    from bench.tasks import _num as number
+
+    return number(value)
 
 
 def run(work: Path, quick: bool) -> list[dict[str, Any]]:
     """The comparison's rows (see the module docstring)."""
-    from bench.tasks import EPSILON, _baseline_dicom, _prepare_dicom
+    from bench.tasks import EPSILON, _baseline_dicom, _dig, _prepare_dicom
 
     row = _row(quick)
     root = work / "data"
@@ -115,7 +116,7 @@ def run(work: Path, quick: bool) -> list[dict[str, Any]]:
     member0, ens = comp["rows"]
     return [
         {**base, "variant": f"single model (ε={EPSILON:g})",
-         "federated": _num(single_doc["inference"]["metrics"]["auc"]),
+         "federated": _num(_dig(single_doc.get("inference") or {}, "metrics.auc")),
          "auc_binned": single["auc"], "ece": single["ece"],
          "error_auroc": single["error_auroc"], "uncertainty": "predictive entropy",
          "epsilon_per_hospital": eps_single},
