@@ -158,3 +158,21 @@ def test_fine_tuning_with_a_frozen_trunk_leaves_it_unchanged() -> None:
     assert all(torch.equal(result.state_dict[k], v) for k, v in start.items()
                if k.startswith("features."))
     assert not torch.equal(result.state_dict["classifier.weight"], start["classifier.weight"])
+
+
+def test_contrastive_per_sample_gradients_are_each_records_own() -> None:
+    # Prepare: Opacus hooks (the mode the wrapper trains with) over one forward per view
+    from opacus import GradSampleModule
+
+    net = _wrapped("cnn", "contrastive")
+    x = torch.rand(3, 2, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(2))
+    first = next(p for p in net.parameters() if p.requires_grad)
+    # Execute
+    contrastive_loss(GradSampleModule(net, loss_reduction="sum"), x, torch.zeros(3)).sum().backward()
+    per_sample = first.grad_sample.clone()
+    # Assert: row i's per-sample gradient is the gradient of record i's loss alone
+    for i in range(3):
+        alone = _wrapped("cnn", "contrastive")  # the same seeded weights
+        own = next(p for p in alone.parameters() if p.requires_grad)
+        grad = torch.autograd.grad(contrastive_loss(alone, x[i:i + 1], torch.zeros(1)).sum(), own)[0]
+        assert torch.allclose(per_sample[i], grad, atol=1e-5)
