@@ -17,6 +17,11 @@ uses four internals; each is named here and pinned by ``tests/cli/test_warm_work
 - the module ``flwr.supernode.start_client_internal``, whose main loop sleeps 3 s after an
   empty pull and 0.5 s between checks for a reply, through its module-level ``time``
   (:func:`cap_supernode_sleeps`);
+- the SuperNode main loop's ``_push_messages``, which waits without end for the reply to the
+  message it pulled last: when the task serving it ended without a reply (the worker was
+  restarted after the coordinator went away, or crashed), the node never pulls again and a
+  resumed run stalls; :func:`answer_abandoned_messages` answers such a message with Flower's
+  own "ClientApp crashed" error instead, and the loop goes on;
 - the name ``install_from_fab`` in ``run_clientapp``'s module, which unpacks the run's FAB,
   checks every file's hash and reinstalls it for **every** task (1.4-2.4 s per message on a
   loaded 2-core machine): :func:`install_each_fab_once` makes it install a FAB once per worker.
@@ -263,3 +268,97 @@ def install_each_fab_once() -> FabInstallCache:
     cache = FabInstallCache(current)
     module.install_from_fab = cache  # type: ignore[assignment]
     return cache
+
+
+ABANDONED_GRACE_S = 3.0
+"""Seconds a pulled message may go unanswered with no task left to answer it."""
+
+
+def _unreplied_requests(state: Any) -> list[Any]:
+    """The SuperNode's pulled messages that have no reply in its state (InMemoryNodeState)."""
+    with state.lock_msg_store:
+        entries = list(state.msg_store.values())
+    replied = {e.message.metadata.reply_to_message_id for e in entries
+               if e.message.metadata.reply_to_message_id}
+    return [e.message for e in entries if not e.message.metadata.reply_to_message_id
+            and e.message.metadata.message_id not in replied]
+
+
+def _reply_waiting(state: Any) -> bool:
+    """A reply is stored and not yet taken (without taking it, unlike ``get_messages_legacy``)."""
+    with state.lock_msg_store:
+        return any(e.message.metadata.reply_to_message_id and not e.is_retrieved
+                   for e in state.msg_store.values())
+
+
+def _task_alive(state: Any) -> bool:
+    """A task is pending, starting or running (the call also expires tasks whose heartbeat
+    stopped, Flower's own clean-up)."""
+    from flwr.common.constant import Status
+
+    return bool(state.get_tasks(statuses=[Status.PENDING, Status.STARTING, Status.RUNNING]))
+
+
+def answer_abandoned(state: Any, object_store: Any, insert: Callable[..., None]) -> int:
+    """Store Flower's "ClientApp crashed" error as the reply of every unanswered message.
+
+    Returns
+    -------
+    int
+        How many messages were answered.
+    """
+    from flwr.app import Error, Message
+    from flwr.common.constant import ErrorCode
+
+    answered = 0
+    for request in _unreplied_requests(state):
+        reply = Message(Error(ErrorCode.CLIENT_APP_CRASHED,
+                              "the node's worker stopped before replying"), reply_to=request)
+        try:
+            state.record_message_processing_end(request.metadata.message_id)
+        except Exception:  # noqa: BLE001 - only the runtime figure of the reply; not needed
+            pass
+        insert(reply, state, object_store)
+        answered += 1
+    return answered
+
+
+def answer_abandoned_messages(grace_s: float = ABANDONED_GRACE_S) -> Callable[..., None]:
+    """Make the SuperNode's main loop stop waiting for a reply no task will give.
+
+    Wraps ``_push_messages`` of ``flwr.supernode.start_client_internal``: while no reply is
+    stored, it watches the node's tasks; once none has been alive for ``grace_s`` seconds, every
+    pulled message without a reply gets Flower's ``CLIENT_APP_CRASHED`` error as its reply
+    (what Flower itself stores when a task's heartbeat stops after it took its message), which
+    Flower's loop then sends (or drops, for a run that is no longer running) before it pulls
+    again. Returns the wrapper; calling this twice installs it once.
+    """
+    import logging
+
+    from flwr.supernode import start_client_internal as module
+
+    original = module._push_messages  # noqa: SLF001 - pinned internal, see module docstring
+    if getattr(original, "vesalius_wrapped", False):
+        return original  # type: ignore[no-any-return]
+    log = logging.getLogger(__name__)
+
+    def push_messages(state: Any, object_store: Any, send: Any, push_object: Any) -> None:
+        idle_since: float | None = None
+        while not _reply_waiting(state):
+            if _task_alive(state):
+                idle_since = None
+            elif idle_since is None:
+                idle_since = time.monotonic()
+            elif time.monotonic() - idle_since >= grace_s:
+                answered = answer_abandoned(state, object_store, module._insert_message)
+                if answered:
+                    log.warning("%d message(s) had no task left to answer them (the worker "
+                                "stopped); answered with an error so that the node goes on",
+                                answered)
+                idle_since = None
+            module.time.sleep(0.5)  # the loop's own wait (capped with cap_supernode_sleeps)
+        original(state, object_store, send, push_object)
+
+    push_messages.vesalius_wrapped = True  # type: ignore[attr-defined]
+    module._push_messages = push_messages  # type: ignore[assignment]  # noqa: SLF001
+    return push_messages

@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> None:
 
         exit_with_parent(parent=int(os.environ[PARENT_PID_ENV]))
     flower_seams.cap_supernode_sleeps(sleep_cap_from_env())
+    flower_seams.answer_abandoned_messages()  # a task that died unanswered never stalls it
     from flwr.supernode.cli import flower_supernode
 
     # flwr_exit names its telemetry event after argv[0]; keep Flower's own program name

@@ -283,3 +283,65 @@ def test_install_each_fab_once_patches_the_task_runner_once(monkeypatch) -> None
     cache = flower_seams.install_each_fab_once()
     assert module.install_from_fab is cache
     assert flower_seams.install_each_fab_once() is cache  # idempotent
+
+
+def _node_state_with_abandoned_message(task_status: str, monkeypatch):
+    """A SuperNode state holding one pulled query whose task is in ``task_status``."""
+    from flwr.app import Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+    from flwr.common.constant import Status, SubStatus
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.supernode import start_client_internal as module
+    from flwr.supernode.nodestate.in_memory_nodestate import InMemoryNodeState
+
+    store = ObjectStoreFactory().store()
+    state = InMemoryNodeState(store)
+    state.set_node_id(7)
+    task_id = state.create_task(task_type=TaskType.CLIENT_APP, run_id=11, fab_hash="f")
+    if task_status != Status.PENDING:
+        assert state.claim_task(task_id) is not None
+        assert state.activate_task(task_id)
+    if task_status == Status.FINISHED:
+        assert state.finish_task(task_id, SubStatus.FAILED, "worker restarted")
+    for name, value in (("_run_id", 11), ("_node_id", 0), ("_task_id", 0)):
+        monkeypatch.setattr(TaskIdentity, name, value, raising=False)
+    request = Message(RecordDict(), dst_node_id=7, message_type="query")
+    module._insert_message(request, state, store)
+    return state, store, request
+
+
+def test_abandoned_message_is_answered_with_flowers_crash_error(monkeypatch) -> None:
+    # Prepare: the task of the pulled message ended without a reply (a restarted worker)
+    from flwr.common.constant import ErrorCode, Status
+    from flwr.supernode import start_client_internal as module
+
+    monkeypatch.setattr(module, "_push_messages", module._push_messages)
+    monkeypatch.setattr(module, "time", CappedTime(0.01))
+    state, store, request = _node_state_with_abandoned_message(Status.FINISHED, monkeypatch)
+    sent = []
+
+    def send(message, tree, runtime):
+        sent.append(message)
+        return set(), "session"
+
+    push = flower_seams.answer_abandoned_messages(grace_s=0.05)
+    # Execute: the main loop's push step returns instead of waiting for ever
+    push(state, store, send, lambda *args: None)
+    # Assert: Flower's own crash error went out as the reply of that message, and was cleared
+    assert len(sent) == 1 and sent[0].has_error()
+    assert sent[0].error.code == ErrorCode.CLIENT_APP_CRASHED
+    assert sent[0].metadata.reply_to_message_id == request.metadata.message_id
+    assert flower_seams._unreplied_requests(state) == []
+    assert flower_seams.answer_abandoned_messages() is push  # installed once
+
+
+def test_a_live_task_is_waited_for(monkeypatch) -> None:
+    # Prepare: the task is still running: nothing may be answered in its place
+    from flwr.common.constant import Status
+
+    state, store, _ = _node_state_with_abandoned_message(Status.RUNNING, monkeypatch)
+    # Execute / Assert
+    assert flower_seams._task_alive(state)
+    assert not flower_seams._reply_waiting(state)
+    assert len(flower_seams._unreplied_requests(state)) == 1

@@ -7,19 +7,17 @@ registered hospitals (`vesalius node keys` + `coordinator register` + `node star
 * a fourth node holding a key nobody registered is refused, and the coordinator names its key;
 * hospital 3 is killed (SIGKILL) once round 1 is in: the run goes on with the two others, and
   the report names `site-3` as dropped, once;
-* every surviving hospital's ledger holds each round of the run exactly once;
+* once round 2 is in, the coordinator is killed (SIGKILL) and restarted with `coordinator
+  start --resume`: the interrupted run is resubmitted from its last checkpoint under the same
+  run id and completes round 3 with the two survivors;
+* every surviving hospital's ledger holds each round of the run exactly once (no round lost
+  or charged twice across the crash);
 * every reply that left each hospital, captured by the node's capture mod
   (`VESALIUS_CAPTURE_DIR`), is searched for the data folder's paths, the DICOM files' identifying
   values and exception text: none is found.
 
 Slow (several minutes: the SuperLink declares a killed node gone after two missed 30 s
 heartbeats), run in CI.
-
-Not here yet: the coordinator killed and resumed with `coordinator start --resume`. The
-resume itself is tested in simulation (`tests/cli/test_federation_resume.py`: a coordinator
-death mid-round, every ledger holding each round once); on real processes the resumed run
-was submitted and the nodes reconnected, but a warm worker did not take the resumed run's
-first task (issue 15's note), so that step is left out rather than left hanging.
 """
 
 from __future__ import annotations
@@ -198,8 +196,9 @@ def test_registered_nodes_secure_rounds_and_a_dropped_node(
         _cli("node", "keys", "--out", str(tmp_path / f"keys-{site}"), "--site-name", site)
         keys[site] = tmp_path / f"keys-{site}"
     port = _free_port()
-    procs.start("coordinator", ["coordinator", "start", "--state-dir", str(state), "--host",
-                                "127.0.0.1", "--port", str(port)])
+    coordinator = ["coordinator", "start", "--state-dir", str(state), "--host", "127.0.0.1",
+                   "--port", str(port)]
+    procs.start("coordinator", coordinator)
     procs.wait_for("coordinator", "coordinator ready", timeout=180)
     for site in SITES:
         _cli("coordinator", "register", "--site", site, "--public-key",
@@ -229,12 +228,20 @@ def test_registered_nodes_secure_rounds_and_a_dropped_node(
     _until(lambda: 1 in _rounds_trained(out), 420, "round 1", procs.tails)
     _kill_tree(procs.procs["site-3"])  # a hospital crashes in round 2
     _until(lambda: 2 in _rounds_trained(out), 420, "round 2 without site-3", procs.tails)
-    assert operator.wait(timeout=900) == 0, procs.tails()
+    # ... then the coordinator crashes (SIGKILL) and its operator restarts it with --resume
+    _kill_tree(procs.procs["coordinator"])
+    _kill_tree(operator)  # it followed a run whose coordinator is gone
+    procs.start("coordinator-resumed", [*coordinator, "--resume"])
+    procs.wait_for("coordinator-resumed", "resumed the interrupted run", timeout=240)
+    _until(lambda: _report(out).get("status") == "completed", 900, "the resumed run completed",
+           procs.tails)
 
     # Assert: the run completed 3 rounds, the last two with the two survivors
     doc = _report(out)
     assert doc["status"] == "completed", (doc.get("reason"), procs.tails())
     assert [r["round"] for r in doc["rounds"]] == [1, 2, 3]
+    # ... resumed once, after round 2 (the last aggregated one), under the same run id
+    assert [r["from_round"] for r in doc["resumed"]] == [2], doc.get("resumed")
     assert doc["secure_aggregation"], doc.get("secure_aggregation")
     trained = [sorted(str(row["site"]) for row in r["train"]) for r in doc["rounds"]]
     assert trained[0] == list(SITES) and trained[1] == trained[2] == ["site-1", "site-2"]
