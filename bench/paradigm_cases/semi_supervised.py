@@ -38,6 +38,9 @@ def _row(quick: bool) -> Any:
 
 
 def _num(value: Any) -> float:
+    """A finite number (a report metric ``{"value": ...}`` unwrapped), else NaN."""
+    if isinstance(value, dict):
+        value = value.get("value")
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else math.nan
 
 
