@@ -5,8 +5,8 @@
 own output layer is bypassed (kept, frozen, and sent back unchanged), a fixed seeded pretext
 head reads the penultimate features, and :class:`PretextDataset` gives one record per patient
 of the training split plus the node's unlabelled training patients (labels ignored; never
-the test split; all of them count in ``num_patients``, the accountant's privacy unit). The step then goes through
-:func:`client.training.train_dp` like any other, so DP-SGD, the ledger and the accountant
+the test split; all of them count in ``num_patients``, the accountant's privacy unit). The
+step then goes through :func:`client.training.train_dp` like any other, so DP-SGD, the ledger and the accountant
 apply; :meth:`PretextModel.state_dict` returns the plan model's tensors only, so the
 coordinator averages exactly the model it sent.
 """
@@ -121,7 +121,8 @@ def _augment(image: torch.Tensor) -> torch.Tensor:
     view = F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False)[0]
     if bool(torch.rand(1) < 0.5):
         view = torch.flip(view, dims=(-1,))
-    scale, shift = float(torch.empty(1).uniform_(0.8, 1.2)), float(torch.empty(1).uniform_(-0.1, 0.1))
+    scale = float(torch.empty(1).uniform_(0.8, 1.2))
+    shift = float(torch.empty(1).uniform_(-0.1, 0.1))
     return view * scale + shift + 0.02 * torch.randn_like(view)
 
 

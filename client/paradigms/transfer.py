@@ -24,7 +24,8 @@ __all__ = ["freeze_groups", "fine_tune_training"]
 def freeze_groups(model: nn.Module, model_name: str, freeze: str) -> list[str]:
     """Make the parameters of the groups ``freeze`` names non-trainable; return their names."""
     prefixes = frozen_prefixes(model_name, freeze)
-    frozen = [name for name, p in model.named_parameters() if prefixes and name.startswith(prefixes)]
+    frozen = [name for name, _ in model.named_parameters()
+              if prefixes and name.startswith(prefixes)]
     for name, p in model.named_parameters():
         if name in frozen:
             p.requires_grad_(False)

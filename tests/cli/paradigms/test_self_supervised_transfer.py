@@ -34,7 +34,8 @@ def _invoke(data: Path, out: Path, *args: str) -> Any:
     return CliRunner().invoke(app, [
         "federation", "run", "--data-root", str(data), "--rounds", "1", "--image-size",
         str(SIZE), "--min-release-count", "1", "--batch-size", "8", "--epsilon", "2",
-        "--ledger-dir", str(out / "ledgers"), "--out", str(out), *args], terminal_width=300, env={"COLUMNS": "300"})
+        "--ledger-dir", str(out / "ledgers"), "--out", str(out), *args],
+        terminal_width=300, env={"COLUMNS": "300"})
 
 
 def _run(data: Path, out: Path, *args: str) -> dict[str, Any]:
@@ -145,7 +146,8 @@ def test_plans_these_paradigms_cannot_run_are_refused_before_anything_starts(
 def test_cross_validation_of_these_paradigms_is_refused(tmp_path: Path) -> None:
     for paradigm in ("self-supervised", "transfer"):
         result = CliRunner().invoke(app, [
-            "federation", "cv", "--data-root", str(tmp_path), "--folds", "2", "--paradigm", paradigm,
-            "--out", str(tmp_path / "out")], terminal_width=300, env={"COLUMNS": "300"})
+            "federation", "cv", "--data-root", str(tmp_path), "--folds", "2",
+            "--paradigm", paradigm, "--out", str(tmp_path / "out")],
+            terminal_width=300, env={"COLUMNS": "300"})
         assert result.exit_code != 0
         assert "cannot run as a cross-validation" in " ".join(result.output.split())

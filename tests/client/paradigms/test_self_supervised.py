@@ -126,7 +126,8 @@ def test_node_step_trains_the_encoder_with_dp_sgd(pretext: str) -> None:
 def test_the_pretext_step_refuses_a_model_without_a_head_split() -> None:
     plan = TrainPlan(model="mlp", image_size=SIZE, paradigm="self-supervised-rounds")
     with pytest.raises(ConfigError, match="trunk/head split"):
-        node_training(plan, get_task("binary"), _split(), None, torch.nn.Linear(2, 2))  # type: ignore[arg-type]
+        node_training(plan, get_task("binary"), _split(), None,  # type: ignore[arg-type]
+                      torch.nn.Linear(2, 2))
 
 
 def test_fine_tuning_freezes_the_named_groups_and_refuses_unknown_ones() -> None:
@@ -168,11 +169,13 @@ def test_contrastive_per_sample_gradients_are_each_records_own() -> None:
     x = torch.rand(3, 2, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(2))
     first = next(p for p in net.parameters() if p.requires_grad)
     # Execute
-    contrastive_loss(GradSampleModule(net, loss_reduction="sum"), x, torch.zeros(3)).sum().backward()
+    wrapped = GradSampleModule(net, loss_reduction="sum")
+    contrastive_loss(wrapped, x, torch.zeros(3)).sum().backward()
     per_sample = first.grad_sample.clone()
     # Assert: row i's per-sample gradient is the gradient of record i's loss alone
     for i in range(3):
         alone = _wrapped("cnn", "contrastive")  # the same seeded weights
         own = next(p for p in alone.parameters() if p.requires_grad)
-        grad = torch.autograd.grad(contrastive_loss(alone, x[i:i + 1], torch.zeros(1)).sum(), own)[0]
+        loss = contrastive_loss(alone, x[i:i + 1], torch.zeros(1)).sum()
+        grad = torch.autograd.grad(loss, own)[0]
         assert torch.allclose(per_sample[i], grad, atol=1e-5)
