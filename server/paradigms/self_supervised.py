@@ -24,6 +24,7 @@ from flwr.serverapp import Grid
 
 from common import messages as k
 from common.config import RunConfig
+from common.errors import ConfigError
 from common.paradigms import canonical_options, get_paradigm, read_options
 from common.paradigms.self_supervised import HEAD_LAYERS, ROUNDS
 from server.report import RunReport
@@ -45,7 +46,11 @@ class Pretrained:
 
 def with_run_id(config: RunConfig) -> RunConfig:
     """``config`` with a run id (made as :func:`server.app.run_federation` makes one), so that
-    sub-runs can derive theirs from it."""
+    sub-runs can derive theirs from it; a :class:`ConfigError` for a resumed run (its
+    sub-runs cannot resume yet)."""
+    if config.resume_from:
+        raise ConfigError(f"--paradigm {config.plan.paradigm} runs cannot be resumed yet; "
+                          "start a new run (the interrupted one's spend stays on the ledgers)")
     if config.plan.run_id:
         return config
     run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(4)

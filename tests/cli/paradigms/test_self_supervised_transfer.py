@@ -151,3 +151,12 @@ def test_cross_validation_of_these_paradigms_is_refused(tmp_path: Path) -> None:
             terminal_width=300, env={"COLUMNS": "300"})
         assert result.exit_code != 0
         assert "cannot run as a cross-validation" in " ".join(result.output.split())
+
+
+def test_a_resumed_run_of_these_paradigms_is_refused() -> None:
+    from common.config import RunConfig, TrainPlan
+    from common.errors import ConfigError
+    from server.paradigms.self_supervised import with_run_id
+
+    with pytest.raises(ConfigError, match="cannot be resumed yet"):
+        with_run_id(RunConfig(plan=TrainPlan(paradigm="transfer"), resume_from="old-run"))
