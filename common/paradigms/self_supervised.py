@@ -1,7 +1,9 @@
 """Federated self-supervised pretraining: a pretext task on every training image a node holds.
 
 ``--paradigm self-supervised`` trains the *encoder* (trunk) of the plan's model with DP-SGD on
-a pretext task that needs no label, and outputs the encoder checkpoint
+a pretext task that needs no label (every node's training patients, labelled or not: the
+unlabelled ones of :func:`client.data.task_data.load_unlabelled` join them, and all count in
+the accountant's patient number; never a test split), and outputs the encoder checkpoint
 (``<out>/checkpoints/encoder.pt``, its SHA-256 in the report), usable as ``--init-from`` of a
 supervised run or ``-P pretrained=`` of ``--paradigm transfer``.
 
