@@ -165,3 +165,25 @@ def test_clear_refusals() -> None:
         _plan(**{"labelled-fraction": 0.0})
     with pytest.raises(ConfigError, match="method must be one of"):
         _plan(method="mixup")
+
+
+def test_per_sample_gradients_are_each_records_own() -> None:
+    # Prepare: Opacus hooks over the trained view's forward (the target view's runs without
+    # a gradient and must leave no activation behind)
+    from opacus import GradSampleModule
+
+    views = torch.rand(3, 2, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(4))
+    targets = torch.tensor([1, NO_LABEL, 0])
+    loss = semi_supervised_loss("both", 2.0)
+    net = _model()  # train mode (Opacus captures activations only then); the cnn has no dropout
+    params = [p for p in net.parameters() if p.requires_grad]
+    # Execute
+    loss(GradSampleModule(net, loss_reduction="sum"), views, targets).sum().backward()
+    per_sample = [p.grad_sample.clone() for p in params]  # type: ignore[attr-defined]
+    # Assert: row i's per-sample gradient is the gradient of record i's loss alone
+    for i in range(3):
+        alone = _model()  # the same seeded weights
+        own = [p for p in alone.parameters() if p.requires_grad]
+        grads = torch.autograd.grad(loss(alone, views[i:i + 1], targets[i:i + 1]).sum(), own)
+        for got, want in zip(per_sample, grads, strict=True):
+            assert torch.allclose(got[i], want, atol=1e-5)
