@@ -3,7 +3,8 @@ tensors back unchanged where frozen, DP-SGD through train_dp, clear refusals."""
 
 from __future__ import annotations
 
-import dataclasses
+import csv
+from pathlib import Path
 
 import pytest
 import torch
@@ -179,3 +180,29 @@ def test_contrastive_per_sample_gradients_are_each_records_own() -> None:
         loss = contrastive_loss(alone, x[i:i + 1], torch.zeros(1)).sum()
         grad = torch.autograd.grad(loss, own)[0]
         assert torch.allclose(per_sample[i], grad, atol=1e-5)
+
+
+def test_the_pretext_step_also_trains_the_unlabelled_patients_and_counts_them(
+    tmp_path: Path
+) -> None:
+    # Prepare: one synthetic hospital whose last 10 patients have no labels.csv row
+    from client.data.task_data import load_task_data
+    from client.dicom.synth import synthesize_federation
+
+    synthesize_federation(tmp_path, n_sites=1, patients_per_site=30, images_per_patient=(1, 1),
+                          image_size=SIZE, seed=1)
+    site = tmp_path / "site-1"
+    rows = list(csv.DictReader((site / "labels.csv").open()))
+    with (site / "labels.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows[:-10])
+    data = load_task_data(site, task="binary", num_classes=2, samples="image-2d",
+                          image_size=SIZE, seed=0)
+    plan = TrainPlan(model="cnn", image_size=SIZE, paradigm="self-supervised-rounds")
+    net = build_model("cnn", in_channels=1, num_classes=2, image_size=SIZE, spatial_dims=2)
+    # Execute
+    step = node_training(plan, get_task("binary"), data.train, data, net)
+    # Assert: more patients than the labelled training ones, all in the accountant's count
+    assert data.train.num_patients < step.num_patients <= data.train.num_patients + 10
+    assert len(step.dataset) == step.num_patients  # type: ignore[arg-type]
