@@ -8,7 +8,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
 from cli.app import app
@@ -24,6 +26,33 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     synthesize_federation(root, n_sites=SITES, patients_per_site=PATIENTS,
                           images_per_patient=(1, 2), image_size=SIZE, seed=1)
     return root
+
+
+def _pooled_test(data: Path, out: Path, members: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each member's class-1 probability per pooled test patient (as the nodes score them)."""
+    import torch
+
+    from client.data.task_data import load_task_data
+    from client.training import evaluate
+    from common.models import build_model
+    from common.tasks import get_task
+
+    probs, labels = [], None
+    for i in range(members):
+        model = build_model("cnn", in_channels=1, num_classes=2, image_size=SIZE, spatial_dims=2)
+        model.load_state_dict(torch.load(out / f"member-{i}" / "checkpoints" / "final.pt",
+                                         map_location="cpu", weights_only=True))
+        scores, truth = [], []
+        for site in sorted(p for p in data.iterdir() if p.is_dir()):
+            test = load_task_data(site, image_size=SIZE, seed=0).test
+            res = evaluate(model, test.images, test.labels, patient_index=test.patient_index,
+                           device="cpu", task=get_task("binary"), num_classes=2)
+            scores.append(res.scores)
+            truth.append(res.labels)
+        probs.append(np.concatenate(scores))
+        labels = np.concatenate(truth)
+    assert labels is not None
+    return np.vstack(probs), labels
 
 
 def _ledger(path: Path) -> list[dict[str, Any]]:
@@ -83,5 +112,12 @@ def test_an_ensemble_trains_its_members_and_reports_single_vs_ensemble(
         assert ledger_total <= summed + 1e-9 and summed <= 8.0
         assert sum(e["release"] == "query:ensemble-scores" and e["run_id"] == run_id
                    for e in entries) >= 2  # validation and test
+    if "method=bagging" not in options:
+        # Assert: the pooled figures are sklearn's on the pooled test patients' scores
+        probs, y = _pooled_test(data, out, 2)
+        ensemble = probs.mean(axis=0)
+        assert comp["rows"][0]["auc"] == pytest.approx(roc_auc_score(y, probs[0]), abs=5e-3)
+        assert comp["rows"][1]["auc"] == pytest.approx(roc_auc_score(y, ensemble), abs=5e-3)
+        assert comp["rows"][1]["accuracy"] == pytest.approx(np.mean((ensemble >= 0.5) == y))
     if "method=bagging" in options:
         assert all(sum(m["hospitals_drawn"].values()) == SITES for m in members)
