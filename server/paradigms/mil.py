@@ -29,12 +29,30 @@ ATTENTION_NOTE = ("slice attention is computed and shown only at each hospital "
                   "sends it and the coordinator never sees it")
 
 
+HIDDEN = "hidden (secure aggregation)"
+
+
+def _pooled_test_auc(doc: dict[str, Any], task: str) -> tuple[float | None, str]:
+    """The pooled inference's test AUC (binary; macro for multi-class) and its name."""
+    inference = doc.get("inference") or {}
+    if task == "multiclass":
+        macro = ((inference.get("multiclass") or {}).get("auc") or {}).get("macro")
+        value = macro.get("value") if isinstance(macro, dict) else macro
+        return (float(value) if isinstance(value, (int, float)) else None), "pooled test macro AUC"
+    auc = (inference.get("metrics") or {}).get("auc")
+    value = auc.get("value") if isinstance(auc, dict) else auc
+    if not isinstance(value, (int, float)):
+        value = (doc.get("final") or {}).get("auc_pooled")
+    return (float(value) if isinstance(value, (int, float)) else None), "pooled test AUC"
+
+
 def mil_section(report: RunReport, config: RunConfig) -> dict[str, Any]:
     """The report's paradigm section of an MIL run (:mod:`server.report_paradigm`)."""
     plan = config.plan
     doc = report.to_dict()
     size = plan.image_size
-    rows = [[row["site"], row["num_examples"], size, row["epsilon"]] for row in doc["sites"]]
+    rows = [[row["site"], HIDDEN if row["num_examples"] is None else row["num_examples"], size,
+             row["epsilon"]] for row in doc["sites"]]
     notes = [
         f"bags: one per study, its {plan.samples} sample (the study's longest series, "
         f"resampled to {size} slices of {size}x{size}); the bag's label is the study's label",
@@ -42,7 +60,7 @@ def mil_section(report: RunReport, config: RunConfig) -> dict[str, Any]:
         "bag only",
         ATTENTION_NOTE,
     ]
-    result = doc.get("final", {}).get("auc_pooled") if doc.get("final") else None
+    result, metric = _pooled_test_auc(doc, plan.task)
     tables: list[dict[str, Any]] = [{
         "title": "Training bags per hospital",
         "columns": ["hospital", "bags (patients)", "slices per bag", "ε"],
@@ -50,7 +68,7 @@ def mil_section(report: RunReport, config: RunConfig) -> dict[str, Any]:
     }]
     if result is not None:
         tables.append({"title": "Bag-level result on the test patients",
-                       "columns": ["model", "pooled test AUC"],
+                       "columns": ["model", metric],
                        "rows": [[plan.model, result]]})
     return {"name": plan.paradigm, "summary": get_paradigm(plan.paradigm).summary,
             "options": {"model": plan.model, "samples": plan.samples}, "notes": notes,

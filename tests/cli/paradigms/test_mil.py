@@ -75,7 +75,7 @@ def test_mil_run_reports_its_bags_and_a_pooled_test_auc(mil_run: tuple[Path, str
     assert doc["config"][k.PARADIGM] == "mil" and doc["config"][k.SAMPLES] == "series"
     assert all(0 < s["epsilon"] <= 8.0 for s in doc["sites"]), doc["sites"]
     assert all(0 < s["num_examples"] <= PATIENTS for s in doc["sites"])
-    auc = doc["final"]["auc_pooled"]
+    auc = doc["inference"]["metrics"]["auc"]["value"]
     assert auc is not None and 0.0 <= auc <= 1.0
     section = doc["paradigm"]
     assert section["name"] == "mil" and section["options"]["model"] == "mil-attention"
