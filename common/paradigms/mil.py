@@ -9,7 +9,8 @@ DP: one bag is one patient's study, one record; the attention pooling mixes slic
 record only, so the supervised per-sample loss stays per sample and the node's training step
 is the supervised one (no node hook). The coordinator's workflow
 (:func:`server.paradigms.mil.run_mil`) runs the supervised rounds and adds the report's
-paradigm section. Slice attention exists only at the nodes (``vesalius node attention``).
+paradigm section. Slice attention exists only at the nodes (``vesalius node attention``). ``vesalius federation cv --paradigm mil`` runs the
+same node training fold by fold (the cross-validation report has no paradigm section).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ MIL = register_paradigm(Paradigm(
     summary="multi-instance learning: each study's volume is a bag of its slices with the "
             "study's label; attention pooling over slices (attention stays at the nodes)",
     workflow="server.paradigms.mil:run_mil",
-    cv=False,
+    cv=True,
     tasks=("binary", "multiclass"),
     check=check_mil_plan,
 ))

@@ -4,7 +4,8 @@ A plan that is not an MIL model on bags of slices is refused before anything run
 DP simulation on tiny synthetic hospitals (2 sites, 4-slice studies, 16 px): the
 run completes under the ε cap, its report carries the MIL paradigm section (what the bags
 were, bags per hospital, the pooled test AUC, attention only at the nodes), every node's
-ledger holds the run's releases; then ``vesalius node attention`` draws a hospital's slice
+ledger holds the run's releases; ``federation cv --paradigm mil`` holds every patient out
+once; then ``vesalius node attention`` draws a hospital's slice
 attention from the final checkpoint into a local folder, with nothing identifying in it.
 """
 
@@ -96,6 +97,26 @@ def test_mil_run_is_on_every_nodes_ledger(mil_run: tuple[Path, str]) -> None:
     texts = [p.read_text(errors="replace") for p in ledgers]
     holding = [p for p, text in zip(ledgers, texts) if run_id in text]
     assert len({p.parent for p in holding}) >= SITES, ledgers
+
+
+@pytest.mark.slow
+def test_mil_cross_validates_with_federation_cv(volumes: Path, tmp_path: Path) -> None:
+    # Execute: 2 folds over the same bags (fresh ledgers)
+    out = tmp_path / "cv"
+    result = CliRunner().invoke(app, [
+        "federation", "cv", "--data-root", str(volumes), "--folds", "2", "--rounds", "1",
+        "--image-size", str(SIZE), "--min-release-count", "1", "--ledger-dir",
+        str(out / "ledgers"), "--out", str(out), "--paradigm", "mil", "--model",
+        "mil-attention", "--samples", "series"], terminal_width=200)
+    # Assert: every patient held out once, one bag each, within the cap over both folds
+    assert result.exit_code == 0, result.output[-3000:]
+    doc = json.loads((out / "report.json").read_text())
+    cv = doc["inference"]["cv"]
+    assert doc["status"] == "completed" and doc["config"][k.PARADIGM] == "mil"
+    assert [f["fold"] for f in cv["folds"]] == [0, 1]
+    assert cv["pooled"]["n"] == SITES * PATIENTS
+    assert all(0 < e <= 8.0 for f in cv["folds"] for e in f["epsilon_by_site"].values())
+    assert 0.0 <= cv["pooled"]["auc"]["value"] <= 1.0
 
 
 @pytest.mark.slow
