@@ -67,6 +67,7 @@ def _single_measures(row: Any, root: Path, checkpoint: Path) -> dict[str, float]
     from common.tasks import get_task
     from server.app import initial_model
     from server.paradigms import ensemble_stats as st
+    from server.paradigms.ensemble import SCORE_BINS, UNCERTAINTY_BINS
 
     plan = _plan(row, private=True, seed=SEED, epsilon=8.0)
     model = initial_model(RunConfig(plan=plan))[0]
@@ -81,7 +82,8 @@ def _single_measures(row: Any, root: Path, checkpoint: Path) -> dict[str, float]
         scores.append(res.scores)
         labels.append(res.labels)
     p = np.concatenate(scores)[None, :]
-    h = ensemble_histograms(np.vstack([p, p]), np.concatenate(labels), np.array([1.0, 0.0]), p)
+    h = ensemble_histograms(np.vstack([p, p]), np.concatenate(labels), np.array([1.0, 0.0]), p,
+                            bins=SCORE_BINS, uncertainty_bins=UNCERTAINTY_BINS)
     return {"auc": st.auc(h[VARIANT_HIST][0]), "ece": st.ece(h[VARIANT_HIST][0]),
             "error_auroc": st.error_auroc(h[UNCERTAINTY_HIST][0])}
 

@@ -59,8 +59,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["run_ensemble"]
 
-SCORE_BINS = 1000
-UNCERTAINTY_BINS = 200
+SCORE_BINS = 10_000
+UNCERTAINTY_BINS = 10_000
 _NODE_WAIT_S = 30.0
 
 
@@ -275,8 +275,8 @@ def _section(grid: Grid, node_ids: list[int], config: RunConfig, options: dict[s
             "identical, so the single member's 'MC-dropout entropy' is its predictive entropy.")
     section["notes"].append(
         f"Conformal prediction sets at target coverage {1 - alpha:.2f} (α = {alpha:g}), "
-        "calibrated on the validation patients; scores known to 1/1000, nonconformity rounded "
-        "up. Error = misclassified at 0.5.")
+        f"calibrated on the validation patients; scores known to 1/{SCORE_BINS}, "
+        "nonconformity rounded up. Error = misclassified at 0.5.")
     section["tables"] = [
         {"title": "Single member vs ensemble (test patients, pooled over hospitals)",
          "columns": ["model", "AUC", "accuracy", "ECE", f"coverage (target {1 - alpha:.2f})",
