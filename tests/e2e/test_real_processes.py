@@ -97,14 +97,11 @@ def _vesalius(*args: str) -> list[str]:
     return [str(BIN / "vesalius"), *args]
 
 
-def test_superlink_two_supernodes_two_rounds_of_an_ordinal_task(
-    tmp_path: Path, procs: Processes
-) -> None:
-    # Prepare: two hospitals' graded data, a SuperLink and two SuperNodes on free loopback ports
-    data = tmp_path / "data"
-    subprocess.run(_vesalius("synth", "--task", "ordinal", "--num-classes", "3", "--sites", "2",
-                             "--patients", "40", "--out", str(data), "--seed", "9"),
-                   env=procs.env, check=True, capture_output=True)
+def start_deployment(
+    tmp_path: Path, procs: Processes, data: Path, *node_args: str
+) -> tuple[int, str]:
+    """A TLS SuperLink and two SuperNodes (``node start NODE_ARGS``) serving ``data/site-1``
+    and ``data/site-2`` on free loopback ports; returns the SuperLink's port and the CA file."""
     certs = tmp_path / "certs"
     subprocess.run(_vesalius("federation", "certs", "--out", str(certs)), env=procs.env, check=True,
                    capture_output=True)
@@ -121,8 +118,20 @@ def test_superlink_two_supernodes_two_rounds_of_an_ordinal_task(
         procs.start(f"node-{i}", _vesalius(
             "node", "start", "--data", str(data / f"site-{i}"), "--superlink", f"127.0.0.1:{link}",
             "--port", str(_free_port()), "--site-name", f"site-{i}", "--epsilon-cap", "8",
-            "--min-release-count", "1", "--task", "ordinal", "--num-classes", "3",
+            "--min-release-count", "1", *node_args,
             "--root-certificates", ca, "--flwr-home", str(home)))
+    return link, ca
+
+
+def test_superlink_two_supernodes_two_rounds_of_an_ordinal_task(
+    tmp_path: Path, procs: Processes
+) -> None:
+    # Prepare: two hospitals' graded data, a SuperLink and two SuperNodes on free loopback ports
+    data = tmp_path / "data"
+    subprocess.run(_vesalius("synth", "--task", "ordinal", "--num-classes", "3", "--sites", "2",
+                             "--patients", "40", "--out", str(data), "--seed", "9"),
+                   env=procs.env, check=True, capture_output=True)
+    link, ca = start_deployment(tmp_path, procs, data, "--task", "ordinal", "--num-classes", "3")
     out = tmp_path / "run"
     # Execute: the operator submits a 2-round ordinal run through the CLI (each node serves
     # its messages from its warm worker, `vesalius node start`'s default).
