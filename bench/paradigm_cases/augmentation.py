@@ -13,7 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from bench.paradigm_cases.semi_supervised import SEED, _num, _row, simulate
+from bench.paradigm_cases import SEED, bench_row, simulate
+from bench.paradigm_cases import num as _num
 
 
 def run(work: Path, quick: bool) -> list[dict[str, Any]]:
@@ -21,7 +22,7 @@ def run(work: Path, quick: bool) -> list[dict[str, Any]]:
     from bench.tasks import EPSILON, _baseline_dicom, _prepare_dicom
     from client.data.augment import resolve_level
 
-    row = _row(quick)
+    row = bench_row("breastmnist", quick)
     root = work / "data"
     prepared = _prepare_dicom(row, root, SEED)
     pooled = _num(_baseline_dicom(row, root, seed=SEED)["metrics"].get("auc"))

@@ -16,43 +16,14 @@ federations keep separate ledgers (each spends the hospitals' whole ε = 8).
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-SEED = 0
+from bench.paradigm_cases import SEED, bench_row, simulate
+from bench.paradigm_cases import num as _num
 MEMBERS = 3
-
-
-def _row(quick: bool) -> Any:
-    from bench.tasks import QUICK, ROWS
-
-    row = next(r for r in ROWS if r.name == "breastmnist")
-    return dataclasses.replace(row, **QUICK[row.name]) if quick else row
-
-
-def _simulate(row: Any, root: Path, work: Path, *, paradigm: str,
-              options: dict[str, Any]) -> dict[str, Any]:
-    from bench.tasks import EPSILON, _plan
-    from common.config import NodeConfig, RunConfig
-    from common.paradigms import canonical_options
-    from server.simulation import run_simulation
-
-    sites = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("site-"))
-    nodes = [NodeConfig(data_dir=d, epsilon_cap=EPSILON, site_name=d.name,
-                        release_histograms=True, min_release_count=1, torch_threads=1,
-                        device="cpu", ledger_dir=work / "ledgers" / d.name) for d in sites]
-    plan = dataclasses.replace(_plan(row, private=True, seed=SEED, epsilon=EPSILON),
-                               paradigm=paradigm, paradigm_options=canonical_options(options),
-                               run_id=f"bench-paradigm-{paradigm}")
-    config = RunConfig(plan=plan, out_dir=str(work / "run"), min_nodes=len(nodes),
-                       secure_aggregation="off")
-    doc = run_simulation(config, nodes, num_cpus=2).to_dict()
-    if doc.get("status") != "completed":
-        raise RuntimeError(f"{paradigm} federation {doc.get('status')}: {doc.get('reason')}")
-    return doc
 
 
 def _single_measures(row: Any, root: Path, checkpoint: Path) -> dict[str, float]:
@@ -88,22 +59,17 @@ def _single_measures(row: Any, root: Path, checkpoint: Path) -> dict[str, float]
             "error_auroc": st.error_auroc(h[UNCERTAINTY_HIST][0])}
 
 
-def _num(value: Any) -> float:
-    from bench.tasks import _num as number
-
-    return number(value)
-
-
 def run(work: Path, quick: bool) -> list[dict[str, Any]]:
     """The comparison's rows (see the module docstring)."""
     from bench.tasks import EPSILON, _baseline_dicom, _dig, _prepare_dicom
 
-    row = _row(quick)
+    row = bench_row("breastmnist", quick)
     root = work / "data"
     prepared = _prepare_dicom(row, root, SEED)
-    single_doc = _simulate(row, root, work / "single", paradigm="supervised", options={})
-    ens_doc = _simulate(row, root, work / "ensemble", paradigm="ensemble",
-                        options={"members": MEMBERS})
+    single_doc = simulate(row, root, work / "single", run_id="bench-paradigm-supervised")
+    ens_doc = simulate(row, root, work / "ensemble", paradigm="ensemble",
+                       run_id="bench-paradigm-ensemble",
+                       options={"members": MEMBERS})
     pooled = _num(_baseline_dicom(row, root, seed=SEED)["metrics"].get("auc"))
     single = _single_measures(row, root, work / "single" / "run" / "checkpoints" / "final.pt")
     section = ens_doc["paradigm"]

@@ -21,7 +21,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-SEED = 0
+from bench.paradigm_cases import SEED, bench_row, simulate
 
 ARMS = (
     ("slice-level", "cnn", "image-2d", "supervised",
@@ -32,43 +32,17 @@ ARMS = (
 """(arm, model, samples, paradigm, variant text)."""
 
 
-def _row(quick: bool) -> Any:
-    from bench.tasks import QUICK, ROWS
-
-    row = next(r for r in ROWS if r.name == "adrenalmnist3d")
-    return dataclasses.replace(row, **QUICK[row.name]) if quick else row
-
-
-def _simulate(row: Any, paradigm: str, root: Path, work: Path) -> dict[str, Any]:
-    """One DP federation of ``row`` under ``paradigm``; its report."""
-    from bench.tasks import EPSILON, _plan
-    from common.config import NodeConfig, RunConfig
-    from server.simulation import run_simulation
-
-    sites = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("site-"))
-    nodes = [NodeConfig(data_dir=d, epsilon_cap=EPSILON, site_name=d.name,
-                        release_histograms=True, min_release_count=1, torch_threads=1,
-                        device="cpu", ledger_dir=work / "ledgers" / d.name) for d in sites]
-    plan = dataclasses.replace(_plan(row, private=True, seed=SEED, epsilon=EPSILON),
-                               paradigm=paradigm, run_id=f"bench-mil-{work.name}")
-    config = RunConfig(plan=plan, out_dir=str(work / "run"), min_nodes=len(nodes))
-    doc = run_simulation(config, nodes, num_cpus=2).to_dict()
-    if doc.get("status") != "completed":
-        raise RuntimeError(f"{work.name} federation {doc.get('status')}: {doc.get('reason')}")
-    return doc
-
-
 def run(work: Path, quick: bool) -> list[dict[str, Any]]:
     """The comparison's rows (see the module docstring)."""
     from bench.tasks import _baseline_dicom, _dig, _num, _prepare_dicom
 
-    base = _row(quick)
+    base = bench_row("adrenalmnist3d", quick)
     root = work / "data"
     prepared = _prepare_dicom(base, root, SEED)
     out = []
     for arm, model, samples, paradigm, variant in ARMS:
         row = dataclasses.replace(base, model=model, samples=samples)
-        doc = _simulate(row, paradigm, root, work / arm)
+        doc = simulate(row, root, work / arm, paradigm=paradigm, run_id=f"bench-mil-{arm}")
         pooled = _baseline_dicom(row, root, seed=SEED)
         inference = doc.get("inference") or {}
         out.append({

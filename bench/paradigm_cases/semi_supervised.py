@@ -20,52 +20,14 @@ on every training label (on the full folders).
 from __future__ import annotations
 
 import csv
-import dataclasses
-import math
 import shutil
 from pathlib import Path
 from typing import Any
 
-SEED = 0
+from bench.paradigm_cases import SEED, bench_row, simulate
+from bench.paradigm_cases import num as _num
+
 FRACTION = 0.1
-
-
-def _row(quick: bool) -> Any:
-    from bench.tasks import QUICK, ROWS
-
-    row = next(r for r in ROWS if r.name == "breastmnist")
-    return dataclasses.replace(row, **QUICK[row.name]) if quick else row
-
-
-def _num(value: Any) -> float:
-    """A finite number (a report metric ``{"value": ...}`` unwrapped), else NaN."""
-    if isinstance(value, dict):
-        value = value.get("value")
-    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else math.nan
-
-
-def simulate(row: Any, root: Path, work: Path, *, paradigm: str = "supervised",
-             options: dict[str, Any] | None = None, augment: str = "none") -> dict[str, Any]:
-    """One federation over ``root``'s hospitals at ε = 8; its report as a dictionary."""
-    from bench.tasks import EPSILON, _plan
-    from common.config import NodeConfig, RunConfig
-    from common.paradigms import canonical_options
-    from server.simulation import run_simulation
-
-    sites = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("site-"))
-    nodes = [NodeConfig(data_dir=d, epsilon_cap=EPSILON, site_name=d.name,
-                        release_histograms=True, min_release_count=1, torch_threads=1,
-                        device="cpu", ledger_dir=work / "ledgers" / d.name) for d in sites]
-    plan = dataclasses.replace(_plan(row, private=True, seed=SEED, epsilon=EPSILON),
-                               paradigm=paradigm, augment=augment,
-                               paradigm_options=canonical_options(options or {}),
-                               run_id=f"bench-{work.name}")
-    config = RunConfig(plan=plan, out_dir=str(work / "run"), min_nodes=len(nodes),
-                       secure_aggregation="off")
-    doc = run_simulation(config, nodes, num_cpus=2).to_dict()
-    if doc.get("status") != "completed":
-        raise RuntimeError(f"{work.name} federation {doc.get('status')}: {doc.get('reason')}")
-    return doc
 
 
 def _hidden_training_patients(site: Path, row: Any) -> set[str]:
@@ -107,7 +69,7 @@ def run(work: Path, quick: bool) -> list[dict[str, Any]]:
     """The comparison's rows (see the module docstring)."""
     from bench.tasks import EPSILON, _baseline_dicom, _prepare_dicom
 
-    row = _row(quick)
+    row = bench_row("breastmnist", quick)
     root = work / "data"
     prepared = _prepare_dicom(row, root, SEED)
     few = work / "data-10pct"

@@ -12,43 +12,24 @@ allow it, and ``ledger_total`` says what it holds). ``federated`` is the arm's p
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
-from bench.paradigm_cases.semi_supervised import SEED, _num, _row
-
-
-def _simulate(row: Any, root: Path, work: Path) -> dict[str, Any]:
-    from bench.tasks import EPSILON, _plan
-    from common.config import NodeConfig, RunConfig
-    from common.paradigms import canonical_options
-    from server.simulation import run_simulation
-
-    sites = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("site-"))
-    nodes = [NodeConfig(data_dir=d, epsilon_cap=2 * EPSILON + 0.5, site_name=d.name,
-                        release_histograms=True, min_release_count=1, torch_threads=1,
-                        device="cpu", ledger_dir=work / "ledgers" / d.name) for d in sites]
-    options = {"pretrain-rounds": row.rounds, "pretext": "rotation", "freeze": "none"}
-    plan = dataclasses.replace(_plan(row, private=True, seed=SEED, epsilon=EPSILON),
-                               paradigm="transfer", paradigm_options=canonical_options(options),
-                               run_id=f"bench-{work.name}")
-    config = RunConfig(plan=plan, out_dir=str(work / "run"), min_nodes=len(nodes),
-                       secure_aggregation="off")
-    doc = run_simulation(config, nodes, num_cpus=2).to_dict()
-    if doc.get("status") != "completed":
-        raise RuntimeError(f"transfer federation {doc.get('status')}: {doc.get('reason')}")
-    return doc
+from bench.paradigm_cases import SEED, bench_row, simulate
+from bench.paradigm_cases import num as _num
 
 
 def run(work: Path, quick: bool) -> list[dict[str, Any]]:
     """The comparison's rows (see the module docstring)."""
     from bench.tasks import EPSILON, _baseline_dicom, _prepare_dicom
 
-    row = _row(quick)
+    row = bench_row("breastmnist", quick)
     root = work / "data"
     prepared = _prepare_dicom(row, root, SEED)
-    doc = _simulate(row, root, work / "transfer")
+    options = {"pretrain-rounds": row.rounds, "pretext": "rotation", "freeze": "none"}
+    # both arms train the same patients: each hospital's cap allows the two (about 2 ε)
+    doc = simulate(row, root, work / "transfer", paradigm="transfer", options=options,
+                   epsilon_cap=2 * EPSILON + 0.5)
     pooled = _num(_baseline_dicom(row, root, seed=SEED)["metrics"].get("auc"))
     arms, privacy = doc["paradigm"]["tables"][:2]
     totals = [_num(r[-1]) for r in privacy["rows"]]
