@@ -130,6 +130,9 @@ def build_run_config(
     from common.paradigms import canonical_options, get_paradigm, parse_option_pairs
 
     chosen_paradigm = get_paradigm(paradigm)
+    if chosen_paradigm.stage:
+        raise ConfigError(f"paradigm {paradigm!r} is a stage that other paradigms' workflows "
+                          "run; choose one of those `vesalius federation paradigms` lists")
     if cv and not chosen_paradigm.cv:
         raise ConfigError(f"paradigm {paradigm!r} cannot run as a cross-validation; use "
                           "`vesalius federation run --paradigm` instead")

@@ -147,6 +147,10 @@ class Paradigm:
     check : callable, optional
         ``check(plan, options)`` raising :class:`ConfigError` for a plan it cannot run (a
         model or sample kind it does not serve), called when the run is configured.
+    stage : bool
+        A sub-run of another paradigm's workflow (its training rounds under that paradigm's
+        node step): sent to the nodes in the plans of those sub-runs, but neither listed nor
+        selectable with ``--paradigm``.
     """
 
     name: str
@@ -157,6 +161,7 @@ class Paradigm:
     cv: bool = True
     tasks: tuple[str, ...] = ()
     check: Callable[[Any, Mapping[str, Any]], None] | None = field(default=None, compare=False)
+    stage: bool = False
 
     def option(self, name: str) -> ParadigmOption:
         """The declared option ``name``; a :class:`ConfigError` listing the options otherwise."""
@@ -184,9 +189,11 @@ def register_paradigm(paradigm: Paradigm) -> Paradigm:
     return paradigm
 
 
-def list_paradigms() -> list[Paradigm]:
-    """Every registered paradigm, the default first, then by name."""
-    return sorted(_REGISTRY.values(), key=lambda p: (p.name != DEFAULT_PARADIGM, p.name))
+def list_paradigms(*, stages: bool = False) -> list[Paradigm]:
+    """Every registered paradigm a user can choose (``stages``: the workflows' stages too), the
+    default first, then by name."""
+    return sorted((p for p in _REGISTRY.values() if stages or not p.stage),
+                  key=lambda p: (p.name != DEFAULT_PARADIGM, p.name))
 
 
 def get_paradigm(name: str) -> Paradigm:

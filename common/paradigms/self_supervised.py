@@ -114,4 +114,5 @@ ROUNDS = register_paradigm(Paradigm(
     node="client.paradigms.self_supervised:self_supervised_training",
     cv=False,
     check=_check,
+    stage=True,
 ))

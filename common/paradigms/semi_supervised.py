@@ -100,4 +100,5 @@ SEMI_SUPERVISED_ROUNDS = register_paradigm(Paradigm(
     cv=False,
     tasks=TASKS,
     check=check,
+    stage=True,
 ))

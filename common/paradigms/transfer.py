@@ -138,4 +138,5 @@ FINE_TUNE = register_paradigm(Paradigm(
     cv=False,
     tasks=("binary", "multiclass"),
     check=_fine_tune_check,
+    stage=True,
 ))

@@ -90,3 +90,13 @@ def test_cli_lists_paradigms_and_refuses_unknown_ones(tmp_path) -> None:
     bad = runner.invoke(app, ["federation", "run", "--data-root", str(tmp_path),
                               "-P", "colour=red"], env={"COLUMNS": "300"})
     assert bad.exit_code == 2 and "has no option 'colour'" in bad.output
+
+
+def test_workflow_stages_are_sent_to_nodes_but_not_listed_or_chosen(tmp_path) -> None:
+    stages = [p.name for p in list_paradigms(stages=True) if p.stage]
+    assert "self-supervised-rounds" in stages and "semi-supervised-rounds" in stages
+    assert not set(stages) & {p.name for p in list_paradigms()}
+    assert TrainPlan(paradigm="semi-supervised-rounds").paradigm == "semi-supervised-rounds"
+    refused = CliRunner().invoke(app, ["federation", "run", "--data-root", str(tmp_path),
+                                       "--paradigm", "fine-tune-rounds"], env={"COLUMNS": "300"})
+    assert refused.exit_code == 2 and "is a stage" in refused.output
