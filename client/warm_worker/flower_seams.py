@@ -22,6 +22,11 @@ uses four internals; each is named here and pinned by ``tests/cli/test_warm_work
   restarted after the coordinator went away, or crashed), the node never pulls again and a
   resumed run stalls; :func:`answer_abandoned_messages` answers such a message with Flower's
   own "ClientApp crashed" error instead, and the loop goes on;
+- the name ``pull_objects`` in ``flwr.supercore.inflatable.inflatable_utils``, through which a
+  task pulls its message's objects from the SuperNode, retrying after 1 s, 2 s, 4 s ... while
+  the SuperNode is still fetching them from the SuperLink: a warm worker starts its task at
+  once, so nearly every message paid that first second; :func:`poll_local_objects_quickly`
+  retries every few tens of milliseconds instead (the SuperNode is on loopback);
 - the name ``install_from_fab`` in ``run_clientapp``'s module, which unpacks the run's FAB,
   checks every file's hash and reinstalls it for **every** task (1.4-2.4 s per message on a
   loaded 2-core machine): :func:`install_each_fab_once` makes it install a FAB once per worker.
@@ -362,3 +367,32 @@ def answer_abandoned_messages(grace_s: float = ABANDONED_GRACE_S) -> Callable[..
     push_messages.vesalius_wrapped = True  # type: ignore[attr-defined]
     module._push_messages = push_messages  # type: ignore[assignment]  # noqa: SLF001
     return push_messages
+
+
+LOCAL_PULL_BACKOFF_S = (0.02, 0.25)
+"""First and longest wait (seconds) between a task's pulls of a not-yet-available object."""
+
+
+def poll_local_objects_quickly(initial_s: float = LOCAL_PULL_BACKOFF_S[0],
+                               cap_s: float = LOCAL_PULL_BACKOFF_S[1]) -> Callable[..., Any]:
+    """Make a task's pulls of its message's objects retry after ``initial_s`` doubling to
+    ``cap_s`` (Flower's 1 s doubling to 10 s), with no cap on the number of tries: Flower's
+    time limit (``max_time``, 2 h) still ends a pull that never completes. In this process
+    only, for the message a task pulls from its SuperNode; returns the wrapper (installed once).
+    """
+    from flwr.supercore.inflatable import inflatable_utils as module
+
+    original = module.pull_objects
+    if getattr(original, "vesalius_wrapped", False):
+        return original  # type: ignore[no-any-return]
+
+    def pull_objects(*args: Any, **kwargs: Any) -> Any:
+        kwargs["initial_backoff"] = min(float(kwargs.get("initial_backoff") or initial_s),
+                                        initial_s)
+        kwargs["backoff_cap"] = min(float(kwargs.get("backoff_cap") or cap_s), cap_s)
+        kwargs["max_tries_per_object"] = None
+        return original(*args, **kwargs)
+
+    pull_objects.vesalius_wrapped = True  # type: ignore[attr-defined]
+    module.pull_objects = pull_objects  # type: ignore[assignment]
+    return pull_objects

@@ -126,6 +126,7 @@ def main(argv: list[str] | None = None) -> None:
 
         torch.set_num_threads(threads)
     flower_seams.install_each_fab_once()  # not once per message (forks inherit the cache)
+    flower_seams.poll_local_objects_quickly()  # a task's message: no 1 s back-off on loopback
     executor = WarmExecutor(fork_per_task=args.fork_per_task, torch_threads=threads)
     log.info("warm worker %d ready: torch and the ClientApp imported once in %.1f s",
              os.getpid(), time.perf_counter() - started)

@@ -345,3 +345,30 @@ def test_a_live_task_is_waited_for(monkeypatch) -> None:
     assert flower_seams._task_alive(state)
     assert not flower_seams._reply_waiting(state)
     assert len(flower_seams._unreplied_requests(state)) == 1
+
+
+def test_task_object_pulls_retry_quickly_through_the_module_level_name(monkeypatch) -> None:
+    # Prepare: the name the wrapper replaces is the one pull_and_inflate_object_from_tree calls
+    from flwr.supercore.inflatable import inflatable_utils as module
+    from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError
+
+    assert "pulled_object_contents = pull_objects(" in inspect.getsource(
+        module.pull_and_inflate_object_from_tree)
+    monkeypatch.setattr(module, "pull_objects", module.pull_objects)
+    wrapper = flower_seams.poll_local_objects_quickly(initial_s=0.01, cap_s=0.02)
+    assert module.pull_objects is wrapper and flower_seams.poll_local_objects_quickly() is wrapper
+    # Execute: an object that becomes available on the 4th try (Flower's own back-off: 7 s)
+    tries = []
+
+    def pull(object_id: str) -> bytes:
+        tries.append(object_id)
+        if len(tries) < 4:
+            raise ObjectUnavailableError(object_id)
+        return b"content"
+
+    started = time.monotonic()
+    got = module.pull_objects(["a"], pull, initial_backoff=1, backoff_cap=10,
+                              max_tries_per_object=500)
+    # Assert
+    assert got == {"a": b"content"} and len(tries) == 4
+    assert time.monotonic() - started < 1.0
