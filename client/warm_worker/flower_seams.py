@@ -375,24 +375,8 @@ LOCAL_PULL_BACKOFF_S = (0.02, 0.25)
 
 def poll_local_objects_quickly(initial_s: float = LOCAL_PULL_BACKOFF_S[0],
                                cap_s: float = LOCAL_PULL_BACKOFF_S[1]) -> Callable[..., Any]:
-    """Make a task's pulls of its message's objects retry after ``initial_s`` doubling to
-    ``cap_s`` (Flower's 1 s doubling to 10 s), with no cap on the number of tries: Flower's
-    time limit (``max_time``, 2 h) still ends a pull that never completes. In this process
-    only, for the message a task pulls from its SuperNode; returns the wrapper (installed once).
-    """
-    from flwr.supercore.inflatable import inflatable_utils as module
+    """A task's pulls of its message's objects from the loopback SuperNode retry after
+    ``initial_s`` doubling to ``cap_s`` (:func:`common.flower_pulls.poll_objects_quickly`)."""
+    from common.flower_pulls import poll_objects_quickly
 
-    original = module.pull_objects
-    if getattr(original, "vesalius_wrapped", False):
-        return original  # type: ignore[no-any-return]
-
-    def pull_objects(*args: Any, **kwargs: Any) -> Any:
-        kwargs["initial_backoff"] = min(float(kwargs.get("initial_backoff") or initial_s),
-                                        initial_s)
-        kwargs["backoff_cap"] = min(float(kwargs.get("backoff_cap") or cap_s), cap_s)
-        kwargs["max_tries_per_object"] = None
-        return original(*args, **kwargs)
-
-    pull_objects.vesalius_wrapped = True  # type: ignore[attr-defined]
-    module.pull_objects = pull_objects  # type: ignore[assignment]
-    return pull_objects
+    return poll_objects_quickly("flwr.supercore.inflatable.inflatable_utils", initial_s, cap_s)

@@ -347,6 +347,21 @@ def test_a_live_task_is_waited_for(monkeypatch) -> None:
     assert len(flower_seams._unreplied_requests(state)) == 1
 
 
+@pytest.mark.parametrize("module_name, caller", [
+    ("flwr.supercore.inflatable.inflatable_utils", "pull_and_inflate_object_from_tree"),
+    ("flwr.supernode.start_client_internal", "_pull_and_store_message"),
+    ("flwr.superlink.grid.http_grid", "HttpGrid.pull_messages"),
+])
+def test_each_hop_pulls_objects_through_its_module_level_name(module_name: str, caller: str) -> None:
+    # Assert: the three hops of a message call the name common.flower_pulls replaces
+    module = importlib.import_module(module_name)
+    target = module
+    for part in caller.split("."):
+        target = getattr(target, part)
+    assert "pull_objects(" in inspect.getsource(target)
+    assert callable(module.pull_objects)
+
+
 def test_task_object_pulls_retry_quickly_through_the_module_level_name(monkeypatch) -> None:
     # Prepare: the name the wrapper replaces is the one pull_and_inflate_object_from_tree calls
     from flwr.supercore.inflatable import inflatable_utils as module
