@@ -114,7 +114,7 @@ table{border-collapse:collapse;margin:.6em 0;font-size:.9em}
 th,td{border:1px solid #ccc;padding:.25em .6em;text-align:left;vertical-align:top}
 th{background:#f3f3f3}tr.pooled{font-weight:bold;background:#f8f8ff}
 img{max-width:100%;height:auto}.figs{display:flex;flex-wrap:wrap;gap:1em;align-items:flex-start}
-.note{color:#666;font-size:.85em}pre{background:#f6f6f6;padding:.5em;overflow-x:auto}
+.note{color:#666;font-size:.85em}.warn{background:#fff4d6;border-left:4px solid #e0a000;padding:.5em .8em}pre{background:#f6f6f6;padding:.5em;overflow-x:auto}
 .headline{font-size:1.25em}code{font-size:.85em;word-break:break-all}
 .numbers td{white-space:nowrap}.figs>div{flex:1 1 440px;min-width:0}
 """
@@ -194,6 +194,10 @@ def build_html(report: Mapping[str, Any], *, overlays_html: str = "") -> str:
     if not isinstance(inf, Mapping):
         inf = {}
     parts = [_intro(report, inf)]
+    if isinstance(report.get("paradigm"), Mapping):
+        from server.report_paradigm import paradigm_scope_html
+
+        parts.append(paradigm_scope_html(report["paradigm"]))
     task_headline, task_section = _task_parts(report, inf, overlays_html)
     parts.append(_section("result", task_headline if task_headline is not None else
                           tables.safe(lambda: headline_section(report), "headline")))

@@ -5,6 +5,8 @@ mapping, and this module shows it the same way on the screen, in ``summary.txt``
 ``report.html``, so that no paradigm needs a renderer of its own::
 
     {"name": "transfer", "summary": "...", "options": {"freeze": "trunk"},
+     "scope": "what the report's Result and Privacy sections describe, when a paradigm
+               runs several models (shown first, above the Result)",
      "notes": ["one sentence", ...],
      "tables": [{"title": "Transfer vs scratch at the same ε",
                  "columns": ["model", "test AUC", "ε"], "rows": [["scratch", 0.71, 7.99]]}],
@@ -23,7 +25,7 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
-__all__ = ["paradigm_lines", "paradigm_section_html"]
+__all__ = ["paradigm_lines", "paradigm_scope_html", "paradigm_section_html"]
 
 
 def _cell(value: Any) -> str:
@@ -46,6 +48,8 @@ def paradigm_lines(section: Any) -> list[str]:
         return []
     lines = [f"paradigm: {section['name']}" + (f" ({section['summary']})"
                                                if section.get("summary") else "")]
+    if section.get("scope"):
+        lines.append(f"  note: {section['scope']}")
     options = section.get("options") or {}
     if options:
         lines.append("  options: " + ", ".join(f"{k}={_cell(v)}" for k, v in options.items()))
@@ -72,6 +76,10 @@ def _plot(plot: Mapping[str, Any]) -> Any:
     for name, ys in (plot.get("series") or {}).items():
         values = [math.nan if v is None else float(v) for v in ys]
         ax.plot(xs[:len(values)] or range(1, len(values) + 1), values, marker="o", label=str(name))
+    if all(isinstance(x, int) for x in xs):  # rounds: no 1.2, 1.4 ... ticks
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel(str(plot.get("x_label", "")))
     ax.set_ylabel(str(plot.get("y_label", "")))
     ax.set_title(str(plot.get("title", "")))
@@ -105,3 +113,11 @@ def paradigm_section_html(section: Any, img: Callable[[Any, str], str]) -> str:
     if figs:
         parts.append(f'<div class="figs">{"".join(figs)}</div>')
     return "".join(parts)
+
+
+def paradigm_scope_html(section: Any) -> str:
+    """The paradigm's note on what the Result and Privacy sections describe ("" without)."""
+    if not isinstance(section, Mapping) or not section.get("scope"):
+        return ""
+    return (f'<p class="warn"><b>{html.escape(str(section.get("name", "")))}:</b> '
+            f"{html.escape(str(section['scope']))} See the Learning paradigm section.</p>")

@@ -225,6 +225,10 @@ def _section(grid: Grid, node_ids: list[int], config: RunConfig, options: dict[s
     section: dict[str, Any] = {
         "name": "ensemble", "summary": get_paradigm("ensemble").summary,
         "options": dict(options),
+        "scope": (f"the Result and Privacy sections are member 0's alone (one of {m} "
+                  f"members, trained at ε = {eps_member:.3f}); the ensemble's own test "
+                  "metrics and each hospital's ε over all members (its ledger total) are "
+                  "in the tables of the Learning paradigm section."),
         "notes": [
             f"{m} members; each member's target ε = ε / {m} = {eps_member:.3f} "
             f"(run ε {config.plan.target_epsilon:g}): every hospital's total over the members "

@@ -197,6 +197,9 @@ def _section(paradigm: Any, options: dict[str, Any], config: RunConfig, pre: Any
     ]
     return {
         "name": paradigm.name, "summary": paradigm.summary,
+        "scope": ("the Result is the transfer arm's; the Privacy section is its fine-tuning "
+                  "sub-run's alone: each hospital's ε over pretraining, fine-tuning and the "
+                  "scratch arm (its ledger total) is in the Learning paradigm section."),
         "options": {key_: options[key_] for key_ in ("pretrained", "pretrain-rounds", "freeze",
                                                       "compare-scratch")},
         "pretrained": {"checkpoint": Path(source).name, "sha256": init.get("sha256"),

@@ -13,6 +13,7 @@ from server.report_paradigm import paradigm_lines
 SECTION = {
     "name": "transfer", "summary": "pretrained encoder, fine-tuned",
     "options": {"freeze": "trunk"},
+    "scope": "the Result is the transfer arm's & the Privacy section its fine-tuning run's",
     "notes": ["Both arms spent the same ε at every hospital."],
     "tables": [{"title": "Transfer vs scratch", "columns": ["arm", "test AUC", "ε"],
                 "rows": [["scratch", 0.7123, 7.99], ["transfer <b>", 0.8, None]]}],
@@ -25,6 +26,7 @@ def test_lines_show_options_notes_and_table_rows() -> None:
     lines = paradigm_lines(SECTION)
     assert lines[0] == "paradigm: transfer (pretrained encoder, fine-tuned)"
     assert "  options: freeze=trunk" in lines
+    assert lines[1].startswith("  note: the Result is the transfer arm's")
     assert any("scratch" in line and "0.712" in line and "7.990" in line for line in lines)
     assert any("transfer <b>" in line and "–" in line for line in lines)
     assert paradigm_lines(None) == [] and paradigm_lines({"tables": []}) == []
@@ -43,3 +45,6 @@ def test_summary_and_html_carry_the_section(tmp_path: Path) -> None:
     assert 'id="paradigm"' in text and "Learning paradigm" in text
     assert "transfer &lt;b&gt;" in text and "<b>transfer <b>" not in text  # escaped
     assert "0.712" in text and "data:image/png;base64," in text
+    # the scope note comes first, above the Result, escaped
+    assert text.index('class="warn"') < text.index('id="result"')
+    assert "&amp; the Privacy" in text
