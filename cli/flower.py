@@ -58,10 +58,17 @@ def write_connection(flwr_home: Path, address: str, *, insecure: bool, root_cert
 def toml_value(value: object) -> str:
     """Render a run-config value as TOML for ``--run-config``/``--node-config``.
 
-    Strings become TOML basic strings; JSON's string escapes are valid TOML escapes.
+    Strings become TOML basic strings (JSON's string escapes are valid TOML escapes), except
+    a string holding a double quote or a backslash (a JSON text such as ``paradigm-options``):
+    Flower splits ``--run-config`` with a pattern that ends a double-quoted value at the first
+    ``"``, escaped or not, so such a string goes as a TOML literal string, ``'...'``, which
+    needs no escapes. A string holding both quote kinds, or a line break, cannot be passed.
     """
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
-    return json.dumps(str(value))
+    text = str(value)
+    if ('"' in text or "\\" in text) and "'" not in text and "\n" not in text:
+        return f"'{text}'"
+    return json.dumps(text)

@@ -223,7 +223,12 @@ def parse_option_pairs(paradigm: Paradigm, pairs: Iterable[str]) -> dict[str, An
 
 def canonical_options(values: Mapping[str, Any]) -> str:
     """Options as the one JSON text the plan carries (sorted keys: equal options, equal text)."""
-    return json.dumps(dict(values), sort_keys=True, separators=(",", ":")) if values else ""
+    if not values:
+        return ""
+    text = json.dumps(dict(values), sort_keys=True, separators=(",", ":"))
+    # no single quote, so that the text travels in Flower's --run-config as a TOML literal
+    # string (cli.flower.toml_value); "\u0027" is the same JSON
+    return text.replace("'", "\\u0027")
 
 
 def read_options(paradigm: Paradigm, text: str) -> dict[str, Any]:

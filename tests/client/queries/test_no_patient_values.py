@@ -78,10 +78,17 @@ def test_image_flows_release_no_per_patient_vector(tmp_path: Path) -> None:
     assert multiclass_inference(grid, ids, a, mc_plan, timeout=5)["status"] == "completed"
     counts |= {training_split(n, elm_plan, _load(n, elm_plan)).num_patients
                for n in nodes.values()}
+    # The ensemble paradigm's query: two members' binned scores and uncertainties.
+    from common.config import RunConfig
+    from server.paradigms import ensemble as ens
+
+    ens._query(grid, ids, RunConfig(plan=PLAN, round_timeout=5), [a, b], k.SPLIT_TEST,
+               np.array([0.5, 0.5]), mc_samples=3)
     nb = fine_score_edges().size - 1
     # bins; models M and M*M (also the calibration GLM's p and p*p); conformal set sizes;
     # the DC-ELM readout's d x d and d x 2 sums; K x bins one-vs-rest histograms (K = 2)
     allowed = {nb, CAL_BINS, VALUE_BINS, CONFORMAL_BINS, 1, 2, 4, 3, d * d, d * 2, 2 * nb}
+    allowed |= {2 * 2 * ens.SCORE_BINS, 3 * 2 * ens.UNCERTAINTY_BINS, 2}  # ensemble-scores
     assert not allowed & counts, "fixture: pick bin counts that differ from patient counts"
     asked = {str(m.content[k.CONFIG][k.QUERY]) for m in grid.sent}
     # the per-task queries: tests/client/queries/test_no_patient_values_tasks.py

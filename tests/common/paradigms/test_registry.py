@@ -100,3 +100,17 @@ def test_workflow_stages_are_sent_to_nodes_but_not_listed_or_chosen(tmp_path) ->
     refused = CliRunner().invoke(app, ["federation", "run", "--data-root", str(tmp_path),
                                        "--paradigm", "fine-tune-rounds"], env={"COLUMNS": "300"})
     assert refused.exit_code == 2 and "is a stage" in refused.output
+
+
+def test_options_travel_through_flowers_run_config_parser() -> None:
+    # A JSON text in --run-config: Flower's pattern ends a "..." value at the first quote
+    from flwr.common.config import parse_config_args
+
+    from cli.flower import toml_value
+
+    values = {"labelled-fraction": 0.5, "pretrained": "/data/it's a \"model\" \\ here.pt"}
+    text = canonical_options(values)
+    assert "'" not in text
+    parsed = parse_config_args([f"paradigm-options={toml_value(text)} augment=\"light\""])
+    assert parsed == {"paradigm-options": text, "augment": "light"}
+    assert json.loads(parsed["paradigm-options"]) == values
