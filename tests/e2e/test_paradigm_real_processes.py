@@ -54,6 +54,9 @@ def test_semi_supervised_with_augmentation_on_real_processes(
     assert [r["round"] for r in doc["rounds"]] == [1, 2]
     assert sorted(s["site"] for s in doc["sites"]) == ["site-1", "site-2"]
     assert all(0 < s["epsilon"] <= 8 for s in doc["sites"])
-    assert doc["final"]["auc_pooled"] is not None
+    # the final model was evaluated at every hospital and the pooled inference ran (its AUC
+    # may be withheld on so few test patients)
+    assert 0 <= doc["final"]["metrics"]["auc"] <= 1
+    assert doc["inference"]["status"] == "completed"
     shown = run.stdout + run.stderr
     assert "Traceback" not in shown and "paradigm: semi-supervised" in shown
