@@ -22,7 +22,12 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["poll_objects_quickly"]
+__all__ = ["LOOPBACK_BACKOFF_S", "SUPERLINK_BACKOFF_S", "poll_objects_quickly"]
+
+LOOPBACK_BACKOFF_S = (0.02, 0.25)
+"""First and longest wait (s) of a task pulling from its own SuperNode (loopback)."""
+SUPERLINK_BACKOFF_S = (0.05, 0.5)
+"""First and longest wait (s) of a pull from the SuperLink (the SuperNode's, the ServerApp's)."""
 
 
 def poll_objects_quickly(module_name: str, initial_s: float, cap_s: float) -> Callable[..., Any]:

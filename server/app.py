@@ -372,9 +372,9 @@ def build_server_app(
     def main(grid: Grid, context: Context) -> None:
         cfg = config if config is not None else RunConfig.from_user_config(context.run_config)
         if deployed:  # a node's reply is pulled from the SuperLink without Flower's 1 s back-off
-            from common.flower_pulls import poll_objects_quickly
+            from common.flower_pulls import SUPERLINK_BACKOFF_S, poll_objects_quickly
 
-            poll_objects_quickly("flwr.superlink.grid.http_grid", 0.05, 0.5)
+            poll_objects_quickly("flwr.superlink.grid.http_grid", *SUPERLINK_BACKOFF_S)
         cv = CVSpec.from_user_config(context.run_config)
         progress = on_progress if on_progress is not None or not deployed else emit_marker
         if cv.enabled:  # `vesalius federation cv --superlink ...`

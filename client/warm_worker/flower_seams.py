@@ -369,14 +369,14 @@ def answer_abandoned_messages(grace_s: float = ABANDONED_GRACE_S) -> Callable[..
     return push_messages
 
 
-LOCAL_PULL_BACKOFF_S = (0.02, 0.25)
-"""First and longest wait (seconds) between a task's pulls of a not-yet-available object."""
-
-
-def poll_local_objects_quickly(initial_s: float = LOCAL_PULL_BACKOFF_S[0],
-                               cap_s: float = LOCAL_PULL_BACKOFF_S[1]) -> Callable[..., Any]:
+def poll_local_objects_quickly(initial_s: float | None = None,
+                               cap_s: float | None = None) -> Callable[..., Any]:
     """A task's pulls of its message's objects from the loopback SuperNode retry after
-    ``initial_s`` doubling to ``cap_s`` (:func:`common.flower_pulls.poll_objects_quickly`)."""
-    from common.flower_pulls import poll_objects_quickly
+    ``initial_s`` doubling to ``cap_s`` (default
+    :data:`common.flower_pulls.LOOPBACK_BACKOFF_S`; :func:`common.flower_pulls.
+    poll_objects_quickly`)."""
+    from common.flower_pulls import LOOPBACK_BACKOFF_S, poll_objects_quickly
 
-    return poll_objects_quickly("flwr.supercore.inflatable.inflatable_utils", initial_s, cap_s)
+    return poll_objects_quickly("flwr.supercore.inflatable.inflatable_utils",
+                                LOOPBACK_BACKOFF_S[0] if initial_s is None else initial_s,
+                                LOOPBACK_BACKOFF_S[1] if cap_s is None else cap_s)

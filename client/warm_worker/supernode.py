@@ -47,10 +47,10 @@ def main(argv: list[str] | None = None) -> None:
         exit_with_parent(parent=int(os.environ[PARENT_PID_ENV]))
     flower_seams.cap_supernode_sleeps(sleep_cap_from_env())
     flower_seams.answer_abandoned_messages()  # a task that died unanswered never stalls it
-    from common.flower_pulls import poll_objects_quickly
+    from common.flower_pulls import SUPERLINK_BACKOFF_S, poll_objects_quickly
 
     # a message's objects from the SuperLink: retried after 50 ms .. 0.5 s, not 1 s .. 10 s
-    poll_objects_quickly("flwr.supernode.start_client_internal", 0.05, 0.5)
+    poll_objects_quickly("flwr.supernode.start_client_internal", *SUPERLINK_BACKOFF_S)
     from flwr.supernode.cli import flower_supernode
 
     # flwr_exit names its telemetry event after argv[0]; keep Flower's own program name
