@@ -891,9 +891,9 @@ def _run_folds(grid: Grid, config: RunConfig, spec: CVSpec, result: CVResult,
         if node_id is not None:
             others = [n for n in result.site_names if n != node_id]
             train_nodes, heldout_nodes = others, [node_id]
-        run_fold(grid, fold_config, outcome, train_nodes=train_nodes,
-                 heldout_nodes=heldout_nodes, progress=progress, num_folds=total,
-                 secure=secure)
+        fold_runner(config)(grid, fold_config, outcome, train_nodes=train_nodes,
+                            heldout_nodes=heldout_nodes, progress=progress, num_folds=total,
+                            secure=secure)
         _learn_names(result.site_names, outcome)
         result.write()
         if progress is not None:
@@ -904,6 +904,15 @@ def _run_folds(grid: Grid, config: RunConfig, spec: CVSpec, result: CVResult,
             result.reason = (f"a node refused the plan in fold {fold} and on-refusal=stop: "
                              "later folds were not run")
             return
+
+
+def fold_runner(config: RunConfig) -> Callable[..., FoldOutcome]:
+    """What trains and evaluates one fold: the run's paradigm's ``fold`` hook
+    (:class:`common.paradigms.Paradigm`), else :func:`run_fold`."""
+    from common.paradigms import get_paradigm, load_path
+
+    hook = get_paradigm(config.plan.paradigm).fold
+    return load_path(hook) if hook else run_fold
 
 
 def _learn_names(names: dict[int, str], outcome: FoldOutcome) -> None:

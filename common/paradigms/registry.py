@@ -142,6 +142,12 @@ class Paradigm:
         ``"module:function"`` of the node's training hook ("" = supervised training).
     cv : bool
         Whether ``vesalius federation cv`` can run it.
+    fold : str
+        ``"module:function"`` training one cross-validation fold under this paradigm, with
+        :func:`server.cv.run_fold`'s signature (``fold(grid, config, outcome, *, train_nodes,
+        heldout_nodes, progress, num_folds, secure) -> FoldOutcome``); "" keeps
+        :func:`server.cv.run_fold` (supervised rounds of the plan, whose node step is the
+        paradigm's ``node`` hook).
     tasks : tuple of str
         Tasks it serves (empty: every task).
     check : callable, optional
@@ -159,6 +165,7 @@ class Paradigm:
     workflow: str = ""
     node: str = ""
     cv: bool = True
+    fold: str = ""
     tasks: tuple[str, ...] = ()
     check: Callable[[Any, Mapping[str, Any]], None] | None = field(default=None, compare=False)
     stage: bool = False
