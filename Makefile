@@ -27,7 +27,7 @@ test-fast: $(BIN)/vesalius
 	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: $(BIN)/vesalius
-	$(BIN)/python bench/dp_overhead.py
+	$(BIN)/python bench/dp_overhead.py --modes registered,hooks --threads 1
 
 clean:
 	rm -rf vesalius-demo vesalius-out .pytest_cache

@@ -2,7 +2,13 @@
 
 Usage::
 
-    python bench/dp_overhead.py [--repeats 3] [--modes hooks,ghost,ew] [--threads N] [--json]
+    python bench/dp_overhead.py [--repeats 3] [--modes registered,hooks] [--threads 1] [--json]
+
+By default it compares plain SGD with the CNN's **registered** per-sample mode (the one the
+trainer uses, :attr:`common.models.ModelSpec.grad_sample_mode`: ``direct``) and, beside it in
+the same run, Opacus's "hooks" mode; the headline ratio is the registered mode's. torch runs
+single-threaded by default (``--threads 1``), as ``bench/architectures.py`` does: on the small
+shared machine that is both faster and far steadier for these small models.
 
 Every measurement runs in a fresh child process (``multiprocessing`` "spawn"), so that the
 variants do not share allocator state or memory high-water marks. Within a child: load the
@@ -43,6 +49,21 @@ if str(REPO_ROOT) not in sys.path:
 
 DATASET = "medmnist/breastmnist.npz"
 BASELINE = "non-dp"
+MODEL = "cnn"
+REGISTERED = "registered"
+"""Name in ``--modes`` for the model's registered mode (the trainer's default)."""
+
+
+def resolve_modes(modes: list[str]) -> list[str]:
+    """Replace ``registered`` by the CNN's registered mode; drop repeats, keep the order."""
+    from common.models import get_spec
+
+    out: list[str] = []
+    for mode in modes:
+        name = get_spec(MODEL).grad_sample_mode if mode == REGISTERED else mode
+        if name not in out:
+            out.append(name)
+    return out
 
 
 def _proc_status_kib(field: str) -> int:
@@ -72,9 +93,11 @@ def _measure(variant: str, settings: dict[str, Any], queue: Any) -> None:
     with np.load(require_shared_file(DATASET)) as npz:
         images = torch.from_numpy(npz["train_images"]).float().div(255.0).sub(0.5).div(0.5)
         labels = torch.from_numpy(npz["train_labels"]).long().reshape(-1)
-    data = TensorDataset(images.unsqueeze(1), labels)
+    data: Any = TensorDataset(images.unsqueeze(1), labels)
+    if settings.get("images"):
+        data = Subset(data, range(min(settings["images"], len(data))))
     torch.manual_seed(settings["seed"])
-    model = build_model("cnn", image_size=int(images.shape[-1]))
+    model = build_model(MODEL, image_size=int(images.shape[-1]))
     private = variant != BASELINE
     kwargs: dict[str, Any] = dict(
         batch_size=settings["batch_size"],
@@ -166,13 +189,14 @@ def run(settings: dict[str, Any]) -> dict[str, Any]:
     return {
         "benchmark": "dp_overhead",
         "primary_mode": settings["modes"][0],
+        "registered_mode": _registered_mode(),
         "epoch_time_ratio": modes[primary]["epoch_time_ratio"],
         "peak_memory_ratio": modes[primary]["peak_memory_ratio"],
         "peak_rss_ratio": modes[primary]["peak_rss_ratio"],
         "modes": modes,
         "summary": summary,
         "raw": raw,
-        "settings": {**settings, "dataset": DATASET, "model": "cnn", "epochs": 1},
+        "settings": {**settings, "dataset": DATASET, "model": MODEL, "epochs": 1},
         "machine": {
             "platform": platform.platform(),
             "machine": platform.machine(),
@@ -183,6 +207,12 @@ def run(settings: dict[str, Any]) -> dict[str, Any]:
             "the epoch; peak_rss_ratio uses the absolute peak"
         ),
     }
+
+
+def _registered_mode() -> str:
+    from common.models import get_spec
+
+    return get_spec(MODEL).grad_sample_mode
 
 
 def _table(report: dict[str, Any]) -> str:
@@ -200,7 +230,7 @@ def _table(report: dict[str, Any]) -> str:
         )
     st = report["settings"]
     rows.append(
-        f"(medians of {st['repeats']} repeats; BreastMNIST train 546 images 28x28, batch "
+        f"(medians of {st['repeats']} repeats; BreastMNIST train {st.get('images') or 546} images 28x28, batch "
         f"{st['batch_size']}, sigma {st['noise_multiplier']}, C {st['max_grad_norm']}, "
         f"torch threads {report['summary'][BASELINE]['threads']})"
     )
@@ -211,24 +241,30 @@ def main(argv: list[str] | None = None) -> int:
     """Parse arguments, run the benchmark, print the table or one JSON object."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--modes", default="hooks", help="comma-separated Opacus grad_sample modes")
+    parser.add_argument(
+        "--modes", default=f"{REGISTERED},hooks",
+        help="comma-separated per-sample modes, the first is the headline "
+             f"({REGISTERED!r}: the model's registered mode)",
+    )
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--noise-multiplier", type=float, default=1.0)
     parser.add_argument("--max-grad-norm", type=float, default=1.0)
     parser.add_argument("--learning-rate", type=float, default=0.05)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch default)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--images", type=int, default=0, help="train images used (0: all 546)")
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     args = parser.parse_args(argv)
     settings = {
         "repeats": args.repeats,
-        "modes": [m.strip() for m in args.modes.split(",") if m.strip()],
+        "modes": resolve_modes([m.strip() for m in args.modes.split(",") if m.strip()]),
         "batch_size": args.batch_size,
         "noise_multiplier": args.noise_multiplier,
         "max_grad_norm": args.max_grad_norm,
         "learning_rate": args.learning_rate,
         "threads": args.threads,
         "seed": args.seed,
+        "images": args.images,
     }
     report = run(settings)
     if args.json:
