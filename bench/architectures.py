@@ -32,8 +32,10 @@ time is the compute cost and is robust to other jobs sharing the cores), with th
 ratio reported beside it (``epoch_wall_ratio``);
 **peak-memory ratio** = median DP / non-DP increase of the process's peak RSS (``VmHWM``,
 reset through ``/proc/self/clear_refs`` before each call) during a call. ``--timing-only``
-skips the federations and measures only these ratios, for every Opacus mode in ``--modes``,
-on one site of ``--timing-images`` images (repeats interleaved, medians).
+skips the federations and measures only these ratios on one site of ``--timing-images``
+images (repeats interleaved, medians), for the model's registered mode and, in the same run,
+every stock Opacus mode that applies to it (hooks, functorch, ew, ghost; or ``--modes``); each
+row's ``ratios`` puts the registered mode beside the best stock mode (lowest CPU ratio).
 
 torch runs single-threaded by default (``--threads 1``): on the 2-core machine it is both
 faster and far more stable for these small models (see ``bench/RESULTS.md``). Training runs on
@@ -262,7 +264,8 @@ def _timing(s: Settings, model_name: str, data: TensorDataset, shape: tuple[int,
     model = _build(model_name, shape)
     has_dp_loss = callable(getattr(model, "dp_loss", None))
     per_sample = callable(getattr(model, "dp_loss_per_sample", None))
-    modes = s.modes or [get_spec(model_name).grad_sample_mode]
+    registered = get_spec(model_name).grad_sample_mode
+    modes = s.modes or [registered, *(m for m in ALL_MODES if m != registered)]
     # the trainer refuses these modes for a dp_loss model (see client.training.train_dp)
     modes = [m for m in modes
              if not has_dp_loss or m in ("hooks", "functorch", "direct") or (m == "ghost" and per_sample)]
@@ -292,7 +295,19 @@ def _timing(s: Settings, model_name: str, data: TensorDataset, shape: tuple[int,
     }
     base_t, base_c, base_m = med.get("non-dp", (math.nan, math.nan, math.nan))
     dp = {v: x for v, x in med.items() if v != "non-dp"}
+    stock = {v: x for v, x in dp.items() if v.removeprefix("dp-") in ALL_MODES}
+    best = min(stock, key=lambda v: stock[v][1]) if stock else None
     return {
+        "registered_mode": registered,
+        "best_stock_mode": best and best.removeprefix("dp-"),
+        "ratios": {  # the headline figures: registered mode beside Opacus's best stock mode
+            label: None if v not in dp else {
+                "mode": v.removeprefix("dp-"), "epoch_time_ratio": dp[v][1] / base_c,
+                "epoch_wall_ratio": dp[v][0] / base_t,
+                "peak_memory_ratio": dp[v][2] / base_m if base_m > 0 else math.nan,
+            }
+            for label, v in (("registered", f"dp-{registered}"), ("best_stock", best))
+        },
         "epoch_s": {v: x[0] for v, x in med.items()},
         "epoch_cpu_s": {v: x[1] for v, x in med.items()},
         "peak_mib": {v: x[2] for v, x in med.items()},
@@ -380,7 +395,7 @@ def _table(report: dict[str, Any]) -> str:
                 for v, t in r["epoch_time_ratio"].items()
             )
             base = r["epoch_cpu_s"].get("non-dp", math.nan)
-            ratios = f"{base:8.3f}  " + ratios
+            ratios = f"{base:8.3f}  registered {r['registered_mode']}; " + ratios
             lines.append(f"{r['dataset']:15s} {r['model']:22s} {r['parameters']:8d} {ratios}"
                          + (f"  errors: {r['errors']}" if r["errors"] else ""))
         lines.append(f"(one site-epoch of {s['timing_images']} images, batch {s['batch_size']}, "
@@ -428,7 +443,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timing-only", action="store_true", help="only DP/non-DP cost ratios")
-    parser.add_argument("--modes", default="", help="Opacus modes for --timing-only (default: registered)")
+    parser.add_argument("--modes", default="",
+                        help="modes for --timing-only (default: registered + every stock Opacus mode)")
     parser.add_argument("--timing-images", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="", help="cpu or cuda[:N] (default: CUDA when available)")

@@ -21,6 +21,7 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
                           cwd=REPO, timeout=300, check=False)
 
 
+@pytest.mark.slow  # five modes, one child process each way (~50 s on the loaded machine)
 def test_timing_only_reports_ratios_and_the_device(shared_file: Callable[[str], Path]) -> None:
     shared_file("medmnist/breastmnist.npz")
     done = _run("--timing-only", "--models", "cnn", "--datasets", "breastmnist",
@@ -32,6 +33,14 @@ def test_timing_only_reports_ratios_and_the_device(shared_file: Callable[[str], 
     assert row["model"] == "cnn" and row["images"] == 96 and not row["errors"]
     ratio = row["epoch_time_ratio"]["dp-direct"]  # the registered mode
     assert math.isfinite(ratio) and ratio > 0.5
+    # beside it, in the same run, every stock Opacus mode and the best of them
+    assert {"dp-hooks", "dp-functorch", "dp-ew", "dp-ghost"} <= set(row["epoch_time_ratio"])
+    assert row["registered_mode"] == "direct" and row["ratios"]["registered"]["mode"] == "direct"
+    best = row["best_stock_mode"]
+    assert best in ("hooks", "functorch", "ew", "ghost")
+    assert row["ratios"]["best_stock"]["epoch_time_ratio"] == min(
+        row["epoch_time_ratio"][f"dp-{m}"] for m in ("hooks", "functorch", "ew", "ghost"))
+    assert math.isfinite(row["ratios"]["registered"]["peak_memory_ratio"])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
