@@ -216,7 +216,12 @@ def print_report(doc: dict[str, Any]) -> None:
         console.print(f"resumed at {resumed.get('at')} after round {resumed.get('from_round')}",
                       highlight=False)
     final = doc.get("final")
-    if final and task in ("binary", "multiclass"):
+    from server.report_paradigm import paradigm_headline_text
+
+    paradigm_headline = paradigm_headline_text(doc.get("paradigm"))
+    if paradigm_headline is not None:  # the paradigm's result, e.g. an ensemble's
+        console.print(f"[bold]{escape(paradigm_headline)}[/bold]", highlight=False)
+    elif final and task in ("binary", "multiclass"):
         per_site = ", ".join(f"{s['site']} {fmt(s.get(k.AUC))}" for s in final.get("sites", []))
         pooled = final.get("auc_pooled")
         if multiclass:
