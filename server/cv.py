@@ -292,6 +292,7 @@ class FoldOutcome:
     task: str = "binary"
     section: dict[str, Any] | None = None
     secure_heldout: bool = False  # held-out statistics summed under secure aggregation
+    notes: list[str] = field(default_factory=list)  # a paradigm's notes on how it trained
 
     def errors(self, names: Mapping[int, str]) -> list[dict[str, Any]]:
         """Refusals and failures of the fold, named by site where the coordinator knows it."""
@@ -354,6 +355,7 @@ class FoldOutcome:
             "heldout_by_site": hidden or sorted(per_site, key=lambda r: str(r["site"])),
             "errors": self.errors(names),
             "report": str(self.directory / REPORT_JSON),
+            "notes": list(self.notes),
         }
 
 
@@ -716,9 +718,24 @@ class CVResult:
                 "not_covered": _NOT_COVERED.get(plan.task, _NOT_COVERED["binary"]),
             },
             "inference": self._inference(),
+            "paradigm": self._paradigm(),
             "secure_aggregation": self._secure_record(),
             "html": str(self.html) if self.html is not None else None,
         }
+
+    def _paradigm(self) -> dict[str, Any] | None:
+        """The report's paradigm section (:mod:`server.report_paradigm`) for a paradigm other
+        than supervised: its options and the folds' notes (each once, in order)."""
+        from common.paradigms import DEFAULT_PARADIGM, get_paradigm, read_options
+
+        plan = self.config.plan
+        if plan.paradigm == DEFAULT_PARADIGM:
+            return None
+        paradigm = get_paradigm(plan.paradigm)
+        notes = list(dict.fromkeys(n for f in self.folds for n in f.notes))
+        return {"name": paradigm.name, "summary": paradigm.summary,
+                "options": read_options(paradigm, plan.paradigm_options),
+                "notes": notes, "tables": [], "plots": []}
 
     def _secure_record(self) -> dict[str, Any]:
         """What secure aggregation covered in this cross-validation."""

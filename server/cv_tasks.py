@@ -288,6 +288,7 @@ def fold_details(outcome: FoldOutcome, task: str, names: Mapping[int, str]) -> d
         "errors": outcome.errors(names),
         "report": str(outcome.directory / "report.json"),
         "heldout_inference": outcome.section,
+        "notes": list(outcome.notes),
     }
 
 

@@ -148,10 +148,14 @@ def semi_supervised_loss(method: str, consistency_weight: float) -> Any:
 
 
 def _unlabelled(plan: TrainPlan, data: NodeData, like: SplitArrays) -> SplitArrays:
-    """The node's unlabelled training patients (none in cross-validation or without a folder)."""
+    """The node's unlabelled training patients (none without a data folder).
+
+    The same patients in cross-validation, in every fold: they have no label, so no fold
+    holds them out (the folds deal out the labelled patients only,
+    :func:`client.data.folds.cv_splits`)."""
     from client.data.task_data import load_unlabelled
 
-    if plan.cv_mode != "none" or not data.root:
+    if not data.root:
         return SplitArrays(images=like.images[:0], labels=like.labels[:0],
                            patient_index=like.patient_index[:0], num_patients=0)
     return load_unlabelled(data.root, task=plan.task, num_classes=plan.num_classes,

@@ -27,6 +27,12 @@ log): they are not released.
 The coordinator's workflow (:func:`server.paradigms.semi_supervised.run_semi_supervised`)
 runs the rounds under the stage paradigm ``semi-supervised-rounds`` (the same node hook) and
 adds the report's paradigm section.
+
+Cross-validation (``vesalius federation cv --paradigm semi-supervised``): every fold's rounds
+run the same node hook (:func:`server.paradigms.semi_supervised.run_semi_supervised_fold`);
+a node's labelled patients follow its folds (``labelled-fraction`` hides labels among the
+fold's training patients only), its unlabelled patients train in every fold and, having no
+label, are never in a held-out part.
 """
 
 from __future__ import annotations
@@ -86,7 +92,8 @@ SEMI_SUPERVISED = register_paradigm(Paradigm(
     options=options(),
     workflow="server.paradigms.semi_supervised:run_semi_supervised",
     node=NODE_HOOK,
-    cv=False,
+    cv=True,
+    fold="server.paradigms.semi_supervised:run_semi_supervised_fold",
     tasks=TASKS,
     check=check,
 ))

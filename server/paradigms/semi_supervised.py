@@ -10,6 +10,13 @@ example counts (labelled + unlabelled together; their total only, and nothing wh
 aggregation hides the counts). How many of a hospital's patients are labelled, and how many
 pseudo-labels it accepted, are not released by the nodes (a count leaving a node would need
 its release rules), so the report does not show them.
+
+In ``vesalius federation cv`` each fold is :func:`server.cv.run_fold` (plain rounds of the
+plan, whose node step is the paradigm's hook) plus the paradigm's notes
+(:func:`run_semi_supervised_fold`): a node trains on the fold's training patients (labels
+hidden for all but ``labelled-fraction`` of them) and its unlabelled patients, and evaluates on
+the fold's held-out labelled patients only; an unlabelled patient has no label, so it is never
+in a held-out part.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from common.config import RunConfig
 from common.paradigms import get_paradigm, read_options
 from common.paradigms.semi_supervised import SEMI_SUPERVISED, SEMI_SUPERVISED_ROUNDS
 
-__all__ = ["paradigm_section", "run_semi_supervised"]
+__all__ = ["paradigm_section", "run_semi_supervised", "run_semi_supervised_fold"]
 
 
 def _notes(options: dict[str, Any], augment: str) -> list[str]:
@@ -81,3 +88,19 @@ def run_semi_supervised(grid: Any, config: RunConfig, *, on_round: Any = None,
     report.extra["paradigm"] = paradigm_section(report.to_dict(), config)
     report.write(Path(config.out_dir))
     return report
+
+
+def run_semi_supervised_fold(grid: Any, config: RunConfig, outcome: Any, **kwargs: Any) -> Any:
+    """One cross-validation fold (:func:`server.cv.run_fold`'s signature): the fold's rounds
+    under the paradigm's node step, evaluated on the held-out labelled patients; the
+    paradigm's notes go with the fold."""
+    from server.cv import run_fold
+
+    outcome = run_fold(grid, config, outcome, **kwargs)
+    options = read_options(SEMI_SUPERVISED, config.plan.paradigm_options)
+    outcome.notes.extend(_notes(options, config.plan.augment))
+    outcome.notes.append("cross-validation: each hospital's labelled patients follow its "
+                         "folds (held-out ones are never trained on, labelled-fraction hides "
+                         "labels among the fold's training patients); its unlabelled patients "
+                         "train in every fold and are never in a held-out part (no label)")
+    return outcome

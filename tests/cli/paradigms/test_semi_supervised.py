@@ -105,6 +105,3 @@ def test_refusals(demo: Path, tmp_path: Path) -> None:
     assert result.exit_code != 0 and "labelled-fraction must be <= 1" in result.output
     result = _invoke("run", demo, tmp_path / "c", "--augment", "heavy")
     assert result.exit_code != 0 and "heavy" in result.output
-    result = _invoke("cv", demo, tmp_path / "d", "--folds", "2", "--paradigm",
-                     "semi-supervised")
-    assert result.exit_code != 0 and "cannot run as a cross-validation" in result.output

