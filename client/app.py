@@ -337,6 +337,10 @@ def _charge_round(
                 "learning_rate": plan.learning_rate,
                 "model": plan.model,
                 "cv_mode": plan.cv_mode,
+                # the paradigm and its options (e.g. fine-tuning's init-sha256, the hash of
+                # the weights it starts from), so the ledger says what was trained
+                "paradigm": plan.paradigm,
+                "paradigm_options": plan.paradigm_options,
             },
         )
     )
