@@ -54,6 +54,7 @@ _FAMILY_MODULES = (
     "boltzmann",
     "unet",
     "mil",
+    "multi_task",
 )
 """Family modules imported (and so registered) with the package, in listing order."""
 
