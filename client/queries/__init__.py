@@ -13,6 +13,7 @@ from client.queries import (  # noqa: F401  (registration)
     metrics,
     multiclass,
     multilabel,
+    multi_task,
     ordinal,
     paired,
     regression,
