@@ -296,7 +296,12 @@ class RunReport:
                 f"{'none' if eps is None else format(eps, '7.3f')}  "
                 f"{'-' if delta is None else format(delta, '.1e')}"
             )
-        if self.final is not None:
+        from server.report_paradigm import paradigm_headline_text
+
+        headline = paradigm_headline_text(self.extra.get("paradigm"))
+        if headline is not None:
+            lines.append(headline)
+        elif self.final is not None:
             fm = self.final.evaluate_metrics
             if k.AUC_POOLED in fm:
                 lines.append(f"final test AUC (pooled over sites): {fm[k.AUC_POOLED]:.3f}")

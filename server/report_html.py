@@ -199,6 +199,10 @@ def build_html(report: Mapping[str, Any], *, overlays_html: str = "") -> str:
 
         parts.append(paradigm_scope_html(report["paradigm"]))
     task_headline, task_section = _task_parts(report, inf, overlays_html)
+    if isinstance(report.get("paradigm"), Mapping):  # a paradigm's own result, e.g. ensemble
+        from server.report_paradigm import paradigm_headline_html
+
+        task_headline = paradigm_headline_html(report["paradigm"]) or task_headline
     parts.append(_section("result", task_headline if task_headline is not None else
                           tables.safe(lambda: headline_section(report), "headline")))
     if isinstance(report.get("paradigm"), Mapping):

@@ -7,11 +7,18 @@ mapping, and this module shows it the same way on the screen, in ``summary.txt``
     {"name": "transfer", "summary": "...", "options": {"freeze": "trunk"},
      "scope": "what the report's Result and Privacy sections describe, when a paradigm
                runs several models (shown first, above the Result)",
+     "headline": {"metric": "AUC", "value": 0.81, "lower": 0.74, "upper": 0.88,
+                  "method": "delong", "n": 120, "what": "Pooled test AUC of the ensemble",
+                  "source": "how it was computed (one sentence)"},
      "notes": ["one sentence", ...],
      "tables": [{"title": "Transfer vs scratch at the same ε",
                  "columns": ["model", "test AUC", "ε"], "rows": [["scratch", 0.71, 7.99]]}],
      "plots": [{"title": "validation AUC per round", "x_label": "round", "y_label": "AUC",
                 "x": [1, 2, 3], "series": {"scratch": [0.6, 0.7, 0.71]}}]}
+
+``headline`` (optional) replaces the one-model headline of the Result (on the screen, in
+``summary.txt`` and in ``report.html``) when the run's result is not one model's: an
+ensemble leads with the ensemble's pooled AUC, not its member 0's.
 
 Every text is escaped; numbers are formatted with 3 decimals. Nothing here may hold a
 per-patient value: only what the nodes released (sums, counts, DP models) and what the
@@ -25,7 +32,8 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
-__all__ = ["paradigm_lines", "paradigm_scope_html", "paradigm_section_html"]
+__all__ = ["paradigm_headline", "paradigm_headline_html", "paradigm_headline_text",
+           "paradigm_lines", "paradigm_scope_html", "paradigm_section_html"]
 
 
 def _cell(value: Any) -> str:
@@ -121,3 +129,41 @@ def paradigm_scope_html(section: Any) -> str:
         return ""
     return (f'<p class="warn"><b>{html.escape(str(section.get("name", "")))}:</b> '
             f"{html.escape(str(section['scope']))} See the Learning paradigm section.</p>")
+
+
+def paradigm_headline(section: Any) -> Mapping[str, Any] | None:
+    """The paradigm's own headline (a finite ``value``), or None: the one-model headline."""
+    head = section.get("headline") if isinstance(section, Mapping) else None
+    if not isinstance(head, Mapping):
+        return None
+    value = head.get("value")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return head
+
+
+def paradigm_headline_text(section: Any) -> str | None:
+    """One plain line: ``<what>: 0.812 (95% CI 0.741-0.883) on 120 test patients``."""
+    head = paradigm_headline(section)
+    if head is None:
+        return None
+    what = str(head.get("what") or f"Pooled test {head.get('metric', 'value')}")
+    lower, upper = head.get("lower"), head.get("upper")
+    ci = ""
+    if isinstance(lower, (int, float)) and isinstance(upper, (int, float)):
+        method = " DeLong" if head.get("method") == "delong" else ""
+        ci = f" (95%{method} CI {_cell(float(lower))}-{_cell(float(upper))})"
+    n = head.get("n")
+    return (f"{what}: {_cell(float(head['value']))}{ci}"
+            + (f" on {n} test patients" if n else ""))
+
+
+def paradigm_headline_html(section: Any) -> str | None:
+    """The Result's headline paragraph and its source sentence, or None."""
+    text = paradigm_headline_text(section)
+    if text is None:
+        return None
+    head = paradigm_headline(section) or {}
+    source = (f"<p>How it was computed: {html.escape(str(head['source']))}</p>"
+              if head.get("source") else "")
+    return f'<p class="headline"><strong>{html.escape(text)}</strong>.</p>{source}'

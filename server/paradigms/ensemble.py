@@ -15,7 +15,8 @@ Phases:
    error-detection AUROC of each uncertainty, into ``report.extra["paradigm"]``.
 
 The run's report keeps member 0's rounds, sites, final evaluation and inference (the single
-model's); its paradigm section adds the comparison, the members and each hospital's ε over
+model's), but its Result headline is the ensemble's pooled test AUC (the paradigm section's
+``headline``); its paradigm section adds the comparison, the members and each hospital's ε over
 all members.
 """
 
@@ -225,10 +226,12 @@ def _section(grid: Grid, node_ids: list[int], config: RunConfig, options: dict[s
     section: dict[str, Any] = {
         "name": "ensemble", "summary": get_paradigm("ensemble").summary,
         "options": dict(options),
-        "scope": (f"the Result and Privacy sections are member 0's alone (one of {m} "
-                  f"members, trained at ε = {eps_member:.3f}); the ensemble's own test "
-                  "metrics and each hospital's ε over all members (its ledger total) are "
-                  "in the tables of the Learning paradigm section."),
+        "scope": (f"the Result's headline is the ensemble's pooled test AUC ({m} members, "
+                  f"combine={combine}); the Privacy, Training and Performance sections are "
+                  f"member 0's alone (one of {m} members, trained at ε = {eps_member:.3f}). "
+                  "The single member's figures, the ensemble's other test metrics and each "
+                  "hospital's ε over all members (its ledger total) are in the tables of the "
+                  "Learning paradigm section."),
         "notes": [
             f"{m} members; each member's target ε = ε / {m} = {eps_member:.3f} "
             f"(run ε {config.plan.target_epsilon:g}): every hospital's total over the members "
@@ -297,5 +300,20 @@ def _section(grid: Grid, node_ids: list[int], config: RunConfig, options: dict[s
                    r["test_auc"], r["weight"]] for r in section["members"]]},
         {"title": "ε per hospital (all members)", "columns": columns, "rows": eps_rows},
     ]
+    section["headline"] = _headline(test, m, combine)
     section.update(status="completed", reason="")
     return section
+
+
+def _headline(test: dict[str, Any], members: int, combine: str) -> dict[str, Any]:
+    """The Result's headline: the ensemble's pooled test AUC with its DeLong interval."""
+    est = st.auc_estimate(test["variant"][1])
+    return {"metric": "AUC", **est,
+            "what": f"Pooled test AUC of the ensemble ({members} members, {combine})",
+            "source": ("every hospital scored its own test patients with every member, "
+                       "combined the members' probabilities and released only per-class "
+                       f"counts of the ensemble's scores on {SCORE_BINS:,} fixed bins; the "
+                       "counts were added over hospitals and the AUC computed from the sum, "
+                       "with DeLong's interval on the binned scores (placement values follow "
+                       "from the pooled counts)."),
+            "sites": len(test["sites"])}

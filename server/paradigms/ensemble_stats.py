@@ -4,7 +4,10 @@ Everything here reads counts summed over hospitals, never a patient's value. Sco
 known to their bin of ``B`` equal bins on [0, 1], uncertainties to theirs on ``U`` bins:
 
 * AUC: Mann-Whitney from the class histograms (:func:`common.stats.histogram.
-  auc_from_histograms`; ties within a bin count one half).
+  auc_from_histograms`; ties within a bin count one half). Its DeLong interval
+  (:func:`auc_estimate`) needs no second round: on binned scores a patient's placement value
+  depends only on its bin and the pooled histograms, so the placement variances are sums over
+  bins.
 * ECE: ``calibration_bins`` equal bins, each bin's mean score taken at its fine bins'
   centres (error at most half a fine bin), ``sum_b n_b/n |positives_b/n_b - mean score_b|``.
 * Error-detection AUROC: the AUC of the uncertainty histogram of the misclassified patients
@@ -25,10 +28,11 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from common.stats.auc import auc_ci
 from common.stats.conformal import conformal_quantile, coverage_summary
 from common.stats.histogram import auc_from_histograms
 
-__all__ = ["accuracy", "auc", "conformal_qhat", "coverage", "ece", "error_auroc",
+__all__ = ["accuracy", "auc", "auc_estimate", "conformal_qhat", "coverage", "ece", "error_auroc",
            "member_weights"]
 
 EPS_EDGE = 1e-9
@@ -43,6 +47,29 @@ def auc(class_hist: npt.ArrayLike) -> float:
     """Pooled AUC from a ``(2, B)`` histogram (positives, negatives)."""
     pos, neg = _hist(class_hist)
     return auc_from_histograms(pos, neg)
+
+
+def auc_estimate(class_hist: npt.ArrayLike, *, alpha: float = 0.05) -> dict[str, Any]:
+    """Pooled AUC with its DeLong interval on the binned scores of a ``(2, B)`` histogram.
+
+    Returns ``{"value", "lower", "upper", "se", "n", "method": "delong"}`` (None where
+    undefined: a class with fewer than two patients).
+    """
+    pos, neg = _hist(class_hist)
+    m, n = pos.sum(), neg.sum()
+    if m < 2 or n < 2:
+        return {"value": auc(class_hist) if m and n else None, "lower": None, "upper": None,
+                "se": None, "n": int(m + n), "method": "delong"}
+    neg_below = np.cumsum(neg) - neg
+    pos_above = m - np.cumsum(pos)
+    v10 = (neg_below + 0.5 * neg) / n  # a positive's placement among the negatives
+    v01 = (pos_above + 0.5 * pos) / m  # a negative's placement among the positives
+    value = float(np.sum(pos * v10) / m)
+    s10 = float(np.sum(pos * (v10 - value) ** 2) / (m - 1))
+    s01 = float(np.sum(neg * (v01 - value) ** 2) / (n - 1))
+    est = auc_ci(value, s10 / m + s01 / n, n=int(m + n), alpha=alpha)
+    return {"value": est.value, "lower": est.lower, "upper": est.upper, "se": est.se,
+            "n": int(m + n), "method": "delong"}
 
 
 def accuracy(class_hist: npt.ArrayLike) -> float:

@@ -8,7 +8,7 @@ from pathlib import Path
 from common.config import RunConfig, TrainPlan
 from server.report import RunReport
 from server.report_html import write_report_html
-from server.report_paradigm import paradigm_lines
+from server.report_paradigm import paradigm_headline_text, paradigm_lines
 
 SECTION = {
     "name": "transfer", "summary": "pretrained encoder, fine-tuned",
@@ -48,3 +48,28 @@ def test_summary_and_html_carry_the_section(tmp_path: Path) -> None:
     # the scope note comes first, above the Result, escaped
     assert text.index('class="warn"') < text.index('id="result"')
     assert "&amp; the Privacy" in text
+
+
+def test_a_paradigm_headline_replaces_the_one_model_headline(tmp_path: Path) -> None:
+    # Prepare: an ensemble's section with its own pooled AUC
+    head = {"metric": "AUC", "value": 0.8123, "lower": 0.75, "upper": 0.87, "n": 120,
+            "method": "delong", "what": "Pooled test AUC of the ensemble (3 members, average)",
+            "source": "summed <bins>"}
+    report = RunReport(config=RunConfig(plan=TrainPlan(num_rounds=1), out_dir=str(tmp_path)))
+    report.extra["paradigm"] = {**SECTION, "name": "ensemble", "headline": head}
+    # Execute
+    report.write(tmp_path)
+    doc = json.loads((tmp_path / "report.json").read_text())
+    page = write_report_html(doc, tmp_path / "report.html")
+    # Assert: summary.txt, report.json and the page lead with the ensemble's figure
+    line = "Pooled test AUC of the ensemble (3 members, average): 0.812 (95% DeLong CI " \
+           "0.750-0.870) on 120 test patients"
+    assert line in (tmp_path / "summary.txt").read_text().splitlines()
+    assert doc["paradigm"]["headline"]["value"] == 0.8123
+    assert page is not None
+    text = page.read_text()
+    result = text[text.index('id="result"'):text.index('id="paradigm"')]
+    assert "0.812" in result and "summed &lt;bins&gt;" in result
+    assert "No pooled AUC is available" not in result
+    # a headline without a finite value is ignored: the one-model headline stays
+    assert paradigm_headline_text({"headline": {"value": None}}) is None

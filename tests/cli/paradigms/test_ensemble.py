@@ -97,6 +97,19 @@ def test_an_ensemble_trains_its_members_and_reports_single_vs_ensemble(
     titles = [t["title"] for t in section["tables"]]
     assert titles[0].startswith("Single member vs ensemble") and len(section["tables"][0]["rows"]) == 2
     assert "Single member vs ensemble" in " ".join(result.output.split())
+    # Assert: the Result headline is the ensemble's pooled AUC (report.json, summary.txt,
+    # report.html and the screen), not member 0's
+    head = section["headline"]
+    assert head["value"] == pytest.approx(comp["rows"][1]["auc"], abs=1e-12)
+    assert head["lower"] <= head["value"] <= head["upper"]
+    line = f"Pooled test AUC of the ensemble (2 members, {section['options']['combine']}): " \
+           f"{head['value']:.3f}"
+    assert any(x.startswith(line) for x in (out / "summary.txt").read_text().splitlines())
+    assert "final test AUC" not in (out / "summary.txt").read_text()
+    assert line in " ".join(result.output.split())
+    assert "Final test AUC pooled over hospitals" not in result.output
+    html = (out / "report.html").read_text()
+    assert line in html[html.index('id="result"'):html.index('id="paradigm"')]
     # Assert: every hospital's ledger holds each member's training and the ensemble's queries,
     # and its total ε over the members is the table's and within the run's ε
     eps_rows = {row[0]: row for row in section["epsilon_per_hospital"]["rows"]}

@@ -68,6 +68,22 @@ def test_pooled_auc_accuracy_and_ece_equal_sklearn_on_the_pooled_patients(pooled
         assert st.auc(h[MEMBER_HIST][i]) == pytest.approx(roc_auc_score(y, p[i]), abs=2e-3)
 
 
+def test_the_headline_interval_is_delong_on_the_pooled_binned_scores(pooled) -> None:
+    from common.stats.auc import local_delong
+
+    # Prepare: the ensemble's pooled scores, binned as the hospitals bin them
+    h, y, p, w = pooled["h"], pooled["y"], pooled["p"], pooled["w"]
+    ens = w @ p
+    # Execute
+    est = st.auc_estimate(h[VARIANT_HIST][1])
+    # Assert: the statistics library's DeLong on the pooled patients, on the same bins
+    ref = local_delong(ens, y, edges=np.linspace(0.0, 1.0, BINS + 1))
+    assert est["value"] == pytest.approx(ref.auc, abs=1e-12)
+    assert est["se"] == pytest.approx(math.sqrt(ref.var), rel=1e-9)
+    assert est["lower"] < est["value"] < est["upper"] and est["n"] == len(y)
+    assert st.auc_estimate(np.array([[1, 0], [0, 5]]))["lower"] is None
+
+
 def test_error_detection_auroc_equals_sklearn_on_the_pooled_uncertainties(pooled) -> None:
     h, y, p, w, mc = pooled["h"], pooled["y"], pooled["p"], pooled["w"], pooled["mc"]
     ens = w @ p
