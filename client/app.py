@@ -347,6 +347,22 @@ def _charge_round(
     return after
 
 
+def _refuse_without_heldout(plan: TrainPlan, data: NodeData) -> None:
+    """Refuse to train, before any spend, a hospital too small for its held-out splits.
+
+    Without cross-validation the run evaluates every node's validation and test splits; a node
+    with an empty one would fail each evaluation, so it refuses the plan at once (the
+    coordinator excludes it for the rest of the run, named by its site).
+    """
+    if plan.cv_mode == "none" and min(data.val.num_patients, data.test.num_patients) == 0:
+        total = data.train.num_patients + data.val.num_patients + data.test.num_patients
+        raise BudgetExceededError(
+            f"val/test splits of {data.val.num_patients}/{data.test.num_patients} patients",
+            safe_reason=f"refused: {total} patient(s) are too few for a validation and a test "
+            f"split (validation {data.val.num_patients}, test {data.test.num_patients})",
+        )
+
+
 def handle_train(msg: Message, context: Context, node: NodeConfig) -> Message:
     """Train on the node's data with DP-SGD; see module docstring."""
     config = _config(msg)
@@ -354,6 +370,7 @@ def handle_train(msg: Message, context: Context, node: NodeConfig) -> Message:
     server_round = int(cast(int, config.get(k.SERVER_ROUND, 1)))
     device = _device(node)
     data = _load(node, plan)
+    _refuse_without_heldout(plan, data)
     train_split = training_split(node, plan, data)
     arrays = _arrays(msg)
     budget = NodeBudget.for_node(node) if plan.private else None
