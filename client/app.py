@@ -200,6 +200,10 @@ def build_plan_model(plan: TrainPlan) -> torch.nn.Module:
 
 
 def _model(plan: TrainPlan, arrays: ArrayRecord) -> torch.nn.Module:
+    if plan.paradigm == "ensemble-stacker":  # frozen members + head (client.paradigms.ensemble)
+        from client.paradigms.ensemble import stacker_model
+
+        return stacker_model(plan, arrays)
     model = build_plan_model(plan)
     try:
         model.load_state_dict(arrays.to_torch_state_dict())
