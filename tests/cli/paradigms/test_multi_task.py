@@ -44,8 +44,8 @@ def multi_task_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]
 @pytest.mark.parametrize(("args", "words"), [
     (["--task", "segmentation", "--model", "unet"], "one trunk and several heads"),
     (["--task", "binary", "--model", "cnn"], "serves the tasks segmentation"),
-    (["--task", "segmentation", "--model", "multi-task-unet", "-P", "presence-weight=0"],
-     "trains one head only"),
+    (["--task", "segmentation", "--model", "multi-task-unet", "-P", "presence-weight=0",
+      "-P", "segmentation-weight=0"], "nothing would be learned"),
 ])
 def test_multi_task_refuses_a_plan_it_cannot_train(args: list[str], words: str,
                                                    tmp_path: Path) -> None:
