@@ -24,7 +24,11 @@ What the engine does differently, per layer that owns trainable parameters:
   the fastest method does not) and remembers the fastest (:data:`_CONV_METHOD`; the three
   are equal to rounding, which the tests check).
 * **Linear** and **GroupNorm**: closed forms (an outer product; per-channel sums of
-  ``x_hat * grad``).
+  ``x_hat * grad``). Under :func:`make_private_direct` linear layers (also Opacus's
+  ``RNNLinear`` cells of ``DPLSTM``/``DPGRU``, their time steps as a tied layer's uses) are
+  instead clipped by **ghost norms** (:mod:`client.training.ghost`): per-sample norms from the
+  inputs and output gradients, the clipped sum as one weighted matrix product, no
+  ``[n, out, in]`` tensor; the optimiser adds their squared norms to the buffer's.
 * **No batch weight gradients**: while a convolution or linear layer whose *input* already
   requires a gradient runs forward, its parameters are taken out of autograd
   (``requires_grad = False``), so autograd only propagates to the inputs; :meth:`DirectPerSampleGradients.restore` puts them back and
@@ -65,6 +69,7 @@ from typing import Any, cast
 
 import torch
 from opacus.data_loader import DPDataLoader
+from opacus.layers.dp_rnn import RNNLinear
 from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer import (
     _check_processed_flag,
@@ -79,6 +84,8 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
 from common.errors import ConfigError
+
+from .ghost import GhostLinear, ghost_record
 
 __all__ = [
     "SUPPORTED_LAYERS",
@@ -95,8 +102,10 @@ __all__ = [
 ]
 
 _CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (*_CONV_TYPES, nn.Linear, nn.GroupNorm)
-"""Exact layer types (not subclasses, which may change the forward) the engine handles."""
+_LINEAR_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, RNNLinear)
+SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (*_CONV_TYPES, *_LINEAR_TYPES, nn.GroupNorm)
+"""Exact layer types (not subclasses, which may change the forward) the engine handles
+(Opacus's ``RNNLinear``, the cells of ``DPLSTM``/``DPGRU``, is ``nn.Linear``'s forward)."""
 
 GradSamples = dict[nn.Parameter, torch.Tensor]
 
@@ -129,6 +138,8 @@ def unsupported_layers(model: nn.Module) -> list[str]:
     symmetric zero padding, and BatchNorm in training mode (with or without parameters)."""
     out = []
     for name, module in model.named_modules():
+        if type(module) not in SUPPORTED_LAYERS and _only_aliases(model, module):
+            continue  # e.g. DPLSTM's weight_ih_l0, its cell's parameter under a second name
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
             # Opacus's validator lets a BatchNorm without parameters through, but it still
             # normalises each sample with its batch peers' statistics.
@@ -141,6 +152,18 @@ def unsupported_layers(model: nn.Module) -> list[str]:
         elif isinstance(module, _CONV_TYPES) and _conv_padding(module) is None:
             out.append(f"{name}: {type(module).__name__} with non-zero or asymmetric padding")
     return out
+
+
+def _supported_params(model: nn.Module) -> set[int]:
+    """Ids of the parameters owned by modules of :data:`SUPPORTED_LAYERS`."""
+    return {id(p) for m in model.modules() if type(m) in SUPPORTED_LAYERS
+            for p in m.parameters(recurse=False)}
+
+
+def _only_aliases(model: nn.Module, module: nn.Module) -> bool:
+    """True if every trainable parameter ``module`` owns is a supported layer's (an alias)."""
+    own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+    return bool(own) and all(id(p) in _supported_params(model) for p in own)
 
 
 def _is_pointwise(layer: Any, padding: tuple[int, ...]) -> bool:
@@ -357,7 +380,7 @@ def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
 def _sampler(module: nn.Module) -> SamplerFn:
     if isinstance(module, _CONV_TYPES):
         return conv_grad_sample
-    if isinstance(module, nn.Linear):
+    if isinstance(module, _LINEAR_TYPES):
         return linear_grad_sample
     return group_norm_grad_sample
 
@@ -376,6 +399,13 @@ class DirectPerSampleGradients:
         loss) the per-sample gradients are ``n`` times what back-propagation gives, and the
         engine scales them; a "sum" loss gives them as they are, which saves that scaling (one
         operation per layer).
+    ghost_linear : bool, optional
+        Clip linear layers (``nn.Linear``, Opacus's ``RNNLinear``) by ghost norms
+        (:mod:`client.training.ghost`): their ``p.grad_sample`` is then not the per-sample
+        gradients but an ``[n]`` tensor of their squared norms that carries the layer's
+        :class:`~client.training.ghost.GhostLinear` (read by :class:`DirectDPOptimizer`, which
+        forms the clipped sums from it), set by :meth:`restore`. A layer whose parameter is
+        also another module's (tied by parameter, not by module) is not ghost-clipped.
 
     Raises
     ------
@@ -389,7 +419,7 @@ class DirectPerSampleGradients:
     and :meth:`close` when training ends.
     """
 
-    def __init__(self, model: nn.Module, loss_reduction: str = "mean") -> None:
+    def __init__(self, model: nn.Module, loss_reduction: str = "mean", ghost_linear: bool = False) -> None:
         if loss_reduction not in ("mean", "sum"):
             raise ConfigError(f"loss_reduction must be 'mean' or 'sum', not {loss_reduction!r}")
         self._mean = loss_reduction == "mean"
@@ -411,22 +441,77 @@ class DirectPerSampleGradients:
         self._columns: dict[int, tuple[int, torch.Size, tuple[int, ...]]] = {}
         self._params: list[nn.Parameter] = []
         self._width = 0
+        layers = [m for m in model.modules() if type(m) in SUPPORTED_LAYERS
+                  and any(p.requires_grad for p in m.parameters(recurse=False))]
+        self._ghost_layers = _ghost_layers(layers) if ghost_linear else set()
+        ghost_params = {id(p) for m in layers if id(m) in self._ghost_layers
+                        for p in m.parameters(recurse=False)}
+        # id(module) -> (module, trainable, [(x [n, T, in], g [n, T, out]) per use]) this pass
+        self._ghost_uses: dict[int, tuple[nn.Module, list[nn.Parameter], list[tuple[torch.Tensor, torch.Tensor]]]] = {}
+        self._ghost_params: list[nn.Parameter] = []
         for p in model.parameters():
+            if p.requires_grad and id(p) in ghost_params:
+                if all(q is not p for q in self._ghost_params):
+                    self._ghost_params.append(p)
+                continue
             if p.requires_grad and id(p) not in self._columns:
                 self._columns[id(p)] = (self._width, p.shape, _contiguous_strides(p.shape))
                 self._params.append(p)
                 self._width += p.numel()
         self._storage: torch.Tensor | None = None
         self._rows: int | None = None  # this pass's batch size, once a layer has written
-        for module in model.modules():
+        for module in layers:
             trainable = [p for p in module.parameters(recurse=False) if p.requires_grad]
-            if not trainable:
-                continue
             if not isinstance(module, nn.GroupNorm):  # GroupNorm's fused backward is cheap
                 self._handles.append(module.register_forward_pre_hook(self._pre_hook(trainable)))
-            self._handles.append(
-                module.register_forward_hook(self._forward_hook(_sampler(module), trainable))
-            )
+            hook = (self._ghost_hook(trainable) if id(module) in self._ghost_layers
+                    else self._forward_hook(_sampler(module), trainable))
+            self._handles.append(module.register_forward_hook(hook))
+
+    def _ghost_hook(self, trainable: list[nn.Parameter]) -> Callable[..., None]:
+        """Forward hook of a ghost-clipped linear layer: keep each use's input and output
+        gradient (per-sample terms) for :meth:`restore`."""
+
+        def hook(module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+            if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor)
+                    and output.requires_grad):
+                return
+            x = inputs[0].detach()
+            version = x._version
+
+            def backward_hook(grad: torch.Tensor) -> None:
+                if x._version != version:
+                    raise RuntimeError(
+                        f"the input of {type(module).__name__} was modified in place after the "
+                        "forward pass; per-sample gradients would be wrong"
+                    )
+                if any(getattr(p, "grad_sample", None) is not None for p in trainable):
+                    raise RuntimeError(
+                        "per-sample gradients of an earlier backward pass were not used: "
+                        "call optimizer.step() and zero_grad() after every backward pass "
+                        "(gradient accumulation is not supported with Poisson sampling)"
+                    )
+                n = x.shape[0]
+                g = grad * n if self._mean else grad
+                use = (_rows_of(x), _rows_of(g))
+                self._ghost_uses.setdefault(id(module), (module, trainable, []))[2].append(use)
+
+            output.register_hook(backward_hook)
+        return hook
+
+    def _finish_ghosts(self, rows: int | None) -> None:
+        """Turn this pass's kept uses into ``p.grad_sample`` squared-norm tensors."""
+        for module, trainable, uses in self._ghost_uses.values():
+            x = uses[0][0] if len(uses) == 1 else torch.cat([u[0] for u in uses], 1)
+            g = uses[0][1] if len(uses) == 1 else torch.cat([u[1] for u in uses], 1)
+            if rows is not None:
+                x, g = x[:rows], g[:rows]
+            record = GhostLinear(cast(nn.Linear, module), x, g)
+            for p in trainable:
+                sq = record.squared_norms(p).clone()  # its own tensor: Opacus marks it processed
+                sq._ghost_linear = record  # type: ignore[attr-defined]
+                p.grad_sample = sq  # type: ignore[attr-defined]
+        self._ghost_uses.clear()
 
     def _pre_hook(self, trainable: list[nn.Parameter]) -> Callable[..., None]:
         def hook(_module: nn.Module, inputs: tuple[Any, ...]) -> None:
@@ -549,6 +634,7 @@ class DirectPerSampleGradients:
         for p in self._frozen.values():
             p.requires_grad_(True)
         self._frozen.clear()
+        self._finish_ghosts(rows)
         if rows is not None:
             for p in self._params:
                 if id(p) in self._written and p.grad_sample.shape[0] > rows:  # type: ignore[attr-defined]
@@ -558,11 +644,28 @@ class DirectPerSampleGradients:
 
     def close(self) -> None:
         """Remove the hooks (and restore any parameter still taken out of autograd)."""
+        self._ghost_uses.clear()
         self.restore()
         self._storage = None
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+
+def _rows_of(t: torch.Tensor) -> torch.Tensor:
+    """``[n, T, features]`` view of a linear layer's ``[n, features]`` or ``[n, ..., features]``
+    input or output (also for ``n = 0``)."""
+    return t.unsqueeze(1) if t.dim() == 2 else t.flatten(1, -2)
+
+
+def _ghost_layers(layers: list[nn.Module]) -> set[int]:
+    """Ids of the linear layers to ghost-clip: those whose parameters no other module owns."""
+    owners: dict[int, set[int]] = {}
+    for m in layers:
+        for p in m.parameters(recurse=False):
+            owners.setdefault(id(p), set()).add(id(m))
+    return {id(m) for m in layers if isinstance(m, _LINEAR_TYPES)
+            and all(len(owners[id(p)]) == 1 for p in m.parameters(recurse=False))}
 
 
 def _shared_buffer(params: list[nn.Parameter]) -> torch.Tensor | None:
@@ -615,6 +718,9 @@ class DirectDPOptimizer(DPOptimizer):
         params = self.params
         for p in params:  # Opacus's guard against clipping the same samples twice
             _check_processed_flag(p.grad_sample)  # type: ignore[attr-defined]
+        if any(ghost_record(p.grad_sample) is not None for p in params):  # type: ignore[attr-defined]
+            self._clip_with_ghosts(params)
+            return
         buffer = _shared_buffer(params)
         if buffer is not None:
             self._clip_buffer(params, buffer)
@@ -631,6 +737,58 @@ class DirectDPOptimizer(DPOptimizer):
             grad = (factor @ f).view(p.shape)
             p.summed_grad = grad if p.summed_grad is None else p.summed_grad + grad  # type: ignore[attr-defined]
             _mark_as_processed(p.grad_sample)  # type: ignore[attr-defined]
+
+    def _clip_with_ghosts(self, params: list[nn.Parameter]) -> None:
+        """The same clipping when some parameters are ghost-clipped linear layers'.
+
+        The squared per-sample norms add up over the engine's buffer (or the other
+        parameters' per-sample gradients) and the ghost layers' records; the clipped sums go
+        into one vector, the buffer's part as one product, each ghost parameter's as one
+        factor-weighted matrix product (:meth:`~client.training.ghost.GhostLinear.clipped_sum`).
+        """
+        ghosts = [p for p in params if ghost_record(p.grad_sample) is not None]  # type: ignore[attr-defined]
+        regular = [p for p in params if ghost_record(p.grad_sample) is None]  # type: ignore[attr-defined]
+        first = ghosts[0].grad_sample  # type: ignore[attr-defined]
+        sq = torch.zeros_like(first)
+        buffer = _shared_buffer(regular)
+        flats: list[torch.Tensor] = []
+        if buffer is not None:
+            sq += buffer.square().sum(1)
+        else:
+            flats = [self._get_flat_grad_sample(p).to(p.dtype).reshape(first.shape[0], p.numel()) for p in regular]
+            for f in flats:
+                sq += f.square().sum(1).to(sq.dtype)
+        for p in ghosts:
+            sq += p.grad_sample  # type: ignore[attr-defined]
+        factor = (self.max_grad_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
+        summed = first.new_empty(sum(p.numel() for p in params))
+        fresh = all(p.summed_grad is None for p in params)  # type: ignore[attr-defined]
+        views: dict[int, torch.Tensor] = {}
+        offset = 0
+        if buffer is not None:  # the buffer's columns, in their order, then the ghosts'
+            width = buffer.shape[1]
+            torch.mv(buffer.t(), factor.to(buffer.dtype), out=summed[:width])
+            origin = buffer.storage_offset()
+            for p in regular:
+                start = p.grad_sample.storage_offset() - origin  # type: ignore[attr-defined]
+                views[id(p)] = summed[start:start + p.numel()].view(p.shape)
+            offset = width
+        else:
+            for p, f in zip(regular, flats, strict=True):
+                view = summed[offset:offset + p.numel()]
+                torch.mv(f.t(), factor.to(f.dtype), out=view)
+                views[id(p)] = view.view(p.shape)
+                offset += p.numel()
+        for p in ghosts:
+            view = summed[offset:offset + p.numel()].view(p.shape)
+            ghost_record(p.grad_sample).clipped_sum(p, factor, view)  # type: ignore[attr-defined,union-attr]
+            views[id(p)] = view
+            offset += p.numel()
+        for p in params:
+            grad = views[id(p)]
+            p.summed_grad = grad if p.summed_grad is None else p.summed_grad + grad  # type: ignore[attr-defined]
+            _mark_as_processed(p.grad_sample)  # type: ignore[attr-defined]
+        self._flat_summed = summed if fresh else None
 
     def _clip_buffer(self, params: list[nn.Parameter], buffer: torch.Tensor) -> None:
         """The same clipping on the engine's ``[n, total]`` buffer: one norm, one product."""
@@ -704,6 +862,7 @@ def make_private_direct(
     max_grad_norm: float,
     noise_generator: torch.Generator | None,
     loss_reduction: str = "mean",
+    ghost_linear: bool = True,
 ) -> tuple[DirectPerSampleGradients, DirectDPOptimizer, DPDataLoader]:
     """Opacus's ``make_private`` (Poisson sampling, flat clipping, averaged gradients) for
     "direct" mode.
@@ -716,7 +875,8 @@ def make_private_direct(
     a layer that mixes samples (BatchNorm, even without parameters) is refused.
     ``loss_reduction`` is the reduction of the loss the caller back-propagates (see
     :class:`DirectPerSampleGradients`); the optimiser averages over the expected batch size
-    either way, as Opacus's does for a mean loss.
+    either way, as Opacus's does for a mean loss. ``ghost_linear`` (default on) clips the
+    linear layers by ghost norms (see :class:`DirectPerSampleGradients`).
 
     Raises
     ------
@@ -731,7 +891,7 @@ def make_private_direct(
     if any(id(p) not in module_params for group in optimizer.param_groups for p in group["params"]):
         raise ConfigError("the optimizer's parameters are not the module's parameters")
     ModuleValidator.validate(module, strict=True)
-    per_sample = DirectPerSampleGradients(module, loss_reduction=loss_reduction)
+    per_sample = DirectPerSampleGradients(module, loss_reduction=loss_reduction, ghost_linear=ghost_linear)
     dp_loader = DPDataLoader.from_data_loader(data_loader)
     sample_rate = 1 / len(dp_loader)
     expected_batch_size = int(len(cast(Sized, data_loader.dataset)) * sample_rate)

@@ -230,10 +230,10 @@ def build_autoencoder(
 
 _TASKS = ("classification", "reconstruction", "pretraining")
 
-# Ghost clipping (through dp_loss_per_sample) avoids materialising per-sample gradients of
-# the two wide Linear layers: DP/non-DP epoch CPU time 3.2x vs 25.6x with hooks (plain) and
-# 2.9x vs 22.8x (denoising); PneumoniaMNIST, 1024 images, batch 64, bench/architectures.py.
-_MODE = "ghost"
+# The direct engine clips the Linear layers by ghost norms (client.training.ghost): no
+# per-sample gradients materialised, no Opacus wrapper (bench/architectures.py --timing-only
+# puts it beside Opacus's "ghost", the best stock mode, in the same run).
+_MODE = "direct"
 
 register_model(
     "autoencoder",

@@ -55,10 +55,10 @@ class MLP(nn.Module):
     spatial_dims=(2, 3),
     tasks=("classification",),
     description="DNN: flattened pixels -> 128 -> 64 -> logits (ReLU); 2D or 3D",
-    # Ghost clipping (per-sample gradient norms without materialising per-sample gradients)
-    # pays off for wide Linear layers: DP/non-DP epoch time ~3x vs ~14x with hooks
-    # (bench/architectures.py --timing-only, PneumoniaMNIST, batch 64).
-    grad_sample_mode="ghost",
+    # The direct engine's ghost norms for Linear layers (client.training.ghost): 1.9x DP/non-DP
+    # epoch CPU time beside 2.5x for Opacus "ghost" in the same run (bench/architectures.py
+    # --timing-only, PneumoniaMNIST, batch 64, loaded machine).
+    grad_sample_mode="direct",
 )
 def build_mlp(*, in_channels: int, num_classes: int, image_size: int, spatial_dims: int) -> nn.Module:
     """Build :class:`MLP` for ``[B, in_channels, *([image_size] * spatial_dims)]`` inputs."""

@@ -1,0 +1,188 @@
+"""Ghost-norm clipping of linear layers in the direct engine equals Opacus's per-sample norms
+and clipped sums (plain, sequence, tied and recurrent layers; padded and empty batches;
+float64), and the models registered for it train like Opacus's modes."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from opacus.grad_sample import GradSampleModule
+from opacus.optimizers import DPOptimizer
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from client.training.ghost import ghost_record
+from client.training.per_sample import DirectDPOptimizer, DirectPerSampleGradients, unsupported_layers
+from client.training.trainer import train_dp
+from common.models.registry import build_model, get_spec
+
+CLIP = 0.5
+
+
+def _reference(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str = "mean"
+               ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Opacus: per-parameter squared per-sample norms and the clipped sums (no noise)."""
+    ref = GradSampleModule(copy.deepcopy(model), loss_reduction=loss)
+    nn.functional.cross_entropy(ref(x), y, reduction=loss).backward()
+    named = [(k, p) for k, p in ref._module.named_parameters() if p.requires_grad]
+    norms = {k: p.grad_sample.flatten(1).square().sum(1) for k, p in named}
+    opt = DPOptimizer(torch.optim.SGD([p for _, p in named], lr=0.1), noise_multiplier=0.0,
+                      max_grad_norm=CLIP, expected_batch_size=4, loss_reduction=loss)
+    opt.pre_step()
+    return norms, {k: p.grad.clone() for k, p in named}
+
+
+def _ghost(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str = "mean", pad: int = 0
+           ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The engine with ghost linear layers: squared norms (p.grad_sample) and clipped sums.
+
+    ``pad`` extra rows (copies of the first sample) are run and trimmed as the trainer does.
+    """
+    net = copy.deepcopy(model)
+    engine = DirectPerSampleGradients(net, loss_reduction="sum", ghost_linear=True) if pad else \
+        DirectPerSampleGradients(net, loss_reduction=loss, ghost_linear=True)
+    n = x.shape[0]
+    try:
+        if pad:
+            padded = torch.cat([x, x[:1].expand(pad, *x.shape[1:])])
+            # the trainer's padded path: a summed loss (per-sample terms as they are)
+            nn.functional.cross_entropy(net(padded)[:n], y, reduction="sum").backward()
+        else:
+            nn.functional.cross_entropy(net(x), y, reduction=loss).backward()
+    finally:
+        engine.restore(rows=n if pad else None)
+        engine.close()
+    named = [(k, p) for k, p in net.named_parameters() if p.requires_grad]
+    norms = {}
+    for k, p in named:
+        if ghost_record(p.grad_sample) is not None:
+            norms[k] = p.grad_sample.clone()
+        else:
+            norms[k] = p.grad_sample.flatten(1).square().sum(1)
+        assert p.grad_sample.shape[0] == n
+    opt = DirectDPOptimizer(torch.optim.SGD([p for _, p in named], lr=0.1), noise_multiplier=0.0,
+                            max_grad_norm=CLIP, expected_batch_size=4, loss_reduction=loss)
+    opt.pre_step()
+    return norms, {k: p.grad.clone() for k, p in named}
+
+
+def _assert_equal(ours: tuple[dict[str, torch.Tensor], ...], ref: tuple[dict[str, torch.Tensor], ...],
+                  rtol: float = 1e-4, atol: float = 1e-6) -> None:
+    for mine, theirs in zip(ours, ref, strict=True):
+        assert mine.keys() == theirs.keys()
+        for k, v in theirs.items():
+            assert mine[k].dtype == v.dtype, k
+            torch.testing.assert_close(mine[k], v, rtol=rtol, atol=atol, msg=k)
+
+
+class _Tied(nn.Module):
+    """A linear layer used on the data and twice on hidden states, a sequence layer, GroupNorm."""
+
+    def __init__(self, seq_width: int = 5) -> None:
+        super().__init__()
+        self.tied = nn.Linear(6, 6)
+        self.norm = nn.GroupNorm(2, 6)
+        self.seq = nn.Linear(6, seq_width)  # on [n, 3, 6]: a sequence input
+        self.head = nn.Linear(seq_width, 3, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.tied(x))
+        h = torch.tanh(self.tied(self.norm(h)))
+        h = self.tied(h)
+        s = self.seq(torch.stack([h, h * 2, -h], 1))
+        return self.head(s.mean(1))
+
+
+def test_ghost_norms_and_clipped_sums_equal_opacus_for_tied_and_sequence_layers() -> None:
+    torch.manual_seed(0)
+    model = _Tied()
+    x, y = torch.randn(7, 6) * 3, torch.randint(0, 3, (7,))
+    ours, ref = _ghost(model, x, y), _reference(model, x, y)
+    _assert_equal(ours, ref)
+    assert bool((sum(ref[0].values()).sqrt() > CLIP).any())  # clipping mattered
+
+
+def test_wide_sequences_take_the_materialising_norm_and_still_equal_opacus() -> None:
+    torch.manual_seed(1)
+    model = _Tied(seq_width=1)  # 3 positions * (6 + 1) > 6 * 1: norms via G^T X
+    x, y = torch.randn(5, 6), torch.randint(0, 3, (5,))
+    _assert_equal(_ghost(model, x, y), _reference(model, x, y))
+
+
+@pytest.mark.parametrize("name", ["mlp", "dsn", "dc-elm", "lstm", "gru"])
+def test_linear_and_recurrent_models_equal_opacus(name: str) -> None:
+    torch.manual_seed(2)
+    model = build_model(name, in_channels=1, num_classes=2, image_size=12)
+    assert not unsupported_layers(model)
+    x, y = torch.randn(6, 1, 12, 12), torch.randint(0, 2, (6,))
+    _assert_equal(_ghost(model, x, y), _reference(model, x, y))
+
+
+@pytest.mark.parametrize("loss", ["mean", "sum"])
+def test_float64_and_summed_losses_equal_opacus(loss: str) -> None:
+    torch.manual_seed(3)
+    model = build_model("lstm", in_channels=1, num_classes=2, image_size=8).double()
+    x, y = torch.randn(4, 1, 8, 8, dtype=torch.float64), torch.randint(0, 2, (4,))
+    _assert_equal(_ghost(model, x, y, loss), _reference(model, x, y, loss), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["mlp", "gru"])
+def test_padded_batches_give_the_unpadded_norms_and_sums(name: str) -> None:
+    torch.manual_seed(4)
+    model = build_model(name, in_channels=1, num_classes=2, image_size=10)
+    x, y = torch.randn(5, 1, 10, 10), torch.randint(0, 2, (5,))
+    _assert_equal(_ghost(model, x, y, pad=3), _reference(model, x, y))
+
+
+def test_an_empty_batch_clips_to_zero() -> None:
+    tied = nn.Linear(6, 6)
+    model = nn.Sequential(tied, nn.Tanh(), tied, nn.Tanh(), nn.Linear(6, 3))
+    norms, sums = _ghost(model, torch.zeros(0, 6), torch.zeros(0, dtype=torch.long), loss="sum")
+    assert all(v.shape == (0,) for v in norms.values())
+    assert all(float(s.abs().sum()) == 0.0 for s in sums.values())
+
+
+def test_a_parameter_shared_by_two_modules_is_not_ghost_clipped() -> None:
+    a, b = nn.Linear(4, 4), nn.Linear(4, 2)
+    b.weight = nn.Parameter(a.weight[:2].detach().clone())
+    shared = nn.Linear(4, 4)
+    other = nn.Linear(4, 4)
+    other.weight = shared.weight  # tied by parameter: the buffer path sums the two uses
+    model = nn.Sequential(shared, nn.Tanh(), other, nn.Tanh(), b)
+    engine = DirectPerSampleGradients(model, ghost_linear=True)
+    try:
+        nn.functional.cross_entropy(model(torch.randn(3, 4)), torch.tensor([0, 1, 0])).backward()
+    finally:
+        engine.restore()
+        engine.close()
+    assert ghost_record(shared.weight.grad_sample) is None and shared.weight.grad_sample.shape == (3, 4, 4)
+    assert ghost_record(b.weight.grad_sample) is not None
+
+
+def test_two_backward_passes_without_a_step_are_refused() -> None:
+    model = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 2))
+    engine = DirectPerSampleGradients(model, ghost_linear=True)
+    x, y = torch.randn(2, 3), torch.tensor([0, 1])
+    nn.functional.cross_entropy(model(x), y).backward()
+    engine.restore()
+    with pytest.raises(RuntimeError, match="earlier backward pass"):
+        nn.functional.cross_entropy(model(x), y).backward()
+    engine.close()
+
+
+@pytest.mark.parametrize("name", ["mlp", "lstm", "dbn"])
+def test_models_registered_for_ghost_direct_train_like_opacus_hooks(name: str) -> None:
+    """Same seed, no noise: the same Poisson batches, clipped steps and weights as Opacus."""
+    assert get_spec(name).grad_sample_mode == "direct"
+    torch.manual_seed(5)
+    model = build_model(name, in_channels=1, num_classes=2, image_size=8)
+    data = TensorDataset(torch.rand(40, 1, 8, 8), torch.randint(0, 2, (40,)))
+    kw = dict(epochs=1, batch_size=8, learning_rate=0.1, noise_multiplier=0.0, max_grad_norm=0.3,
+              delta=1e-5, seed=3, device="cpu")
+    ours = train_dp(model, data, grad_sample_mode="direct", **kw)
+    ref = train_dp(model, data, grad_sample_mode="hooks", **kw)
+    assert ours.steps == ref.steps
+    for k, v in ref.state_dict.items():
+        torch.testing.assert_close(ours.state_dict[k], v, rtol=1e-4, atol=1e-5, msg=k)
