@@ -3,24 +3,47 @@
 Each simulated hospital is a virtual SuperNode whose settings come from a prepared
 :class:`~common.config.NodeConfig` (its own data folder and epsilon cap), looked up by Flower's
 ``partition-id``. The ServerApp and ClientApp are the same code that runs in deployment.
+
+Start-up and shut-down are bounded (:class:`RayStarter`, :class:`~server.process_reaper.Reaper`):
+
+* Ray is started here, once per simulation, before Flower's engine (which then reuses it),
+  and must be up within :data:`RAY_START_TIMEOUT_S` seconds (``VESALIUS_RAY_START_TIMEOUT_S``
+  overrides it); otherwise a :class:`~common.errors.ConfigError` says so instead of a hang.
+* Every process the simulation starts (Ray's GCS, raylet, agents and actors) ends with it:
+  a watcher process ends the survivors when the driver returns, fails, is stopped by
+  ``SIGTERM``/``SIGINT``/``SIGHUP`` or is killed with ``SIGKILL``.
+* Many hospitals share few processes: Ray runs one actor per CPU it may use
+  (``num_cpus``, default all) and each actor serves any hospital (its NodeConfig comes with
+  the message), so 300 hospitals on 2 cores run in 2 actor processes that import torch once.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
-from typing import Any
+import signal
+import sys
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, Final
 
 from flwr.serverapp import ServerApp
 
 from common.config import NodeConfig, RunConfig
 from common.errors import ConfigError
 from server.app import RoundCallback, build_server_app
+from server.process_reaper import Reaper
 from server.progress import ProgressCallback
 from server.report import RunReport
 
 log = logging.getLogger(__name__)
+
+#: Seconds Ray may take to start before the run fails with a clear error (a loaded 2-core
+#: machine needs 5-15 s); ``VESALIUS_RAY_START_TIMEOUT_S`` overrides it.
+RAY_START_TIMEOUT_S: Final = 120.0
+#: Signals that end a simulation's driver: its Ray processes are ended before it exits.
+_STOP_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 def run_simulation(
@@ -98,11 +121,133 @@ def simulate_apps(
                                  "log_to_driver": verbose}  # passed to ray.init
     if num_cpus is not None:
         init_args["num_cpus"] = num_cpus
-    flwr_run_simulation(
-        server_app=server_app,
-        client_app=client_app,
-        num_supernodes=len(nodes),
-        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                        "init_args": init_args},
-        verbose_logging=verbose,
-    )
+    starter = RayStarter()
+    with Reaper() as reaper, _stop_signals_reap(reaper):
+        try:
+            starter.start(init_args)
+            flwr_run_simulation(
+                server_app=server_app,
+                client_app=client_app,
+                num_supernodes=len(nodes),
+                backend_config=backend_config(init_args),
+                verbose_logging=verbose,
+            )
+        finally:
+            _shutdown_ray()
+            starter.release()
+
+
+def backend_config(init_args: dict[str, Any]) -> dict[str, Any]:
+    """Flower's Ray backend settings: one CPU and no GPU per actor, so Ray starts one actor
+    per CPU and every actor serves many hospitals in turn (one torch import each)."""
+    return {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": init_args}
+
+
+def ray_start_timeout() -> float:
+    """:data:`RAY_START_TIMEOUT_S`, or ``VESALIUS_RAY_START_TIMEOUT_S`` when set (seconds)."""
+    text = os.environ.get("VESALIUS_RAY_START_TIMEOUT_S", "").strip()
+    if not text:
+        return RAY_START_TIMEOUT_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ConfigError(f"VESALIUS_RAY_START_TIMEOUT_S must be a number of seconds > 0, "
+                          f"got {text!r}")
+    return value
+
+
+class RayStarter:
+    """Start Ray in a thread that stays alive until :meth:`release`, within a time limit.
+
+    Ray makes its GCS and raylet die with the *thread* that started them (Linux parent-death
+    signal), so the starting thread must outlive the run; a thread is what bounds the wait.
+    """
+
+    def __init__(self) -> None:
+        self._started = threading.Event()
+        self._release = threading.Event()
+        self._failure: list[BaseException] = []
+
+    def start(self, init_args: dict[str, Any], timeout_s: float | None = None) -> None:
+        """Start Ray for Flower's engine (which reuses a running Ray) within ``timeout_s``.
+
+        Flower's Ray backend passes the driver's ``sys.path`` to the actors as
+        ``PYTHONPATH``; done here the same way. Raises :class:`ConfigError` when Ray fails or
+        is not up in time.
+        """
+        import ray
+
+        if ray.is_initialized():
+            return
+        limit = ray_start_timeout() if timeout_s is None else timeout_s
+        pythonpath = os.pathsep.join(sys.path)
+        if os.environ.get("PYTHONPATH"):
+            pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
+        os.environ["PYTHONPATH"] = pythonpath
+        args = {"include_dashboard": False, **init_args,
+                "runtime_env": {"env_vars": {"PYTHONPATH": pythonpath}}}
+        thread = threading.Thread(target=self._run, args=(args,), name="ray-start",
+                                  daemon=True)
+        thread.start()
+        if not self._started.wait(limit):
+            raise ConfigError(
+                f"the simulation engine (Ray) did not start within {limit:g} s; the machine "
+                "may be overloaded or /tmp full: retry, or allow more time with "
+                "VESALIUS_RAY_START_TIMEOUT_S=SECONDS"
+            )
+        if self._failure:
+            raise ConfigError(f"the simulation engine (Ray) could not start: "
+                              f"{self._failure[0]}") from self._failure[0]
+
+    def _run(self, args: dict[str, Any]) -> None:
+        import ray
+
+        try:
+            ray.init(**args)
+        except BaseException as exc:  # noqa: BLE001 - reported by the caller's thread
+            self._failure.append(exc)
+        finally:
+            self._started.set()
+        self._release.wait()
+
+    def release(self) -> None:
+        """Let the starting thread end (after Ray has shut down)."""
+        self._release.set()
+
+
+def _shutdown_ray() -> None:
+    import ray
+
+    try:
+        if ray.is_initialized():
+            ray.shutdown()
+    except Exception:  # noqa: BLE001 - the reaper ends what is left
+        log.warning("Ray did not shut down cleanly; its processes are ended", exc_info=True)
+
+
+@contextmanager
+def _stop_signals_reap(reaper: Reaper) -> Iterator[None]:
+    """While the simulation runs, a stop signal ends its processes, then the driver.
+
+    Flower's engine cannot be interrupted cleanly (its worker threads wait for a stop event
+    only its own ``finally`` sets), so the driver ends Ray's processes and exits with
+    128 + the signal's number. Installed only in the main thread; restored afterwards.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, _frame: object) -> None:
+        print(f"simulation stopped by signal {signum}: ending its processes", file=sys.stderr,
+              flush=True)
+        reaper.reap_now()
+        os._exit(128 + signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in _STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
