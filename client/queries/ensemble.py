@@ -5,7 +5,9 @@ the *single model* the report compares with), their combination weights
 (``ensemble-weights``, default equal), the MC-dropout passes of member 0 (``mc-samples``) and
 the bins (``value-bins`` on [0, 1] for scores, ``uncertainty-bins`` for uncertainties). For
 every held-out patient the node computes, and keeps, each member's probability ``p_i``, the
-ensemble's ``p = sum_i w_i p_i`` and three uncertainties scaled to [0, 1]: the binary entropy
+ensemble's ``p = sum_i w_i p_i`` (with a trained stacker's head ``ensemble-stacker`` =
+``[v_1, ..., v_M, b]``: ``p = sigmoid(b + sum_i v_i logit p_i)``; the disagreement keeps the
+weights ``w``) and three uncertainties scaled to [0, 1]: the binary entropy
 (in bits) of member 0's mean over MC-dropout passes, the members' weighted variance
 ``4 sum_i w_i (p_i - p)^2`` (disagreement) and the entropy of ``p``. It releases only counts:
 
@@ -36,9 +38,16 @@ from client.queries.scoring import model_arrays, patient_samples, patient_scores
 from client.release import Statistic
 from common import messages as k
 from common.errors import ConfigError
-from common.paradigms.ensemble import MEMBER_HIST, QUERY, UNCERTAINTY_HIST, VARIANT_HIST, WEIGHTS
+from common.paradigms.ensemble import (
+    MEMBER_HIST,
+    QUERY,
+    STACKER_HEAD,
+    UNCERTAINTY_HIST,
+    VARIANT_HIST,
+    WEIGHTS,
+)
 
-__all__ = ["EnsembleScoresQuery", "ensemble_histograms", "UNCERTAINTY_BINS", "SCORE_BINS"]
+__all__ = ["EnsembleScoresQuery", "ensemble_histograms", "stacked", "UNCERTAINTY_BINS", "SCORE_BINS"]
 
 MAX_MEMBERS = 16
 MAX_PASSES = 100
@@ -70,6 +79,25 @@ def _weights(req: QueryRequest, members: int) -> np.ndarray:
     return w / w.sum()
 
 
+def _stacker(req: QueryRequest, members: int) -> np.ndarray | None:
+    raw = req.config.get(STACKER_HEAD)
+    if raw is None:
+        return None
+    head = np.asarray(raw if isinstance(raw, list) else [], dtype=np.float64)
+    if head.shape != (members + 1,) or not np.all(np.isfinite(head)):
+        raise ConfigError("bad stacker head", safe_reason=f"malformed query: {STACKER_HEAD} "
+                          f"must hold {members + 1} finite numbers")
+    return head
+
+
+def stacked(member_probs: np.ndarray, head: np.ndarray) -> np.ndarray:
+    """``sigmoid(b + sum_i v_i logit p_i)`` per patient, ``head = [v_1, ..., v_M, b]``."""
+    from scipy.special import expit, logit
+
+    p = np.clip(np.asarray(member_probs, dtype=np.float64), 1e-12, 1 - 1e-12)
+    return expit(head[-1] + head[:-1] @ logit(p))
+
+
 def _binary_entropy_bits(p: np.ndarray) -> np.ndarray:
     q = np.clip(p, 1e-12, 1.0 - 1e-12)
     return np.clip(-(q * np.log(q) + (1 - q) * np.log(1 - q)) / math.log(2.0), 0.0, 1.0)
@@ -95,7 +123,8 @@ def _error_hist(uncertainty: np.ndarray, wrong: np.ndarray, bins: int) -> np.nda
 
 def ensemble_histograms(member_probs: np.ndarray, labels: np.ndarray, weights: np.ndarray,
                         mc_probs: np.ndarray, *, bins: int = SCORE_BINS,
-                        uncertainty_bins: int = UNCERTAINTY_BINS) -> dict[str, np.ndarray]:
+                        uncertainty_bins: int = UNCERTAINTY_BINS,
+                        stacker: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """The query's histograms from per-patient probabilities (kept on the node).
 
     Parameters
@@ -108,12 +137,15 @@ def ensemble_histograms(member_probs: np.ndarray, labels: np.ndarray, weights: n
         Combination weights summing to 1.
     mc_probs : ndarray, shape (T, n)
         Member 0's class-1 probabilities over T MC-dropout passes.
+    stacker : ndarray, shape (M + 1,), optional
+        A trained stacker's head: the ensemble is :func:`stacked`, not the weighted mean.
     """
     y = np.asarray(labels).astype(int).reshape(-1)
     p = np.asarray(member_probs, dtype=np.float64)
-    ens = weights @ p
+    mean = weights @ p
+    ens = mean if stacker is None else stacked(p, np.asarray(stacker, dtype=np.float64))
     single = p[0]
-    disagreement = np.clip(4.0 * (weights @ (p - ens) ** 2), 0.0, 1.0)
+    disagreement = np.clip(4.0 * (weights @ (p - mean) ** 2), 0.0, 1.0)
     mc_entropy = _binary_entropy_bits(np.asarray(mc_probs, dtype=np.float64).mean(axis=0))
     wrong_single = (single >= 0.5).astype(int) != y
     wrong_ens = (ens >= 0.5).astype(int) != y
@@ -136,6 +168,7 @@ class EnsembleScoresQuery(Query):
     def statistics(self, req: QueryRequest) -> list[Statistic]:
         members = len(_members(req))
         _weights(req, members)
+        _stacker(req, members)
         int_param(req, k.MC_SAMPLES, 10, lo=1, hi=MAX_PASSES)
         if not req.node.release_histograms:
             raise ConfigError("ensemble histograms without consent",
@@ -160,6 +193,6 @@ class EnsembleScoresQuery(Query):
             probs, labels, weights, mc, bins=int_param(req, k.VALUE_BINS, SCORE_BINS, lo=2,
                                                        hi=100_000),
             uncertainty_bins=int_param(req, UNCERTAINTY_BINS_KEY, UNCERTAINTY_BINS, lo=2,
-                                       hi=10_000))
+                                       hi=10_000), stacker=_stacker(req, len(members)))
         out[k.NUM_EXAMPLES] = int(len(labels))
         return out

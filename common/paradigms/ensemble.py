@@ -8,7 +8,12 @@ target ε is ``ε / members``, so that a hospital spends at most the ε of one s
 ``method=bagging`` trains member ``i`` on a bootstrap resample of the hospitals (drawn with
 the member's seed): a hospital drawn twice counts twice in that member's FedAvg weights, one
 not drawn does not train it. ``combine=average`` averages the members' probabilities,
-``combine=weighted`` weights them by their pooled validation AUC (released histograms).
+``combine=weighted`` weights them by their pooled validation AUC (released histograms),
+``combine=stacker`` learns the combination: a linear head over the members' logits, trained
+federated with DP-SGD on every hospital's *validation* patients (never its test patients;
+stage paradigm ``ensemble-stacker``, node step :mod:`client.paradigms.ensemble`). The stacker
+is one more release on every ledger (run id ``<run id>-stacker``): the run's ε is then split
+as ``stacker-share · ε`` for the stacker and ``(1 - stacker-share) · ε / members`` per member.
 
 The coordinator's workflow is :func:`server.paradigms.ensemble.run_ensemble`; the nodes
 answer one statistics query (:mod:`client.queries.ensemble`) from which the report compares
@@ -24,7 +29,8 @@ from typing import Any
 from common.errors import ConfigError
 from common.paradigms.registry import Paradigm, ParadigmOption, register_paradigm
 
-__all__ = ["ENSEMBLE", "QUERY", "member_epsilon", "member_run_id"]
+__all__ = ["ENSEMBLE", "QUERY", "STACKER", "member_epsilon", "member_run_id",
+           "stacker_epsilon", "stacker_run_id"]
 
 #: The statistics query of :mod:`client.queries.ensemble`.
 QUERY = "ensemble-scores"
@@ -34,19 +40,32 @@ WEIGHTS = "ensemble-weights"
 MEMBER_HIST = "ensemble-member-hist"
 VARIANT_HIST = "ensemble-variant-hist"
 UNCERTAINTY_HIST = "ensemble-uncertainty-hist"
+#: Config key of the query: a trained stacker's head ``[w_1, ..., w_M, b]`` (the ensemble's
+#: probability is ``sigmoid(b + sum_i w_i logit p_i)``; absent: the weighted average).
+STACKER_HEAD = "ensemble-stacker"
 #: Uncertainty measures of ``UNCERTAINTY_HIST``, in order.
 UNCERTAINTY_MEASURES = ("single MC-dropout entropy", "ensemble disagreement (variance)",
                         "ensemble predictive entropy")
 
 
-def member_epsilon(target_epsilon: float, members: int) -> float:
-    """Each member's target ε: the run's ε shared equally among the members."""
-    return float(target_epsilon) / int(members)
+def member_epsilon(target_epsilon: float, members: int, stacker_share: float = 0.0) -> float:
+    """Each member's target ε: what the stacker leaves of the run's ε, shared equally."""
+    return float(target_epsilon) * (1.0 - float(stacker_share)) / int(members)
+
+
+def stacker_epsilon(target_epsilon: float, stacker_share: float) -> float:
+    """The stacker's target ε: its share of the run's ε."""
+    return float(target_epsilon) * float(stacker_share)
 
 
 def member_run_id(run_id: str, index: int) -> str:
     """The run id of member ``index`` (derived from the parent run's)."""
     return f"{run_id}-member-{index}"
+
+
+def stacker_run_id(run_id: str) -> str:
+    """The run id of the stacker's training (derived from the parent run's)."""
+    return f"{run_id}-stacker"
 
 
 def _check(plan: Any, options: Mapping[str, Any]) -> None:
@@ -66,8 +85,13 @@ ENSEMBLE = register_paradigm(Paradigm(
                        "bagging: each member on a bootstrap resample of the hospitals",
                        choices=("seeds", "bagging")),
         ParadigmOption("combine", str, "average", "average: mean of the members' probabilities; "
-                       "weighted: weights from the members' pooled validation AUC",
-                       choices=("average", "weighted")),
+                       "weighted: weights from the members' pooled validation AUC; stacker: a "
+                       "linear head over the members' logits trained federated with DP-SGD on "
+                       "the validation patients", choices=("average", "weighted", "stacker")),
+        ParadigmOption("stacker-share", float, 0.2, "combine=stacker: the stacker's share of "
+                       "the run's ε (the members share the rest)", minimum=0.05, maximum=0.5),
+        ParadigmOption("stacker-rounds", int, 3, "combine=stacker: federated rounds of the "
+                       "stacker's DP-SGD", minimum=1, maximum=50),
         ParadigmOption("alpha", float, 0.1, "miscoverage of the conformal prediction sets "
                        "(target coverage 1 - alpha)", minimum=0.01, maximum=0.5),
         ParadigmOption("mc-samples", int, 10, "MC-dropout passes of the single member",
@@ -77,4 +101,17 @@ ENSEMBLE = register_paradigm(Paradigm(
     cv=False,
     tasks=("binary",),
     check=_check,
+))
+
+
+STACKER = register_paradigm(Paradigm(
+    name="ensemble-stacker",
+    summary="stage of ensemble (combine=stacker): DP-SGD rounds of a linear head over the "
+            "frozen members' logits on the validation patients (run --paradigm ensemble)",
+    options=(ParadigmOption("members", int, 3, "number of frozen members in the arrays",
+                            minimum=2, maximum=16),),
+    node="client.paradigms.ensemble:stacker_training",
+    cv=False,
+    tasks=("binary",),
+    stage=True,
 ))

@@ -42,6 +42,7 @@ from common.paradigms import get_paradigm, read_options
 from common.paradigms.ensemble import (
     MEMBER_HIST,
     QUERY,
+    STACKER_HEAD,
     UNCERTAINTY_HIST,
     UNCERTAINTY_MEASURES,
     VARIANT_HIST,
@@ -52,6 +53,7 @@ from common.paradigms.ensemble import (
 from common.secagg.params import enabled as secagg_enabled
 from server.paradigms import ensemble_stats as st
 from server.paradigms.ensemble_bagging import BaggedGrid, bootstrap_hospitals
+from server.paradigms.ensemble_stacker import StackerResult, train_stacker
 from server.progress import ProgressCallback
 from server.report import RunReport
 from server.transport import with_transport
@@ -73,12 +75,12 @@ def _with_run_id(config: RunConfig) -> RunConfig:
 
 
 def member_config(config: RunConfig, index: int, members: int, *,
-                  min_nodes: int | None = None) -> RunConfig:
+                  min_nodes: int | None = None, stacker_share: float = 0.0) -> RunConfig:
     """The sub-run of member ``index``: supervised plan, own seed, run id, out dir and ε."""
     plan = dataclasses.replace(
         config.plan, paradigm="supervised", paradigm_options="", seed=config.plan.seed + index,
         run_id=member_run_id(config.plan.run_id, index),
-        target_epsilon=member_epsilon(config.plan.target_epsilon, members))
+        target_epsilon=member_epsilon(config.plan.target_epsilon, members, stacker_share))
     return dataclasses.replace(
         config, plan=plan, out_dir=str(Path(config.out_dir) / f"member-{index}"),
         resume_from="", min_nodes=config.min_nodes if min_nodes is None else min_nodes)
@@ -99,12 +101,15 @@ def _final_arrays(report: RunReport) -> ArrayRecord | None:
 
 
 def _query(grid: Grid, node_ids: list[int], config: RunConfig, arrays: list[ArrayRecord],
-           split: str, weights: np.ndarray, mc_samples: int) -> dict[str, Any]:
+           split: str, weights: np.ndarray, mc_samples: int,
+           stacker: list[float] | None = None) -> dict[str, Any]:
     from server.inference import query_nodes
 
     cfg = {**config.plan.to_record(), k.SPLIT: split, WEIGHTS: [float(w) for w in weights],
            k.MC_SAMPLES: int(mc_samples), k.VALUE_BINS: SCORE_BINS,
            "uncertainty-bins": UNCERTAINTY_BINS}
+    if stacker is not None:
+        cfg[STACKER_HEAD] = [float(v) for v in stacker]
     res = query_nodes(grid, node_ids, QUERY, cfg, timeout=config.round_timeout,
                       records={f"{k.ENSEMBLE_PREFIX}{i}": a for i, a in enumerate(arrays)},
                       required=(MEMBER_HIST, VARIANT_HIST, UNCERTAINTY_HIST))
@@ -178,6 +183,7 @@ def run_ensemble(grid: Grid, config: RunConfig, *, on_round: Any = None,
 
     options = read_options(get_paradigm("ensemble"), config.plan.paradigm_options)
     m, method = int(options["members"]), str(options["method"])
+    share = float(options["stacker-share"]) if options["combine"] == "stacker" else 0.0
     if config.resume_from:
         raise ConfigError("an ensemble run cannot be resumed; start it again (its members' "
                           "ledger entries stay on every hospital's ledger)")
@@ -195,10 +201,12 @@ def run_ensemble(grid: Grid, config: RunConfig, *, on_round: Any = None,
     for i in range(m):
         if method == "bagging":
             drawn = bootstrap_hospitals(node_ids, seed=config.plan.seed + i)
-            sub = member_config(config, i, m, min_nodes=min(config.min_nodes, len(drawn)))
+            sub = member_config(config, i, m, min_nodes=min(config.min_nodes, len(drawn)),
+                                stacker_share=share)
             member_grid: Grid = BaggedGrid(grid, drawn)
         else:
-            drawn, sub, member_grid = None, member_config(config, i, m), grid
+            drawn, sub = None, member_config(config, i, m, stacker_share=share)
+            member_grid = grid
         log.info("ensemble member %d/%d: run %s", i + 1, m, sub.plan.run_id)
         draws.append(drawn)
         members.append(run_federation(member_grid, sub, on_round=on_round))
@@ -221,7 +229,8 @@ def run_ensemble(grid: Grid, config: RunConfig, *, on_round: Any = None,
 def _section(grid: Grid, node_ids: list[int], config: RunConfig, options: dict[str, Any],
              members: list[RunReport], draws: list[dict[int, int] | None]) -> dict[str, Any]:
     m, combine = len(members), str(options["combine"])
-    eps_member = member_epsilon(config.plan.target_epsilon, m)
+    share = float(options["stacker-share"]) if combine == "stacker" else 0.0
+    eps_member = member_epsilon(config.plan.target_epsilon, m, share)
     columns, eps_rows = _epsilon_rows(members)
     section: dict[str, Any] = {
         "name": "ensemble", "summary": get_paradigm("ensemble").summary,
@@ -233,7 +242,8 @@ def _section(grid: Grid, node_ids: list[int], config: RunConfig, options: dict[s
                   "hospital's ε over all members (its ledger total) are in the tables of the "
                   "Learning paradigm section."),
         "notes": [
-            f"{m} members; each member's target ε = ε / {m} = {eps_member:.3f} "
+            f"{m} members; each member's target ε = "
+            + (f"(1 - {share:g}) ε / {m}" if share else f"ε / {m}") + f" = {eps_member:.3f} "
             f"(run ε {config.plan.target_epsilon:g}): every hospital's total over the members "
             "is at most one single-model run's ε (table 'ε per hospital': each member's ε "
             "as the hospital reported it, their sum, and the lower total the hospital's "
@@ -258,11 +268,16 @@ def _section(grid: Grid, node_ids: list[int], config: RunConfig, options: dict[s
     mc = int(options["mc-samples"])
     try:
         equal = np.full(m, 1.0 / m)
-        val = _query(grid, node_ids, config, arrays, k.SPLIT_VAL, equal, mc)
+        if combine == "stacker":
+            stacker = train_stacker(grid, config, node_ids, arrays, share=share,
+                                    rounds=int(options["stacker-rounds"]))
+            _stacker_section(section, stacker, columns, eps_rows)
+        head = section["stacker"]["head"] if combine == "stacker" else None
+        val = _query(grid, node_ids, config, arrays, k.SPLIT_VAL, equal, mc, head)
         weights = st.member_weights(val["member"]) if combine == "weighted" else equal
         if combine == "weighted":
             val = _query(grid, node_ids, config, arrays, k.SPLIT_VAL, weights, mc)
-        test = _query(grid, node_ids, config, arrays, k.SPLIT_TEST, weights, mc)
+        test = _query(grid, node_ids, config, arrays, k.SPLIT_TEST, weights, mc, head)
     except Exception as exc:  # noqa: BLE001 - the members' reports are already written
         log.warning("ensemble evaluation failed: %s", exc)
         section.update(status="failed", reason=f"{type(exc).__name__}: {exc}")
@@ -298,8 +313,17 @@ def _section(grid: Grid, node_ids: list[int], config: RunConfig, options: dict[s
                                          "test AUC", "weight"],
          "rows": [[r["member"], r["seed"], r["status"], r["target_epsilon"], r["val_auc"],
                    r["test_auc"], r["weight"]] for r in section["members"]]},
-        {"title": "ε per hospital (all members)", "columns": columns, "rows": eps_rows},
+        {"title": "ε per hospital (all members" + (" and the stacker)" if combine == "stacker"
+                                                   else ")"), "columns": columns,
+         "rows": eps_rows},
     ]
+    if combine == "stacker":
+        st_ = section["stacker"]
+        section["tables"].insert(3, {
+            "title": "Stacker (DP-SGD on the validation patients)",
+            "columns": ["term", "weight"],
+            "rows": [*[[f"member {i} logit", w] for i, w in enumerate(st_["weights"])],
+                     ["bias", st_["bias"]]]})
     section["headline"] = _headline(test, m, combine)
     section.update(status="completed", reason="")
     return section
@@ -317,3 +341,30 @@ def _headline(test: dict[str, Any], members: int, combine: str) -> dict[str, Any
                        "with DeLong's interval on the binned scores (placement values follow "
                        "from the pooled counts)."),
             "sites": len(test["sites"])}
+
+
+def _stacker_section(section: dict[str, Any], stacker: StackerResult, columns: list[str],
+                     eps_rows: list[list[Any]]) -> None:
+    """The stacker's head, rounds and ε into the section; its ε into the per-hospital rows."""
+    section["stacker"] = {"weights": stacker.weights, "bias": stacker.bias,
+                          "head": stacker.head, "run_id": stacker.run_id,
+                          "target_epsilon": stacker.target_epsilon, "rounds": stacker.rounds,
+                          "epsilon": stacker.epsilon, "failures": stacker.failures}
+    columns.insert(-3, "stacker ε")
+    for row in eps_rows:
+        site = row[0]
+        eps = stacker.epsilon.get(site)
+        row.insert(-3, eps)
+        row[-3] = float(row[-3] + (eps or 0.0))  # the sum now counts the stacker
+        if stacker.epsilon_dataset.get(site) is not None and math.isfinite(
+                stacker.epsilon_dataset[site]):
+            row[-2] = stacker.epsilon_dataset[site]  # the ledger's total after the stacker
+    section["notes"].append(
+        f"Stacker: a linear head over the {len(stacker.weights)} frozen members' logits, "
+        f"trained federated with DP-SGD ({len(stacker.rounds)} round(s)) on every hospital's "
+        f"validation patients (never its test patients), run id {stacker.run_id}, target "
+        f"ε = {stacker.target_epsilon:.3f}: the run's ε is split as the stacker's share for "
+        "the stacker and the rest equally among the members, so a hospital's total stays "
+        "within one run's ε (table 'ε per hospital'). The validation figures that weight or "
+        "calibrate the ensemble (conformal threshold) then come from the stacker's own "
+        "training patients; the test figures do not.")

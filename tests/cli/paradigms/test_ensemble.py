@@ -134,3 +134,53 @@ def test_an_ensemble_trains_its_members_and_reports_single_vs_ensemble(
         assert comp["rows"][1]["accuracy"] == pytest.approx(np.mean((ensemble >= 0.5) == y))
     if "method=bagging" in options:
         assert all(sum(m["hospitals_drawn"].values()) == SITES for m in members)
+
+
+@pytest.mark.slow
+def test_a_stacker_is_trained_with_dp_on_validation_patients_and_combines_the_members(
+    data: Path, tmp_path: Path
+) -> None:
+    from client.queries.ensemble import stacked
+
+    # Prepare
+    out = tmp_path / "out"
+    # Execute
+    result = CliRunner().invoke(app, [
+        "federation", "run", "--data-root", str(data), "--rounds", "1", "--image-size",
+        str(SIZE), "--min-release-count", "1", "--ledger-dir", str(out / "ledgers"),
+        "--out", str(out), "--epsilon", "8", "--paradigm", "ensemble", "-P", "members=2",
+        "-P", "combine=stacker", "-P", "stacker-rounds=2", "-P", "stacker-share=0.25"],
+        env={"COLUMNS": "300"})
+    # Assert: the ε split (members share 75 %, the stacker 25 %) and the stacker's head
+    assert result.exit_code == 0, result.output[-3000:]
+    doc = json.loads((out / "report.json").read_text())
+    section = doc["paradigm"]
+    assert section["status"] == "completed", section.get("reason")
+    run_id = doc["run_id"]
+    assert [m["target_epsilon"] for m in section["members"]] == [3.0, 3.0]
+    stacker = section["stacker"]
+    assert stacker["run_id"] == f"{run_id}-stacker" and stacker["target_epsilon"] == 2.0
+    assert len(stacker["weights"]) == 2 and len(stacker["rounds"]) == 2
+    assert all(np.isfinite(stacker["head"])) and stacker["head"] != [0.5, 0.5, 0.0]
+    assert any(t["title"].startswith("Stacker") for t in section["tables"])
+    assert any("validation patients" in note for note in section["notes"])
+    # Assert: the ensemble is the stacked members, its AUC sklearn's on the pooled test
+    # patients, and the headline
+    probs, y = _pooled_test(data, out, 2)
+    ens = stacked(probs, np.asarray(stacker["head"]))
+    comp = section["comparison"]
+    assert comp["rows"][1]["model"] == "ensemble (stacker)"
+    assert comp["rows"][1]["auc"] == pytest.approx(roc_auc_score(y, ens), abs=5e-3)
+    assert section["headline"]["value"] == pytest.approx(comp["rows"][1]["auc"], abs=1e-12)
+    # Assert: every hospital's ledger holds the stacker's rounds, on its validation patients,
+    # and its total over members and stacker is within the run's ε
+    eps_rows = {row[0]: row for row in section["epsilon_per_hospital"]["rows"]}
+    assert section["epsilon_per_hospital"]["columns"][-4] == "stacker ε"
+    for site in ("site-1", "site-2"):
+        entries = _ledger(out / "ledgers" / site / "ledger.jsonl")
+        rounds = [e for e in entries if e["release"] == "train" and e["run_id"] == stacker["run_id"]]
+        assert len(rounds) == 2
+        *_, stacker_eps, summed, ledger_total, _cap = eps_rows[site]
+        assert stacker_eps == pytest.approx(stacker["epsilon"][site]) and 0 < stacker_eps <= 2.0
+        assert rounds[-1]["epsilon_reported"] == pytest.approx(ledger_total, abs=1e-6)
+        assert ledger_total <= summed + 1e-9 and summed <= 8.0
