@@ -79,7 +79,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -370,12 +371,19 @@ def fold_initial_arrays(config: RunConfig, fold: int) -> ArrayRecord:
     dimensionality, ``init-from``) with the seed ``seed * 1009 + 7919 * (fold + 1)``. The
     global torch RNG is restored afterwards, so folds do not depend on each other's history.
     """
-    from server.app import initial_arrays  # server.app imports this module
+    return fold_initial_model(config, fold)[0]
+
+
+def fold_initial_model(config: RunConfig, fold: int) -> tuple[ArrayRecord, dict[str, Any] | None]:
+    """:func:`fold_initial_arrays` and, with ``init-from``, what was loaded (the checkpoint's
+    SHA-256 and tensors: :func:`server.app.initial_model`'s record), else None."""
+    from server.app import initial_model  # server.app imports this module
 
     plan = config.plan
     seeded = replace(config, plan=replace(plan, seed=plan.seed * 1009 + 7919 * (fold + 1)))
     with torch.random.fork_rng(devices=[]):
-        return initial_arrays(seeded)
+        model, loaded = initial_model(seeded)
+    return ArrayRecord(model.state_dict()), loaded
 
 
 def _histograms(replies_metrics: list[MetricRecord]) -> tuple[np.ndarray, np.ndarray] | None:
@@ -538,11 +546,37 @@ def run_fold(
     sums over several hospitals (:mod:`server.inference_secure`; not in leave-one-site-out,
     whose held-out part is one hospital by design). Never raises for node failures: they
     are recorded.
-    """
-    from server.inference_secure import secure_queries
 
-    out_dir = Path(config.out_dir)
+    A paradigm's ``fold`` hook composes the same steps: :func:`train_rounds` (one or more
+    stages), :func:`evaluate_fold` on the final model, all inside :func:`fold_guard`.
+    """
     report = RunReport(config=config)
+    initial = fold_initial_arrays(config, outcome.fold)  # a config error stops the whole CV
+    with fold_guard(outcome, [report], Path(config.out_dir)):
+        arrays = train_rounds(grid, config, outcome, report, initial=initial,
+                              train_nodes=train_nodes, progress=progress, num_folds=num_folds,
+                              secure=secure)
+        if arrays is not None:
+            evaluate_fold(grid, arrays, config, outcome, heldout_nodes=heldout_nodes,
+                          secure=secure)
+    return outcome
+
+
+def train_rounds(
+    grid: Grid, config: RunConfig, outcome: FoldOutcome, report: RunReport, *,
+    initial: ArrayRecord, train_nodes: Sequence[int] | None, progress: CVProgress | None,
+    num_folds: int, secure: bool = False,
+) -> ArrayRecord | None:
+    """``config.plan.num_rounds`` FedAvg rounds of the plan from ``initial`` on the fold's
+    training nodes, without per-round validation (CV validation patients train).
+
+    Each round goes into ``report`` (written to ``config.out_dir`` after every phase; a
+    ``progress`` "round" event per round when given), ``outcome.rounds`` and
+    ``outcome.sites`` follow it. Returns the final global model (also
+    ``<out_dir>/checkpoints/final.pt``), or None when no node trained in any round (the
+    outcome then says "failed"). Raises :class:`RunStopped` when every node refused.
+    """
+    out_dir = Path(config.out_dir)
     plan_record = config.plan.to_record()
     train_grid = grid if train_nodes is None else NodeSubsetGrid(grid, train_nodes)
     needed = len(train_nodes) if train_nodes is not None else config.min_nodes
@@ -570,43 +604,68 @@ def run_fold(
         fraction_evaluate=0.0,  # no per-round validation: CV validation patients train
         min_train_nodes=min_nodes, min_evaluate_nodes=min_nodes, min_available_nodes=min_nodes,
     )
-    initial = fold_initial_arrays(config, outcome.fold)  # a config error stops the whole CV
-    try:
-        result = strategy.start(
-            grid=train_grid, initial_arrays=initial,
-            num_rounds=config.plan.num_rounds, timeout=config.round_timeout,
-            train_config=ConfigRecord(dict(plan_record)),
-        )
-        outcome.rounds = list(report.rounds)
-        outcome.sites = report.sites()
-        if not any(entry.train for entry in report.rounds):
-            outcome.status, outcome.reason = "failed", "no node trained in any round"
+    result = strategy.start(
+        grid=train_grid, initial_arrays=initial,
+        num_rounds=config.plan.num_rounds, timeout=config.round_timeout,
+        train_config=ConfigRecord(dict(plan_record)),
+    )
+    outcome.rounds = list(report.rounds)
+    outcome.sites = report.sites()
+    if not any(entry.train for entry in report.rounds):
+        outcome.status, outcome.reason = "failed", "no node trained in any round"
+        return None
+    (out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    torch.save(result.arrays.to_torch_state_dict(), out_dir / "checkpoints" / "final.pt")
+    return result.arrays
+
+
+def evaluate_fold(
+    grid: Grid, arrays: ArrayRecord, config: RunConfig, outcome: FoldOutcome, *,
+    heldout_nodes: Sequence[int] | None, secure: bool = False,
+) -> None:
+    """Evaluate the fold's final model ``arrays`` on the held-out parts (``heldout_nodes``,
+    None: every connected node) with the task's pooled statistics; fills ``outcome``."""
+    from server.inference_secure import secure_queries
+
+    eval_grid = grid if heldout_nodes is None else NodeSubsetGrid(grid, heldout_nodes)
+    summed = secure and heldout_nodes is None
+    outcome.secure_heldout = summed
+    with secure_queries(summed, min_survivors=config.secagg_min_survivors):
+        if config.plan.task == "binary":
+            _evaluate_fold(eval_grid, arrays, config, outcome)
         else:
-            (out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-            torch.save(result.arrays.to_torch_state_dict(), out_dir / "checkpoints" / "final.pt")
-            eval_grid = grid if heldout_nodes is None else NodeSubsetGrid(grid, heldout_nodes)
-            summed = secure and heldout_nodes is None
-            outcome.secure_heldout = summed
-            with secure_queries(summed, min_survivors=config.secagg_min_survivors):
-                if config.plan.task == "binary":
-                    _evaluate_fold(eval_grid, result.arrays, config, outcome)
-                else:
-                    cv_tasks.evaluate_task_fold(eval_grid, result.arrays, config, outcome)
-        report.status, report.reason = outcome.status, outcome.reason
+            cv_tasks.evaluate_task_fold(eval_grid, arrays, config, outcome)
+
+
+@contextmanager
+def fold_guard(outcome: FoldOutcome, reports: Sequence[RunReport],
+               out_dir: Path) -> Iterator[None]:
+    """Run a fold's steps; a node failure or refusal is recorded, never raised.
+
+    On :class:`RunStopped` (every node refused, or on-refusal=stop) the fold is "stopped",
+    on any other exception "failed"; then ``outcome.rounds`` are the rounds of all
+    ``reports`` (its stages, in order) and ``outcome.sites`` the last one's. The last report
+    takes the outcome's status and is written to ``out_dir``. ``reports`` may grow while
+    the steps run (a stage's report is added when it starts).
+    """
+    try:
+        yield
     except RunStopped as exc:  # every node refused (or on-refusal=stop): said, not a crash
         log.warning("fold %s stopped: %s", outcome.fold, exc)
-        outcome.rounds = list(report.rounds)
-        outcome.sites = report.sites()
         outcome.status, outcome.reason = "stopped", str(exc)
-        report.status, report.reason = outcome.status, outcome.reason
+        _record_stages(outcome, reports)
     except Exception as exc:  # a fold may fail (e.g. no node connected): record, go on
         log.exception("fold %s failed", outcome.fold)
-        outcome.rounds = list(report.rounds)
-        outcome.sites = report.sites()
         outcome.status, outcome.reason = "failed", f"{type(exc).__name__}: {exc}"
-        report.status, report.reason = outcome.status, outcome.reason
-    report.write(out_dir)
-    return outcome
+        _record_stages(outcome, reports)
+    last = reports[-1]
+    last.status, last.reason = outcome.status, outcome.reason
+    last.write(out_dir)
+
+
+def _record_stages(outcome: FoldOutcome, reports: Sequence[RunReport]) -> None:
+    outcome.rounds = [entry for report in reports for entry in report.rounds]
+    outcome.sites = reports[-1].sites()
 
 
 # --- the whole cross-validation ----------------------------------------------------------------

@@ -189,10 +189,11 @@ def contrastive_loss(model: nn.Module, views: torch.Tensor, targets: torch.Tenso
 
 def with_unlabelled(plan: TrainPlan, split: SplitArrays, data: NodeData | None) -> SplitArrays:
     """``split`` plus the node's unlabelled training patients (same patient-level split rule,
-    :func:`client.data.task_data.load_unlabelled`), outside cross-validation; ``split``
-    alone when the node has none or they cannot be read (logged)."""
+    :func:`client.data.task_data.load_unlabelled`); ``split`` alone when the node has none or
+    they cannot be read (logged). In cross-validation the same unlabelled patients join every
+    fold: they have no label, so no fold holds them out."""
     root = getattr(data, "root", "") if data is not None else ""
-    if plan.cv_mode != "none" or not root:
+    if not root:
         return split
     from client.data.task_data import load_unlabelled
 

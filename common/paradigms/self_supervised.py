@@ -34,6 +34,13 @@ The coordinator's workflow is :func:`server.paradigms.self_supervised.run_self_s
 rounds run under the stage paradigm ``self-supervised-rounds`` (the node hook
 :func:`client.paradigms.self_supervised.self_supervised_training`), which ``--paradigm
 transfer`` uses too for ``-P pretrain-rounds=N``.
+
+Cross-validation (``vesalius federation cv --paradigm self-supervised``) is supported, not
+refused: an encoder is no predictor, so each fold pretrains on its training patients and
+judges the encoder by a linear probe (the output layer trained on the fold's labelled
+training patients, the trunk frozen) on its held-out patients, ε split evenly
+(:mod:`server.paradigms.cv_self_supervised`, which says why); other splits and fine-tuning
+are ``--paradigm transfer -P pretrain-rounds=N``'s.
 """
 
 from __future__ import annotations
@@ -102,7 +109,8 @@ SELF_SUPERVISED = register_paradigm(Paradigm(
             "image (labels unused); outputs checkpoints/encoder.pt",
     options=pretext_options(),
     workflow="server.paradigms.self_supervised:run_self_supervised",
-    cv=False,
+    cv=True,
+    fold="server.paradigms.cv_self_supervised:run_self_supervised_fold",
     check=_check,
 ))
 

@@ -15,7 +15,14 @@ hospital's ledger holds. The transfer arm's final model and inference are the ru
 
 The coordinator's workflow is :func:`server.paradigms.transfer.run_transfer`; the fine-tuning
 rounds run under the stage paradigm ``fine-tune-rounds`` (node hook
-:func:`client.paradigms.transfer.fine_tune_training`: freeze, then the task's own training).
+:func:`client.paradigms.transfer.fine_tune_training`: freeze, then the task's own training),
+whose option ``init-sha256`` carries the SHA-256 of the weights fine-tuning starts from (the
+local file, or the federated-pretrained encoder) to every node: each node's ledger entry of
+each fine-tuning round records it (its ``params``: ``paradigm`` and ``paradigm_options``).
+
+Cross-validation (``vesalius federation cv --paradigm transfer``): every fold pretrains (with
+``pretrain-rounds``) on the fold's training patients only, fine-tunes, and is evaluated on
+its held-out part (:mod:`server.paradigms.cv_transfer`); the scratch arm is not run there.
 """
 
 from __future__ import annotations
@@ -123,7 +130,8 @@ TRANSFER = register_paradigm(Paradigm(
         *pretext_options(),
     ),
     workflow="server.paradigms.transfer:run_transfer",
-    cv=False,
+    cv=True,
+    fold="server.paradigms.cv_transfer:run_transfer_fold",
     tasks=("binary", "multiclass"),
     check=_check,
 ))
@@ -133,7 +141,10 @@ FINE_TUNE = register_paradigm(Paradigm(
     summary="stage of transfer: supervised rounds with chosen layer groups frozen (run "
             "--paradigm transfer instead)",
     options=(ParadigmOption("freeze", str, "none", "layer groups kept frozen: none, trunk "
-                            "or comma-separated group names"),),
+                            "or comma-separated group names"),
+             ParadigmOption("init-sha256", str, "", "SHA-256 of the weights fine-tuning "
+                            "starts from (set by the transfer workflow; every node's ledger "
+                            "records it)")),
     node="client.paradigms.transfer:fine_tune_training",
     cv=False,
     tasks=("binary", "multiclass"),

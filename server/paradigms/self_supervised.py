@@ -29,7 +29,7 @@ from common.paradigms import canonical_options, get_paradigm, read_options
 from common.paradigms.self_supervised import HEAD_LAYERS, ROUNDS
 from server.report import RunReport
 
-__all__ = ["Pretrained", "pretrain", "run_self_supervised", "with_run_id"]
+__all__ = ["Pretrained", "pretrain", "run_self_supervised", "save_encoder", "with_run_id"]
 
 ENCODER_FILE = "encoder.pt"
 
@@ -91,14 +91,19 @@ def pretrain(grid: Grid, config: RunConfig, options: dict[str, Any], *, out_dir:
     report = run_federation(grid, sub, on_round=on_round, on_progress=on_progress)
     if not any(e.train and e.status == "aggregated" for e in report.rounds):
         raise RuntimeError(f"self-supervised pretraining failed: {report.reason}")
-    head = HEAD_LAYERS[config.plan.model] + "."
-    encoder = {name: t for name, t in _last_model(report, out_dir).items()
-               if not name.startswith(head)}
     path = out_dir / "checkpoints" / ENCODER_FILE
+    digest, tensors = save_encoder(_last_model(report, out_dir), config.plan.model, path)
+    return Pretrained(report=report, path=path, sha256=digest, tensors=tensors)
+
+
+def save_encoder(state: dict[str, torch.Tensor], model: str, path: Path) -> tuple[str, int]:
+    """Write ``state`` without the output layer of ``model`` (:data:`HEAD_LAYERS`) to
+    ``path``; return the file's SHA-256 and the number of tensors written."""
+    head = HEAD_LAYERS[model] + "."
+    encoder = {name: t for name, t in state.items() if not name.startswith(head)}
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(encoder, path)
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    return Pretrained(report=report, path=path, sha256=digest, tensors=len(encoder))
+    return hashlib.sha256(path.read_bytes()).hexdigest(), len(encoder)
 
 
 def loss_per_round(report: RunReport) -> list[float | None]:

@@ -21,6 +21,7 @@ metric per round per arm.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import shutil
 from collections.abc import Callable
@@ -38,7 +39,8 @@ from common.paradigms.transfer import FINE_TUNE
 from server.paradigms.self_supervised import ENCODER_FILE, pretrain, with_run_id
 from server.report import RunReport
 
-__all__ = ["headline_metric", "run_transfer", "validation_curve"]
+__all__ = ["fine_tune_options", "headline_metric", "run_transfer", "source_of",
+           "validation_curve"]
 
 #: The headline pooled test metric of each task's inference section.
 _HEADLINE = {"binary": ("test AUC", ("metrics", "auc")),
@@ -83,7 +85,15 @@ def _sub(config: RunConfig, out_dir: Path, stage: str, **plan: Any) -> RunConfig
                                  **plan))
 
 
-def _source(config: RunConfig, options: dict[str, Any]) -> str:
+def fine_tune_options(options: dict[str, Any], sha256: str) -> dict[str, Any]:
+    """The ``fine-tune-rounds`` stage's options: the freeze groups and the SHA-256 of the
+    weights it starts from (every node's ledger records them with each round)."""
+    return {"freeze": options["freeze"], "init-sha256": sha256}
+
+
+def source_of(config: RunConfig, options: dict[str, Any]) -> str:
+    """The local checkpoint ``-P pretrained`` names ("" with in-run pretraining); a
+    :class:`ConfigError` for ``--init-from``, which this paradigm takes as ``-P pretrained``."""
     if config.init_from:
         raise ConfigError("--paradigm transfer takes its pretrained weights as -P "
                           "pretrained=PATH (or -P pretrain-rounds=N), not --init-from")
@@ -100,7 +110,7 @@ def run_transfer(grid: Grid, config: RunConfig, *,
     config = with_run_id(config)
     paradigm = get_paradigm(config.plan.paradigm)
     options = read_options(paradigm, config.plan.paradigm_options)
-    source = _source(config, options)
+    source = source_of(config, options)
     out_dir = Path(config.out_dir)
     eps = config.plan.target_epsilon
     rounds = int(options["pretrain-rounds"])
@@ -112,9 +122,11 @@ def run_transfer(grid: Grid, config: RunConfig, *,
                        run_id=stage_run_id(config.plan.run_id, "pretrain"),
                        target_epsilon=eps * share, rounds=rounds, on_progress=on_progress)
         source, fine_eps = str(pre.path), eps * (1 - share)
+    sha256 = pre.sha256 if pre is not None else hashlib.sha256(
+        Path(source).read_bytes()).hexdigest()
     transfer = run_federation(grid, _sub(
         config, out_dir, "transfer", init_from=source, paradigm=FINE_TUNE.name,
-        paradigm_options=canonical_options({"freeze": options["freeze"]}),
+        paradigm_options=canonical_options(fine_tune_options(options, sha256)),
         target_epsilon=fine_eps), on_round=on_round, on_progress=on_progress)
     scratch = None
     if options["compare-scratch"]:
@@ -191,8 +203,8 @@ def _section(paradigm: Any, options: dict[str, Any], config: RunConfig, pre: Any
         "spends (basic composition, an upper bound); 'ledger total' is what each hospital's "
         "ledger holds for its dataset after all arms (every arm trains the same patients, "
         "so the arms' spends compose)",
-        "the checkpoint's SHA-256 and tensors loaded are in this report only (the node "
-        "ledger's entry parameters are fixed by the node)",
+        "the checkpoint's SHA-256 is also in every hospital's ledger entry of each "
+        "fine-tuning round (entry parameter paradigm_options, init-sha256)",
         "the run's result (final model, inference above) is the transfer arm's",
     ]
     return {

@@ -112,3 +112,91 @@ def test_semi_supervised_cross_validation(demo: Path, tmp_path: Path) -> None:
             assert e.dataset_size == _fold_train_patients(demo / site, e.fold) + extra
         assert all(0 < eps <= 4.0 for f in doc["inference"]["cv"]["folds"]
                    for eps in f["epsilon_by_site"].values())
+
+
+@pytest.mark.slow
+def test_transfer_cross_validation_pretrains_per_fold(demo: Path, tmp_path: Path) -> None:
+    import hashlib
+
+    from client.data.task_data import load_unlabelled
+
+    # Execute: per fold, one round of rotation pretraining, then one of fine-tuning
+    out = tmp_path / "tl"
+    doc = _cv(demo, out, "--paradigm", "transfer", "-P", "pretrain-rounds=1",
+              "-P", "freeze=trunk")
+    # Assert: per-fold held-out results of the fine-tuned models; the paradigm's notes
+    _assert_folds(doc, demo)
+    section = doc["paradigm"]
+    assert section["name"] == "transfer" and section["options"]["pretrain-rounds"] == 1
+    assert any("scratch arm is not run" in n for n in section["notes"])
+    details = doc["inference"]["cv"]["fold_details"]
+    encoders = [out / f"fold-{f}" / "pretrain" / "checkpoints" / "encoder.pt"
+                for f in range(FOLDS)]
+    hashes = [hashlib.sha256(p.read_bytes()).hexdigest() for p in encoders]
+    assert all(hashes[f] in " ".join(details[f]["notes"]) for f in range(FOLDS))
+    fold_doc = json.loads((out / "fold-0" / "report.json").read_text())
+    assert fold_doc["init_from"]["sha256"] == hashes[0]
+    # Every node's ledger: per fold a pretraining entry (its run id, the fold's training
+    # patients plus its unlabelled ones) and a fine-tuning entry (the fold's run id, the
+    # fold's labelled training patients, the encoder's hash)
+    for i in range(1, SITES + 1):
+        site = f"site-{i}"
+        extra = load_unlabelled(demo / site, image_size=SIZE).num_patients
+        entries = _train_entries(out, site)
+        assert len(entries) == 2 * FOLDS
+        for fold in range(FOLDS):
+            mine = {e.run_id: e for e in entries if e.fold == fold}
+            run_id = details[fold]["run_id"]
+            assert set(mine) == {run_id, f"{run_id}-pretrain"}
+            pre, fine = mine[f"{run_id}-pretrain"], mine[run_id]
+            patients = _fold_train_patients(demo / site, fold)
+            assert pre.params["paradigm"] == "self-supervised-rounds"
+            assert pre.dataset_size == patients + extra
+            assert fine.params["paradigm"] == "fine-tune-rounds"
+            assert fine.dataset_size == patients
+            assert json.loads(fine.params["paradigm_options"]) == {
+                "freeze": "trunk", "init-sha256": hashes[fold]}
+    for row in doc["inference"]["cv"]["folds"]:  # both stages: ε within the run's target
+        assert all(0 < eps <= 4.0 + 1e-6 for eps in row["epsilon_by_site"].values())
+
+
+@pytest.mark.slow
+def test_self_supervised_cross_validation_judges_the_encoder_by_a_linear_probe(
+    demo: Path, tmp_path: Path
+) -> None:
+    import torch
+
+    # Execute: per fold one masked-patch pretext round, then one linear-probe round
+    out = tmp_path / "ssl"
+    doc = _cv(demo, out, "--paradigm", "self-supervised", "-P", "pretext=masked")
+    # Assert: per-fold held-out results of the probes; the probe left the encoder as it was
+    _assert_folds(doc, demo)
+    section = doc["paradigm"]
+    assert section["name"] == "self-supervised" and section["options"]["pretext"] == "masked"
+    assert any("linear probe" in n for n in section["notes"])
+    assert not any("scratch arm" in n for n in section["notes"])
+    encoder = torch.load(out / "fold-0" / "pretrain" / "checkpoints" / "encoder.pt",
+                         weights_only=True)
+    probe = torch.load(out / "fold-0" / "checkpoints" / "final.pt", weights_only=True)
+    assert all(torch.allclose(probe[name], t, atol=1e-5) for name, t in encoder.items())
+    details = doc["inference"]["cv"]["fold_details"]
+    for i in range(1, SITES + 1):
+        entries = _train_entries(out, f"site-{i}")
+        assert sorted((e.fold, e.params["paradigm"]) for e in entries) == sorted(
+            (f, p) for f in range(FOLDS)
+            for p in ("self-supervised-rounds", "fine-tune-rounds"))
+        assert {e.run_id for e in entries} == {
+            rid for d in details for rid in (d["run_id"], f"{d['run_id']}-pretrain")}
+    for row in doc["inference"]["cv"]["folds"]:
+        assert all(0 < eps <= 4.0 + 1e-6 for eps in row["epsilon_by_site"].values())
+
+
+def test_self_supervised_cross_validation_refuses_init_from(tmp_path: Path) -> None:
+    from common.config import RunConfig, TrainPlan
+    from common.errors import ConfigError
+    from server.paradigms.cv_self_supervised import run_self_supervised_fold
+
+    config = RunConfig(plan=TrainPlan(paradigm="self-supervised"), init_from="x.pt")
+    with pytest.raises(ConfigError, match="drop --init-from"):
+        run_self_supervised_fold(None, config, None, train_nodes=None,  # type: ignore[arg-type]
+                                 heldout_nodes=None, progress=None, num_folds=2)

@@ -143,16 +143,6 @@ def test_plans_these_paradigms_cannot_run_are_refused_before_anything_starts(
     assert not (tmp_path / "out" / "report.json").exists()
 
 
-def test_cross_validation_of_these_paradigms_is_refused(tmp_path: Path) -> None:
-    for paradigm in ("self-supervised", "transfer"):
-        result = CliRunner().invoke(app, [
-            "federation", "cv", "--data-root", str(tmp_path), "--folds", "2",
-            "--paradigm", paradigm, "--out", str(tmp_path / "out")],
-            terminal_width=300, env={"COLUMNS": "300"})
-        assert result.exit_code != 0
-        assert "cannot run as a cross-validation" in " ".join(result.output.split())
-
-
 def test_a_resumed_run_of_these_paradigms_is_refused() -> None:
     from common.config import RunConfig, TrainPlan
     from common.errors import ConfigError
