@@ -34,7 +34,8 @@ from common.models.registry import build_model, get_spec, list_models
 def _opacus_samples(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
     ref = GradSampleModule(copy.deepcopy(model))
     nn.functional.cross_entropy(ref(x), y).backward()
-    return {name: p.grad_sample for name, p in ref._module.named_parameters() if p.requires_grad}
+    return {name: p.grad_sample for name, p in ref._module.named_parameters()
+            if p.requires_grad and getattr(p, "grad_sample", None) is not None}  # used ones
 
 
 def _direct_samples(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -48,7 +49,8 @@ def _direct_samples(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[
         engine.close()
     after = [p.requires_grad for p in net.parameters()]
     assert after == before, "parameters not given back to autograd"
-    return {name: p.grad_sample for name, p in net.named_parameters() if p.requires_grad}
+    return {name: p.grad_sample for name, p in net.named_parameters()
+            if p.requires_grad and getattr(p, "grad_sample", None) is not None}
 
 
 def _assert_same(ours: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> None:
