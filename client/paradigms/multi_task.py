@@ -14,40 +14,34 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from client.data.node_data import NodeData, SplitArrays
 from client.paradigms import NodeTraining
 from common.config import TrainPlan
 from common.errors import ConfigError
+from common.models.multi_task import presence_targets
 from common.tasks.base import Task
 
 __all__ = ["multi_task_loss", "multi_task_training", "presence_targets"]
 
 
-def presence_targets(masks: torch.Tensor) -> torch.Tensor:
-    """``[B]`` int64: 1 where a sample's mask ``[B, *spatial]`` has a foreground pixel."""
-    return (masks.flatten(1) >= 1).any(dim=1).long()
-
-
-def multi_task_loss(task: Task, segmentation_weight: float, presence_weight: float
+def multi_task_loss(segmentation_weight: float, presence_weight: float
                     ) -> Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]:
     """The per-sample loss ``input_loss(model, images, masks) -> [B]`` of the two heads.
 
     Row ``i`` is ``segmentation_weight * task.per_sample_loss(mask logits_i, mask_i) +
-    presence_weight * cross_entropy(presence logits_i, presence(mask_i))``: it depends on
-    row ``i`` only.
+    presence_weight * cross_entropy(presence logits_i, presence(mask_i))``
+    (:meth:`common.models.multi_task.MultiTaskUNet.multi_task_loss_per_sample`): it depends
+    on row ``i`` only.
     """
     def loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        heads = getattr(getattr(model, "_module", model), "heads", None)
-        if not callable(heads):
+        per_sample = getattr(getattr(model, "_module", model), "multi_task_loss_per_sample", None)
+        if not callable(per_sample):
             raise ConfigError("--paradigm multi-task needs a model with several heads "
                               "(--model multi-task-unet)")
-        segmentation, presence = heads(inputs)
-        masks = targets.long()
-        seg = task.per_sample_loss(segmentation, masks)
-        pres = F.cross_entropy(presence, presence_targets(masks), reduction="none")
-        return segmentation_weight * seg + presence_weight * pres
+        out: torch.Tensor = per_sample(inputs, targets, segmentation_weight=segmentation_weight,
+                                       presence_weight=presence_weight)
+        return out
 
     return loss
 
@@ -65,7 +59,7 @@ def multi_task_training(plan: TrainPlan, task: Task, split: SplitArrays, data: N
                           safe_reason="refused: --paradigm multi-task needs a multi-task model")
     dataset = augment_dataset(PatientRecordDataset(split), plan.augment, task.info.name,
                               plan.samples)
-    loss = multi_task_loss(task, float(options["segmentation-weight"]),
+    loss = multi_task_loss(float(options["segmentation-weight"]),
                            float(options["presence-weight"]))
     return NodeTraining(model=model, dataset=dataset, num_patients=split.num_patients,
                         losses={"input_loss": loss})
