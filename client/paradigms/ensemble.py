@@ -1,5 +1,12 @@
-"""The node's step of an ensemble's stacker (stage paradigm ``ensemble-stacker``).
+"""The node's steps of an ensemble: its members with dropout, its stacker.
 
+Members with ``-P dropout=p`` (stage paradigm ``ensemble-member``) train as supervised runs
+with dropout of rate ``p`` on the input of the model's last linear layer
+(:func:`add_dropout`: a forward pre-hook, so the weights and their names are the model's own
+and FedAvg, checkpoints and every query read them unchanged); the ``ensemble-scores`` query
+switches the same dropout on for its MC-dropout passes.
+
+The stacker (stage paradigm ``ensemble-stacker``):
 The stacker is a linear head over the logits ``z_i = log p_i / (1 - p_i)`` of ``M`` frozen
 members: ``logit p = b + sum_i w_i z_i``. Its model (:class:`Stacker`) holds the members
 (``members.<i>.*``, frozen, always in eval mode: no dropout) and the head (``head.weight``,
@@ -11,6 +18,7 @@ own loss under DP-SGD; the accountant and the ledger count those patients.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
@@ -24,7 +32,41 @@ from common.errors import ConfigError
 from common.paradigms import get_paradigm, read_options
 from common.tasks.base import Task
 
-__all__ = ["Stacker", "stacker_model", "stacker_training"]
+__all__ = ["Stacker", "add_dropout", "has_dropout", "member_training", "stacker_model",
+           "stacker_training"]
+
+
+def _dropout_input(p: float, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    return (torch.nn.functional.dropout(args[0], p, module.training), *args[1:])
+
+
+def has_dropout(model: nn.Module) -> bool:
+    """Whether ``model`` has a dropout layer of positive rate."""
+    return any(isinstance(m, nn.modules.dropout._DropoutNd) and float(m.p) > 0
+               for m in model.modules())
+
+
+def add_dropout(model: nn.Module, p: float) -> nn.Module:
+    """Dropout of rate ``p`` on the input of ``model``'s last linear layer, active in train
+    mode only (a forward pre-hook: no new weights); ``model`` is returned."""
+    if p <= 0:
+        return model
+    linear = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linear:
+        raise ConfigError("no linear layer for dropout", safe_reason="refused: the model has no "
+                          "linear layer to put the ensemble's dropout before")
+    linear[-1].register_forward_pre_hook(partial(_dropout_input, float(p)))
+    return model
+
+
+def member_training(plan: TrainPlan, task: Task, split: SplitArrays, data: NodeData,
+                    model: nn.Module, options: dict[str, Any]) -> NodeTraining:
+    """A member's supervised step with dropout before its last linear layer."""
+    from client.paradigms import supervised_training
+
+    training = supervised_training(plan, task, split, data, model, {})
+    add_dropout(training.model, float(options["dropout"]))
+    return training
 
 
 class Stacker(nn.Module):

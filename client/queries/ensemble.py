@@ -7,20 +7,23 @@ the bins (``value-bins`` on [0, 1] for scores, ``uncertainty-bins`` for uncertai
 every held-out patient the node computes, and keeps, each member's probability ``p_i``, the
 ensemble's ``p = sum_i w_i p_i`` (with a trained stacker's head ``ensemble-stacker`` =
 ``[v_1, ..., v_M, b]``: ``p = sigmoid(b + sum_i v_i logit p_i)``; the disagreement keeps the
-weights ``w``) and three uncertainties scaled to [0, 1]: the binary entropy
-(in bits) of member 0's mean over MC-dropout passes, the members' weighted variance
+weights ``w``), member 0's mean ``m`` over T MC-dropout passes (``mc-samples``; with
+``mc-dropout`` = p the node switches on dropout of rate p before member 0's last linear layer
+for them, :func:`client.paradigms.ensemble.add_dropout`, as its training had it) and three
+uncertainties scaled to [0, 1]: the binary entropy (in bits) of ``m``, the members' weighted variance
 ``4 sum_i w_i (p_i - p)^2`` (disagreement) and the entropy of ``p``. It releases only counts:
 
 ``ensemble-member-hist`` (M, 2, B)
     Per member, the positive and the negative patients' score histograms.
-``ensemble-variant-hist`` (2, 2, B)
-    The same for the single model (member 0) and for the ensemble.
+``ensemble-variant-hist`` (3, 2, B)
+    The same for the single model (member 0), the ensemble and member 0's MC-dropout mean.
 ``ensemble-uncertainty-hist`` (3, 2, U)
-    Per uncertainty, its histogram over the patients the model (member 0 for the first, the
-    ensemble for the others) misclassifies at 0.5, and over those it classifies right.
+    Per uncertainty, its histogram over the patients the model (member 0's MC-dropout mean
+    for the first, the ensemble for the others) misclassifies at 0.5, and over those it
+    classifies right.
 
 A patient adds 1 to one cell of each histogram row: L2 sensitivities ``sqrt(M)``,
-``sqrt(2)`` and ``sqrt(3)``; the patient count 1. Fine histograms: released only where the
+``sqrt(3)`` and ``sqrt(3)``; the patient count 1. Fine histograms: released only where the
 hospital consents (``release-histograms``) and, like the score histograms, exempt from
 small-cell suppression.
 """
@@ -39,6 +42,7 @@ from client.release import Statistic
 from common import messages as k
 from common.errors import ConfigError
 from common.paradigms.ensemble import (
+    MC_DROPOUT,
     MEMBER_HIST,
     QUERY,
     STACKER_HEAD,
@@ -98,6 +102,39 @@ def stacked(member_probs: np.ndarray, head: np.ndarray) -> np.ndarray:
     return expit(head[-1] + head[:-1] @ logit(p))
 
 
+def _dropout_rate(req: QueryRequest) -> float:
+    raw = req.config.get(MC_DROPOUT, 0.0)
+    if isinstance(raw, bool) or not isinstance(raw, (int, float)) or not 0 <= raw < 1:
+        raise ConfigError("bad dropout rate", safe_reason=f"malformed query: {MC_DROPOUT} must "
+                          "be a number in [0, 1)")
+    return float(raw)
+
+
+def _mc_dropout(req: QueryRequest, data: Any, key: str, passes: int, rate: float) -> np.ndarray:
+    """``(T, n_patients)`` probabilities of ``key`` with dropout ``rate`` before its last
+    linear layer (:func:`client.paradigms.ensemble.add_dropout`), each pass a fresh mask."""
+    import torch
+
+    from client.paradigms.ensemble import add_dropout
+    from client.queries.scoring import load_model
+
+    split, device = data.split, data.device
+    _, inverse = np.unique(split.patient_index.reshape(-1).cpu().numpy(), return_inverse=True)
+    counts = np.bincount(inverse)
+    model = add_dropout(load_model(req, key), rate).to(device).train()
+    rows = []
+    with torch.no_grad():
+        for _ in range(passes):
+            img = torch.cat([torch.softmax(model(split.images[i:i + 256].to(device)), dim=1)[:, 1]
+                             .double().cpu() for i in range(0, len(split.images), 256)]).numpy()
+            rows.append(np.bincount(inverse, weights=img) / counts)
+    out = np.vstack(rows)
+    if not np.all(np.isfinite(out)):
+        raise ConfigError("non-finite scores", safe_reason="the model produced non-finite "
+                          "scores")
+    return out
+
+
 def _binary_entropy_bits(p: np.ndarray) -> np.ndarray:
     q = np.clip(p, 1e-12, 1.0 - 1e-12)
     return np.clip(-(q * np.log(q) + (1 - q) * np.log(1 - q)) / math.log(2.0), 0.0, 1.0)
@@ -147,13 +184,15 @@ def ensemble_histograms(member_probs: np.ndarray, labels: np.ndarray, weights: n
     single = p[0]
     disagreement = np.clip(4.0 * (weights @ (p - mean) ** 2), 0.0, 1.0)
     mc_entropy = _binary_entropy_bits(np.asarray(mc_probs, dtype=np.float64).mean(axis=0))
-    wrong_single = (single >= 0.5).astype(int) != y
+    mc_mean = np.asarray(mc_probs, dtype=np.float64).mean(axis=0)
+    wrong_mc = (mc_mean >= 0.5).astype(int) != y
     wrong_ens = (ens >= 0.5).astype(int) != y
     return {
         MEMBER_HIST: np.stack([_class_hist(row, y, bins) for row in p]),
-        VARIANT_HIST: np.stack([_class_hist(single, y, bins), _class_hist(ens, y, bins)]),
+        VARIANT_HIST: np.stack([_class_hist(single, y, bins), _class_hist(ens, y, bins),
+                                _class_hist(mc_mean, y, bins)]),
         UNCERTAINTY_HIST: np.stack([
-            _error_hist(mc_entropy, wrong_single, uncertainty_bins),
+            _error_hist(mc_entropy, wrong_mc, uncertainty_bins),
             _error_hist(disagreement, wrong_ens, uncertainty_bins),
             _error_hist(_binary_entropy_bits(ens), wrong_ens, uncertainty_bins)]),
     }
@@ -178,7 +217,7 @@ class EnsembleScoresQuery(Query):
         ubins = int_param(req, UNCERTAINTY_BINS_KEY, UNCERTAINTY_BINS, lo=2, hi=10_000)
         return [Statistic(k.NUM_EXAMPLES, 1.0, integer=True),
                 Statistic(MEMBER_HIST, math.sqrt(members), (members, 2, bins), integer=True),
-                Statistic(VARIANT_HIST, math.sqrt(2.0), (2, 2, bins), integer=True),
+                Statistic(VARIANT_HIST, math.sqrt(3.0), (3, 2, bins), integer=True),
                 Statistic(UNCERTAINTY_HIST, math.sqrt(3.0), (3, 2, ubins), integer=True)]
 
     def compute(self, req: QueryRequest, data: Any) -> dict[str, Any]:
@@ -188,7 +227,13 @@ class EnsembleScoresQuery(Query):
         probs = patient_samples(req, data, members, passes=1)
         probs[0] = single
         passes = int_param(req, k.MC_SAMPLES, 10, lo=1, hi=MAX_PASSES)
-        mc = patient_samples(req, data, [members[0]], passes=passes) if passes > 1 else probs[:1]
+        rate = _dropout_rate(req)
+        if passes > 1 and rate > 0:
+            mc = _mc_dropout(req, data, members[0], passes, rate)
+        elif passes > 1:  # the model's own dropout layers
+            mc = patient_samples(req, data, [members[0]], passes=passes)
+        else:
+            mc = probs[:1]
         out: dict[str, Any] = ensemble_histograms(
             probs, labels, weights, mc, bins=int_param(req, k.VALUE_BINS, SCORE_BINS, lo=2,
                                                        hi=100_000),

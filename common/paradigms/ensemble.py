@@ -27,9 +27,14 @@ from collections.abc import Mapping
 from typing import Any
 
 from common.errors import ConfigError
-from common.paradigms.registry import Paradigm, ParadigmOption, register_paradigm
+from common.paradigms.registry import (
+    Paradigm,
+    ParadigmOption,
+    canonical_options,
+    register_paradigm,
+)
 
-__all__ = ["ENSEMBLE", "QUERY", "STACKER", "member_epsilon", "member_run_id",
+__all__ = ["ENSEMBLE", "MEMBER", "QUERY", "STACKER", "member_epsilon", "member_paradigm", "member_run_id",
            "stacker_epsilon", "stacker_run_id"]
 
 #: The statistics query of :mod:`client.queries.ensemble`.
@@ -40,6 +45,9 @@ WEIGHTS = "ensemble-weights"
 MEMBER_HIST = "ensemble-member-hist"
 VARIANT_HIST = "ensemble-variant-hist"
 UNCERTAINTY_HIST = "ensemble-uncertainty-hist"
+#: Config key of the query: dropout rate of member 0's MC-dropout passes, before its last
+#: linear layer (0 or absent: the model's own dropout layers).
+MC_DROPOUT = "mc-dropout"
 #: Config key of the query: a trained stacker's head ``[w_1, ..., w_M, b]`` (the ensemble's
 #: probability is ``sigmoid(b + sum_i w_i logit p_i)``; absent: the weighted average).
 STACKER_HEAD = "ensemble-stacker"
@@ -72,6 +80,29 @@ def _check(plan: Any, options: Mapping[str, Any]) -> None:
     if plan.task != "binary":
         raise ConfigError(f"--paradigm ensemble serves the binary task, not {plan.task!r}; "
                           "run it with --task binary")
+    if options.get("uncertainty", "disagreement") != "disagreement" \
+            and float(options.get("dropout", 0.0)) <= 0 and not _model_has_dropout(plan):
+        raise ConfigError(f"-P uncertainty={options['uncertainty']} needs dropout, and model "
+                          f"{plan.model!r} has no dropout layer: add -P dropout=0.2 (dropout "
+                          "before the members' last linear layer) or use "
+                          "-P uncertainty=disagreement")
+
+
+def _model_has_dropout(plan: Any) -> bool:
+    from client.paradigms.ensemble import has_dropout
+    from common.models import build_model
+    from common.tasks.federated import spatial_dims
+
+    return has_dropout(build_model(plan.model, in_channels=1, num_classes=2,
+                                   image_size=plan.image_size,
+                                   spatial_dims=spatial_dims(plan.samples)))
+
+
+def member_paradigm(dropout: float) -> tuple[str, str]:
+    """``(paradigm, options)`` of a member's sub-run: supervised, or with dropout."""
+    if dropout <= 0:
+        return "supervised", ""
+    return "ensemble-member", canonical_options({"dropout": float(dropout)})
 
 
 ENSEMBLE = register_paradigm(Paradigm(
@@ -96,6 +127,13 @@ ENSEMBLE = register_paradigm(Paradigm(
                        "(target coverage 1 - alpha)", minimum=0.01, maximum=0.5),
         ParadigmOption("mc-samples", int, 10, "MC-dropout passes of the single member",
                        minimum=2, maximum=100),
+        ParadigmOption("uncertainty", str, "disagreement", "uncertainty for the prediction "
+                       "sets and error detection: the members' disagreement, MC-dropout of "
+                       "member 0 (needs dropout: the model's own or -P dropout=p), or both",
+                       choices=("disagreement", "mc-dropout", "both")),
+        ParadigmOption("dropout", float, 0.0, "dropout rate before the members' last linear "
+                       "layer, in their training and the MC-dropout passes (0: none added)",
+                       minimum=0.0, maximum=0.7),
     ),
     workflow="server.paradigms.ensemble:run_ensemble",
     cv=False,
@@ -111,6 +149,17 @@ STACKER = register_paradigm(Paradigm(
     options=(ParadigmOption("members", int, 3, "number of frozen members in the arrays",
                             minimum=2, maximum=16),),
     node="client.paradigms.ensemble:stacker_training",
+    cv=False,
+    tasks=("binary",),
+    stage=True,
+))
+
+MEMBER = register_paradigm(Paradigm(
+    name="ensemble-member",
+    summary="stage of ensemble (-P dropout=p): a member's supervised rounds with dropout "
+            "before the model's last linear layer (run --paradigm ensemble)",
+    options=(ParadigmOption("dropout", float, 0.1, "dropout rate", minimum=0.0, maximum=0.7),),
+    node="client.paradigms.ensemble:member_training",
     cv=False,
     tasks=("binary",),
     stage=True,

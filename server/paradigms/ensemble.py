@@ -40,6 +40,7 @@ from common.config import RunConfig
 from common.errors import ConfigError
 from common.paradigms import get_paradigm, read_options
 from common.paradigms.ensemble import (
+    MC_DROPOUT,
     MEMBER_HIST,
     QUERY,
     STACKER_HEAD,
@@ -48,6 +49,7 @@ from common.paradigms.ensemble import (
     VARIANT_HIST,
     WEIGHTS,
     member_epsilon,
+    member_paradigm,
     member_run_id,
 )
 from common.secagg.params import enabled as secagg_enabled
@@ -77,8 +79,11 @@ def _with_run_id(config: RunConfig) -> RunConfig:
 def member_config(config: RunConfig, index: int, members: int, *,
                   min_nodes: int | None = None, stacker_share: float = 0.0) -> RunConfig:
     """The sub-run of member ``index``: supervised plan, own seed, run id, out dir and ε."""
+    options = read_options(get_paradigm("ensemble"), config.plan.paradigm_options)
+    paradigm, paradigm_options = member_paradigm(float(options["dropout"]))
     plan = dataclasses.replace(
-        config.plan, paradigm="supervised", paradigm_options="", seed=config.plan.seed + index,
+        config.plan, paradigm=paradigm, paradigm_options=paradigm_options,
+        seed=config.plan.seed + index,
         run_id=member_run_id(config.plan.run_id, index),
         target_epsilon=member_epsilon(config.plan.target_epsilon, members, stacker_share))
     return dataclasses.replace(
@@ -102,7 +107,7 @@ def _final_arrays(report: RunReport) -> ArrayRecord | None:
 
 def _query(grid: Grid, node_ids: list[int], config: RunConfig, arrays: list[ArrayRecord],
            split: str, weights: np.ndarray, mc_samples: int,
-           stacker: list[float] | None = None) -> dict[str, Any]:
+           stacker: list[float] | None = None, dropout: float = 0.0) -> dict[str, Any]:
     from server.inference import query_nodes
 
     cfg = {**config.plan.to_record(), k.SPLIT: split, WEIGHTS: [float(w) for w in weights],
@@ -110,6 +115,8 @@ def _query(grid: Grid, node_ids: list[int], config: RunConfig, arrays: list[Arra
            "uncertainty-bins": UNCERTAINTY_BINS}
     if stacker is not None:
         cfg[STACKER_HEAD] = [float(v) for v in stacker]
+    if dropout > 0:
+        cfg[MC_DROPOUT] = float(dropout)
     res = query_nodes(grid, node_ids, QUERY, cfg, timeout=config.round_timeout,
                       records={f"{k.ENSEMBLE_PREFIX}{i}": a for i, a in enumerate(arrays)},
                       required=(MEMBER_HIST, VARIANT_HIST, UNCERTAINTY_HIST))
@@ -119,18 +126,10 @@ def _query(grid: Grid, node_ids: list[int], config: RunConfig, arrays: list[Arra
     pooled = res.pooled((MEMBER_HIST, VARIANT_HIST, UNCERTAINTY_HIST))
     m = len(arrays)
     return {"member": pooled[MEMBER_HIST].reshape(m, 2, SCORE_BINS),
-            "variant": pooled[VARIANT_HIST].reshape(2, 2, SCORE_BINS),
+            "variant": pooled[VARIANT_HIST].reshape(3, 2, SCORE_BINS),
             "uncertainty": pooled[UNCERTAINTY_HIST].reshape(3, 2, UNCERTAINTY_BINS),
             "sites": [res.sites[i] for i in res.values], "failures": res.failures,
             "heads": dict(res.heads)}
-
-
-def _has_dropout(config: RunConfig) -> bool:
-    from server.app import initial_model
-
-    return any(isinstance(mod, torch.nn.modules.dropout._DropoutNd)
-               and float(getattr(mod, "p", 0.0)) > 0
-               for mod in initial_model(config)[0].modules())
 
 
 def _epsilon_rows(members: list[RunReport]) -> tuple[list[str], list[list[Any]]]:
@@ -155,11 +154,17 @@ def _epsilon_rows(members: list[RunReport]) -> tuple[list[str], list[list[Any]]]
 
 
 def _comparison(val: dict[str, Any], test: dict[str, Any], alpha: float,
-                combine: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Single model vs ensemble rows (test patients) and the uncertainty rows."""
-    names = ["single member (member 0)", f"ensemble ({combine})"]
+                combine: str, uncertainty: str,
+                passes: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Single model vs ensemble (vs MC-dropout) rows (test patients) and the uncertainty rows
+    of the ``uncertainty`` option (disagreement, mc-dropout or both)."""
+    mc = uncertainty in ("mc-dropout", "both")
+    names = ["single member (member 0)", f"ensemble ({combine})",
+             f"member 0, MC-dropout mean of {passes} passes"]
+    measures = [u for u in range(len(UNCERTAINTY_MEASURES))
+                if (u == 0 and mc) or (u > 0 and uncertainty != "mc-dropout")]
     rows = []
-    for v, name in enumerate(names):
+    for v, name in enumerate(names if mc else names[:2]):
         qhat = st.conformal_qhat(val["variant"][v], alpha=alpha)
         cov = st.coverage(test["variant"][v], qhat) if math.isfinite(qhat) else None
         rows.append({"model": name, "auc": st.auc(test["variant"][v]),
@@ -168,10 +173,10 @@ def _comparison(val: dict[str, Any], test: dict[str, Any], alpha: float,
                      "qhat": qhat if math.isfinite(qhat) else None,
                      "coverage": None if cov is None else cov["coverage"]["value"],
                      "mean_set_size": None if cov is None else cov["mean_set_size"]})
-    unc = [{"model": names[0 if u == 0 else 1], "uncertainty": measure,
+    unc = [{"model": names[2 if u == 0 else 1], "uncertainty": UNCERTAINTY_MEASURES[u],
             "error_auroc": st.error_auroc(test["uncertainty"][u]),
             "errors": int(np.rint(test["uncertainty"][u][0]).sum())}
-           for u, measure in enumerate(UNCERTAINTY_MEASURES)]
+           for u in measures]
     return rows, {"rows": unc}
 
 
@@ -265,7 +270,8 @@ def _section(grid: Grid, node_ids: list[int], config: RunConfig, options: dict[s
         bad = [i for i, a in enumerate(arrays) if a is None]
         section.update(status="failed", reason=f"member(s) {bad} have no final model")
         return section
-    mc = int(options["mc-samples"])
+    uncertainty, dropout = str(options["uncertainty"]), float(options["dropout"])
+    mc = int(options["mc-samples"]) if uncertainty != "disagreement" else 1
     try:
         equal = np.full(m, 1.0 / m)
         if combine == "stacker":
@@ -273,11 +279,13 @@ def _section(grid: Grid, node_ids: list[int], config: RunConfig, options: dict[s
                                     rounds=int(options["stacker-rounds"]))
             _stacker_section(section, stacker, columns, eps_rows)
         head = section["stacker"]["head"] if combine == "stacker" else None
-        val = _query(grid, node_ids, config, arrays, k.SPLIT_VAL, equal, mc, head)
+        val = _query(grid, node_ids, config, arrays, k.SPLIT_VAL, equal, mc, head, dropout)
         weights = st.member_weights(val["member"]) if combine == "weighted" else equal
         if combine == "weighted":
-            val = _query(grid, node_ids, config, arrays, k.SPLIT_VAL, weights, mc)
-        test = _query(grid, node_ids, config, arrays, k.SPLIT_TEST, weights, mc, head)
+            val = _query(grid, node_ids, config, arrays, k.SPLIT_VAL, weights, mc, None,
+                         dropout)
+        test = _query(grid, node_ids, config, arrays, k.SPLIT_TEST, weights, mc, head,
+                      dropout)
     except Exception as exc:  # noqa: BLE001 - the members' reports are already written
         log.warning("ensemble evaluation failed: %s", exc)
         section.update(status="failed", reason=f"{type(exc).__name__}: {exc}")
@@ -285,22 +293,26 @@ def _section(grid: Grid, node_ids: list[int], config: RunConfig, options: dict[s
     for i, row in enumerate(section["members"]):
         row.update(val_auc=st.auc(val["member"][i]), test_auc=st.auc(test["member"][i]),
                    weight=float(weights[i]))
-    rows, unc = _comparison(val, test, float(options["alpha"]), combine)
+    rows, unc = _comparison(val, test, float(options["alpha"]), combine, uncertainty, mc)
     alpha = float(options["alpha"])
     section["comparison"] = {"rows": rows, "uncertainty": unc["rows"], "alpha": alpha,
                              "target_coverage": 1 - alpha, "weights": [float(w) for w in weights],
                              "test_sites": test["sites"], "failures": val["failures"]
                              + test["failures"], "ledger_heads": test["heads"]}
-    if not _has_dropout(config):
+    if uncertainty != "disagreement":
         section["notes"].append(
-            f"The model {config.plan.model!r} has no dropout layer: its MC-dropout passes are "
-            "identical, so the single member's 'MC-dropout entropy' is its predictive entropy.")
+            f"MC-dropout: {mc} stochastic passes of member 0 at every hospital with "
+            + (f"dropout {dropout:g} before its last linear layer (as in its training)"
+               if dropout > 0 else f"the dropout layers of {config.plan.model!r}")
+            + "; their mean is a model of its own (its AUC, ECE and prediction sets in the "
+            "first table), its predictive entropy flags its errors.")
     section["notes"].append(
         f"Conformal prediction sets at target coverage {1 - alpha:.2f} (α = {alpha:g}), "
         f"calibrated on the validation patients; scores known to 1/{SCORE_BINS}, "
         "nonconformity rounded up. Error = misclassified at 0.5.")
     section["tables"] = [
-        {"title": "Single member vs ensemble (test patients, pooled over hospitals)",
+        {"title": "Single member vs ensemble (test patients, pooled over hospitals)"
+                  + (" and MC-dropout" if uncertainty != "disagreement" else ""),
          "columns": ["model", "AUC", "accuracy", "ECE", f"coverage (target {1 - alpha:.2f})",
                      "mean set size"],
          "rows": [[r["model"], r["auc"], r["accuracy"], r["ece"], r["coverage"],

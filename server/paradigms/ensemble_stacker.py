@@ -12,7 +12,6 @@ their patients (the members come back unchanged and stay the coordinator's own).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from flwr.serverapp import Grid
 
 from common import messages as k
 from common.config import RunConfig
+from common.paradigms import canonical_options
 from common.paradigms.ensemble import stacker_epsilon, stacker_run_id
 
 log = logging.getLogger(__name__)
@@ -56,8 +56,7 @@ def stacker_plan(config: RunConfig, members: int, share: float, rounds: int) -> 
     plan = config.plan
     return dataclasses.replace(
         plan, paradigm="ensemble-stacker",
-        paradigm_options=json.dumps({"members": int(members)}, sort_keys=True,
-                                    separators=(",", ":")),
+        paradigm_options=canonical_options({"members": int(members)}),
         run_id=stacker_run_id(plan.run_id), num_rounds=int(rounds),
         target_epsilon=stacker_epsilon(plan.target_epsilon, share))
 

@@ -61,7 +61,9 @@ def _ledger(path: Path) -> list[dict[str, Any]]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("options", [("members=2",),
-                                     ("members=2", "method=bagging", "combine=weighted")])
+                                     ("members=2", "method=bagging", "combine=weighted"),
+                                     ("members=2", "uncertainty=both", "dropout=0.3",
+                                      "mc-samples=4")])
 def test_an_ensemble_trains_its_members_and_reports_single_vs_ensemble(
     options: tuple[str, ...], data: Path, tmp_path: Path
 ) -> None:
@@ -92,10 +94,19 @@ def test_an_ensemble_trains_its_members_and_reports_single_vs_ensemble(
         assert 0.0 <= row["auc"] <= 1.0 and 0.0 <= row["ece"] <= 1.0
         assert 0.0 <= row["coverage"] <= 1.0 and 0.0 <= row["mean_set_size"] <= 2.0
     assert comp["target_coverage"] == pytest.approx(0.9)
-    assert len(comp["uncertainty"]) == 3
+    mc = "uncertainty=both" in options
+    assert [u["uncertainty"] for u in comp["uncertainty"]] == (
+        ["single MC-dropout entropy"] if mc else []) + [
+        "ensemble disagreement (variance)", "ensemble predictive entropy"]
+    assert all(0.0 <= u["error_auroc"] <= 1.0 for u in comp["uncertainty"] if u["errors"])
+    if mc:  # member 0's MC-dropout mean: a third model with its own sets and figures
+        assert comp["rows"][2]["model"] == "member 0, MC-dropout mean of 4 passes"
+        assert comp["uncertainty"][0]["model"] == comp["rows"][2]["model"]
+        assert any("MC-dropout: 4 stochastic passes" in n for n in section["notes"])
     assert sum(comp["weights"]) == pytest.approx(1.0)
     titles = [t["title"] for t in section["tables"]]
-    assert titles[0].startswith("Single member vs ensemble") and len(section["tables"][0]["rows"]) == 2
+    assert titles[0].startswith("Single member vs ensemble")
+    assert len(section["tables"][0]["rows"]) == (3 if mc else 2)
     assert "Single member vs ensemble" in " ".join(result.output.split())
     # Assert: the Result headline is the ensemble's pooled AUC (report.json, summary.txt,
     # report.html and the screen), not member 0's

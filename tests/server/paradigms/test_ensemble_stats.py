@@ -92,7 +92,7 @@ def test_error_detection_auroc_equals_sklearn_on_the_pooled_uncertainties(pooled
         return -(q * np.log2(q) + (1 - q) * np.log2(1 - q))
 
     variance = 4 * (w @ (p - ens) ** 2)
-    cases = [(entropy(mc.mean(axis=0)), (p[0] >= 0.5) != y),
+    cases = [(entropy(mc.mean(axis=0)), (mc.mean(axis=0) >= 0.5) != y),
              (variance, (ens >= 0.5) != y), (entropy(ens), (ens >= 0.5) != y)]
     for u, (values, wrong) in enumerate(cases):
         expected = roc_auc_score(wrong, values)
@@ -117,6 +117,46 @@ def test_conformal_threshold_and_coverage_match_the_pooled_scores(pooled) -> Non
     boundary = np.sum(np.abs(np.concatenate([ens[half:], 1 - ens[half:]]) - qhat) < 1.0 / BINS)
     assert got["coverage"]["value"] == pytest.approx(ref["covered"] / n, abs=boundary / n + 1e-12)
     assert sum(got["set_sizes"].values()) == n
+
+
+def test_the_mc_dropout_mean_is_a_model_of_its_own_with_sklearn_figures(pooled) -> None:
+    # Prepare: member 0's mean over its MC-dropout passes, per pooled patient
+    h, y, mc = pooled["h"], pooled["y"], pooled["mc"]
+    mean = mc.mean(axis=0)
+    hist = h[VARIANT_HIST][2]
+    # Assert: AUC, accuracy, ECE of the pooled histograms are sklearn's on the pooled means
+    assert st.auc(hist) == pytest.approx(roc_auc_score(y, mean), abs=2e-3)
+    assert st.accuracy(hist) == pytest.approx(accuracy_score(y, mean >= 0.5), abs=1e-12)
+    assert st.ece(hist) == pytest.approx(_ece(y, mean), abs=1e-3)
+    # Assert: its prediction sets cover as NumPy's sets on the pooled means do
+    qhat = 0.6
+    ref = coverage_counts(mean, y, qhat)
+    boundary = np.sum(np.abs(np.concatenate([mean, 1 - mean]) - qhat) < 1.0 / BINS)
+    got = st.coverage(hist, qhat)
+    assert got["coverage"]["value"] == pytest.approx(ref["covered"] / len(y),
+                                                     abs=boundary / len(y) + 1e-12)
+
+
+def test_a_stacker_head_combines_the_members_logits(pooled) -> None:
+    from scipy.special import logit
+
+    from client.queries.ensemble import stacked
+
+    # Prepare: a head [v_1, v_2, v_3, b]
+    y, p, w, mc = pooled["y"], pooled["p"], pooled["w"], pooled["mc"]
+    head = np.array([0.9, 0.4, -0.2, 0.3])
+    # Execute
+    h = ensemble_histograms(p, y, w, mc, bins=BINS, uncertainty_bins=UBINS, stacker=head)
+    # Assert: the ensemble row is sklearn's AUC of sigmoid(b + v . logit p); disagreement
+    # keeps the weighted mean
+    ens = expit(head[-1] + head[:-1] @ logit(p))
+    assert stacked(p, head) == pytest.approx(ens)
+    assert st.auc(h[VARIANT_HIST][1]) == pytest.approx(roc_auc_score(y, ens), abs=2e-3)
+    assert st.accuracy(h[VARIANT_HIST][1]) == pytest.approx(accuracy_score(y, ens >= 0.5))
+    mean = w @ p
+    variance = 4 * (w @ (p - mean) ** 2)
+    assert st.error_auroc(h[UNCERTAINTY_HIST][1]) == pytest.approx(
+        roc_auc_score((ens >= 0.5) != y, variance), abs=0.01)
 
 
 def test_weights_follow_the_members_pooled_validation_auc(pooled) -> None:
@@ -189,10 +229,13 @@ def test_the_query_declares_its_histograms_with_their_sensitivities_before_readi
     declared = {s.key: s for s in query.statistics(_request(True, **{k.VALUE_BINS: 100}))}
     assert declared[MEMBER_HIST].shape == (3, 2, 100)
     assert declared[MEMBER_HIST].sensitivity == pytest.approx(math.sqrt(3))
-    assert declared[VARIANT_HIST].sensitivity == pytest.approx(math.sqrt(2))
+    assert declared[VARIANT_HIST].sensitivity == pytest.approx(math.sqrt(3))
+    assert declared[VARIANT_HIST].shape == (3, 2, 100)  # single, ensemble, MC-dropout mean
     assert declared[UNCERTAINTY_HIST].sensitivity == pytest.approx(math.sqrt(3))
     assert not any(s.small_cells for s in declared.values())
     with pytest.raises(ConfigError, match="histograms"):
         query.statistics(_request(False))
     with pytest.raises(ConfigError, match="weights"):
         query.statistics(_request(True, **{"ensemble-weights": [1.0, -1.0, 0.5]}))
+    with pytest.raises(ConfigError, match="stacker"):
+        query.statistics(_request(True, **{"ensemble-stacker": [1.0, 0.5]}))
