@@ -116,6 +116,13 @@ def test_transfer_with_in_run_pretraining_compares_with_scratch_at_the_same_epsi
     runs = _train_runs(out / "ledgers")
     assert len(runs) == SITES and all(ids == expected for ids in runs.values())
     assert "transfer vs scratch" in (out / "summary.txt").read_text()
+    # the fine-tuning entries record the federated-pretrained encoder's SHA-256
+    sha = hashlib.sha256((out / "checkpoints" / "encoder.pt").read_bytes()).hexdigest()
+    for folder in (out / "ledgers").iterdir():
+        fine = [r.entry for r in Ledger(folder / "ledger.jsonl").read().records
+                if r.entry.release == "train" and r.entry.run_id == f"{run_id}-transfer"]
+        assert fine and all(json.loads(e.params["paradigm_options"])["init-sha256"] == sha
+                            for e in fine)
 
 
 @pytest.mark.parametrize(("args", "message"), [
