@@ -88,7 +88,8 @@ def test_image_flows_release_no_per_patient_vector(tmp_path: Path) -> None:
     # bins; models M and M*M (also the calibration GLM's p and p*p); conformal set sizes;
     # the DC-ELM readout's d x d and d x 2 sums; K x bins one-vs-rest histograms (K = 2)
     allowed = {nb, CAL_BINS, VALUE_BINS, CONFORMAL_BINS, 1, 2, 4, 3, d * d, d * 2, 2 * nb}
-    allowed |= {2 * 2 * ens.SCORE_BINS, 3 * 2 * ens.UNCERTAINTY_BINS, 2}  # ensemble-scores
+    allowed |= {2 * 2 * ens.SCORE_BINS, 3 * 2 * ens.SCORE_BINS,  # ensemble-scores
+                3 * 2 * ens.UNCERTAINTY_BINS, 2}
     assert not allowed & counts, "fixture: pick bin counts that differ from patient counts"
     asked = {str(m.content[k.CONFIG][k.QUERY]) for m in grid.sent}
     # the per-task queries: tests/client/queries/test_no_patient_values_tasks.py
