@@ -32,9 +32,11 @@ What the engine does differently, per layer that owns trainable parameters:
 * **No batch weight gradients**: while a convolution or linear layer whose *input* already
   requires a gradient runs forward, its parameters are taken out of autograd
   (``requires_grad = False``), so autograd only propagates to the inputs; :meth:`DirectPerSampleGradients.restore` puts them back and
-  the trainer calls it after every backward pass (and on any error). The first layer, whose
-  input is the data, keeps its parameters in autograd so that its output still has a graph;
-  GroupNorm keeps them too (its fused backward computes them at almost no cost).
+  the trainer calls it after every backward pass (and on any error). A layer called on the
+  data (the first layer, an RNN cell's input projection at every time step) has its
+  parameters taken out too, and its output is given a graph by an identity autograd
+  function that stops there (:class:`_Tap`), so no batch weight gradient is computed for it
+  either; GroupNorm keeps its parameters (its fused backward computes them at almost no cost).
 * **One buffer**: each backward pass writes all per-sample gradients into the columns of one
   ``[n, total parameters]`` tensor (the samplers write in place where the operation allows
   it; the first ``n`` rows of a storage kept between passes, since fresh memory of that size
@@ -385,6 +387,20 @@ def _sampler(module: nn.Module) -> SamplerFn:
     return group_norm_grad_sample
 
 
+class _Tap(torch.autograd.Function):
+    """Identity on a layer's output that gives it a graph (through ``anchor``, a leaf that
+    requires a gradient) and stops back-propagation there: the engine's hook on the result
+    receives the output gradient, and nothing upstream (the data) needs one."""
+
+    @staticmethod
+    def forward(ctx: Any, output: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:  # noqa: ARG004
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, None]:  # noqa: ARG004
+        return None, None
+
+
 class DirectPerSampleGradients:
     """Hooks that write per-sample gradients into ``p.grad_sample`` during ``backward``.
 
@@ -458,6 +474,7 @@ class DirectPerSampleGradients:
                 self._columns[id(p)] = (self._width, p.shape, _contiguous_strides(p.shape))
                 self._params.append(p)
                 self._width += p.numel()
+        self._anchor = torch.zeros((), requires_grad=True)  # gives _Tap's outputs a graph
         self._storage: torch.Tensor | None = None
         self._rows: int | None = None  # this pass's batch size, once a layer has written
         for module in layers:
@@ -473,9 +490,10 @@ class DirectPerSampleGradients:
         gradient (per-sample terms) for :meth:`restore`."""
 
         def hook(module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
-            if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor)
-                    and output.requires_grad):
-                return
+            tapped = self._tapped(output, trainable)
+            if tapped is None:
+                return None
+            output = tapped
             x = inputs[0].detach()
             version = x._version
 
@@ -497,6 +515,7 @@ class DirectPerSampleGradients:
                 self._ghost_uses.setdefault(id(module), (module, trainable, []))[2].append(use)
 
             output.register_hook(backward_hook)
+            return output
         return hook
 
     def _finish_ghosts(self, rows: int | None) -> None:
@@ -517,18 +536,27 @@ class DirectPerSampleGradients:
         def hook(_module: nn.Module, inputs: tuple[Any, ...]) -> None:
             if not (torch.is_grad_enabled() and inputs):
                 return
-            if getattr(inputs[0], "requires_grad", False):
-                for p in trainable:
-                    if p.requires_grad:
-                        p.requires_grad_(False)
-                        self._frozen[id(p)] = p
-            else:
-                # A tied layer taken out of autograd by an earlier use, now called on data:
-                # its parameters must carry the graph again or this use would be lost.
-                for p in trainable:
-                    if id(p) in self._frozen:
-                        p.requires_grad_(True)
+            for p in trainable:
+                if p.requires_grad:
+                    p.requires_grad_(False)
+                    self._frozen[id(p)] = p
         return hook
+
+    def _tapped(self, output: Any, trainable: list[nn.Parameter]) -> torch.Tensor | None:
+        """The output whose gradient a forward hook should catch, or None if none.
+
+        A layer called on data (no input requires a gradient) with its parameters taken out
+        of autograd has an output without a graph: it is given one through :class:`_Tap`,
+        which hands its gradient to the hook and back-propagates nothing further, so that no
+        batch weight gradient is computed for it either.
+        """
+        if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor)):
+            return None
+        if output.requires_grad:
+            return output
+        if not output.is_floating_point() or not any(id(p) in self._frozen for p in trainable):
+            return None
+        return cast(torch.Tensor, _Tap.apply(output, self._anchor))
 
     def _forward_hook(
         self,
@@ -539,9 +567,10 @@ class DirectPerSampleGradients:
         sample_numel = sum(p.numel() for p in trainable)
 
         def hook(module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
-            if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor)
-                    and output.requires_grad):
-                return
+            tapped = self._tapped(output, trainable)
+            if tapped is None:
+                return None
+            output = tapped
             x = inputs[0].detach()  # shares the version counter with the input
             version = x._version
 
@@ -576,6 +605,7 @@ class DirectPerSampleGradients:
                     self._store(p, gs, 1 if scale_output else n, previous, out.get(p) if out else None)
 
             output.register_hook(backward_hook)
+            return output
         return hook
 
     def _destinations(self, trainable: list[nn.Parameter], n: int, like: torch.Tensor) -> GradSamples | None:
