@@ -4,7 +4,11 @@ Real BreastMNIST (``vesalius import``, 3 hospitals, IID), ε = 8 per hospital in
 
 * ``single model``: one supervised federation at ε = 8;
 * ``member 0``: the ensemble's first member alone (ε = 8 / 3);
-* ``ensemble``: ``--paradigm ensemble -P members=3`` (each member ε = 8 / 3, averaged).
+* ``ensemble``: ``--paradigm ensemble -P members=3`` (each member ε = 8 / 3, averaged);
+* ``ensemble + DP stacker`` and ``member 0, MC-dropout``: a second ensemble run with
+  ``-P combine=stacker -P uncertainty=both -P dropout=0.2`` (the stacker, a linear head over
+  the members' logits trained with DP-SGD on the validation patients, gets 20 % of ε = 8, each
+  member 0.8 · 8 / 3; member 0's MC-dropout mean of 10 passes, its entropy for errors).
 
 The ensemble's and member 0's figures are the run's paradigm section (pooled from the
 hospitals' histograms); the single model's AUC is its run's pooled inference and its ECE and
@@ -70,6 +74,10 @@ def run(work: Path, quick: bool) -> list[dict[str, Any]]:
     ens_doc = simulate(row, root, work / "ensemble", paradigm="ensemble",
                        run_id="bench-paradigm-ensemble",
                        options={"members": MEMBERS})
+    stack_doc = simulate(row, root, work / "ensemble-stacker", paradigm="ensemble",
+                         run_id="bench-paradigm-ensemble-stacker",
+                         options={"members": MEMBERS, "combine": "stacker",
+                                  "uncertainty": "both", "dropout": 0.2})
     pooled = _num(_baseline_dicom(row, root, seed=SEED)["metrics"].get("auc"))
     single = _single_measures(row, root, work / "single" / "run" / "checkpoints" / "final.pt")
     section = ens_doc["paradigm"]
@@ -82,6 +90,39 @@ def run(work: Path, quick: bool) -> list[dict[str, Any]]:
             "metric": "auc", "pooled": pooled, "hospitals": 3,
             "how": prepared["how"], "rounds": row.rounds}
     member0, ens = comp["rows"]
+    return [*_rows(base, single_doc, single, eps_single, member0, ens, unc, comp, eps_total,
+                   eps_ledger), *_stacker_rows(base, stack_doc["paradigm"])]
+
+
+def _stacker_rows(base: dict[str, Any], section: dict[str, Any]) -> list[dict[str, Any]]:
+    """The stacker's and member 0's MC-dropout rows of the second ensemble run."""
+    comp = section["comparison"]
+    unc = {(u["model"], u["uncertainty"]): u["error_auroc"] for u in comp["uncertainty"]}
+    _, ens, mc = comp["rows"]
+    eps_total = max(r[-3] for r in section["epsilon_per_hospital"]["rows"])
+    stacker = section["stacker"]
+    return [
+        {**base, "variant": f"ensemble of {MEMBERS} + DP stacker "
+         f"(stacker ε={stacker['target_epsilon']:.2f})",
+         "federated": _num(ens["auc"]), "ece": _num(ens["ece"]),
+         "error_auroc": _num(unc[(ens["model"], "ensemble disagreement (variance)")]),
+         "uncertainty": "disagreement", "coverage": ens["coverage"],
+         "stacker_head": stacker["head"], "epsilon_per_hospital": eps_total},
+        {**base, "variant": "member 0, MC-dropout mean (dropout 0.2)",
+         "federated": _num(mc["auc"]), "ece": _num(mc["ece"]),
+         "error_auroc": _num(unc[(mc["model"], "single MC-dropout entropy")]),
+         "uncertainty": "MC-dropout entropy", "coverage": mc["coverage"],
+         "epsilon_per_hospital": section["members"][0]["target_epsilon"]},
+    ]
+
+
+def _rows(base: dict[str, Any], single_doc: dict[str, Any], single: dict[str, float],
+          eps_single: float, member0: dict[str, Any], ens: dict[str, Any],
+          unc: dict[tuple[str, str], Any], comp: dict[str, Any], eps_total: float,
+          eps_ledger: float) -> list[dict[str, Any]]:
+    """The single model's, member 0's and the averaged ensemble's rows."""
+    from bench.tasks import EPSILON
+
     return [
         {**base, "variant": f"single model (ε={EPSILON:g})",
          "federated": _num(_dig(single_doc.get("inference") or {}, "metrics.auc")),
@@ -90,8 +131,8 @@ def run(work: Path, quick: bool) -> list[dict[str, Any]]:
          "epsilon_per_hospital": eps_single},
         {**base, "variant": f"member 0 alone (ε={EPSILON / MEMBERS:.2f})",
          "federated": _num(member0["auc"]), "ece": _num(member0["ece"]),
-         "error_auroc": _num(unc[(member0["model"], "single MC-dropout entropy")]),
-         "uncertainty": "predictive entropy (no dropout)", "coverage": member0["coverage"],
+         "error_auroc": _num(unc[(member0["model"], "single predictive entropy")]),
+         "uncertainty": "predictive entropy", "coverage": member0["coverage"],
          "epsilon_per_hospital": eps_total / MEMBERS},
         {**base, "variant": f"ensemble of {MEMBERS} (ε={EPSILON / MEMBERS:.2f} each)",
          "federated": _num(ens["auc"]), "ece": _num(ens["ece"]),

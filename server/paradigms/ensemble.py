@@ -162,7 +162,7 @@ def _comparison(val: dict[str, Any], test: dict[str, Any], alpha: float,
     names = ["single member (member 0)", f"ensemble ({combine})",
              f"member 0, MC-dropout mean of {passes} passes"]
     measures = [u for u in range(len(UNCERTAINTY_MEASURES))
-                if (u == 0 and mc) or (u > 0 and uncertainty != "mc-dropout")]
+                if u == 0 or uncertainty != "mc-dropout"]
     rows = []
     for v, name in enumerate(names if mc else names[:2]):
         qhat = st.conformal_qhat(val["variant"][v], alpha=alpha)
@@ -173,7 +173,9 @@ def _comparison(val: dict[str, Any], test: dict[str, Any], alpha: float,
                      "qhat": qhat if math.isfinite(qhat) else None,
                      "coverage": None if cov is None else cov["coverage"]["value"],
                      "mean_set_size": None if cov is None else cov["mean_set_size"]})
-    unc = [{"model": names[2 if u == 0 else 1], "uncertainty": UNCERTAINTY_MEASURES[u],
+    labels = [UNCERTAINTY_MEASURES[0] if mc else "single predictive entropy",
+              *UNCERTAINTY_MEASURES[1:]]  # without passes: member 0's own entropy
+    unc = [{"model": names[(2 if mc else 0) if u == 0 else 1], "uncertainty": labels[u],
             "error_auroc": st.error_auroc(test["uncertainty"][u]),
             "errors": int(np.rint(test["uncertainty"][u][0]).sum())}
            for u in measures]
