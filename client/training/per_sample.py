@@ -520,9 +520,11 @@ class DirectPerSampleGradients:
 
     def _finish_ghosts(self, rows: int | None) -> None:
         """Turn this pass's kept uses into ``p.grad_sample`` squared-norm tensors."""
-        for module, trainable, uses in self._ghost_uses.values():
+        while self._ghost_uses:  # each layer's uses dropped once stacked: a lower peak
+            _, (module, trainable, uses) = self._ghost_uses.popitem()
             x = uses[0][0] if len(uses) == 1 else torch.cat([u[0] for u in uses], 1)
             g = uses[0][1] if len(uses) == 1 else torch.cat([u[1] for u in uses], 1)
+            del uses
             if rows is not None:
                 x, g = x[:rows], g[:rows]
             record = GhostLinear(cast(nn.Linear, module), x, g)
@@ -530,7 +532,6 @@ class DirectPerSampleGradients:
                 sq = record.squared_norms(p).clone()  # its own tensor: Opacus marks it processed
                 sq._ghost_linear = record  # type: ignore[attr-defined]
                 p.grad_sample = sq  # type: ignore[attr-defined]
-        self._ghost_uses.clear()
 
     def _pre_hook(self, trainable: list[nn.Parameter]) -> Callable[..., None]:
         def hook(_module: nn.Module, inputs: tuple[Any, ...]) -> None:
@@ -861,7 +862,7 @@ class DirectDPOptimizer(DPOptimizer):
             std=self.noise_multiplier * self.max_grad_norm, reference=flat,
             generator=self.generator, secure_mode=self.secure_mode,
         )
-        grad = flat + noise
+        grad = noise.add_(flat)  # noise + clipped sum, without a third vector
         origin = flat.storage_offset()
         for p in params:
             start = p.summed_grad.storage_offset() - origin  # type: ignore[attr-defined]
