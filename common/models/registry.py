@@ -42,6 +42,10 @@ suite and the benchmark treat all models alike:
   forward/criterion, so the trainer refuses them for such models -- except ``"ghost"`` when the model also has
   the optional ``dp_loss_per_sample(self, inputs, targets) -> Tensor`` returning the ``[B]``
   per-sample terms whose mean is ``dp_loss`` (ghost clipping needs per-sample losses).
+  ``"direct"`` (:mod:`client.training.per_sample`) serves every model built only of
+  convolutions, ``nn.Linear`` / Opacus ``RNNLinear`` (so ``DPLSTM``/``DPGRU``) and GroupNorm,
+  with or without ``dp_loss``; it clips linear layers by ghost norms (no per-sample
+  gradients), convolutions and GroupNorm through one per-sample gradient buffer.
 * **Opacus validity.** ``opacus.validators.ModuleValidator.validate(model, strict=True)``
   returns no errors: GroupNorm/InstanceNorm/LayerNorm instead of BatchNorm, no in-place
   operations, ``opacus.layers.DPLSTM``/``DPGRU`` instead of ``nn.LSTM``/``nn.GRU``.
