@@ -78,7 +78,8 @@ def _presence(grid: Grid, config: RunConfig, arrays: ArrayRecord) -> dict[str, A
     res = query_nodes(grid, list(grid.get_node_ids()), QUERY, cfg,
                       timeout=config.round_timeout, records={k.ARRAYS: arrays},
                       required=(PRESENCE_HIST,))
-    out: dict[str, Any] = {"failures": res.failures, "heads": dict(res.heads), "sites": []}
+    out: dict[str, Any] = {"failures": res.failures, "heads": dict(res.heads), "sites": [],
+                           "in_the_clear": bool(res.secure) and not res.secure.get("covered")}
     if not res.values:
         return out
     pooled = res.pooled((PRESENCE_HIST, k.NUM_EXAMPLES))
@@ -128,6 +129,9 @@ def multi_task_section(report: RunReport, config: RunConfig,
         "patients' images (each patient weighs 1 however many images it has); 'lesion' where "
         "the probability is at least 0.5",
     ]
+    if presence.get("in_the_clear"):
+        notes.append("the presence query is not covered by secure aggregation: each hospital "
+                     "released its own presence histograms to the coordinator (on its ledger)")
     if presence.get("failures"):
         notes.append("presence query not answered by: " + "; ".join(
             f"{f['site']}: {f['reason']}" for f in presence["failures"]))
