@@ -26,8 +26,12 @@ from typing import Final
 
 __all__ = ["Reaper", "descendants", "process_start", "tree_processes"]
 
-#: How often the watcher looks for the driver's new descendants (seconds).
+#: How often the watcher looks for the driver's new descendants (seconds): often while Ray
+#: starts its processes (the first :data:`STARTUP_S`), then rarely (a scan of ``/proc`` costs
+#: a few ms of CPU).
 POLL_S: Final = 0.5
+STARTUP_S: Final = 60.0
+LATER_POLL_S: Final = 2.0
 #: Seconds between SIGTERM and SIGKILL of the survivors.
 GRACE_S: Final = 3.0
 _PROC: Final = Path("/proc")
@@ -111,12 +115,14 @@ def watch(driver: int, ignore: Iterable[int], pipe_fd: int) -> None:
 
     skip = set(ignore) | {os.getpid()}
     tracked: dict[int, int] = {}
+    started = time.monotonic()
     while True:
         for pid in descendants(driver) - skip:
             start = process_start(pid)
             if start is not None and pid not in tracked:
                 tracked[pid] = start
-        ready, _, _ = select.select([pipe_fd], [], [], POLL_S)
+        wait = POLL_S if time.monotonic() - started < STARTUP_S else LATER_POLL_S
+        ready, _, _ = select.select([pipe_fd], [], [], wait)
         if ready and not os.read(pipe_fd, 64):  # EOF: the driver is done or dead
             break
     reap(tracked)

@@ -19,6 +19,7 @@ Start-up and shut-down are bounded (:class:`RayStarter`, :class:`~server.process
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -42,6 +43,8 @@ log = logging.getLogger(__name__)
 #: Seconds Ray may take to start before the run fails with a clear error (a loaded 2-core
 #: machine needs 5-15 s); ``VESALIUS_RAY_START_TIMEOUT_S`` overrides it.
 RAY_START_TIMEOUT_S: Final = 120.0
+#: Round time-out per simulated hospital (seconds; see :func:`with_simulated_timeout`).
+SIMULATED_NODE_S: Final = 10.0
 #: Signals that end a simulation's driver: its Ray processes are ended before it exits.
 _STOP_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
@@ -73,6 +76,7 @@ def run_simulation(
         Called whenever a node answers (:class:`~server.progress.ProgressEvent`).
     """
     reports: list[RunReport] = []
+    config = with_simulated_timeout(config, len(nodes))
     server_app = build_server_app(config, on_round=on_round, on_finish=reports.append,
                                   on_progress=on_progress)
     simulate_apps(server_app, config, nodes, num_cpus=num_cpus, verbose=verbose)
@@ -82,6 +86,21 @@ def run_simulation(
             f"(a partial report may be in {config.out_dir})"
         )
     return reports[0]
+
+
+def with_simulated_timeout(config: RunConfig, num_nodes: int) -> RunConfig:
+    """``config`` with a round time-out long enough for ``num_nodes`` simulated hospitals.
+
+    Simulated hospitals take turns on a few actor processes, so a round lasts about
+    ``num_nodes`` times one node's step: the time-out (meant for a node that never answers)
+    is raised to :data:`SIMULATED_NODE_S` seconds per hospital when that is longer.
+    """
+    needed = SIMULATED_NODE_S * num_nodes
+    if config.round_timeout >= needed:
+        return config
+    log.info("round time-out raised from %g s to %g s for %d simulated hospitals",
+             config.round_timeout, needed, num_nodes)
+    return dataclasses.replace(config, round_timeout=needed)
 
 
 def simulate_apps(
@@ -122,16 +141,18 @@ def simulate_apps(
     if num_cpus is not None:
         init_args["num_cpus"] = num_cpus
     starter = RayStarter()
-    with Reaper() as reaper, _stop_signals_reap(reaper):
+    with Reaper() as reaper:
         try:
             starter.start(init_args)
-            flwr_run_simulation(
-                server_app=server_app,
-                client_app=client_app,
-                num_supernodes=len(nodes),
-                backend_config=backend_config(init_args),
-                verbose_logging=verbose,
-            )
+            # After Ray's start: its driver installs a SIGTERM handler of its own (it aborts).
+            with _stop_signals_reap(reaper):
+                flwr_run_simulation(
+                    server_app=server_app,
+                    client_app=client_app,
+                    num_supernodes=len(nodes),
+                    backend_config=backend_config(init_args),
+                    verbose_logging=verbose,
+                )
         finally:
             _shutdown_ray()
             starter.release()

@@ -239,3 +239,12 @@ def test_a_too_small_hospital_is_refused_by_name_and_others_read_their_files_onc
     for site in ("site-1", "site-2"):  # one preprocessed copy per hospital, read once
         cached = list((tmp_path / "ledgers" / site / "split-cache").glob("*.npz"))
         assert len(cached) == 1, cached
+
+
+def test_many_simulated_hospitals_get_a_round_timeout_that_fits() -> None:
+    from common.config import RunConfig
+    from server.simulation import SIMULATED_NODE_S, with_simulated_timeout
+
+    config = RunConfig()
+    assert with_simulated_timeout(config, 3) is config  # the run's own time-out is enough
+    assert with_simulated_timeout(config, 300).round_timeout == 300 * SIMULATED_NODE_S
