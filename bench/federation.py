@@ -418,6 +418,10 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def _f(value: Any, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
 def print_table(doc: dict[str, Any]) -> None:
     """A short human table to stderr."""
     out = sys.stderr
@@ -425,14 +429,15 @@ def print_table(doc: dict[str, Any]) -> None:
           f"{'pooled':>7} {'ratio cpu':>9} {'later/pooled':>12} {'peak MB':>8}", file=out)
     for r in doc["rows"]:
         f, p, q = r["federated"], r["pooled"], r["ratios"]
-        print(f"{r['setting']['name']:<10} {f['wall_s']:9.1f} {f['cpu_s']:8.1f} "
-              f"{f['first_round_wall_s']:7.1f} {f['later_round_wall_s']:7.2f} "
-              f"{p['train_s']:7.2f} {q['cpu']:9.1f} {q['later_round_wall']:12.2f} "
-              f"{f['peak_tree_mb']:8.0f}", file=out)
+        print(f"{r['setting']['name']:<10} {_f(f['wall_s'], '9.1f')} {_f(f['cpu_s'], '8.1f')} "
+              f"{_f(f['first_round_wall_s'], '7.1f')} {_f(f['later_round_wall_s'], '7.2f')} "
+              f"{_f(p['train_s'], '7.2f')} {_f(q['cpu'], '9.1f')} "
+              f"{_f(q['later_round_wall'], '12.2f')} {_f(f['peak_tree_mb'], '8.0f')}", file=out)
     s = doc["growth"]
-    print(f"growth exponent over {s['hospitals']} hospitals: wall {s['exponent_wall']:.2f}, "
-          f"CPU {s['exponent_cpu']:.2f}, later round {s['exponent_later_round_wall']:.2f}, "
-          f"memory {s['exponent_memory']:.2f}", file=out)
+    print(f"growth exponent over {s['hospitals']} hospitals: wall "
+          f"{_f(s['exponent_wall'], '.2f')}, CPU {_f(s['exponent_cpu'], '.2f')}, later round "
+          f"{_f(s['exponent_later_round_wall'], '.2f')}, memory "
+          f"{_f(s['exponent_memory'], '.2f')}", file=out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -466,9 +471,9 @@ def main(argv: list[str] | None = None) -> int:
     for setting in settings_for(args):
         rows.append(measure_setting(setting, work / setting.name, log))
     doc = _clean({"machine": _machine(), "rows": rows, "growth": summarize(rows)})
-    print_table(doc)
     if args.json:
-        print(json.dumps(doc, indent=2))
+        print(json.dumps(doc, indent=2), flush=True)
+    print_table(doc)
     return 0
 
 
