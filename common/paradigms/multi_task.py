@@ -22,6 +22,11 @@ head through the pooled segmentation inference (per-patient Dice and HD95), then
 hospital for the presence head's per-patient-weighted score histograms on its test patients
 (query :data:`QUERY`, :mod:`client.queries.multi_task`) and pools them: per-task results side
 by side in the report's paradigm section.
+
+``vesalius federation cv --paradigm multi-task`` trains both heads fold by fold with the same
+node step; its report scores the segmentation head (pooled Dice per fold and over the folds,
+as for any segmentation cv) and has no paradigm section: the presence head is trained but not
+scored there.
 """
 
 from __future__ import annotations
@@ -86,7 +91,7 @@ MULTI_TASK = register_paradigm(Paradigm(
     options=options(),
     workflow="server.paradigms.multi_task:run_multi_task",
     node=NODE_HOOK,
-    cv=False,
+    cv=True,
     tasks=TASKS,
     check=check_multi_task_plan,
 ))

@@ -24,13 +24,20 @@ SITES, PATIENTS, SIZE = 2, 24, 16
 
 
 @pytest.fixture(scope="module")
-def multi_task_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    """The multi-task run's output folder and its screen text."""
+def masks(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny synthetic segmentation hospitals (images with lesion masks)."""
     from client.dicom.synth_seg import synthesize_segmentation_federation
 
     data = tmp_path_factory.mktemp("mt-data")
     synthesize_segmentation_federation(data, n_sites=SITES, patients_per_site=PATIENTS,
                                        images_per_patient=(1, 3), image_size=SIZE, seed=1)
+    return data
+
+
+@pytest.fixture(scope="module")
+def multi_task_run(masks: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """The multi-task run's output folder and its screen text."""
+    data = masks
     out = tmp_path_factory.mktemp("mt-out")
     result = CliRunner().invoke(app, [
         "federation", "run", "--data-root", str(data), "--rounds", "1", "--image-size",
@@ -94,3 +101,25 @@ def test_multi_task_run_is_on_every_nodes_ledger(multi_task_run: tuple[Path, str
     assert len({p.parent for p in holding}) >= SITES, ledgers
     presence_query = [p for p in holding if "multi-task-presence" in p.read_text(errors="replace")]
     assert len({p.parent for p in presence_query}) >= SITES
+
+
+@pytest.mark.slow
+def test_multi_task_cross_validates_with_federation_cv(masks: Path, tmp_path: Path) -> None:
+    # Execute: 2 folds, both heads trained at every node (fresh ledgers)
+    out = tmp_path / "cv"
+    result = CliRunner().invoke(app, [
+        "federation", "cv", "--data-root", str(masks), "--folds", "2", "--rounds", "1",
+        "--image-size", str(SIZE), "--min-release-count", "1", "--ledger-dir",
+        str(out / "ledgers"), "--out", str(out), "--task", "segmentation", "--model",
+        "multi-task-unet", "--paradigm", "multi-task"], terminal_width=200)
+    # Assert: every fold scored on the segmentation head's pooled Dice, within the cap
+    assert result.exit_code == 0, result.output[-3000:]
+    doc = json.loads((out / "report.json").read_text())
+    cv = doc["inference"]["cv"]
+    assert doc["status"] == "completed" and doc["config"][k.PARADIGM] == "multi-task"
+    assert [f["fold"] for f in cv["folds"]] == [0, 1]
+    assert cv["task"] == "segmentation" and cv["pooled"]["n"] == SITES * PATIENTS
+    assert 0.0 <= cv["pooled"]["dice"]["value"] <= 1.0
+    assert all(0 < e <= 8.0 for f in cv["folds"] for e in f["epsilon_by_site"].values())
+    ledgers = [p.read_text(errors="replace") for p in (out / "ledgers").rglob("*") if p.is_file()]
+    assert any("multi-task" in text for text in ledgers)
