@@ -37,17 +37,22 @@ class GhostLinear:
         ``[n, T, in]`` inputs of every use of the layer in the pass, stacked on axis 1.
     g : torch.Tensor
         ``[n, T, out]`` gradients of the loss's per-sample terms with respect to its outputs.
+    owned : bool, optional
+        True if ``g`` is this record's own tensor (stacked from several uses), which the
+        clipped sum may then scale in place; autograd may hand the same output-gradient
+        tensor to several layers (the two inputs of a sum), so a tensor it gave is copied.
     """
 
-    def __init__(self, layer: nn.Linear, x: torch.Tensor, g: torch.Tensor) -> None:
+    def __init__(self, layer: nn.Linear, x: torch.Tensor, g: torch.Tensor, owned: bool = False) -> None:
         self.weight = layer.weight
         self.bias = layer.bias
-        self.x, self.g = x, g
+        self.x, self.g, self._owned = x, g, owned
         n, steps, width_in = x.shape
         width_out = g.shape[-1]
         if steps == 1:
             self.weight_sq = g.square().sum((1, 2)) * x.square().sum((1, 2))
-        elif steps * (width_in + width_out) <= width_in * width_out:
+        elif steps * (width_in + width_out) <= 2 * width_in * width_out:
+            # up to twice the flops of the product below, for far less memory (T^2 vs in*out)
             self.weight_sq = (torch.bmm(g, g.transpose(1, 2)) * torch.bmm(x, x.transpose(1, 2))).sum((1, 2))
         else:
             self.weight_sq = torch.bmm(g.transpose(1, 2), x).square().sum((1, 2))
@@ -65,7 +70,10 @@ class GhostLinear:
     def clipped_sum(self, p: nn.Parameter, factor: torch.Tensor, out: torch.Tensor) -> None:
         """Write ``sum_i factor_i * (per-sample gradient of p)_i`` into ``out`` (``p``'s shape)."""
         if p is self.weight:
-            weighted = self.g * factor.to(self.g.dtype).view(-1, 1, 1)
+            # in place when g is ours: the record is clipped once (Opacus's processed flag) and
+            # its norms and bias sums were taken at construction, so g is not read again
+            scale = factor.to(self.g.dtype).view(-1, 1, 1)
+            weighted = self.g.mul_(scale) if self._owned else self.g * scale
             torch.mm(weighted.reshape(-1, self.g.shape[-1]).t(), self.x.reshape(-1, self.x.shape[-1]), out=out)
         elif p is self.bias and self._g_sum is not None:
             torch.mv(self._g_sum.t(), factor.to(self._g_sum.dtype), out=out)

@@ -524,10 +524,11 @@ class DirectPerSampleGradients:
             _, (module, trainable, uses) = self._ghost_uses.popitem()
             x = uses[0][0] if len(uses) == 1 else torch.cat([u[0] for u in uses], 1)
             g = uses[0][1] if len(uses) == 1 else torch.cat([u[1] for u in uses], 1)
+            owned = len(uses) > 1  # stacked: g is a fresh tensor
             del uses
             if rows is not None:
                 x, g = x[:rows], g[:rows]
-            record = GhostLinear(cast(nn.Linear, module), x, g)
+            record = GhostLinear(cast(nn.Linear, module), x, g, owned=owned)
             for p in trainable:
                 sq = record.squared_norms(p).clone()  # its own tensor: Opacus marks it processed
                 sq._ghost_linear = record  # type: ignore[attr-defined]

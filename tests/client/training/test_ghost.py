@@ -186,3 +186,21 @@ def test_models_registered_for_ghost_direct_train_like_opacus_hooks(name: str) -
     assert ours.steps == ref.steps
     for k, v in ref.state_dict.items():
         torch.testing.assert_close(ours.state_dict[k], v, rtol=1e-4, atol=1e-5, msg=k)
+
+
+class _SharedGradient(nn.Module):
+    """Two layers whose outputs are summed: autograd hands both the same gradient tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(5, 4), nn.Linear(5, 4), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.a(x) + self.b(x)))
+
+
+def test_layers_handed_one_gradient_tensor_are_clipped_independently() -> None:
+    torch.manual_seed(6)
+    model = _SharedGradient()
+    x, y = torch.randn(6, 5) * 3, torch.randint(0, 2, (6,))
+    _assert_equal(_ghost(model, x, y, loss="sum"), _reference(model, x, y, loss="sum"))
