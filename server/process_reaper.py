@@ -63,8 +63,47 @@ def _parents() -> dict[int, int]:
     return table
 
 
+def _children_files(pid: int) -> list[int] | None:
+    """Children of ``pid`` from ``/proc/<pid>/task/*/children`` (None where unsupported)."""
+    try:
+        tasks = list((_PROC / str(pid) / "task").iterdir())
+    except OSError:
+        return []
+    kids: list[int] = []
+    for task in tasks:
+        try:
+            kids.extend(int(p) for p in (task / "children").read_text().split())
+        except FileNotFoundError:
+            return None  # a kernel without CONFIG_PROC_CHILDREN
+        except (OSError, ValueError):
+            continue
+    return kids
+
+
+def _walk_children(root: int) -> set[int] | None:
+    found: set[int] = set()
+    todo = [root]
+    while todo:
+        kids = _children_files(todo.pop())
+        if kids is None:
+            return None
+        for pid in kids:
+            if pid not in found:
+                found.add(pid)
+                todo.append(pid)
+    return found
+
+
 def descendants(root: int, parents: dict[int, int] | None = None) -> set[int]:
-    """Pids of every living process below ``root`` (children, their children, ...)."""
+    """Pids of every living process below ``root`` (children, their children, ...).
+
+    Walks ``/proc/<pid>/task/*/children`` (a few files) where the kernel has them, else
+    reads every process's parent from ``/proc``; ``parents`` (pid -> parent) replaces both.
+    """
+    if parents is None:
+        walked = _walk_children(root)
+        if walked is not None:
+            return {pid for pid in walked if process_start(pid) is not None}
     table = _parents() if parents is None else parents
     children: dict[int, list[int]] = {}
     for pid, ppid in table.items():
