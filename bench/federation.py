@@ -159,24 +159,18 @@ def _proc_memory(pid: int) -> int:
 def tree_snapshot(root: int) -> dict[tuple[int, int], tuple[float, int]]:
     """``root`` and every process below it, each ``(pid, start) -> (cpu_s, pss_bytes)``.
 
-    Processes that moved to another session (Ray's reaper) are still found: they are
-    children of ``root``; agents re-parented to ``init`` after their parent died are not.
+    The tree is walked through ``/proc/<pid>/task/*/children``
+    (:func:`server.process_reaper.descendants`); Ray's reaper is a child of the driver, so
+    it is counted; agents re-parented to ``init`` after their parent died are not.
     """
-    stats = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            st = _proc_stat(int(entry.name))
-            if st is not None:
-                stats[int(entry.name)] = st
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, _, _) in stats.items():
-        children.setdefault(ppid, []).append(pid)
-    found, todo = [], [root] if root in stats else []
-    while todo:
-        pid = todo.pop()
-        found.append(pid)
-        todo.extend(children.get(pid, ()))
-    return {(pid, stats[pid][1]): (stats[pid][2], _proc_memory(pid)) for pid in found}
+    from server.process_reaper import descendants
+
+    found = {}
+    for pid in {root, *descendants(root)}:
+        st = _proc_stat(pid)
+        if st is not None:
+            found[(pid, st[1])] = (st[2], _proc_memory(pid))
+    return found
 
 
 def measure_child(argv: list[str], *, env: Mapping[str, str] | None = None,
