@@ -121,7 +121,7 @@ def _rows(base: dict[str, Any], single_doc: dict[str, Any], single: dict[str, fl
           unc: dict[tuple[str, str], Any], comp: dict[str, Any], eps_total: float,
           eps_ledger: float) -> list[dict[str, Any]]:
     """The single model's, member 0's and the averaged ensemble's rows."""
-    from bench.tasks import EPSILON
+    from bench.tasks import EPSILON, _dig
 
     return [
         {**base, "variant": f"single model (ε={EPSILON:g})",
