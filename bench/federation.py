@@ -35,6 +35,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -317,7 +318,9 @@ def synthesize(setting: Setting, root: Path) -> float:
 
 def _child(kind: str, setting: Setting, data: Path, work: Path) -> tuple[dict[str, Any],
                                                                          dict[str, Any]]:
-    work.mkdir(parents=True, exist_ok=True)
+    if work.exists():  # an earlier run's ledgers would count against this one's budget
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
     result = work / f"{kind}.json"
     argv = [sys.executable, str(Path(__file__).resolve()), "--child", kind, "--setting",
             json.dumps(asdict(setting)), "--data", str(data), "--work", str(work),
