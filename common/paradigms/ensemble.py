@@ -18,7 +18,11 @@ as ``stacker-share · ε`` for the stacker and ``(1 - stacker-share) · ε / mem
 The coordinator's workflow is :func:`server.paradigms.ensemble.run_ensemble`; the nodes
 answer one statistics query (:mod:`client.queries.ensemble`) from which the report compares
 a single member with the ensemble: AUC, ECE, conformal coverage and the AUROC of uncertainty
-(MC-dropout predictive entropy, ensemble disagreement) for detecting errors.
+(ensemble disagreement and entropy; with ``-P uncertainty=mc-dropout|both``, member 0's
+MC-dropout mean and entropy, which need dropout: the model's own layers or ``-P dropout=p``,
+dropout before the members' last linear layer in training, stage ``ensemble-member``, and in
+the passes) for detecting errors. The report's Result headline is the ensemble's pooled test
+AUC (DeLong interval on the binned scores). ``federation cv`` does not run ensembles yet.
 """
 
 from __future__ import annotations

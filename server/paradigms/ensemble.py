@@ -7,6 +7,8 @@ Phases:
    ``member-<i>`` and target ε ``ε / members`` each (bagging: on a bootstrap resample of the
    hospitals, :mod:`server.paradigms.ensemble_bagging`). Member 0, trained with the run's own
    seed, is the *single model* of the comparison.
+   With ``combine=stacker`` the members get ``(1 - stacker-share) ε / members`` and then the
+   stacker is trained (:mod:`server.paradigms.ensemble_stacker`, ``stacker-share · ε``).
 2. Validation: every hospital answers ``ensemble-scores`` (:mod:`client.queries.ensemble`) on
    its validation patients: the members' pooled AUCs give the weights of
    ``combine=weighted``; the single model's and the ensemble's histograms give the conformal
