@@ -29,8 +29,8 @@ What the engine does differently, per layer that owns trainable parameters:
   instead clipped by **ghost norms** (:mod:`client.training.ghost`): per-sample norms from the
   inputs and output gradients, the clipped sum as one weighted matrix product, no
   ``[n, out, in]`` tensor; the optimiser adds their squared norms to the buffer's.
-* **No batch weight gradients**: while a convolution or linear layer whose *input* already
-  requires a gradient runs forward, its parameters are taken out of autograd
+* **No batch weight gradients**: while a convolution or linear layer runs forward, its
+  parameters are taken out of autograd
   (``requires_grad = False``), so autograd only propagates to the inputs; :meth:`DirectPerSampleGradients.restore` puts them back and
   the trainer calls it after every backward pass (and on any error). A layer called on the
   data (the first layer, an RNN cell's input projection at every time step) has its
@@ -464,13 +464,8 @@ class DirectPerSampleGradients:
                         for p in m.parameters(recurse=False)}
         # id(module) -> (module, trainable, [(x [n, T, in], g [n, T, out]) per use]) this pass
         self._ghost_uses: dict[int, tuple[nn.Module, list[nn.Parameter], list[tuple[torch.Tensor, torch.Tensor]]]] = {}
-        self._ghost_params: list[nn.Parameter] = []
-        for p in model.parameters():
-            if p.requires_grad and id(p) in ghost_params:
-                if all(q is not p for q in self._ghost_params):
-                    self._ghost_params.append(p)
-                continue
-            if p.requires_grad and id(p) not in self._columns:
+        for p in model.parameters():  # buffer columns for the others
+            if p.requires_grad and id(p) not in ghost_params and id(p) not in self._columns:
                 self._columns[id(p)] = (self._width, p.shape, _contiguous_strides(p.shape))
                 self._params.append(p)
                 self._width += p.numel()
