@@ -205,6 +205,11 @@ def run_ensemble(grid: Grid, config: RunConfig, *, on_round: Any = None,
         raise ConfigError("bagging weights each hospital by the times it was drawn, which "
                           "secure aggregation cannot see; run it with --secure-aggregation off "
                           "or use -P method=seeds")
+    if options["combine"] == "stacker" and secagg_enabled(
+            config.secure_aggregation, max(len(node_ids), config.min_nodes)):
+        raise ConfigError("the stacker's rounds average each hospital's DP-SGD head in the "
+                          "clear, not under secure aggregation; run it with "
+                          "--secure-aggregation off or use -P combine=average or weighted")
     members: list[RunReport] = []
     draws: list[dict[int, int] | None] = []
     for i in range(m):

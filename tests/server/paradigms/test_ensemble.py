@@ -56,6 +56,23 @@ def test_bagging_under_secure_aggregation_is_refused_before_anything_is_sent() -
         run_ensemble(_ThreeHospitals(), _config(method="bagging"))
 
 
+def test_a_stacker_under_secure_aggregation_is_refused_before_anything_is_sent() -> None:
+    with pytest.raises(ConfigError, match="combine=average or weighted"):
+        run_ensemble(_ThreeHospitals(), _config(combine="stacker"))
+
+
+def test_the_stacker_takes_its_share_of_eps_and_the_members_the_rest() -> None:
+    from server.paradigms.ensemble_stacker import stacker_plan
+
+    config = _config(members=3, combine="stacker")
+    subs = [member_config(config, i, 3, stacker_share=0.25) for i in range(3)]
+    plan = stacker_plan(config, 3, 0.25, 4)
+    assert plan.paradigm == "ensemble-stacker" and plan.run_id == "r1-stacker"
+    assert plan.num_rounds == 4 and plan.paradigm_options == '{"members":3}'
+    assert sum(s.plan.target_epsilon for s in subs) + plan.target_epsilon == pytest.approx(6.0)
+    assert plan.target_epsilon == pytest.approx(1.5)
+
+
 def test_resuming_an_ensemble_is_refused() -> None:
     config = dataclasses.replace(_config(), resume_from="/tmp/some-run")
     with pytest.raises(ConfigError, match="cannot be resumed"):
