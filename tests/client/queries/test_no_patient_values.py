@@ -94,7 +94,7 @@ def test_image_flows_release_no_per_patient_vector(tmp_path: Path) -> None:
     asked = {str(m.content[k.CONFIG][k.QUERY]) for m in grid.sent}
     # the per-task queries: tests/client/queries/test_no_patient_values_tasks.py
     per_task = {"ordinal-metrics", "multilabel-metrics", "multilabel-placements",
-                "regression-metrics", "segmentation-metrics"}
+                "regression-metrics", "segmentation-metrics", "multi-task-presence"}
     assert asked == set(list_queries()) - {"logistic"} - per_task
     assert grid.replies and not any(r.has_error() for r in grid.replies)
     for reply in grid.replies:

@@ -86,3 +86,33 @@ def test_task_inference_releases_no_per_patient_vector(task: str, tmp_path: Path
     for reply in grid.replies:
         for key, value in _lists(reply):
             assert len(value) in ALLOWED and len(value) not in counts, (key, len(value))
+
+
+def test_multi_task_presence_releases_no_per_patient_vector(tmp_path: Path) -> None:
+    # Prepare: two segmentation hospitals, a fresh multi-task U-Net (mask + presence heads)
+    from server.paradigms.multi_task import SCORE_BINS, _presence
+
+    _site(tmp_path, "segmentation")
+    plan = TrainPlan(image_size=16, run_id="t", task="segmentation", model="multi-task-unet",
+                     num_classes=2, paradigm="multi-task")
+    nodes = {11 + i: NodeConfig(data_dir=tmp_path / f"site-{i + 1}", site_name=f"s{i + 1}",
+                                release_histograms=True, min_release_count=1, device="cpu",
+                                ledger_dir=tmp_path / "ledgers" / f"s{i + 1}")
+             for i in range(2)}
+    grid = InProcessGrid(nodes)
+    torch.manual_seed(0)
+    arrays = ArrayRecord(build_plan_model(plan).state_dict())
+    per_node = [heldout_split(n, plan, _load(n, plan), k.SPLIT_TEST).num_patients
+                for n in nodes.values()]
+    counts = set(per_node)
+    allowed = {1, 2 * SCORE_BINS}
+    assert not allowed & counts, "fixture: patient counts must differ from the fixed sizes"
+    # Execute
+    out = _presence(grid, RunConfig(plan=plan, round_timeout=5), arrays)
+    # Assert: the presence query was asked and answered with coordinator-fixed sizes only
+    assert out["pooled"]["n"] == sum(per_node)
+    assert {str(m.content[k.CONFIG][k.QUERY]) for m in grid.sent} == {"multi-task-presence"}
+    assert grid.replies and not any(r.has_error() for r in grid.replies)
+    for reply in grid.replies:
+        for key, value in _lists(reply):
+            assert len(value) in allowed and len(value) not in counts, (key, len(value))
