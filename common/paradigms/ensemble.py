@@ -22,7 +22,13 @@ a single member with the ensemble: AUC, ECE, conformal coverage and the AUROC of
 MC-dropout mean and entropy, which need dropout: the model's own layers or ``-P dropout=p``,
 dropout before the members' last linear layer in training, stage ``ensemble-member``, and in
 the passes) for detecting errors. The report's Result headline is the ensemble's pooled test
-AUC (DeLong interval on the binned scores). ``federation cv`` does not run ensembles yet.
+AUC (DeLong interval on the binned scores).
+
+``vesalius federation cv --paradigm ensemble`` trains the members per fold on the fold's
+training patients (run ids ``<fold run id>-member-<i>``) and reports the ensemble's held-out
+AUC per fold and pooled over folds (:mod:`server.paradigms.cv_ensemble`); only
+``combine=average`` with ``method=seeds`` (weighted and stacker need validation patients, which
+a fold trains on).
 """
 
 from __future__ import annotations
@@ -140,7 +146,8 @@ ENSEMBLE = register_paradigm(Paradigm(
                        minimum=0.0, maximum=0.7),
     ),
     workflow="server.paradigms.ensemble:run_ensemble",
-    cv=False,
+    fold="server.paradigms.cv_ensemble:run_ensemble_fold",
+    cv=True,
     tasks=("binary",),
     check=_check,
 ))
