@@ -29,6 +29,7 @@ def test_the_registered_mode_comes_first_and_runs_single_threaded(
     assert report["registered_mode"] == "direct" == report["primary_mode"]
     assert set(report["modes"]) == {"dp-direct", "dp-hooks"}
     assert report["epoch_time_ratio"] == report["modes"]["dp-direct"]["epoch_time_ratio"]
+    assert report["cpu_time_ratio"] == report["modes"]["dp-direct"]["cpu_time_ratio"]
     assert math.isfinite(report["epoch_time_ratio"]) and report["epoch_time_ratio"] > 0
     assert all(s["threads"] == 1 for s in report["summary"].values())
     assert report["summary"]["dp-direct"]["steps"] >= 1
