@@ -131,7 +131,7 @@ def _query(grid: Grid, arrays: list[ArrayRecord], config: RunConfig) -> Any:
                        records={f"{k.ENSEMBLE_PREFIX}{i}": a for i, a in enumerate(arrays)})
 
 
-def _class_hist(values: Any, m: int) -> tuple[np.ndarray, np.ndarray]:
+def _class_hist(values: Any) -> tuple[np.ndarray, np.ndarray]:
     """The ensemble's ``(positive, negative)`` counts from a released ``VARIANT_HIST``."""
     variant = np.maximum(np.rint(np.asarray(values, dtype=np.float64)), 0).astype(np.int64)
     ens = variant.reshape(3, 2, CV_SCORE_BINS)[1]
@@ -156,13 +156,13 @@ def _evaluate_ensemble(grid: Grid, arrays: list[ArrayRecord], config: RunConfig,
         return
     m = len(arrays)
     pooled = res.pooled(_REQUIRED)
-    pos, neg = _class_hist(pooled[VARIANT_HIST], m)
+    pos, neg = _class_hist(pooled[VARIANT_HIST])
     outcome.histograms = (pos, neg)
     summary = summarise_histograms(pos, neg)
     sites = [{"site": res.sites[nid],
               **{key: s[key] for key in ("n", "auc")}}
              for nid in res.values
-             for s in [summarise_histograms(*_class_hist(res.values[nid][VARIANT_HIST], m))]]
+             for s in [summarise_histograms(*_class_hist(res.values[nid][VARIANT_HIST]))]]
     members = np.maximum(np.rint(np.asarray(pooled[MEMBER_HIST], dtype=np.float64)), 0)
     member_aucs = [summarise_histograms(*h.astype(np.int64))["auc"]
                    for h in members.reshape(m, 2, CV_SCORE_BINS)]
