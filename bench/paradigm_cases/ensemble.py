@@ -65,7 +65,7 @@ def _single_measures(row: Any, root: Path, checkpoint: Path) -> dict[str, float]
 
 def run(work: Path, quick: bool) -> list[dict[str, Any]]:
     """The comparison's rows (see the module docstring)."""
-    from bench.tasks import EPSILON, _baseline_dicom, _dig, _prepare_dicom
+    from bench.tasks import _baseline_dicom, _prepare_dicom
 
     row = bench_row("breastmnist", quick)
     root = work / "data"

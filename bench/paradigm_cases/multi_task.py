@@ -153,8 +153,6 @@ def _scores(model: Any, split: Any) -> dict[str, float]:
 
 def pooled_baseline(row: Any, root: Path, options: dict[str, float]) -> dict[str, Any]:
     """The arm trained non-private on the pooled training patients; scored on pooled test."""
-    from torch.utils.data import ConcatDataset
-
     from bench.tasks import _plan, _pooled_train
     from client.data import PatientRecordDataset
     from client.data.task_data import load_task_data

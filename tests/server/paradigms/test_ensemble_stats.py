@@ -101,7 +101,7 @@ def test_error_detection_auroc_equals_sklearn_on_the_pooled_uncertainties(pooled
 
 
 def test_conformal_threshold_and_coverage_match_the_pooled_scores(pooled) -> None:
-    h, y, p, w = pooled["h"], pooled["y"], pooled["p"], pooled["w"]
+    y, p, w = pooled["y"], pooled["p"], pooled["w"]
     ens = w @ p
     half = len(y) // 2  # first half calibrates, second half is "test" (same histograms code)
     cal = ensemble_histograms(p[:, :half], y[:half], w, p[:1, :half], bins=BINS)[VARIANT_HIST][1]
