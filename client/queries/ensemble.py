@@ -19,8 +19,9 @@ uncertainties scaled to [0, 1]: the binary entropy (in bits) of ``m``, the membe
     The same for the single model (member 0), the ensemble and member 0's MC-dropout mean.
 ``ensemble-uncertainty-hist`` (3, 2, U)
     Per uncertainty, its histogram over the patients the model (member 0's MC-dropout mean
-    for the first, the ensemble for the others) misclassifies at 0.5, and over those it
-    classifies right.
+    for the first, the ensemble for the others) misclassifies at its operating threshold
+    (``ensemble-thresholds`` = ``[single, ensemble, MC-dropout mean]``, chosen by the
+    coordinator on the validation patients; absent: 0.5), and over those it classifies right.
 
 A patient adds 1 to one cell of each histogram row: L2 sensitivities ``sqrt(M)``,
 ``sqrt(3)`` and ``sqrt(3)``; the patient count 1. Fine histograms: released only where the
@@ -46,6 +47,7 @@ from common.paradigms.ensemble import (
     MEMBER_HIST,
     QUERY,
     STACKER_HEAD,
+    THRESHOLDS,
     UNCERTAINTY_HIST,
     VARIANT_HIST,
     WEIGHTS,
@@ -92,6 +94,17 @@ def _stacker(req: QueryRequest, members: int) -> np.ndarray | None:
         raise ConfigError("bad stacker head", safe_reason=f"malformed query: {STACKER_HEAD} "
                           f"must hold {members + 1} finite numbers")
     return head
+
+
+def _thresholds(req: QueryRequest) -> np.ndarray:
+    raw = req.config.get(THRESHOLDS)
+    if raw is None:
+        return np.full(3, 0.5)
+    t = np.asarray(raw if isinstance(raw, list) else [], dtype=np.float64)
+    if t.shape != (3,) or not np.all((t >= 0) & (t <= 1)):
+        raise ConfigError("bad ensemble thresholds", safe_reason=f"malformed query: {THRESHOLDS} "
+                          "must hold 3 numbers in [0, 1]")
+    return t
 
 
 def stacked(member_probs: np.ndarray, head: np.ndarray) -> np.ndarray:
@@ -161,7 +174,8 @@ def _error_hist(uncertainty: np.ndarray, wrong: np.ndarray, bins: int) -> np.nda
 def ensemble_histograms(member_probs: np.ndarray, labels: np.ndarray, weights: np.ndarray,
                         mc_probs: np.ndarray, *, bins: int = SCORE_BINS,
                         uncertainty_bins: int = UNCERTAINTY_BINS,
-                        stacker: np.ndarray | None = None) -> dict[str, np.ndarray]:
+                        stacker: np.ndarray | None = None,
+                        thresholds: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """The query's histograms from per-patient probabilities (kept on the node).
 
     Parameters
@@ -176,6 +190,9 @@ def ensemble_histograms(member_probs: np.ndarray, labels: np.ndarray, weights: n
         Member 0's class-1 probabilities over T MC-dropout passes.
     stacker : ndarray, shape (M + 1,), optional
         A trained stacker's head: the ensemble is :func:`stacked`, not the weighted mean.
+    thresholds : ndarray, shape (3,), optional
+        Operating thresholds of the single model, the ensemble and the MC-dropout mean: a
+        patient is misclassified when ``(score >= threshold) != label`` (default 0.5 each).
     """
     y = np.asarray(labels).astype(int).reshape(-1)
     p = np.asarray(member_probs, dtype=np.float64)
@@ -185,8 +202,9 @@ def ensemble_histograms(member_probs: np.ndarray, labels: np.ndarray, weights: n
     disagreement = np.clip(4.0 * (weights @ (p - mean) ** 2), 0.0, 1.0)
     mc_entropy = _binary_entropy_bits(np.asarray(mc_probs, dtype=np.float64).mean(axis=0))
     mc_mean = np.asarray(mc_probs, dtype=np.float64).mean(axis=0)
-    wrong_mc = (mc_mean >= 0.5).astype(int) != y
-    wrong_ens = (ens >= 0.5).astype(int) != y
+    t = np.full(3, 0.5) if thresholds is None else np.asarray(thresholds, dtype=np.float64)
+    wrong_mc = (mc_mean >= t[2]).astype(int) != y
+    wrong_ens = (ens >= t[1]).astype(int) != y
     return {
         MEMBER_HIST: np.stack([_class_hist(row, y, bins) for row in p]),
         VARIANT_HIST: np.stack([_class_hist(single, y, bins), _class_hist(ens, y, bins),
@@ -208,6 +226,7 @@ class EnsembleScoresQuery(Query):
         members = len(_members(req))
         _weights(req, members)
         _stacker(req, members)
+        _thresholds(req)
         int_param(req, k.MC_SAMPLES, 10, lo=1, hi=MAX_PASSES)
         if not req.node.release_histograms:
             raise ConfigError("ensemble histograms without consent",
@@ -238,6 +257,7 @@ class EnsembleScoresQuery(Query):
             probs, labels, weights, mc, bins=int_param(req, k.VALUE_BINS, SCORE_BINS, lo=2,
                                                        hi=100_000),
             uncertainty_bins=int_param(req, UNCERTAINTY_BINS_KEY, UNCERTAINTY_BINS, lo=2,
-                                       hi=10_000), stacker=_stacker(req, len(members)))
+                                       hi=10_000), stacker=_stacker(req, len(members)),
+            thresholds=_thresholds(req))
         out[k.NUM_EXAMPLES] = int(len(labels))
         return out

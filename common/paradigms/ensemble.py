@@ -61,6 +61,10 @@ MC_DROPOUT = "mc-dropout"
 #: Config key of the query: a trained stacker's head ``[w_1, ..., w_M, b]`` (the ensemble's
 #: probability is ``sigmoid(b + sum_i w_i logit p_i)``; absent: the weighted average).
 STACKER_HEAD = "ensemble-stacker"
+#: Config key of the query: the operating thresholds ``[single, ensemble, MC-dropout mean]``
+#: at which a patient counts as misclassified in ``UNCERTAINTY_HIST`` (absent: 0.5 each);
+#: the coordinator chooses them on the validation patients (Youden's J).
+THRESHOLDS = "ensemble-thresholds"
 #: Uncertainty measures of ``UNCERTAINTY_HIST``, in order.
 UNCERTAINTY_MEASURES = ("single MC-dropout entropy", "ensemble disagreement (variance)",
                         "ensemble predictive entropy")

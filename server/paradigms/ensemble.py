@@ -46,6 +46,7 @@ from common.paradigms.ensemble import (
     MEMBER_HIST,
     QUERY,
     STACKER_HEAD,
+    THRESHOLDS,
     UNCERTAINTY_HIST,
     UNCERTAINTY_MEASURES,
     VARIANT_HIST,
@@ -109,7 +110,8 @@ def _final_arrays(report: RunReport) -> ArrayRecord | None:
 
 def _query(grid: Grid, node_ids: list[int], config: RunConfig, arrays: list[ArrayRecord],
            split: str, weights: np.ndarray, mc_samples: int,
-           stacker: list[float] | None = None, dropout: float = 0.0) -> dict[str, Any]:
+           stacker: list[float] | None = None, dropout: float = 0.0,
+           thresholds: list[float] | None = None) -> dict[str, Any]:
     from server.inference import query_nodes
 
     cfg = {**config.plan.to_record(), k.SPLIT: split, WEIGHTS: [float(w) for w in weights],
@@ -119,6 +121,8 @@ def _query(grid: Grid, node_ids: list[int], config: RunConfig, arrays: list[Arra
         cfg[STACKER_HEAD] = [float(v) for v in stacker]
     if dropout > 0:
         cfg[MC_DROPOUT] = float(dropout)
+    if thresholds is not None:
+        cfg[THRESHOLDS] = [float(t) for t in thresholds]
     res = query_nodes(grid, node_ids, QUERY, cfg, timeout=config.round_timeout,
                       records={f"{k.ENSEMBLE_PREFIX}{i}": a for i, a in enumerate(arrays)},
                       required=(MEMBER_HIST, VARIANT_HIST, UNCERTAINTY_HIST))
@@ -156,10 +160,11 @@ def _epsilon_rows(members: list[RunReport]) -> tuple[list[str], list[list[Any]]]
 
 
 def _comparison(val: dict[str, Any], test: dict[str, Any], alpha: float,
-                combine: str, uncertainty: str,
-                passes: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+                combine: str, uncertainty: str, passes: int,
+                thresholds: list[float]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Single model vs ensemble (vs MC-dropout) rows (test patients) and the uncertainty rows
-    of the ``uncertainty`` option (disagreement, mc-dropout or both)."""
+    of the ``uncertainty`` option (disagreement, mc-dropout or both); accuracy and errors at
+    each model's ``thresholds`` (single, ensemble, MC-dropout mean)."""
     mc = uncertainty in ("mc-dropout", "both")
     names = ["single member (member 0)", f"ensemble ({combine})",
              f"member 0, MC-dropout mean of {passes} passes"]
@@ -170,7 +175,8 @@ def _comparison(val: dict[str, Any], test: dict[str, Any], alpha: float,
         qhat = st.conformal_qhat(val["variant"][v], alpha=alpha)
         cov = st.coverage(test["variant"][v], qhat) if math.isfinite(qhat) else None
         rows.append({"model": name, "auc": st.auc(test["variant"][v]),
-                     "accuracy": st.accuracy(test["variant"][v]),
+                     "threshold": thresholds[v],
+                     "accuracy": st.accuracy(test["variant"][v], thresholds[v]),
                      "ece": st.ece(test["variant"][v]),
                      "qhat": qhat if math.isfinite(qhat) else None,
                      "coverage": None if cov is None else cov["coverage"]["value"],
@@ -293,8 +299,12 @@ def _section(grid: Grid, node_ids: list[int], config: RunConfig, options: dict[s
         if combine == "weighted":
             val = _query(grid, node_ids, config, arrays, k.SPLIT_VAL, weights, mc, None,
                          dropout)
+        # Each model's operating threshold, chosen on the validation patients (Youden's J):
+        # DP-trained models are often badly calibrated, and at 0.5 one may call every patient
+        # negative, so that its "errors" are simply the positives.
+        thresholds = [st.youden_threshold(val["variant"][v]) for v in range(3)]
         test = _query(grid, node_ids, config, arrays, k.SPLIT_TEST, weights, mc, head,
-                      dropout)
+                      dropout, thresholds)
     except Exception as exc:  # noqa: BLE001 - the members' reports are already written
         log.warning("ensemble evaluation failed: %s", exc)
         section.update(status="failed", reason=f"{type(exc).__name__}: {exc}")
@@ -302,7 +312,8 @@ def _section(grid: Grid, node_ids: list[int], config: RunConfig, options: dict[s
     for i, row in enumerate(section["members"]):
         row.update(val_auc=st.auc(val["member"][i]), test_auc=st.auc(test["member"][i]),
                    weight=float(weights[i]))
-    rows, unc = _comparison(val, test, float(options["alpha"]), combine, uncertainty, mc)
+    rows, unc = _comparison(val, test, float(options["alpha"]), combine, uncertainty, mc,
+                            thresholds)
     alpha = float(options["alpha"])
     section["comparison"] = {"rows": rows, "uncertainty": unc["rows"], "alpha": alpha,
                              "target_coverage": 1 - alpha, "weights": [float(w) for w in weights],
@@ -318,14 +329,17 @@ def _section(grid: Grid, node_ids: list[int], config: RunConfig, options: dict[s
     section["notes"].append(
         f"Conformal prediction sets at target coverage {1 - alpha:.2f} (α = {alpha:g}), "
         f"calibrated on the validation patients; scores known to 1/{SCORE_BINS}, "
-        "nonconformity rounded up. Error = misclassified at 0.5.")
+        "nonconformity rounded up. Accuracy and errors are at each model's operating "
+        "threshold, the score that maximises sensitivity + specificity (Youden's J) on the "
+        "validation patients (column 'threshold'), not at 0.5: DP-trained models are often "
+        "badly calibrated.")
     section["tables"] = [
         {"title": "Single member vs ensemble (test patients, pooled over hospitals)"
                   + (" and MC-dropout" if uncertainty != "disagreement" else ""),
-         "columns": ["model", "AUC", "accuracy", "ECE", f"coverage (target {1 - alpha:.2f})",
-                     "mean set size"],
-         "rows": [[r["model"], r["auc"], r["accuracy"], r["ece"], r["coverage"],
-                   r["mean_set_size"]] for r in rows]},
+         "columns": ["model", "AUC", "threshold", "accuracy", "ECE",
+                     f"coverage (target {1 - alpha:.2f})", "mean set size"],
+         "rows": [[r["model"], r["auc"], r["threshold"], r["accuracy"], r["ece"],
+                   r["coverage"], r["mean_set_size"]] for r in rows]},
         {"title": "Uncertainty for detecting errors (test patients)",
          "columns": ["model", "uncertainty", "error-detection AUROC", "errors"],
          "rows": [[u["model"], u["uncertainty"], u["error_auroc"], u["errors"]]

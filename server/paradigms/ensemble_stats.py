@@ -33,7 +33,7 @@ from common.stats.conformal import conformal_quantile, coverage_summary
 from common.stats.histogram import auc_from_histograms
 
 __all__ = ["accuracy", "auc", "auc_estimate", "conformal_qhat", "coverage", "ece", "error_auroc",
-           "member_weights"]
+           "member_weights", "youden_threshold"]
 
 EPS_EDGE = 1e-9
 
@@ -72,12 +72,37 @@ def auc_estimate(class_hist: npt.ArrayLike, *, alpha: float = 0.05) -> dict[str,
             "n": int(m + n), "method": "delong"}
 
 
-def accuracy(class_hist: npt.ArrayLike) -> float:
-    """Accuracy at threshold 0.5 (``B`` even: 0.5 is an edge)."""
+def _edge_index(bins: int, threshold: float) -> int:
+    """The bin index ``j`` with ``j / bins == threshold`` rounded to the nearest edge: scores in
+    bins ``j, j+1, ...`` are at or above the threshold."""
+    return int(min(max(round(float(threshold) * bins), 0), bins))
+
+
+def accuracy(class_hist: npt.ArrayLike, threshold: float = 0.5) -> float:
+    """Accuracy when a score at or above ``threshold`` (a bin edge: ``j / B``) is called
+    positive; the default 0.5 is an edge for an even ``B``."""
     pos, neg = _hist(class_hist)
-    half = pos.size // 2
+    j = _edge_index(pos.size, threshold)
     n = pos.sum() + neg.sum()
-    return float((pos[half:].sum() + neg[:half].sum()) / n) if n else math.nan
+    return float((pos[j:].sum() + neg[:j].sum()) / n) if n else math.nan
+
+
+def youden_threshold(class_hist: npt.ArrayLike) -> float:
+    """The bin edge ``j / B`` maximising sensitivity + specificity - 1 (Youden's J) over a
+    ``(2, B)`` histogram (positives, negatives); 0.5 when a class is absent. Ties: the edge
+    nearest 0.5."""
+    pos, neg = _hist(class_hist)
+    m, n = pos.sum(), neg.sum()
+    bins = pos.size
+    if m == 0 or n == 0:
+        return 0.5
+    # called positive from edge j on: sensitivity = pos[j:] / m, specificity = neg[:j] / n
+    sens = np.concatenate([np.cumsum(pos[::-1])[::-1], [0.0]]) / m
+    spec = np.concatenate([[0.0], np.cumsum(neg)]) / n
+    j_stat = sens + spec - 1.0
+    best = np.flatnonzero(j_stat >= j_stat.max() - 1e-12)
+    j = int(best[np.argmin(np.abs(best - bins / 2))])
+    return j / bins
 
 
 def ece(class_hist: npt.ArrayLike, *, calibration_bins: int = 10) -> float:

@@ -24,7 +24,7 @@ def _config(**options: object) -> RunConfig:
 
 def test_options_are_typed_and_bad_ones_are_refused() -> None:
     paradigm = get_paradigm("ensemble")
-    assert paradigm.defaults()["members"] == 3 and not paradigm.cv
+    assert paradigm.defaults()["members"] == 3 and paradigm.cv and paradigm.fold
     with pytest.raises(ConfigError, match="members must be >= 2"):
         parse_option_pairs(paradigm, ["members=1"])
     with pytest.raises(ConfigError, match="method must be one of seeds, bagging"):

@@ -159,6 +159,46 @@ def test_a_stacker_head_combines_the_members_logits(pooled) -> None:
         roc_auc_score((ens >= 0.5) != y, variance), abs=0.01)
 
 
+def test_youden_threshold_and_accuracy_at_it_equal_sklearn_on_the_binned_scores() -> None:
+    from sklearn.metrics import roc_curve
+
+    # Prepare: badly calibrated scores (every patient below 0.5, as a DP model may give)
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 400)
+    scores = np.floor(expit(-2.5 + 1.5 * y + rng.normal(0, 0.7, 400)) * BINS) / BINS
+    hist = np.stack([np.bincount((scores[y == 1] * BINS).astype(int), minlength=BINS),
+                     np.bincount((scores[y == 0] * BINS).astype(int), minlength=BINS)])
+    # Execute
+    t = st.youden_threshold(hist)
+    # Assert: the threshold attains sklearn's best J over the ROC curve of the same scores,
+    # and accuracy at it is sklearn's accuracy of score >= t
+    fpr, tpr, _ = roc_curve(y, scores)
+    pred = scores >= t - 1e-12
+    j = np.mean(pred[y == 1]) - np.mean(pred[y == 0])
+    assert j == pytest.approx(np.max(tpr - fpr), abs=1e-12)
+    assert t < 0.5
+    assert st.accuracy(hist, t) == pytest.approx(accuracy_score(y, pred), abs=1e-12)
+    assert st.youden_threshold(np.stack([hist[0], 0 * hist[1]])) == 0.5  # one class: default
+
+
+def test_errors_are_counted_at_the_given_thresholds(pooled) -> None:
+    # Prepare: thresholds for the single model, the ensemble and the MC-dropout mean
+    y, p, w, mc = pooled["y"], pooled["p"], pooled["w"], pooled["mc"]
+    t = np.array([0.3, 0.35, 0.4])
+    # Execute
+    h = ensemble_histograms(p, y, w, mc, bins=BINS, uncertainty_bins=UBINS, thresholds=t)
+    # Assert: each uncertainty row's error count is the misclassified patients at its
+    # model's threshold, and error-detection AUROC is sklearn's on those errors
+    ens, mean = w @ p, mc.mean(axis=0)
+    wrong_ens, wrong_mc = (ens >= t[1]) != y, (mean >= t[2]) != y
+    assert h[UNCERTAINTY_HIST][0][0].sum() == wrong_mc.sum()
+    assert h[UNCERTAINTY_HIST][1][0].sum() == wrong_ens.sum()
+    assert wrong_ens.sum() != ((ens >= 0.5) != y).sum()  # the threshold matters here
+    variance = 4 * (w @ (p - ens) ** 2)
+    assert st.error_auroc(h[UNCERTAINTY_HIST][1]) == pytest.approx(
+        roc_auc_score(wrong_ens, variance), abs=0.01)
+
+
 def test_weights_follow_the_members_pooled_validation_auc(pooled) -> None:
     h, y, p = pooled["h"], pooled["y"], pooled["p"]
     raw = np.maximum([roc_auc_score(y, row) - 0.5 for row in p], 0.01)
