@@ -354,11 +354,13 @@ def _charge_round(
 def _refuse_without_heldout(plan: TrainPlan, data: NodeData) -> None:
     """Refuse to train, before any spend, a hospital too small for its held-out splits.
 
-    Without cross-validation the run evaluates every node's validation and test splits; a node
-    with an empty one would fail each evaluation, so it refuses the plan at once (the
-    coordinator excludes it for the rest of the run, named by its site).
+    Without cross-validation the run scores the final model on every node's test split; a node
+    without test patients (too few patients for the split) refuses the plan at once, before any
+    spend (the coordinator excludes it for the rest of the run, named by its site). A node
+    with test patients but an empty validation split still trains: its validation replies say
+    it has no validation patients, and the pooled validation comes from the other hospitals.
     """
-    if plan.cv_mode == "none" and min(data.val.num_patients, data.test.num_patients) == 0:
+    if plan.cv_mode == "none" and data.test.num_patients == 0:
         total = data.train.num_patients + data.val.num_patients + data.test.num_patients
         raise BudgetExceededError(
             f"val/test splits of {data.val.num_patients}/{data.test.num_patients} patients",
