@@ -5,8 +5,10 @@
    evaluation and pooled inference are the segmentation task's (per-patient Dice and HD95 of
    the segmentation head, :mod:`server.inference_segmentation`).
 2. Presence head: one query (``multi-task-presence``, :mod:`client.queries.multi_task`) on
-   every hospital's test patients with the final model; the pooled patient-weighted
-   histograms give the presence AUC and, at probability 0.5, accuracy, sensitivity and
+   every hospital's validation patients, then its test patients, with the final model; the
+   pooled patient-weighted validation histograms choose the operating threshold (Youden's J,
+   :func:`youden_threshold`: a DP-trained head may put every image on one side of 0.5), and
+   the test histograms give the presence AUC and, at that threshold, accuracy, sensitivity and
    specificity (:func:`presence_summary`), pooled and per hospital.
 3. The report (with the run's own plan: ``paradigm: multi-task``) gets a paradigm section:
    the task weights, one row per task with its pooled test result, the per-hospital table.
@@ -32,7 +34,7 @@ from common.stats.histogram import auc_from_histograms
 from server.progress import ProgressCallback
 from server.report import RunReport
 
-__all__ = ["multi_task_section", "presence_summary", "run_multi_task"]
+__all__ = ["multi_task_section", "presence_summary", "run_multi_task", "youden_threshold"]
 
 log = logging.getLogger(__name__)
 
@@ -40,18 +42,34 @@ SCORE_BINS = 1000
 """Bins of the presence histograms asked of the nodes (even: 0.5 is a bin edge)."""
 
 
-def presence_summary(hist: np.ndarray) -> dict[str, Any]:
+def youden_threshold(hist: np.ndarray) -> float:
+    """The bin edge ``j / B`` maximising sensitivity + specificity - 1 over weighted ``(2, B)``
+    histograms (row 0 lesion, row 1 none); 0.5 when a class has no weight. Ties: the edge
+    nearest 0.5."""
+    pos, neg = np.asarray(hist, dtype=np.float64)
+    m, n, bins = pos.sum(), neg.sum(), pos.size
+    if m <= 0 or n <= 0:
+        return 0.5
+    sens = np.concatenate([np.cumsum(pos[::-1])[::-1], [0.0]]) / m  # "lesion" from edge j on
+    spec = np.concatenate([[0.0], np.cumsum(neg)]) / n
+    j_stat = sens + spec - 1.0
+    best = np.flatnonzero(j_stat >= j_stat.max() - 1e-12)
+    return float(best[np.argmin(np.abs(best - bins / 2))] / bins)
+
+
+def presence_summary(hist: np.ndarray, threshold: float = 0.5) -> dict[str, Any]:
     """Presence-head statistics of pooled ``(2, B)`` histograms (row 0 lesion, row 1 none).
 
     Returns the patient-weighted AUC (Mann-Whitney on the bins,
     :func:`common.stats.histogram.auc_from_histograms`) and, calling "lesion" where the
-    probability is at least 0.5, accuracy, sensitivity and specificity, with the weighted
-    image counts of each class (each patient weighs 1 in total).
+    probability is at least ``threshold`` (rounded to a bin edge ``j / B``), accuracy,
+    sensitivity and specificity, with the weighted image counts of each class (each patient
+    weighs 1 in total).
     """
     pos, neg = np.asarray(hist, dtype=np.float64)
-    half = pos.size // 2  # bins >= half hold probabilities >= 0.5 (B even)
-    tp, fn = pos[half:].sum(), pos[:half].sum()
-    tn, fp = neg[:half].sum(), neg[half:].sum()
+    j = int(min(max(round(float(threshold) * pos.size), 0), pos.size))
+    tp, fn = pos[j:].sum(), pos[:j].sum()
+    tn, fp = neg[:j].sum(), neg[j:].sum()
     total = tp + fn + tn + fp
 
     def ratio(a: float, b: float) -> float | None:
@@ -70,23 +88,27 @@ def _final_arrays(report: RunReport) -> ArrayRecord | None:
     return ArrayRecord(torch.load(path, map_location="cpu", weights_only=True))
 
 
-def _presence(grid: Grid, config: RunConfig, arrays: ArrayRecord) -> dict[str, Any]:
-    """Ask every node for its presence histograms on its test split; pool them."""
+def _presence(grid: Grid, config: RunConfig, arrays: ArrayRecord,
+              split: str = k.SPLIT_TEST, threshold: float = 0.5) -> dict[str, Any]:
+    """Ask every node for its presence histograms on ``split``; pool them (figures at
+    ``threshold``)."""
     from server.inference import query_nodes
 
-    cfg = {**config.plan.to_record(), k.SPLIT: k.SPLIT_TEST, k.VALUE_BINS: SCORE_BINS}
+    cfg = {**config.plan.to_record(), k.SPLIT: split, k.VALUE_BINS: SCORE_BINS}
     res = query_nodes(grid, list(grid.get_node_ids()), QUERY, cfg,
                       timeout=config.round_timeout, records={k.ARRAYS: arrays},
                       required=(PRESENCE_HIST,))
     out: dict[str, Any] = {"failures": res.failures, "heads": dict(res.heads), "sites": [],
-                           "in_the_clear": bool(res.secure) and not res.secure.get("covered")}
+                           "in_the_clear": bool(res.secure) and not res.secure.get("covered"),
+                           "threshold": float(threshold)}
     if not res.values:
         return out
     pooled = res.pooled((PRESENCE_HIST, k.NUM_EXAMPLES))
-    out["pooled"] = {**presence_summary(np.reshape(pooled[PRESENCE_HIST], (2, SCORE_BINS))),
+    out["hist"] = np.reshape(pooled[PRESENCE_HIST], (2, SCORE_BINS))
+    out["pooled"] = {**presence_summary(out["hist"], threshold),
                      "n": int(round(float(pooled[k.NUM_EXAMPLES])))}
     for node, values in res.values.items():
-        site = presence_summary(np.reshape(values[PRESENCE_HIST], (2, SCORE_BINS)))
+        site = presence_summary(np.reshape(values[PRESENCE_HIST], (2, SCORE_BINS)), threshold)
         out["sites"].append({"site": res.sites.get(node, f"node-{node}"),
                              "n": int(round(float(values[k.NUM_EXAMPLES]))), **site})
     return out
@@ -127,7 +149,9 @@ def multi_task_section(report: RunReport, config: RunConfig,
         "multi-task gradient",
         "presence results pool the hospitals' patient-weighted score histograms of the test "
         "patients' images (each patient weighs 1 however many images it has); 'lesion' where "
-        "the probability is at least 0.5",
+        f"the probability is at least {presence.get('threshold', 0.5):.3f}, the operating "
+        "threshold chosen on the validation patients' pooled histograms (Youden's J; 0.5 when "
+        "they lack a class): a DP-trained head may put every image on one side of 0.5",
     ]
     if presence.get("in_the_clear"):
         notes.append("the presence query is not covered by secure aggregation: each hospital "
@@ -140,7 +164,8 @@ def multi_task_section(report: RunReport, config: RunConfig,
          "columns": ["task", "loss weight", "metric", "value", "test patients"], "rows": tasks},
     ]
     if pooled:
-        tables.append({"title": "Presence head at probability 0.5 (pooled)",
+        tables.append({"title": "Presence head at probability "
+                                f"{presence.get('threshold', 0.5):.3f} (pooled test patients)",
                        "columns": ["accuracy", "sensitivity", "specificity"],
                        "rows": [[pooled.get("accuracy"), pooled.get("sensitivity"),
                                  pooled.get("specificity")]]})
@@ -169,7 +194,10 @@ def run_multi_task(grid: Grid, config: RunConfig, *, on_round: Any = None,
     presence: dict[str, Any] = {"failures": [], "sites": []}
     if arrays is not None:
         try:
-            presence = _presence(grid, ran, arrays)
+            val = _presence(grid, ran, arrays, k.SPLIT_VAL)
+            threshold = youden_threshold(val["hist"]) if "hist" in val else 0.5
+            presence = _presence(grid, ran, arrays, k.SPLIT_TEST, threshold)
+            presence.pop("hist", None)  # the report keeps the figures, not the histograms
         except Exception as exc:  # noqa: BLE001 - the rounds completed; the section says why
             log.warning("presence query failed: %s", exc)
             presence["failures"] = [{"site": "all", "reason": f"{type(exc).__name__}: {exc}"}]

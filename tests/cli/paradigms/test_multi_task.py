@@ -88,6 +88,9 @@ def test_multi_task_run_reports_each_task_pooled(multi_task_run: tuple[Path, str
     # each test patient weighs 1 in the pooled histograms
     assert pooled["lesion_weight"] + pooled["no_lesion_weight"] == pytest.approx(pooled["n"])
     assert len(presence["sites"]) == SITES
+    # the presence figures are at the operating threshold chosen on validation patients
+    assert 0.0 <= presence["threshold"] <= 1.0 and "hist" not in presence
+    assert f"{presence['threshold']:.3f}" in json.dumps(section["tables"])
     assert "paradigm: multi-task" in screen
     assert "paradigm: multi-task" in (out / "summary.txt").read_text()
 
@@ -101,6 +104,9 @@ def test_multi_task_run_is_on_every_nodes_ledger(multi_task_run: tuple[Path, str
     assert len({p.parent for p in holding}) >= SITES, ledgers
     presence_query = [p for p in holding if "multi-task-presence" in p.read_text(errors="replace")]
     assert len({p.parent for p in presence_query}) >= SITES
+    for ledger in {p.parent for p in presence_query}:  # asked on validation, then test
+        text = "\n".join(q.read_text(errors="replace") for q in ledger.iterdir() if q.is_file())
+        assert text.count("query:multi-task-presence") >= 2, ledger
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ import pytest
 from sklearn.metrics import accuracy_score, recall_score, roc_auc_score
 
 from client.queries.multi_task import presence_histograms
-from server.paradigms.multi_task import presence_summary
+from server.paradigms.multi_task import presence_summary, youden_threshold
 
 BINS = 1000
 
@@ -63,3 +63,29 @@ def test_a_class_without_images_gives_no_auc() -> None:
     hist[0, 700] = 3.0
     got = presence_summary(hist)
     assert got["auc"] is None and got["specificity"] is None and got["sensitivity"] == 1.0
+
+
+def test_the_operating_threshold_is_youdens_on_the_weighted_images_and_figures_follow_it() -> None:
+    from sklearn.metrics import roc_curve
+
+    # Prepare: a badly calibrated head (every score below 0.5), patients with 1-5 images
+    rng = np.random.default_rng(11)
+    sites = [_hospital(rng, n) for n in (30, 25)]
+    sites = [(s * 0.45, y, i) for s, y, i in sites]
+    pooled = sum(presence_histograms(s, y, i, BINS) for s, y, i in sites)
+    scores = np.concatenate([s for s, _, _ in sites])
+    labels = np.concatenate([y for _, y, _ in sites])
+    weights = np.concatenate([1.0 / np.bincount(i)[i] for _, _, i in sites])
+    # Execute
+    t = youden_threshold(pooled)
+    got = presence_summary(pooled, t)
+    # Assert: t attains sklearn's best weighted J, and the figures are sklearn's at t
+    fpr, tpr, _ = roc_curve(labels, scores, sample_weight=weights)
+    called = (scores >= t).astype(int)
+    sens = recall_score(labels, called, sample_weight=weights)
+    spec = recall_score(1 - labels, 1 - called, sample_weight=weights)
+    assert sens + spec - 1 == pytest.approx(np.max(tpr - fpr), abs=1e-9)
+    assert t < 0.5 and got["sensitivity"] == pytest.approx(sens)
+    assert got["specificity"] == pytest.approx(spec)
+    assert got["accuracy"] == pytest.approx(accuracy_score(labels, called, sample_weight=weights))
+    assert presence_summary(pooled)["specificity"] == pytest.approx(1.0)  # at 0.5: all "none"
