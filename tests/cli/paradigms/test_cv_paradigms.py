@@ -5,7 +5,6 @@ ledger per fold, and self-supervised's refusal."""
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from typer.testing import CliRunner
 
 from cli.app import app
 from common.ledger import Ledger
+from tests.cli.paradigms import partly_labelled_federation
 
 SITES, PATIENTS, SIZE, FOLDS = 2, 16, 16, 2
 
@@ -22,18 +22,8 @@ SITES, PATIENTS, SIZE, FOLDS = 2, 16, 16, 2
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Two hospitals; site-2's labels.csv lacks a quarter of its rows (unlabelled patients)."""
-    from client.dicom.synth import synthesize_federation
-
-    root = tmp_path_factory.mktemp("cvp")
-    synthesize_federation(root, n_sites=SITES, patients_per_site=PATIENTS,
-                          images_per_patient=(1, 2), image_size=SIZE, seed=1)
-    labels = root / "site-2" / "labels.csv"
-    rows = list(csv.DictReader(labels.open()))
-    with labels.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(row for i, row in enumerate(rows) if i % 4)
-    return root
+    return partly_labelled_federation(tmp_path_factory.mktemp("cvp"), sites=SITES,
+                                      patients=PATIENTS, size=SIZE)
 
 
 def _invoke(data: Path, out: Path, *args: str) -> Any:

@@ -5,7 +5,6 @@ report's configuration, and the refusals."""
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from typer.testing import CliRunner
 from cli.app import app
 from common import messages as k
 from common.ledger import Ledger
+from tests.cli.paradigms import partly_labelled_federation
 
 SITES, PATIENTS, SIZE = 2, 16, 16
 
@@ -23,18 +23,8 @@ SITES, PATIENTS, SIZE = 2, 16, 16
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Two hospitals; site-2's labels.csv lacks a quarter of its patients (unlabelled)."""
-    from client.dicom.synth import synthesize_federation
-
-    root = tmp_path_factory.mktemp("semi")
-    synthesize_federation(root, n_sites=SITES, patients_per_site=PATIENTS,
-                          images_per_patient=(1, 2), image_size=SIZE, seed=1)
-    labels = root / "site-2" / "labels.csv"
-    rows = list(csv.DictReader(labels.open()))
-    with labels.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(row for i, row in enumerate(rows) if i % 4)
-    return root
+    return partly_labelled_federation(tmp_path_factory.mktemp("semi"), sites=SITES,
+                                      patients=PATIENTS, size=SIZE)
 
 
 def _invoke(command: str, data: Path, out: Path, *args: str) -> Any:

@@ -60,6 +60,14 @@ def _site(root: Path, task: str) -> None:
                                    image_size=16, seed=3)
 
 
+def _nodes(root: Path) -> dict[int, NodeConfig]:
+    """The two hospitals under ``root``, releasing histograms, with their own ledgers."""
+    return {11 + i: NodeConfig(data_dir=root / f"site-{i + 1}", site_name=f"s{i + 1}",
+                               release_histograms=True, min_release_count=1, device="cpu",
+                               ledger_dir=root / "ledgers" / f"s{i + 1}")
+            for i in range(2)}
+
+
 @pytest.mark.parametrize("task", sorted(CASES))
 def test_task_inference_releases_no_per_patient_vector(task: str, tmp_path: Path) -> None:
     # Prepare: two hospitals of the task, a fresh model of the plan
@@ -67,10 +75,7 @@ def test_task_inference_releases_no_per_patient_vector(task: str, tmp_path: Path
     model, queries = CASES[task]
     plan = TrainPlan(image_size=16, run_id="t", task=task, model=model,
                      num_classes=2 if task in ("regression", "segmentation") else K)
-    nodes = {11 + i: NodeConfig(data_dir=tmp_path / f"site-{i + 1}", site_name=f"s{i + 1}",
-                                release_histograms=True, min_release_count=1, device="cpu",
-                                ledger_dir=tmp_path / "ledgers" / f"s{i + 1}")
-             for i in range(2)}
+    nodes = _nodes(tmp_path)
     grid = InProcessGrid(nodes)
     torch.manual_seed(0)
     arrays = ArrayRecord(build_plan_model(plan).state_dict())
@@ -95,10 +100,7 @@ def test_multi_task_presence_releases_no_per_patient_vector(tmp_path: Path) -> N
     _site(tmp_path, "segmentation")
     plan = TrainPlan(image_size=16, run_id="t", task="segmentation", model="multi-task-unet",
                      num_classes=2, paradigm="multi-task")
-    nodes = {11 + i: NodeConfig(data_dir=tmp_path / f"site-{i + 1}", site_name=f"s{i + 1}",
-                                release_histograms=True, min_release_count=1, device="cpu",
-                                ledger_dir=tmp_path / "ledgers" / f"s{i + 1}")
-             for i in range(2)}
+    nodes = _nodes(tmp_path)
     grid = InProcessGrid(nodes)
     torch.manual_seed(0)
     arrays = ArrayRecord(build_plan_model(plan).state_dict())
