@@ -72,6 +72,7 @@ from typing import Any, cast
 import torch
 from opacus.data_loader import DPDataLoader
 from opacus.layers.dp_rnn import RNNLinear
+from opacus.layers.param_rename import RenameParamsMixin
 from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer import (
     _check_processed_flag,
@@ -140,8 +141,8 @@ def unsupported_layers(model: nn.Module) -> list[str]:
     symmetric zero padding, and BatchNorm in training mode (with or without parameters)."""
     out = []
     for name, module in model.named_modules():
-        if type(module) not in SUPPORTED_LAYERS and _only_aliases(model, module):
-            continue  # e.g. DPLSTM's weight_ih_l0, its cell's parameter under a second name
+        if isinstance(module, RenameParamsMixin) and _only_aliases(model, module):
+            continue  # DPLSTM/DPGRU's weight_ih_l0: its cell's parameter under a second name
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
             # Opacus's validator lets a BatchNorm without parameters through, but it still
             # normalises each sample with its batch peers' statistics.
@@ -394,7 +395,9 @@ class _Tap(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, output: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:  # noqa: ARG004
-        return output.view_as(output)
+        # detach(), not view_as(): a view made inside a custom Function may not be modified
+        # in place, and a model may follow its first layer with ReLU(inplace=True)
+        return output.detach()
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, None]:  # noqa: ARG004

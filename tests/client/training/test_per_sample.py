@@ -25,6 +25,7 @@ from client.training.per_sample import (
     conv_grad_sample_loop,
     conv_grad_sample_unfold,
     make_private_direct,
+    unsupported_layers,
 )
 from client.training.trainer import train_dp
 from common.errors import ConfigError
@@ -151,6 +152,33 @@ def test_linear_groupnorm_and_sequence_input_equal_opacus() -> None:
     x = torch.randn(7, 4, 5)
     y = torch.randint(0, 3, (7,))
     _assert_same(_direct_samples(model, x, y), _opacus_samples(model, x, y))
+
+
+def test_an_in_place_activation_after_the_first_layer_equals_opacus() -> None:
+    # The first layer's output is tapped by the engine; an in-place ReLU may modify it.
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(inplace=True), nn.Flatten(),
+                          nn.Linear(4 * 6 * 6, 3))
+    x = torch.randn(5, 1, 6, 6)
+    y = torch.randint(0, 3, (5,))
+    reference = copy.deepcopy(model)
+    reference[1].inplace = False  # Opacus's own hooks refuse an in-place op after a layer
+    _assert_same(_direct_samples(model, x, y), _opacus_samples(reference, x, y))
+
+
+def test_a_module_using_a_linear_layers_weight_itself_is_refused() -> None:
+    # Only Opacus's renamed recurrent parameters count as aliases of a supported layer's:
+    # another module computing with a Linear's weight would get no per-sample gradient.
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+            self.weight = self.lin.weight
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return nn.functional.linear(self.lin(x), self.weight)
+
+    assert unsupported_layers(Tied()) == ["<root>: Tied"]
 
 
 def test_tied_layer_sums_its_uses_like_opacus() -> None:
