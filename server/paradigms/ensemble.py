@@ -390,7 +390,8 @@ def _stacker_section(section: dict[str, Any], stacker: StackerResult, columns: l
         site = row[0]
         eps = stacker.epsilon.get(site)
         row.insert(-3, eps)
-        row[-3] = float(row[-3] + (eps or 0.0))  # the sum now counts the stacker
+        known = eps is not None and math.isfinite(eps)
+        row[-3] = float(row[-3] + (eps if known else 0.0))  # the sum now counts the stacker
         if stacker.epsilon_dataset.get(site) is not None and math.isfinite(
                 stacker.epsilon_dataset[site]):
             row[-2] = stacker.epsilon_dataset[site]  # the ledger's total after the stacker

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from client.paradigms.ensemble import Stacker, add_dropout, has_dropout
 from common.config import TrainPlan
@@ -32,7 +33,10 @@ def test_dropout_is_a_hook_active_in_train_mode_only() -> None:
     assert not torch.equal(model(x), model(x))
     model.eval()
     assert torch.equal(model(x), model(x))
-    assert add_dropout(_cnn(), 0.0) is not None
+    plain = _cnn()
+    assert add_dropout(plain, 0.0) is plain  # rate 0: the model unchanged, no hook added
+    last = [m for m in plain.modules() if isinstance(m, nn.Linear)][-1]
+    assert not last._forward_pre_hooks
 
 
 def test_the_stacker_trains_its_head_only_and_starts_as_the_mean_logit() -> None:
