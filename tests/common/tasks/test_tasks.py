@@ -36,7 +36,7 @@ def test_an_unsupported_pair_names_what_fits() -> None:
     assert check_pair("segmentation", "unet") is SEGMENTATION
     with pytest.raises(ConfigError) as info:
         check_pair("segmentation", "cnn")
-    assert "models for segmentation: unet" in str(info.value)
+    assert "models for segmentation: multi-task-unet, unet" in str(info.value)
     assert "it serves binary, multiclass" in str(info.value)
     assert tasks_of("unet") == ["segmentation"]
     assert "reconstruction" in tasks_of("autoencoder") and "reconstruction" not in tasks_of("cnn")
