@@ -190,6 +190,8 @@ class RayStarter:
         self._started = threading.Event()
         self._release = threading.Event()
         self._failure: list[BaseException] = []
+        self._saved_pythonpath: str | None = None
+        self._set_pythonpath = False
 
     def start(self, init_args: dict[str, Any], timeout_s: float | None = None) -> None:
         """Start Ray for Flower's engine (which reuses a running Ray) within ``timeout_s``.
@@ -206,7 +208,9 @@ class RayStarter:
         pythonpath = os.pathsep.join(sys.path)
         if os.environ.get("PYTHONPATH"):
             pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
-        os.environ["PYTHONPATH"] = pythonpath
+        self._saved_pythonpath = os.environ.get("PYTHONPATH")
+        self._set_pythonpath = True
+        os.environ["PYTHONPATH"] = pythonpath  # restored by release()
         args = {"include_dashboard": False, **init_args,
                 "runtime_env": {"env_vars": {"PYTHONPATH": pythonpath}}}
         thread = threading.Thread(target=self._run, args=(args,), name="ray-start",
@@ -234,8 +238,14 @@ class RayStarter:
         self._release.wait()
 
     def release(self) -> None:
-        """Let the starting thread end (after Ray has shut down)."""
+        """Let the starting thread end (after Ray has shut down); restore ``PYTHONPATH``."""
         self._release.set()
+        if self._set_pythonpath:
+            self._set_pythonpath = False
+            if self._saved_pythonpath is None:
+                os.environ.pop("PYTHONPATH", None)
+            else:
+                os.environ["PYTHONPATH"] = self._saved_pythonpath
 
 
 def _shutdown_ray() -> None:

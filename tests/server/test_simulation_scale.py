@@ -87,6 +87,28 @@ def test_a_ray_start_that_hangs_fails_with_a_clear_error(monkeypatch: pytest.Mon
     starter.release()
 
 
+def test_the_actors_pythonpath_is_restored_after_the_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ray
+
+    from server.simulation import RayStarter
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **_: None)
+    monkeypatch.setenv("PYTHONPATH", "/somewhere")
+    for _ in range(2):  # two runs in one process: no growth
+        starter = RayStarter()
+        starter.start({}, timeout_s=5)
+        assert os.environ["PYTHONPATH"].endswith("/somewhere")
+        assert os.environ["PYTHONPATH"] != "/somewhere"  # the driver's sys.path was added
+        starter.release()
+        assert os.environ["PYTHONPATH"] == "/somewhere"
+    monkeypatch.delenv("PYTHONPATH")
+    starter = RayStarter()
+    starter.start({}, timeout_s=5)
+    starter.release()
+    assert "PYTHONPATH" not in os.environ
+
+
 def test_a_ray_start_that_fails_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
     import ray
 
