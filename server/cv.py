@@ -638,13 +638,15 @@ def evaluate_fold(
 
 
 @contextmanager
-def fold_guard(outcome: FoldOutcome, reports: Sequence[RunReport],
-               out_dir: Path) -> Iterator[None]:
+def fold_guard(outcome: FoldOutcome, reports: Sequence[RunReport], out_dir: Path, *,
+               sites: Callable[[], list[dict[str, Any]]] | None = None) -> Iterator[None]:
     """Run a fold's steps; a node failure or refusal is recorded, never raised.
 
     On :class:`RunStopped` (every node refused, or on-refusal=stop) the fold is "stopped",
     on any other exception "failed"; then ``outcome.rounds`` are the rounds of all
-    ``reports`` (its stages, in order) and ``outcome.sites`` the last one's. The last report
+    ``reports`` (its stages, in order) and ``outcome.sites`` those of ``sites()`` (a fold
+    whose stages each spend ε: every stage's spend, composed), else the last report's. The
+    last report
     takes the outcome's status and is written to ``out_dir``. ``reports`` may grow while
     the steps run (a stage's report is added when it starts).
     """
@@ -653,19 +655,20 @@ def fold_guard(outcome: FoldOutcome, reports: Sequence[RunReport],
     except RunStopped as exc:  # every node refused (or on-refusal=stop): said, not a crash
         log.warning("fold %s stopped: %s", outcome.fold, exc)
         outcome.status, outcome.reason = "stopped", str(exc)
-        _record_stages(outcome, reports)
+        _record_stages(outcome, reports, sites)
     except Exception as exc:  # a fold may fail (e.g. no node connected): record, go on
         log.exception("fold %s failed", outcome.fold)
         outcome.status, outcome.reason = "failed", f"{type(exc).__name__}: {exc}"
-        _record_stages(outcome, reports)
+        _record_stages(outcome, reports, sites)
     last = reports[-1]
     last.status, last.reason = outcome.status, outcome.reason
     last.write(out_dir)
 
 
-def _record_stages(outcome: FoldOutcome, reports: Sequence[RunReport]) -> None:
+def _record_stages(outcome: FoldOutcome, reports: Sequence[RunReport],
+                   sites: Callable[[], list[dict[str, Any]]] | None) -> None:
     outcome.rounds = [entry for report in reports for entry in report.rounds]
-    outcome.sites = reports[-1].sites()
+    outcome.sites = sites() if sites is not None else reports[-1].sites()
 
 
 # --- the whole cross-validation ----------------------------------------------------------------

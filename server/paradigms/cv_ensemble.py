@@ -86,7 +86,7 @@ def run_ensemble_fold(
     fold_report = RunReport(config=config)
     reports = [*members, fold_report]
     out_dir = Path(config.out_dir)
-    with fold_guard(outcome, reports, out_dir):
+    with fold_guard(outcome, reports, out_dir, sites=lambda: composed_sites(members)):
         arrays: list[ArrayRecord] = []
         for i, (sub, rep) in enumerate(zip(subs, members)):
             trained = train_rounds(grid, sub, outcome, rep,
@@ -108,16 +108,20 @@ def run_ensemble_fold(
 
 
 def composed_sites(members: Sequence[RunReport]) -> list[dict[str, Any]]:
-    """Member 0's site rows, each ε the sum of the site's ε over the members (basic
-    composition: the fold's spend is at most this)."""
-    rows = [dict(row) for row in members[0].sites()]
-    for rep in members[1:]:
-        eps = {row["site"]: row.get("epsilon") for row in rep.sites()}
-        for row in rows:
-            extra = eps.get(row["site"])
-            row["epsilon"] = (row["epsilon"] + extra if row.get("epsilon") is not None
-                              and extra is not None else None)
-    return rows
+    """Every site that trained for any member (the first member's row for it), its ε the
+    sum of the ε it reported over the members (basic composition: the fold's spend is at most
+    this; a member that did not train at a site spent nothing there); None where no member
+    reported one."""
+    rows: dict[str, dict[str, Any]] = {}
+    spent: dict[str, list[float]] = {}
+    for rep in members:
+        for row in rep.sites():
+            rows.setdefault(row["site"], dict(row))
+            if row.get("epsilon") is not None:
+                spent.setdefault(row["site"], []).append(float(row["epsilon"]))
+    for site, row in rows.items():
+        row["epsilon"] = sum(spent[site]) if site in spent else None
+    return list(rows.values())
 
 
 def _query(grid: Grid, arrays: list[ArrayRecord], config: RunConfig) -> Any:

@@ -65,6 +65,8 @@ def _composed_sites(fine: RunReport, pre: RunReport | None) -> list[dict[str, An
     rows = fine.sites()
     if pre is None:
         return rows
+    if not rows:  # fine-tuning never ran (pretraining failed): pretraining's spend alone
+        return pre.sites()
     pre_eps = {row["site"]: row.get("epsilon") for row in pre.sites()}
     for row in rows:
         extra = pre_eps.get(row["site"])
@@ -107,7 +109,7 @@ def pretrain_fine_tune_fold(
     reports = [r for r in (pre, fine) if r is not None]
     stage_kw: dict[str, Any] = {"train_nodes": train_nodes, "num_folds": num_folds,
                                 "secure": secure}
-    with fold_guard(outcome, reports, out_dir):
+    with fold_guard(outcome, reports, out_dir, sites=lambda: _composed_sites(fine, pre)):
         if pre is not None and pre_config is not None:
             arrays = train_rounds(grid, pre_config, outcome, pre,
                                   initial=fold_initial_arrays(pre_config, outcome.fold),
