@@ -78,3 +78,20 @@ def compress_histograms(
         raise ValueError("positive and negative histograms must be 1-D of the same length")
     keep = (pos > 0) | (neg > 0)
     return pos[keep], neg[keep]
+
+
+def youden_threshold(positive: npt.ArrayLike, negative: npt.ArrayLike) -> float:
+    """The bin edge ``j / B`` (scores in bins ``j, j+1, ...`` called positive) maximising
+    sensitivity + specificity - 1 (Youden's J) over per-bin counts or weights of the positive
+    and the negative cases on ``B`` equal bins of [0, 1]; 0.5 when a class has no weight.
+    Ties: the edge nearest 0.5."""
+    pos = np.asarray(positive, dtype=np.float64)
+    neg = np.asarray(negative, dtype=np.float64)
+    m, n, bins = pos.sum(), neg.sum(), pos.size
+    if m <= 0 or n <= 0:
+        return 0.5
+    sens = np.concatenate([np.cumsum(pos[::-1])[::-1], [0.0]]) / m
+    spec = np.concatenate([[0.0], np.cumsum(neg)]) / n
+    j_stat = sens + spec - 1.0
+    best = np.flatnonzero(j_stat >= j_stat.max() - 1e-12)
+    return float(best[np.argmin(np.abs(best - bins / 2))] / bins)

@@ -88,21 +88,11 @@ def accuracy(class_hist: npt.ArrayLike, threshold: float = 0.5) -> float:
 
 
 def youden_threshold(class_hist: npt.ArrayLike) -> float:
-    """The bin edge ``j / B`` maximising sensitivity + specificity - 1 (Youden's J) over a
-    ``(2, B)`` histogram (positives, negatives); 0.5 when a class is absent. Ties: the edge
-    nearest 0.5."""
-    pos, neg = _hist(class_hist)
-    m, n = pos.sum(), neg.sum()
-    bins = pos.size
-    if m == 0 or n == 0:
-        return 0.5
-    # called positive from edge j on: sensitivity = pos[j:] / m, specificity = neg[:j] / n
-    sens = np.concatenate([np.cumsum(pos[::-1])[::-1], [0.0]]) / m
-    spec = np.concatenate([[0.0], np.cumsum(neg)]) / n
-    j_stat = sens + spec - 1.0
-    best = np.flatnonzero(j_stat >= j_stat.max() - 1e-12)
-    j = int(best[np.argmin(np.abs(best - bins / 2))])
-    return j / bins
+    """Youden's operating threshold of a ``(2, B)`` histogram (positives, negatives):
+    :func:`common.stats.histogram.youden_threshold` on its counts."""
+    from common.stats.histogram import youden_threshold as youden
+
+    return youden(*_hist(class_hist))
 
 
 def ece(class_hist: npt.ArrayLike, *, calibration_bins: int = 10) -> float:

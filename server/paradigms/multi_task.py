@@ -31,6 +31,7 @@ from common.config import RunConfig
 from common.paradigms import get_paradigm, read_options
 from common.paradigms.multi_task import MULTI_TASK_ROUNDS, PRESENCE_HIST, QUERY
 from common.stats.histogram import auc_from_histograms
+from common.stats.histogram import youden_threshold as youden
 from server.progress import ProgressCallback
 from server.report import RunReport
 
@@ -43,18 +44,9 @@ SCORE_BINS = 1000
 
 
 def youden_threshold(hist: np.ndarray) -> float:
-    """The bin edge ``j / B`` maximising sensitivity + specificity - 1 over weighted ``(2, B)``
-    histograms (row 0 lesion, row 1 none); 0.5 when a class has no weight. Ties: the edge
-    nearest 0.5."""
-    pos, neg = np.asarray(hist, dtype=np.float64)
-    m, n, bins = pos.sum(), neg.sum(), pos.size
-    if m <= 0 or n <= 0:
-        return 0.5
-    sens = np.concatenate([np.cumsum(pos[::-1])[::-1], [0.0]]) / m  # "lesion" from edge j on
-    spec = np.concatenate([[0.0], np.cumsum(neg)]) / n
-    j_stat = sens + spec - 1.0
-    best = np.flatnonzero(j_stat >= j_stat.max() - 1e-12)
-    return float(best[np.argmin(np.abs(best - bins / 2))] / bins)
+    """Youden's operating threshold of weighted ``(2, B)`` histograms (row 0 lesion, row 1
+    none): :func:`common.stats.histogram.youden_threshold`, weights kept (not rounded)."""
+    return youden(*np.asarray(hist, dtype=np.float64))
 
 
 def presence_summary(hist: np.ndarray, threshold: float = 0.5) -> dict[str, Any]:
