@@ -21,7 +21,7 @@ demo: $(BIN)/vesalius
 	$(BIN)/vesalius demo --out vesalius-demo
 
 test: $(BIN)/vesalius
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=30
 
 test-fast: $(BIN)/vesalius
 	$(BIN)/python -m pytest -q -m "not slow"

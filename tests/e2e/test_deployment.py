@@ -121,6 +121,10 @@ class Processes:
                     except ProcessLookupError:
                         pass
 
+    def sizes(self, names: tuple[str, ...]) -> tuple[int, ...]:
+        """How much each named process has logged (it grows while its node answers)."""
+        return tuple((self.logs / f"{n}.log").stat().st_size for n in names)
+
     def tails(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-2500:]}"
                          for p in sorted(self.logs.glob("*.log")))
@@ -134,6 +138,29 @@ def _until(check: Callable[[], bool], timeout: float, what: str,
             return
         time.sleep(0.5)
     raise AssertionError(f"{what} did not happen within {timeout} s\n{detail()}")
+
+
+def _until_while_busy(check: Callable[[], bool], quiet_s: float, cap_s: float, what: str,
+                      busy: Callable[[], object], detail: Callable[[], str]) -> None:
+    """Wait for ``check`` while ``busy()`` keeps changing: fail once it has not changed for
+    ``quiet_s`` (the run stalled) or after ``cap_s`` in all.
+
+    The resumed run's statistics phase is dozens of secure sums, each a few node round trips;
+    on a loaded 2-core CI machine it took over 15 min once while every node was still
+    answering, so a fixed deadline failed a run that was progressing.
+    """
+    start = last_change = time.monotonic()
+    seen = busy()
+    while (now := time.monotonic()) - start < cap_s:
+        if check():
+            return
+        if (current := busy()) != seen:
+            seen, last_change = current, now
+        elif now - last_change > quiet_s:
+            raise AssertionError(f"{what}: nothing moved for {quiet_s:.0f} s "
+                                 f"({now - start:.0f} s in all)\n{detail()}")
+        time.sleep(1.0)
+    raise AssertionError(f"{what} did not happen within {cap_s:.0f} s\n{detail()}")
 
 
 @pytest.fixture
@@ -160,6 +187,17 @@ def _report(out: Path) -> dict[str, object]:
         return json.loads((out / "report.json").read_text())
     except (OSError, ValueError):
         return {}
+
+
+def _report_summary(out: Path) -> str:
+    """The report's state in a few lines, printed last on a failure (the logs come before)."""
+    doc = _report(out)
+    rounds = [(r.get("round"), r.get("status"), sorted(str(t["site"]) for t in r.get("train", [])))
+              for r in doc.get("rounds", [])]
+    return (f"\n--- report.json: status {doc.get('status')!r}, reason {doc.get('reason')!r}, "
+            f"rounds {rounds}, resumed {doc.get('resumed')}, final "
+            f"{'yes' if doc.get('final') else 'no'}, inference "
+            f"{(doc.get('inference') or {}).get('status')!r}")
 
 
 def _rounds_trained(out: Path) -> list[int]:
@@ -233,8 +271,9 @@ def test_registered_nodes_secure_rounds_and_a_dropped_node(
     _kill_tree(operator)  # it followed a run whose coordinator is gone
     procs.start("coordinator-resumed", [*coordinator, "--resume"])
     procs.wait_for("coordinator-resumed", "resumed the interrupted run", timeout=240)
-    _until(lambda: _report(out).get("status") == "completed", 900, "the resumed run completed",
-           procs.tails)
+    _until_while_busy(lambda: _report(out).get("status") == "completed", 300, 2400,
+                      "the resumed run completed", lambda: procs.sizes(SITES[:2]),
+                      lambda: procs.tails() + _report_summary(out))
 
     # Assert: the run completed 3 rounds, the last two with the two survivors
     doc = _report(out)
