@@ -32,6 +32,7 @@ Run on a quiet machine::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -70,6 +71,8 @@ class Setting:
     batch_size: int = 32
     learning_rate: float = 0.05
     seed: int = 0
+    #: ``auto`` as the CLI (on at >= 3 hospitals), ``on`` or ``off``.
+    secure_aggregation: str = "auto"
 
 
 DEMO = Setting("demo", sites=3, patients=500, rounds=6, images=(2, 4))
@@ -233,7 +236,8 @@ def _plan_config(setting: Setting, out: Path) -> Any:
         rounds=setting.rounds, local_epochs=1, batch_size=setting.batch_size,
         learning_rate=setting.learning_rate, epsilon=setting.epsilon, noise_multiplier=0.0,
         max_grad_norm=1.0, private=True, model=setting.model, image_size=setting.image_size,
-        seed=setting.seed, out=out, min_nodes=max(2, (setting.sites * 9) // 10))
+        seed=setting.seed, out=out, min_nodes=max(2, (setting.sites * 9) // 10),
+        secure_aggregation=setting.secure_aggregation)
 
 
 def child_federated(setting: Setting, data: Path, work: Path, result: Path) -> None:
@@ -398,11 +402,16 @@ def _machine() -> dict[str, Any]:
 
 def settings_for(args: argparse.Namespace) -> list[Setting]:
     """The settings the command line asks for."""
+    mode = getattr(args, "secure_aggregation", "auto")
     if args.quick:
-        return list(QUICK)
-    chosen = [DEMO] if args.sites is None or args.demo else []
-    chosen += [scale_setting(n) for n in (SCALE_SITES if args.sites is None else args.sites)]
-    return chosen
+        chosen = list(QUICK)
+    else:
+        chosen = [DEMO] if args.sites is None or args.demo else []
+        chosen += [scale_setting(n) for n in (SCALE_SITES if args.sites is None else args.sites)]
+    if mode == "auto":
+        return chosen
+    return [dataclasses.replace(s, name=f"{s.name}-secagg-{mode}", secure_aggregation=mode)
+            for s in chosen]
 
 
 def _clean(value: Any) -> Any:
@@ -445,6 +454,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sites", type=int, nargs="+", default=None,
                         help=f"hospital counts to measure (default {SCALE_SITES} and the demo)")
     parser.add_argument("--demo", action="store_true", help="with --sites: the demo setting too")
+    parser.add_argument("--secure-aggregation", choices=("auto", "on", "off"), default="auto",
+                        help="the runs' secure aggregation (default auto, as the CLI: on at >= 3 "
+                        "hospitals)")
     parser.add_argument("--work", type=Path, default=None, help="work folder (default: temp)")
     parser.add_argument("--child", choices=("federated", "pooled"), help=argparse.SUPPRESS)
     parser.add_argument("--setting", help=argparse.SUPPRESS)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.federation import (TreeUsage, growth_exponent, measure_child, scale_setting,
+from bench.federation import (TreeUsage, _plan_config, growth_exponent, measure_child, scale_setting,
                               settings_for, summarize, tree_snapshot)
 
 REPO = Path(__file__).resolve().parents[2]
@@ -66,6 +66,12 @@ def test_settings_and_summary() -> None:
     assert [s.name for s in settings_for(Args())] == ["demo", "sites-10", "sites-30",
                                                       "sites-100", "sites-300"]
     assert scale_setting(30).rounds == 3
+    # --secure-aggregation off: the same settings, named apart, with it off in the run config
+    Args.sites, Args.secure_aggregation = [100], "off"
+    (off,) = settings_for(Args())
+    assert (off.name, off.sites, off.secure_aggregation) == ("sites-100-secagg-off", 100, "off")
+    assert _plan_config(off, Path("/tmp/x")).secure_aggregation == "off"
+    assert _plan_config(scale_setting(100), Path("/tmp/x")).secure_aggregation == "auto"
     rows = [{"setting": {"name": f"sites-{n}", "sites": n},
              "federated": {"wall_s": 4.0 * n, "cpu_s": 2.0 * n, "later_round_wall_s": n,
                            "peak_tree_mb": 100.0}} for n in (10, 100)]
