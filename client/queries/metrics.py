@@ -213,7 +213,10 @@ class PlacementsQuery(Query):
         scores = [calibrated_scores(req, s) for s, _ in scored]
         exact = req.node.stats_noise_multiplier == 0
         n_pos, n_neg = int(labels.sum()), int((labels == 0).sum())
-        if exact and min(n_pos, n_neg) < req.node.min_release_count:
+        # A class this node has none of adds nothing to its sums (and no patient): only a
+        # class with fewer than the minimum release count is refused. Refusing one-class
+        # nodes left the pooled DeLong CI unavailable at many small hospitals.
+        if exact and 0 < min(n_pos, n_neg) < req.node.min_release_count:
             raise DataError(
                 "too few positives or negatives for placement sums",
                 safe_reason="refused: fewer positive or negative held-out patients than this "
@@ -228,9 +231,11 @@ class PlacementsQuery(Query):
             k.V10_SUM: sums["v10_sum"], k.V10_CROSS: sums["v10_cross"],
             k.V01_SUM: sums["v01_sum"], k.V01_CROSS: sums["v01_cross"],
         }
-        if exact:
+        if exact and n_pos and n_neg:
             own = [class_histograms(s, labels) for s in scores]
             site = node_placement_sums(scores, labels, own)
             out[k.SITE_V10_CROSS] = site["v10_cross"]
             out[k.SITE_V01_CROSS] = site["v01_cross"]
+        elif exact:  # one class only: no AUC of its own, so no site-level DeLong variance
+            out[k.SITE_V10_CROSS] = out[k.SITE_V01_CROSS] = np.zeros((len(keys), len(keys)))
         return out

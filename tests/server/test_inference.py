@@ -7,6 +7,7 @@ from scikit-learn, statsmodels and a direct DeLong on the pooled per-patient sco
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +76,35 @@ def test_pooled_metrics_equal_pooled_computation(root: Path) -> None:
         assert row["auc"] == pytest.approx(roc_auc_score(yy, ss), abs=1e-4)
         if row["var"] is not None:
             assert row["var"] == pytest.approx(_delong(ss[None, :], yy)[1][0, 0], rel=1e-6)
+
+
+def test_a_hospital_with_one_class_keeps_the_pooled_delong_ci(root: Path, tmp_path: Path
+                                                               ) -> None:
+    # Prepare: a third hospital whose patients are all positive (found at 100 small
+    # simulated hospitals: each such node refused its placement sums, so the pooled AUC lost
+    # its DeLong interval)
+    nodes = image_nodes(root)
+    site = tmp_path / "site-3"
+    shutil.copytree(root / "site-2", site)
+    header, *rows = (site / "labels.csv").read_text().splitlines()
+    (site / "labels.csv").write_text("\n".join([header, *(r.rsplit(",", 1)[0] + ",1"
+                                                         for r in rows)]) + "\n")
+    nodes[13] = NodeConfig(data_dir=site, site_name="h3", release_histograms=True,
+                           min_release_count=1, device="cpu")
+    a = model_arrays(0)
+    # Execute
+    res = inference.pooled_metrics(InProcessGrid(nodes), list(nodes), a, PLAN,
+                                   split=k.SPLIT_TEST, timeout=5, threshold=0.99)
+    # Assert: every node answered, and the interval is the pooled DeLong one
+    s, y = _pooled(nodes, a, k.SPLIT_TEST)
+    _, y3 = reference_scores(nodes[13], a, k.SPLIT_TEST)
+    assert y3.min() == 1 and y3.size > 0  # the hospital really has one class
+    assert res["failures"] == [] and res["n"] == s.size
+    auc = res["metrics"]["auc"]
+    assert auc["method"] == "delong" and abs(auc["value"] - roc_auc_score(y, s)) <= 1e-4
+    assert auc["se"] == pytest.approx(math.sqrt(_delong(s[None, :], y)[1][0, 0]), rel=1e-6)
+    (row,) = [r for r in res["auc_sites"] if r["site"] == "h3"]
+    assert row["n_neg"] == 0 and row["var"] is None
 
 
 def test_silent_node_is_listed_and_the_rest_is_pooled(root: Path) -> None:
