@@ -145,6 +145,7 @@ def query_nodes(
         Keys a reply must carry to count as an answer.
     """
     from server.inference_secure import current, secure_round, spec_of
+    from server.strategies.fedavg import site_of_error
 
     setting = current()
     if setting is not None and spec_of(name) is not None:
@@ -176,9 +177,9 @@ def query_nodes(
         )
         if isinstance(info, ConfigRecord) and k.LEDGER_HEAD in info:
             result.heads[node_id] = str(info[k.LEDGER_HEAD])
-        if msg.has_error():
-            result.failures.append({"node_id": node_id, "site": site, "query": name,
-                                    "reason": msg.error.reason})
+        if msg.has_error():  # named by the site prefix of its reason (error replies carry no records)
+            result.failures.append({"node_id": node_id, "site": site_of_error(msg),
+                                    "query": name, "reason": msg.error.reason})
             continue
         metrics = msg.content.get(k.METRICS)
         values = _values(metrics) if isinstance(metrics, MetricRecord) else {}

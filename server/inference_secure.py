@@ -252,6 +252,8 @@ def secure_round(grid: Grid, node_ids: Sequence[int], name: str, config: Mapping
     spec = _SPECS[name]
     models = 2 if records is not None and k.ARRAYS_B in records else 1
     keys, optional = spec({**dict(config), "_models": models})
+    from server.strategies.fedavg import site_of_error
+
     result = QueryRound()
     names = list(keys)
     summed = secure_sum(grid, _messages(node_ids, name, config, records),
@@ -259,10 +261,12 @@ def secure_round(grid: Grid, node_ids: Sequence[int], name: str, config: Mapping
                         int_lengths=[2 * keys[n] for n in names] + [len(names)],
                         min_survivors=setting.min_survivors, timeout=timeout)
     errors: dict[int, str] = {}
+    error_sites: dict[int, str] = {}
     for msg in summed.replies:
         node = int(msg.metadata.src_node_id)
-        if msg.has_error():
+        if msg.has_error():  # named by its reason's site prefix (an error carries no records)
             errors[node] = msg.error.reason
+            error_sites[node] = site_of_error(msg)
             continue
         info = msg.content.get(k.NODE_INFO)
         if isinstance(info, ConfigRecord):
@@ -279,8 +283,8 @@ def secure_round(grid: Grid, node_ids: Sequence[int], name: str, config: Mapping
         if node in errors or node in dropped:
             stage = dropped.get(node, {}).get("stage", "masked input")
             result.failures.append({
-                "node_id": node, "site": result.sites.get(node, str(
-                    dropped.get(node, {}).get("site", f"node-{node}"))),
+                "node_id": node, "site": result.sites.get(node, error_sites.get(node, str(
+                    dropped.get(node, {}).get("site", f"node-{node}")))),
                 "query": name,
                 "reason": errors.get(node, f"dropped during secure aggregation ({stage})")})
     result.secure = {"covered": True, "session": record, "members": members,
