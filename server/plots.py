@@ -69,8 +69,22 @@ def _curve(entry: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray, float]:
                     safe_reason="invalid report data")
 
 
+#: Above this many sites, their curves are thin grey lines with one legend entry between them.
+ROC_LABELLED_SITES = 12
+
+
+def _has_both_classes(entry: Mapping[str, Any]) -> bool:
+    if "pos" in entry and "neg" in entry:
+        return float(np.sum(entry["pos"])) > 0 and float(np.sum(entry["neg"])) > 0
+    return True
+
+
 def plot_roc(roc: Mapping[str, Any], *, title: str = "ROC") -> Figure:
     """Pooled ROC curve (thick) and one thin curve per site.
+
+    A site whose held-out patients are all of one class has no curve; the legend says how
+    many were left out. Beyond :data:`ROC_LABELLED_SITES` sites, their curves are drawn thin
+    and grey under one legend entry (a legend of 100 hospitals hides the plot).
 
     Parameters
     ----------
@@ -80,9 +94,19 @@ def plot_roc(roc: Mapping[str, Any], *, title: str = "ROC") -> Figure:
     """
     fig = Figure(figsize=_SIZE)
     ax = fig.add_subplot()
-    for name, entry in sorted((roc.get("sites") or {}).items()):
+    sites = sorted((roc.get("sites") or {}).items())
+    drawable = [(name, entry) for name, entry in sites if _has_both_classes(entry)]
+    many = len(drawable) > ROC_LABELLED_SITES
+    for i, (name, entry) in enumerate(drawable):
         fpr, tpr, auc = _curve(entry)
-        ax.plot(fpr, tpr, lw=1.0, alpha=0.8, label=f"{name} (AUC {auc:.3f})")
+        if many:
+            ax.plot(fpr, tpr, lw=0.6, alpha=0.35, color="tab:blue",
+                    label=f"{len(drawable)} sites, one line each" if i == 0 else None)
+        else:
+            ax.plot(fpr, tpr, lw=1.0, alpha=0.8, label=f"{name} (AUC {auc:.3f})")
+    if len(drawable) < len(sites):
+        ax.plot([], [], " ", label=f"{len(sites) - len(drawable)} site(s) with one class "
+                "only: no curve")
     if roc.get("pooled"):
         fpr, tpr, auc = _curve(roc["pooled"])
         ax.plot(fpr, tpr, lw=2.5, color="black", label=f"pooled (AUC {auc:.3f})")

@@ -110,6 +110,25 @@ def test_report_without_inference_and_with_broken_part(tmp_path: Path) -> None:
     assert "<td>1</td><td>0.5</td>" in text
 
 
+def test_roc_skips_one_class_sites_and_collapses_many() -> None:
+    from server.plots import ROC_LABELLED_SITES, plot_roc
+
+    good = {"pos": [0, 1, 3], "neg": [2, 1, 0]}
+    one_class = {"pos": [0, 1, 1], "neg": [0, 0, 0]}
+    # A site whose test patients are all positive used to take the whole figure down
+    fig = plot_roc({"pooled": good, "sites": {"site-1": good, "site-2": one_class}})
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert labels[0].startswith("site-1 (AUC ") and labels[-1].startswith("pooled (AUC ")
+    assert "1 site(s) with one class only: no curve" in labels
+    assert not any(label.startswith("site-2") for label in labels)
+    # Many hospitals: one legend entry for their curves, each still drawn
+    many = {f"site-{i}": good for i in range(ROC_LABELLED_SITES + 5)}
+    fig = plot_roc({"pooled": good, "sites": many})
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert labels == [f"{ROC_LABELLED_SITES + 5} sites, one line each", "pooled (AUC 0.958)"]
+    assert len(fig.axes[0].lines) == ROC_LABELLED_SITES + 5 + 2  # sites, pooled, chance
+
+
 def test_roc_points_and_cv_table() -> None:
     fpr, tpr = roc_from_histograms([0, 1, 3], [2, 1, 0])
     np.testing.assert_allclose(tpr, [0, 0.75, 1.0, 1.0])
