@@ -46,6 +46,7 @@ from server.strategies.fedavg import RoundLog, RunStopped, VesaliusFedAvg
 from server.strategies.hospital_dp import HospitalLevelDP
 from server.strategies.secure import SecureFedAvg
 from common.secagg.params import enabled as secagg_enabled
+from common.secagg.params import scale_warning as secagg_scale_warning
 from common.secagg.params import threshold as secagg_threshold
 from server.report_secagg import secagg_record
 
@@ -136,6 +137,8 @@ def run_federation(
     # Secure aggregation ("auto": on with >= 3 nodes) keeps hospital-level DP inside it.
     hospitals = max(len(list(grid.get_node_ids())), config.min_nodes)
     secure = secagg_enabled(config.secure_aggregation, hospitals)
+    if secure and (slow := secagg_scale_warning(hospitals)):
+        log.warning(slow)
     strategy_class = VesaliusFedAvg
     secure_kwargs: dict[str, Any] = {}
     if secure:

@@ -519,10 +519,13 @@ def secure_enabled(grid: Grid, config: RunConfig) -> bool:
     """Whether the run's secure aggregation is on: :func:`server.app.run_federation`'s rule
     (``secure-aggregation`` "on", or "auto" with at least 3 hospitals, counting the connected
     nodes and ``min-nodes``)."""
-    from common.secagg.params import enabled
+    from common.secagg.params import enabled, scale_warning
 
     hospitals = max(len(list(grid.get_node_ids())), config.min_nodes)
-    return enabled(config.secure_aggregation, hospitals)
+    secure = enabled(config.secure_aggregation, hospitals)
+    if secure and (slow := scale_warning(hospitals)):
+        log.warning(slow)
+    return secure
 
 
 def _stopped_by_refusal(rounds: Sequence[RoundLog]) -> bool:

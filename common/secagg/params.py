@@ -11,10 +11,14 @@ import math
 
 from common.errors import ConfigError
 
-__all__ = ["AUTO_MIN_NODES", "MODES", "default_min_survivors", "enabled", "threshold"]
+__all__ = ["AUTO_MIN_NODES", "MODES", "SLOW_ABOVE", "default_min_survivors", "enabled",
+           "scale_warning", "threshold"]
 
 MODES = ("auto", "on", "off")
 AUTO_MIN_NODES = 3
+#: Above this many hospitals one session's secret sharing costs more than ~10 s of CPU
+#: (every node shares with every other; measured in bench/RESULTS.md: 4 s at 30, 125 s at 100).
+SLOW_ABOVE = 40
 
 
 def enabled(mode: str, num_nodes: int) -> bool:
@@ -42,3 +46,19 @@ def threshold(num_nodes: int, min_survivors: int) -> int:
     """
     wanted = min_survivors if min_survivors > 0 else default_min_survivors(num_nodes)
     return max(wanted, num_nodes // 2 + 1, 2)
+
+
+def scale_warning(num_nodes: int) -> str | None:
+    """What an operator should know before a secure run with many hospitals (None when few).
+
+    Each session shares two seeds of every node with every other node and recovers one per
+    node from a majority of shares (Flower's pure-Python Shamir): its cost grows like n^3, and
+    a run's statistics take dozens of sessions.
+    """
+    if num_nodes <= SLOW_ABOVE:
+        return None
+    return (f"secure aggregation with {num_nodes} hospitals: every hospital shares its secrets "
+            "with every other, so each secure session costs tens of seconds to minutes of CPU "
+            "(about 2 min at 100 hospitals) and the final statistics take dozens of sessions; "
+            "the run may take hours. --secure-aggregation off is fast but shows the "
+            "coordinator each hospital's update")

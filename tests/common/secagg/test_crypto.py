@@ -62,3 +62,27 @@ def test_modes() -> None:
     assert not enabled("off", 10)
     with pytest.raises(ConfigError, match="secure-aggregation"):
         enabled("maybe", 3)
+
+
+def test_many_hospitals_are_warned_and_the_run_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    from common.secagg.params import SLOW_ABOVE, scale_warning
+    from common.config import RunConfig
+    from server.cv import secure_enabled
+
+    assert scale_warning(SLOW_ABOVE) is None and scale_warning(3) is None
+    text = scale_warning(100)
+    assert text is not None and "100 hospitals" in text and "--secure-aggregation off" in text
+
+    class Grid:  # the connected nodes, as Flower's Grid lists them
+        def __init__(self, n: int) -> None:
+            self.n = n
+
+        def get_node_ids(self) -> list[int]:
+            return list(range(self.n))
+
+    config = RunConfig(secure_aggregation="auto")
+    with caplog.at_level("WARNING"):
+        assert secure_enabled(Grid(10), config)  # type: ignore[arg-type]
+        assert "hospitals: every hospital shares" not in caplog.text
+        assert secure_enabled(Grid(SLOW_ABOVE + 1), config)  # type: ignore[arg-type]
+        assert f"secure aggregation with {SLOW_ABOVE + 1} hospitals" in caplog.text
