@@ -177,7 +177,7 @@ def query_nodes(
         )
         if isinstance(info, ConfigRecord) and k.LEDGER_HEAD in info:
             result.heads[node_id] = str(info[k.LEDGER_HEAD])
-        if msg.has_error():  # named by the site prefix of its reason (error replies carry no records)
+        if msg.has_error():  # an error carries no records: named by its reason's site prefix
             result.failures.append({"node_id": node_id, "site": site_of_error(msg),
                                     "query": name, "reason": msg.error.reason})
             continue

@@ -69,7 +69,7 @@ def _curve(entry: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray, float]:
                     safe_reason="invalid report data")
 
 
-#: Above this many sites, their curves are thin grey lines with one legend entry between them.
+#: Above this many sites, their curves are thin faint lines sharing one legend entry.
 ROC_LABELLED_SITES = 12
 
 
@@ -84,7 +84,7 @@ def plot_roc(roc: Mapping[str, Any], *, title: str = "ROC") -> Figure:
 
     A site whose held-out patients are all of one class has no curve; the legend says how
     many were left out. Beyond :data:`ROC_LABELLED_SITES` sites, their curves are drawn thin
-    and grey under one legend entry (a legend of 100 hospitals hides the plot).
+    and faint under one legend entry (a legend of 100 hospitals hides the plot).
 
     Parameters
     ----------
