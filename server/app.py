@@ -38,15 +38,13 @@ from common.models.registry import get_spec
 from common.paradigms import get_paradigm, load_path
 from common.tasks.federated import federated_task, plan_samples, spatial_dims
 from server import resume as run_records
-from server.cv import CVSpec, run_cross_validation
+from server.cv import CVSpec, run_cross_validation, secure_enabled
 from server.progress import ProgressCallback, emit_marker, emit_round_marker
 from server.report import RunReport, round_dict
 from server.transport import with_transport
 from server.strategies.fedavg import RoundLog, RunStopped, VesaliusFedAvg
 from server.strategies.hospital_dp import HospitalLevelDP
 from server.strategies.secure import SecureFedAvg
-from common.secagg.params import enabled as secagg_enabled
-from common.secagg.params import scale_warning as secagg_scale_warning
 from common.secagg.params import threshold as secagg_threshold
 from server.report_secagg import secagg_record
 
@@ -136,9 +134,7 @@ def run_federation(
     hospital_dp = config.hospital_dp_noise > 0
     # Secure aggregation ("auto": on with >= 3 nodes) keeps hospital-level DP inside it.
     hospitals = max(len(list(grid.get_node_ids())), config.min_nodes)
-    secure = secagg_enabled(config.secure_aggregation, hospitals)
-    if secure and (slow := secagg_scale_warning(hospitals)):
-        log.warning(slow)
+    secure = secure_enabled(grid, config)  # the same count; warns when there are many
     strategy_class = VesaliusFedAvg
     secure_kwargs: dict[str, Any] = {}
     if secure:
