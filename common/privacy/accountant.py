@@ -29,6 +29,7 @@ from typing import Literal
 import numpy as np
 from opacus.accountants import IAccountant, PRVAccountant, RDPAccountant
 from opacus.accountants.analysis import rdp as rdp_analysis
+from opacus.accountants.analysis.prv import Domain
 from opacus.accountants.utils import get_noise_multiplier
 
 from common.errors import PrivacyConfigError
@@ -187,11 +188,37 @@ def _check_delta(delta: float) -> None:
         )
 
 
+class _CachedPRVAccountant(PRVAccountant):
+    """Opacus's PRV accountant with its discretisation domain from the cached RDP curves.
+
+    Opacus sizes the PRV domain (``compute_safe_domain_size``, Gopi et al., remark 5.6) with
+    fresh ``RDPAccountant`` evaluations at fractional orders: ~0.7 s of pure Python per call
+    on this machine, ~95 % of a PRV epsilon. The same curves are already cached here for the
+    RDP epsilon every round computes, so this override repeats Opacus's arithmetic (same
+    orders, same deltas, same ``max(L, eps_error) + 3``) on them; a test pins the result to
+    the stock accountant's.
+    """
+
+    def _get_domain(self, prvs, num_self_compositions, eps_error, delta_error):  # noqa: ANN001
+        events = tuple(
+            PrivacyEvent(prv.noise_multiplier, prv.sample_rate, int(steps))
+            for prv, steps in zip(prvs, num_self_compositions)
+        )
+        total = sum(num_self_compositions)
+        size = _rdp_epsilon(events, delta_error / 4)
+        for event in events:
+            one = PrivacyEvent(event.noise_multiplier, event.sample_rate, 1)
+            size = max(size, _rdp_epsilon((one,), delta_error / (8 * total)))
+        size = max(size, eps_error) + 3
+        mesh_size = eps_error / np.sqrt(total * np.log(12 / delta_error) / 2)
+        return Domain.create_aligned(-size, size, mesh_size)
+
+
 def _make_accountant(name: str) -> IAccountant:
     if name == "rdp":
         return RDPAccountant()
     if name == "prv":
-        return PRVAccountant()
+        return _CachedPRVAccountant()
     raise PrivacyConfigError(f"accountant must be 'rdp' or 'prv', got {name!r}")
 
 

@@ -60,6 +60,25 @@ def test_prv_path_matches_opacus_and_is_tighter() -> None:
     assert 0 < eps_prv < epsilon(_state(EVENTS), delta=DELTA)
 
 
+@pytest.mark.parametrize(
+    ("events", "delta"),
+    [
+        ([(0.87, 32 / 350, 66)], 1e-3),  # the demo's mechanism
+        ([(1.1, 0.01, 400), (0.7, 0.05, 30)], 1e-5),  # two events, small delta
+        ([(2.0, 1.0, 3)], 1e-6),  # full batch
+    ],
+)
+def test_prv_epsilon_is_exactly_opacus_with_the_domain_from_cached_rdp_curves(
+    events: list[tuple[float, float, int]], delta: float,
+) -> None:
+    """The PRV path sizes its domain from the cached RDP curves: same number as stock."""
+    stock = PRVAccountant()
+    stock.history = list(events)
+    assert epsilon(_state(events), delta=delta, accountant="prv") == stock.get_epsilon(
+        delta=delta
+    )
+
+
 def test_zero_noise_is_infinite_epsilon() -> None:
     assert math.isinf(epsilon(_state([(0.0, 0.1, 1)]), delta=DELTA))
 
