@@ -135,14 +135,19 @@ class SecureFedAvg(VesaliusFedAvg):
         return with_session(messages, session, layout)
 
     def _session_drops(self, server_round: int, phase: str, record: dict[str, Any],
-                       since: int) -> None:
+                       since: int, answered: Iterable[Message] = ()) -> None:
         """Hospitals a secure-aggregation stage lost (from the ``since``-th on): one error row
-        each in the round's log, and the report's ``dropped``, named by site."""
+        each in the round's log, and the report's ``dropped``, named by site.
+
+        A hospital that answered the stage with an error (a refusal under its release rules)
+        did not drop out: its own reason becomes its row, from the replies (``answered``).
+        """
         rows = record.get("dropped", [])[since:]
         if not rows:
             return
         entry = self._log(server_round)
         known = {(e.get("node_id"), e.get("phase")) for e in entry.errors}
+        known |= {(m.metadata.src_node_id, phase) for m in answered if m.has_error()}
         missing = []
         for drop in rows:
             if (int(drop["node_id"]), phase) in known:  # already a row (no masked input)
@@ -171,7 +176,7 @@ class SecureFedAvg(VesaliusFedAvg):
         session, layout = opened
         before = len(session.record["dropped"])
         total = session.finish(masked_vectors(replies, layout))
-        self._session_drops(server_round, phase, session.record, before)
+        self._session_drops(server_round, phase, session.record, before, replies)
         return None if total is None else (layout, total)
 
     # --- train ------------------------------------------------------------------------------

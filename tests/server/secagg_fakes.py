@@ -8,7 +8,7 @@ given stage on: ``"advertise"``, ``"share"``, ``"train"``, ``"unmask"`` or ``"ev
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import numpy as np
@@ -19,6 +19,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from client.mods import sanitize_errors_mod
 from client.secagg import handle_stage, secagg_mod
 from common import messages as k
+from common.errors import BudgetExceededError
 from tests.flower_helpers import incoming, node_context
 
 STAGE_ORDER = ("advertise", "share", "train", "unmask", "evaluate")
@@ -31,8 +32,10 @@ def arrays_of(values: Mapping[str, np.ndarray]) -> ArrayRecord:
 def fixed_update_app(updates: Mapping[int, Mapping[str, np.ndarray]], examples: Mapping[int, int],
                      losses: Mapping[int, float],
                      histograms: Mapping[int, tuple[list[int], list[int]]] | None = None,
+                     refuse_evaluate: Collection[int] = (),
                      ) -> ClientApp:
-    """Node ``i`` returns ``w + updates[i]``, ``examples[i]`` and ``losses[i]``."""
+    """Node ``i`` returns ``w + updates[i]``, ``examples[i]`` and ``losses[i]``; a node in
+    ``refuse_evaluate`` refuses to evaluate (too few patients), as a small hospital does."""
     app = ClientApp(mods=[sanitize_errors_mod, secagg_mod])
 
     def info(node: int) -> ConfigRecord:
@@ -52,6 +55,9 @@ def fixed_update_app(updates: Mapping[int, Mapping[str, np.ndarray]], examples: 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         node = int(msg.metadata.dst_node_id)
+        if node in refuse_evaluate:
+            raise BudgetExceededError("too few", safe_reason="refused: 5 patient(s) in the val "
+                                      "split, fewer than this node's minimum release count (10)")
         values: dict[str, Any] = {k.NUM_EXAMPLES: examples[node], k.UNIT_WEIGHT: 1,
                                   k.LOSS: losses[node], k.AUC: 0.5, k.ACCURACY: 0.5}
         if histograms is not None and msg.content[k.CONFIG].get(k.WITH_HISTOGRAMS, True):

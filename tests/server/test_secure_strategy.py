@@ -245,3 +245,21 @@ def test_a_hospital_lost_at_any_stage_is_in_the_rounds_errors_and_dropped_once(s
     entry = strategy.rounds[1]
     assert [(e["site"], e["phase"]) for e in entry.errors] == [("h12", "train")]
     assert list(strategy.dropped) == ["h12"] and strategy.dropped["h12"]["round"] == 1
+
+
+def test_a_hospital_that_refuses_a_secure_evaluation_is_named_for_its_refusal_not_as_dropped(
+) -> None:
+    """A small hospital refuses its masked input under its release rules: one row with its own
+    reason, and it is not reported as having stopped answering."""
+    app = fixed_update_app(UPDATES, EXAMPLES, LOSSES, HISTS, refuse_evaluate={14})
+    grid = DroppingGrid(app, NODES)
+    strategy = _secure(min_survivors=3)
+    strategy.sites.update({n: f"h{n}" for n in NODES})
+    msgs = strategy.configure_evaluate(1, arrays_of(START), ConfigRecord(
+        {k.WITH_HISTOGRAMS: True}), grid)  # type: ignore[arg-type]
+    metrics = strategy.aggregate_evaluate(1, grid.send_and_receive(msgs))
+    assert metrics is not None and k.AUC_POOLED in metrics
+    reasons = [(e["site"], e["reason"]) for e in strategy.rounds[1].errors]
+    assert len(reasons) == 1 and reasons[0][0] == "h14"
+    assert "refused: 5 patient(s)" in reasons[0][1] and "stopped answering" not in reasons[0][1]
+    assert not strategy.dropped
