@@ -2,7 +2,8 @@
 
 For each setting, side by side in one run, two child processes of this script:
 
-* **federated**: :func:`server.simulation.run_simulation` (Flower's simulation engine on Ray,
+* **federated**: :func:`server.simulation.run_simulation` (Flower's simulation engine,
+  in-process by default or on Ray with ``--engine ray``,
   the real ServerApp and ClientApp, secure aggregation as the CLI sets it) over the
   setting's synthetic DICOM hospitals, ``num_cpus=2``, one torch thread per node;
 * **pooled**: the same DP training in one process: every hospital's train split read from
@@ -73,6 +74,8 @@ class Setting:
     seed: int = 0
     #: ``auto`` as the CLI (on at >= 3 hospitals), ``on`` or ``off``.
     secure_aggregation: str = "auto"
+    #: The simulation engine: ``inprocess`` (the CLI's default) or ``ray``.
+    engine: str = "inprocess"
 
 
 DEMO = Setting("demo", sites=3, patients=500, rounds=6, images=(2, 4))
@@ -257,7 +260,7 @@ def child_federated(setting: Setting, data: Path, work: Path, result: Path) -> N
              for d in _site_dirs(data)]
     rounds: dict[int, float] = {}
     t0 = time.time()
-    report = run_simulation(config, nodes, num_cpus=2,
+    report = run_simulation(config, nodes, num_cpus=2, engine=setting.engine,
                             on_round=lambda entry: rounds.__setitem__(entry.round, time.time()))
     doc = report.to_dict()
     result.write_text(json.dumps({
@@ -408,10 +411,13 @@ def settings_for(args: argparse.Namespace) -> list[Setting]:
     else:
         chosen = [DEMO] if args.sites is None or args.demo else []
         chosen += [scale_setting(n) for n in (SCALE_SITES if args.sites is None else args.sites)]
-    if mode == "auto":
-        return chosen
-    return [dataclasses.replace(s, name=f"{s.name}-secagg-{mode}", secure_aggregation=mode)
-            for s in chosen]
+    if mode != "auto":
+        chosen = [dataclasses.replace(s, name=f"{s.name}-secagg-{mode}", secure_aggregation=mode)
+                  for s in chosen]
+    engines = getattr(args, "engine", None) or ["inprocess"]
+    return [s if engine == "inprocess" else
+            dataclasses.replace(s, name=f"{s.name}-{engine}", engine=engine)
+            for s in chosen for engine in engines]
 
 
 def _clean(value: Any) -> Any:
@@ -457,6 +463,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--secure-aggregation", choices=("auto", "on", "off"), default="auto",
                         help="the runs' secure aggregation (default auto, as the CLI: on at >= 3 "
                         "hospitals)")
+    parser.add_argument("--engine", nargs="+", choices=("inprocess", "ray"),
+                        default=["inprocess"], help="simulation engine(s); with two, each "
+                        "setting runs on both, side by side (default: inprocess, as the CLI)")
     parser.add_argument("--work", type=Path, default=None, help="work folder (default: temp)")
     parser.add_argument("--child", choices=("federated", "pooled"), help=argparse.SUPPRESS)
     parser.add_argument("--setting", help=argparse.SUPPRESS)

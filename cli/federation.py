@@ -26,7 +26,7 @@ from cli.options import (
 )
 from cli.report_view import print_report
 from cli.run_progress import run_view
-from common.config import SAMPLE_KINDS, NodeConfig, RunConfig, TrainPlan
+from common.config import SAMPLE_KINDS, SIMULATION_ENGINES, NodeConfig, RunConfig, TrainPlan
 from common.errors import ConfigError, ConnectionProblem
 from common.models.registry import get_spec
 from common.tasks.federated import FEDERATED_TASKS, federated_task, plan_samples
@@ -66,6 +66,10 @@ _FLWR_HOME = typer.Option(None, "--flwr-home", callback=resolved, help="FLWR_HOM
 _OUTPUT_FORMAT = typer.Option("table", "--format", click_type=click.Choice(list(OUTPUT_FORMATS)),
                               help="table or json.")
 _VERBOSE = typer.Option(False, "--verbose", "-v", help="Show Flower's own log lines too.")
+_ENGINE = typer.Option(
+    SIMULATION_ENGINES[0], "--engine", click_type=click.Choice(list(SIMULATION_ENGINES)),
+    help="Simulation only: 'inprocess' runs every hospital in this process in turn (no start-up "
+    "cost); 'ray' runs them on Ray's actor processes, one per CPU, in parallel.")
 _TASK = typer.Option(
     "binary", "--task", click_type=click.Choice(list(FEDERATED_TASKS)),
     help="Learning task: binary (labels 0/1; pooled AUC and an operating point), multiclass "
@@ -232,7 +236,8 @@ def announce_ledgers(ledger_root: Path) -> None:
 
 def simulate(config: RunConfig, data_root: Path, *, epsilon_cap: float, allow_non_private: bool,
              verbose: bool, ledger_root: Path | None = None,
-             min_release_count: int = 10, show_progress: bool = True) -> dict[str, object]:
+             min_release_count: int = 10, show_progress: bool = True,
+             engine: str | None = None) -> dict[str, object]:
     """Run a simulated federation over the ``site-*`` folders of ``data_root``."""
     ledgers = ledger_root if ledger_root is not None else default_ledger_root(data_root)
     nodes = simulated_hospitals(data_root, epsilon_cap=epsilon_cap,
@@ -253,7 +258,7 @@ def simulate(config: RunConfig, data_root: Path, *, epsilon_cap: float, allow_no
         from server.simulation import run_simulation
 
         report = run_simulation(config, nodes, on_round=lambda e: view.on_round(round_dict(e)),
-                                on_progress=view.on_progress, verbose=verbose)
+                                on_progress=view.on_progress, verbose=verbose, engine=engine)
     doc = report.to_dict()
     hint_if_budget_refused(doc, ledgers)
     return doc
@@ -375,6 +380,7 @@ def run(
     flwr_home: Path | None = _FLWR_HOME,
     output_format: str = _OUTPUT_FORMAT,
     verbose: bool = _VERBOSE,
+    engine: str = _ENGINE,
 ) -> None:
     """Start a federated run: simulated on this machine, or on a SuperLink."""
     setup_logging(verbose)
@@ -403,7 +409,8 @@ def run(
                 "hospitals; lower --min-survivors or add hospitals", param_hint="'--min-survivors'")
         doc = simulate(config, data_root, epsilon_cap=epsilon_cap, allow_non_private=non_private,
                        verbose=verbose, min_release_count=min_release_count,
-                       ledger_root=ledger_dir, show_progress=output_format != "json")
+                       ledger_root=ledger_dir, show_progress=output_format != "json",
+                       engine=engine)
     else:
         doc = run_on_superlink(config, superlink, insecure=insecure,
                                root_certificates=root_certificates, flwr_home=flwr_home,
@@ -533,7 +540,7 @@ def print_cv_report(doc: Mapping[str, Any]) -> None:
 def simulate_cv(config: RunConfig, data_root: Path, *, folds: int, leave_one_site_out: bool,
                 epsilon_cap: float, allow_non_private: bool, verbose: bool,
                 min_release_count: int = 10, ledger_root: Path | None = None,
-                show_progress: bool = True) -> dict[str, object]:
+                show_progress: bool = True, engine: str | None = None) -> dict[str, object]:
     """Cross-validate over the ``site-*`` folders of ``data_root`` in a simulation."""
     from server.cv import CVSpec, FoldEvent, simulate_cross_validation
 
@@ -559,7 +566,7 @@ def simulate_cv(config: RunConfig, data_root: Path, *, folds: int, leave_one_sit
                 view.print(fold_line(event.fold_row, config.plan.task))
 
         result = simulate_cross_validation(config, nodes, spec, progress=progress, verbose=verbose,
-                                           on_progress=view.on_progress)
+                                           on_progress=view.on_progress, engine=engine)
     return result.to_dict()
 
 
@@ -600,6 +607,7 @@ def cv(
     flwr_home: Path | None = _FLWR_HOME,
     output_format: str = _OUTPUT_FORMAT,
     verbose: bool = _VERBOSE,
+    engine: str = _ENGINE,
 ) -> None:
     """Federated cross-validation: k-fold (--folds K) or leave-one-site-out; a fresh model per fold."""
     setup_logging(verbose)
@@ -623,7 +631,7 @@ def cv(
         doc = simulate_cv(config, data_root, folds=folds, leave_one_site_out=leave_one_site_out,
                           epsilon_cap=epsilon_cap, allow_non_private=non_private, verbose=verbose,
                           min_release_count=min_release_count, ledger_root=ledger_dir,
-                          show_progress=output_format != "json")
+                          show_progress=output_format != "json", engine=engine)
     else:
         from server.cv import CVSpec
 

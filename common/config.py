@@ -26,6 +26,9 @@ Scalar = bool | int | float | str
 CV_MODES = ("none", "kfold", "loso")
 SAMPLE_KINDS = ("image-2d", "volume-3d", "series")
 """What one sample of a plan is (the values of :class:`common.tasks.base.SampleKind`)."""
+SIMULATION_ENGINES = ("inprocess", "ray")
+"""Engines of a simulated federation (:func:`server.simulation.simulate_apps`); the first is
+the default: every hospital in the driver's process (:mod:`server.inprocess_engine`)."""
 AUGMENT_LEVELS = ("none", "light", "strong", "auto")
 """Data augmentation at the node (:mod:`client.data.augment`; "auto": chosen per task and sample)."""
 ON_REFUSAL = ("exclude", "stop")

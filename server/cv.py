@@ -1034,19 +1034,20 @@ def build_cv_server_app(
 def simulate_cross_validation(
     config: RunConfig, nodes: Sequence[Any], spec: CVSpec, *,
     progress: CVProgress | None = None, num_cpus: int | None = None, verbose: bool = False,
-    on_progress: ProgressCallback | None = None,
+    on_progress: ProgressCallback | None = None, engine: str | None = None,
 ) -> CVResult:
-    """Simulate the hospitals ``nodes`` (NodeConfig each) with Ray and cross-validate.
+    """Simulate the hospitals ``nodes`` (NodeConfig each) and cross-validate.
 
-    Same runtime settings as :func:`server.simulation.run_simulation`, with the
-    cross-validation ServerApp.
+    Same runtime settings as :func:`server.simulation.run_simulation` (``engine`` included),
+    with the cross-validation ServerApp.
     """
     from server.simulation import simulate_apps
 
     results: list[CVResult] = []
     server_app = build_cv_server_app(config, spec, progress=progress, on_finish=results.append,
                                      on_progress=on_progress)
-    simulate_apps(server_app, config, list(nodes), num_cpus=num_cpus, verbose=verbose)
+    simulate_apps(server_app, config, list(nodes), num_cpus=num_cpus, verbose=verbose,
+                  engine=engine)
     if not results:
         raise RuntimeError("the simulated cross-validation ended without a result; see the log "
                            f"(a partial report may be in {config.out_dir})")

@@ -1,20 +1,23 @@
-"""Run a whole federation on this machine with Flower's simulation runtime (Ray).
+"""Run a whole federation on this machine with Flower's simulation runtime.
 
 Each simulated hospital is a virtual SuperNode whose settings come from a prepared
 :class:`~common.config.NodeConfig` (its own data folder and epsilon cap), looked up by Flower's
 ``partition-id``. The ServerApp and ClientApp are the same code that runs in deployment.
 
-Start-up and shut-down are bounded (:class:`RayStarter`, :class:`~server.process_reaper.Reaper`):
+Two engines (:func:`simulation_engine`):
 
-* Ray is started here, once per simulation, before Flower's engine (which then reuses it),
-  and must be up within :data:`RAY_START_TIMEOUT_S` seconds (``VESALIUS_RAY_START_TIMEOUT_S``
-  overrides it); otherwise a :class:`~common.errors.ConfigError` says so instead of a hang.
-* Every process the simulation starts (Ray's GCS, raylet, agents and actors) ends with it:
-  a watcher process ends the survivors when the driver returns, fails, is stopped by
-  ``SIGTERM``/``SIGINT``/``SIGHUP`` or is killed with ``SIGKILL``.
-* Many hospitals share few processes: Ray runs one actor per CPU it may use
-  (``num_cpus``, default all) and each actor serves any hospital (its NodeConfig comes with
-  the message), so 300 hospitals on 2 cores run in 2 actor processes that import torch once.
+* ``inprocess`` (the default): every hospital runs in this process, one message at a time
+  (:mod:`server.inprocess_engine`). Hospitals share the driver's imports; nothing else starts.
+* ``ray``: Flower's own Ray backend. Ray runs one actor per CPU it may use (``num_cpus``,
+  default all) and each actor serves any hospital (its NodeConfig comes with the message), so
+  300 hospitals on 2 cores run in 2 actor processes that import torch once each. Start-up and
+  shut-down are bounded (:class:`RayStarter`, :class:`~server.process_reaper.Reaper`): Ray is
+  started here, once per simulation, before Flower's engine (which then reuses it), and must
+  be up within :data:`RAY_START_TIMEOUT_S` seconds (``VESALIUS_RAY_START_TIMEOUT_S``
+  overrides it), otherwise a :class:`~common.errors.ConfigError` says so instead of a hang;
+  every process it starts (Ray's GCS, raylet, agents and actors) ends with the driver, when
+  it returns, fails, is stopped by ``SIGTERM``/``SIGINT``/``SIGHUP`` or killed with
+  ``SIGKILL``.
 """
 
 from __future__ import annotations
@@ -31,9 +34,10 @@ from typing import Any, Final
 
 from flwr.serverapp import ServerApp
 
-from common.config import NodeConfig, RunConfig
+from common.config import SIMULATION_ENGINES, NodeConfig, RunConfig
 from common.errors import ConfigError
 from server.app import RoundCallback, build_server_app
+from server.inprocess_engine import in_process_backend
 from server.process_reaper import Reaper
 from server.progress import ProgressCallback
 from server.report import RunReport
@@ -57,6 +61,7 @@ def run_simulation(
     num_cpus: int | None = None,
     verbose: bool = False,
     on_progress: ProgressCallback | None = None,
+    engine: str | None = None,
 ) -> RunReport:
     """Simulate ``len(nodes)`` hospitals and the coordinator; return the run report.
 
@@ -74,12 +79,15 @@ def run_simulation(
         Show Flower's and Ray's own logs.
     on_progress : callable, optional
         Called whenever a node answers (:class:`~server.progress.ProgressEvent`).
+    engine : {"inprocess", "ray"}, optional
+        The simulation engine (:func:`simulation_engine`).
     """
     reports: list[RunReport] = []
     config = with_simulated_timeout(config, len(nodes))
     server_app = build_server_app(config, on_round=on_round, on_finish=reports.append,
                                   on_progress=on_progress)
-    simulate_apps(server_app, config, nodes, num_cpus=num_cpus, verbose=verbose)
+    simulate_apps(server_app, config, nodes, num_cpus=num_cpus, verbose=verbose,
+                  engine=engine)
     if not reports:
         raise RuntimeError(
             "the simulated run ended without a report; see the log above "
@@ -110,12 +118,15 @@ def simulate_apps(
     *,
     num_cpus: int | None = None,
     verbose: bool = False,
+    engine: str | None = None,
 ) -> None:
-    """Run ``server_app`` against ``len(nodes)`` simulated hospitals (Flower's Ray runtime).
+    """Run ``server_app`` against ``len(nodes)`` simulated hospitals (Flower's runtime).
 
     Shared by the plain run (:func:`run_simulation`) and the cross-validation
     (:func:`server.cv.simulate_cross_validation`): each simulated node is the real ClientApp
-    with the :class:`NodeConfig` of its ``partition-id``, one CPU each.
+    with the :class:`NodeConfig` of its ``partition-id``. ``engine`` (see
+    :func:`simulation_engine`): ``inprocess`` runs them in this process one at a time;
+    ``ray`` on Ray's actors, one CPU each (``num_cpus`` applies to it only).
     """
     # Imported here: the simulation runtime pulls in Ray, which deployment does not need.
     from flwr.simulation import run_simulation as flwr_run_simulation
@@ -140,6 +151,13 @@ def simulate_apps(
                                  "log_to_driver": verbose}  # passed to ray.init
     if num_cpus is not None:
         init_args["num_cpus"] = num_cpus
+    if simulation_engine(engine) == "inprocess":
+        with in_process_backend(), _stop_signals_reap(_NothingToReap()):
+            flwr_run_simulation(server_app=server_app, client_app=client_app,
+                                num_supernodes=len(nodes),
+                                backend_config=backend_config(init_args),
+                                verbose_logging=verbose)
+        return
     starter = RayStarter()
     with Reaper() as reaper:
         try:
@@ -156,6 +174,24 @@ def simulate_apps(
         finally:
             _shutdown_ray()
             starter.release()
+
+
+def simulation_engine(engine: str | None = None) -> str:
+    """The engine to simulate with: ``engine``, else ``VESALIUS_SIMULATION_ENGINE``, else
+    ``inprocess``; anything else is a ConfigError."""
+    chosen = (engine or os.environ.get("VESALIUS_SIMULATION_ENGINE", "").strip()
+              or SIMULATION_ENGINES[0])
+    if chosen not in SIMULATION_ENGINES:
+        raise ConfigError(f"the simulation engine must be one of {', '.join(SIMULATION_ENGINES)}, "
+                          f"got {chosen!r}")
+    return chosen
+
+
+class _NothingToReap:
+    """The in-process engine starts no process: a stop signal only ends the driver."""
+
+    def reap_now(self) -> None:
+        pass
 
 
 def backend_config(init_args: dict[str, Any]) -> dict[str, Any]:
@@ -259,7 +295,7 @@ def _shutdown_ray() -> None:
 
 
 @contextmanager
-def _stop_signals_reap(reaper: Reaper) -> Iterator[None]:
+def _stop_signals_reap(reaper: Reaper | _NothingToReap) -> Iterator[None]:
     """While the simulation runs, a stop signal ends its processes, then the driver.
 
     Flower's engine cannot be interrupted cleanly (its worker threads wait for a stop event

@@ -72,6 +72,11 @@ def test_settings_and_summary() -> None:
     assert (off.name, off.sites, off.secure_aggregation) == ("sites-100-secagg-off", 100, "off")
     assert _plan_config(off, Path("/tmp/x")).secure_aggregation == "off"
     assert _plan_config(scale_setting(100), Path("/tmp/x")).secure_aggregation == "auto"
+    # --engine inprocess ray: each setting on both engines, the Ray one named apart
+    Args.secure_aggregation, Args.engine = "auto", ["inprocess", "ray"]
+    both = settings_for(Args())
+    assert [(s.name, s.engine) for s in both] == [("sites-100", "inprocess"),
+                                                  ("sites-100-ray", "ray")]
     rows = [{"setting": {"name": f"sites-{n}", "sites": n},
              "federated": {"wall_s": 4.0 * n, "cpu_s": 2.0 * n, "later_round_wall_s": n,
                            "peak_tree_mb": 100.0}} for n in (10, 100)]
@@ -94,7 +99,7 @@ def test_quick_run_measures_both_sides(tmp_path: Path) -> None:
         fed, pooled = row["federated"], row["pooled"]
         assert fed["status"] == "completed", fed["reason"]
         assert len(fed["round_wall_s"]) == row["setting"]["rounds"]
-        assert fed["processes_seen"] > 3  # the driver and Ray's processes
+        assert fed["processes_seen"] == 1  # the in-process engine starts no other process
         assert fed["cpu_s"] > pooled["train_cpu_s"] > 0
         assert row["ratios"]["cpu"] > 1
     assert math.isfinite(doc["growth"]["exponent_wall"])

@@ -1,0 +1,88 @@
+"""Flower's simulation runtime with every simulated hospital in this one process.
+
+Flower 1.42's simulation runtime has one backend, Ray: each actor is a process that imports
+torch and the ClientApp, and Ray itself starts a GCS, a raylet and agents first. On a small
+machine that start-up is most of a short run (about 50 s of the demo's first round), and
+every message crosses a process boundary. Flower has no in-process backend, so this module
+writes one against Flower's own abstract :class:`Backend`: the ClientApp runs in the
+driver's process, which has already imported torch and the apps for the ServerApp, one
+message at a time (one worker; simulated hospitals take turns, as on one Ray actor).
+
+Semantics kept from Ray's backend:
+
+* the ClientApp gets its own copy of the message and context (Ray serialises both to its
+  actor and back; here a pickle round trip), so it can never change the link state's copy;
+* an exception in the ClientApp becomes Flower's ``ClientAppException`` and so an error
+  reply for that hospital, and the run goes on.
+
+What it does not give: hospitals in parallel on several cores, and process isolation (a
+hospital that crashes the interpreter ends the run). ``--engine ray`` keeps both.
+
+The backend is installed where Flower's engine builds its Ray backend
+(``flwr.server.superlink.fleet.vce.backend.raybackend.RayBackend``, looked up when the
+engine starts): a seam on Flower's internals, pinned by ``tests/server/test_inprocess_engine.py``.
+"""
+
+from __future__ import annotations
+
+import pickle
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from flwr.clientapp import ClientApp
+from flwr.clientapp.client_app import ClientAppException, LoadClientAppError
+from flwr.common import Context, Message
+from flwr.server.superlink.fleet.vce.backend import Backend, BackendConfig
+
+_install_lock = threading.Lock()
+
+
+class InProcessBackend(Backend):
+    """Run the ClientApp in this process, one message at a time."""
+
+    def __init__(self, backend_config: BackendConfig) -> None:
+        super().__init__(backend_config)
+        self._app_fn: Callable[[], ClientApp] | None = None
+
+    def build(self, app_fn: Callable[[], ClientApp]) -> None:
+        self._app_fn = app_fn
+
+    @property
+    def num_workers(self) -> int:
+        return 1
+
+    def is_worker_idle(self) -> bool:
+        return True
+
+    def terminate(self) -> None:
+        self._app_fn = None
+
+    def process_message(self, message: Message, context: Context) -> tuple[Message, Context]:
+        if self._app_fn is None:
+            raise ValueError("the in-process backend was not built before its first message")
+        # The ClientApp's own copies, as Ray's serialisation to an actor gives it.
+        message, context = pickle.loads(pickle.dumps((message, context),
+                                                     protocol=pickle.HIGHEST_PROTOCOL))
+        try:
+            app = self._app_fn()
+            reply = app(message=message, context=context)
+        except LoadClientAppError:
+            raise
+        except Exception as ex:  # noqa: BLE001 - an error reply, as from a Ray actor
+            raise ClientAppException(str(ex)) from ex
+        return reply, context
+
+
+@contextmanager
+def in_process_backend() -> Iterator[None]:
+    """While open, Flower's simulation engine builds :class:`InProcessBackend` for Ray's."""
+    from flwr.server.superlink.fleet.vce.backend import raybackend
+
+    with _install_lock:
+        original = raybackend.RayBackend
+        raybackend.RayBackend = InProcessBackend  # type: ignore[misc,assignment]
+        try:
+            yield
+        finally:
+            raybackend.RayBackend = original  # type: ignore[misc]
