@@ -190,6 +190,18 @@ class TimedGrid(DelegatingGrid):
         return replies
 
 
+#: The poll schedule against a simulation's in-memory link state, where a pull is a lookup in
+#: this process rather than a request to a SuperLink: 5 ms doubling to 50 ms.
+IN_MEMORY_POLLS = PollSchedule(first=0.005, factor=2.0, longest=0.05)
+
+
+def _in_memory(grid: Grid) -> bool:
+    """Whether ``grid`` is Flower's simulation grid (``InMemoryGrid``)."""
+    from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+
+    return isinstance(grid, InMemoryGrid)
+
+
 def _crosses_processes(grid: Grid) -> bool:
     """Whether ``grid`` is one of Flower's own grids (``HttpGrid`` in deployment,
     ``InMemoryGrid`` in simulation), whose messages reach the nodes' ClientApps through
@@ -209,6 +221,7 @@ def with_transport(grid: Grid, on_progress: ProgressCallback | None) -> Grid:
     if not transport_enabled() or not _crosses_processes(grid):
         wrapped = track_progress(grid, on_progress)
     else:
-        wrapped = TransportGrid(grid, on_progress)
+        wrapped = TransportGrid(grid, on_progress,
+                                schedule=IN_MEMORY_POLLS if _in_memory(grid) else None)
     timings = os.environ.get(ENV_TIMINGS)
     return TimedGrid(wrapped, timings) if timings else wrapped

@@ -28,6 +28,7 @@ import copy
 import logging
 import math
 import secrets
+import warnings
 from collections.abc import Callable, Iterator, Sized
 from dataclasses import dataclass
 from typing import Any
@@ -53,6 +54,10 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+# Opacus warns on every engine that its secure_mode is off. That is a documented choice (the
+# module docstring, the README's privacy model), not news to whoever reads a node's screen or
+# log, where it repeated once per training process (once per run in the in-process engine).
+warnings.filterwarnings("ignore", message="Secure RNG turned off", category=UserWarning)
 
 DEFAULT_GRAD_SAMPLE_MODE = "hooks"
 """Opacus mode for a module that was not built by :func:`common.models.build_model`."""

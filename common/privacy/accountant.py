@@ -250,7 +250,8 @@ def epsilon(state: AccountantState, *, delta: float, accountant: AccountantName 
         return _rdp_epsilon(tuple(events), delta)
     acc = _make_accountant(accountant)
     acc.history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in events]
-    return float(acc.get_epsilon(delta=delta))
+    with np.errstate(divide="ignore"):  # Opacus's PRV takes log(0) at the domain's edge
+        return float(acc.get_epsilon(delta=delta))
 
 
 _RDP_ORDERS = tuple(RDPAccountant.DEFAULT_ALPHAS)

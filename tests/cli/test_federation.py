@@ -60,6 +60,7 @@ def _site_root(tmp_path: Path) -> Path:
         (["--lr", "0"], "--lr"),
         (["--max-grad-norm", "-2"], "--max-grad-norm"),
         (["--noise-multiplier", "-0.5"], "--noise-multiplier"),
+        (["--engine", "spark"], "'spark' is not one of"),
     ],
 )
 @pytest.mark.parametrize("command", ["run", "cv"])

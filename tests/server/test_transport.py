@@ -37,7 +37,7 @@ from common.packing import (
     pack_content,
 )
 from server.progress import ProgressEvent, ProgressGrid
-from server.transport import PollSchedule, TransportGrid, with_transport
+from server.transport import IN_MEMORY_POLLS, PollSchedule, TransportGrid, with_transport
 from tests.flower_helpers import incoming, node_context
 
 Handler = Callable[[Message, Context], Message]
@@ -338,6 +338,9 @@ def test_flowers_grids_are_wrapped_unless_stock(monkeypatch: pytest.MonkeyPatch)
     wrapped = with_transport(grid, None)  # type: ignore[arg-type]
     assert isinstance(wrapped, TransportGrid)
     assert with_transport(wrapped, None) is wrapped  # never twice
+    # a simulation's in-memory grid is polled sooner than a SuperLink across the network
+    assert wrapped._schedule == IN_MEMORY_POLLS
+    assert IN_MEMORY_POLLS.longest < PollSchedule().longest
     monkeypatch.setenv(ENV_TRANSPORT, "Stock")
     assert with_transport(grid, None) is grid  # type: ignore[arg-type]
     assert type(with_transport(grid, lambda _e: None)) is ProgressGrid  # type: ignore[arg-type]

@@ -232,3 +232,35 @@ def test_a_loader_error_propagates_and_stores_nothing(site: Path, tmp_path: Path
     with pytest.raises(RuntimeError):
         SplitCache(folder).load(site, PARAMS, failing)
     assert not folder.exists() or not list(folder.glob("*.npz"))
+
+
+def test_the_file_signature_lists_what_the_scanner_reads(tmp_path: Path) -> None:
+    """Same files, order, sizes and times as ``iter_data_files``: hidden names skipped, links
+    to files followed, links to folders and dangling links not."""
+    import os
+
+    from client.data.cache import file_signature
+    from client.dicom.scan import iter_data_files
+
+    root = tmp_path / "site"
+    (root / "b" / "deep").mkdir(parents=True)
+    (root / ".hidden").mkdir()
+    (root / "a.dcm").write_bytes(b"1")
+    (root / "b" / "z.dcm").write_bytes(b"22")
+    (root / "b" / "deep" / "c.dcm").write_bytes(b"333")
+    (root / "b-file").write_bytes(b"4444")  # sorts between "b/..." entries by string
+    (root / ".secret.dcm").write_bytes(b"x")
+    (root / ".hidden" / "x.dcm").write_bytes(b"x")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "o.dcm").write_bytes(b"55555")
+    os.symlink(outside / "o.dcm", root / "link.dcm")
+    os.symlink(outside, root / "linked-folder")
+    os.symlink(tmp_path / "missing.dcm", root / "dangling.dcm")
+    expected = []
+    for path, rel in iter_data_files(root):
+        st = path.stat()
+        expected.append((rel, st.st_size, st.st_mtime_ns))
+    assert file_signature(root) == expected
+    assert [rel for rel, _, _ in expected] == ["a.dcm", "b-file", "b/deep/c.dcm", "b/z.dcm",
+                                               "link.dcm"]
