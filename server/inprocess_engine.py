@@ -27,6 +27,7 @@ Flower's internals, pinned by ``tests/server/test_inprocess_engine.py``.
 
 from __future__ import annotations
 
+import logging
 import pickle
 import threading
 from collections.abc import Callable, Iterator, Mapping
@@ -40,6 +41,20 @@ from flwr.common import Context, Message
 from flwr.server.superlink.fleet.vce.backend import Backend, BackendConfig
 
 _install_lock = threading.Lock()
+#: Set while this thread handles a hospital's message (see :class:`HospitalLogFilter`).
+_hospital = threading.local()
+
+
+class HospitalLogFilter(logging.Filter):
+    """Drops the records a simulated hospital logs while it handles a message.
+
+    On Ray's engine a hospital's log stays in its worker process unless ``--verbose``; here it
+    would reach the command's screen, one line per hospital and message (refusals the report
+    already names, for instance). The report is where a simulated hospital's outcome is read.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(_hospital, "active", False)
 
 
 class InProcessBackend(Backend):
@@ -65,6 +80,13 @@ class InProcessBackend(Backend):
     def process_message(self, message: Message, context: Context) -> tuple[Message, Context]:
         if self._app_fn is None:
             raise ValueError("the in-process backend was not built before its first message")
+        _hospital.active = True
+        try:
+            return self._run(message, context)
+        finally:
+            _hospital.active = False
+
+    def _run(self, message: Message, context: Context) -> tuple[Message, Context]:
         # The ClientApp's own copies, as Ray's serialisation to an actor gives it.
         message, context = pickle.loads(pickle.dumps((message, context),
                                                      protocol=pickle.HIGHEST_PROTOCOL))
@@ -102,17 +124,26 @@ def add_messages_to_queue(state: Any, queue: Queue[Message], nodes_mapping: Mapp
 
 
 @contextmanager
-def in_process_backend() -> Iterator[None]:
+def in_process_backend(*, quiet: bool = True) -> Iterator[None]:
     """While open, Flower's simulation engine builds :class:`InProcessBackend` for Ray's and
-    picks messages up with :func:`add_messages_to_queue`."""
+    picks messages up with :func:`add_messages_to_queue`; with ``quiet``, the hospitals' own
+    log records are dropped (:class:`HospitalLogFilter`), as Ray's engine keeps them."""
     from flwr.server.superlink.fleet.vce import vce_api
     from flwr.server.superlink.fleet.vce.backend import raybackend
 
+    handlers = [*logging.getLogger().handlers, logging.lastResort] if quiet else []
+    log_filter = HospitalLogFilter()
     with _install_lock:
         original = raybackend.RayBackend, vce_api.add_messages_to_queue
         raybackend.RayBackend = InProcessBackend  # type: ignore[misc,assignment]
         vce_api.add_messages_to_queue = add_messages_to_queue
+        for handler in handlers:
+            if handler is not None:
+                handler.addFilter(log_filter)
         try:
             yield
         finally:
             raybackend.RayBackend, vce_api.add_messages_to_queue = original  # type: ignore[misc]
+            for handler in handlers:
+                if handler is not None:
+                    handler.removeFilter(log_filter)

@@ -152,7 +152,7 @@ def simulate_apps(
     if num_cpus is not None:
         init_args["num_cpus"] = num_cpus
     if simulation_engine(engine) == "inprocess":
-        with in_process_backend(), _stop_signals_reap(_NothingToReap()):
+        with in_process_backend(quiet=not verbose), _stop_signals_reap(_NothingToReap()):
             flwr_run_simulation(server_app=server_app, client_app=client_app,
                                 num_supernodes=len(nodes),
                                 backend_config=backend_config(init_args),

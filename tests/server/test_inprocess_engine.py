@@ -124,6 +124,42 @@ def test_an_exception_in_the_client_app_is_flowers_client_app_exception() -> Non
         _backend().process_message(message, node_context({}))
 
 
+@pytest.mark.parametrize("quiet", [True, False])
+def test_a_hospitals_log_stays_off_the_screen_unless_verbose(quiet: bool) -> None:
+    import logging
+
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    app = ClientApp()
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        logging.getLogger("client.app").warning("a hospital's own line")
+        return Message(RecordDict({"config": ConfigRecord({"ok": True})}), reply_to=msg)
+
+    handler = Keep()
+    logging.getLogger().addHandler(handler)
+    try:
+        backend = InProcessBackend({})
+        backend.build(lambda: app)
+        with in_process_backend(quiet=quiet):
+            backend.process_message(
+                incoming(RecordDict({"config": ConfigRecord({})}), MessageType.QUERY),
+                node_context({}))
+            logging.getLogger("server.app").warning("the coordinator's line")
+        logging.getLogger("client.app").warning("after the run")
+    finally:
+        logging.getLogger().removeHandler(handler)
+    lines = [r.getMessage() for r in records]
+    assert "the coordinator's line" in lines and "after the run" in lines
+    assert ("a hospital's own line" in lines) is not quiet
+    assert not handler.filters  # removed with the run
+
+
 def test_an_unbuilt_backend_says_so() -> None:
     message = incoming(RecordDict({"config": ConfigRecord({})}), MessageType.QUERY)
     with pytest.raises(ValueError, match="not built"):
