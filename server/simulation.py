@@ -37,7 +37,7 @@ from flwr.serverapp import ServerApp
 from common.config import SIMULATION_ENGINES, NodeConfig, RunConfig
 from common.errors import ConfigError
 from server.app import RoundCallback, build_server_app
-from server.inprocess_engine import in_process_backend
+from server.inprocess_engine import fast_pickup, in_process_backend
 from server.process_reaper import Reaper
 from server.progress import ProgressCallback
 from server.report import RunReport
@@ -163,7 +163,7 @@ def simulate_apps(
         try:
             starter.start(init_args)
             # After Ray's start: its driver installs a SIGTERM handler of its own (it aborts).
-            with _stop_signals_reap(reaper):
+            with _stop_signals_reap(reaper), fast_pickup():
                 flwr_run_simulation(
                     server_app=server_app,
                     client_app=client_app,

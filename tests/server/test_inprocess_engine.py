@@ -23,8 +23,10 @@ from common.errors import ConfigError
 from server.inprocess_engine import (
     InProcessBackend,
     add_messages_to_queue,
+    fast_pickup,
     in_process_backend,
     pickup_interval,
+    undelivered_messages,
 )
 from server.simulation import simulation_engine
 from tests.flower_helpers import incoming, node_context
@@ -46,6 +48,50 @@ def test_flower_builds_its_backend_from_the_name_the_engine_replaces() -> None:
         assert raybackend.RayBackend is InProcessBackend
         assert vce_api.add_messages_to_queue is add_messages_to_queue
     assert (raybackend.RayBackend, vce_api.add_messages_to_queue) == original
+    with fast_pickup():  # Ray's engine keeps its backend, gets the pick-up loop
+        assert raybackend.RayBackend is original[0]
+        assert vce_api.add_messages_to_queue is add_messages_to_queue
+    assert vce_api.add_messages_to_queue is original[1]
+
+
+def test_one_pass_pickup_does_what_flowers_in_memory_link_state_does_per_node() -> None:
+    """The fields and steps :func:`undelivered_messages` repeats from ``get_message_ins``."""
+    from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
+
+    source = inspect.getsource(InMemoryLinkState.get_message_ins)
+    for step in ("self.message_ins_store", "with self.lock:", "self._check_stored_messages(",
+                 'msg_ins.metadata.delivered_at == ""', "delivered_at = now().isoformat()",
+                 "msg_ins.metadata.delivered_at = delivered_at"):
+        assert step in source, step
+
+
+def test_one_pass_pickup_marks_and_returns_each_undelivered_message_once() -> None:
+    import threading
+    from types import SimpleNamespace
+
+    def msg(dst: int, delivered: str = "") -> SimpleNamespace:
+        return SimpleNamespace(metadata=SimpleNamespace(dst_node_id=dst, delivered_at=delivered))
+
+    class Store:
+        def __init__(self) -> None:
+            self.lock = threading.RLock()
+            self.message_ins_store = {"m1": msg(1), "m2": msg(2, "earlier"), "m3": msg(3),
+                                      "m4": msg(1), "expired": msg(1)}
+            self.checked: list[set[str]] = []
+
+        def _check_stored_messages(self, ids: set[str]) -> None:
+            self.checked.append(ids)
+            self.message_ins_store.pop("expired")
+
+    state = Store()
+    picked = undelivered_messages(state, {1, 2})
+    assert picked == [state.message_ins_store["m1"], state.message_ins_store["m4"]]
+    assert all(m.metadata.delivered_at not in ("", "earlier") for m in picked)
+    assert state.checked == [{"m1", "m2", "m3", "m4", "expired"}]
+    assert state.message_ins_store["m3"].metadata.delivered_at == ""  # not one of ours
+    state.message_ins_store["expired"] = msg(9)
+    assert undelivered_messages(state, {1, 2}) == []  # delivered once
+    assert undelivered_messages(object(), {1}) is None  # another kind of link state
 
 
 def test_messages_are_picked_up_sooner_for_few_hospitals_never_more_often_for_many() -> None:
