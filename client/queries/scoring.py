@@ -11,7 +11,10 @@ patient (:func:`patient_probabilities`).
 
 from __future__ import annotations
 
+import hashlib
 import math
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -111,15 +114,51 @@ def _require_task(req: QueryRequest, task: str) -> None:
         )
 
 
+#: Scores of the last few (plan, model, held-out split) in this process. The statistics after
+#: a run ask one final model many queries (each Newton step of a fit is one), and each scored
+#: the whole split again: most of a node's work after the rounds (py-spy, 300 hospitals).
+#: Keyed by content digests, so another model, plan or split is a miss, never a stale hit.
+#: The scores stay in the node's memory, like the split they come from.
+SCORE_CACHE_SIZE = 8
+_score_cache: OrderedDict[str, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+_score_lock = threading.Lock()
+
+
+def _score_key(req: QueryRequest, data: HeldOutImages, arrays: ArrayRecord) -> str:
+    digest = hashlib.sha256(repr(req.plan).encode())
+    digest.update(str(data.device).encode())
+    for name in sorted(arrays.keys()):
+        array = arrays[name]
+        digest.update(f"\0{name}\0{array.dtype}\0{tuple(array.shape)}\0".encode())
+        digest.update(array.data)
+    split = data.split
+    for tensor in (split.images, split.labels, split.patient_index):
+        flat = tensor.detach().cpu().contiguous()
+        digest.update(f"\0{flat.dtype}\0{tuple(flat.shape)}\0".encode())
+        digest.update(flat.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
 def _evaluated(req: QueryRequest, data: HeldOutImages, key: str) -> tuple[np.ndarray, np.ndarray]:
     from client.app import plan_task
 
+    arrays = model_arrays(req, key)
+    cache_key = _score_key(req, data, arrays)
+    with _score_lock:
+        hit = _score_cache.get(cache_key)
+        if hit is not None:
+            _score_cache.move_to_end(cache_key)
+            return hit[0].copy(), hit[1].copy()
     split, device = data.split, data.device
-    res = evaluate_model(_model(req, model_arrays(req, key)), split.images, split.labels,
+    res = evaluate_model(_model(req, arrays), split.images, split.labels,
                          patient_index=split.patient_index, device=device,
                          task=plan_task(req.plan), num_classes=req.plan.num_classes)
     if not (np.all(np.isfinite(res.scores)) and math.isfinite(res.loss)):
         raise DataError("non-finite scores", safe_reason="the model produced non-finite scores")
+    with _score_lock:
+        _score_cache[cache_key] = (res.scores.copy(), res.labels.copy())
+        while len(_score_cache) > SCORE_CACHE_SIZE:
+            _score_cache.popitem(last=False)
     return res.scores, res.labels
 
 
