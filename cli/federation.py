@@ -68,6 +68,7 @@ _OUTPUT_FORMAT = typer.Option("table", "--format", click_type=click.Choice(list(
 _VERBOSE = typer.Option(False, "--verbose", "-v", help="Show Flower's own log lines too.")
 _ENGINE = typer.Option(
     SIMULATION_ENGINES[0], "--engine", click_type=click.Choice(list(SIMULATION_ENGINES)),
+    envvar="VESALIUS_SIMULATION_ENGINE",
     help="Simulation only: 'inprocess' runs every hospital in this process in turn (no start-up "
     "cost); 'ray' runs them on Ray's actor processes, one per CPU, in parallel.")
 _TASK = typer.Option(

@@ -205,7 +205,7 @@ def _start_run(tmp: Path, env: dict[str, str], rounds: int = 50) -> subprocess.P
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
 def test_killing_the_driver_leaves_no_process_of_the_run(tmp_path: Path, sig: int) -> None:
-    env = _env(tmp_path)
+    env = _env(tmp_path, VESALIUS_SIMULATION_ENGINE="ray")  # the engine that starts processes
     _synth(tmp_path / "data", 2, 30, env)
     driver = _start_run(tmp_path, env)
     try:
@@ -226,7 +226,7 @@ def test_killing_the_driver_leaves_no_process_of_the_run(tmp_path: Path, sig: in
 
 @pytest.mark.slow
 def test_ray_that_does_not_start_in_time_is_a_clear_error(tmp_path: Path) -> None:
-    env = _env(tmp_path, VESALIUS_RAY_START_TIMEOUT_S="0.05")
+    env = _env(tmp_path, VESALIUS_RAY_START_TIMEOUT_S="0.05", VESALIUS_SIMULATION_ENGINE="ray")
     _synth(tmp_path / "data", 2, 30, env)
     driver = _start_run(tmp_path, env, rounds=1)
     try:
