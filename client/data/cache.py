@@ -37,7 +37,6 @@ import hashlib
 import json
 import logging
 import os
-import stat
 import tempfile
 import threading
 from collections import OrderedDict
@@ -55,6 +54,7 @@ from client.data.labels import LABELS_FILENAME
 from client.data.node_data import NodeData, SplitArrays
 from client.dicom.reasons import SkipCode, SkippedFile
 from client.dicom.report import IngestionReport
+from client.dicom.scan import data_file_signature
 
 __all__ = ["CACHE_DIRNAME", "LOADER_VERSION", "LoadParams", "SplitCache", "cache_dir",
            "dataset_key"]
@@ -130,7 +130,7 @@ def dataset_key(data_dir: Path, params: LoadParams) -> dict[str, Any]:
     """
     files = hashlib.sha256()
     count = 0
-    for rel, size, mtime_ns in file_signature(data_dir):
+    for rel, size, mtime_ns in data_file_signature(data_dir):
         files.update(f"{rel}\0{size}\0{mtime_ns}\n".encode())
         count += 1
     labels = data_dir / LABELS_FILENAME
@@ -143,38 +143,6 @@ def dataset_key(data_dir: Path, params: LoadParams) -> dict[str, Any]:
         "num_files": count,
         "labels": _sha256_file(labels) if labels.is_file() else "",
     }
-
-
-def file_signature(data_dir: Path) -> list[tuple[str, int, int]]:
-    """``(relpath, size, mtime_ns)`` of the files
-    :func:`client.dicom.scan.iter_data_files` yields, in the same order.
-
-    Every message a node answers checks its cache against this, so it is one ``os.scandir``
-    walk with one ``stat`` per file (``iter_data_files`` builds a ``Path`` per file and stats
-    it twice: ~0.1 s per message for a 1,500-file hospital). Same rules: hidden names are
-    skipped; links to files are followed, links to folders are not.
-    """
-    found: list[tuple[str, int, int]] = []
-
-    def walk(folder: str, prefix: str) -> None:
-        with os.scandir(folder) as entries:
-            for entry in entries:
-                if entry.name.startswith("."):
-                    continue
-                if entry.is_dir():  # a real folder, or a link to one (not followed)
-                    if not entry.is_symlink():
-                        walk(entry.path, f"{prefix}{entry.name}/")
-                    continue
-                try:
-                    st = entry.stat()  # follows a link to its file
-                except FileNotFoundError:  # a dangling link: not a file
-                    continue
-                if stat.S_ISREG(st.st_mode):
-                    found.append((f"{prefix}{entry.name}", st.st_size, st.st_mtime_ns))
-
-    walk(os.fspath(data_dir), "")
-    found.sort()
-    return found
 
 
 def _digest(value: object) -> str:

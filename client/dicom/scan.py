@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import re
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
@@ -89,27 +90,52 @@ class ScanOutcome:
     pixels_decoded: bool = False
 
 
+def data_file_signature(data_dir: Path) -> list[tuple[str, int, int]]:
+    """``(relpath, size, mtime_ns)`` of every candidate file, sorted by relative path.
+
+    One ``os.scandir`` walk with one ``stat`` per file (a node checks its split cache against
+    this on every message). Hidden files and folders (leading ``.``) are skipped; symbolic
+    links to files are followed, links to folders and dangling links are not; a folder that
+    cannot be listed is skipped, as ``os.walk`` does.
+    """
+    found: list[tuple[str, int, int]] = []
+
+    def walk(folder: str, prefix: str) -> None:
+        try:
+            entries = os.scandir(folder)
+        except OSError:
+            return
+        with entries:
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                if entry.is_dir():  # a real folder, or a link to one (not followed)
+                    if not entry.is_symlink():
+                        walk(entry.path, f"{prefix}{entry.name}/")
+                    continue
+                try:
+                    st = entry.stat()  # follows a link to its file
+                except FileNotFoundError:  # a dangling link, or a file gone meanwhile
+                    continue
+                if stat.S_ISREG(st.st_mode):
+                    found.append((f"{prefix}{entry.name}", st.st_size, st.st_mtime_ns))
+
+    walk(os.fspath(data_dir), "")
+    found.sort()
+    return found
+
+
 def iter_data_files(
     data_dir: Path, *, exclude: Collection[str] = ()
 ) -> Iterator[tuple[Path, str]]:
     """Yield ``(path, relpath)`` for every candidate file, sorted by relative path.
 
-    Hidden files and folders (leading ``.``) and the relative paths in ``exclude`` are
-    skipped; symbolic links to files are followed, links to folders are not.
+    The files of :func:`data_file_signature` (its rules), less the relative paths in
+    ``exclude``.
     """
-    found: list[tuple[str, Path]] = []
-    for root, dirs, files in os.walk(data_dir):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in files:
-            if name.startswith("."):
-                continue
-            path = Path(root) / name
-            rel = path.relative_to(data_dir).as_posix()
-            if rel in exclude or not path.is_file():
-                continue
-            found.append((rel, path))
-    for rel, path in sorted(found):
-        yield path, rel
+    for rel, _, _ in data_file_signature(data_dir):
+        if rel not in exclude:
+            yield data_dir / rel, rel
 
 
 @lru_cache(maxsize=64)

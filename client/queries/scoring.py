@@ -116,7 +116,8 @@ def _require_task(req: QueryRequest, task: str) -> None:
 
 #: Scores of the last few (plan, model, held-out split) in this process. The statistics after
 #: a run ask one final model many queries (each Newton step of a fit is one), and each scored
-#: the whole split again: most of a node's work after the rounds (py-spy, 300 hospitals).
+#: the whole split again (36 scorings for 6 in a 3-hospital run; the time saved grows with the
+#: split, and was within noise at 8 test patients per hospital: bench/RESULTS.md).
 #: Keyed by content digests, so another model, plan or split is a miss, never a stale hit.
 #: The scores stay in the node's memory, like the split they come from.
 SCORE_CACHE_SIZE = 8

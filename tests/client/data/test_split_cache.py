@@ -235,12 +235,12 @@ def test_a_loader_error_propagates_and_stores_nothing(site: Path, tmp_path: Path
 
 
 def test_the_file_signature_lists_what_the_scanner_reads(tmp_path: Path) -> None:
-    """Same files, order, sizes and times as ``iter_data_files``: hidden names skipped, links
-    to files followed, links to folders and dangling links not."""
+    """The files ``os.walk`` finds under the scanner's rules (hidden names skipped, links to
+    files followed, links to folders and dangling links not), in order, with their sizes and
+    times; ``iter_data_files`` yields the same files."""
     import os
 
-    from client.data.cache import file_signature
-    from client.dicom.scan import iter_data_files
+    from client.dicom.scan import data_file_signature, iter_data_files
 
     root = tmp_path / "site"
     (root / "b" / "deep").mkdir(parents=True)
@@ -257,10 +257,17 @@ def test_the_file_signature_lists_what_the_scanner_reads(tmp_path: Path) -> None
     os.symlink(outside / "o.dcm", root / "link.dcm")
     os.symlink(outside, root / "linked-folder")
     os.symlink(tmp_path / "missing.dcm", root / "dangling.dcm")
-    expected = []
-    for path, rel in iter_data_files(root):
-        st = path.stat()
-        expected.append((rel, st.st_size, st.st_mtime_ns))
-    assert file_signature(root) == expected
+    walked = []  # os.walk, as the scanner used to: an independent reference
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in files:
+            path = Path(folder) / name
+            if not name.startswith(".") and path.is_file():
+                walked.append((path.relative_to(root).as_posix(), path))
+    expected = [(rel, path.stat().st_size, path.stat().st_mtime_ns)
+                for rel, path in sorted(walked)]
+    assert data_file_signature(root) == expected
+    assert [(rel, path) for path, rel in iter_data_files(root)] == [
+        (rel, root / rel) for rel, _, _ in expected]
     assert [rel for rel, _, _ in expected] == ["a.dcm", "b-file", "b/deep/c.dcm", "b/z.dcm",
                                                "link.dcm"]
