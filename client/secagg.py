@@ -6,9 +6,10 @@ advertise
     Make two fresh X25519 key pairs for the session (share boxes, masks); reply with the
     public halves.
 share
-    Given every participant's public keys, draw the self-mask seed ``b_i``, split ``b_i`` and
-    the private mask key into Shamir shares (threshold from the coordinator, checked against
-    the participants), and reply with one AES-GCM box per other participant.
+    Given the public keys of this node's group (every participant, or in a sparse SecAgg+
+    session itself and its neighbours), draw the self-mask seed ``b_i``, split ``b_i`` and
+    the private mask key into Shamir shares (threshold from the coordinator, checked to be a
+    majority of the group), and reply with one AES-GCM box per other member of the group.
 unmask
     Given who sent a masked vector (survivors) and who did not (dropped), open the boxes
     addressed to this node and reveal, per peer, the share of ``b_j`` (survivor) or of its
@@ -137,10 +138,10 @@ def _unmask(config: ConfigRecord, context: Context, session: str, me: int) -> di
     u2 = {int(n) for n in cast(list[int], state["u2"])}
     if survivors & dropped or survivors | dropped != u2 or me not in survivors:
         raise _refuse("survivors and dropped nodes do not partition the session's nodes")
-    if len(survivors) < int(cast(int, state[k.SECAGG_THRESHOLD])):
-        raise _refuse("fewer survivors than the threshold")
+    nodes = [int(n) for n in cast(list[int], state[k.SECAGG_NODES])]  # this node's group
+    if len(survivors & set(nodes)) < int(cast(int, state[k.SECAGG_THRESHOLD])):
+        raise _refuse("fewer survivors in this node's group than the threshold")
     state["answered"] = 1  # before anything is revealed: one answer per session
-    nodes = [int(n) for n in cast(list[int], state[k.SECAGG_NODES])]
     c_pks = cast(list[bytes], state[k.SECAGG_C_PKS])
     owners: list[int] = [me]
     shares: list[bytes] = [cast(bytes, state["own-b"])]
@@ -225,10 +226,11 @@ def masked_reply(msg: Message, reply: Message, context: Context) -> Message:
     if "b" not in state or "u2" in state:
         raise _refuse("no shared secrets for this release, or it was already sent")
     u2 = [int(n) for n in cast(list[int], config[k.SECAGG_NODES])]
-    nodes = [int(n) for n in cast(list[int], state[k.SECAGG_NODES])]
+    nodes = [int(n) for n in cast(list[int], state[k.SECAGG_NODES])]  # this node's group
     me = int(msg.metadata.dst_node_id)
-    if me not in u2 or not set(u2) <= set(nodes) or len(u2) < int(cast(int, state[k.SECAGG_THRESHOLD])):
-        raise _refuse("the masking set is not a large enough subset of the participants")
+    group_left = set(u2) & set(nodes)  # in a sparse session u2 also names non-neighbours
+    if me not in u2 or len(group_left) < int(cast(int, state[k.SECAGG_THRESHOLD])):
+        raise _refuse("the masking set leaves too few of this node's group")
     sent = msg.content.get(k.ARRAYS)
     model_length = (sum(int(np.prod(a.shape)) for a in sent.values())
                     if isinstance(sent, ArrayRecord) and msg.metadata.message_type == MessageType.TRAIN
@@ -236,7 +238,7 @@ def masked_reply(msg: Message, reply: Message, context: Context) -> Message:
     layout = Layout.from_config(config, model_length)
     vector = _vector(layout, msg, reply, np.random.default_rng())
     s_pks = cast(list[bytes], state[k.SECAGG_S_PKS])
-    peers = {n: s_pks[nodes.index(n)] for n in u2}
+    peers = {n: s_pks[nodes.index(n)] for n in sorted(group_left)}
     masked = mask(vector, node=me, self_seed=cast(bytes, state["b"]),
                   mask_private=cast(bytes, state["s-sk"]), peer_publics=peers, session=session)
     state["u2"] = u2

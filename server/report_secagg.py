@@ -3,6 +3,7 @@
 ``report.json["secure_aggregation"]`` (:func:`secagg_record`)::
 
     {"enabled": true, "mode": "auto", "hospitals": 3, "min_survivors": 3,
+     "neighbours": 2,  # peers each hospital shared its secrets with (fewer than all: SecAgg+)
      "covers": [...], "not_covered": [...],
      "sessions": [{"round": 1, "phase": "train", "status": "ok", "participants": 3,
                    "survivors": 3, "threshold": 3, "dropped": [{"site": ..., "stage": ...}],
@@ -17,6 +18,8 @@ from __future__ import annotations
 import html
 from collections.abc import Mapping
 from typing import Any
+
+from common.secagg.params import group_threshold, neighbour_count
 
 __all__ = ["COVERS", "NOT_COVERED", "secagg_html", "secagg_lines", "secagg_record"]
 
@@ -43,9 +46,20 @@ def secagg_record(*, enabled: bool, mode: str, hospitals: int, min_survivors: in
         out["reason"] = ("turned off (secure-aggregation = off)" if mode == "off" else
                          f"auto: {hospitals} hospital(s), fewer than 3")
         return out
-    out.update(min_survivors=min_survivors, covers=list(COVERS), not_covered=list(NOT_COVERED),
-               sessions=sessions)
+    out.update(min_survivors=min_survivors, neighbours=neighbour_count(hospitals),
+               covers=list(COVERS), not_covered=list(NOT_COVERED), sessions=sessions)
     return out
+
+
+def _sharing(section: Mapping[str, Any]) -> str:
+    """How the hospitals shared their secrets, in one sentence."""
+    hospitals, k = section.get("hospitals"), section.get("neighbours")
+    if not isinstance(hospitals, int) or not isinstance(k, int) or k >= hospitals - 1:
+        return "Every hospital shared its mask secrets with every other."
+    return (f"Each hospital shared its mask secrets with {k} randomly drawn neighbours, not "
+            f"all {hospitals - 1} others (SecAgg+, Bell et al. 2020): its update stays hidden "
+            f"unless {group_threshold(k + 1)} of its group of {k + 1} collude with the "
+            "coordinator.")
 
 
 def _dropped(row: Mapping[str, Any]) -> str:
@@ -69,7 +83,7 @@ def secagg_lines(extra: Mapping[str, Any]) -> list[str]:
     if not section.get("enabled"):
         return [f"secure aggregation: off ({section.get('reason', '')})"]
     lines = [f"secure aggregation: on (minimum survivors {section.get('min_survivors')} of "
-             f"{section.get('hospitals')})"]
+             f"{section.get('hospitals')}). {_sharing(section)}"]
     lines += [f"  {_row_text(row)}" for row in section.get("sessions") or []]
     return lines
 
@@ -97,7 +111,8 @@ def secagg_html(section: Any, scrub: Any = None) -> str:
         "<h3>Secure aggregation</h3>"
         "<p>On: the coordinator saw only the sum over the hospitals of "
         f"{clean(', '.join(section.get('covers') or COVERS))}, never one hospital's "
-        f"(pairwise and self masks, Bonawitz et al. 2017). A round needed at least "
+        f"(pairwise and self masks, Bonawitz et al. 2017). {clean(_sharing(section))} "
+        "A round needed at least "
         f"{clean(str(section.get('min_survivors')))} hospitals; below that it was abandoned "
         "and the model kept. Not covered: "
         f"{clean('; '.join(section.get('not_covered') or NOT_COVERED))}.</p>"

@@ -9,11 +9,12 @@ self-mask seed and ``s_ij`` the seed it agrees with ``j`` (X25519 + HKDF). In th
 the survivors ``U3`` the pairwise masks between survivors cancel; the coordinator removes
 ``PRG(b_i)`` for every survivor and the pairwise masks between survivors and dropped nodes,
 from the seeds it recovers by threshold secret sharing (Bonawitz et al., CCS 2017, §4).
+In a sparse (SecAgg+) session the pairwise sum runs over the node's neighbours only.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 
@@ -47,7 +48,7 @@ def mask(values: np.ndarray, *, node: int, self_seed: bytes, mask_private: bytes
 
 def unmask(total: np.ndarray, *, self_seeds: Mapping[int, bytes],
            dropped_privates: Mapping[int, bytes], survivor_publics: Mapping[int, bytes],
-           session: str) -> np.ndarray:
+           session: str, neighbours: Mapping[int, Iterable[int]] | None = None) -> np.ndarray:
     """The sum of the survivors' encoded vectors, from the sum of their masked vectors.
 
     Parameters
@@ -62,12 +63,17 @@ def unmask(total: np.ndarray, *, self_seeds: Mapping[int, bytes],
         Survivor id -> its public mask key.
     session : str
         The session the seeds were agreed for.
+    neighbours : mapping, optional
+        Node id -> the nodes it masked towards (a sparse session's graph); default: all.
     """
     out = np.asarray(total, dtype=np.uint64).copy()
     for seed in self_seeds.values():
         out -= expand(seed, len(out))
     for dropped, private in dropped_privates.items():
+        peers = None if neighbours is None else set(neighbours.get(dropped, ()))
         for survivor, public in survivor_publics.items():
+            if peers is not None and survivor not in peers:
+                continue
             # what survivor i added for dropped j: sign(i, j) * PRG(s_ij)
             _add_pair(out, survivor, dropped, pairwise_seed(private, public, session), sign=-1)
     return out

@@ -11,14 +11,19 @@ import math
 
 from common.errors import ConfigError
 
-__all__ = ["AUTO_MIN_NODES", "MODES", "SLOW_ABOVE", "default_min_survivors", "enabled",
-           "scale_warning", "threshold"]
+__all__ = ["AUTO_MIN_NODES", "MODES", "NEIGHBOURS", "SLOW_ABOVE", "default_min_survivors",
+           "enabled", "group_threshold", "neighbour_count", "scale_warning", "threshold"]
 
 MODES = ("auto", "on", "off")
 AUTO_MIN_NODES = 3
-#: Above this many hospitals one session's secret sharing costs more than ~10 s of CPU
-#: (every node shares with every other; measured in bench/RESULTS.md: 4 s at 30, 125 s at 100).
+#: Above this many hospitals full sharing (every node with every other) costs more than ~10 s
+#: of CPU per session (bench/RESULTS.md: 4 s at 30, 125 s at 100), so sessions switch to
+#: SecAgg+'s sparse groups (:mod:`common.secagg.graph`).
 SLOW_ABOVE = 40
+#: Neighbours per hospital in a sparse session: its group (itself and these) is as large as a
+#: full session of ``NEIGHBOURS + 1`` hospitals, so a session costs each hospital about what
+#: one of 41 hospitals costs, and the coordinator's recovery grows linearly with n.
+NEIGHBOURS = 40
 
 
 def enabled(mode: str, num_nodes: int) -> bool:
@@ -48,17 +53,35 @@ def threshold(num_nodes: int, min_survivors: int) -> int:
     return max(wanted, num_nodes // 2 + 1, 2)
 
 
+def neighbour_count(num_nodes: int) -> int:
+    """How many peers each of ``num_nodes`` nodes shares its secrets with and masks towards:
+    all others up to :data:`SLOW_ABOVE` nodes (full secure aggregation), :data:`NEIGHBOURS`
+    beyond (SecAgg+)."""
+    if num_nodes <= SLOW_ABOVE:
+        return max(0, num_nodes - 1)
+    return min(num_nodes - 1, NEIGHBOURS)
+
+
+def group_threshold(group_size: int) -> int:
+    """Shares that recover a secret shared within a sparse group of ``group_size`` nodes: a
+    strict majority of the group, so a coordinator that lies about who dropped cannot collect
+    both of a node's secrets from two disjoint parts of its group."""
+    return max(2, group_size // 2 + 1)
+
+
 def scale_warning(num_nodes: int) -> str | None:
     """What an operator should know before a secure run with many hospitals (None when few).
 
-    Each session shares two seeds of every node with every other node and recovers one per
-    node from a majority of shares (Flower's pure-Python Shamir): its cost grows like n^3, and
-    a run's statistics take dozens of sessions.
+    Beyond :data:`SLOW_ABOVE` hospitals sessions are sparse (SecAgg+): cheaper, and with a
+    weaker collusion bound than full sharing, which the operator should know.
     """
     if num_nodes <= SLOW_ABOVE:
         return None
-    return (f"secure aggregation with {num_nodes} hospitals: every hospital shares its secrets "
-            "with every other, so each secure session costs tens of seconds to minutes of CPU "
-            "(about 2 min at 100 hospitals) and the final statistics take dozens of sessions; "
-            "the run may take hours. --secure-aggregation off is fast but shows the "
-            "coordinator each hospital's update")
+    k = neighbour_count(num_nodes)
+    return (f"secure aggregation with {num_nodes} hospitals: each hospital shares its secrets "
+            f"with {k} randomly drawn neighbours (SecAgg+), not with all {num_nodes - 1} others, "
+            f"so that a session stays cheap; a hospital's update is hidden unless "
+            f"{group_threshold(k + 1)} of its group of {k + 1} collude with the coordinator "
+            f"(with full sharing: {num_nodes // 2 + 1} of {num_nodes}). "
+            "--secure-aggregation off is faster still but shows the coordinator each "
+            "hospital's update")

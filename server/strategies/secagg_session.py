@@ -13,6 +13,13 @@ integer sums) into the sum over the nodes that survived, through the grid:
 
 Below ``threshold`` nodes at any stage the session is abandoned and :attr:`record` says at
 which stage and who dropped; nothing about any node's vector is learned then.
+
+Beyond :data:`common.secagg.params.SLOW_ABOVE` nodes the session is SecAgg+'s (Bell et al.,
+CCS 2020): after the keys are advertised the coordinator draws a random neighbour graph
+(:mod:`common.secagg.graph`), each node shares its secrets only within its group (itself and
+its :data:`~common.secagg.params.NEIGHBOURS` neighbours, a majority of the group recovers
+them) and masks only towards its neighbours; before unmasking the coordinator checks that
+the survivors are still connected in that graph, or abandons the session.
 """
 
 from __future__ import annotations
@@ -29,8 +36,10 @@ from flwr.serverapp import Grid
 
 from common import messages as k
 from common.secagg import crypto
+from common.secagg.graph import connected, neighbourhoods
 from common.secagg.layout import Layout
 from common.secagg.masking import unmask
+from common.secagg.params import group_threshold, neighbour_count
 from common.secagg.params import threshold as secagg_threshold
 from server.strategies.fedavg import site_of_error
 
@@ -64,6 +73,13 @@ class SecAggSession:
         self.session = session
         self.timeout = timeout
         self.threshold = secagg_threshold(len(self.nodes), min_survivors)
+        self.neighbours = neighbour_count(len(self.nodes))
+        self.sparse = self.neighbours < len(self.nodes) - 1
+        # shares that recover one node's secret: the session's threshold when every node
+        # shares with every other, a majority of its group in a sparse session
+        self.share_threshold = (group_threshold(self.neighbours + 1) if self.sparse
+                                else self.threshold)
+        self.graph: dict[int, list[int]] = {}
         self.sites: dict[int, str] = {}
         self.keys: dict[int, tuple[bytes, bytes]] = {}
         self.u2: list[int] = []
@@ -71,6 +87,8 @@ class SecAggSession:
         self.record: dict[str, Any] = {"session": session, "participants": len(self.nodes),
                                        "threshold": self.threshold, "status": "running",
                                        "dropped": []}
+        if self.sparse:
+            self.record.update(neighbours=self.neighbours, share_threshold=self.share_threshold)
 
     # --- plumbing ---------------------------------------------------------------------------
     def _ask(self, stage: str, configs: Mapping[int, dict[str, Any]]) -> dict[int, ConfigRecord]:
@@ -115,7 +133,8 @@ class SecAggSession:
         """Advertise keys and share secrets; False when the session was abandoned."""
         if not self._survive("start", self.nodes, self.nodes):
             return False
-        ads = self._ask("advertise", {n: {k.SECAGG_THRESHOLD: self.threshold} for n in self.nodes})
+        ads = self._ask("advertise", {n: {k.SECAGG_THRESHOLD: self.share_threshold}
+                                      for n in self.nodes})
         for node, rec in ads.items():
             c_pk, s_pk = rec.get(k.SECAGG_C_PK), rec.get(k.SECAGG_S_PK)
             if isinstance(c_pk, bytes) and isinstance(s_pk, bytes):
@@ -123,18 +142,24 @@ class SecAggSession:
         u1 = sorted(self.keys)
         if not self._survive("key advertisement", self.nodes, u1):
             return False
-        roster = {k.SECAGG_NODES: u1, k.SECAGG_C_PKS: [self.keys[n][0] for n in u1],
-                  k.SECAGG_S_PKS: [self.keys[n][1] for n in u1]}
-        shared = self._ask("share", {n: roster for n in u1})
+        self.graph = neighbourhoods(u1, self.neighbours)
+        shared = self._ask("share", {n: self._roster(n) for n in u1})
         for node, rec in shared.items():
             dest = [int(d) for d in cast(list[int], rec.get(k.SECAGG_DEST) or [])]
             boxes = list(cast(list[bytes], rec.get(k.SECAGG_BOXES) or []))
-            if sorted(dest) != [n for n in u1 if n != node] or len(boxes) != len(dest):
+            if sorted(dest) != self.graph[node] or len(boxes) != len(dest):
                 continue  # a malformed answer counts as a dropout
             self.boxes.update({(node, d): box for d, box in zip(dest, boxes)})
             self.u2.append(node)
         self.u2.sort()
         return self._survive("key sharing", u1, self.u2)
+
+    def _roster(self, node: int) -> dict[str, Any]:
+        """The share stage's config for ``node``: its group (itself and its neighbours) and
+        their public keys."""
+        group = sorted([node, *self.graph[node]])
+        return {k.SECAGG_NODES: group, k.SECAGG_C_PKS: [self.keys[n][0] for n in group],
+                k.SECAGG_S_PKS: [self.keys[n][1] for n in group]}
 
     def input_config(self, layout: Layout) -> dict[str, Any]:
         """Config entries that make a node mask its reply in this session."""
@@ -147,6 +172,13 @@ class SecAggSession:
         if not self._survive("masked input", self.u2, u3):
             return None
         dropped = [n for n in self.u2 if n not in u3]
+        if not connected(u3, self.graph):
+            # the survivors' masks would cancel within each part: each part's sum would show
+            self.record.update(status="abandoned", stage="masked input", reason=(
+                "secure aggregation abandoned at masked input: the surviving hospitals no "
+                "longer form one connected group of neighbours, so partial sums could show"))
+            log.warning("%s: %s", self.session, self.record["reason"])
+            return None
         configs = {}
         for node in u3:
             senders = [s for s in self.u2 if (s, node) in self.boxes]
@@ -163,19 +195,20 @@ class SecAggSession:
             for owner, piece in zip(owners, cast(list[bytes], rec.get(k.SECAGG_SHARES) or [])):
                 if int(owner) in shares:
                     shares[int(owner)].append(piece)
-        short = [n for n, got in shares.items() if len(got) < self.threshold]
+        short = [n for n, got in shares.items() if len(got) < self.share_threshold]
         if short:
             self.record.update(status="abandoned", stage="unmasking", reason=(
                 f"secure aggregation abandoned at unmasking: too few shares for "
                 f"{', '.join(self.site(n) for n in short)}"))
             return None
-        recovered = {n: crypto.combine(shares[n][: self.threshold]) for n in self.u2}
+        recovered = {n: crypto.combine(shares[n][: self.share_threshold]) for n in self.u2}
         total = np.zeros_like(next(iter(masked.values())), dtype=np.uint64)
         for node in u3:
             total += np.asarray(masked[node], dtype=np.uint64)
         out = unmask(total, self_seeds={n: recovered[n] for n in u3},
                      dropped_privates={n: recovered[n] for n in dropped},
-                     survivor_publics={n: self.keys[n][1] for n in u3}, session=self.session)
+                     survivor_publics={n: self.keys[n][1] for n in u3}, session=self.session,
+                     neighbours=self.graph)
         self.record.update(status="ok", survivors=len(u3))
         return out
 

@@ -72,6 +72,7 @@ def test_many_hospitals_are_warned_and_the_run_says_so(caplog: pytest.LogCapture
     assert scale_warning(SLOW_ABOVE) is None and scale_warning(3) is None
     text = scale_warning(100)
     assert text is not None and "100 hospitals" in text and "--secure-aggregation off" in text
+    assert "40 randomly drawn neighbours (SecAgg+)" in text and "21 of its group of 41" in text
 
     class Grid:  # the connected nodes, as Flower's Grid lists them
         def __init__(self, n: int) -> None:
@@ -83,6 +84,6 @@ def test_many_hospitals_are_warned_and_the_run_says_so(caplog: pytest.LogCapture
     config = RunConfig(secure_aggregation="auto")
     with caplog.at_level("WARNING"):
         assert secure_enabled(Grid(10), config)  # type: ignore[arg-type]
-        assert "hospitals: every hospital shares" not in caplog.text
+        assert "randomly drawn neighbours" not in caplog.text
         assert secure_enabled(Grid(SLOW_ABOVE + 1), config)  # type: ignore[arg-type]
         assert f"secure aggregation with {SLOW_ABOVE + 1} hospitals" in caplog.text
