@@ -9,7 +9,6 @@ and at the coordinator: recombining the shares and removing the masks with one d
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
 import numpy as np
@@ -34,12 +33,14 @@ def run(nodes: int, params: int, repeats: int = 3) -> dict[str, float]:
 def _run_once(nodes: int, params: int) -> dict[str, float]:
     session, t = "train-1", max(nodes // 2 + 1, 2)
     ids = list(range(1, nodes + 1))
-    keys, t_keys = _timed(lambda: {i: (crypto.new_keypair(), crypto.new_keypair()) for i in ids})
-    seeds = {i: os.urandom(32) for i in ids}
+    secrets = {i: crypto.new_secret() for i in ids}
+    keys, t_keys = _timed(lambda: {i: (crypto.new_keypair(), crypto.keypair_from_secret(secrets[i]))
+                                   for i in ids})
+    seeds = {i: crypto.new_secret() for i in ids}
 
     def share_one(i: int) -> None:
         b = crypto.share(seeds[i], threshold=t, num_shares=nodes)
-        s = crypto.share(keys[i][1].private, threshold=t, num_shares=nodes)
+        s = crypto.share(secrets[i], threshold=t, num_shares=nodes)
         for j in ids:
             if j != i:
                 crypto.seal_box(keys[i][0].private, keys[j][0].public, session, i, j, b[j - 1] + s[j - 1])

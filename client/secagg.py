@@ -3,12 +3,12 @@
 Stages (query messages whose config names a ``secagg-stage``; :func:`handle_stage`):
 
 advertise
-    Make two fresh X25519 key pairs for the session (share boxes, masks); reply with the
-    public halves.
+    Make two fresh X25519 key pairs for the session (share boxes, masks; the mask pair's
+    private key is derived from a fresh 16-byte secret); reply with the public halves.
 share
     Given the public keys of this node's group (every participant, or in a sparse SecAgg+
-    session itself and its neighbours), draw the self-mask seed ``b_i``, split ``b_i`` and
-    the private mask key into Shamir shares (threshold from the coordinator, checked to be a
+    session itself and its neighbours), draw the 16-byte self-mask seed ``b_i``, split
+    ``b_i`` and the mask key's secret into Shamir shares (threshold from the coordinator, checked to be a
     majority of the group), and reply with one AES-GCM box per other member of the group.
 unmask
     Given who sent a masked vector (survivors) and who did not (dropped), open the boxes
@@ -27,7 +27,6 @@ Everything is kept in ``Context.state`` (it outlives a ClientApp process between
 from __future__ import annotations
 
 import math
-import os
 import struct
 from typing import Any, cast
 
@@ -84,10 +83,11 @@ def handle_stage(msg: Message, context: Context, site: str) -> Message:
 
 
 def _advertise(context: Context, session: str, threshold: int) -> dict[str, Any]:
-    box, masks = crypto.new_keypair(), crypto.new_keypair()
+    s_secret = crypto.new_secret()
+    box, masks = crypto.new_keypair(), crypto.keypair_from_secret(s_secret)
     context.state[k.STATE_SECAGG] = ConfigRecord({
         k.SECAGG_SESSION: session, k.SECAGG_THRESHOLD: threshold,
-        "c-sk": box.private, "s-sk": masks.private, k.SECAGG_C_PK: box.public,
+        "c-sk": box.private, "s-sk": masks.private, "s-secret": s_secret, k.SECAGG_C_PK: box.public,
         k.SECAGG_S_PK: masks.public,
     })
     return {k.SECAGG_C_PK: box.public, k.SECAGG_S_PK: masks.public}
@@ -110,9 +110,10 @@ def _share(config: ConfigRecord, context: Context, session: str, me: int) -> dic
         raise _refuse(f"{len(nodes)} participants, fewer than the threshold {threshold}")
     if threshold < max(2, len(nodes) // 2 + 1):  # a minority could then recover its secrets
         raise _refuse(f"threshold {threshold} is not a majority of {len(nodes)} participants")
-    seed = os.urandom(crypto.SEED_BYTES)
+    seed = crypto.new_secret()
     b_shares = crypto.share(seed, threshold=threshold, num_shares=len(nodes))
-    s_shares = crypto.share(cast(bytes, state["s-sk"]), threshold=threshold, num_shares=len(nodes))
+    s_shares = crypto.share(cast(bytes, state["s-secret"]), threshold=threshold,
+                            num_shares=len(nodes))
     dest, boxes = [], []
     for idx, peer in enumerate(nodes):
         plain = struct.pack(">H", len(b_shares[idx])) + b_shares[idx] + s_shares[idx]

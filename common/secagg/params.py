@@ -82,6 +82,6 @@ def scale_warning(num_nodes: int) -> str | None:
             f"with {k} randomly drawn neighbours (SecAgg+), not with all {num_nodes - 1} others, "
             f"so that a session stays cheap; a hospital's update is hidden unless "
             f"{group_threshold(k + 1)} of its group of {k + 1} collude with the coordinator "
-            f"(with full sharing: {num_nodes // 2 + 1} of {num_nodes}). "
+            f"(with full sharing: {threshold(num_nodes, 0)} of {num_nodes}). "
             "--secure-aggregation off is faster still but shows the coordinator each "
             "hospital's update")

@@ -206,7 +206,8 @@ class SecAggSession:
         for node in u3:
             total += np.asarray(masked[node], dtype=np.uint64)
         out = unmask(total, self_seeds={n: recovered[n] for n in u3},
-                     dropped_privates={n: recovered[n] for n in dropped},
+                     dropped_privates={n: crypto.keypair_from_secret(recovered[n]).private
+                                       for n in dropped},
                      survivor_publics={n: self.keys[n][1] for n in u3}, session=self.session,
                      neighbours=self.graph)
         self.record.update(status="ok", survivors=len(u3))

@@ -30,7 +30,8 @@ def test_a_box_opens_only_for_its_session_sender_and_recipient() -> None:
 
 
 def test_any_threshold_shares_recover_the_secret() -> None:
-    secret = os.urandom(32)
+    secret = crypto.new_secret()
+    assert len(secret) == crypto.SECRET_BYTES == 16
     shares = crypto.share(secret, threshold=3, num_shares=5)
     assert crypto.combine([shares[4], shares[0], shares[2]]) == secret
     assert crypto.combine(shares[1:4]) == secret
@@ -73,6 +74,7 @@ def test_many_hospitals_are_warned_and_the_run_says_so(caplog: pytest.LogCapture
     text = scale_warning(100)
     assert text is not None and "100 hospitals" in text and "--secure-aggregation off" in text
     assert "40 randomly drawn neighbours (SecAgg+)" in text and "21 of its group of 41" in text
+    assert "(with full sharing: 67 of 100)" in text
 
     class Grid:  # the connected nodes, as Flower's Grid lists them
         def __init__(self, n: int) -> None:
@@ -87,3 +89,31 @@ def test_many_hospitals_are_warned_and_the_run_says_so(caplog: pytest.LogCapture
         assert "randomly drawn neighbours" not in caplog.text
         assert secure_enabled(Grid(SLOW_ABOVE + 1), config)  # type: ignore[arg-type]
         assert f"secure aggregation with {SLOW_ABOVE + 1} hospitals" in caplog.text
+
+
+def test_shares_are_pycryptodomes_shamir_and_flowers_helpers_agree() -> None:
+    # one GF(2^128) element per share; Flower's helpers (three padded elements) recover the
+    # same secret from the same threshold, so only the encoding is ours
+    from flwr.common.secure_aggregation.crypto.shamir import combine_shares, create_shares
+
+    secret = crypto.new_secret()
+    shares = crypto.share(secret, threshold=4, num_shares=7)
+    assert all(len(piece) == 20 for piece in shares)
+    assert crypto.combine(shares[3:]) == secret
+    assert combine_shares(create_shares(secret, 4, 7)[:4]) == secret
+    with pytest.raises(ConfigError):
+        crypto.share(os.urandom(32), threshold=2, num_shares=3)
+    with pytest.raises(ConfigError):
+        crypto.combine([shares[0][:-1], shares[1]])
+
+
+def test_the_mask_key_is_derived_from_its_secret() -> None:
+    secret = crypto.new_secret()
+    a, b = crypto.keypair_from_secret(secret), crypto.keypair_from_secret(secret)
+    assert a.private == b.private and a.public == b.public and len(a.private) == 32
+    assert crypto.keypair_from_secret(crypto.new_secret()).public != a.public
+    other = crypto.new_keypair()
+    assert crypto.pairwise_seed(a.private, other.public, "s") == crypto.pairwise_seed(
+        other.private, a.public, "s")
+    with pytest.raises(ConfigError):
+        crypto.keypair_from_secret(b"short")
