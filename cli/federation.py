@@ -94,6 +94,13 @@ _MIN_SURVIVORS = typer.Option(
     0, "--min-survivors", min=0,
     help="Secure aggregation: fewest hospitals a round may end with; below it the round is "
     "abandoned (0 = max(3, ceil(2n/3)), at most n; 1 is refused).")
+_SECAGG_NEIGHBOURS = typer.Option(
+    0, "--secagg-neighbours", min=0,
+    help="Secure aggregation: how many other hospitals each one shares its secrets with "
+    "(0 = all up to 40 hospitals, 40 drawn at random beyond: SecAgg+, whose sessions stay "
+    "cheap; a hospital's update is then hidden unless a majority of its group colludes with "
+    "the coordinator). At least the number of hospitals: full sharing at any size (slow "
+    "beyond ~40).")
 _INIT_FROM = typer.Option(
     None, "--init-from", callback=existing_file("--init-from"),
     help="Checkpoint (e.g. an earlier run's checkpoints/final.pt, such as a reconstruction "
@@ -122,7 +129,7 @@ def build_run_config(
     hospital_dp_noise: float = 0.0, hospital_dp_clip: float = 0.0,
     target_sensitivity: float | None = None, task: str = "binary",
     num_classes: int | None = None, samples: str | None = None, init_from: Path | None = None,
-    secure_aggregation: str = "auto", secagg_min_survivors: int = 0,
+    secure_aggregation: str = "auto", secagg_min_survivors: int = 0, secagg_neighbours: int = 0,
     paradigm: str = "supervised", paradigm_options: list[str] | None = None, cv: bool = False,
     augment: str = "none",
 ) -> RunConfig:
@@ -165,7 +172,8 @@ def build_run_config(
                      target_sensitivity=target_sensitivity or 0.0,
                      init_from=str(init_from) if init_from is not None else "",
                      secure_aggregation=secure_aggregation,
-                     secagg_min_survivors=secagg_min_survivors)
+                     secagg_min_survivors=secagg_min_survivors,
+                     secagg_neighbours=secagg_neighbours)
 
 
 def site_dirs(data_root: Path) -> list[Path]:
@@ -367,6 +375,7 @@ def run(
     init_from: Path | None = _INIT_FROM,
     secure_aggregation: str = _SECURE_AGGREGATION,
     min_survivors: int = _MIN_SURVIVORS,
+    secagg_neighbours: int = _SECAGG_NEIGHBOURS,
     paradigm: str = _PARADIGM,
     paradigm_option: list[str] | None = _PARADIGM_OPTION,
     augment: str = _AUGMENT,
@@ -395,7 +404,8 @@ def run(
             hospital_dp_noise=hospital_dp_noise, hospital_dp_clip=hospital_dp_clip,
             target_sensitivity=target_sensitivity, task=task, num_classes=num_classes,
             samples=samples, init_from=init_from, secure_aggregation=secure_aggregation,
-            secagg_min_survivors=min_survivors, paradigm=paradigm,
+            secagg_min_survivors=min_survivors, secagg_neighbours=secagg_neighbours,
+            paradigm=paradigm,
             paradigm_options=paradigm_option, augment=augment,
         )
     except ConfigError as exc:

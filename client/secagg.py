@@ -149,7 +149,7 @@ def _unmask(config: ConfigRecord, context: Context, session: str, me: int) -> di
     senders = [int(n) for n in cast(list[int], config.get(k.SECAGG_SENDERS) or [])]
     boxes = list(cast(list[bytes], config.get(k.SECAGG_BOXES) or []))
     for sender, box in zip(senders, boxes):
-        if sender not in u2 or sender == me or sender in owners:
+        if sender not in u2 or sender not in nodes or sender == me or sender in owners:
             continue
         plain = crypto.open_box(cast(bytes, state["c-sk"]), c_pks[nodes.index(sender)],
                                 session, sender, me, box)

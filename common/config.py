@@ -292,6 +292,10 @@ class RunConfig:
     secagg_min_survivors : int
         Fewest nodes a secure-aggregation round may end with (0 = default,
         :func:`common.secagg.params.default_min_survivors`); below it the round is abandoned.
+    secagg_neighbours : int
+        Peers each hospital shares its secrets with (0 = default: all up to 40 hospitals, 40
+        beyond, SecAgg+; :func:`common.secagg.params.neighbour_count`); at least the number
+        of hospitals gives full sharing at any size.
     """
 
     plan: TrainPlan = TrainPlan()
@@ -309,6 +313,7 @@ class RunConfig:
     resume_from: str = ""
     secure_aggregation: str = "auto"
     secagg_min_survivors: int = 0
+    secagg_neighbours: int = 0
 
     def __post_init__(self) -> None:
         if self.secure_aggregation not in SECURE_AGGREGATION_MODES:
@@ -317,6 +322,8 @@ class RunConfig:
         if self.secagg_min_survivors == 1 or self.secagg_min_survivors < 0:
             raise ConfigError("secagg-min-survivors must be 0 (default) or at least 2: one "
                               "survivor's 'sum' is its own update")
+        if self.secagg_neighbours == 1 or self.secagg_neighbours < 0:
+            raise ConfigError("secagg-neighbours must be 0 (default) or at least 2")
         if not (math.isfinite(self.target_sensitivity) and 0 <= self.target_sensitivity <= 1):
             raise ConfigError("target-sensitivity must lie in (0, 1], or be 0 for Youden's J, "
                               f"got {self.target_sensitivity}")
@@ -356,6 +363,7 @@ class RunConfig:
             resume_from=_get(values, k.RESUME_FROM, "", str),
             secure_aggregation=_get(values, k.SECURE_AGGREGATION, "auto", str),
             secagg_min_survivors=_get(values, k.SECAGG_MIN_SURVIVORS, 0, int),
+            secagg_neighbours=_get(values, k.SECAGG_NEIGHBOURS, 0, int),
         )
 
     def to_dict(self) -> dict[str, Scalar]:
@@ -377,6 +385,7 @@ class RunConfig:
                 k.RESUME_FROM: self.resume_from,
                 k.SECURE_AGGREGATION: self.secure_aggregation,
                 k.SECAGG_MIN_SURVIVORS: self.secagg_min_survivors,
+                k.SECAGG_NEIGHBOURS: self.secagg_neighbours,
             }
         )
         return out

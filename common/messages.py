@@ -232,6 +232,7 @@ EVAL_MAE_GRADE: Final = "mae-grade"  # ordinal: mean absolute grade error per pa
 # Run config
 SECURE_AGGREGATION: Final = "secure-aggregation"  # "auto" | "on" | "off" (auto: on with >= 3 nodes)
 SECAGG_MIN_SURVIVORS: Final = "secagg-min-survivors"  # 0 = default (common/secagg/params.py)
+SECAGG_NEIGHBOURS: Final = "secagg-neighbours"  # 0 = default (common/secagg/params.py)
 # RecordDict keys
 SECAGG: Final = "secagg"  # ConfigRecord of a secure-aggregation stage (both directions)
 SECAGG_MASKED: Final = "secagg-masked"  # ArrayRecord: the node's masked uint64 vector

@@ -140,6 +140,7 @@ def run_federation(
     if secure:
         strategy_class = SecureFedAvg
         secure_kwargs = {"min_survivors": config.secagg_min_survivors,
+                         "neighbours": config.secagg_neighbours,
                          "timeout": config.round_timeout, "dp_noise": config.hospital_dp_noise,
                          "dp_clip": config.hospital_dp_clip, "dp_delta": config.hospital_dp_delta,
                          "num_hospitals": hospitals}
@@ -168,7 +169,7 @@ def run_federation(
     report.extra["secure_aggregation"] = secagg_record(
         enabled=secure, mode=config.secure_aggregation, hospitals=hospitals,
         min_survivors=secagg_threshold(hospitals, config.secagg_min_survivors),
-        sessions=strategy.log_rows if isinstance(strategy, SecureFedAvg) else [])
+        neighbours=config.secagg_neighbours, sessions=strategy.log_rows if isinstance(strategy, SecureFedAvg) else [])
     runner: VesaliusFedAvg | HospitalLevelDP = strategy
     if hospital_dp and isinstance(strategy, SecureFedAvg):
         report.hospital_dp = strategy.spent
@@ -342,7 +343,8 @@ def final_inference(
 
     task = config.plan.task
     try:
-        with secure_queries(secure, min_survivors=config.secagg_min_survivors):
+        with secure_queries(secure, min_survivors=config.secagg_min_survivors,
+                            neighbours=config.secagg_neighbours):
             section = task_inference(task)(grid, node_ids, arrays, config)
     except Exception as exc:  # noqa: BLE001 - inference is an extra; the run already completed
         log.warning("pooled inference failed: %s", exc)

@@ -523,7 +523,7 @@ def secure_enabled(grid: Grid, config: RunConfig) -> bool:
 
     hospitals = max(len(list(grid.get_node_ids())), config.min_nodes)
     secure = enabled(config.secure_aggregation, hospitals)
-    if secure and (slow := scale_warning(hospitals)):
+    if secure and (slow := scale_warning(hospitals, config.secagg_neighbours)):
         log.warning(slow)
     return secure
 
@@ -598,6 +598,7 @@ def train_rounds(
     if secure:
         strategy_class = SecureFedAvg
         secure_kwargs = {"min_survivors": config.secagg_min_survivors,
+                         "neighbours": config.secagg_neighbours,
                          "timeout": config.round_timeout}
     strategy = strategy_class(
         **secure_kwargs,
@@ -633,7 +634,8 @@ def evaluate_fold(
     eval_grid = grid if heldout_nodes is None else NodeSubsetGrid(grid, heldout_nodes)
     summed = secure and heldout_nodes is None
     outcome.secure_heldout = summed
-    with secure_queries(summed, min_survivors=config.secagg_min_survivors):
+    with secure_queries(summed, min_survivors=config.secagg_min_survivors,
+                        neighbours=config.secagg_neighbours):
         if config.plan.task == "binary":
             _evaluate_fold(eval_grid, arrays, config, outcome)
         else:

@@ -62,15 +62,17 @@ class SecureQueries:
     """The run's secure-aggregation setting for statistics queries."""
 
     min_survivors: int = 0
+    neighbours: int = 0
 
 
 _CURRENT: ContextVar[SecureQueries | None] = ContextVar("vesalius_secure_queries", default=None)
 
 
 @contextmanager
-def secure_queries(enabled: bool, *, min_survivors: int = 0) -> Iterator[None]:
+def secure_queries(enabled: bool, *, min_survivors: int = 0, neighbours: int = 0
+                   ) -> Iterator[None]:
     """Sum every covered statistics query securely inside the ``with`` block (when enabled)."""
-    token = _CURRENT.set(SecureQueries(min_survivors) if enabled else None)
+    token = _CURRENT.set(SecureQueries(min_survivors, neighbours) if enabled else None)
     try:
         yield
     finally:
@@ -259,7 +261,8 @@ def secure_round(grid: Grid, node_ids: Sequence[int], name: str, config: Mapping
     summed = secure_sum(grid, _messages(node_ids, name, config, records),
                         int_keys=[*(n + SUFFIX for n in names), PRESENT_KEY],
                         int_lengths=[2 * keys[n] for n in names] + [len(names)],
-                        min_survivors=setting.min_survivors, timeout=timeout)
+                        min_survivors=setting.min_survivors, timeout=timeout,
+                        neighbours=setting.neighbours)
     errors: dict[int, str] = {}
     error_sites: dict[int, str] = {}
     for msg in summed.replies:

@@ -39,14 +39,14 @@ NOT_COVERED = ("per-site validation and test metrics (loss, accuracy, AUC, patie
 
 
 def secagg_record(*, enabled: bool, mode: str, hospitals: int, min_survivors: int,
-                  sessions: list[dict[str, Any]]) -> dict[str, Any]:
+                  sessions: list[dict[str, Any]], neighbours: int = 0) -> dict[str, Any]:
     """The ``report.json`` section (``sessions`` is kept by reference: it grows)."""
     out: dict[str, Any] = {"enabled": enabled, "mode": mode, "hospitals": hospitals}
     if not enabled:
         out["reason"] = ("turned off (secure-aggregation = off)" if mode == "off" else
                          f"auto: {hospitals} hospital(s), fewer than 3")
         return out
-    out.update(min_survivors=min_survivors, neighbours=neighbour_count(hospitals),
+    out.update(min_survivors=min_survivors, neighbours=neighbour_count(hospitals, neighbours),
                covers=list(COVERS), not_covered=list(NOT_COVERED), sessions=sessions)
     return out
 

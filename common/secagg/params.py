@@ -53,10 +53,15 @@ def threshold(num_nodes: int, min_survivors: int) -> int:
     return max(wanted, num_nodes // 2 + 1, 2)
 
 
-def neighbour_count(num_nodes: int) -> int:
-    """How many peers each of ``num_nodes`` nodes shares its secrets with and masks towards:
-    all others up to :data:`SLOW_ABOVE` nodes (full secure aggregation), :data:`NEIGHBOURS`
-    beyond (SecAgg+)."""
+def neighbour_count(num_nodes: int, requested: int = 0) -> int:
+    """How many peers each of ``num_nodes`` nodes shares its secrets with and masks towards.
+
+    ``requested`` is the run config's ``secagg-neighbours``: 0 picks the default, all others
+    up to :data:`SLOW_ABOVE` nodes (full secure aggregation) and :data:`NEIGHBOURS` beyond
+    (SecAgg+); a positive number asks for that many (at least 2, at most all others).
+    """
+    if requested > 0:
+        return max(0, min(num_nodes - 1, max(2, requested)))
     if num_nodes <= SLOW_ABOVE:
         return max(0, num_nodes - 1)
     return min(num_nodes - 1, NEIGHBOURS)
@@ -69,19 +74,25 @@ def group_threshold(group_size: int) -> int:
     return max(2, group_size // 2 + 1)
 
 
-def scale_warning(num_nodes: int) -> str | None:
+def scale_warning(num_nodes: int, requested: int = 0) -> str | None:
     """What an operator should know before a secure run with many hospitals (None when few).
 
     Beyond :data:`SLOW_ABOVE` hospitals sessions are sparse (SecAgg+): cheaper, and with a
     weaker collusion bound than full sharing, which the operator should know.
     """
-    if num_nodes <= SLOW_ABOVE:
-        return None
-    k = neighbour_count(num_nodes)
+    k = neighbour_count(num_nodes, requested)
+    if k >= num_nodes - 1:
+        if num_nodes <= SLOW_ABOVE:
+            return None
+        return (f"secure aggregation with {num_nodes} hospitals and full sharing "
+                "(--secagg-neighbours): every hospital shares its secrets with every other, "
+                "so each session costs O(n^2) shares and the run may take hours; the default "
+                f"shares with {NEIGHBOURS} neighbours beyond {SLOW_ABOVE} hospitals")
     return (f"secure aggregation with {num_nodes} hospitals: each hospital shares its secrets "
             f"with {k} randomly drawn neighbours (SecAgg+), not with all {num_nodes - 1} others, "
             f"so that a session stays cheap; a hospital's update is hidden unless "
             f"{group_threshold(k + 1)} of its group of {k + 1} collude with the coordinator "
             f"(with full sharing: {threshold(num_nodes, 0)} of {num_nodes}). "
+            "--secagg-neighbours N asks for more (all: full sharing, slow); "
             "--secure-aggregation off is faster still but shows the coordinator each "
             "hospital's update")

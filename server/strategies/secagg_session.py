@@ -64,16 +64,19 @@ class SecAggSession:
         a strict majority (:func:`common.secagg.params.threshold`).
     timeout : float
         Seconds to wait for each stage's replies.
+    neighbours : int, optional
+        The run config's ``secagg-neighbours`` (0 = default,
+        :func:`common.secagg.params.neighbour_count`).
     """
 
     def __init__(self, grid: Grid, nodes: list[int], session: str, *, min_survivors: int,
-                 timeout: float) -> None:
+                 timeout: float, neighbours: int = 0) -> None:
         self.grid = grid
         self.nodes = sorted(int(n) for n in nodes)
         self.session = session
         self.timeout = timeout
         self.threshold = secagg_threshold(len(self.nodes), min_survivors)
-        self.neighbours = neighbour_count(len(self.nodes))
+        self.neighbours = neighbour_count(len(self.nodes), neighbours)
         self.sparse = self.neighbours < len(self.nodes) - 1
         # shares that recover one node's secret: the session's threshold when every node
         # shares with every other, a majority of its group in a sparse session
@@ -259,8 +262,8 @@ class SecureSum:
 
 
 def secure_sum(grid: Grid, messages: Sequence[Message], *, int_keys: Sequence[str],
-               int_lengths: Sequence[int], min_survivors: int = 0, timeout: float = 600.0
-               ) -> SecureSum:
+               int_lengths: Sequence[int], min_survivors: int = 0, timeout: float = 600.0,
+               neighbours: int = 0) -> SecureSum:
     """Ask ``messages`` (train, evaluate or statistics queries) and sum integer metrics securely.
 
     The nodes' replies carry the integer metrics ``int_keys`` (lengths ``int_lengths``:
@@ -270,7 +273,7 @@ def secure_sum(grid: Grid, messages: Sequence[Message], *, int_keys: Sequence[st
     """
     nodes = [int(m.metadata.dst_node_id) for m in messages]
     session = SecAggSession(grid, nodes, f"sum-{secrets.token_hex(6)}",
-                            min_survivors=min_survivors, timeout=timeout)
+                            min_survivors=min_survivors, timeout=timeout, neighbours=neighbours)
     if not session.setup():
         return SecureSum(None, 0, session.record)
     layout = Layout.plan(num_nodes=len(session.u2), model_length=0, dp_clip=0.0,

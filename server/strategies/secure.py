@@ -90,10 +90,11 @@ class SecureFedAvg(VesaliusFedAvg):
 
     def __init__(self, *, min_survivors: int = 0, timeout: float = 600.0,
                  dp_noise: float = 0.0, dp_clip: float = 0.0, dp_delta: float = 1e-3,
-                 num_hospitals: int = 1, **kwargs: Any) -> None:
+                 num_hospitals: int = 1, neighbours: int = 0, **kwargs: Any) -> None:
         kwargs.pop("weighted_by_key", None)
         super().__init__(weighted_by_key=k.NUM_EXAMPLES, **kwargs)
         self.min_survivors = min_survivors
+        self.neighbours = neighbours
         self.timeout = timeout
         self.dp_noise, self.dp_clip, self.dp_delta = dp_noise, dp_clip, dp_delta
         self.log_rows: list[dict[str, Any]] = []  # one per session: report.json
@@ -117,7 +118,8 @@ class SecureFedAvg(VesaliusFedAvg):
             log.warning("secure aggregation over 2 hospitals: each can compute the other's "
                         "contribution from the released sum")
         session = SecAggSession(grid, nodes, f"{phase}-{server_round}",
-                                min_survivors=self.min_survivors, timeout=self.timeout)
+                                min_survivors=self.min_survivors, timeout=self.timeout,
+                                neighbours=self.neighbours)
         session.sites.update(self._known_sites())
         session.sites.update(self.sites)
         row = session.record
@@ -329,7 +331,7 @@ class SecureFedAvg(VesaliusFedAvg):
         """
         if not bool(config.get(k.WITH_HISTOGRAMS, False)):
             return super().evaluate_everywhere(grid, arrays, config, timeout=timeout)
-        secure = _SecureEvaluationGrid(grid, self.min_survivors)
+        secure = _SecureEvaluationGrid(grid, self.min_survivors, self.neighbours)
         entry = super().evaluate_everywhere(secure, arrays, config, timeout=timeout)  # type: ignore[arg-type]
         result = secure.result
         if result is not None:
@@ -345,9 +347,10 @@ class SecureFedAvg(VesaliusFedAvg):
 class _SecureEvaluationGrid:
     """A grid whose ``send_and_receive`` sums the evaluation histograms securely."""
 
-    def __init__(self, grid: Grid, min_survivors: int) -> None:
+    def __init__(self, grid: Grid, min_survivors: int, neighbours: int = 0) -> None:
         self.grid = grid
         self.min_survivors = min_survivors
+        self.neighbours = neighbours
         self.result: SecureSum | None = None
 
     def get_node_ids(self) -> Iterable[int]:
@@ -359,7 +362,8 @@ class _SecureEvaluationGrid:
         wait = 600.0 if timeout is None else timeout
         self.result = secure_sum(self.grid, messages, int_keys=EVAL_INTS,
                                  int_lengths=[DEFAULT_BINS, DEFAULT_BINS],
-                                 min_survivors=self.min_survivors, timeout=wait)
+                                 min_survivors=self.min_survivors, timeout=wait,
+                                 neighbours=self.neighbours)
         if self.result.replies:
             return self.result.replies
         plain = []  # abandoned before anyone evaluated: ask again, without histograms

@@ -1,8 +1,9 @@
-"""`vesalius federation run --secure-aggregation ... --min-survivors N`.
+"""`vesalius federation run --secure-aggregation ... --min-survivors N --secagg-neighbours K`.
 
 Usage errors come before anything starts; a simulated federation of three synthetic
-hospitals (Flower's Ray runtime) trains under secure aggregation and its pooled model equals,
-within the quantisation bound, the one the same non-private run trains without it.
+hospitals (full sharing), and one of five whose hospitals share with two neighbours each
+(SecAgg+), train under secure aggregation and their pooled models equal, within the
+quantisation bound, the ones the same non-private runs train without it.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ def _sites(tmp_path: Path, n: int) -> Path:
     (["--min-survivors", "1"], "secagg-min-survivors must be 0 (default) or at least 2"),
     (["--min-survivors", "-3"], "--min-survivors"),
     (["--min-survivors", "4"], "4 survivors cannot be reached with 3 hospitals"),
+    (["--secagg-neighbours", "1"], "secagg-neighbours must be 0 (default) or at least 2"),
 ])
 def test_bad_secure_aggregation_options_are_usage_errors(args: list[str], expected: str,
                                                          tmp_path: Path) -> None:
@@ -46,14 +48,19 @@ def test_bad_secure_aggregation_options_are_usage_errors(args: list[str], expect
 def test_help_lists_the_secure_aggregation_options() -> None:
     result = CliRunner().invoke(app, ["federation", "run", "--help"], terminal_width=200)
     assert "--secure-aggregation" in result.output and "--min-survivors" in result.output
+    assert "--secagg-neighbours" in result.output
     assert "auto|on|off" in result.output
 
 
 @pytest.mark.slow
-def test_a_secure_simulation_trains_the_model_of_a_plain_one(tmp_path: Path) -> None:
-    # Prepare: three synthetic hospitals; non-private so that both runs train the same steps
+@pytest.mark.parametrize(("sites", "extra"), [(3, []), (5, ["--secagg-neighbours", "2"])],
+                         ids=["full", "sparse"])
+def test_a_secure_simulation_trains_the_model_of_a_plain_one(tmp_path: Path, sites: int,
+                                                             extra: list[str]) -> None:
+    # Prepare: synthetic hospitals; non-private so that both runs train the same steps. With
+    # 5 hospitals and 2 neighbours each, every session is sparse (SecAgg+): a ring of groups
     data = tmp_path / "data"
-    made = CliRunner().invoke(app, ["synth", "--sites", "3", "--patients", "24", "--out",
+    made = CliRunner().invoke(app, ["synth", "--sites", str(sites), "--patients", "24", "--out",
                                     str(data), "--seed", "6"])
     assert made.exit_code == 0, made.output
     base = ["federation", "run", "--data-root", str(data), "--image-size", "16",
@@ -65,22 +72,34 @@ def test_a_secure_simulation_trains_the_model_of_a_plain_one(tmp_path: Path) -> 
         out = tmp_path / mode
         result = CliRunner().invoke(app, [*base, "--out", str(out), "--ledger-dir",
                                           str(tmp_path / f"ledgers-{mode}"),
-                                          "--secure-aggregation", mode], terminal_width=200)
+                                          "--secure-aggregation", mode, *extra],
+                                 terminal_width=200)
         assert result.exit_code == 0, result.output[-3000:]
         runs[mode] = json.loads((out / "report.json").read_text())
     # Assert: the report says how the round was aggregated ...
     on, off = runs["on"], runs["off"]
-    assert on["secure_aggregation"]["enabled"] and on["secure_aggregation"]["min_survivors"] == 3
-    assert on["secure_aggregation"]["sessions"][0] == {
-        **on["secure_aggregation"]["sessions"][0], "round": 1, "phase": "train", "status": "ok",
-        "survivors": 3, "participants": 3, "dropped": []}
+    section = on["secure_aggregation"]
+    assert section["enabled"] and section["min_survivors"] == (3 if sites == 3 else 4)
+    assert section["sessions"][0] == {
+        **section["sessions"][0], "round": 1, "phase": "train", "status": "ok",
+        "survivors": sites, "participants": sites, "dropped": []}
+    assert all(row["status"] == "ok" for row in section["sessions"])
+    assert len(section["sessions"]) >= 3  # the round's train and validation, the statistics
     assert all(row["num_examples"] is None for row in on["sites"])  # hidden per site
     assert not off["secure_aggregation"]["enabled"]
-    assert "secure aggregation: on" in (tmp_path / "on" / "summary.txt").read_text()
+    summary = (tmp_path / "on" / "summary.txt").read_text()
+    assert "secure aggregation: on" in summary
+    if sites == 3:
+        assert section["neighbours"] == 2 and "neighbours" not in section["sessions"][0]
+        assert "shared its mask secrets with every other" in summary
+    else:
+        assert section["neighbours"] == 2 and section["sessions"][0]["neighbours"] == 2
+        assert section["sessions"][0]["share_threshold"] == 2
+        assert "2 randomly drawn neighbours, not all 4 others (SecAgg+" in summary
     # ... and the pooled model is plain FedAvg's within the quantisation bound
     a = torch.load(tmp_path / "on" / "checkpoints" / "round-1.pt")
     b = torch.load(tmp_path / "off" / "checkpoints" / "round-1.pt")
     patients = sum(row["num_examples"] for row in off["sites"])
     for name in b:
         diff = (a[name].double() - b[name].double()).abs().max().item()
-        assert diff <= quantisation_bound(3, 8) / patients + 1e-6, name
+        assert diff <= quantisation_bound(sites, 8) / patients + 1e-6, name

@@ -177,3 +177,29 @@ def test_the_report_says_how_the_hospitals_shared_their_secrets() -> None:
     assert "21 of its group of 41" in line and "21 of its group of 41" in secagg_html(many)
     few = secagg_record(enabled=True, mode="auto", hospitals=3, min_survivors=3, sessions=[])
     assert "shared its mask secrets with every other" in secagg_lines({"secure_aggregation": few})[0]
+
+
+def test_an_operator_can_ask_for_more_or_fewer_neighbours() -> None:
+    from common.config import RunConfig
+    from common.errors import ConfigError
+
+    assert params.neighbour_count(100, 99) == 99  # full sharing at any size
+    assert params.neighbour_count(100, 500) == 99
+    assert params.neighbour_count(20, 6) == 6  # sparse below SLOW_ABOVE when asked
+    assert params.neighbour_count(5, 1) == 2
+    assert params.scale_warning(20, 6) is not None and params.scale_warning(20) is None
+    full = params.scale_warning(100, 100)
+    assert full is not None and "full sharing" in full and "hours" in full
+    config = RunConfig(secagg_neighbours=12)
+    assert RunConfig.from_user_config(config.to_dict()).secagg_neighbours == 12
+    with pytest.raises(ConfigError, match="secagg-neighbours"):
+        RunConfig(secagg_neighbours=1)
+
+
+def test_the_session_takes_the_operators_neighbours() -> None:
+    nodes = list(range(1, 13))
+    grid = _grid(nodes)
+    result = secure_sum(grid, _queries(nodes), int_keys=[k.CONFUSION], int_lengths=[4],
+                        timeout=5, neighbours=4)
+    assert result.record["status"] == "ok" and result.record["neighbours"] == 4
+    assert result.sums is not None and result.sums[k.CONFUSION].tolist() == _expected(nodes)
