@@ -31,9 +31,15 @@ seconds per local epoch (each ``train_dp`` call, setup included; with one torch 
 time is the compute cost and is robust to other jobs sharing the cores), with the wall-clock
 ratio reported beside it (``epoch_wall_ratio``);
 **peak-memory ratio** = median DP / non-DP increase of the process's peak RSS (``VmHWM``,
-reset through ``/proc/self/clear_refs`` before each call) during a call. ``--timing-only``
+reset through ``/proc/self/clear_refs`` before each call) during a call (with
+``--timing-only`` from a second, untimed call per repeat: the reset returns freed memory to
+the OS, and the time to fault it in again is not a cost of training). ``--timing-only``
 skips the federations and measures only these ratios on one site of ``--timing-images``
-images (repeats interleaved, medians), for the model's registered mode and, in the same run,
+images (repeats interleaved, medians, after ``--warmup-epochs`` untimed site-epochs of each
+variant: the steady state of a node that trains round after round in one process, whose
+convolution kernels are built once per batch shape and Poisson batch sizes vary, so the
+first epochs of a DP run build more of them; the warm-up's own ratio is reported beside it as
+``warmup_time_ratio``), for the model's registered mode and, in the same run,
 every stock Opacus mode that applies to it (hooks, functorch, ew, ghost; or ``--modes``); each
 row's ``ratios`` puts the registered mode beside the best stock mode (lowest CPU ratio).
 
@@ -115,6 +121,7 @@ class Settings:
     modes: list[str] = field(default_factory=list)
     timing_images: int = 512
     repeats: int = 3
+    warmup_epochs: int = 3
     device: str = ""
     """``cpu`` or ``cuda[:N]``; empty: the trainer's default (CUDA when available)."""
 
@@ -271,24 +278,30 @@ def _timing(s: Settings, model_name: str, data: TensorDataset, shape: tuple[int,
              if not has_dp_loss or m in ("hooks", "functorch", "direct") or (m == "ghost" and per_sample)]
     kwargs = _train_kwargs(s, model_name) | {"epochs": 1, "seed": s.seed}
     variants = ["non-dp"] + [f"dp-{m}" for m in modes]
-    warm = TensorDataset(*(t[: 2 * s.batch_size] for t in data.tensors))
     raw: dict[str, list[tuple[float, float, float]]] = {v: [] for v in variants}
     errors: dict[str, str] = {}
-    for variant in variants:  # warm-up (first-call costs, lazy imports)
+    warmup_cpu: dict[str, float] = {}
+    for variant in variants:  # warm-up: lazy imports, first calls, kernels per batch shape
         try:
-            _run_variant(model, warm, variant, kwargs)
+            c0 = time.process_time()
+            _run_variant(model, data, variant, kwargs | {"epochs": max(1, s.warmup_epochs)})
+            warmup_cpu[variant] = (time.process_time() - c0) / max(1, s.warmup_epochs)
         except Exception as exc:  # noqa: BLE001  (a mode Opacus cannot handle is reported)
             errors[variant] = f"{type(exc).__name__}: {str(exc)[:160]}"
     variants = [v for v in variants if v not in errors]
     for _ in range(s.repeats):
+        # time and memory from separate passes: resetting the peak counter hands freed memory
+        # back to the OS, and faulting it in again would be timed too (a node's process keeps
+        # its heap between epochs), so every timed call of a repeat comes before its resets
+        timed: dict[str, tuple[float, float]] = {}
         for variant in variants:
-            rss0 = _reset_peak()
             c0, t0 = time.process_time(), time.perf_counter()
             _run_variant(model, data, variant, kwargs)
-            raw[variant].append((
-                time.perf_counter() - t0, time.process_time() - c0,
-                max(0, _status_kib("VmHWM") - rss0) / 1024,
-            ))
+            timed[variant] = (time.perf_counter() - t0, time.process_time() - c0)
+        for variant in variants:
+            rss0 = _reset_peak()
+            _run_variant(model, data, variant, kwargs)
+            raw[variant].append((*timed[variant], max(0, _status_kib("VmHWM") - rss0) / 1024))
     med = {
         v: tuple(statistics.median(x[i] for x in r) for i in range(3))
         for v, r in raw.items() if r
@@ -312,6 +325,11 @@ def _timing(s: Settings, model_name: str, data: TensorDataset, shape: tuple[int,
         "epoch_cpu_s": {v: x[1] for v, x in med.items()},
         "peak_mib": {v: x[2] for v, x in med.items()},
         "epoch_time_ratio": {v: x[1] / base_c for v, x in dp.items()},
+        # the warm-up epochs (CPU per epoch): they also build the kernels of each new batch
+        # shape, which a node pays in its first rounds only (Poisson batches vary in size)
+        "warmup_epoch_cpu_s": warmup_cpu,
+        "warmup_time_ratio": {v: warmup_cpu[v] / warmup_cpu["non-dp"] for v in warmup_cpu
+                              if v != "non-dp" and "non-dp" in warmup_cpu},
         "epoch_wall_ratio": {v: x[0] / base_t for v, x in dp.items()},
         "peak_memory_ratio": {v: (x[2] / base_m if base_m > 0 else math.nan) for v, x in dp.items()},
         "errors": errors,
@@ -447,6 +465,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="modes for --timing-only (default: registered + every stock Opacus mode)")
     parser.add_argument("--timing-images", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup-epochs", type=int, default=3,
+                        help="--timing-only: untimed site-epochs per variant before the timed "
+                        "repeats (kernels are built per batch shape; Poisson batches vary)")
     parser.add_argument("--device", default="", help="cpu or cuda[:N] (default: CUDA when available)")
     parser.add_argument("--quick", action="store_true", help="cnn+mlp, PneumoniaMNIST IID, 2 rounds, 600 images")
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
@@ -462,6 +483,7 @@ def main(argv: list[str] | None = None) -> int:
         delta=args.delta, max_train=args.max_train, threads=args.threads, seed=args.seed,
         timing_only=args.timing_only, modes=_list(args.modes),
         timing_images=args.timing_images, repeats=args.repeats, device=args.device,
+        warmup_epochs=args.warmup_epochs,
     )
     if args.quick:
         s.models = _list(args.models) or ["cnn", "mlp"]

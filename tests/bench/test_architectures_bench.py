@@ -33,6 +33,8 @@ def test_timing_only_reports_ratios_and_the_device(shared_file: Callable[[str], 
     assert row["model"] == "cnn" and row["images"] == 96 and not row["errors"]
     ratio = row["epoch_time_ratio"]["dp-direct"]  # the registered mode
     assert math.isfinite(ratio) and ratio > 0.5
+    warm = row["warmup_time_ratio"]["dp-direct"]  # the untimed warm-up epochs, reported too
+    assert math.isfinite(warm) and warm > 0.5 and row["warmup_epoch_cpu_s"]["non-dp"] > 0
     # beside it, in the same run, every stock Opacus mode and the best of them
     assert {"dp-hooks", "dp-functorch", "dp-ew", "dp-ghost"} <= set(row["epoch_time_ratio"])
     assert row["registered_mode"] == "direct" and row["ratios"]["registered"]["mode"] == "direct"
