@@ -82,3 +82,36 @@ def test_a_threshold_below_a_majority_is_refused() -> None:
               k.SECAGG_S_PKS: [keys[n][k.SECAGG_S_PK] for n in contexts]}
     with pytest.raises(ConfigError, match="not a majority of 4"):
         _stage("share", 1, contexts[1], **roster)
+
+
+def _group_node() -> Context:
+    """Node 1 of a sparse session: its group is itself and nodes 2 and 7 (threshold 2)."""
+    group = [1, 2, 7]
+    contexts = {n: node_context({}, node_id=n) for n in group}
+    keys = {n: _stage("advertise", n, contexts[n], **{k.SECAGG_THRESHOLD: 2}) for n in group}
+    _stage("share", 1, contexts[1], **{
+        k.SECAGG_NODES: group, k.SECAGG_C_PKS: [keys[n][k.SECAGG_C_PK] for n in group],
+        k.SECAGG_S_PKS: [keys[n][k.SECAGG_S_PK] for n in group]})
+    return contexts[1]
+
+
+def _mask(context: Context, u2: list[int]) -> None:
+    layout = Layout.plan(num_nodes=len(u2), model_length=0, dp_clip=0.0)
+    msg = incoming(RecordDict({k.CONFIG: ConfigRecord(
+        {k.SECAGG_SESSION: SESSION, k.SECAGG_NODES: u2, **layout.to_config()})}),
+        MessageType.EVALUATE, node_id=1)
+    masked_reply(msg, Message(RecordDict(), reply_to=msg), context)
+
+
+def test_in_a_sparse_session_a_node_counts_its_own_group() -> None:
+    # the session's U2 names non-neighbours too; what matters is how many of the group remain
+    context = _group_node()
+    with pytest.raises(ConfigError, match="too few of this node's group"):
+        _mask(context, [1, 3, 4, 5, 6])  # only node 1 of its group {1, 2, 7} is left
+    _mask(context, [1, 2, 3, 4, 5, 6, 7])
+    with pytest.raises(ConfigError, match="fewer survivors in this node's group"):
+        _stage("unmask", 1, context, **{k.SECAGG_SURVIVORS: [1, 3, 4, 5, 6],
+                                        k.SECAGG_DROPPED: [2, 7]})
+    answer = _stage("unmask", 1, context, **{k.SECAGG_SURVIVORS: [1, 2, 3, 4, 5, 6],
+                                             k.SECAGG_DROPPED: [7]})
+    assert list(answer[k.SECAGG_OWNERS]) == [1]
