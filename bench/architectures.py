@@ -281,8 +281,10 @@ def _timing(s: Settings, model_name: str, data: TensorDataset, shape: tuple[int,
     raw: dict[str, list[tuple[float, float, float]]] = {v: [] for v in variants}
     errors: dict[str, str] = {}
     warmup_cpu: dict[str, float] = {}
-    for variant in variants:  # warm-up: lazy imports, first calls, kernels per batch shape
+    first = TensorDataset(*(t[: 2 * s.batch_size] for t in data.tensors))
+    for variant in variants:  # first calls (lazy imports), then kernels per batch shape
         try:
+            _run_variant(model, first, variant, kwargs)
             c0 = time.process_time()
             _run_variant(model, data, variant, kwargs | {"epochs": max(1, s.warmup_epochs)})
             warmup_cpu[variant] = (time.process_time() - c0) / max(1, s.warmup_epochs)
