@@ -8,8 +8,9 @@ advertise
 share
     Given the public keys of this node's group (every participant, or in a sparse SecAgg+
     session itself and its neighbours), draw the 16-byte self-mask seed ``b_i``, split
-    ``b_i`` and the mask key's secret into Shamir shares (threshold from the coordinator, checked to be a
-    majority of the group), and reply with one AES-GCM box per other member of the group.
+    ``b_i`` and the mask key's secret into Shamir shares (threshold from the coordinator,
+    checked to be a majority of the group), and reply with one AES-GCM box per other member
+    of the group.
 unmask
     Given who sent a masked vector (survivors) and who did not (dropped), open the boxes
     addressed to this node and reveal, per peer, the share of ``b_j`` (survivor) or of its
@@ -87,7 +88,8 @@ def _advertise(context: Context, session: str, threshold: int) -> dict[str, Any]
     box, masks = crypto.new_keypair(), crypto.keypair_from_secret(s_secret)
     context.state[k.STATE_SECAGG] = ConfigRecord({
         k.SECAGG_SESSION: session, k.SECAGG_THRESHOLD: threshold,
-        "c-sk": box.private, "s-sk": masks.private, "s-secret": s_secret, k.SECAGG_C_PK: box.public,
+        # the mask key is kept as its 16-byte secret (what is shared); the key derives from it
+        "c-sk": box.private, "s-secret": s_secret, k.SECAGG_C_PK: box.public,
         k.SECAGG_S_PK: masks.public,
     })
     return {k.SECAGG_C_PK: box.public, k.SECAGG_S_PK: masks.public}
@@ -241,7 +243,8 @@ def masked_reply(msg: Message, reply: Message, context: Context) -> Message:
     s_pks = cast(list[bytes], state[k.SECAGG_S_PKS])
     peers = {n: s_pks[nodes.index(n)] for n in sorted(group_left)}
     masked = mask(vector, node=me, self_seed=cast(bytes, state["b"]),
-                  mask_private=cast(bytes, state["s-sk"]), peer_publics=peers, session=session)
+                  mask_private=crypto.keypair_from_secret(cast(bytes, state["s-secret"])).private,
+                  peer_publics=peers, session=session)
     state["u2"] = u2
     hidden = {*layout.weighted_keys, *layout.int_keys}
     if model_length:  # a train reply: its example count, and what reveals it, go masked
