@@ -28,7 +28,13 @@ What the engine does differently, per layer that owns trainable parameters:
   ``RNNLinear`` cells of ``DPLSTM``/``DPGRU``, their time steps as a tied layer's uses) are
   instead clipped by **ghost norms** (:mod:`client.training.ghost`): per-sample norms from the
   inputs and output gradients, the clipped sum as one weighted matrix product, no
-  ``[n, out, in]`` tensor; the optimiser adds their squared norms to the buffer's.
+  ``[n, out, in]`` tensor; the optimiser adds their squared norms to the buffer's. A
+  convolution whose output gradients are smaller than its per-sample gradients (a small map
+  and many weights) keeps those instead (:class:`~client.training.ghost.GhostConv`: norms by
+  Gram matrices or by its per-sample gradients formed and dropped, the clipped sum as one
+  weight gradient of the factor-scaled output gradients), so the buffer holds only the
+  layers for which it is the smaller record (on 28 x 28 images ResNet's buffer keeps 8,200
+  of its 77,450 weights' columns, the CNN's 4,960 of 14,274).
 * **No batch weight gradients**: while a convolution or linear layer runs forward, its
   parameters are taken out of autograd
   (``requires_grad = False``), so autograd only propagates to the inputs; :meth:`DirectPerSampleGradients.restore` puts them back and
@@ -88,7 +94,7 @@ from torch.utils.data import DataLoader
 
 from common.errors import ConfigError
 
-from .ghost import GhostLinear, ghost_record
+from .ghost import GhostConv, GhostLinear, conv_keeps_output_gradients, ghost_record
 
 __all__ = [
     "SUPPORTED_LAYERS",
@@ -101,6 +107,7 @@ __all__ = [
     "group_norm_grad_sample",
     "linear_grad_sample",
     "make_private_direct",
+    "unfold_columns",
     "unsupported_layers",
 ]
 
@@ -226,6 +233,27 @@ def conv_grad_sample_grouped(
     return result
 
 
+def unfold_columns(layer: Any, x: torch.Tensor) -> torch.Tensor:
+    """A convolution's input unfolded to ``[n, in * prod(kernel), T]`` (``T`` output
+    positions), on Opacus's ``unfold2d``/``unfold3d``."""
+    n = x.shape[0]
+    padding = _conv_padding(layer)
+    if padding is None:
+        raise ConfigError(f"{type(layer).__name__} with non-zero or asymmetric padding is not supported")
+    if _is_pointwise(layer, padding):
+        # a 1x1 convolution (stride 1, no padding): the input is its own unfolding
+        return x.reshape(n, x.shape[1], -1)
+    if x.dim() == 3:  # Conv1d as a 2D convolution of height 1
+        kw: dict[str, Any] = {
+            "kernel_size": (1, *layer.kernel_size), "padding": (0, *padding),
+            "stride": (1, *layer.stride), "dilation": (1, *layer.dilation),
+        }
+        return unfold2d(x.unsqueeze(2), **kw)
+    kw = {"kernel_size": layer.kernel_size, "padding": padding,
+          "stride": layer.stride, "dilation": layer.dilation}
+    return unfold2d(x, **kw) if x.dim() == 4 else unfold3d(x, **kw)
+
+
 def conv_grad_sample_unfold(
     layer: Any, x: torch.Tensor, g: torch.Tensor, out: GradSamples | None = None
 ) -> GradSamples:
@@ -233,23 +261,7 @@ def conv_grad_sample_unfold(
     n = x.shape[0]
     weight = layer.weight
     groups = layer.groups
-    padding = _conv_padding(layer)
-    if padding is None:
-        raise ConfigError(f"{type(layer).__name__} with non-zero or asymmetric padding is not supported")
-    if _is_pointwise(layer, padding):
-        # a 1x1 convolution (stride 1, no padding): the input is its own unfolding
-        cols = x.reshape(n, x.shape[1], -1)
-    elif x.dim() == 3:  # Conv1d as a 2D convolution of height 1
-        x, g = x.unsqueeze(2), g.unsqueeze(2)
-        kw: dict[str, Any] = {
-            "kernel_size": (1, *layer.kernel_size), "padding": (0, *padding),
-            "stride": (1, *layer.stride), "dilation": (1, *layer.dilation),
-        }
-        cols = unfold2d(x, **kw)
-    else:
-        kw = {"kernel_size": layer.kernel_size, "padding": padding,
-              "stride": layer.stride, "dilation": layer.dilation}
-        cols = unfold2d(x, **kw) if x.dim() == 4 else unfold3d(x, **kw)
+    cols = unfold_columns(layer, x)
     positions = cols.shape[-1]
     d = g.reshape(n, groups, -1, positions)  # [n, groups, out/groups, T]
     a = cols.reshape(n, groups, -1, positions)  # [n, groups, in/groups * k, T]
@@ -364,9 +376,12 @@ def group_norm_grad_sample(
     ``dL/dw_c = sum over positions of x_hat * g`` and ``dL/db_c = sum of g``, per sample, with
     ``x_hat`` the normalised input (recomputed without the affine transform).
     """
-    x_hat = F.group_norm(x, layer.num_groups, eps=layer.eps)
+    # x_hat * g in place: one activation-sized temporary, not two (this runs during the
+    # backward pass, when the memory peak is)
+    x_hat_g = F.group_norm(x, layer.num_groups, eps=layer.eps).mul_(g)
     result: GradSamples = {}
-    _channel_sums(x_hat * g, out, layer.weight, result)
+    _channel_sums(x_hat_g, out, layer.weight, result)
+    del x_hat_g
     _channel_sums(g, out, layer.bias, result)
     return result
 
@@ -425,6 +440,13 @@ class DirectPerSampleGradients:
         :class:`~client.training.ghost.GhostLinear` (read by :class:`DirectDPOptimizer`, which
         forms the clipped sums from it), set by :meth:`restore`. A layer whose parameter is
         also another module's (tied by parameter, not by module) is not ghost-clipped.
+    ghost_conv : bool, optional
+        Let each convolution choose, at its first forward pass, to keep its output gradients
+        until the optimiser step (a :class:`~client.training.ghost.GhostConv`, the same
+        ``p.grad_sample`` contract as ``ghost_linear``'s) when they are smaller than its
+        per-sample gradients (small maps, many weights: ResNet's and DenseNet's last stages),
+        instead of its ``[n, *weight.shape]`` columns of the buffer
+        (:func:`~client.training.ghost.conv_keeps_output_gradients`).
 
     Raises
     ------
@@ -438,7 +460,8 @@ class DirectPerSampleGradients:
     and :meth:`close` when training ends.
     """
 
-    def __init__(self, model: nn.Module, loss_reduction: str = "mean", ghost_linear: bool = False) -> None:
+    def __init__(self, model: nn.Module, loss_reduction: str = "mean", ghost_linear: bool = False,
+                 ghost_conv: bool = False) -> None:
         if loss_reduction not in ("mean", "sum"):
             raise ConfigError(f"loss_reduction must be 'mean' or 'sum', not {loss_reduction!r}")
         self._mean = loss_reduction == "mean"
@@ -457,21 +480,28 @@ class DirectPerSampleGradients:
         # samplers, so that DirectDPOptimizer clips them with a handful of whole-buffer
         # operations instead of a few per parameter. Columns: parameter order, each once.
         # id -> (first column, [n, *shape] view strides after the row stride)
-        self._columns: dict[int, tuple[int, torch.Size, tuple[int, ...]]] = {}
+        # Laid out at the first backward pass (:meth:`_layout`), once the first forward pass
+        # has chosen, per convolution, whether it keeps per-sample gradients (columns here)
+        # or its output gradients (a GhostConv, see _conv_hook).
+        self._columns: dict[int, tuple[int, torch.Size, tuple[int, ...]]] | None = None
         self._params: list[nn.Parameter] = []
         self._width = 0
+        self._model_params = [p for p in model.parameters() if p.requires_grad]
         layers = [m for m in model.modules() if type(m) in SUPPORTED_LAYERS
                   and any(p.requires_grad for p in m.parameters(recurse=False))]
-        self._ghost_layers = _ghost_layers(layers) if ghost_linear else set()
-        ghost_params = {id(p) for m in layers if id(m) in self._ghost_layers
-                        for p in m.parameters(recurse=False)}
-        # id(module) -> (module, trainable, [(x [n, T, in], g [n, T, out]) per use]) this pass
+        sole = _sole_owners(layers)
+        self._ghost_layers = {id(m) for m in layers if isinstance(m, _LINEAR_TYPES) and id(m) in sole} \
+            if ghost_linear else set()
+        # id(conv) -> its choice (conv_keeps_output_gradients: "gram", "sample" or None for the
+        # buffer), made at its first forward pass under autograd; absent: not yet seen
+        self._conv_modes: dict[int, str | None] = {}
+        self._conv_candidates = {id(m) for m in layers if isinstance(m, _CONV_TYPES) and id(m) in sole} \
+            if ghost_conv else set()
+        self._layer_params = {id(m): (m, [p for p in m.parameters(recurse=False) if p.requires_grad])
+                              for m in layers}
+        # id(module) -> (module, trainable, [(x, g) per use]) this pass: a linear layer's
+        # [n, T, in] and [n, T, out], a convolution's input and output gradients as they are
         self._ghost_uses: dict[int, tuple[nn.Module, list[nn.Parameter], list[tuple[torch.Tensor, torch.Tensor]]]] = {}
-        for p in model.parameters():  # buffer columns for the others
-            if p.requires_grad and id(p) not in ghost_params and id(p) not in self._columns:
-                self._columns[id(p)] = (self._width, p.shape, _contiguous_strides(p.shape))
-                self._params.append(p)
-                self._width += p.numel()
         self._anchor = torch.zeros((), requires_grad=True)  # gives _Tap's outputs a graph
         self._storage: torch.Tensor | None = None
         self._rows: int | None = None  # this pass's batch size, once a layer has written
@@ -479,13 +509,53 @@ class DirectPerSampleGradients:
             trainable = [p for p in module.parameters(recurse=False) if p.requires_grad]
             if not isinstance(module, nn.GroupNorm):  # GroupNorm's fused backward is cheap
                 self._handles.append(module.register_forward_pre_hook(self._pre_hook(trainable)))
-            hook = (self._ghost_hook(trainable) if id(module) in self._ghost_layers
-                    else self._forward_hook(_sampler(module), trainable))
+            if id(module) in self._ghost_layers:
+                hook = self._ghost_hook(trainable, _rows_of)
+            elif id(module) in self._conv_candidates:
+                hook = self._conv_hook(trainable)
+            else:
+                hook = self._forward_hook(_sampler(module), trainable)
             self._handles.append(module.register_forward_hook(hook))
 
-    def _ghost_hook(self, trainable: list[nn.Parameter]) -> Callable[..., None]:
-        """Forward hook of a ghost-clipped linear layer: keep each use's input and output
-        gradient (per-sample terms) for :meth:`restore`."""
+    def _layout(self) -> None:
+        """Give every parameter that keeps per-sample gradients its buffer columns: all but
+        the ghost-clipped layers' (a convolution not seen before the first backward pass
+        keeps per-sample gradients from then on)."""
+        for module_id in self._conv_candidates:
+            self._conv_modes.setdefault(module_id, None)
+        ghost = {id(p) for module_id, (_, trainable) in self._layer_params.items()
+                 if module_id in self._ghost_layers or self._conv_modes.get(module_id)
+                 for p in trainable}
+        self._columns = {}
+        for p in self._model_params:
+            if id(p) not in ghost and id(p) not in self._columns:
+                self._columns[id(p)] = (self._width, p.shape, _contiguous_strides(p.shape))
+                self._params.append(p)
+                self._width += p.numel()
+
+    def _conv_hook(self, trainable: list[nn.Parameter]) -> Callable[..., None]:
+        """Forward hook of a convolution that may keep its output gradients instead of its
+        per-sample gradients: chosen at its first forward pass under autograd, from its
+        output's shape (:func:`~client.training.ghost.conv_keeps_output_gradients`)."""
+        buffer_hook = self._forward_hook(conv_grad_sample, trainable)
+        ghost_hook = self._ghost_hook(trainable, None)
+
+        def hook(module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+            key = id(module)
+            if key not in self._conv_modes:
+                if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor)):
+                    return None
+                self._conv_modes[key] = (None if self._columns is not None
+                                         else conv_keeps_output_gradients(module, output))
+            return (ghost_hook if self._conv_modes[key] else buffer_hook)(module, inputs, output)
+        return hook
+
+    def _ghost_hook(
+        self, trainable: list[nn.Parameter], reshape: Callable[[torch.Tensor], torch.Tensor] | None,
+    ) -> Callable[..., None]:
+        """Forward hook of a ghost-clipped layer: keep each use's input and output gradient
+        (per-sample terms; ``reshape`` d, a linear layer's to ``[n, T, features]``) for
+        :meth:`restore`."""
 
         def hook(module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
             tapped = self._tapped(output, trainable)
@@ -509,7 +579,7 @@ class DirectPerSampleGradients:
                     )
                 n = x.shape[0]
                 g = grad * n if self._mean else grad
-                use = (_rows_of(x), _rows_of(g))
+                use = (reshape(x), reshape(g)) if reshape is not None else (x, g)
                 self._ghost_uses.setdefault(id(module), (module, trainable, []))[2].append(use)
 
             output.register_hook(backward_hook)
@@ -519,7 +589,15 @@ class DirectPerSampleGradients:
     def _finish_ghosts(self, rows: int | None) -> None:
         """Turn this pass's kept uses into ``p.grad_sample`` squared-norm tensors."""
         while self._ghost_uses:  # each layer's uses dropped once stacked: a lower peak
-            _, (module, trainable, uses) = self._ghost_uses.popitem()
+            key, (module, trainable, uses) = self._ghost_uses.popitem()
+            record: GhostLinear | GhostConv
+            if isinstance(module, _CONV_TYPES):
+                if rows is not None:
+                    uses = [(x[:rows], g[:rows]) for x, g in uses]
+                record = GhostConv(module, uses, cast(tuple[int, ...], _conv_padding(module)),
+                                   cast(str, self._conv_modes[key]), unfold_columns, conv_grad_sample)
+                self._give_norms(record, trainable)
+                continue
             x = uses[0][0] if len(uses) == 1 else torch.cat([u[0] for u in uses], 1)
             g = uses[0][1] if len(uses) == 1 else torch.cat([u[1] for u in uses], 1)
             owned = len(uses) > 1  # stacked: g is a fresh tensor
@@ -527,10 +605,14 @@ class DirectPerSampleGradients:
             if rows is not None:
                 x, g = x[:rows], g[:rows]
             record = GhostLinear(cast(nn.Linear, module), x, g, owned=owned)
-            for p in trainable:
-                sq = record.squared_norms(p).clone()  # its own tensor: Opacus marks it processed
-                sq._ghost_linear = record  # type: ignore[attr-defined]
-                p.grad_sample = sq  # type: ignore[attr-defined]
+            self._give_norms(record, trainable)
+
+    @staticmethod
+    def _give_norms(record: GhostLinear | GhostConv, trainable: list[nn.Parameter]) -> None:
+        for p in trainable:
+            sq = record.squared_norms(p).clone()  # its own tensor: Opacus marks it processed
+            sq._ghost_linear = record  # type: ignore[attr-defined]
+            p.grad_sample = sq  # type: ignore[attr-defined]
 
     def _pre_hook(self, trainable: list[nn.Parameter]) -> Callable[..., None]:
         def hook(_module: nn.Module, inputs: tuple[Any, ...]) -> None:
@@ -614,6 +696,8 @@ class DirectPerSampleGradients:
         fresh = [p for p in trainable if id(p) not in self._written]
         if not fresh:
             return None
+        if self._columns is None:
+            self._layout()
         storage = self._storage
         if self._rows is None:  # the pass's first layer: (re)allocate if too small
             if storage is None or storage.shape[0] < n or storage.dtype != like.dtype \
@@ -627,8 +711,9 @@ class DirectPerSampleGradients:
         views: GradSamples = {}
         row = storage.stride(0)
         origin = storage.storage_offset()
+        columns = cast(dict[int, tuple[int, torch.Size, tuple[int, ...]]], self._columns)
         for p in fresh:  # one as_strided per parameter: [n, *shape] in its columns
-            start, shape, strides = self._columns[id(p)]
+            start, shape, strides = columns[id(p)]
             views[p] = storage.as_strided((n, *shape), (row, *strides), origin + start)
         return views
 
@@ -688,14 +773,14 @@ def _rows_of(t: torch.Tensor) -> torch.Tensor:
     return t.unsqueeze(1) if t.dim() == 2 else t.flatten(1, -2)
 
 
-def _ghost_layers(layers: list[nn.Module]) -> set[int]:
-    """Ids of the linear layers to ghost-clip: those whose parameters no other module owns."""
+def _sole_owners(layers: list[nn.Module]) -> set[int]:
+    """Ids of the layers whose parameters no other module owns (a parameter shared by two
+    modules, tied by parameter rather than by module, keeps per-sample gradients)."""
     owners: dict[int, set[int]] = {}
     for m in layers:
         for p in m.parameters(recurse=False):
             owners.setdefault(id(p), set()).add(id(m))
-    return {id(m) for m in layers if isinstance(m, _LINEAR_TYPES)
-            and all(len(owners[id(p)]) == 1 for p in m.parameters(recurse=False))}
+    return {id(m) for m in layers if all(len(owners[id(p)]) == 1 for p in m.parameters(recurse=False))}
 
 
 def _shared_buffer(params: list[nn.Parameter]) -> torch.Tensor | None:
@@ -783,7 +868,7 @@ class DirectDPOptimizer(DPOptimizer):
         buffer = _shared_buffer(regular)
         flats: list[torch.Tensor] = []
         if buffer is not None:
-            sq += buffer.square().sum(1)
+            sq += torch.linalg.vector_norm(buffer, dim=1).square_()  # no [n, total] temporary
         else:
             flats = [self._get_flat_grad_sample(p).to(p.dtype).reshape(first.shape[0], p.numel()) for p in regular]
             for f in flats:
@@ -893,6 +978,7 @@ def make_private_direct(
     noise_generator: torch.Generator | None,
     loss_reduction: str = "mean",
     ghost_linear: bool = True,
+    ghost_conv: bool = True,
 ) -> tuple[DirectPerSampleGradients, DirectDPOptimizer, DPDataLoader]:
     """Opacus's ``make_private`` (Poisson sampling, flat clipping, averaged gradients) for
     "direct" mode.
@@ -906,7 +992,9 @@ def make_private_direct(
     ``loss_reduction`` is the reduction of the loss the caller back-propagates (see
     :class:`DirectPerSampleGradients`); the optimiser averages over the expected batch size
     either way, as Opacus's does for a mean loss. ``ghost_linear`` (default on) clips the
-    linear layers by ghost norms (see :class:`DirectPerSampleGradients`).
+    linear layers by ghost norms, and ``ghost_conv`` (default on) lets each convolution keep
+    the smaller of its output gradients and its per-sample gradients (see
+    :class:`DirectPerSampleGradients`).
 
     Raises
     ------
@@ -921,7 +1009,8 @@ def make_private_direct(
     if any(id(p) not in module_params for group in optimizer.param_groups for p in group["params"]):
         raise ConfigError("the optimizer's parameters are not the module's parameters")
     ModuleValidator.validate(module, strict=True)
-    per_sample = DirectPerSampleGradients(module, loss_reduction=loss_reduction, ghost_linear=ghost_linear)
+    per_sample = DirectPerSampleGradients(module, loss_reduction=loss_reduction, ghost_linear=ghost_linear,
+                                          ghost_conv=ghost_conv)
     dp_loader = DPDataLoader.from_data_loader(data_loader)
     sample_rate = 1 / len(dp_loader)
     expected_batch_size = int(len(cast(Sized, data_loader.dataset)) * sample_rate)

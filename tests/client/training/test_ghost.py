@@ -1,6 +1,7 @@
-"""Ghost-norm clipping of linear layers in the direct engine equals Opacus's per-sample norms
-and clipped sums (plain, sequence, tied and recurrent layers; padded and empty batches;
-float64), and the models registered for it train like Opacus's modes."""
+"""Ghost-norm clipping of linear layers, and convolutions that keep their output gradients,
+in the direct engine equal Opacus's per-sample norms and clipped sums (plain, sequence, tied
+and recurrent layers; 1D, 2D and 3D convolutions by both norm methods; padded and empty
+batches; float64), and the models registered for it train like Opacus's modes."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from opacus.optimizers import DPOptimizer
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from client.training import ghost
 from client.training.ghost import ghost_record
 from client.training.per_sample import DirectDPOptimizer, DirectPerSampleGradients, unsupported_layers
 from client.training.trainer import train_dp
@@ -41,8 +43,8 @@ def _ghost(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str = "mean
     ``pad`` extra rows (copies of the first sample) are run and trimmed as the trainer does.
     """
     net = copy.deepcopy(model)
-    engine = DirectPerSampleGradients(net, loss_reduction="sum", ghost_linear=True) if pad else \
-        DirectPerSampleGradients(net, loss_reduction=loss, ghost_linear=True)
+    engine = DirectPerSampleGradients(net, loss_reduction="sum" if pad else loss, ghost_linear=True,
+                                      ghost_conv=True)
     n = x.shape[0]
     try:
         if pad:
@@ -54,6 +56,8 @@ def _ghost(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str = "mean
     finally:
         engine.restore(rows=n if pad else None)
         engine.close()
+    _ghost.conv_modes = {name: engine._conv_modes.get(id(m))  # type: ignore[attr-defined]
+                         for name, m in net.named_modules() if id(m) in engine._conv_modes}
     named = [(k, p) for k, p in net.named_parameters() if p.requires_grad]
     norms = {}
     for k, p in named:
@@ -204,3 +208,75 @@ def test_layers_handed_one_gradient_tensor_are_clipped_independently() -> None:
     model = _SharedGradient()
     x, y = torch.randn(6, 5) * 3, torch.randint(0, 2, (6,))
     _assert_equal(_ghost(model, x, y, loss="sum"), _reference(model, x, y, loss="sum"))
+
+
+class _Convs(nn.Module):
+    """Convolutions that keep per-sample gradients (a large map), their output gradients with
+    norms by Gram matrices (small maps, many weights) or by per-sample gradients (a mid-sized
+    map), one of them used twice (tied), a Conv1d, GroupNorm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)  # 10x10: per-sample gradients (buffer)
+        self.mid = nn.Conv2d(8, 16, 3, padding=1, bias=False)  # 5x5: output gradients, "sample"
+        self.norm = nn.GroupNorm(4, 16)
+        self.small = nn.Conv2d(16, 16, 3, padding=1)  # 2x2: "gram"; used twice
+        self.seq = nn.Conv1d(16, 8, 3, padding=1)  # length 4: "gram"
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = nn.functional.max_pool2d(torch.relu(self.stem(x)), 2)
+        h = nn.functional.avg_pool2d(torch.relu(self.norm(self.mid(h))), 2)
+        h = self.small(torch.tanh(self.small(h)))
+        h = torch.tanh(self.seq(h.flatten(2)))
+        return self.head(h.mean(2))
+
+
+@pytest.fixture
+def all_convolutions(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Let convolutions of any size keep their output gradients (the tests' layers are small)."""
+    monkeypatch.setattr(ghost, "CONV_MIN_WEIGHTS", 0)
+
+
+def test_convolutions_keeping_output_gradients_equal_opacus(all_convolutions: None) -> None:
+    torch.manual_seed(7)
+    model = _Convs()
+    x, y = torch.randn(6, 1, 10, 10) * 2, torch.randint(0, 3, (6,))
+    ours, ref = _ghost(model, x, y), _reference(model, x, y)
+    assert _ghost.conv_modes == {"stem": None, "mid": "sample", "small": "gram", "seq": "gram"}  # type: ignore[attr-defined]
+    _assert_equal(ours, ref)
+    assert bool((sum(ref[0].values()).sqrt() > CLIP).any())  # clipping mattered
+
+
+def test_conv3d_and_float64_and_padded_convolutions_equal_opacus(all_convolutions: None) -> None:
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool3d(2),
+                          nn.Conv3d(4, 8, 3, padding=1), nn.Flatten(), nn.Linear(64, 2)).double()
+    x, y = torch.randn(5, 1, 4, 4, 4, dtype=torch.float64), torch.randint(0, 2, (5,))
+    _assert_equal(_ghost(model, x, y, "sum"), _reference(model, x, y, "sum"), rtol=1e-10, atol=1e-12)
+    assert _ghost.conv_modes == {"0": None, "3": "sample"}  # type: ignore[attr-defined]
+    conv = _Convs()
+    x2, y2 = torch.randn(5, 1, 10, 10), torch.randint(0, 3, (5,))
+    _assert_equal(_ghost(conv, x2, y2, pad=3), _reference(conv, x2, y2))
+
+
+@pytest.mark.parametrize("name", ["cnn", "resnet", "densenet"])
+def test_convolutional_models_equal_opacus_with_output_gradients_kept(name: str, all_convolutions: None) -> None:
+    torch.manual_seed(9)
+    model = build_model(name, in_channels=1, num_classes=2, image_size=16)
+    x, y = torch.randn(4, 1, 16, 16), torch.randint(0, 2, (4,))
+    _assert_equal(_ghost(model, x, y), _reference(model, x, y))
+    assert any(_ghost.conv_modes.values())  # type: ignore[attr-defined]  # some keep output gradients
+
+
+def test_small_convolutions_keep_per_sample_gradients_and_large_ones_need_small_maps() -> None:
+    small, large = nn.Conv2d(16, 16, 3), nn.Conv2d(64, 64, 3)  # 2,304 and 36,864 weights
+    assert ghost.conv_keeps_output_gradients(small, torch.zeros(2, 16, 2, 2)) is None
+    assert ghost.conv_keeps_output_gradients(large, torch.zeros(2, 64, 4, 4)) == "gram"
+    assert ghost.conv_keeps_output_gradients(large, torch.zeros(2, 64, 12, 12)) == "sample"
+    assert ghost.conv_keeps_output_gradients(large, torch.zeros(2, 64, 28, 28)) is None  # 50,176 > 36,864
+    torch.manual_seed(10)
+    model = build_model("resnet", in_channels=1, num_classes=2, image_size=28)
+    _ghost(model, torch.randn(2, 1, 28, 28), torch.tensor([0, 1]))
+    kept = {k for k, v in _ghost.conv_modes.items() if v}  # type: ignore[attr-defined]
+    assert kept and all(dict(model.named_modules())[k].weight.numel() >= ghost.CONV_MIN_WEIGHTS for k in kept)
