@@ -53,9 +53,14 @@ class GhostLinear:
         self.x, self.g, self._owned = x, g, owned
         n, steps, width_in = x.shape
         width_out = g.shape[-1]
-        if steps == 1:
-            self.weight_sq = g.square().sum((1, 2)) * x.square().sum((1, 2))
-        elif steps * (width_in + width_out) <= 2 * width_in * width_out:
+        if steps == 1:  # an outer product's norm; its bias's is |g|
+            g_sq = torch.linalg.vector_norm(g.view(n, width_out), dim=1).square_()
+            self.weight_sq = g_sq * torch.linalg.vector_norm(x.view(n, width_in), dim=1).square_()
+            self._g_sum = g.view(n, width_out) if self.bias is not None else None
+            self.bias_sq = g_sq if self.bias is not None else None
+            self._owned = False  # _g_sum is a view of g: the weight's sum must not scale it
+            return
+        if steps * (width_in + width_out) <= 2 * width_in * width_out:
             # up to twice the flops of the product below, for far less memory (T^2 vs in*out)
             self.weight_sq = (torch.bmm(g, g.transpose(1, 2)) * torch.bmm(x, x.transpose(1, 2))).sum((1, 2))
         else:

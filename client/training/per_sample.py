@@ -827,6 +827,99 @@ class DirectDPOptimizer(DPOptimizer):
     """This step's clipped sums as one vector (set by clipping, read by :meth:`add_noise`)."""
     _flat_grad: torch.Tensor | None = None
     """This step's noised gradients as one vector (set by :meth:`add_noise`, scaled once)."""
+    _flats: tuple[torch.Tensor, torch.Tensor] | None = None
+    """The one-pass step's clipped-sum and gradient vectors, kept between steps."""
+    _views: tuple[tuple[int, ...], dict[int, tuple[torch.Tensor, torch.Tensor]]] | None = None
+    """Each parameter's (clipped sum, gradient) views of :attr:`_flats`, for one layout."""
+
+    def pre_step(self, closure: Callable[[], float] | None = None) -> bool | None:
+        """Clip, noise, scale and account in one pass when the per-sample gradients are the
+        engine's (buffer columns and ghost records) and nothing accumulates; else Opacus's
+        sequence (:meth:`clip_and_accumulate`, :meth:`add_noise`, :meth:`scale_grad`)."""
+        done = self._one_pass()
+        return done if done is not None else super().pre_step(closure)
+
+    def _one_pass(self) -> bool | None:
+        """The step of :meth:`pre_step` as one pass over the parameters, or None if it does
+        not apply (skipped or accumulated steps, per-sample gradients of another kind).
+
+        The arithmetic is that of :meth:`clip_and_accumulate`, :meth:`add_noise` and
+        :meth:`scale_grad`, with the noise drawn in place into a vector kept between steps
+        (the same generator call as Opacus's ``_generate_noise``), and each parameter's
+        ``summed_grad`` and ``grad`` views of two such vectors made once per layout: on the
+        small dense models the per-parameter Python and the fresh vectors of the three calls
+        cost more than their arithmetic.
+        """
+        if self._step_skip_queue or self.loss_reduction != "mean" or self.secure_mode:
+            return None
+        params = self.params
+        ghosts: list[nn.Parameter] = []
+        regular: list[nn.Parameter] = []
+        for p in params:
+            gs = getattr(p, "grad_sample", None)
+            if not isinstance(gs, torch.Tensor) or p.summed_grad is not None:  # type: ignore[attr-defined]
+                return None
+            (regular if ghost_record(gs) is None else ghosts).append(p)
+        buffer = _shared_buffer(regular) if regular else None
+        if regular and buffer is None:
+            return None
+        for p in params:  # Opacus's guard against clipping the same samples twice
+            _check_processed_flag(p.grad_sample)  # type: ignore[attr-defined]
+        width = 0 if buffer is None else buffer.shape[1]
+        norms = [p.grad_sample for p in ghosts]  # type: ignore[attr-defined]
+        if buffer is not None:
+            norms.append(torch.linalg.vector_norm(buffer, dim=1).square_())
+        sq = norms[0] if len(norms) == 1 else torch.stack(norms).sum(0)
+        factor = (self.max_grad_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
+        summed, grad, views = self._step_vectors(params, ghosts, buffer, width)
+        if buffer is not None:
+            torch.mv(buffer.t(), factor.to(buffer.dtype), out=summed[:width])
+        for p in ghosts:
+            ghost_record(p.grad_sample).clipped_sum(p, factor, views[id(p)][0])  # type: ignore[attr-defined,union-attr]
+        std = self.noise_multiplier * self.max_grad_norm
+        if std > 0:  # _generate_noise's draw (secure_mode is refused above), in place
+            grad.normal_(0, std, generator=self.generator)
+        else:
+            grad.zero_()
+        grad.add_(summed).div_(self.expected_batch_size)  # one pass: accumulated_iterations 1
+        for p in params:
+            p.summed_grad, p.grad = views[id(p)]  # type: ignore[attr-defined]
+            _mark_as_processed(p.grad_sample)  # type: ignore[attr-defined]
+        if self.step_hook:
+            self.step_hook(self)
+        self._is_last_step_skipped = False
+        return True
+
+    def _step_vectors(
+        self, params: list[nn.Parameter], ghosts: list[nn.Parameter], buffer: torch.Tensor | None,
+        width: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[int, tuple[torch.Tensor, torch.Tensor]]]:
+        """The kept clipped-sum and gradient vectors and each parameter's views of them: the
+        buffer's columns first, in their order, then the ghost parameters'."""
+        origin = 0 if buffer is None else buffer.storage_offset()
+        starts: list[int] = []
+        offset = width
+        ghost_ids = {id(p) for p in ghosts}
+        for p in params:
+            if id(p) in ghost_ids:
+                starts.append(offset)
+                offset += p.numel()
+            else:
+                starts.append(p.grad_sample.storage_offset() - origin)  # type: ignore[attr-defined]
+        like = params[0]
+        flats = self._flats
+        if flats is None or flats[0].numel() != offset or flats[0].dtype != like.dtype \
+                or flats[0].device != like.device:
+            flats = self._flats = (like.new_empty(offset), like.new_empty(offset))
+            self._views = None
+        key = (offset, *starts)
+        if self._views is None or self._views[0] != key:
+            summed, grad = flats
+            self._views = (key, {
+                id(p): (summed[a:a + p.numel()].view(p.shape), grad[a:a + p.numel()].view(p.shape))
+                for p, a in zip(params, starts, strict=True)
+            })
+        return flats[0], flats[1], self._views[1]
 
     def clip_and_accumulate(self) -> None:
         """Clip each sample's gradient to ``max_grad_norm``; sum into ``p.summed_grad``."""

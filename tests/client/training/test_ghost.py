@@ -280,3 +280,45 @@ def test_small_convolutions_keep_per_sample_gradients_and_large_ones_need_small_
     _ghost(model, torch.randn(2, 1, 28, 28), torch.tensor([0, 1]))
     kept = {k for k, v in _ghost.conv_modes.items() if v}  # type: ignore[attr-defined]
     assert kept and all(dict(model.named_modules())[k].weight.numel() >= ghost.CONV_MIN_WEIGHTS for k in kept)
+
+
+def _noisy_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, one_pass: bool, steps: int = 2
+                ) -> list[list[torch.Tensor]]:
+    """``steps`` engine steps with noise; the gradients after each. ``one_pass=False`` runs
+    Opacus's sequence of calls (clip, noise, scale) instead of the one-pass step."""
+    net = copy.deepcopy(model)
+    engine = DirectPerSampleGradients(net, loss_reduction="sum", ghost_linear=True, ghost_conv=True)
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = DirectDPOptimizer(torch.optim.SGD(params, lr=0.1), noise_multiplier=1.3, max_grad_norm=CLIP,
+                            expected_batch_size=4, generator=torch.Generator().manual_seed(11))
+    grads, kept = [], set()
+    for step in range(steps):
+        opt.zero_grad(set_to_none=True)
+        try:
+            nn.functional.cross_entropy(net(x[step:]), y[step:], reduction="sum").backward()
+        finally:
+            engine.restore()
+        if one_pass:
+            assert opt.pre_step() is True
+            kept.add(opt._flats[0].data_ptr())  # type: ignore[index]
+        else:
+            opt.clip_and_accumulate()
+            opt.add_noise()
+            opt.scale_grad()
+        grads.append([p.grad.clone() for p in params])
+    engine.close()
+    assert len(kept) == (1 if one_pass else 0)  # one pair of vectors, reused at every step
+    return grads
+
+
+def test_one_pass_step_equals_opacus_sequence_with_noise(all_convolutions: None) -> None:
+    """Buffer columns, a ghost linear head and convolutions keeping output gradients: the
+    one-pass step gives Opacus's sequence's gradients, the same noise draw included, at every
+    step (its vectors are kept and reused between steps, over batches of different sizes)."""
+    torch.manual_seed(12)
+    model = _Convs()
+    x, y = torch.randn(7, 1, 10, 10), torch.randint(0, 3, (7,))
+    ours, ref = _noisy_step(model, x, y, True), _noisy_step(model, x, y, False)
+    for mine, theirs in zip(ours, ref, strict=True):
+        for a, b in zip(mine, theirs, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
