@@ -28,14 +28,17 @@ What the engine does differently, per layer that owns trainable parameters:
   ``RNNLinear`` cells of ``DPLSTM``/``DPGRU``, their time steps as a tied layer's uses) are
   instead clipped by **ghost norms** (:mod:`client.training.ghost`): per-sample norms from the
   inputs and output gradients, the clipped sum as one weighted matrix product, no
-  ``[n, out, in]`` tensor; the optimiser adds their squared norms to the buffer's. A
+  ``[n, out, in]`` tensor; the optimiser adds their squared norms to the buffer's. Such a
+  layer runs, while the engine trains it, as one autograd function
+  (:class:`_GhostLinearFunction`) that keeps its input and output gradient and returns only
+  the input's gradient, instead of the hooks below (an LSTM cell runs twice per time step). A
   convolution whose output gradients are smaller than its per-sample gradients (a small map
   and many weights) keeps those instead (:class:`~client.training.ghost.GhostConv`: norms by
   Gram matrices or by its per-sample gradients formed and dropped, the clipped sum as one
   weight gradient of the factor-scaled output gradients), so the buffer holds only the
   layers for which it is the smaller record (on 28 x 28 images ResNet's buffer keeps 8,200
   of its 77,450 weights' columns, the CNN's 4,960 of 14,274).
-* **No batch weight gradients**: while a convolution or linear layer runs forward, its
+* **No batch weight gradients**: while a convolution or a (non-ghost) linear layer runs forward, its
   parameters are taken out of autograd
   (``requires_grad = False``), so autograd only propagates to the inputs; :meth:`DirectPerSampleGradients.restore` puts them back and
   the trainer calls it after every backward pass (and on any error). A layer called on the
@@ -72,6 +75,8 @@ names any other module that owns a trainable parameter, and the engine refuses s
 from __future__ import annotations
 
 import time
+import types
+import weakref
 from collections.abc import Callable, Sized
 from typing import Any, cast
 
@@ -505,13 +510,18 @@ class DirectPerSampleGradients:
         self._anchor = torch.zeros((), requires_grad=True)  # gives _Tap's outputs a graph
         self._storage: torch.Tensor | None = None
         self._rows: int | None = None  # this pass's batch size, once a layer has written
+        self._patched: list[nn.Module] = []  # ghost linear layers running _GhostLinearFunction
         for module in layers:
             trainable = [p for p in module.parameters(recurse=False) if p.requires_grad]
+            if id(module) in self._ghost_layers:
+                # no hooks: its forward is one autograd function that keeps (x, g) itself
+                _GHOST_KEEP[module] = self._ghost_keep(module, trainable)
+                module.forward = types.MethodType(_ghost_linear_forward, module)  # type: ignore[method-assign]
+                self._patched.append(module)
+                continue
             if not isinstance(module, nn.GroupNorm):  # GroupNorm's fused backward is cheap
                 self._handles.append(module.register_forward_pre_hook(self._pre_hook(trainable)))
-            if id(module) in self._ghost_layers:
-                hook = self._ghost_hook(trainable, _rows_of)
-            elif id(module) in self._conv_candidates:
+            if id(module) in self._conv_candidates:
                 hook = self._conv_hook(trainable)
             else:
                 hook = self._forward_hook(_sampler(module), trainable)
@@ -538,7 +548,7 @@ class DirectPerSampleGradients:
         per-sample gradients: chosen at its first forward pass under autograd, from its
         output's shape (:func:`~client.training.ghost.conv_keeps_output_gradients`)."""
         buffer_hook = self._forward_hook(conv_grad_sample, trainable)
-        ghost_hook = self._ghost_hook(trainable, None)
+        ghost_hook = self._ghost_hook(trainable)
 
         def hook(module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
             key = id(module)
@@ -550,12 +560,9 @@ class DirectPerSampleGradients:
             return (ghost_hook if self._conv_modes[key] else buffer_hook)(module, inputs, output)
         return hook
 
-    def _ghost_hook(
-        self, trainable: list[nn.Parameter], reshape: Callable[[torch.Tensor], torch.Tensor] | None,
-    ) -> Callable[..., None]:
-        """Forward hook of a ghost-clipped layer: keep each use's input and output gradient
-        (per-sample terms; ``reshape`` d, a linear layer's to ``[n, T, features]``) for
-        :meth:`restore`."""
+    def _ghost_hook(self, trainable: list[nn.Parameter]) -> Callable[..., None]:
+        """Forward hook of a convolution that keeps its output gradients: keep each use's
+        input and output gradient (per-sample terms) for :meth:`restore`."""
 
         def hook(module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
             tapped = self._tapped(output, trainable)
@@ -579,7 +586,7 @@ class DirectPerSampleGradients:
                     )
                 n = x.shape[0]
                 g = grad * n if self._mean else grad
-                use = (reshape(x), reshape(g)) if reshape is not None else (x, g)
+                use = (x, g)
                 self._ghost_uses.setdefault(id(module), (module, trainable, []))[2].append(use)
 
             output.register_hook(backward_hook)
@@ -758,13 +765,73 @@ class DirectPerSampleGradients:
         self._rows = None  # the next pass overwrites the buffer's rows
 
     def close(self) -> None:
-        """Remove the hooks (and restore any parameter still taken out of autograd)."""
+        """Remove the hooks and patched forwards (and restore any parameter still taken out
+        of autograd)."""
         self._ghost_uses.clear()
         self.restore()
         self._storage = None
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        for module in self._patched:
+            _GHOST_KEEP.pop(module, None)
+            module.__dict__.pop("forward", None)
+        self._patched.clear()
+
+    def _ghost_keep(self, module: nn.Module, trainable: list[nn.Parameter]
+                    ) -> Callable[[torch.Tensor, torch.Tensor], None]:
+        """What a ghost linear layer's backward does with one use's input and output
+        gradient: keep them (per-sample terms, ``[n, T, features]``) for :meth:`restore`."""
+
+        def keep(x: torch.Tensor, grad: torch.Tensor) -> None:
+            if any(getattr(p, "grad_sample", None) is not None for p in trainable):
+                raise RuntimeError(
+                    "per-sample gradients of an earlier backward pass were not used: "
+                    "call optimizer.step() and zero_grad() after every backward pass "
+                    "(gradient accumulation is not supported with Poisson sampling)"
+                )
+            g = grad * x.shape[0] if self._mean else grad
+            use = (_rows_of(x.detach()), _rows_of(g.detach()))  # saved x may require a gradient
+            self._ghost_uses.setdefault(id(module), (module, trainable, []))[2].append(use)
+        return keep
+
+
+_GHOST_KEEP: weakref.WeakKeyDictionary[nn.Module, Callable[[torch.Tensor, torch.Tensor], None]] = \
+    weakref.WeakKeyDictionary()
+"""The engine's keep function of each ghost linear layer it trains (a layer not in it, such as
+a deep copy made while training, runs ``F.linear``)."""
+
+
+class _GhostLinearFunction(torch.autograd.Function):
+    """``F.linear`` whose backward hands ``(x, g)`` to the engine and returns the input's
+    gradient only: the batch weight gradient, which DP-SGD would discard, is never formed.
+
+    One autograd node per call in place of the hooks of the other layers (a forward pre-hook
+    that takes the parameters out of autograd, a forward hook, a tensor hook and, on data, a
+    tap): an LSTM cell is called twice per time step, so those were ~60 hook calls a batch.
+    Autograd's saved-tensor check refuses an input modified in place after the call.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                keep: Callable[[torch.Tensor, torch.Tensor], None]) -> torch.Tensor:
+        ctx.keep = keep
+        ctx.save_for_backward(x, weight)
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:
+        x, weight = ctx.saved_tensors
+        ctx.keep(x, grad)
+        return (grad.matmul(weight) if ctx.needs_input_grad[0] else None), None, None, None
+
+
+def _ghost_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """The forward of a ghost linear layer while the engine trains it."""
+    keep = _GHOST_KEEP.get(self)
+    if keep is None or not torch.is_grad_enabled():
+        return F.linear(x, self.weight, self.bias)
+    return cast(torch.Tensor, _GhostLinearFunction.apply(x, self.weight, self.bias, keep))
 
 
 def _rows_of(t: torch.Tensor) -> torch.Tensor:

@@ -322,3 +322,41 @@ def test_one_pass_step_equals_opacus_sequence_with_noise(all_convolutions: None)
     for mine, theirs in zip(ours, ref, strict=True):
         for a, b in zip(mine, theirs, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_ghost_linear_layers_run_one_autograd_function_and_are_given_back_on_close() -> None:
+    torch.manual_seed(13)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2))
+    x, y = torch.randn(3, 4), torch.tensor([0, 1, 1])
+    engine = DirectPerSampleGradients(model, ghost_linear=True)
+    assert "forward" in model[0].__dict__  # patched while training
+    out = model(x)
+    assert type(out.grad_fn).__name__ == "_GhostLinearFunctionBackward"
+    copied = copy.deepcopy(model)  # a copy made while training is not the engine's: plain linear
+    assert copied(x).grad_fn is not None and "Ghost" not in type(copied(x).grad_fn).__name__
+    nn.functional.cross_entropy(out, y).backward()
+    engine.restore()
+    assert all(ghost_record(p.grad_sample) is not None for p in model.parameters())
+    assert all(p.grad is None for p in model.parameters())  # no batch weight gradient formed
+    engine.close()
+    assert "forward" not in model[0].__dict__ and "forward" not in model[2].__dict__
+    torch.testing.assert_close(model(x), copied(x))
+
+
+def test_an_input_changed_in_place_after_a_ghost_linear_layer_is_refused() -> None:
+    class InPlace(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.a(x) * 1.0
+            out = self.b(h)
+            h.mul_(2.0)  # b's kept input changes after b ran
+            return out
+
+    model = InPlace()
+    engine = DirectPerSampleGradients(model, ghost_linear=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        nn.functional.cross_entropy(model(torch.randn(4, 3)), torch.randint(0, 2, (4,))).backward()
+    engine.close()
