@@ -32,8 +32,9 @@ time is the compute cost and is robust to other jobs sharing the cores), with th
 ratio reported beside it (``epoch_wall_ratio``);
 **peak-memory ratio** = median DP / non-DP increase of the process's peak RSS (``VmHWM``,
 reset through ``/proc/self/clear_refs`` before each call) during a call (with
-``--timing-only`` from a second, untimed call per repeat: the reset returns freed memory to
-the OS, and the time to fault it in again is not a cost of training). ``--timing-only``
+``--timing-only`` from a second, untimed call per repeat in a forked child, so that every
+variant starts from the same heap: the reset returns freed memory to the OS, and the time to
+fault it in again is not a cost of training). ``--timing-only``
 skips the federations and measures only these ratios on one site of ``--timing-images``
 images (repeats interleaved, medians, after ``--warmup-epochs`` untimed site-epochs of each
 variant: the steady state of a node that trains round after round in one process, whose
@@ -65,6 +66,7 @@ import ctypes
 import json
 import logging
 import math
+import os
 import platform
 import statistics
 import sys
@@ -152,6 +154,39 @@ def _reset_peak() -> int:
     except OSError:
         pass  # not Linux or not permitted: the peak then covers the whole process life
     return _status_kib("VmRSS")
+
+
+def _peak_of(run: Any) -> float:
+    """Peak RSS increase (MiB) of ``run()``, measured in a forked child where the OS allows.
+
+    Each call then starts from the same heap, the parent's: in one process the allocator's
+    state after one variant (the stock modes allocate several times more) changed what the
+    next one's peak read, by up to 1.5x on the same call. The child inherits the warm caches
+    (oneDNN kernels, the engine's chosen methods), reports its peak through a pipe and exits.
+    """
+    if not hasattr(os, "fork"):
+        rss0 = _reset_peak()
+        run()
+        return max(0, _status_kib("VmHWM") - rss0) / 1024
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: measure, report, leave without running the parent's exit code
+        code = 1
+        try:
+            os.close(read)
+            rss0 = _reset_peak()
+            run()
+            os.write(write, str(max(0, _status_kib("VmHWM") - rss0)).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        reported = pipe.read()
+    _, status = os.waitpid(pid, 0)
+    if status != 0 or not reported:
+        raise RuntimeError(f"the memory-measuring child failed (status {status})")
+    return int(reported) / 1024
 
 
 def _timed_train(
@@ -291,19 +326,20 @@ def _timing(s: Settings, model_name: str, data: TensorDataset, shape: tuple[int,
         except Exception as exc:  # noqa: BLE001  (a mode Opacus cannot handle is reported)
             errors[variant] = f"{type(exc).__name__}: {str(exc)[:160]}"
     variants = [v for v in variants if v not in errors]
+    # Time and memory from separate passes, all timed ones first: resetting the peak counter
+    # hands freed memory back to the OS, and forking a measuring child leaves every page of
+    # this process to be faulted in again at its next write (copy-on-write), either of which
+    # would be timed too (a node's process keeps its heap between epochs).
+    timed: dict[str, list[tuple[float, float]]] = {v: [] for v in variants}
     for _ in range(s.repeats):
-        # time and memory from separate passes: resetting the peak counter hands freed memory
-        # back to the OS, and faulting it in again would be timed too (a node's process keeps
-        # its heap between epochs), so every timed call of a repeat comes before its resets
-        timed: dict[str, tuple[float, float]] = {}
         for variant in variants:
             c0, t0 = time.process_time(), time.perf_counter()
             _run_variant(model, data, variant, kwargs)
-            timed[variant] = (time.perf_counter() - t0, time.process_time() - c0)
+            timed[variant].append((time.perf_counter() - t0, time.process_time() - c0))
+    for k in range(s.repeats):
         for variant in variants:
-            rss0 = _reset_peak()
-            _run_variant(model, data, variant, kwargs)
-            raw[variant].append((*timed[variant], max(0, _status_kib("VmHWM") - rss0) / 1024))
+            peak = _peak_of(lambda: _run_variant(model, data, variant, kwargs))  # noqa: B023
+            raw[variant].append((*timed[variant][k], peak))
     med = {
         v: tuple(statistics.median(x[i] for x in r) for i in range(3))
         for v, r in raw.items() if r

@@ -50,3 +50,24 @@ def test_asking_for_cuda_without_it_is_a_clear_usage_error() -> None:
     done = _run("--timing-only", "--models", "cnn", "--device", "cuda")
     assert done.returncode == 2
     assert "CUDA is not available" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_peak_memory_is_measured_in_a_child_from_the_parents_heap() -> None:
+    """``_peak_of`` reads the peak of what the call allocates, in a forked child: the
+    parent's memory and state are untouched, and a failing call is reported."""
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import architectures  # type: ignore[import-not-found]
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    kept: list[torch.Tensor] = []
+
+    def allocate() -> None:
+        kept.append(torch.ones(64 * 2**20 // 4))  # 64 MiB, touched
+
+    big = architectures._peak_of(allocate)
+    small = architectures._peak_of(lambda: None)
+    assert 56 <= big <= 80 and small < 8
+    assert kept == []  # the child's list, not this one
+    with pytest.raises(RuntimeError, match="child failed"):
+        architectures._peak_of(lambda: 1 / 0)
