@@ -30,7 +30,39 @@ from torch import nn
 __all__ = ["CONV_MIN_WEIGHTS", "GhostConv", "GhostLinear", "conv_keeps_output_gradients", "ghost_record"]
 
 
-class GhostLinear:
+class _GhostRecord:
+    """What the optimiser reads of a ghost-clipped layer: each parameter's ``[n]`` squared
+    per-sample norms and its clipped sum. Subclasses set ``weight_sq``, ``bias_sq`` and
+    ``_g_sum`` (the per-sample bias gradients, ``[n, out]``) and form the weight's sum."""
+
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+    weight_sq: torch.Tensor
+    bias_sq: torch.Tensor | None
+    _g_sum: torch.Tensor | None
+
+    def squared_norms(self, p: nn.Parameter) -> torch.Tensor:
+        """``[n]`` squared per-sample gradient norms of ``p`` (the weight or the bias)."""
+        if p is self.weight:
+            return self.weight_sq
+        if p is self.bias and self.bias_sq is not None:
+            return self.bias_sq
+        raise KeyError("not a parameter of this layer")
+
+    def clipped_sum(self, p: nn.Parameter, factor: torch.Tensor, out: torch.Tensor) -> None:
+        """Write ``sum_i factor_i * (per-sample gradient of p)_i`` into ``out`` (``p``'s shape)."""
+        if p is self.weight:
+            self._weight_sum(factor, out)
+        elif p is self.bias and self._g_sum is not None:
+            torch.mv(self._g_sum.t(), factor.to(self._g_sum.dtype), out=out)
+        else:
+            raise KeyError("not a parameter of this layer")
+
+    def _weight_sum(self, factor: torch.Tensor, out: torch.Tensor) -> None:
+        raise NotImplementedError
+
+
+class GhostLinear(_GhostRecord):
     """One backward pass's inputs and output gradients of a linear layer, for ghost clipping.
 
     Parameters
@@ -68,29 +100,15 @@ class GhostLinear:
         self._g_sum = g.sum(1) if self.bias is not None else None
         self.bias_sq = None if self._g_sum is None else self._g_sum.square().sum(1)
 
-    def squared_norms(self, p: nn.Parameter) -> torch.Tensor:
-        """``[n]`` squared per-sample gradient norms of ``p`` (the weight or the bias)."""
-        if p is self.weight:
-            return self.weight_sq
-        if p is self.bias and self.bias_sq is not None:
-            return self.bias_sq
-        raise KeyError("not a parameter of this layer")
-
-    def clipped_sum(self, p: nn.Parameter, factor: torch.Tensor, out: torch.Tensor) -> None:
-        """Write ``sum_i factor_i * (per-sample gradient of p)_i`` into ``out`` (``p``'s shape)."""
-        if p is self.weight:
-            # in place when g is ours: the record is clipped once (Opacus's processed flag) and
-            # its norms and bias sums were taken at construction, so g is not read again
-            scale = factor.to(self.g.dtype).view(-1, 1, 1)
-            weighted = self.g.mul_(scale) if self._owned else self.g * scale
-            torch.mm(weighted.reshape(-1, self.g.shape[-1]).t(), self.x.reshape(-1, self.x.shape[-1]), out=out)
-        elif p is self.bias and self._g_sum is not None:
-            torch.mv(self._g_sum.t(), factor.to(self._g_sum.dtype), out=out)
-        else:
-            raise KeyError("not a parameter of this layer")
+    def _weight_sum(self, factor: torch.Tensor, out: torch.Tensor) -> None:
+        # in place when g is ours: the record is clipped once (Opacus's processed flag) and
+        # its norms and bias sums were taken at construction, so g is not read again
+        scale = factor.to(self.g.dtype).view(-1, 1, 1)
+        weighted = self.g.mul_(scale) if self._owned else self.g * scale
+        torch.mm(weighted.reshape(-1, self.g.shape[-1]).t(), self.x.reshape(-1, self.x.shape[-1]), out=out)
 
 
-def ghost_record(t: torch.Tensor | None) -> GhostLinear | GhostConv | None:
+def ghost_record(t: torch.Tensor | None) -> _GhostRecord | None:
     """The :class:`GhostLinear` or :class:`GhostConv` behind ``p.grad_sample`` ``t``, or None
     for a real one."""
     return getattr(t, "_ghost_linear", None)
@@ -127,7 +145,7 @@ def conv_keeps_output_gradients(layer: Any, output: torch.Tensor) -> str | None:
     return "gram" if positions * (fan_in + out_channels) <= out_channels * fan_in else "sample"
 
 
-class GhostConv:
+class GhostConv(_GhostRecord):
     """One backward pass's inputs and output gradients of a convolution, for clipping.
 
     The same contract as :class:`GhostLinear` (``squared_norms``, ``clipped_sum``) for a
@@ -187,33 +205,19 @@ class GhostConv:
             del total
         if self.bias is not None:
             sums = [g.reshape(n, g.shape[1], -1).sum(-1) for _, g in uses]
-            self._g_sum: torch.Tensor | None = sums[0] if len(sums) == 1 else torch.stack(sums).sum(0)
-            self.bias_sq: torch.Tensor | None = self._g_sum.square().sum(1)
+            self._g_sum = sums[0] if len(sums) == 1 else torch.stack(sums).sum(0)
+            self.bias_sq = self._g_sum.square().sum(1)
         else:
             self._g_sum = self.bias_sq = None
 
-    def squared_norms(self, p: nn.Parameter) -> torch.Tensor:
-        """``[n]`` squared per-sample gradient norms of ``p`` (the weight or the bias)."""
-        if p is self.weight:
-            return self.weight_sq
-        if p is self.bias and self.bias_sq is not None:
-            return self.bias_sq
-        raise KeyError("not a parameter of this layer")
-
     @torch.no_grad()
-    def clipped_sum(self, p: nn.Parameter, factor: torch.Tensor, out: torch.Tensor) -> None:
-        """Write ``sum_i factor_i * (per-sample gradient of p)_i`` into ``out`` (``p``'s shape)."""
-        if p is self.weight:
-            layer = self._layer
-            out.zero_()
-            for x, g in self.uses:
-                scale = factor.to(g.dtype).view(-1, *([1] * (g.dim() - 1)))
-                _, grad, _ = torch.ops.aten.convolution_backward(
-                    g * scale, x, self.weight, None, layer.stride, self._padding, layer.dilation,
-                    False, [0] * (x.dim() - 2), layer.groups, (False, True, False),
-                )
-                out.add_(grad)
-        elif p is self.bias and self._g_sum is not None:
-            torch.mv(self._g_sum.t(), factor.to(self._g_sum.dtype), out=out)
-        else:
-            raise KeyError("not a parameter of this layer")
+    def _weight_sum(self, factor: torch.Tensor, out: torch.Tensor) -> None:
+        layer = self._layer
+        out.zero_()
+        for x, g in self.uses:
+            scale = factor.to(g.dtype).view(-1, *([1] * (g.dim() - 1)))
+            _, grad, _ = torch.ops.aten.convolution_backward(
+                g * scale, x, self.weight, None, layer.stride, self._padding, layer.dilation,
+                False, [0] * (x.dim() - 2), layer.groups, (False, True, False),
+            )
+            out.add_(grad)

@@ -342,21 +342,3 @@ def test_ghost_linear_layers_run_one_autograd_function_and_are_given_back_on_clo
     assert "forward" not in model[0].__dict__ and "forward" not in model[2].__dict__
     torch.testing.assert_close(model(x), copied(x))
 
-
-def test_an_input_changed_in_place_after_a_ghost_linear_layer_is_refused() -> None:
-    class InPlace(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 2)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            h = self.a(x) * 1.0
-            out = self.b(h)
-            h.mul_(2.0)  # b's kept input changes after b ran
-            return out
-
-    model = InPlace()
-    engine = DirectPerSampleGradients(model, ghost_linear=True)
-    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
-        nn.functional.cross_entropy(model(torch.randn(4, 3)), torch.randint(0, 2, (4,))).backward()
-    engine.close()
