@@ -57,6 +57,10 @@ def _calibration_rows(section: dict[str, Any]) -> list[tuple[str, str]]:
     metrics = section.get("metrics") or {}
     if isinstance(cal, dict) and isinstance(cal.get("before"), dict) and cal.get("after"):
         before, after = cal["before"], cal["after"]
+        fit = cal.get("fit") if isinstance(cal.get("fit"), dict) else {}
+        if fit.get("status") == "failed":  # the map is the identity: say so, not "uncalibrated"
+            return [(name, f"{fmt(after.get(name))} (not recalibrated: the fit failed, "
+                     "see the report)") for name in ("brier", "ece")]
         return [(name, f"{fmt(after.get(name))} (uncalibrated {fmt(before.get(name))})")
                 for name in ("brier", "ece")]
     return [(name, fmt(metrics[name])) for name in ("brier", "ece")

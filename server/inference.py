@@ -344,6 +344,17 @@ def score_calibration(
     return out
 
 
+def _fixed_point_error(res: QueryRound) -> float:
+    """The absolute rounding of each cell of a securely summed round (0 in the clear): every
+    node's value is released in fixed point, to half a unit of its last place."""
+    from server.inference_secure import FIXED_BITS, is_secure
+
+    if not is_secure(res):
+        return 0.0
+    members = len((res.secure or {}).get("members") or []) or 1
+    return members * 2.0 ** -(FIXED_BITS + 1)
+
+
 def _newton_fit(
     grid: Grid,
     node_ids: Sequence[int],
@@ -392,7 +403,8 @@ def _newton_fit(
         noised = noised or any(bool(v.get(k.NOISED, 0)) for v in res.values.values())
         pooled = res.pooled(_GLM_REQUIRED)
         return {"grad": pooled[k.GRAD], "hessian": np.asarray(pooled[k.HESSIAN]).reshape(p, p),
-                "loglik": pooled[k.LOGLIK], "n": int(round(pooled[k.NUM_EXAMPLES]))}
+                "loglik": pooled[k.LOGLIK], "n": int(round(pooled[k.NUM_EXAMPLES])),
+                "sum_error": _fixed_point_error(res)}
 
     out: dict[str, Any] = {"failures": failures}
     while True:

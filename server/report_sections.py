@@ -344,6 +344,10 @@ def calibration_section_html(cal: Mapping[str, Any], img: ImgFn) -> str:
     head = ("<tr><th></th><th>Before recalibration</th><th>After</th></tr>"
             if before is not None else "")
     table = f"<table>{head}{''.join(rows)}</table>" if rows else ""
+    fit = cal.get("fit") if isinstance(cal.get("fit"), Mapping) else {}
+    if fit.get("status") == "failed":
+        table += (f'<p class="note">Recalibration was not fitted ({fmt(fit.get("reason"))}): '
+                  "the probabilities after are the model's own scores.</p>")
     return f"<div>{fig}{table}</div>"
 
 

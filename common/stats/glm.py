@@ -37,6 +37,7 @@ from common.errors import ConfigError, DataError
 from common.stats._checks import alpha_level, as_labels, require_keys
 from common.stats.pooling import sum_stats
 from common.stats.separation import (
+    COMPLETE_LOGLIK,
     DECREMENT_CONVERGED,
     ConstantCovariateError,
     SeparationError,
@@ -171,6 +172,12 @@ def _checked(stats: Mapping[str, Any], p: int) -> tuple[np.ndarray, np.ndarray, 
     return g, h, ll, int(stats["n"])
 
 
+def _resolution(hf: np.ndarray, sum_error: float) -> float:
+    """The largest Newton-step coordinate that a gradient error of ``sum_error`` a component
+    can produce, twice over: ``2 ||H^-1||_inf sum_error``. A step below it is rounding."""
+    return 2.0 * float(np.max(np.sum(np.abs(np.linalg.inv(hf)), axis=1))) * sum_error
+
+
 def _newton(
     stats_fn: StatsFn, beta0: np.ndarray, free: np.ndarray, *, tol: float, max_iter: int,
     max_abs_coef: float | None = None, intercept_index: int | None = None,
@@ -184,7 +191,11 @@ def _newton(
     """
     p = beta0.size
     beta = beta0.copy()
-    g, h, ll, n = _checked(stats_fn(beta), p)
+    stats = stats_fn(beta)
+    g, h, ll, n = _checked(stats, p)
+    # Sums released in fixed point (secure aggregation) are exact only to this much a cell:
+    # no Newton step can be resolved below what that error in the gradient moves it.
+    sum_error = float(stats.get("sum_error", 0.0) or 0.0)
     check_information(h, free, intercept_index, names)
     sep = SeparationMonitor()
     step = np.zeros(free.size)
@@ -200,14 +211,19 @@ def _newton(
                 "column or perfect separation; drop or combine covariates",
                 safe_reason="logistic regression did not converge") from exc
         decrement = float(g[free] @ step)
-        if decrement <= DECREMENT_CONVERGED * max(1.0, abs(ll)):
-            return beta, h, ll, n, it - 1  # ll cannot rise further in double precision
+        if decrement <= DECREMENT_CONVERGED * max(1.0, abs(ll)) or (
+                sum_error > 0 and np.max(np.abs(step)) <= _resolution(hf, sum_error)):
+            # ll cannot rise further in double precision, or the step is within the sums'
+            # rounding; a log-likelihood of ~0 there is complete separation, not a maximum
+            if -ll <= COMPLETE_LOGLIK:
+                raise separation_error(sep, free, ll, it, names)
+            return beta, h, ll, n, it - 1
         full = True
         for _ in range(30):  # step halving keeps the log-likelihood increasing
             cand = beta.copy()
             cand[free] += step
             g2, h2, ll2, n = _checked(stats_fn(cand), p)
-            if ll2 >= ll - 1e-12 * max(1.0, abs(ll)):
+            if ll2 >= ll - max(1e-12 * max(1.0, abs(ll)), 2 * sum_error):
                 break
             step = step / 2
             full = False
@@ -258,7 +274,10 @@ def fit_logistic(
     tol
         Convergence when the largest absolute Newton step is below ``tol`` (or when the
         Newton decrement ``g' H^-1 g`` falls below ``1e-20 max(1, |loglik|)``: the
-        log-likelihood cannot rise further in double precision).
+        log-likelihood cannot rise further in double precision; or, when the statistics
+        carry ``sum_error``, the absolute rounding of every summed cell, as secure
+        aggregation's fixed point has, when the step is within ``2 ||H^-1||_inf sum_error``:
+        the sums cannot resolve it, and ``tol`` may be unreachable).
     max_iter
         Iteration cap; reaching it raises :class:`DataError`.
     alpha

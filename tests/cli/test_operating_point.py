@@ -88,6 +88,25 @@ def test_the_terminal_states_the_operating_point_and_calibration_before_after() 
     assert "Final model: round 1 (best validation AUC)" in text
 
 
+def test_a_recalibration_fit_that_failed_is_stated_in_the_terminal_and_the_report(
+        tmp_path: Path) -> None:
+    from server.report_sections import calibration_section_html
+
+    bins = {"mean_score": [0.2, 0.3], "observed": [0.1, 0.6], "count": [40, 30],
+            "bin_lower": [0.0, 0.25], "bin_upper": [0.25, 0.5], "ece": 0.155, "brier": 0.23}
+    failed = {**SECTION, "calibration": {
+        **bins, "before": bins, "after": bins,
+        "fit": {"status": "failed", "reason": "Newton-Raphson did not converge"},
+        "map": {"method": "none", "intercept": 0.0, "slope": 1.0, "temperature": 1.0}}}
+    with console.capture() as cap:
+        print_inference(failed)
+    text = " ".join(cap.get().split())
+    assert "0.155 (not recalibrated: the fit failed, see the report)" in text
+    assert "uncalibrated" not in text
+    html = calibration_section_html(failed["calibration"], lambda fig, alt: "")
+    assert "Recalibration was not fitted (Newton-Raphson did not converge)" in html
+
+
 # --- end to end: a small simulated federation through the CLI --------------------------------
 
 

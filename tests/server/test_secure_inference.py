@@ -121,6 +121,15 @@ def test_fixed_point_cells_round_trip_exactly() -> None:
     assert decode_fixed(b, 2).tolist() == [-5.5]
 
 
+def test_newton_fits_on_secure_sums_know_their_rounding() -> None:
+    """A securely summed round's cells are exact to half a fixed-point unit per node summed,
+    which the GLM's Newton-Raphson reads as ``sum_error``; a round in the clear is exact."""
+    secure = inference.QueryRound(values={-1: {}}, secure={"covered": True, "members": [21, 22, 23]})
+    assert inference._fixed_point_error(secure) == 3 * 2.0**-33
+    assert inference._fixed_point_error(inference.QueryRound(values={21: {}})) == 0.0
+    assert inference._fixed_point_error(inference.QueryRound(secure={"covered": False})) == 0.0
+
+
 @pytest.mark.parametrize("drop", [{}, {23: "train"}, {24: "unmask"}])
 def test_secure_pooled_metrics_equal_the_plain_path_and_sklearn(
         nodes: dict[int, NodeConfig], drop: dict[int, str]) -> None:

@@ -219,3 +219,56 @@ def test_input_validation() -> None:
     assert math.isnan(
         fit_logistic(lambda b: logistic_node_stats(np.ones((4, 1)), [0, 1, 1, 0], b), 1,
                      intercept_index=None).lr_stat)
+
+
+def _fixed_point_fn(x: np.ndarray, y: np.ndarray, parts: list[np.ndarray], with_error: bool):
+    """Three nodes' statistics each rounded to 2^-32, as secure aggregation releases them,
+    then summed; ``with_error`` also reports that rounding (``sum_error``)."""
+
+    def fn(beta: np.ndarray) -> dict:
+        total: dict = {}
+        for i in parts:
+            node = logistic_node_stats(x[i], y[i], beta)
+            for key in ("grad", "hessian", "loglik"):
+                node[key] = np.round(np.asarray(node[key], dtype=np.float64) * 2**32) / 2**32
+            for key in ("grad", "hessian", "loglik", "n"):
+                total[key] = total.get(key, 0) + np.asarray(node[key])
+        if with_error:
+            total["sum_error"] = len(parts) * 2.0**-33
+        return total
+    return fn
+
+
+def _narrow_scores(noise: float) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """Calibration-like rows: logit(score) within a narrow band, a strong signal (the make
+    demo validation set whose Platt fit stalled at a Newton step of 1.4e-8)."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 234)
+    lg = -1.1 + 0.12 * (2 * y - 1) + rng.normal(0, noise, y.size)
+    return add_intercept(lg[:, None]), y, [np.arange(k, 234, 3) for k in range(3)]
+
+
+def test_fixed_point_sums_converge_to_the_pooled_fit_when_their_rounding_is_given() -> None:
+    x, y, parts = _narrow_scores(0.07)
+    with pytest.raises(DataError, match="did not converge"):  # tol 1e-10 is below the rounding
+        fit_logistic(_fixed_point_fn(x, y, parts, False), 2, intercept_index=None)
+    fit = fit_logistic(_fixed_point_fn(x, y, parts, True), 2, intercept_index=None)
+    ref = sm.Logit(y, x).fit(disp=0, tol=1e-12, maxiter=200)
+    np.testing.assert_allclose(fit.coef, ref.params, rtol=1e-7)
+    np.testing.assert_allclose(fit.se, ref.bse, rtol=1e-5)
+    assert fit.iterations <= 12
+
+
+def test_separation_under_fixed_point_sums_is_still_called_separation() -> None:
+    x, y, parts = _narrow_scores(0.03)  # the classes no longer overlap
+    assert linprog_separates(x, y)
+    with pytest.raises(SeparationError, match="complete separation"):
+        fit_logistic(_fixed_point_fn(x, y, parts, True), 2, intercept_index=None)
+
+
+def linprog_separates(x: np.ndarray, y: np.ndarray) -> bool:
+    """Whether some line separates the classes strictly (a feasibility LP)."""
+    sign = np.where(y == 1, 1.0, -1.0)
+    res = linprog(np.zeros(x.shape[1]), A_ub=-(sign[:, None] * x), b_ub=-np.ones(len(y)),
+                  bounds=[(None, None)] * x.shape[1])
+    return bool(res.status == 0)
