@@ -47,8 +47,10 @@ def test_a_recycled_pid_is_another_process() -> None:
 
 
 def test_the_tree_of_a_real_child_includes_its_children() -> None:
-    code = ("import subprocess, time; p = subprocess.Popen(['sleep', '2']); time.sleep(1.5); "
-            "p.wait()")
+    # some CPU in the child: a bare interpreter start can take under one 10 ms clock tick,
+    # and then the sampled CPU reads 0 (a CI run failed so)
+    code = ("import subprocess, time; p = subprocess.Popen(['sleep', '2']); "
+            "sum(range(3_000_000)); time.sleep(1.5); p.wait()")
     measured = measure_child([sys.executable, "-c", code])
     assert measured["returncode"] == 0
     assert measured["processes_seen"] >= 2
