@@ -124,10 +124,10 @@ def _multiclass_headline(inf: Mapping[str, Any]) -> str | None:
     ci = (f" (95% CI {fmt(macro.get('lower'), 3)}&ndash;{fmt(macro.get('upper'), 3)})"
           if macro.get("lower") is not None else "")
     extra = []
-    for key, label in (("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy")):
+    for key, name in (("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy")):
         est = section.get(key)
         if _is_estimate(est) and _num(est.get("value")) is not None:
-            extra.append(f"{label} {fmt(est.get('value'), 3)}")
+            extra.append(f"{name} {fmt(est.get('value'), 3)}")
     return (f'<p class="headline">Pooled test macro one-vs-rest AUC: '
             f'<strong>{fmt(macro.get("value"), 3)}</strong>{ci}'
             + (f" on {fmt(n)} test patients" if n else "")
