@@ -617,7 +617,11 @@ class DirectPerSampleGradients:
     @staticmethod
     def _give_norms(record: GhostLinear | GhostConv, trainable: list[nn.Parameter]) -> None:
         for p in trainable:
-            sq = record.squared_norms(p).clone()  # its own tensor: Opacus marks it processed
+            # its own tensor (Opacus marks it processed), and a plain one: MONAI's MetaTensor
+            # (a volume's type) copies a tensor's Python attributes onto everything computed
+            # from it, so on a MetaTensor the record would reach the clipping factors and
+            # other parameters' norms
+            sq = record.squared_norms(p).as_subclass(torch.Tensor).clone()
             sq._ghost_linear = record  # type: ignore[attr-defined]
             p.grad_sample = sq  # type: ignore[attr-defined]
 
@@ -710,7 +714,9 @@ class DirectPerSampleGradients:
             if storage is None or storage.shape[0] < n or storage.dtype != like.dtype \
                     or storage.device != like.device:
                 # Poisson batch sizes vary around their mean: leave room for larger ones
-                storage = self._storage = like.new_empty((n + n // 4 + 1, self._width))
+                # a plain tensor even when the data are MetaTensors (see _give_norms)
+                storage = self._storage = torch.empty((n + n // 4 + 1, self._width),
+                                                      dtype=like.dtype, device=like.device)
                 storage._direct_engine_buffer = True  # type: ignore[attr-defined]  # see _shared_buffer
             self._rows = n
         elif storage is None or self._rows != n or storage.dtype != like.dtype or storage.device != like.device:

@@ -342,3 +342,27 @@ def test_ghost_linear_layers_run_one_autograd_function_and_are_given_back_on_clo
     assert "forward" not in model[0].__dict__ and "forward" not in model[2].__dict__
     torch.testing.assert_close(model(x), copied(x))
 
+
+
+def test_norms_and_buffer_are_plain_tensors_when_the_data_are_monai_metatensors(
+        all_convolutions: None) -> None:
+    """MONAI's MetaTensor (a volume's type) copies a tensor's Python attributes onto what is
+    computed from it: the records must sit on plain tensors, or one layer's record reaches
+    the clipping factors and other parameters (a 3D CNN's step failed so). The step equals
+    the step on plain data."""
+    from monai.data import MetaTensor
+
+    torch.manual_seed(14)
+    model = nn.Sequential(nn.Conv3d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool3d(2),
+                          nn.Conv3d(8, 16, 3, padding=1), nn.Flatten(), nn.Linear(128, 3))
+    x, y = torch.randn(7, 1, 4, 4, 4), torch.randint(0, 3, (7,))
+    engine = DirectPerSampleGradients(model, loss_reduction="sum", ghost_linear=True, ghost_conv=True)
+    nn.functional.cross_entropy(model(MetaTensor(x)), y, reduction="sum").backward()
+    engine.restore()
+    assert engine._conv_modes[id(model[3])] == "gram"  # its norms are computed from the data
+    assert all(type(p.grad_sample) is torch.Tensor for p in model.parameters())
+    engine.close()
+    plain, meta = (_noisy_step(model, data, y, True) for data in (x, MetaTensor(x)))
+    for mine, theirs in zip(meta, plain, strict=True):
+        for a, b in zip(mine, theirs, strict=True):
+            torch.testing.assert_close(a.as_subclass(torch.Tensor), b, rtol=1e-5, atol=1e-6)
