@@ -77,7 +77,7 @@ from __future__ import annotations
 import time
 import types
 import weakref
-from collections.abc import Callable, Sized
+from collections.abc import Callable, Mapping, Sized
 from typing import Any, cast
 
 import torch
@@ -511,8 +511,7 @@ class DirectPerSampleGradients:
         self._storage: torch.Tensor | None = None
         self._rows: int | None = None  # this pass's batch size, once a layer has written
         self._patched: list[nn.Module] = []  # ghost linear layers running _GhostLinearFunction
-        for module in layers:
-            trainable = [p for p in module.parameters(recurse=False) if p.requires_grad]
+        for module, trainable in self._layer_params.values():
             if id(module) in self._ghost_layers:
                 # no hooks: its forward is one autograd function that keeps (x, g) itself
                 _GHOST_KEEP[module] = self._ghost_keep(module, trainable)
@@ -923,9 +922,9 @@ class DirectDPOptimizer(DPOptimizer):
         small dense models the per-parameter Python and the fresh vectors of the three calls
         cost more than their arithmetic.
         """
-        if self._step_skip_queue or self.loss_reduction != "mean" or self.secure_mode:
-            return None
         params = self.params
+        if self._step_skip_queue or self.loss_reduction != "mean" or self.secure_mode or not params:
+            return None
         ghosts: list[nn.Parameter] = []
         regular: list[nn.Parameter] = []
         for p in params:
@@ -939,16 +938,8 @@ class DirectDPOptimizer(DPOptimizer):
         for p in params:  # Opacus's guard against clipping the same samples twice
             _check_processed_flag(p.grad_sample)  # type: ignore[attr-defined]
         width = 0 if buffer is None else buffer.shape[1]
-        norms = [p.grad_sample for p in ghosts]  # type: ignore[attr-defined]
-        if buffer is not None:
-            norms.append(torch.linalg.vector_norm(buffer, dim=1).square_())
-        sq = norms[0] if len(norms) == 1 else torch.stack(norms).sum(0)
-        factor = (self.max_grad_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
         summed, grad, views = self._step_vectors(params, ghosts, buffer, width)
-        if buffer is not None:
-            torch.mv(buffer.t(), factor.to(buffer.dtype), out=summed[:width])
-        for p in ghosts:
-            ghost_record(p.grad_sample).clipped_sum(p, factor, views[id(p)][0])  # type: ignore[attr-defined,union-attr]
+        self._clip_into(buffer, [], ghosts, summed, {id(p): views[id(p)][0] for p in ghosts})
         std = self.noise_multiplier * self.max_grad_norm
         if std > 0:  # _generate_noise's draw (secure_mode is refused above), in place
             grad.normal_(0, std, generator=self.generator)
@@ -1020,65 +1011,70 @@ class DirectDPOptimizer(DPOptimizer):
             _mark_as_processed(p.grad_sample)  # type: ignore[attr-defined]
 
     def _clip_with_ghosts(self, params: list[nn.Parameter]) -> None:
-        """The same clipping when some parameters are ghost-clipped linear layers'.
-
-        The squared per-sample norms add up over the engine's buffer (or the other
-        parameters' per-sample gradients) and the ghost layers' records; the clipped sums go
-        into one vector, the buffer's part as one product, each ghost parameter's as one
-        factor-weighted matrix product (:meth:`~client.training.ghost.GhostLinear.clipped_sum`).
-        """
+        """The same clipping when some parameters are ghost-clipped layers'
+        (:meth:`_clip_into`), into one fresh vector: the buffer's columns, in their order (or
+        the other parameters' per-sample gradients), then the ghost parameters'."""
         ghosts = [p for p in params if ghost_record(p.grad_sample) is not None]  # type: ignore[attr-defined]
         regular = [p for p in params if ghost_record(p.grad_sample) is None]  # type: ignore[attr-defined]
         first = ghosts[0].grad_sample  # type: ignore[attr-defined]
-        sq = torch.zeros_like(first)
         buffer = _shared_buffer(regular)
-        flats: list[torch.Tensor] = []
-        if buffer is not None:
-            sq += torch.linalg.vector_norm(buffer, dim=1).square_()  # no [n, total] temporary
-        else:
-            flats = [self._get_flat_grad_sample(p).to(p.dtype).reshape(first.shape[0], p.numel()) for p in regular]
-            for f in flats:
-                sq += f.square().sum(1).to(sq.dtype)
-        for p in ghosts:
-            sq += p.grad_sample  # type: ignore[attr-defined]
-        factor = (self.max_grad_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
         summed = first.new_empty(sum(p.numel() for p in params))
         fresh = all(p.summed_grad is None for p in params)  # type: ignore[attr-defined]
         views: dict[int, torch.Tensor] = {}
+        flats: list[tuple[torch.Tensor, torch.Tensor]] = []
         offset = 0
-        if buffer is not None:  # the buffer's columns, in their order, then the ghosts'
-            width = buffer.shape[1]
-            torch.mv(buffer.t(), factor.to(buffer.dtype), out=summed[:width])
+        if buffer is not None:
             origin = buffer.storage_offset()
             for p in regular:
                 start = p.grad_sample.storage_offset() - origin  # type: ignore[attr-defined]
                 views[id(p)] = summed[start:start + p.numel()].view(p.shape)
-            offset = width
+            offset = buffer.shape[1]
         else:
-            for p, f in zip(regular, flats, strict=True):
+            for p in regular:
                 view = summed[offset:offset + p.numel()]
-                torch.mv(f.t(), factor.to(f.dtype), out=view)
+                flat = self._get_flat_grad_sample(p).to(p.dtype).reshape(first.shape[0], p.numel())
+                flats.append((flat, view))
                 views[id(p)] = view.view(p.shape)
                 offset += p.numel()
         for p in ghosts:
-            view = summed[offset:offset + p.numel()].view(p.shape)
-            ghost_record(p.grad_sample).clipped_sum(p, factor, view)  # type: ignore[attr-defined,union-attr]
-            views[id(p)] = view
+            views[id(p)] = summed[offset:offset + p.numel()].view(p.shape)
             offset += p.numel()
+        self._clip_into(buffer, flats, ghosts, summed, views)
         for p in params:
             grad = views[id(p)]
             p.summed_grad = grad if p.summed_grad is None else p.summed_grad + grad  # type: ignore[attr-defined]
             _mark_as_processed(p.grad_sample)  # type: ignore[attr-defined]
         self._flat_summed = summed if fresh else None
 
+    def _clip_into(
+        self, buffer: torch.Tensor | None, flats: list[tuple[torch.Tensor, torch.Tensor]],
+        ghosts: list[nn.Parameter], summed: torch.Tensor, ghost_out: Mapping[int, torch.Tensor],
+    ) -> None:
+        """Flat clipping of one pass's per-sample gradients, written where the caller says.
+
+        Each sample's squared norm adds up the rows of the engine's ``buffer``, of ``flats``
+        (``(per-sample gradients [n, numel], destination of their clipped sum)``) and the
+        ghost records' squared norms; its factor is ``min(1, C / (norm + 1e-6))``. The
+        buffer's clipped sum (one product) goes to ``summed[:width]``, each ghost parameter's
+        to ``ghost_out[id(p)]``.
+        """
+        norms = [p.grad_sample for p in ghosts]  # type: ignore[attr-defined]
+        if buffer is not None:
+            norms.append(torch.linalg.vector_norm(buffer, dim=1).square_())  # no [n, total] temporary
+        norms += [f.square().sum(1) for f, _ in flats]
+        sq = norms[0] if len(norms) == 1 else torch.stack([t.to(norms[0].dtype) for t in norms]).sum(0)
+        factor = (self.max_grad_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
+        if buffer is not None:
+            torch.mv(buffer.t(), factor.to(buffer.dtype), out=summed[:buffer.shape[1]])
+        for f, out in flats:
+            torch.mv(f.t(), factor.to(f.dtype), out=out)
+        for p in ghosts:
+            ghost_record(p.grad_sample).clipped_sum(p, factor, ghost_out[id(p)])  # type: ignore[attr-defined,union-attr]
+
     def _clip_buffer(self, params: list[nn.Parameter], buffer: torch.Tensor) -> None:
         """The same clipping on the engine's ``[n, total]`` buffer: one norm, one product."""
-        if buffer.shape[0] == 0:
-            summed = buffer.new_zeros(buffer.shape[1])
-        else:
-            norms = buffer.norm(2, dim=1)
-            factor = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
-            summed = factor @ buffer
+        summed = buffer.new_empty(buffer.shape[1])
+        self._clip_into(buffer, [], [], summed, {})
         origin = buffer.storage_offset()
         fresh = all(p.summed_grad is None for p in params)  # type: ignore[attr-defined]
         for p in params:
