@@ -126,6 +126,10 @@ class Settings:
     warmup_epochs: int = 3
     device: str = ""
     """``cpu`` or ``cuda[:N]``; empty: the trainer's default (CUDA when available)."""
+    physical_batch_sizes: list[int] = field(default_factory=list)
+    """``--timing-only``: also time the direct mode with each Poisson batch run in parts of
+    at most this many samples (variants ``dp-direct/parts<N>``; ``train_dp``'s
+    ``physical_batch_size``)."""
 
 
 try:
@@ -313,6 +317,8 @@ def _timing(s: Settings, model_name: str, data: TensorDataset, shape: tuple[int,
              if not has_dp_loss or m in ("hooks", "functorch", "direct") or (m == "ghost" and per_sample)]
     kwargs = _train_kwargs(s, model_name) | {"epochs": 1, "seed": s.seed}
     variants = ["non-dp"] + [f"dp-{m}" for m in modes]
+    if "direct" in modes and not has_dp_loss:  # parts are for the cross-entropy path
+        variants += [f"dp-direct/parts{p}" for p in s.physical_batch_sizes]
     raw: dict[str, list[tuple[float, float, float]]] = {v: [] for v in variants}
     errors: dict[str, str] = {}
     warmup_cpu: dict[str, float] = {}
@@ -379,8 +385,9 @@ def _run_variant(model: torch.nn.Module, data: TensorDataset, variant: str, kwar
     if variant == "non-dp":
         train_dp(model, data, **kwargs, private=False, noise_multiplier=0.0)
     else:
-        train_dp(model, data, **kwargs, noise_multiplier=1.0,
-                 grad_sample_mode=variant.removeprefix("dp-"))
+        mode, _, parts = variant.removeprefix("dp-").partition("/parts")
+        train_dp(model, data, **kwargs, noise_multiplier=1.0, grad_sample_mode=mode,
+                 physical_batch_size=int(parts) if parts else None)
 
 
 def run(s: Settings, log: Any = None) -> dict[str, Any]:
@@ -507,6 +514,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="--timing-only: untimed site-epochs per variant before the timed "
                         "repeats (kernels are built per batch shape; Poisson batches vary)")
     parser.add_argument("--device", default="", help="cpu or cuda[:N] (default: CUDA when available)")
+    parser.add_argument("--physical-batch-sizes", default="",
+                        help="--timing-only: also time direct DP with Poisson batches run in parts "
+                        "of at most N samples (comma-separated Ns)")
     parser.add_argument("--quick", action="store_true", help="cnn+mlp, PneumoniaMNIST IID, 2 rounds, 600 images")
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     args = parser.parse_args(argv)
@@ -522,6 +532,7 @@ def main(argv: list[str] | None = None) -> int:
         timing_only=args.timing_only, modes=_list(args.modes),
         timing_images=args.timing_images, repeats=args.repeats, device=args.device,
         warmup_epochs=args.warmup_epochs,
+        physical_batch_sizes=[int(p) for p in _list(args.physical_batch_sizes)],
     )
     if args.quick:
         s.models = _list(args.models) or ["cnn", "mlp"]

@@ -58,6 +58,11 @@ _ON_REFUSAL = typer.Option("exclude", "--on-refusal", click_type=click.Choice(["
                            help="When a node refuses the plan (its budget): 'exclude' it from the rest of the run, or 'stop' the run.")
 _LEDGER_DIR = typer.Option(None, "--ledger-dir", callback=resolved,
                            help="Simulation: folder of the simulated hospitals' privacy ledgers, one sub-folder per site (default: 'ledgers' beside --data-root). A dataset's budget lives there across runs.")
+_PHYSICAL_BATCH = typer.Option(
+    0, "--physical-batch-size", min=0,
+    help="Simulation: each simulated hospital's largest forward/backward pass in DP training, "
+    "in samples (0 = a whole Poisson batch). Bounds the memory of large batches; the step and "
+    "its ε are the same.")
 _INSECURE = typer.Option(False, "--insecure", help="Plain-text connection (loopback tests only).")
 _ROOT_CERTIFICATES = typer.Option(None, "--root-certificates",
                                   callback=existing_file("--root-certificates"),
@@ -194,8 +199,8 @@ def default_ledger_root(data_root: Path) -> Path:
 
 
 def simulated_hospitals(data_root: Path, *, epsilon_cap: float, allow_non_private: bool,
-                        min_release_count: int, ledger_root: Path | None = None
-                        ) -> list[NodeConfig]:
+                        min_release_count: int, ledger_root: Path | None = None,
+                        physical_batch_size: int = 0) -> list[NodeConfig]:
     """One NodeConfig per ``site-*`` folder: a simulated hospital on this machine.
 
     Simulated hospitals may release score histograms (for the pooled AUC); each keeps its
@@ -205,7 +210,8 @@ def simulated_hospitals(data_root: Path, *, epsilon_cap: float, allow_non_privat
     return [
         NodeConfig(data_dir=d, epsilon_cap=epsilon_cap, site_name=d.name,
                    allow_non_private=allow_non_private, release_histograms=True,
-                   ledger_dir=ledgers / d.name, min_release_count=min_release_count)
+                   ledger_dir=ledgers / d.name, min_release_count=min_release_count,
+                   physical_batch_size=physical_batch_size)
         for d in site_dirs(data_root)
     ]
 
@@ -246,12 +252,13 @@ def announce_ledgers(ledger_root: Path) -> None:
 def simulate(config: RunConfig, data_root: Path, *, epsilon_cap: float, allow_non_private: bool,
              verbose: bool, ledger_root: Path | None = None,
              min_release_count: int = 10, show_progress: bool = True,
-             engine: str | None = None) -> dict[str, object]:
+             engine: str | None = None, physical_batch_size: int = 0) -> dict[str, object]:
     """Run a simulated federation over the ``site-*`` folders of ``data_root``."""
     ledgers = ledger_root if ledger_root is not None else default_ledger_root(data_root)
     nodes = simulated_hospitals(data_root, epsilon_cap=epsilon_cap,
                                 allow_non_private=allow_non_private,
-                                min_release_count=min_release_count, ledger_root=ledgers)
+                                min_release_count=min_release_count, ledger_root=ledgers,
+                                physical_batch_size=physical_batch_size)
     check_simulation(nodes, config)
     elm = get_spec(config.plan.model).family == "elm"  # one closed-form readout round
     total = 1 if elm else config.plan.num_rounds
@@ -391,6 +398,7 @@ def run(
     output_format: str = _OUTPUT_FORMAT,
     verbose: bool = _VERBOSE,
     engine: str = _ENGINE,
+    physical_batch_size: int = _PHYSICAL_BATCH,
 ) -> None:
     """Start a federated run: simulated on this machine, or on a SuperLink."""
     setup_logging(verbose)
@@ -421,7 +429,7 @@ def run(
         doc = simulate(config, data_root, epsilon_cap=epsilon_cap, allow_non_private=non_private,
                        verbose=verbose, min_release_count=min_release_count,
                        ledger_root=ledger_dir, show_progress=output_format != "json",
-                       engine=engine)
+                       engine=engine, physical_batch_size=physical_batch_size)
     else:
         doc = run_on_superlink(config, superlink, insecure=insecure,
                                root_certificates=root_certificates, flwr_home=flwr_home,
@@ -551,7 +559,8 @@ def print_cv_report(doc: Mapping[str, Any]) -> None:
 def simulate_cv(config: RunConfig, data_root: Path, *, folds: int, leave_one_site_out: bool,
                 epsilon_cap: float, allow_non_private: bool, verbose: bool,
                 min_release_count: int = 10, ledger_root: Path | None = None,
-                show_progress: bool = True, engine: str | None = None) -> dict[str, object]:
+                show_progress: bool = True, engine: str | None = None,
+                physical_batch_size: int = 0) -> dict[str, object]:
     """Cross-validate over the ``site-*`` folders of ``data_root`` in a simulation."""
     from server.cv import CVSpec, FoldEvent, simulate_cross_validation
 
@@ -559,7 +568,8 @@ def simulate_cv(config: RunConfig, data_root: Path, *, folds: int, leave_one_sit
     ledgers = ledger_root if ledger_root is not None else default_ledger_root(data_root)
     nodes = simulated_hospitals(data_root, epsilon_cap=epsilon_cap,
                                 allow_non_private=allow_non_private,
-                                min_release_count=min_release_count, ledger_root=ledgers)
+                                min_release_count=min_release_count, ledger_root=ledgers,
+                                physical_batch_size=physical_batch_size)
     check_simulation(nodes, config, folds=0 if leave_one_site_out else folds)
     num_folds = len(nodes) if leave_one_site_out else folds
     rounds = config.plan.num_rounds
@@ -619,6 +629,7 @@ def cv(
     output_format: str = _OUTPUT_FORMAT,
     verbose: bool = _VERBOSE,
     engine: str = _ENGINE,
+    physical_batch_size: int = _PHYSICAL_BATCH,
 ) -> None:
     """Federated cross-validation: k-fold (--folds K) or leave-one-site-out; a fresh model per fold."""
     setup_logging(verbose)
@@ -642,7 +653,8 @@ def cv(
         doc = simulate_cv(config, data_root, folds=folds, leave_one_site_out=leave_one_site_out,
                           epsilon_cap=epsilon_cap, allow_non_private=non_private, verbose=verbose,
                           min_release_count=min_release_count, ledger_root=ledger_dir,
-                          show_progress=output_format != "json", engine=engine)
+                          show_progress=output_format != "json", engine=engine,
+                          physical_batch_size=physical_batch_size)
     else:
         from server.cv import CVSpec
 

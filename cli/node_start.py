@@ -181,6 +181,11 @@ def start(
     tabular: Path | None = typer.Option(
         None, "--tabular", help="CSV of clinical covariates for federated regression queries."
     ),
+    physical_batch_size: int = typer.Option(
+        0, "--physical-batch-size", min=0,
+        help="Largest forward/backward pass of DP training, in samples (0 = a whole Poisson "
+        "batch). Bounds the memory a large batch takes (a GPU's, with large images); the step "
+        "and its ε are the same."),
     max_attempts: int = typer.Option(
         0, "--max-attempts", min=0,
         help="Give up after this many failed attempts to reach the coordinator (0 = never).",
@@ -230,6 +235,8 @@ def start(
         k.NODE_MIN_RELEASE_COUNT: int(min_release_count),
         k.NODE_STATS_NOISE: float(stats_noise),
     }
+    if physical_batch_size:
+        node_config[k.NODE_PHYSICAL_BATCH] = int(physical_batch_size)
     if ledger_dir is not None:
         node_config[k.NODE_LEDGER_DIR] = str(ledger_dir.expanduser().resolve())
     if tabular_file is not None:

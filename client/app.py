@@ -430,6 +430,7 @@ def handle_train(msg: Message, context: Context, node: NodeConfig) -> Message:
         device=device,
         # DP noise must not be predictable by the coordinator: never seed it from the plan.
         seed=None if plan.private else plan.seed * 1000 + server_round,
+        physical_batch_size=node.physical_batch_size or None,
         **training.losses,
     )
     if plan.private and budget is not None:  # the ledger holds this round's spend already

@@ -432,6 +432,11 @@ class NodeConfig:
     tabular_path : Path or None
         Optional CSV of the hospital's clinical covariates (one row per patient) for
         federated regression queries; ``None`` when the node serves images only.
+    physical_batch_size : int
+        Largest number of samples one forward and backward pass of DP training holds (0: a
+        whole Poisson batch at once). A Poisson batch exceeds the plan's batch size by a few
+        standard deviations; this bounds the memory of its activations (a GPU's, for
+        large images), at some cost in time. The step, its clipping, noise and ε are the same.
     """
 
     data_dir: Path
@@ -447,6 +452,7 @@ class NodeConfig:
     min_release_count: int = 10
     stats_noise_multiplier: float = 0.0
     tabular_path: Path | None = None
+    physical_batch_size: int = 0
 
     def __post_init__(self) -> None:
         if not self.epsilon_cap > 0:
@@ -461,6 +467,8 @@ class NodeConfig:
             raise ConfigError("min-release-count must be >= 0")
         if not (math.isfinite(self.stats_noise_multiplier) and self.stats_noise_multiplier >= 0):
             raise ConfigError("stats-noise-multiplier must be a finite number >= 0")
+        if self.physical_batch_size < 0:
+            raise ConfigError("physical-batch-size must be >= 0 (0 = a whole batch at once)")
 
     @property
     def ledger_path(self) -> Path:
@@ -506,4 +514,5 @@ class NodeConfig:
                 if k.NODE_TABULAR_PATH in values
                 else None
             ),
+            physical_batch_size=_get(values, k.NODE_PHYSICAL_BATCH, 0, int),
         )

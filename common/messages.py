@@ -111,6 +111,7 @@ NODE_LEDGER_DIR: Final = "ledger-dir"
 NODE_MIN_RELEASE_COUNT: Final = "min-release-count"
 NODE_STATS_NOISE: Final = "stats-noise-multiplier"
 NODE_TABULAR_PATH: Final = "tabular-path"
+NODE_PHYSICAL_BATCH: Final = "physical-batch-size"
 PARTITION_ID: Final = "partition-id"  # set by Flower's simulation runtime
 
 # --- Cross-validation (server/cv.py, client/data/folds.py) -------------------------------------

@@ -22,12 +22,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
-__all__ = ["CONV_MIN_WEIGHTS", "GhostConv", "GhostLinear", "conv_keeps_output_gradients", "ghost_record"]
+__all__ = [
+    "CONV_MIN_WEIGHTS", "GhostConv", "GhostLinear", "GhostRows", "conv_keeps_output_gradients",
+    "ghost_record",
+]
 
 
 class _GhostRecord:
@@ -106,6 +109,36 @@ class GhostLinear(_GhostRecord):
         scale = factor.to(self.g.dtype).view(-1, 1, 1)
         weighted = self.g.mul_(scale) if self._owned else self.g * scale
         torch.mm(weighted.reshape(-1, self.g.shape[-1]).t(), self.x.reshape(-1, self.x.shape[-1]), out=out)
+
+
+class GhostRows(_GhostRecord):
+    """One layer's records of a step run as several physical batches (consecutive rows of
+    the step's samples): their norms stacked, their clipped sums added, each record with its
+    own rows' factors.
+
+    Parameters
+    ----------
+    records : list of records
+        One per physical batch, in row order, all of the same layer.
+    """
+
+    def __init__(self, records: list[_GhostRecord]) -> None:
+        first = records[0]
+        self.weight, self.bias, self._records = first.weight, first.bias, records
+        self.weight_sq = torch.cat([r.weight_sq for r in records])
+        self.bias_sq = None if first.bias_sq is None else torch.cat(
+            [cast(torch.Tensor, r.bias_sq) for r in records])
+        self._g_sum = None  # the bias's sum is the records' too (clipped_sum below)
+
+    def clipped_sum(self, p: nn.Parameter, factor: torch.Tensor, out: torch.Tensor) -> None:
+        part = torch.empty_like(out)
+        start = 0
+        for k, record in enumerate(self._records):
+            rows = record.weight_sq.shape[0]
+            record.clipped_sum(p, factor[start:start + rows], out if k == 0 else part)
+            if k:
+                out.add_(part)
+            start += rows
 
 
 def ghost_record(t: torch.Tensor | None) -> _GhostRecord | None:

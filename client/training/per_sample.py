@@ -99,7 +99,7 @@ from torch.utils.data import DataLoader
 
 from common.errors import ConfigError
 
-from .ghost import GhostConv, GhostLinear, conv_keeps_output_gradients, ghost_record
+from .ghost import GhostConv, GhostLinear, GhostRows, conv_keeps_output_gradients, ghost_record
 
 __all__ = [
     "SUPPORTED_LAYERS",
@@ -510,6 +510,11 @@ class DirectPerSampleGradients:
         self._anchor = torch.zeros((), requires_grad=True)  # gives _Tap's outputs a graph
         self._storage: torch.Tensor | None = None
         self._rows: int | None = None  # this pass's batch size, once a layer has written
+        # A step run as several physical batches (restore(more=True)): the rows kept by its
+        # earlier passes (this pass writes the buffer's rows from there on), and each
+        # parameter's per-sample gradients of those passes, joined by the last restore
+        self._offset = 0
+        self._pending: dict[int, tuple[nn.Parameter, list[torch.Tensor]]] = {}
         self._patched: list[nn.Module] = []  # ghost linear layers running _GhostLinearFunction
         for module, trainable in self._layer_params.values():
             if id(module) in self._ghost_layers:
@@ -614,7 +619,7 @@ class DirectPerSampleGradients:
             self._give_norms(record, trainable)
 
     @staticmethod
-    def _give_norms(record: GhostLinear | GhostConv, trainable: list[nn.Parameter]) -> None:
+    def _give_norms(record: GhostLinear | GhostConv | GhostRows, trainable: list[nn.Parameter]) -> None:
         for p in trainable:
             # its own tensor (Opacus marks it processed), and a plain one: MONAI's MetaTensor
             # (a volume's type) copies a tensor's Python attributes onto everything computed
@@ -710,19 +715,16 @@ class DirectPerSampleGradients:
             self._layout()
         storage = self._storage
         if self._rows is None:  # the pass's first layer: (re)allocate if too small
-            if storage is None or storage.shape[0] < n or storage.dtype != like.dtype \
+            if storage is None or storage.shape[0] < self._offset + n or storage.dtype != like.dtype \
                     or storage.device != like.device:
-                # Poisson batch sizes vary around their mean: leave room for larger ones
-                # a plain tensor even when the data are MetaTensors (see _give_norms)
-                storage = self._storage = torch.empty((n + n // 4 + 1, self._width),
-                                                      dtype=like.dtype, device=like.device)
-                storage._direct_engine_buffer = True  # type: ignore[attr-defined]  # see _shared_buffer
+                # (a step's earlier physical batches keep their rows of the old storage)
+                storage = self._allocate(self._offset + n, like)
             self._rows = n
         elif storage is None or self._rows != n or storage.dtype != like.dtype or storage.device != like.device:
             return None  # an odd layer (another dtype or device): it keeps its own tensors
         views: GradSamples = {}
         row = storage.stride(0)
-        origin = storage.storage_offset()
+        origin = storage.storage_offset() + self._offset * row
         columns = cast(dict[int, tuple[int, torch.Size, tuple[int, ...]]], self._columns)
         for p in fresh:  # one as_strided per parameter: [n, *shape] in its columns
             start, shape, strides = columns[id(p)]
@@ -751,12 +753,39 @@ class DirectPerSampleGradients:
             dest.mul_(scale)
         p.grad_sample = dest  # type: ignore[attr-defined]
 
-    def restore(self, rows: int | None = None) -> None:
+    def _allocate(self, rows: int, like: torch.Tensor) -> torch.Tensor:
+        # Poisson batch sizes vary around their mean: leave room for larger ones; a plain
+        # tensor even when the data are MetaTensors (see _give_norms)
+        storage = self._storage = torch.empty((rows + rows // 4 + 1, self._width),
+                                              dtype=like.dtype, device=like.device)
+        storage._direct_engine_buffer = True  # type: ignore[attr-defined]  # see _shared_buffer
+        return storage
+
+    def reserve(self, rows: int) -> None:
+        """Have the buffer hold ``rows`` samples before a step that runs as several physical
+        batches (else a later batch of the step reallocates it, and the step's per-sample
+        gradients are joined by copying). Before the first backward pass lays the buffer out,
+        nothing is known of its width and nothing is done."""
+        storage = self._storage
+        like = self._model_params[0] if self._model_params else None
+        if self._offset == 0 and self._width and like is not None and (
+                storage is None or storage.shape[0] < rows or storage.dtype != like.dtype
+                or storage.device != like.device):
+            self._allocate(rows, like)
+
+    def restore(self, rows: int | None = None, more: bool = False) -> None:
         """Give back to autograd the parameters taken out of it during the forward pass.
 
         With ``rows``, keep only the first ``rows`` per-sample gradients of this pass (the
         real samples of a padded batch): each ``p.grad_sample`` becomes its first ``rows``
         rows, still a view of the buffer, so the rows beyond are never clipped or summed.
+
+        With ``more``, this pass is one physical batch of a step and others follow (a Poisson
+        batch run in parts to bound the memory of its activations): its per-sample gradients
+        are kept aside, the next pass writes the samples after them, and the ``restore`` of
+        the step's last pass gives each parameter the step's per-sample gradients, every
+        sample once, in order: for the buffer's columns one view of its rows, for a ghost
+        layer a :class:`~client.training.ghost.GhostRows` over its passes' records.
         """
         for p in self._frozen.values():
             p.requires_grad_(True)
@@ -768,11 +797,56 @@ class DirectPerSampleGradients:
                     p.grad_sample = p.grad_sample[:rows]  # type: ignore[attr-defined]
         self._written.clear()
         self._rows = None  # the next pass overwrites the buffer's rows
+        if more or self._pending:
+            self._join_passes(more)
+
+    def _join_passes(self, more: bool) -> None:
+        """Keep this physical batch's per-sample gradients aside (``more``), or give every
+        parameter those of the whole step (the last batch)."""
+        taken = [p for p in self._model_params if getattr(p, "grad_sample", None) is not None]
+        if self._pending and {id(p) for p in taken} != set(self._pending):
+            self._pending.clear()
+            self._offset = 0
+            raise RuntimeError(
+                "the physical batches of one step gave per-sample gradients to different "
+                "parameters; run every part of a step through the same layers"
+            )
+        if more:
+            rows = taken[0].grad_sample.shape[0] if taken else 0  # type: ignore[attr-defined]
+            for p in taken:
+                self._pending.setdefault(id(p), (p, []))[1].append(p.grad_sample)  # type: ignore[attr-defined]
+                p.grad_sample = None  # type: ignore[attr-defined]
+            self._offset += rows
+            return
+        pending, self._pending, self._offset = self._pending, {}, 0
+        columns = self._columns or {}
+        for p in taken:
+            parts = [*pending[id(p)][1], p.grad_sample]  # type: ignore[attr-defined]
+            records = [ghost_record(t) for t in parts]
+            if any(r is not None for r in records) and not all(r is not None for r in records):
+                raise RuntimeError(f"the physical batches of one step clipped {tuple(p.shape)} "
+                                   "parameters in two ways")
+            if records[0] is not None:
+                joined = GhostRows(cast(list[Any], records))
+                self._give_norms(joined, [p])
+                continue
+            storage = self._storage
+            total = sum(t.shape[0] for t in parts)
+            if id(p) in columns and storage is not None and all(t._base is storage for t in parts) \
+                    and parts[0].storage_offset() == storage.storage_offset() + columns[id(p)][0]:
+                # the passes wrote consecutive rows of the buffer: one view of them all
+                start, shape, strides = columns[id(p)]
+                p.grad_sample = storage.as_strided(  # type: ignore[attr-defined]
+                    (total, *shape), (storage.stride(0), *strides), storage.storage_offset() + start)
+            else:
+                p.grad_sample = torch.cat(parts)  # type: ignore[attr-defined]
 
     def close(self) -> None:
         """Remove the hooks and patched forwards (and restore any parameter still taken out
         of autograd)."""
         self._ghost_uses.clear()
+        self._pending.clear()
+        self._offset = 0
         self.restore()
         self._storage = None
         for handle in self._handles:

@@ -373,6 +373,7 @@ def train_dp(
     momentum: float = 0.9,
     output_loss: OutputLoss | None = None,
     input_loss: InputLoss | None = None,
+    physical_batch_size: int | None = None,
 ) -> TrainResult:
     """Train a copy of ``model`` with DP-SGD (or plain SGD) and return its weights.
 
@@ -430,6 +431,12 @@ def train_dp(
         reconstruction); replaces cross-entropy and the model's own ``dp_loss``. At most one
         of ``output_loss`` and ``input_loss``; with neither, the model's ``dp_loss`` or
         cross-entropy (the classification default).
+    physical_batch_size : int, optional
+        Run a DP step's Poisson batch as parts of at most this many samples (one step, the
+        same clipping, noise and accounting; Opacus's ``BatchMemoryManager`` rule) to bound
+        the memory of its activations: Poisson batches exceed ``batch_size`` by a few
+        standard deviations. Under ``grad_sample_mode="direct"`` for a model trained on
+        cross-entropy or an output loss; ignored otherwise and without DP.
 
     Returns
     -------
@@ -442,6 +449,8 @@ def train_dp(
         For invalid arguments.
     """
     grad_sample_mode = resolve_grad_sample_mode(model, grad_sample_mode)
+    if physical_batch_size is not None and physical_batch_size < 1:
+        raise ConfigError(f"physical_batch_size must be at least 1, not {physical_batch_size}")
     if output_loss is not None and input_loss is not None:
         raise ConfigError("give train_dp an output_loss or an input_loss, not both")
     task_loss = output_loss is not None or input_loss is not None
@@ -555,20 +564,26 @@ def train_dp(
                                 reduction="sum", own_loss=own_loss)
     else:
         batch_loss = _ModelLoss(dp_model, criterion, own_loss=own_loss)
-    after_backward: Callable[[], None] | None = None
+    after_backward: Callable[[bool], None] | None = None
+    parts: _Parts | None = None
     if direct is not None:
         hooks = direct
 
-        def restore_real_rows() -> None:  # parameters back to autograd; drop the padding rows
-            hooks.restore(rows=batch_loss.rows)
+        def restore_real_rows(more: bool) -> None:  # parameters back to autograd; drop the padding rows
+            hooks.restore(rows=batch_loss.rows, more=more)
 
         after_backward = restore_real_rows
+        if summed_loss and physical_batch_size:
+            parts = _Parts(physical_batch_size, hooks.reserve)
+    if physical_batch_size and parts is None:
+        logger.info("physical batches are for the direct engine's models trained on "
+                    "cross-entropy or an output loss: this one runs whole Poisson batches")
 
     try:
         loss, steps = _run_epochs(
             batch_loss, dp_optimizer, dp_loader, dev, epochs, progress,
             skip_empty_forward=grad_sample_mode in _NO_EMPTY_BATCH_MODES,
-            after_backward=after_backward,
+            after_backward=after_backward, parts=parts,
         )
     finally:
         if direct is not None:
@@ -608,14 +623,16 @@ def _run_epochs(
     progress: ProgressFn | None,
     *,
     skip_empty_forward: bool,
-    after_backward: Callable[[], None] | None = None,
+    after_backward: Callable[[bool], None] | None = None,
+    parts: _Parts | None = None,
 ) -> tuple[float, int]:
     """Run the SGD loop; return (mean image loss, steps taken).
 
     With ``skip_empty_forward`` an empty Poisson batch is not run through the model (modes
     that cannot) but still takes its noise-only DP step (:func:`_noise_only_step`).
-    ``after_backward`` runs after every backward pass, also when the forward or backward
-    raises, before the optimiser step (the "direct" engine gives parameters back to autograd).
+    ``after_backward(more)`` runs after every backward pass, also when the forward or backward
+    raises, before the optimiser step (the "direct" engine gives parameters back to autograd);
+    ``more`` is True when another physical batch of the same step follows (``parts``).
     """
     total_steps = epochs * len(loader)
     steps, loss_sum, seen = 0, 0.0, 0
@@ -628,20 +645,39 @@ def _run_epochs(
                 if progress is not None:
                     progress(steps, total_steps)
                 continue
-            try:
-                loss, to_mean = batch_loss(images, labels)
-                loss.backward()
-            finally:
-                if after_backward is not None:
-                    after_backward()
+            split = [(images, labels)] if parts is None else parts.split(images, labels)
+            for k, (x, y) in enumerate(split):
+                try:
+                    loss, to_mean = batch_loss(x, y)
+                    loss.backward()
+                finally:
+                    if after_backward is not None:
+                        after_backward(k < len(split) - 1)
+                if len(y) > 0:
+                    loss_sum += float(loss.item()) * to_mean * len(y)
+                    seen += len(y)
             optimizer.step()  # an empty Poisson batch still takes a (noise-only) step
             steps += 1
-            if len(labels) > 0:
-                loss_sum += float(loss.item()) * to_mean * len(labels)
-                seen += len(labels)
             if progress is not None:
                 progress(steps, total_steps)
     return (loss_sum / seen if seen else math.nan), steps
+
+
+class _Parts:
+    """A DP step's Poisson batch as physical batches of at most ``size`` samples: full ones
+    first, then the rest, so that the large activations always have the same shape and the
+    allocator reuses their memory (batches of every size fragment its heap). ``reserve(rows)``
+    is told the step's rows first (the direct engine's buffer holds them all)."""
+
+    def __init__(self, size: int, reserve: Callable[[int], None]) -> None:
+        self.size, self._reserve = size, reserve
+
+    def split(self, images: torch.Tensor, labels: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        n = len(labels)
+        if n <= self.size:
+            return [(images, labels)]
+        self._reserve(n + DIRECT_PAD_MULTIPLE)  # the last part may be padded
+        return [(images[a:a + self.size], labels[a:a + self.size]) for a in range(0, n, self.size)]
 
 
 def _noise_only_step(optimizer: torch.optim.Optimizer) -> None:

@@ -45,6 +45,19 @@ def test_timing_only_reports_ratios_and_the_device(shared_file: Callable[[str], 
     assert math.isfinite(row["ratios"]["registered"]["peak_memory_ratio"])
 
 
+@pytest.mark.slow
+def test_physical_batch_sizes_add_direct_variants_run_in_parts(shared_file: Callable[[str], Path]) -> None:
+    shared_file("medmnist/breastmnist.npz")
+    done = _run("--timing-only", "--models", "cnn", "--datasets", "breastmnist", "--modes", "direct",
+                "--timing-images", "64", "--batch-size", "16", "--repeats", "1",
+                "--warmup-epochs", "1", "--physical-batch-sizes", "8", "--device", "cpu", "--json")
+    assert done.returncode == 0, done.stderr[-2000:]
+    (row,) = json.loads(done.stdout)["results"]
+    assert not row["errors"] and set(row["epoch_time_ratio"]) == {"dp-direct", "dp-direct/parts8"}
+    assert math.isfinite(row["peak_memory_ratio"]["dp-direct/parts8"])
+    assert row["ratios"]["registered"]["mode"] == "direct"  # not the parts variant
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 def test_asking_for_cuda_without_it_is_a_clear_usage_error() -> None:
     done = _run("--timing-only", "--models", "cnn", "--device", "cuda")
