@@ -128,8 +128,9 @@ class Settings:
     """``cpu`` or ``cuda[:N]``; empty: the trainer's default (CUDA when available)."""
     physical_batch_sizes: list[int] = field(default_factory=list)
     """``--timing-only``: also time the direct mode with each Poisson batch run in parts of
-    at most this many samples (variants ``dp-direct/parts<N>``; ``train_dp``'s
-    ``physical_batch_size``)."""
+    at most this many samples (variants ``dp-direct/parts<N>``; 0: whole batches,
+    ``dp-direct/whole``; ``train_dp``'s ``physical_batch_size``, whose default ``dp-direct``
+    runs: parts for volumes, whole batches for 2D images)."""
 
 
 try:
@@ -318,7 +319,7 @@ def _timing(s: Settings, model_name: str, data: TensorDataset, shape: tuple[int,
     kwargs = _train_kwargs(s, model_name) | {"epochs": 1, "seed": s.seed}
     variants = ["non-dp"] + [f"dp-{m}" for m in modes]
     if "direct" in modes and not has_dp_loss:  # parts are for the cross-entropy path
-        variants += [f"dp-direct/parts{p}" for p in s.physical_batch_sizes]
+        variants += [f"dp-direct/parts{p}" if p else "dp-direct/whole" for p in s.physical_batch_sizes]
     raw: dict[str, list[tuple[float, float, float]]] = {v: [] for v in variants}
     errors: dict[str, str] = {}
     warmup_cpu: dict[str, float] = {}
@@ -385,9 +386,10 @@ def _run_variant(model: torch.nn.Module, data: TensorDataset, variant: str, kwar
     if variant == "non-dp":
         train_dp(model, data, **kwargs, private=False, noise_multiplier=0.0)
     else:
-        mode, _, parts = variant.removeprefix("dp-").partition("/parts")
+        mode, _, parts = variant.removeprefix("dp-").partition("/")
+        size = None if not parts else 0 if parts == "whole" else int(parts.removeprefix("parts"))
         train_dp(model, data, **kwargs, noise_multiplier=1.0, grad_sample_mode=mode,
-                 physical_batch_size=int(parts) if parts else None)
+                 physical_batch_size=size)
 
 
 def run(s: Settings, log: Any = None) -> dict[str, Any]:
@@ -516,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="", help="cpu or cuda[:N] (default: CUDA when available)")
     parser.add_argument("--physical-batch-sizes", default="",
                         help="--timing-only: also time direct DP with Poisson batches run in parts "
-                        "of at most N samples (comma-separated Ns)")
+                        "of at most N samples (comma-separated Ns; 0: whole batches)")
     parser.add_argument("--quick", action="store_true", help="cnn+mlp, PneumoniaMNIST IID, 2 rounds, 600 images")
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     args = parser.parse_args(argv)

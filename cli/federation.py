@@ -61,8 +61,8 @@ _LEDGER_DIR = typer.Option(None, "--ledger-dir", callback=resolved,
 _PHYSICAL_BATCH = typer.Option(
     0, "--physical-batch-size", min=0,
     help="Simulation: each simulated hospital's largest forward/backward pass in DP training, "
-    "in samples (0 = a whole Poisson batch). Bounds the memory of large batches; the step and "
-    "its ε are the same.")
+    "in samples (0 = automatic: volumes in parts of half the batch size, 2D images whole). "
+    "Bounds the memory of large Poisson batches; the step and its ε are the same.")
 _INSECURE = typer.Option(False, "--insecure", help="Plain-text connection (loopback tests only).")
 _ROOT_CERTIFICATES = typer.Option(None, "--root-certificates",
                                   callback=existing_file("--root-certificates"),

@@ -183,9 +183,9 @@ def start(
     ),
     physical_batch_size: int = typer.Option(
         0, "--physical-batch-size", min=0,
-        help="Largest forward/backward pass of DP training, in samples (0 = a whole Poisson "
-        "batch). Bounds the memory a large batch takes (a GPU's, with large images); the step "
-        "and its ε are the same."),
+        help="Largest forward/backward pass of DP training, in samples (0 = automatic: volumes "
+        "in parts of half the batch size, 2D images whole). Bounds the memory a large Poisson "
+        "batch takes (a GPU's, with large images); the step and its ε are the same."),
     max_attempts: int = typer.Option(
         0, "--max-attempts", min=0,
         help="Give up after this many failed attempts to reach the coordinator (0 = never).",

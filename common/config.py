@@ -433,10 +433,11 @@ class NodeConfig:
         Optional CSV of the hospital's clinical covariates (one row per patient) for
         federated regression queries; ``None`` when the node serves images only.
     physical_batch_size : int
-        Largest number of samples one forward and backward pass of DP training holds (0: a
-        whole Poisson batch at once). A Poisson batch exceeds the plan's batch size by a few
-        standard deviations; this bounds the memory of its activations (a GPU's, for
-        large images), at some cost in time. The step, its clipping, noise and ε are the same.
+        Largest number of samples one forward and backward pass of DP training holds. 0
+        (default) is automatic: volumes run in parts of half the plan's batch size, 2D images
+        as whole Poisson batches. A Poisson batch exceeds the plan's batch size by a few
+        standard deviations; this bounds the memory of its activations (a GPU's, for large
+        images), at some cost in time. The step, its clipping, noise and ε are the same.
     """
 
     data_dir: Path
@@ -468,7 +469,7 @@ class NodeConfig:
         if not (math.isfinite(self.stats_noise_multiplier) and self.stats_noise_multiplier >= 0):
             raise ConfigError("stats-noise-multiplier must be a finite number >= 0")
         if self.physical_batch_size < 0:
-            raise ConfigError("physical-batch-size must be >= 0 (0 = a whole batch at once)")
+            raise ConfigError("physical-batch-size must be >= 0 (0 = automatic)")
 
     @property
     def ledger_path(self) -> Path:

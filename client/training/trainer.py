@@ -72,6 +72,15 @@ run padded to a multiple of this many rows (zero-weight repeats, see :class:`_Mo
 that the convolution libraries meet about a dozen batch shapes instead of ~50; 1 turns padding
 off."""
 
+DIRECT_PARTS_MIN_SAMPLE_SIZE = 4096
+"""By default (``train_dp``'s ``physical_batch_size=None``) a DP step's Poisson batch of samples
+larger than this (volumes) runs in parts of half the expected batch size. Measured
+(``bench/architectures.py --timing-only --physical-batch-sizes``, 28^3 AdrenalMNIST3D, batch
+32, 1 thread; ``bench/RESULTS.md``): the memory a DP epoch adds over plain training went from
+1.64 to 1.02 (cnn3d), 1.76 to 0.98 (resnet) and 2.49 to 1.22 (densenet), its time from 1.12
+to 0.89, 0.84 to 0.82 and 1.47 to 1.79. On 28 x 28 images parts cost 0.1-0.7 in time for
+0.1-0.4 in memory, so those run whole."""
+
 DIRECT_PAD_MAX_SAMPLE_SIZE = 4096
 """Padding is only for samples of at most this many values (e.g. 28x28 or 64x64 images).
 Measured on 2 CPU cores: it takes DenseNet's 2D site-epochs from 2.16 to 1.73 times the
@@ -435,8 +444,12 @@ def train_dp(
         Run a DP step's Poisson batch as parts of at most this many samples (one step, the
         same clipping, noise and accounting; Opacus's ``BatchMemoryManager`` rule) to bound
         the memory of its activations: Poisson batches exceed ``batch_size`` by a few
-        standard deviations. Under ``grad_sample_mode="direct"`` for a model trained on
-        cross-entropy or an output loss; ignored otherwise and without DP.
+        standard deviations. 0 runs whole batches. Default (None): parts of
+        ``ceil(batch_size / 2)`` for samples of more than
+        :data:`DIRECT_PARTS_MIN_SAMPLE_SIZE` values (volumes), whole batches for smaller
+        ones (see the constant for what was measured). Under ``grad_sample_mode="direct"``
+        for a model trained on cross-entropy or an output loss; ignored otherwise and
+        without DP.
 
     Returns
     -------
@@ -449,8 +462,8 @@ def train_dp(
         For invalid arguments.
     """
     grad_sample_mode = resolve_grad_sample_mode(model, grad_sample_mode)
-    if physical_batch_size is not None and physical_batch_size < 1:
-        raise ConfigError(f"physical_batch_size must be at least 1, not {physical_batch_size}")
+    if physical_batch_size is not None and physical_batch_size < 0:
+        raise ConfigError(f"physical_batch_size must be >= 0 (0: whole batches), not {physical_batch_size}")
     if output_loss is not None and input_loss is not None:
         raise ConfigError("give train_dp an output_loss or an input_loss, not both")
     task_loss = output_loss is not None or input_loss is not None
@@ -573,8 +586,8 @@ def train_dp(
             hooks.restore(rows=batch_loss.rows, more=more)
 
         after_backward = restore_real_rows
-        if summed_loss and physical_batch_size:
-            parts = _Parts(physical_batch_size, hooks.reserve)
+        if summed_loss and physical_batch_size != 0:
+            parts = _Parts(physical_batch_size, -(-batch_size // 2), hooks.reserve)
     if physical_batch_size and parts is None:
         logger.info("physical batches are for the direct engine's models trained on "
                     "cross-entropy or an output loss: this one runs whole Poisson batches")
@@ -664,20 +677,27 @@ def _run_epochs(
 
 
 class _Parts:
-    """A DP step's Poisson batch as physical batches of at most ``size`` samples: full ones
-    first, then the rest, so that the large activations always have the same shape and the
-    allocator reuses their memory (batches of every size fragment its heap). ``reserve(rows)``
-    is told the step's rows first (the direct engine's buffer holds them all)."""
+    """A DP step's Poisson batch as physical batches of at most ``size`` samples (None: of
+    ``auto`` samples when a sample has more than :data:`DIRECT_PARTS_MIN_SAMPLE_SIZE` values,
+    else whole): full ones first, then the rest, so that the large activations always have the
+    same shape and the allocator reuses their memory (batches of every size fragment its
+    heap). ``reserve(rows)`` is told the step's rows first (the direct engine's buffer holds
+    them all)."""
 
-    def __init__(self, size: int, reserve: Callable[[int], None]) -> None:
-        self.size, self._reserve = size, reserve
+    def __init__(self, size: int | None, auto: int, reserve: Callable[[int], None]) -> None:
+        self.size, self._auto, self._reserve = size, auto, reserve
 
     def split(self, images: torch.Tensor, labels: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         n = len(labels)
-        if n <= self.size:
+        size = self.size
+        if size is None:
+            if n == 0 or images[0].numel() <= DIRECT_PARTS_MIN_SAMPLE_SIZE:
+                return [(images, labels)]
+            size = self._auto
+        if n <= size:
             return [(images, labels)]
         self._reserve(n + DIRECT_PAD_MULTIPLE)  # the last part may be padded
-        return [(images[a:a + self.size], labels[a:a + self.size]) for a in range(0, n, self.size)]
+        return [(images[a:a + size], labels[a:a + size]) for a in range(0, n, size)]
 
 
 def _noise_only_step(optimizer: torch.optim.Optimizer) -> None:

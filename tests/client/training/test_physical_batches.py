@@ -160,19 +160,46 @@ def test_train_dp_in_parts_takes_the_same_steps_to_the_same_weights(monkeypatch:
 
     monkeypatch.setattr(trainer._Parts, "split", counted)
     whole = train_dp(model, data, **kw)
-    assert parts == []
+    assert parts and set(parts) == {1}  # 2D images: whole batches by default
+    parts.clear()
     split_run = train_dp(model, data, **kw, physical_batch_size=8)
     assert len(parts) == whole.steps and all(k >= 2 for k in parts)  # every Poisson batch > 8
     assert split_run.steps == whole.steps and split_run.epsilon == whole.epsilon
     for key, value in whole.state_dict.items():
         torch.testing.assert_close(split_run.state_dict[key], value, rtol=1e-4, atol=1e-5, msg=key)
     with pytest.raises(ConfigError, match="physical_batch_size"):
-        train_dp(model, data, **kw, physical_batch_size=0)
+        train_dp(model, data, **kw, physical_batch_size=-1)
+
+
+def test_by_default_volumes_run_in_parts_of_half_the_batch_and_images_whole(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[list[int]] = []
+    split = trainer._Parts.split
+
+    def sizes(self: trainer._Parts, images: torch.Tensor, labels: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        out = split(self, images, labels)
+        seen.append([len(y) for _, y in out])
+        return out
+
+    monkeypatch.setattr(trainer._Parts, "split", sizes)
+    kw = dict(epochs=1, batch_size=16, learning_rate=0.05, noise_multiplier=1.0, max_grad_norm=1.0,
+              delta=1e-5, seed=6, grad_sample_mode="direct")
+    torch.manual_seed(17)
+    volume = build_model("cnn3d", in_channels=1, num_classes=2, image_size=17, spatial_dims=3)  # 4,913 > 4,096 values
+    train_dp(volume, TensorDataset(torch.randn(48, 1, 17, 17, 17), torch.randint(0, 2, (48,))), **kw)
+    assert seen and all(max(s) <= 8 for s in seen) and any(len(s) > 1 for s in seen)
+    seen.clear()
+    train_dp(volume, TensorDataset(torch.randn(48, 1, 17, 17, 17), torch.randint(0, 2, (48,))), **kw,
+             physical_batch_size=0)  # whole batches asked for
+    assert seen == []
+    image = build_model("cnn", in_channels=1, num_classes=2, image_size=64)  # 4,096 values
+    train_dp(image, TensorDataset(torch.randn(48, 1, 64, 64), torch.randint(0, 2, (48,))), **kw)
+    assert seen and all(len(s) == 1 for s in seen)
 
 
 def test_the_node_config_carries_the_physical_batch_size(tmp_path: object) -> None:
     node = NodeConfig.from_user_config({"data-dir": "/data", "physical-batch-size": 16})
     assert node.physical_batch_size == 16
-    assert NodeConfig.from_user_config({"data-dir": "/data"}).physical_batch_size == 0
+    assert NodeConfig.from_user_config({"data-dir": "/data"}).physical_batch_size == 0  # automatic
     with pytest.raises(ConfigError, match="physical-batch-size"):
         NodeConfig.from_user_config({"data-dir": "/data", "physical-batch-size": -1})
