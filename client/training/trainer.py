@@ -76,10 +76,11 @@ DIRECT_PARTS_MIN_SAMPLE_SIZE = 4096
 """By default (``train_dp``'s ``physical_batch_size=None``) a DP step's Poisson batch of samples
 larger than this (volumes) runs in parts of half the expected batch size. Measured
 (``bench/architectures.py --timing-only --physical-batch-sizes``, 28^3 AdrenalMNIST3D, batch
-32, 1 thread; ``bench/RESULTS.md``): the memory a DP epoch adds over plain training went from
-1.64 to 1.02 (cnn3d), 1.76 to 0.98 (resnet) and 2.49 to 1.22 (densenet), its time from 1.12
-to 0.89, 0.84 to 0.82 and 1.47 to 1.79. On 28 x 28 images parts cost 0.1-0.7 in time for
-0.1-0.4 in memory, so those run whole."""
+32, 1 thread, two runs; ``bench/RESULTS.md``): the peak memory of a DP epoch over plain
+training's went from 1.44-1.64 to 0.95-1.02 (cnn3d), 1.76-1.95 to 0.98-1.13 (resnet) and
+2.49-2.73 to 1.22-1.32 (densenet), its time from 1.11-1.12 to 0.77-0.89, 0.84-0.99 to
+0.82-0.88 and 1.47-1.50 to 1.78-1.79. On 28 x 28 images parts of 32 cost 0.2-0.9 in time
+for 0.1-0.4 in memory, so those run whole."""
 
 DIRECT_PAD_MAX_SAMPLE_SIZE = 4096
 """Padding is only for samples of at most this many values (e.g. 28x28 or 64x64 images).
