@@ -74,13 +74,16 @@ off."""
 
 DIRECT_PARTS_MIN_SAMPLE_SIZE = 4096
 """By default (``train_dp``'s ``physical_batch_size=None``) a DP step's Poisson batch of samples
-larger than this (volumes) runs in parts of half the expected batch size. Measured
+larger than this (volumes) runs in parts of half the expected batch size when the model has
+convolutions. Measured
 (``bench/architectures.py --timing-only --physical-batch-sizes``, 28^3 AdrenalMNIST3D, batch
 32, 1 thread, two runs; ``bench/RESULTS.md``): the peak memory of a DP epoch over plain
 training's went from 1.44-1.64 to 0.95-1.02 (cnn3d), 1.76-1.95 to 0.98-1.13 (resnet) and
 2.49-2.73 to 1.22-1.32 (densenet), its time from 1.11-1.12 to 0.77-0.89, 0.84-0.99 to
 0.82-0.88 and 1.47-1.50 to 1.78-1.79. On 28 x 28 images parts of 32 cost 0.2-0.9 in time
-for 0.1-0.4 in memory, so those run whole."""
+for 0.1-0.4 in memory, so those run whole; so do models without convolutions, whose memory
+parts hardly change and whose per-pass Python they double (3D lstm 1.23 -> 1.60 in time, 1.60
+-> 1.54 in memory; gru 1.24 -> 1.74, 1.44 -> 1.34; mlp 1.91 -> 2.27, 1.12 both)."""
 
 DIRECT_PAD_MAX_SAMPLE_SIZE = 4096
 """Padding is only for samples of at most this many values (e.g. 28x28 or 64x64 images).
@@ -446,9 +449,9 @@ def train_dp(
         same clipping, noise and accounting; Opacus's ``BatchMemoryManager`` rule) to bound
         the memory of its activations: Poisson batches exceed ``batch_size`` by a few
         standard deviations. 0 runs whole batches. Default (None): parts of
-        ``ceil(batch_size / 2)`` for samples of more than
-        :data:`DIRECT_PARTS_MIN_SAMPLE_SIZE` values (volumes), whole batches for smaller
-        ones (see the constant for what was measured). Under ``grad_sample_mode="direct"``
+        ``ceil(batch_size / 2)`` for a model with convolutions on samples of more than
+        :data:`DIRECT_PARTS_MIN_SAMPLE_SIZE` values (volumes), whole batches otherwise (see
+        the constant for what was measured). Under ``grad_sample_mode="direct"``
         for a model trained on cross-entropy or an output loss; ignored otherwise and
         without DP.
 
@@ -587,8 +590,11 @@ def train_dp(
             hooks.restore(rows=batch_loss.rows, more=more)
 
         after_backward = restore_real_rows
-        if summed_loss and physical_batch_size != 0:
-            parts = _Parts(physical_batch_size, -(-batch_size // 2), hooks.reserve)
+        # by default only a model with convolutions runs volumes in parts (see the constant)
+        auto = -(-batch_size // 2) if any(
+            isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) for m in net.modules()) else 0
+        if summed_loss and (physical_batch_size or (physical_batch_size is None and auto)):
+            parts = _Parts(physical_batch_size, auto, hooks.reserve)
     if physical_batch_size and parts is None:
         logger.info("physical batches are for the direct engine's models trained on "
                     "cross-entropy or an output loss: this one runs whole Poisson batches")
@@ -679,8 +685,8 @@ def _run_epochs(
 
 class _Parts:
     """A DP step's Poisson batch as physical batches of at most ``size`` samples (None: of
-    ``auto`` samples when a sample has more than :data:`DIRECT_PARTS_MIN_SAMPLE_SIZE` values,
-    else whole): full ones first, then the rest, so that the large activations always have the
+    ``auto`` samples when a sample has more than :data:`DIRECT_PARTS_MIN_SAMPLE_SIZE` values
+    and ``auto`` is not 0, else whole): full ones first, then the rest, so that the large activations always have the
     same shape and the allocator reuses their memory (batches of every size fragment its
     heap). ``reserve(rows)`` is told the step's rows first (the direct engine's buffer holds
     them all)."""
@@ -692,7 +698,7 @@ class _Parts:
         n = len(labels)
         size = self.size
         if size is None:
-            if n == 0 or images[0].numel() <= DIRECT_PARTS_MIN_SAMPLE_SIZE:
+            if not self._auto or n == 0 or images[0].numel() <= DIRECT_PARTS_MIN_SAMPLE_SIZE:
                 return [(images, labels)]
             size = self._auto
         if n <= size:

@@ -171,7 +171,7 @@ def test_train_dp_in_parts_takes_the_same_steps_to_the_same_weights(monkeypatch:
         train_dp(model, data, **kw, physical_batch_size=-1)
 
 
-def test_by_default_volumes_run_in_parts_of_half_the_batch_and_images_whole(
+def test_by_default_volumes_through_convolutions_run_in_parts_of_half_the_batch(
         monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[list[int]] = []
     split = trainer._Parts.split
@@ -195,6 +195,10 @@ def test_by_default_volumes_run_in_parts_of_half_the_batch_and_images_whole(
     image = build_model("cnn", in_channels=1, num_classes=2, image_size=64)  # 4,096 values
     train_dp(image, TensorDataset(torch.randn(48, 1, 64, 64), torch.randint(0, 2, (48,))), **kw)
     assert seen and all(len(s) == 1 for s in seen)
+    seen.clear()  # a model without convolutions runs volumes whole
+    slices = build_model("lstm", in_channels=1, num_classes=2, image_size=17, spatial_dims=3)
+    train_dp(slices, TensorDataset(torch.randn(48, 1, 17, 17, 17), torch.randint(0, 2, (48,))), **kw)
+    assert all(len(s) == 1 for s in seen)
 
 
 def test_the_node_config_carries_the_physical_batch_size(tmp_path: object) -> None:
