@@ -191,6 +191,10 @@ def print_report(doc: dict[str, Any]) -> None:
         rounds.add_row(f"{r['round']}{mark}", *[fmt(round_value(m, key)) for _, key in shown],
                        fmt(m.get(k.LOSS), ".4f"), fmt(m.get(k.TRAIN_LOSS), ".4f"))
     console.print(rounds)
+    from server.report_tasks import RAW_THRESHOLD_NOTE, raw_threshold_misleads
+
+    if raw_threshold_misleads(task, [r.get("metrics") or {} for r in doc.get("rounds", [])]):
+        console.print(f"[dim]{RAW_THRESHOLD_NOTE}[/dim]", highlight=False)
     if final_round is not None:
         console.print(f"Final model: round {final_round} ({selection.get('selection')}"
                       + (f"; {escape(str(selection['note']))}" if selection.get("note") else "")

@@ -221,7 +221,8 @@ def training_rows(report: Mapping[str, Any]) -> list[dict[str, Any]]:
 def training_section(report: Mapping[str, Any], img: ImgFn) -> str:
     """Train loss, validation loss and validation AUC per round: a plot and a table."""
     from server.plots import plot_training
-    from server.report_tasks import BOUNDED, LOSS_LABELS, round_metrics
+    from server.report_tasks import (BOUNDED, LOSS_LABELS, RAW_THRESHOLD_NOTE, raw_threshold_misleads,
+                                     round_metrics)
 
     rows = training_rows(report)
     if not rows:
@@ -253,7 +254,10 @@ def training_section(report: Mapping[str, Any], img: ImgFn) -> str:
             f"means over patients, weighted by each hospital's patients;{what} The training "
             "loss is measured on the noisy, clipped DP-SGD batches.</p>"
             + img(figure, "training and validation loss and the validation metric per round")
-            + f'<table class="rounds">{head}{body}</table>')
+            + f'<table class="rounds">{head}{body}</table>'
+            + (f'<p class="note">{html.escape(RAW_THRESHOLD_NOTE[0].upper() + RAW_THRESHOLD_NOTE[1:])}</p>'
+               if raw_threshold_misleads(task, [e.get("metrics") or {} for e in report.get("rounds") or []
+                                               if isinstance(e, Mapping)]) else ""))
 
 
 def selection_section(report: Mapping[str, Any]) -> str:

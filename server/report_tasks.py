@@ -98,6 +98,25 @@ def round_metrics(task: Any) -> tuple[tuple[str, str], ...]:
     return ROUND_METRICS.get(str(task), ROUND_METRICS["binary"])
 
 
+RAW_THRESHOLD_NOTE = (
+    "accuracy at 0.5 thresholds the model's raw score, which DP-SGD leaves uncalibrated: it can "
+    "stay near one class's share of the patients while the AUC is high. The test metrics state "
+    "the threshold they use.")
+"""Said under a binary task's rounds when their accuracy at 0.5 is far below their AUC."""
+
+
+def raw_threshold_misleads(task: Any, rounds: list[Mapping[str, Any]]) -> bool:
+    """True for a binary task if some round's accuracy at 0.5 is more than 0.2 below its
+    AUC (``rounds``: each round's metrics), as when every raw score falls on one side of 0.5."""
+    if str(task) != "binary":
+        return False
+    for metrics in rounds:
+        auc, accuracy = round_value(metrics, "auc"), metrics.get("accuracy")
+        if isinstance(auc, (int, float)) and isinstance(accuracy, (int, float)) and auc - accuracy > 0.2:
+            return True
+    return False
+
+
 def round_value(metrics: Mapping[str, Any], key: str) -> Any:
     """A round's value of ``key``: the pooled AUC (where released) for ``auc``."""
     if key == "auc":

@@ -163,3 +163,20 @@ def test_run_reports_the_operating_point_and_test_metrics_at_it(tmp_path: Path) 
         fn += int(np.sum(~pred & y))
     assert inf["confusion"] == {"tp": tp, "fp": fp, "tn": tn, "fn": fn}
     assert inf["metrics"]["sensitivity"]["value"] == pytest.approx(tp / (tp + fn))
+
+
+def test_an_accuracy_at_half_far_below_the_auc_is_explained_in_the_terminal_and_the_report() -> None:
+    from server.report_sections import training_section
+
+    def doc(accuracy: float) -> dict[str, object]:
+        return {"config": {"task": "binary"}, "status": "completed",
+                "rounds": [{"round": 1, "metrics": {"auc-pooled": 0.97, "accuracy": accuracy,
+                                                      "loss": 0.9, "train-loss": 1.1}}]}
+
+    explained = "accuracy at 0.5 thresholds the model's raw score"
+    for accuracy, shown in ((0.545, True), (0.9, False)):
+        with console.capture() as cap:
+            print_report(doc(accuracy))
+        assert (explained in " ".join(cap.get().split())) is shown
+        page = training_section(doc(accuracy), lambda fig, alt: "")
+        assert ("Accuracy at 0.5 thresholds the model&#x27;s raw score" in page) is shown
