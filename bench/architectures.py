@@ -34,7 +34,8 @@ ratio reported beside it (``epoch_wall_ratio``);
 reset through ``/proc/self/clear_refs`` before each call) during a call (with
 ``--timing-only`` from a second, untimed call per repeat in a forked child, so that every
 variant starts from the same heap: the reset returns freed memory to the OS, and the time to
-fault it in again is not a cost of training). ``--timing-only``
+fault it in again is not a cost of training; ``--memory fresh``: what ``--memory-calls``
+site-epochs add to a new process of their own, see :func:`_fresh_peak`). ``--timing-only``
 skips the federations and measures only these ratios on one site of ``--timing-images``
 images (repeats interleaved, medians, after ``--warmup-epochs`` untimed site-epochs of each
 variant: the steady state of a node that trains round after round in one process, whose
@@ -126,6 +127,11 @@ class Settings:
     warmup_epochs: int = 3
     device: str = ""
     """``cpu`` or ``cuda[:N]``; empty: the trainer's default (CUDA when available)."""
+    memory: str = "fork"
+    """``--timing-only`` memory method: ``fork`` (one call per repeat in a child forked from
+    this process) or ``fresh`` (a new process per variant that makes ``memory_calls`` calls and
+    nothing else; see :func:`_fresh_peak`)."""
+    memory_calls: int = 10
     physical_batch_sizes: list[int] = field(default_factory=list)
     """``--timing-only``: also time the direct mode with each Poisson batch run in parts of
     at most this many samples (variants ``dp-direct/parts<N>``; 0: whole batches,
@@ -192,6 +198,41 @@ def _peak_of(run: Any) -> float:
     if status != 0 or not reported:
         raise RuntimeError(f"the memory-measuring child failed (status {status})")
     return int(reported) / 1024
+
+
+def _fresh_calls(model_name: str, shape: tuple[int, int], state: dict[str, torch.Tensor],
+                 tensors: tuple[torch.Tensor, ...], variant: str, kwargs: dict[str, Any], calls: int,
+                 threads: int) -> float:
+    """In a new process: the peak RSS increase (MiB) of ``calls`` calls of ``variant``."""
+    warnings.filterwarnings("ignore")
+    logging.disable(logging.WARNING)
+    torch.set_num_threads(threads)
+    model = _build(model_name, shape)
+    model.load_state_dict(state)
+    data = TensorDataset(*tensors)
+    rss0 = _reset_peak()
+    for k in range(calls):
+        _run_variant(model, data, variant, kwargs | {"seed": int(kwargs.get("seed") or 0) + k})
+    return max(0, _status_kib("VmHWM") - rss0) / 1024
+
+
+def _fresh_peak(model_name: str, shape: tuple[int, int], model: torch.nn.Module, data: TensorDataset,
+                variant: str, kwargs: dict[str, Any], calls: int, threads: int) -> float:
+    """What ``calls`` site-epochs of ``variant`` add to a new process's peak RSS (MiB).
+
+    A node's process trains one way, round after round. Measured in this process or a child
+    forked from it, the added memory depends on the heap that the other variants left (the
+    same code read cnn 1.40-2.06 and lstm 1.17-1.70 times plain training, ``bench/RESULTS.md``);
+    in a process of its own, first calls, kernels and the fragmentation of its own batch sizes
+    included, it does not.
+    """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        future = pool.submit(_fresh_calls, model_name, shape, copy.deepcopy(model.state_dict()),
+                             tuple(data.tensors), variant, kwargs, calls, threads)
+        return float(future.result())
 
 
 def _timed_train(
@@ -343,9 +384,12 @@ def _timing(s: Settings, model_name: str, data: TensorDataset, shape: tuple[int,
             c0, t0 = time.process_time(), time.perf_counter()
             _run_variant(model, data, variant, kwargs)
             timed[variant].append((time.perf_counter() - t0, time.process_time() - c0))
+    fresh = {v: _fresh_peak(model_name, shape, model, data, v, kwargs, s.memory_calls, s.threads)
+             for v in variants} if s.memory == "fresh" else {}
     for k in range(s.repeats):
         for variant in variants:
-            peak = _peak_of(lambda: _run_variant(model, data, variant, kwargs))  # noqa: B023
+            peak = fresh[variant] if fresh else _peak_of(
+                lambda: _run_variant(model, data, variant, kwargs))  # noqa: B023
             raw[variant].append((*timed[variant][k], peak))
     med = {
         v: tuple(statistics.median(x[i] for x in r) for i in range(3))
@@ -516,6 +560,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="--timing-only: untimed site-epochs per variant before the timed "
                         "repeats (kernels are built per batch shape; Poisson batches vary)")
     parser.add_argument("--device", default="", help="cpu or cuda[:N] (default: CUDA when available)")
+    parser.add_argument("--memory", choices=("fork", "fresh"), default="fork",
+                        help="--timing-only memory method: fork (a child forked per call) or fresh "
+                        "(a new process per variant making --memory-calls site-epochs)")
+    parser.add_argument("--memory-calls", type=int, default=10)
     parser.add_argument("--physical-batch-sizes", default="",
                         help="--timing-only: also time direct DP with Poisson batches run in parts "
                         "of at most N samples (comma-separated Ns; 0: whole batches)")
@@ -535,6 +583,7 @@ def main(argv: list[str] | None = None) -> int:
         timing_images=args.timing_images, repeats=args.repeats, device=args.device,
         warmup_epochs=args.warmup_epochs,
         physical_batch_sizes=[int(p) for p in _list(args.physical_batch_sizes)],
+        memory=args.memory, memory_calls=args.memory_calls,
     )
     if args.quick:
         s.models = _list(args.models) or ["cnn", "mlp"]

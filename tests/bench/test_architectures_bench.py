@@ -58,6 +58,20 @@ def test_physical_batch_sizes_add_direct_variants_run_in_parts(shared_file: Call
     assert row["ratios"]["registered"]["mode"] == "direct"  # not the parts variant
 
 
+@pytest.mark.slow
+def test_memory_can_be_measured_in_a_fresh_process_per_variant(shared_file: Callable[[str], Path]) -> None:
+    shared_file("medmnist/breastmnist.npz")
+    done = _run("--timing-only", "--models", "cnn", "--datasets", "breastmnist", "--modes", "direct",
+                "--timing-images", "64", "--batch-size", "16", "--repeats", "1", "--warmup-epochs", "1",
+                "--memory", "fresh", "--memory-calls", "2", "--device", "cpu", "--json")
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout)
+    assert report["settings"]["memory"] == "fresh" and report["settings"]["memory_calls"] == 2
+    (row,) = report["results"]
+    assert not row["errors"] and row["peak_mib"]["non-dp"] > 1 and row["peak_mib"]["dp-direct"] > 1
+    assert math.isfinite(row["peak_memory_ratio"]["dp-direct"])
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 def test_asking_for_cuda_without_it_is_a_clear_usage_error() -> None:
     done = _run("--timing-only", "--models", "cnn", "--device", "cuda")
