@@ -167,6 +167,13 @@ def _reset_peak() -> int:
     return _status_kib("VmRSS")
 
 
+def _added_peak(run: Any) -> float:
+    """Peak RSS increase (MiB) of ``run()`` in this process, from a trimmed heap."""
+    rss0 = _reset_peak()
+    run()
+    return max(0, _status_kib("VmHWM") - rss0) / 1024
+
+
 def _peak_of(run: Any) -> float:
     """Peak RSS increase (MiB) of ``run()``, measured in a forked child where the OS allows.
 
@@ -176,18 +183,14 @@ def _peak_of(run: Any) -> float:
     (oneDNN kernels, the engine's chosen methods), reports its peak through a pipe and exits.
     """
     if not hasattr(os, "fork"):
-        rss0 = _reset_peak()
-        run()
-        return max(0, _status_kib("VmHWM") - rss0) / 1024
+        return _added_peak(run)
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: measure, report, leave without running the parent's exit code
         code = 1
         try:
             os.close(read)
-            rss0 = _reset_peak()
-            run()
-            os.write(write, str(max(0, _status_kib("VmHWM") - rss0)).encode())
+            os.write(write, repr(_added_peak(run)).encode())
             code = 0
         finally:
             os._exit(code)
@@ -197,7 +200,7 @@ def _peak_of(run: Any) -> float:
     _, status = os.waitpid(pid, 0)
     if status != 0 or not reported:
         raise RuntimeError(f"the memory-measuring child failed (status {status})")
-    return int(reported) / 1024
+    return float(reported)
 
 
 def _fresh_calls(model_name: str, shape: tuple[int, int], state: dict[str, torch.Tensor],
@@ -210,10 +213,9 @@ def _fresh_calls(model_name: str, shape: tuple[int, int], state: dict[str, torch
     model = _build(model_name, shape)
     model.load_state_dict(state)
     data = TensorDataset(*tensors)
-    rss0 = _reset_peak()
-    for k in range(calls):
-        _run_variant(model, data, variant, kwargs | {"seed": int(kwargs.get("seed") or 0) + k})
-    return max(0, _status_kib("VmHWM") - rss0) / 1024
+    seed = int(kwargs.get("seed") or 0)
+    return _added_peak(lambda: [_run_variant(model, data, variant, kwargs | {"seed": seed + k})
+                                for k in range(calls)])
 
 
 def _fresh_peak(model_name: str, shape: tuple[int, int], model: torch.nn.Module, data: TensorDataset,
@@ -230,7 +232,7 @@ def _fresh_peak(model_name: str, shape: tuple[int, int], model: torch.nn.Module,
     from concurrent.futures import ProcessPoolExecutor
 
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        future = pool.submit(_fresh_calls, model_name, shape, copy.deepcopy(model.state_dict()),
+        future = pool.submit(_fresh_calls, model_name, shape, model.state_dict(),
                              tuple(data.tensors), variant, kwargs, calls, threads)
         return float(future.result())
 

@@ -142,8 +142,8 @@ class GhostRows(_GhostRecord):
 
 
 def ghost_record(t: torch.Tensor | None) -> _GhostRecord | None:
-    """The :class:`GhostLinear` or :class:`GhostConv` behind ``p.grad_sample`` ``t``, or None
-    for a real one."""
+    """The :class:`GhostLinear`, :class:`GhostConv` or :class:`GhostRows` behind
+    ``p.grad_sample`` ``t``, or None for a real one."""
     return getattr(t, "_ghost_linear", None)
 
 

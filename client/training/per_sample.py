@@ -514,7 +514,7 @@ class DirectPerSampleGradients:
         # earlier passes (this pass writes the buffer's rows from there on), and each
         # parameter's per-sample gradients of those passes, joined by the last restore
         self._offset = 0
-        self._pending: dict[int, tuple[nn.Parameter, list[torch.Tensor]]] = {}
+        self._pending: dict[int, list[torch.Tensor]] = {}
         self._patched: list[nn.Module] = []  # ghost linear layers running _GhostLinearFunction
         for module, trainable in self._layer_params.values():
             if id(module) in self._ghost_layers:
@@ -814,21 +814,24 @@ class DirectPerSampleGradients:
         if more:
             rows = taken[0].grad_sample.shape[0] if taken else 0  # type: ignore[attr-defined]
             for p in taken:
-                self._pending.setdefault(id(p), (p, []))[1].append(p.grad_sample)  # type: ignore[attr-defined]
+                self._pending.setdefault(id(p), []).append(p.grad_sample)  # type: ignore[attr-defined]
                 p.grad_sample = None  # type: ignore[attr-defined]
             self._offset += rows
             return
         pending, self._pending, self._offset = self._pending, {}, 0
         columns = self._columns or {}
+        joined: dict[tuple[int, ...], GhostRows] = {}  # one per ghost layer, for its weight and bias
         for p in taken:
-            parts = [*pending[id(p)][1], p.grad_sample]  # type: ignore[attr-defined]
+            parts = [*pending[id(p)], p.grad_sample]  # type: ignore[attr-defined]
             records = [ghost_record(t) for t in parts]
             if any(r is not None for r in records) and not all(r is not None for r in records):
                 raise RuntimeError(f"the physical batches of one step clipped {tuple(p.shape)} "
                                    "parameters in two ways")
             if records[0] is not None:
-                joined = GhostRows(cast(list[Any], records))
-                self._give_norms(joined, [p])
+                key = tuple(id(r) for r in records)
+                if key not in joined:
+                    joined[key] = GhostRows(cast(list[Any], records))
+                self._give_norms(joined[key], [p])
                 continue
             storage = self._storage
             total = sum(t.shape[0] for t in parts)
