@@ -395,3 +395,40 @@ def test_training_leaves_no_reference_cycle_holding_tensors(name: str) -> None:
         if enabled:
             gc.enable()
     assert tensors == []
+
+
+@pytest.mark.parametrize("ghost_conv", [False, True])
+def test_a_backward_pass_lets_go_of_the_layer_inputs_its_hooks_kept(ghost_conv: bool) -> None:
+    # A hooked layer's output-gradient hook lives on the output's autograd node, which the
+    # loss's graph keeps after backward (a training loop holds the loss until its next
+    # forward pass): an input the hook still held stayed alive through the next step's
+    # forward pass, a whole pass's activations on top of the next pass's.
+    import gc
+
+    torch.manual_seed(19)
+    net = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1),
+                        nn.ReLU(), nn.Conv2d(32, 4, 3, padding=1), nn.Flatten(), nn.Linear(4 * 64, 2))
+    inputs: list[tuple[int, tuple[int, ...]]] = []
+
+    def note(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        inputs.append((args[0].untyped_storage().data_ptr(), tuple(args[0].shape)))
+
+    for layer in list(net)[2::2]:  # the layers after the first (its input is the data)
+        layer.register_forward_pre_hook(note)
+    engine = DirectPerSampleGradients(net, loss_reduction="sum", ghost_conv=ghost_conv)
+    try:
+        loss = nn.functional.cross_entropy(net(torch.randn(6, 1, 8, 8)), torch.randint(0, 2, (6,)),
+                                           reduction="sum")
+        loss.backward()
+    finally:
+        engine.restore()
+    kinds = {ghost_record(p.grad_sample) is not None for p in net.parameters()}  # type: ignore[attr-defined]
+    assert kinds == ({True, False} if ghost_conv else {False})
+    for p in net.parameters():  # the optimiser's zero_grad
+        p.grad_sample = None  # type: ignore[attr-defined]
+    gc.collect()
+    held = [o for o in gc.get_objects() if isinstance(o, torch.Tensor)
+            and (o.untyped_storage().data_ptr(), tuple(o.shape)) in inputs]
+    engine.close()
+    assert loss.grad_fn is not None  # the graph is still referenced
+    assert len(inputs) == 3 and held == []
