@@ -12,6 +12,7 @@ from typing import Any
 import typer
 
 from cli.console import console, err_console, fmt, table
+from common.privacy.display import budget_shown, epsilon_shown
 
 audit_app = typer.Typer(help="Inspect, verify and export a node's privacy ledger.",
                         no_args_is_help=True)
@@ -33,6 +34,20 @@ def _check_format(output_format: str) -> None:
 def _require_file(path: Path) -> None:
     if not path.is_file():
         raise _fail(f"no ledger file at {path} (a node's ledger is <ledger-dir>/ledger.jsonl)")
+
+
+def _spent(value: float | None) -> str:
+    """An ε as the table shows it: rounded up, as everywhere (``inf`` and missing as they are)."""
+    if value is None or not math.isfinite(value):
+        return fmt(value)
+    return f"{epsilon_shown(value, 3):.3f}"
+
+
+def _budget(value: float | None) -> str:
+    """A remaining budget as the table shows it: rounded down, never overstated."""
+    if value is None or not math.isfinite(value):
+        return fmt(value)
+    return f"{budget_shown(value, 3):.3f}"
 
 
 def _num(value: float | None) -> float | str | None:
@@ -78,8 +93,8 @@ def show(
                "entries", "runs"])
     for row, s in zip(rows, spends):
         t.add_row(f"{s.fingerprint[:16]}…" if len(s.fingerprint) > 16 else s.fingerprint,
-                  s.level, fmt(s.epsilon_rdp), fmt(s.epsilon_prv), fmt(s.delta, ".1e"),
-                  fmt(row["cap"], "g"), fmt(row["remaining"]), str(s.entries),
+                  s.level, _spent(s.epsilon_rdp), _spent(s.epsilon_prv), fmt(s.delta, ".1e"),
+                  fmt(row["cap"], "g"), _budget(row["remaining"]), str(s.entries),
                   str(len(s.runs)))
     console.print(t)
     console.print("unit of privacy: patient (patient level) or hospital (client-level DP); "

@@ -495,11 +495,11 @@ def _ci(estimate: object) -> str:
 
 
 def _eps_by_site(values: object) -> str:
-    from cli.console import fmt
+    from cli.report_view import fmt_epsilon
 
     if not isinstance(values, Mapping) or not values:
         return "-"
-    return ", ".join(f"{site} {'none' if eps is None else fmt(eps, '.2f')}"
+    return ", ".join(f"{site} {'none' if eps is None else fmt_epsilon(eps, 2)}"
                      for site, eps in sorted(values.items()))
 
 

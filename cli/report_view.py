@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from rich.markup import escape
 
 from cli.console import console, fmt, table
 from common import messages as k
+from common.privacy.display import epsilon_shown
 
 
-def fmt_epsilon(value: object, spec: str = ".3f") -> str:
-    """Epsilon for people: missing or infinite means no DP guarantee at all."""
+def fmt_epsilon(value: object, decimals: int = 3) -> str:
+    """Epsilon for people, rounded up (:func:`common.privacy.display.epsilon_shown`, as the
+    report does): missing or infinite means no DP guarantee at all."""
     if value is None or value == float("inf"):
         return "none (no DP)"
-    return fmt(value, spec)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return f"{epsilon_shown(float(value), decimals):.{decimals}f}"
+    return fmt(value)
 
 
 def _estimate(value: Any) -> str:

@@ -38,7 +38,7 @@ def round_line(summary: Mapping[str, Any], total: int, *, task: str = "binary") 
     """One line per finished round: validation AUC, accuracy, loss and each site's ε so far."""
     m = summary.get("metrics") or {}
     trained = sorted(summary.get("train") or [], key=lambda row: str(row.get("site")))
-    eps = ", ".join(f"{row.get('site')} ε={fmt_epsilon(row.get(k.EPSILON), '.2f')}" for row in trained)
+    eps = ", ".join(f"{row.get('site')} ε={fmt_epsilon(row.get(k.EPSILON), 2)}" for row in trained)
     # The pooled AUC when the nodes released histograms (the table and the model selection use
     # it too), else the patient-weighted mean of the sites' AUCs.
     from server.report_tasks import round_metrics, round_value

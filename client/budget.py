@@ -25,6 +25,7 @@ from common.privacy import (
     sample_rate,
     steps_per_epoch,
 )
+from common.privacy.display import epsilon_shown
 
 log = logging.getLogger(__name__)
 
@@ -147,9 +148,10 @@ def decide(
             f"dataset spent epsilon={past:.3f}; {left} more rounds would reach {after:.3f} "
             f"> cap {node.epsilon_cap}",
             safe_reason=(
-                f"refused: this dataset has already spent epsilon={past:.2f} (all runs, "
-                f"from the node's privacy ledger); the remaining {left} round(s) of this "
-                f"plan would bring it to epsilon={after:.2f}, above this node's cap of "
+                f"refused: this dataset has already spent epsilon={epsilon_shown(past, 2):.2f} "
+                f"(all runs, from the node's privacy ledger); the remaining {left} round(s) of "
+                f"this plan would bring it to epsilon={epsilon_shown(after, 2):.2f}, above this "
+                f"node's cap of "
                 f"{node.epsilon_cap:g}. Nothing was trained."
             ),
         )

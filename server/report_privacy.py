@@ -138,6 +138,18 @@ def _accountants(rows: Sequence[Mapping[str, Any]]) -> str:
                    "<code>vesalius audit verify</code> (Google's dp-accounting).</p>")
 
 
+_SPENT = frozenset({"epsilon", "epsilon_prv", "epsilon_dataset"})
+"""The site table's columns that are privacy spent: shown rounded up (:func:`fmt_epsilon`)."""
+
+
+def _site_cell(column: str, value: Any) -> str:
+    if column == "delta":
+        return fmt_delta(value)
+    if column in _SPENT and value is not None:
+        return fmt_epsilon(value, 3)
+    return fmt(value, 4)
+
+
 def _site_table(rows: Sequence[Mapping[str, Any]]) -> str:
     cols = [c for c in ("num_examples", "epsilon", "epsilon_prv", "epsilon_dataset",
                         "epsilon_cap", "delta", "noise_multiplier", "sample_rate")
@@ -146,7 +158,7 @@ def _site_table(rows: Sequence[Mapping[str, Any]]) -> str:
     body = ""
     for r in rows:
         cells = "".join(
-            f"<td>{fmt_delta(r.get(c)) if c == 'delta' else fmt(r.get(c), 4)}</td>" for c in cols)
+            f"<td>{_site_cell(c, r.get(c))}</td>" for c in cols)
         body += f"<tr><td>{html.escape(site_label(r.get('site')))}</td>{cells}</tr>"
     return f'<table class="privacy-sites numbers">{head}{body}</table>'
 

@@ -22,6 +22,8 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from common.privacy.display import epsilon_shown
+
 __all__ = ["LABELS", "UNNAMED_NODE", "cv_table_html", "fmt", "fmt_delta", "fmt_interval",
            "fmt_epsilon", "format_cell", "label", "scrub", "site_label", "strip_site_prefix"]
 
@@ -166,11 +168,12 @@ def fmt(v: Any, digits: int = 4) -> str:
     return html.escape(scrub(str(v)))
 
 
-def fmt_epsilon(v: Any) -> str:
-    """ε with two decimals, rounded *up* so that the page never understates a privacy loss."""
+def fmt_epsilon(v: Any, decimals: int = 2) -> str:
+    """ε with ``decimals`` decimals, rounded *up* so that the page never understates a privacy
+    loss (:func:`common.privacy.display.epsilon_shown`)."""
     if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
         return "&ndash;"
-    return f"{math.ceil(float(v) * 100 - 1e-9) / 100:.2f}"
+    return f"{epsilon_shown(float(v), decimals):.{decimals}f}"
 
 
 def fmt_delta(v: Any) -> str:

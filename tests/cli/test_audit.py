@@ -98,3 +98,15 @@ def test_a_torn_last_entry_fails_verify_and_show_warns(ledger: Ledger) -> None:
     assert code == 0
     doc = json.loads(out)
     assert doc["datasets"][0]["entries"] == 3 and "entry 3" in doc["torn"]
+
+
+def test_show_rounds_the_spend_up_and_the_remaining_budget_down(ledger: Ledger) -> None:
+    import math
+
+    spend = ledger.spend(FP)
+    cap = math.floor(spend.epsilon_rdp * 1000) / 1000 + 1.0005  # remaining x.xxx5: rounding differs
+    code, out = _run("show", "--ledger", str(ledger.path), "--cap", str(cap))
+    assert code == 0, out
+    text = " ".join(out.split())
+    assert f"{math.ceil(spend.epsilon_rdp * 1000) / 1000:.3f}" in text
+    assert f"{math.floor((cap - spend.epsilon_rdp) * 1000) / 1000:.3f}" in text

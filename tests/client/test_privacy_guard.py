@@ -10,6 +10,7 @@ from client.privacy_guard import NodeBudget
 from common.config import NodeConfig
 from common.errors import BudgetExceededError, PrivacyConfigError
 from common.ledger import Ledger, LedgerEntry, Mechanism, epsilon_of
+from common.privacy.display import epsilon_shown
 
 DELTA = 1e-5
 FP = "f" * 64
@@ -40,8 +41,9 @@ def test_a_second_run_over_the_cap_is_refused_before_anything_is_appended(
     with pytest.raises(BudgetExceededError) as err:  # run 2 plans two more rounds
         budget.check(FP, [ROUND, ROUND], delta=DELTA)
     reason = err.value.safe_reason
-    assert f"spent epsilon={two_rounds:.2f} of its cap 3" in reason
-    assert f"bring it to {epsilon_of([ROUND] * 4, delta=DELTA):.2f}" in reason
+    # shown rounded up, as on every screen (common.privacy.display)
+    assert f"spent epsilon={epsilon_shown(two_rounds, 2):.2f} of its cap 3" in reason
+    assert f"bring it to {epsilon_shown(epsilon_of([ROUND] * 4, delta=DELTA), 2):.2f}" in reason
     assert FP not in reason
 
     with pytest.raises(BudgetExceededError):
