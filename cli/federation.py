@@ -517,11 +517,12 @@ def fold_line(row: Mapping[str, object], task: str = "binary") -> str:
     issues = f"  [yellow]{row['issues']} issue(s)[/yellow]" if row.get("issues") else ""
     shown = "  ".join(f"{name} {_ci(row.get(key))}" for name, key in _cv_metrics(task))
     return (f"fold {row['fold']} (held out: {row['held_out']}): {shown}  "
-            f"n={row.get('n', 0)}  ε {_eps_by_site(row.get('epsilon_by_site'))}{issues}")
+            f"n={row.get('n', 0)}  ε so far {_eps_by_site(row.get('epsilon_by_site'))}{issues}")
 
 
 def print_cv_report(doc: Mapping[str, Any]) -> None:
-    """Per-fold table (AUC with 95% CI, n, ε per site, issues) and the pooled line."""
+    """Per-fold table (AUC with 95% CI, n, each site's ε for the cross-validation so far,
+    issues), the pooled line and each site's ε for the whole cross-validation."""
     from cli.console import fmt, table
 
     cv = doc["inference"]["cv"]
@@ -530,7 +531,7 @@ def print_cv_report(doc: Mapping[str, Any]) -> None:
     kind = "leave one site out" if cv["mode"] == "loso" else f"{cv['num_folds']}-fold"
     t = table(f"Cross-validation ({kind}): held-out patients, pooled over sites",
               ["fold", "held out", "n", *[f"{name} (95% CI)" for name, _ in shown],
-               "ε per site", "issues"])
+               "ε so far per site", "issues"])
     details = {d["fold"]: d for d in cv.get("fold_details", [])}
     for row in cv["folds"]:
         detail = details.get(row["fold"], {})
@@ -552,6 +553,15 @@ def print_cv_report(doc: Mapping[str, Any]) -> None:
                       f"{fmt(pooled.get(f'{key}_sd'))}")
         console.print(f"[bold]Pooled over {len(pooled.get('folds_included', []))} folds: "
                       f"{name} {_ci(pooled.get(key))}, n={pooled.get('n', 0)}{spread}[/bold]")
+    from server.report_tasks import cv_notes
+
+    for note in cv_notes(cv):
+        console.print(f"[dim]{note[0].upper()}{note[1:]}[/dim]", highlight=False)
+    spent = {str(row.get("site")): row.get("epsilon") for row in doc.get("sites") or []}
+    if spent and (doc.get("config") or {}).get("private", True) is not False:
+        # every fold's training composed by each node: a patient trains in several folds
+        console.print(f"ε for the whole cross-validation (patient level, RDP): "
+                      f"{_eps_by_site(spent)}", highlight=False)
     if doc.get("status") != "completed":
         console.print(f"[red]cross-validation {doc.get('status')}: {doc.get('reason', '')}[/red]")
 

@@ -61,7 +61,7 @@ from client.privacy_guard import NodeBudget
 from client.training import evaluate as evaluate_model
 from client.training import select_device, train_dp
 from common import messages as k
-from common.config import NodeConfig, TrainPlan
+from common.config import NodeConfig, TrainPlan, cv_base_run_id, fold_run_id
 from common.errors import BudgetExceededError, ConfigError, DataError, VesaliusError, safe_reason
 from common.models import build_model
 from common.tasks import Task
@@ -257,28 +257,61 @@ def _run_history(context: Context, budget: NodeBudget | None = None,
     return prior if prior is not None else AccountantState()
 
 
+def _cv_history(budget: NodeBudget | None, fingerprint: str,
+                plan: TrainPlan | None) -> AccountantState | None:
+    """A cross-validation's privacy events at this node so far: the training spends of every
+    fold of it on this dataset (its folds' runs are named by
+    :func:`common.config.fold_run_id`), or None outside a cross-validation or without a ledger.
+
+    A fold's own epsilon (``_run_history``) is not what the cross-validation spent: a patient
+    trains in several folds, and the node's ledger composes them all.
+    """
+    if budget is None or plan is None or plan.cv_mode == "none":
+        return None
+    base = cv_base_run_id(plan.run_id, plan.fold)
+    if base is None:
+        return None
+    state = AccountantState()
+    for entry in budget.ledger.entries(fingerprint):
+        if entry.release == "train" and entry.fold is not None and entry.mechanism.is_gaussian \
+                and entry.run_id == fold_run_id(base, entry.fold):
+            state = state.with_event(noise_multiplier=entry.mechanism.noise_multiplier,
+                                     sample_rate=entry.mechanism.sample_rate,
+                                     steps=entry.mechanism.steps)
+    return state
+
+
+def _epsilons(state: AccountantState, delta: float, with_prv: bool) -> tuple[float, float]:
+    """``(RDP, PRV)`` epsilon of ``state`` (PRV NaN unless ``with_prv``; 0 for no steps)."""
+    if not state.total_steps:
+        return 0.0, 0.0
+    rdp = epsilon(state, delta=delta)
+    return rdp, (epsilon(state, delta=delta, accountant="prv") if with_prv else math.nan)
+
+
 def _privacy_metrics(
     node: NodeConfig, run: AccountantState, delta: float, dataset_epsilon: float,
-    *, with_prv: bool = True,
+    *, with_prv: bool = True, cv: AccountantState | None = None,
 ) -> dict[str, float]:
-    """This run's epsilon (RDP, PRV), the dataset's total (ledger) and the node's cap.
+    """This run's epsilon (RDP, PRV), the dataset's total (ledger), the node's cap and, in a
+    cross-validation (``cv``), the cross-validation's epsilon so far (RDP, PRV).
 
     The PRV epsilon sizes its domain from the RDP curves the RDP epsilon has just cached
     (~0.06 s with the demo's mechanism, ~0.7 s with stock Opacus); the train handler still
     asks for it only in the plan's last round (earlier rounds carry NaN). RDP is always
     computed.
     """
-    if not run.total_steps:
-        run_rdp = run_prv = 0.0
-    else:
-        run_rdp = epsilon(run, delta=delta)
-        run_prv = epsilon(run, delta=delta, accountant="prv") if with_prv else math.nan
-    return {
+    run_rdp, run_prv = _epsilons(run, delta, with_prv)
+    out = {
         k.EPSILON: float(run_rdp),
         k.EPSILON_PRV: float(run_prv),
         k.EPSILON_DATASET: float(dataset_epsilon),
         k.EPSILON_CAP: float(node.epsilon_cap),
     }
+    if cv is not None:
+        cv_rdp, cv_prv = _epsilons(cv, delta, with_prv)
+        out |= {k.EPSILON_CV: float(cv_rdp), k.EPSILON_CV_PRV: float(cv_prv)}
+    return out
 
 
 def _holdout_reply(
@@ -293,7 +326,7 @@ def _holdout_reply(
             k.UNIT_WEIGHT: 0,  # trains nothing: no weight, even in an unweighted average
             k.TRAIN_LOSS: math.nan,
             **_privacy_metrics(node, _run_history(context, budget, fingerprint, plan), delta,
-                               dataset_epsilon),
+                               dataset_epsilon, cv=_cv_history(budget, fingerprint, plan)),
             k.DELTA: float(delta),
             k.NOISE_MULTIPLIER: 0.0,
             k.SAMPLE_RATE: 0.0,
@@ -464,7 +497,8 @@ def handle_train(msg: Message, context: Context, node: NodeConfig) -> Message:
         )
     privacy = (
         _privacy_metrics(node, run, decision.delta, result.epsilon,
-                         with_prv=server_round >= plan.num_rounds)
+                         with_prv=server_round >= plan.num_rounds,
+                         cv=_cv_history(budget, data.fingerprint, plan) if plan.private else None)
         if plan.private
         else {k.EPSILON: math.inf, k.EPSILON_PRV: math.inf, k.EPSILON_DATASET: math.inf,
               k.EPSILON_CAP: float(node.epsilon_cap)}

@@ -35,6 +35,20 @@ ON_REFUSAL = ("exclude", "stop")
 SECURE_AGGREGATION_MODES = ("auto", "on", "off")  # common/secagg/params.py: MODES
 
 
+def fold_run_id(base: str, fold: int) -> str:
+    """The run id of fold ``fold`` of the cross-validation ``base`` (the coordinator names each
+    fold's run so; a node composes a cross-validation's privacy from it, see
+    :func:`cv_base_run_id`)."""
+    return f"{base}-fold-{fold}"
+
+
+def cv_base_run_id(run_id: str, fold: int) -> str | None:
+    """The cross-validation id of fold ``fold``'s run id, or None when it is not one
+    (:func:`fold_run_id`'s inverse)."""
+    suffix = fold_run_id("", fold)
+    return run_id[: -len(suffix)] if run_id.endswith(suffix) and len(run_id) > len(suffix) else None
+
+
 def _get(values: Mapping[str, Any], key: str, default: Any, kind: type) -> Any:
     raw = values.get(key, default)
     if kind is bool:

@@ -66,6 +66,9 @@ HIST_NEGATIVE: Final = "hist-negative"  # counts of negative-class scores per fi
 EPSILON_PRV: Final = "epsilon-prv"  # run epsilon with the PRV accountant (RDP is EPSILON)
 EPSILON_DATASET: Final = "epsilon-dataset"  # dataset's total over all runs (node ledger, RDP)
 EPSILON_CAP: Final = "epsilon-cap"  # the node's per-dataset cap
+# a cross-validation's epsilon so far at a node: every fold's training, composed (RDP, PRV)
+EPSILON_CV: Final = "epsilon-cv"
+EPSILON_CV_PRV: Final = "epsilon-cv-prv"
 AUC_POOLED: Final = "auc-pooled"  # coordinator-side: AUC of the pooled histograms
 
 # --- Error codes of node replies (above Flower's own 0-8) ------------------------------------
@@ -78,8 +81,8 @@ LEDGER_HEAD: Final = "ledger-head"  # "INDEX:HASH" of the node's last ledger ent
 
 # Keys that carry one number per node, never averaged across nodes by the coordinator.
 PER_NODE_METRICS: Final = frozenset(
-    {EPSILON, EPSILON_PRV, EPSILON_DATASET, EPSILON_CAP, DELTA, SAMPLE_RATE, STEPS,
-     NOISE_MULTIPLIER, UNIT_WEIGHT}
+    {EPSILON, EPSILON_PRV, EPSILON_DATASET, EPSILON_CAP, EPSILON_CV, EPSILON_CV_PRV, DELTA,
+     SAMPLE_RATE, STEPS, NOISE_MULTIPLIER, UNIT_WEIGHT}
 )
 HISTOGRAM_METRICS: Final = frozenset({HIST_POSITIVE, HIST_NEGATIVE})
 

@@ -99,7 +99,7 @@ from flwr.app import (
 from flwr.serverapp import Grid, ServerApp
 
 from common import messages as k
-from common.config import RunConfig, _get
+from common.config import RunConfig, _get, fold_run_id
 from common.errors import ConfigError, VesaliusError
 from common.stats.auc import auc_ci, delong_from_sums, node_placement_sums
 from common.stats.bins import fine_score_edges, uniform_edges
@@ -273,6 +273,24 @@ def summarise_histograms(positive: Sequence[int] | np.ndarray, negative: Sequenc
 # --- one fold ---------------------------------------------------------------------------------
 
 
+def cv_site_row(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A fold's site row as the cross-validation reports it: ``epsilon`` and ``epsilon_prv``
+    are the cross-validation's so far (the node's ``epsilon-cv``, every fold's training at
+    that node composed), not the fold's own. A patient trains in several folds: the fold's
+    own ε understates what the cross-validation spent (3 folds of the demo's plan: 5.40 each,
+    8.00 together). A node that did not send it (an older node) keeps its fold's figures."""
+    out = {key: v for key, v in row.items() if key not in ("epsilon_cv", "epsilon_cv_prv")}
+    if row.get("epsilon_cv") is not None:
+        out["epsilon"] = row["epsilon_cv"]
+        out["epsilon_prv"] = row.get("epsilon_cv_prv")
+    return out
+
+
+def epsilon_by_site(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Site -> its ε for the cross-validation so far, after a fold (:func:`cv_site_row`)."""
+    return {row["site"]: cv_site_row(row)["epsilon"] for row in rows}
+
+
 @dataclass
 class FoldOutcome:
     """What one fold produced (numbers released by the nodes only)."""
@@ -323,7 +341,7 @@ class FoldOutcome:
             "n": s.get("n", 0),
             "auc": s.get("auc"),
             **{name: s.get(name) for name in THRESHOLD_METRICS},
-            "epsilon_by_site": {row["site"]: row["epsilon"] for row in self.sites},
+            "epsilon_by_site": epsilon_by_site(self.sites),
             "issues": len(self.errors({})) + (1 if self.reason else 0),
         }
 
@@ -754,12 +772,13 @@ class CVResult:
         return {"auc": res.as_dict()}
 
     def sites(self) -> list[dict[str, Any]]:
-        """Each hospital's latest train release over the folds (its ε for the whole CV so far)."""
+        """Each hospital's latest train release over the folds, its ε (RDP, PRV) that of the
+        whole cross-validation so far (see :func:`cv_site_row`)."""
         latest: dict[str, dict[str, Any]] = {}
         for outcome in self.folds:  # in fold order: a later fold's row supersedes
             for row in outcome.sites:
                 latest[str(row.get("site"))] = row
-        return [latest[name] for name in sorted(latest)]
+        return [cv_site_row(latest[name]) for name in sorted(latest)]
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON document (see the module docstring of :mod:`server.cv`)."""
@@ -780,8 +799,9 @@ class CVResult:
                 "accountant": "rdp",
                 "target_epsilon": plan.target_epsilon if plan.private else None,
                 "scope": "per hospital, for the whole cross-validation: nodes plan and account "
-                "every fold against their cap; a fold's epsilon_by_site is the epsilon each "
-                "node released after that fold's last round",
+                "every fold against their cap; epsilon (and a fold's epsilon_by_site) is each "
+                "node's epsilon for the cross-validation so far, every fold's training composed "
+                "by the node, after the last fold (after that fold)",
                 "not_covered": _NOT_COVERED.get(plan.task, _NOT_COVERED["binary"]),
             },
             "inference": self._inference(),
@@ -962,7 +982,7 @@ def _run_folds(grid: Grid, config: RunConfig, spec: CVSpec, result: CVResult,
     result.secure = secure
     for fold, (site, node_id) in enumerate(holdouts):
         plan = replace(config.plan, cv_mode=spec.mode, fold=fold, num_folds=total,
-                       holdout_site=site, run_id=f"{base_id}-fold-{fold}")
+                       holdout_site=site, run_id=fold_run_id(base_id, fold))
         fold_dir = result.out_dir / f"fold-{fold}"
         fold_config = replace(config, plan=plan, out_dir=str(fold_dir))
         label = site if site else f"fold-{fold}"

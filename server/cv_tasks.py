@@ -242,6 +242,7 @@ def evaluate_task_fold(grid: Grid, arrays: ArrayRecord, config: RunConfig,
 
 def fold_row(outcome: FoldOutcome, task: str) -> dict[str, Any]:
     """The fold's row of ``inference.cv.folds`` for a non-binary task."""
+    from server.cv import epsilon_by_site  # server.cv imports this module
     s = outcome.summary
     return {
         "fold": outcome.fold,
@@ -249,7 +250,7 @@ def fold_row(outcome: FoldOutcome, task: str) -> dict[str, Any]:
         "status": outcome.status,
         "n": s.get("n", 0),
         **{m.name: s.get(m.name) for m in headline(task)},
-        "epsilon_by_site": {row["site"]: row["epsilon"] for row in outcome.sites},
+        "epsilon_by_site": epsilon_by_site(outcome.sites),
         "issues": len(outcome.errors({})) + (1 if outcome.reason else 0),
     }
 

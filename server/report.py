@@ -176,6 +176,10 @@ class RunReport:
         for node_id, reply in latest.items():
             m = reply.metrics
             label = reply.site if names.count(reply.site) == 1 else f"{reply.site}#{node_id}"
+            # a cross-validation's folds: the cross-validation's epsilon so far (server.cv)
+            cv = ({"epsilon_cv": _clean(m[k.EPSILON_CV]),
+                   "epsilon_cv_prv": _clean(m.get(k.EPSILON_CV_PRV, math.nan))}
+                  if k.EPSILON_CV in m else {})
             rows.append(
                 {
                     "site": label,
@@ -190,6 +194,7 @@ class RunReport:
                     "sample_rate": _clean(m.get(k.SAMPLE_RATE, math.nan)),
                     # Audit anchor: `vesalius audit verify --expect-head` at the hospital.
                     "ledger_head": heads.get(node_id, ""),
+                    **cv,
                 }
             )
         return sorted(rows, key=lambda row: str(row["site"]))

@@ -167,6 +167,11 @@ def headline_section(report: Mapping[str, Any]) -> str:
                          "counts of the scores on fixed bins; the counts were added over "
                          "hospitals and folds, and the AUC computed from the sum, with DeLong's "
                          "interval on the binned scores.</p>")
+            from server.report_tasks import CV_POOLING_NOTE, cv_notes
+
+            cv = inf.get("cv") if isinstance(inf.get("cv"), Mapping) else {}
+            if CV_POOLING_NOTE in cv_notes(cv):
+                parts.append(f'<p class="note">{html.escape(CV_POOLING_NOTE[0].upper() + CV_POOLING_NOTE[1:])}</p>')
         else:
             parts.append(
                 "<p>How it was pooled: each hospital scored its own test patients with the "

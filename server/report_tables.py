@@ -272,6 +272,11 @@ def cv(cv: Mapping[str, Any]) -> str:
                 "intervals, at the score threshold 0.5.</p>")
     out += ('<p class="note">The pooled row pools all held-out patients, each scored by its own '
             "fold's model; differences between the folds' score scales lower its AUC.</p>")
+    from server.report_tasks import CV_RAW_THRESHOLD_NOTE, cv_notes  # it imports this module
+
+    if CV_RAW_THRESHOLD_NOTE in cv_notes(cv):
+        note = CV_RAW_THRESHOLD_NOTE[0].upper() + CV_RAW_THRESHOLD_NOTE[1:]
+        out += f'<p class="note">{html.escape(note)}</p>'
     for d in cv.get("fold_details") or []:
         if isinstance(d, Mapping):
             out += (f"<details><summary>fold {fmt(d.get('fold'))} details</summary>"

@@ -11,6 +11,7 @@ tables.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -115,6 +116,48 @@ def raw_threshold_misleads(task: Any, rounds: list[Mapping[str, Any]]) -> bool:
         if isinstance(auc, (int, float)) and isinstance(accuracy, (int, float)) and auc - accuracy > 0.2:
             return True
     return False
+
+
+CV_POOLING_NOTE = (
+    "the pooled AUC ranks every fold's held-out patients together, each scored by its own "
+    "fold's model; DP-SGD leaves those models' scores on different scales, so the pooled "
+    "ranking mixes scales and reads lower than the folds' own AUCs. How well a model trained "
+    "this way tells the classes apart is the mean of the folds' AUCs.")
+"""Said with a cross-validation whose pooled AUC is far below the mean of its folds' AUCs."""
+
+CV_RAW_THRESHOLD_NOTE = (
+    "accuracy, sensitivity and specificity threshold each fold's model's raw score at 0.5, "
+    "which DP-SGD leaves uncalibrated: they can stay near one class's share of the patients "
+    "while the AUC, which needs no threshold, is high.")
+"""Said with a binary cross-validation whose fold accuracy is far below its AUC."""
+
+CV_POOLING_GAP = 0.05
+"""How far below the folds' mean AUC the pooled AUC is before :data:`CV_POOLING_NOTE` is said."""
+
+
+def _value(estimate: Any) -> float | None:
+    value = estimate.get("value") if isinstance(estimate, Mapping) else estimate
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) \
+        and math.isfinite(value) else None
+
+
+def cv_notes(cv: Mapping[str, Any]) -> list[str]:
+    """What a reader of a cross-validation's numbers needs told (``inference.cv``): the
+    pooled AUC far below the folds' (:data:`CV_POOLING_NOTE`) and, for a binary task, fold
+    accuracies at the raw 0.5 far below their AUCs (:data:`CV_RAW_THRESHOLD_NOTE`)."""
+    notes = []
+    pooled = cv.get("pooled") if isinstance(cv.get("pooled"), Mapping) else {}
+    auc, mean = _value(pooled.get("auc")), _value(pooled.get("auc_mean"))
+    if auc is not None and mean is not None and mean - auc > CV_POOLING_GAP:
+        notes.append(CV_POOLING_NOTE)
+    if str(cv.get("task") or "binary") == "binary":
+        folds = [f for f in cv.get("folds") or [] if isinstance(f, Mapping)]
+        for row in [*folds, pooled]:
+            auc, accuracy = _value(row.get("auc")), _value(row.get("accuracy"))
+            if auc is not None and accuracy is not None and auc - accuracy > 0.2:
+                notes.append(CV_RAW_THRESHOLD_NOTE)
+                break
+    return notes
 
 
 def round_value(metrics: Mapping[str, Any], key: str) -> Any:

@@ -63,9 +63,22 @@ def test_two_fold_cross_validation_on_a_synthetic_federation(tmp_path: Path) -> 
     for row in cv["folds"]:
         assert set(row["epsilon_by_site"]) == {"site-1", "site-2"}
         assert all(0 < eps <= 8.0 for eps in row["epsilon_by_site"].values())
+    fold_eps = []
     for fold in (0, 1):
         fold_doc = json.loads((out / f"fold-{fold}" / "report.json").read_text())
         assert fold_doc["config"]["fold"] == fold and fold_doc["config"]["cv-mode"] == "kfold"
         assert (out / f"fold-{fold}" / "checkpoints" / "final.pt").exists()
+        fold_eps.append({r["site"]: r["epsilon"] for r in fold_doc["sites"]})
+    # ε is the cross-validation's so far (a patient trains in both folds), not the fold's own:
+    # after fold 0 they agree; after fold 1 it exceeds fold 1's own, and the whole
+    # cross-validation's is what each node's fresh ledger holds for the dataset
+    first, second = (f["epsilon_by_site"] for f in cv["folds"])
+    for site in ("site-1", "site-2"):
+        assert first[site] == pytest.approx(fold_eps[0][site])
+        assert second[site] > max(first[site], fold_eps[1][site])
+    for row in doc["sites"]:
+        assert row["epsilon"] == pytest.approx(second[row["site"]])
+        assert row["epsilon"] == pytest.approx(row["epsilon_dataset"], rel=1e-9)
+    assert "ε for the whole cross-validation" in run.stdout
     html = (out / "report.html").read_text()
     assert "Cross-validation" in html and "<table" in html
