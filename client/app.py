@@ -61,7 +61,7 @@ from client.privacy_guard import NodeBudget
 from client.training import evaluate as evaluate_model
 from client.training import select_device, train_dp
 from common import messages as k
-from common.config import NodeConfig, TrainPlan, cv_base_run_id, fold_run_id
+from common.config import NodeConfig, TrainPlan, cv_base_run_id, in_fold_run
 from common.errors import BudgetExceededError, ConfigError, DataError, VesaliusError, safe_reason
 from common.models import build_model
 from common.tasks import Task
@@ -260,8 +260,9 @@ def _run_history(context: Context, budget: NodeBudget | None = None,
 def _cv_history(budget: NodeBudget | None, fingerprint: str,
                 plan: TrainPlan | None) -> AccountantState | None:
     """A cross-validation's privacy events at this node so far: the training spends of every
-    fold of it on this dataset (its folds' runs are named by
-    :func:`common.config.fold_run_id`), or None outside a cross-validation or without a ledger.
+    fold of it on this dataset, sub-runs included (its folds' runs are named by
+    :func:`common.config.fold_run_id`, their members' and stages' by
+    :func:`common.config.in_fold_run`), or None outside a cross-validation or without a ledger.
 
     A fold's own epsilon (``_run_history``) is not what the cross-validation spent: a patient
     trains in several folds, and the node's ledger composes them all.
@@ -274,7 +275,7 @@ def _cv_history(budget: NodeBudget | None, fingerprint: str,
     state = AccountantState()
     for entry in budget.ledger.entries(fingerprint):
         if entry.release == "train" and entry.fold is not None and entry.mechanism.is_gaussian \
-                and entry.run_id == fold_run_id(base, entry.fold):
+                and in_fold_run(entry.run_id, base, entry.fold):
             state = state.with_event(noise_multiplier=entry.mechanism.noise_multiplier,
                                      sample_rate=entry.mechanism.sample_rate,
                                      steps=entry.mechanism.steps)

@@ -43,10 +43,24 @@ def fold_run_id(base: str, fold: int) -> str:
 
 
 def cv_base_run_id(run_id: str, fold: int) -> str | None:
-    """The cross-validation id of fold ``fold``'s run id, or None when it is not one
-    (:func:`fold_run_id`'s inverse)."""
-    suffix = fold_run_id("", fold)
-    return run_id[: -len(suffix)] if run_id.endswith(suffix) and len(run_id) > len(suffix) else None
+    """The cross-validation id of fold ``fold``'s run id, or of one of its sub-runs
+    (``<fold run>-member-<i>``, ``<fold run>-pretrain``: :func:`in_fold_run`), or None when
+    it is neither (:func:`fold_run_id`'s inverse)."""
+    mark = fold_run_id("", fold)
+    at = run_id.rfind(mark)
+    while at > 0:
+        rest = run_id[at + len(mark):]
+        if rest == "" or rest.startswith("-"):
+            return run_id[:at]
+        at = run_id.rfind(mark, 0, at)
+    return None
+
+
+def in_fold_run(run_id: str, base: str, fold: int) -> bool:
+    """Whether ``run_id`` is fold ``fold``'s run of the cross-validation ``base`` or one of
+    its sub-runs (paradigms run a fold's members or stages as ``<fold run>-<part>``)."""
+    fold_run = fold_run_id(base, fold)
+    return run_id == fold_run or run_id.startswith(fold_run + "-")
 
 
 def _get(values: Mapping[str, Any], key: str, default: Any, kind: type) -> Any:
