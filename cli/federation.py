@@ -555,6 +555,12 @@ def print_cv_report(doc: Mapping[str, Any]) -> None:
                       f"{name} {_ci(pooled.get(key))}, n={pooled.get('n', 0)}{spread}[/bold]")
     from server.report_tasks import cv_notes
 
+    points = [(d.get("fold"), d.get("operating_point")) for d in cv.get("fold_details") or []]
+    chosen = [(f, p) for f, p in points if isinstance(p, Mapping) and p.get("chosen_on")]
+    if chosen:
+        console.print("accuracy at each fold's threshold, chosen on its training hospitals' "
+                      "validation patients: " + ", ".join(
+                          f"fold {f} {float(p['threshold']):.4g}" for f, p in chosen), highlight=False)
     for note in cv_notes(cv):
         console.print(f"[dim]{note[0].upper()}{note[1:]}[/dim]", highlight=False)
     spent = {str(row.get("site")): row.get("epsilon") for row in doc.get("sites") or []}

@@ -227,14 +227,16 @@ def histogram_edges(num_bins: int) -> np.ndarray:
 
 
 def summarise_histograms(positive: Sequence[int] | np.ndarray, negative: Sequence[int] | np.ndarray,
-                         *, alpha: float = ALPHA) -> dict[str, Any]:
+                         *, alpha: float = ALPHA, threshold: float = 0.5) -> dict[str, Any]:
     """AUC with a DeLong interval and threshold metrics with Wilson intervals from histograms.
 
     The DeLong variance of one AUC needs only the pooled histograms: every patient in a bin
     has the same placement value, so the binned scores are rebuilt (bin left edges, which bin
     back to the same bin) and passed through :func:`common.stats.auc.node_placement_sums`.
-    Accuracy, sensitivity and specificity use the threshold 0.5 (the nodes' own), which is a
-    bin edge of every supported binning.
+    Accuracy, sensitivity and specificity use ``threshold`` (a patient is positive when its
+    score is at least it): a bin edge (0.5 is one of every supported binning, and a
+    threshold chosen on validation histograms on the same edges is one), else the first
+    edge above it.
 
     Returns
     -------
@@ -258,9 +260,11 @@ def summarise_histograms(positive: Sequence[int] | np.ndarray, negative: Sequenc
         else:  # too few patients of a class for a variance: the point estimate only
             est = Estimate(auc, math.nan, math.nan, math.nan, n_pos + n_neg, "delong")
         out["auc"] = est.as_dict()
-    cut = np.flatnonzero(np.isclose(edges, 0.5, rtol=0, atol=1e-12))
+    cut = np.flatnonzero(np.isclose(edges, threshold, rtol=0, atol=1e-12))
+    if not cut.size:
+        cut = np.flatnonzero(edges >= threshold)[:1]
     if cut.size and n_pos + n_neg:
-        t = int(cut[0])  # bins t.. hold scores >= 0.5 (predicted positive)
+        t = int(cut[0])  # bins t.. hold scores >= the threshold (predicted positive)
         counts = {"tp": int(pos[t:].sum()), "fn": int(pos[:t].sum()),
                   "fp": int(neg[t:].sum()), "tn": int(neg[:t].sum())}
         by_name = classification_metrics(counts, alpha=alpha, method="wilson")
@@ -312,6 +316,7 @@ class FoldOutcome:
     section: dict[str, Any] | None = None
     secure_heldout: bool = False  # held-out statistics summed under secure aggregation
     notes: list[str] = field(default_factory=list)  # a paradigm's notes on how it trained
+    operating_point: dict[str, Any] | None = None  # choose_fold_threshold's (binary task)
 
     def errors(self, names: Mapping[int, str]) -> list[dict[str, Any]]:
         """Refusals and failures of the fold, named by site where the coordinator knows it."""
@@ -370,6 +375,7 @@ class FoldOutcome:
             "n_pos": self.summary.get("n_pos", 0),
             "n_neg": self.summary.get("n_neg", 0),
             "confusion": self.summary.get("confusion"),
+            "operating_point": self.operating_point,
             "train_patients_by_site": {row["site"]: row["num_examples"] for row in self.sites},
             "heldout_by_site": hidden or sorted(per_site, key=lambda r: str(r["site"])),
             "errors": self.errors(names),
@@ -444,7 +450,7 @@ _QUERY_REQUIRED = (k.NUM_EXAMPLES, k.TP, k.FP, k.TN, k.FN, k.HIST_POSITIVE, k.HI
 
 
 def query_heldout(
-    grid: Grid, arrays: ArrayRecord, config: RunConfig
+    grid: Grid, arrays: ArrayRecord, config: RunConfig, *, threshold: float = 0.5,
 ) -> tuple[QueryRound | None, str]:
     """One ``metrics`` statistics query on the held-out parts (:func:`server.inference.query_nodes`).
 
@@ -454,7 +460,7 @@ def query_heldout(
     compressed). Returns the round when at least one node released its histograms, else None
     (the caller falls back to :func:`evaluate_heldout`), and a note on the nodes that failed.
     """
-    base = {**config.plan.to_record(), k.SPLIT: k.SPLIT_HELDOUT, k.THRESHOLD: 0.5,
+    base = {**config.plan.to_record(), k.SPLIT: k.SPLIT_HELDOUT, k.THRESHOLD: float(threshold),
             k.WITH_HISTOGRAMS: True}
     res = query_nodes(grid, list(grid.get_node_ids()), "metrics", base,
                       timeout=config.round_timeout, records={k.ARRAYS: arrays},
@@ -465,18 +471,59 @@ def query_heldout(
     return res, note
 
 
-def _evaluate_fold(grid: Grid, arrays: ArrayRecord, config: RunConfig, outcome: FoldOutcome) -> None:
+def choose_fold_threshold(grid: Grid, arrays: ArrayRecord, config: RunConfig) -> dict[str, Any]:
+    """The fold's decision threshold on its model's raw scores, chosen on the validation
+    patients of the fold's training hospitals (their validation part of the training folds)
+    from the pooled score histograms of one ``metrics`` statistics query, by Youden's J or
+    the run's target sensitivity (:func:`common.stats.operating_point.choose_operating_point`),
+    as a run chooses its test threshold (:mod:`server.final_model`). DP-SGD leaves the raw
+    scores uncalibrated: at 0.5 a fold read sensitivity 0.000 beside an AUC of 0.924 (demo
+    data). The held-out patients feed no choice. Falls back to 0.5, with a note, when no
+    validation histograms come back or a class is absent from them.
+    """
+    from common.stats.operating_point import choose_operating_point
+
+    target = float(config.target_sensitivity)
+    method = "target-sensitivity" if target > 0 else "youden"
+    fallback = {"method": "default 0.5 (see note)", "threshold": 0.5, "chosen_on": None,
+                "target_sensitivity": target or None}
+    base = {**config.plan.to_record(), k.SPLIT: k.SPLIT_VAL, k.THRESHOLD: 0.5,
+            k.WITH_HISTOGRAMS: True}
+    res = query_nodes(grid, list(grid.get_node_ids()), "metrics", base,
+                      timeout=config.round_timeout, records={k.ARRAYS: arrays},
+                      required=_QUERY_REQUIRED)
+    if not res.values:
+        note = "; ".join(sorted({f"{f.get('site')}: {f.get('reason')}" for f in res.failures}))
+        return {**fallback, "note": "no validation score histograms came back"
+                + (f" ({note})" if note else "")}
+    pooled = res.pooled((k.HIST_POSITIVE, k.HIST_NEGATIVE))
+    pos = np.maximum(np.rint(pooled[k.HIST_POSITIVE]), 0).astype(np.int64)
+    neg = np.maximum(np.rint(pooled[k.HIST_NEGATIVE]), 0).astype(np.int64)
+    try:
+        point = choose_operating_point(pos, neg, histogram_edges(pos.size), method=method,
+                                       target_sensitivity=target or None)
+    except VesaliusError as exc:
+        return {**fallback, "note": f"threshold not chosen on validation: {exc}"}
+    return {"method": method, "threshold": point.threshold, "chosen_on": "validation",
+            "target_sensitivity": target or None,
+            "validation": {"n": int(pos.sum() + neg.sum()), "sensitivity": point.sensitivity,
+                           "specificity": point.specificity, "youden_j": point.youden_j},
+            "note": None}
+
+
+def _evaluate_fold(grid: Grid, arrays: ArrayRecord, config: RunConfig, outcome: FoldOutcome,
+                   *, threshold: float = 0.5) -> None:
     """Held-out statistics of a fold: the statistics query, else evaluate replies.
 
     The fold's AUC and its DeLong interval follow from the pooled fine score histograms
     (:func:`summarise_histograms`; for one model the DeLong variance needs no second round);
-    threshold metrics from the pooled confusion counts when no node suppressed a cell, else
-    from the histograms (threshold 0.5 is a bin edge); per-site AUCs from each site's own
-    histograms.
+    threshold metrics at ``threshold`` (:func:`choose_fold_threshold`) from the pooled
+    confusion counts when no node suppressed a cell, else from the histograms (the threshold
+    is a bin edge); per-site AUCs from each site's own histograms.
     """
     from server.inference_secure import HIDDEN, current, is_secure
 
-    res, note = query_heldout(grid, arrays, config)
+    res, note = query_heldout(grid, arrays, config, threshold=threshold)
     if res is None and current() is not None:
         # No fallback to evaluate replies: they would carry each hospital's histograms.
         outcome.status = "incomplete"
@@ -489,7 +536,7 @@ def _evaluate_fold(grid: Grid, arrays: ArrayRecord, config: RunConfig, outcome: 
         pos = np.rint(pooled[k.HIST_POSITIVE]).astype(np.int64)
         neg = np.rint(pooled[k.HIST_NEGATIVE]).astype(np.int64)
         outcome.histograms = (pos, neg)
-        summary = summarise_histograms(pos, neg)
+        summary = summarise_histograms(pos, neg, threshold=threshold)
         suppressed = sum(int(res.values[i].get(k.SUPPRESSED_CELLS, 0)) for i in ids)
         noised = any(bool(res.values[i].get(k.NOISED, 0)) for i in ids)
         notes = [f"failed: {note}"] if note else []
@@ -529,7 +576,7 @@ def _evaluate_fold(grid: Grid, arrays: ArrayRecord, config: RunConfig, outcome: 
         return
     outcome.summary = {"source": "evaluate replies with score histograms",
                        "source_note": f"statistics query not used: {note}",
-                       **summarise_histograms(*outcome.histograms)}
+                       **summarise_histograms(*outcome.histograms, threshold=threshold)}
     outcome.status = "completed"
 
 
@@ -655,7 +702,13 @@ def evaluate_fold(
     with secure_queries(summed, min_survivors=config.secagg_min_survivors,
                         neighbours=config.secagg_neighbours):
         if config.plan.task == "binary":
-            _evaluate_fold(eval_grid, arrays, config, outcome)
+            # the threshold on the training hospitals' validation patients (leave-one-site-out:
+            # not the held-out hospital's)
+            val_grid = grid if heldout_nodes is None else NodeSubsetGrid(
+                grid, [n for n in grid.get_node_ids() if n not in set(heldout_nodes)])
+            outcome.operating_point = choose_fold_threshold(val_grid, arrays, config)
+            _evaluate_fold(eval_grid, arrays, config, outcome,
+                           threshold=outcome.operating_point["threshold"])
         else:
             cv_tasks.evaluate_task_fold(eval_grid, arrays, config, outcome)
 
@@ -727,8 +780,17 @@ class CVResult:
             pos = np.sum([f.histograms[0] for f in with_hist if f.histograms is not None], axis=0)
             neg = np.sum([f.histograms[1] for f in with_hist if f.histograms is not None], axis=0)
             summary = summarise_histograms(pos, neg)
-            out.update({key: summary.get(key) for key in ("n", "auc", *THRESHOLD_METRICS)})
+            out.update({key: summary.get(key) for key in ("n", "auc")})
             out["n_pos"], out["n_neg"] = summary["n_pos"], summary["n_neg"]
+            # each fold at its own threshold (choose_fold_threshold): their confusion counts
+            # added, not the pooled scores cut at one threshold
+            confusions = [f.summary.get("confusion") for f in with_hist]
+            if all(isinstance(c, Mapping) for c in confusions):
+                counts = {c: sum(int(x[c]) for x in confusions) for c in ("tp", "fp", "tn", "fn")}
+                metrics = classification_metrics(counts, alpha=ALPHA, method="wilson")
+                out.update({m: metrics[m].as_dict() if metrics[m].n else None
+                            for m in THRESHOLD_METRICS})
+                out["confusion"] = counts
         out["auc_mean"] = float(np.mean(aucs)) if aucs else None
         out["auc_sd"] = float(np.std(aucs, ddof=1)) if len(aucs) >= 2 else None
         out["folds_included"] = [f.fold for f in with_hist]
@@ -859,7 +921,8 @@ class CVResult:
                 "alpha": ALPHA,
                 "auc_method": "AUC of the pooled per-class score histograms of the "
                 "held-out patients; 95% CI by DeLong on the binned scores",
-                "metric_ci_method": "wilson (threshold 0.5)",
+                "metric_ci_method": "wilson (each fold's threshold, chosen on its validation "
+                "patients)",
                 "folds": [f.row() for f in self.folds],
                 "pooled": self.pooled(),
                 "fold_details": [f.details(self.site_names) for f in self.folds],

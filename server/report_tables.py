@@ -259,6 +259,13 @@ def fold_details(d: Mapping[str, Any]) -> str:
     return "".join(parts)
 
 
+def _threshold(point: Any) -> str:
+    if not isinstance(point, Mapping) or point.get("threshold") is None:
+        return "0.5"
+    shown = f"{float(point['threshold']):.4g}"
+    return shown if point.get("chosen_on") else f"{shown} ({point.get('note') or 'default'})"
+
+
 def cv(cv: Mapping[str, Any]) -> str:
     mode = METHODS.get(str(cv.get("mode")), str(cv.get("mode") or "k-fold"))
     out = (f"<p>Design: {html.escape(mode)} cross-validation"
@@ -267,9 +274,20 @@ def cv(cv: Mapping[str, Any]) -> str:
     out += cv_table_html(cv)
     if cv.get("auc_method"):
         out += f'<p class="note">{label("auc_method")}: {fmt(cv["auc_method"])}.</p>'
-    if "wilson" in str(cv.get("metric_ci_method", "")):
+    method = str(cv.get("metric_ci_method", ""))
+    if "wilson" in method:
+        points = [d.get("operating_point") for d in cv.get("fold_details") or []
+                  if isinstance(d, Mapping)]
+        chosen = [p for p in points if isinstance(p, Mapping) and p.get("chosen_on")]
+        where = ("at the score threshold 0.5" if "0.5" in method or not chosen else
+                 "at each fold's decision threshold on its model's score, chosen on the "
+                 "validation patients of the fold's training hospitals (Youden's J, or the "
+                 "run's target sensitivity), never on the held-out ones: "
+                 + ", ".join(f"fold {fmt(d.get('fold'))} {_threshold(d.get('operating_point'))}"
+                             for d in cv.get("fold_details") or [] if isinstance(d, Mapping))
+                 + "; the pooled row adds the folds' counts")
         out += ('<p class="note">Accuracy, sensitivity and specificity: Wilson score '
-                "intervals, at the score threshold 0.5.</p>")
+                f"intervals, {html.escape(where)}.</p>")
     out += ('<p class="note">The pooled row pools all held-out patients, each scored by its own '
             "fold's model; differences between the folds' score scales lower its AUC.</p>")
     from server.report_tasks import CV_RAW_THRESHOLD_NOTE, cv_notes  # it imports this module

@@ -126,7 +126,8 @@ CV_POOLING_NOTE = (
 """Said with a cross-validation whose pooled AUC is far below the mean of its folds' AUCs."""
 
 CV_RAW_THRESHOLD_NOTE = (
-    "accuracy, sensitivity and specificity threshold each fold's model's raw score at 0.5, "
+    "where a fold's threshold could not be chosen on validation, accuracy, sensitivity and "
+    "specificity threshold its model's raw score at 0.5, "
     "which DP-SGD leaves uncalibrated: they can stay near one class's share of the patients "
     "while the AUC, which needs no threshold, is high.")
 """Said with a binary cross-validation whose fold accuracy is far below its AUC."""
@@ -150,7 +151,11 @@ def cv_notes(cv: Mapping[str, Any]) -> list[str]:
     auc, mean = _value(pooled.get("auc")), _value(pooled.get("auc_mean"))
     if auc is not None and mean is not None and mean - auc > CV_POOLING_GAP:
         notes.append(CV_POOLING_NOTE)
-    if str(cv.get("task") or "binary") == "binary":
+    points = [d.get("operating_point") for d in cv.get("fold_details") or []
+              if isinstance(d, Mapping)]
+    at_half = "0.5" in str(cv.get("metric_ci_method", "")) or not points or any(
+        not (isinstance(p, Mapping) and p.get("chosen_on")) for p in points)
+    if str(cv.get("task") or "binary") == "binary" and at_half:
         folds = [f for f in cv.get("folds") or [] if isinstance(f, Mapping)]
         for row in [*folds, pooled]:
             auc, accuracy = _value(row.get("auc")), _value(row.get("accuracy"))

@@ -62,7 +62,7 @@ LABELS: dict[str, str] = {
     "fn": "False negatives",
     # CV
     "fold": "Fold", "held_out": "Held out", "status": "Status", "issues": "Problems",
-    "epsilon_by_site": "ε per hospital", "auc_mean": "Mean of the folds' AUCs",
+    "epsilon_by_site": "ε so far per hospital", "auc_mean": "Mean of the folds' AUCs",
     "auc_sd": "SD of the folds' AUCs", "folds_included": "Folds included",
     "num_folds": "Folds", "mode": "Design", "metric": "Primary metric",
     "auc_method": "How the AUC was computed", "metric_ci_method": "Intervals of the other metrics",

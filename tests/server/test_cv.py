@@ -421,3 +421,70 @@ def test_secure_cross_validation_trains_masked_and_sums_heldout_statistics(
     s, y = np.concatenate(pooled_s), np.concatenate(pooled_y)
     assert cv["pooled"]["n"] == 60
     _assert_auc_matches_pooled(cv["pooled"]["auc"], s, y)
+
+
+class QueryNode(FakeNode):
+    """Answers the 'metrics' statistics query on its validation and held-out patients (seeded
+    scores on the histogram edges), with the confusion counts at the threshold asked."""
+
+    def __init__(self, site: str, *, shift: float) -> None:
+        super().__init__(site, n=60)
+        self.shift = shift  # a fold model's scores, uncalibrated: all of one side of 0.5
+        self.validation: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def handle(self, msg: Message) -> RecordDict | Error:
+        cfg = dict(msg.content[k.CONFIG])  # type: ignore[arg-type]
+        if msg.metadata.message_type != "query" or cfg.get(k.QUERY) != "metrics":
+            return super().handle(msg)
+        fold, split = int(cfg[k.FOLD]), str(cfg[k.SPLIT])
+        rng = np.random.default_rng(abs(hash((self.site, fold, split))) % 2**32)
+        y = rng.integers(0, 2, self.n)
+        s = np.round(np.clip(rng.normal(self.shift + 0.15 * y, 0.06), 0, 1), 3)
+        (self.validation if split == k.SPLIT_VAL else self.heldout)[fold] = (s, y)
+        t = float(cfg[k.THRESHOLD])
+        pos, neg = score_histograms(s, y)
+        pred = s >= t
+        values = {k.NUM_EXAMPLES: self.n, k.TP: int(np.sum(pred & (y == 1))),
+                  k.FP: int(np.sum(pred & (y == 0))), k.TN: int(np.sum(~pred & (y == 0))),
+                  k.FN: int(np.sum(~pred & (y == 1))),
+                  k.HIST_POSITIVE: pos.tolist(), k.HIST_NEGATIVE: neg.tolist()}
+        return RecordDict({k.METRICS: MetricRecord(values),
+                           k.NODE_INFO: ConfigRecord({k.SITE: self.site})})
+
+
+def test_each_fold_thresholds_at_youden_on_its_validation_patients_not_at_half(tmp_path: Path) -> None:
+    # Every score below 0.5 (as a DP-SGD model's raw scores can be): at 0.5 sensitivity is
+    # 0. The threshold is chosen on the validation patients; the held-out metrics are at it.
+    from sklearn.metrics import roc_curve
+
+    nodes = {11: QueryNode("site-a", shift=0.2), 12: QueryNode("site-b", shift=0.22)}
+    result = run_cross_validation(FakeGrid(nodes), _config(tmp_path), num_folds=2,
+                                  leave_one_site_out=False)
+    cv = result.to_dict()["inference"]["cv"]
+    total = {c: 0 for c in ("tp", "fp", "tn", "fn")}
+    for fold, (row, detail) in enumerate(zip(cv["folds"], cv["fold_details"], strict=True)):
+        s = np.concatenate([n.validation[fold][0] for n in nodes.values()])
+        y = np.concatenate([n.validation[fold][1] for n in nodes.values()])
+        fpr, tpr, thresholds = roc_curve(y, s)
+        best = thresholds[np.argmax(tpr - fpr)]  # sklearn's Youden threshold: a validation score
+        point = detail["operating_point"]
+        assert point["chosen_on"] == "validation" and point["method"] == "youden"
+        below = s[s < best].max()  # the chosen threshold sits between the same two scores
+        assert below < point["threshold"] <= best + 1e-9
+        assert point["validation"]["youden_j"] == pytest.approx(np.max(tpr - fpr))
+        hs = np.concatenate([n.heldout[fold][0] for n in nodes.values()])
+        hy = np.concatenate([n.heldout[fold][1] for n in nodes.values()])
+        pred = hs >= point["threshold"]
+        counts = {"tp": int(np.sum(pred & (hy == 1))), "fp": int(np.sum(pred & (hy == 0))),
+                  "tn": int(np.sum(~pred & (hy == 0))), "fn": int(np.sum(~pred & (hy == 1)))}
+        assert detail["confusion"] == counts
+        assert row["sensitivity"]["value"] == pytest.approx(counts["tp"] / (counts["tp"] + counts["fn"]))
+        assert row["sensitivity"]["value"] > 0.5  # at 0.5 it would be 0
+        assert np.all(hs < 0.5)
+        for c in total:
+            total[c] += counts[c]
+    pooled = cv["pooled"]
+    assert pooled["confusion"] == total
+    lo, hi = proportion_confint(total["tp"], total["tp"] + total["fn"], alpha=0.05, method="wilson")
+    assert pooled["sensitivity"]["value"] == pytest.approx(total["tp"] / (total["tp"] + total["fn"]))
+    assert (pooled["sensitivity"]["lower"], pooled["sensitivity"]["upper"]) == pytest.approx((lo, hi))
