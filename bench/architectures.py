@@ -132,6 +132,10 @@ class Settings:
     this process) or ``fresh`` (a new process per variant that makes ``memory_calls`` calls and
     nothing else; see :func:`_fresh_peak`)."""
     memory_calls: int = 10
+    noise_floor: bool = False
+    """``--timing-only``: also time the direct mode without its Gaussian noise (variant
+    ``dp-direct/no-noise``, sigma 0, no privacy): the difference is what the noise draw costs,
+    one Gaussian per parameter per step, the part of DP's time no engine can remove."""
     physical_batch_sizes: list[int] = field(default_factory=list)
     """``--timing-only``: also time the direct mode with each Poisson batch run in parts of
     at most this many samples (variants ``dp-direct/parts<N>``; 0: whole batches,
@@ -363,6 +367,8 @@ def _timing(s: Settings, model_name: str, data: TensorDataset, shape: tuple[int,
     variants = ["non-dp"] + [f"dp-{m}" for m in modes]
     if "direct" in modes and not has_dp_loss:  # parts are for the cross-entropy path
         variants += [f"dp-direct/parts{p}" if p else "dp-direct/whole" for p in s.physical_batch_sizes]
+    if "direct" in modes and s.noise_floor:
+        variants.append("dp-direct/no-noise")
     raw: dict[str, list[tuple[float, float, float]]] = {v: [] for v in variants}
     errors: dict[str, str] = {}
     warmup_cpu: dict[str, float] = {}
@@ -432,10 +438,11 @@ def _run_variant(model: torch.nn.Module, data: TensorDataset, variant: str, kwar
     if variant == "non-dp":
         train_dp(model, data, **kwargs, private=False, noise_multiplier=0.0)
     else:
-        mode, _, parts = variant.removeprefix("dp-").partition("/")
-        size = None if not parts else 0 if parts == "whole" else int(parts.removeprefix("parts"))
-        train_dp(model, data, **kwargs, noise_multiplier=1.0, grad_sample_mode=mode,
-                 physical_batch_size=size)
+        mode, _, rest = variant.removeprefix("dp-").partition("/")
+        quiet = rest == "no-noise"  # the same DP step with sigma 0: the noise draw's cost
+        size = None if not rest or quiet else 0 if rest == "whole" else int(rest.removeprefix("parts"))
+        train_dp(model, data, **kwargs, noise_multiplier=0.0 if quiet else 1.0,
+                 grad_sample_mode=mode, physical_batch_size=size)
 
 
 def run(s: Settings, log: Any = None) -> dict[str, Any]:
@@ -566,6 +573,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="--timing-only memory method: fork (a child forked per call) or fresh "
                         "(a new process per variant making --memory-calls site-epochs)")
     parser.add_argument("--memory-calls", type=int, default=10)
+    parser.add_argument("--noise-floor", action="store_true",
+                        help="--timing-only: also time direct DP without its noise "
+                        "(dp-direct/no-noise, sigma 0): what the Gaussian draw costs")
     parser.add_argument("--physical-batch-sizes", default="",
                         help="--timing-only: also time direct DP with Poisson batches run in parts "
                         "of at most N samples (comma-separated Ns; 0: whole batches)")
@@ -585,7 +595,7 @@ def main(argv: list[str] | None = None) -> int:
         timing_images=args.timing_images, repeats=args.repeats, device=args.device,
         warmup_epochs=args.warmup_epochs,
         physical_batch_sizes=[int(p) for p in _list(args.physical_batch_sizes)],
-        memory=args.memory, memory_calls=args.memory_calls,
+        memory=args.memory, memory_calls=args.memory_calls, noise_floor=args.noise_floor,
     )
     if args.quick:
         s.models = _list(args.models) or ["cnn", "mlp"]

@@ -59,6 +59,34 @@ def test_physical_batch_sizes_add_direct_variants_run_in_parts(shared_file: Call
 
 
 @pytest.mark.slow
+def test_the_noise_floor_variant_times_direct_dp_without_its_noise(shared_file: Callable[[str], Path]) -> None:
+    shared_file("medmnist/breastmnist.npz")
+    done = _run("--timing-only", "--models", "mlp", "--datasets", "breastmnist", "--modes", "direct",
+                "--timing-images", "64", "--batch-size", "16", "--repeats", "1",
+                "--warmup-epochs", "1", "--noise-floor", "--device", "cpu", "--json")
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout)
+    assert report["settings"]["noise_floor"] is True
+    (row,) = report["results"]
+    assert not row["errors"] and set(row["epoch_time_ratio"]) == {"dp-direct", "dp-direct/no-noise"}
+    assert math.isfinite(row["epoch_time_ratio"]["dp-direct/no-noise"])
+    assert row["ratios"]["registered"]["mode"] == "direct"  # not the noiseless variant
+
+
+def test_the_noise_floor_variant_trains_with_sigma_zero(monkeypatch: pytest.MonkeyPatch) -> None:
+    sys.path.insert(0, str(REPO / "bench"))
+    import architectures
+
+    calls: list[dict[str, object]] = []
+    monkeypatch.setattr(architectures, "train_dp", lambda *a, **kw: calls.append(kw))
+    for variant in ("dp-direct", "dp-direct/no-noise", "dp-direct/parts8"):
+        architectures._run_variant(torch.nn.Linear(2, 2), None, variant, {})  # type: ignore[arg-type]
+    assert [(c["noise_multiplier"], c["physical_batch_size"]) for c in calls] == [
+        (1.0, None), (0.0, None), (1.0, 8)]
+    assert all(c["grad_sample_mode"] == "direct" for c in calls)
+
+
+@pytest.mark.slow
 def test_memory_can_be_measured_in_a_fresh_process_per_variant(shared_file: Callable[[str], Path]) -> None:
     shared_file("medmnist/breastmnist.npz")
     done = _run("--timing-only", "--models", "cnn", "--datasets", "breastmnist", "--modes", "direct",
