@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import uuid
+import zlib
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -437,9 +438,10 @@ class QueryNode(FakeNode):
         if msg.metadata.message_type != "query" or cfg.get(k.QUERY) != "metrics":
             return super().handle(msg)
         fold, split = int(cfg[k.FOLD]), str(cfg[k.SPLIT])
-        rng = np.random.default_rng(abs(hash((self.site, fold, split))) % 2**32)
+        # seeded by a stable digest (str hashes differ between processes)
+        rng = np.random.default_rng(zlib.crc32(f"{self.site}/{fold}/{split}".encode()))
         y = rng.integers(0, 2, self.n)
-        s = np.round(np.clip(rng.normal(self.shift + 0.15 * y, 0.06), 0, 1), 3)
+        s = np.round(np.clip(rng.normal(self.shift + 0.15 * y, 0.06), 0, 0.49), 3)
         (self.validation if split == k.SPLIT_VAL else self.heldout)[fold] = (s, y)
         t = float(cfg[k.THRESHOLD])
         pos, neg = score_histograms(s, y)
