@@ -12,7 +12,7 @@ from typing import Any
 import typer
 
 from cli.console import console, err_console, fmt, table
-from common.privacy.display import budget_shown, epsilon_shown
+from common.privacy.display import budget_text, epsilon_text
 
 audit_app = typer.Typer(help="Inspect, verify and export a node's privacy ledger.",
                         no_args_is_help=True)
@@ -40,14 +40,14 @@ def _spent(value: float | None) -> str:
     """An ε as the table shows it: rounded up, as everywhere (``inf`` and missing as they are)."""
     if value is None or not math.isfinite(value):
         return fmt(value)
-    return f"{epsilon_shown(value, 3):.3f}"
+    return epsilon_text(value, 3)
 
 
 def _budget(value: float | None) -> str:
     """A remaining budget as the table shows it: rounded down, never overstated."""
     if value is None or not math.isfinite(value):
         return fmt(value)
-    return f"{budget_shown(value, 3):.3f}"
+    return budget_text(value, 3)
 
 
 def _num(value: float | None) -> float | str | None:

@@ -9,7 +9,7 @@ from rich.markup import escape
 
 from cli.console import console, fmt, table
 from common import messages as k
-from common.privacy.display import epsilon_shown
+from common.privacy.display import epsilon_text
 
 
 def fmt_epsilon(value: object, decimals: int = 3) -> str:
@@ -18,7 +18,7 @@ def fmt_epsilon(value: object, decimals: int = 3) -> str:
     if value is None or value == float("inf"):
         return "none (no DP)"
     if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-        return f"{epsilon_shown(float(value), decimals):.{decimals}f}"
+        return epsilon_text(float(value), decimals)
     return fmt(value)
 
 

@@ -25,7 +25,7 @@ from common.privacy import (
     sample_rate,
     steps_per_epoch,
 )
-from common.privacy.display import epsilon_shown
+from common.privacy.display import epsilon_text
 
 log = logging.getLogger(__name__)
 
@@ -148,9 +148,9 @@ def decide(
             f"dataset spent epsilon={past:.3f}; {left} more rounds would reach {after:.3f} "
             f"> cap {node.epsilon_cap}",
             safe_reason=(
-                f"refused: this dataset has already spent epsilon={epsilon_shown(past, 2):.2f} "
+                f"refused: this dataset has already spent epsilon={epsilon_text(past, 2)} "
                 f"(all runs, from the node's privacy ledger); the remaining {left} round(s) of "
-                f"this plan would bring it to epsilon={epsilon_shown(after, 2):.2f}, above this "
+                f"this plan would bring it to epsilon={epsilon_text(after, 2)}, above this "
                 f"node's cap of "
                 f"{node.epsilon_cap:g}. Nothing was trained."
             ),

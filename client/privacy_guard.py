@@ -19,7 +19,7 @@ from common.config import NodeConfig
 from common.errors import BudgetExceededError, PrivacyConfigError
 from common.ledger import Ledger, LedgerEntry, LedgerRecord, Mechanism, Spend, epsilon_of
 from common.privacy.accountant import AccountantState
-from common.privacy.display import epsilon_shown
+from common.privacy.display import epsilon_text
 
 __all__ = ["CAP_TOLERANCE", "NodeBudget"]
 
@@ -109,9 +109,9 @@ class NodeBudget:
                 f"epsilon={before:.4f} of cap {self.cap:g}; "
                 f"plan would bring it to {after:.4f} (delta={use_delta:g})",
                 safe_reason=(
-                    f"refused: this dataset has spent epsilon={epsilon_shown(before, 2):.2f} of "
+                    f"refused: this dataset has spent epsilon={epsilon_text(before, 2)} of "
                     f"its cap {self.cap:g}; the plan would bring it to "
-                    f"{epsilon_shown(after, 2):.2f}"
+                    f"{epsilon_text(after, 2)}"
                 ),
             )
         return after

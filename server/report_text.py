@@ -22,7 +22,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from common.privacy.display import epsilon_shown
+from common.privacy.display import epsilon_text
 
 __all__ = ["LABELS", "UNNAMED_NODE", "cv_table_html", "fmt", "fmt_delta", "fmt_interval",
            "fmt_epsilon", "format_cell", "label", "scrub", "site_label", "strip_site_prefix"]
@@ -173,7 +173,7 @@ def fmt_epsilon(v: Any, decimals: int = 2) -> str:
     loss (:func:`common.privacy.display.epsilon_shown`)."""
     if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
         return "&ndash;"
-    return f"{epsilon_shown(float(v), decimals):.{decimals}f}"
+    return epsilon_text(float(v), decimals)
 
 
 def fmt_delta(v: Any) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["budget_shown", "epsilon_shown"]
+__all__ = ["budget_shown", "budget_text", "epsilon_shown", "epsilon_text"]
 
 _TOLERANCE = 1e-9
 """A value that is a whole number of display units up to float error (``8.0`` stored as
@@ -26,3 +26,13 @@ def budget_shown(value: float, decimals: int) -> float:
     """``value`` (an ε budget still available) rounded down to ``decimals`` decimals."""
     scale = 10 ** decimals
     return math.floor(value * scale + _TOLERANCE) / scale
+
+
+def epsilon_text(value: float, decimals: int) -> str:
+    """:func:`epsilon_shown` as text with ``decimals`` decimals (a finite ``value``)."""
+    return f"{epsilon_shown(value, decimals):.{decimals}f}"
+
+
+def budget_text(value: float, decimals: int) -> str:
+    """:func:`budget_shown` as text with ``decimals`` decimals (a finite ``value``)."""
+    return f"{budget_shown(value, decimals):.{decimals}f}"
